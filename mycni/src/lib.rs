@@ -1,0 +1,11 @@
+//! mycni: the library behind the `mycni` CNI plugin and the `mycni-agent` node agent.
+//!
+//! Pure logic (no I/O, unit-tested without root): [`cni`] (config, versions, results,
+//! errors), [`ipam`] (address allocation). Thin adapters around the kernel: [`netlink`]
+//! (links, addresses, routes), [`datapath`] (pinned bpf maps and programs), [`ipam::store`]
+//! (the on-disk allocation records). [`plugin`] drives the CNI commands with them.
+pub mod cni;
+pub mod datapath;
+pub mod ipam;
+pub mod netlink;
+pub mod plugin;
