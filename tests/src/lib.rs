@@ -1,1 +1,444 @@
-//! Helpers for the integration tests.
+//! Test harness: simulated nodes and pods in network namespaces, each named with a per-test
+//! prefix and removed on drop (so cleanup runs when a test fails too), a private bpffs
+//! mount per node, and a way to call the real `mycni` binary the way a runtime does.
+//!
+//! Nothing here touches the machine's root namespace: addresses, routes and programs only
+//! ever go into namespaces made here.
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// Where the binaries under test live (`cargo xtask test` sets it; defaults to target/debug).
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("MYCNI_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
+}
+
+pub fn mycni_bin() -> PathBuf {
+    bin_dir().join("mycni")
+}
+
+pub fn agent_bin() -> PathBuf {
+    bin_dir().join("mycni-agent")
+}
+
+/// The reference plugins (portmap) from Debian's containernetworking-plugins.
+pub fn reference_plugin_dir() -> PathBuf {
+    std::env::var_os("MYCNI_CNI_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/cni"))
+}
+
+pub fn cnitool_bin() -> PathBuf {
+    std::env::var_os("MYCNI_CNITOOL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/cnitool"))
+}
+
+/// A short prefix unique to this test and process: every name a test makes starts with it.
+pub fn prefix(test: &str) -> String {
+    let short: String = test.chars().filter(|c| c.is_ascii_alphanumeric()).take(8).collect();
+    format!("mct{}-{short}", std::process::id() % 100_000)
+}
+
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let output = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(output)
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Result<Netns> {
+        // A namespace left by a crashed run of the same test would make `add` fail.
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        run(Command::new("ip").args(["netns", "add", name]))?;
+        let ns = Netns { name: name.to_string() };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// A command run inside this namespace. `nsenter`, not `ip netns exec`, which would
+    /// remount /sys and hide bpffs.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        cmd
+    }
+
+    pub fn exec(&self, argv: &[&str]) -> Result<String> {
+        let output = run(self.command(argv[0]).args(&argv[1..]))?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")]).map(|_| ())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (sockets opened there stay there).
+    pub fn run_inside<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        let file = File::open(self.path()).with_context(|| format!("open {}", self.path().display()))?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns on this scoped thread only.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        bail!("setns: {}", std::io::Error::last_os_error());
+                    }
+                    f()
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+        })
+    }
+
+    pub fn ping(&self, target: Ipv4Addr) -> Result<()> {
+        self.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", &target.to_string()])
+            .map(|_| ())
+    }
+
+    pub fn links(&self) -> Result<Vec<String>> {
+        let out = self.exec(&["ip", "-o", "link", "show"])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|name| name.split('@').next().unwrap_or(name).to_string())
+            .collect())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// A private bpffs instance, unmounted and removed on drop.
+pub struct Bpffs {
+    pub mount_point: PathBuf,
+}
+
+impl Bpffs {
+    pub fn new(prefix: &str) -> Result<Bpffs> {
+        let mount_point = PathBuf::from("/run/mycni-tests").join(prefix);
+        std::fs::create_dir_all(&mount_point)?;
+        let _ = Command::new("umount").arg(&mount_point).output();
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&mount_point))?;
+        Ok(Bpffs { mount_point })
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount_point).output();
+        let _ = std::fs::remove_dir(&self.mount_point);
+    }
+}
+
+/// The result of one plugin call.
+#[derive(Debug)]
+pub struct CniCall {
+    pub exit_ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CniCall {
+    pub fn json(&self) -> Result<Value> {
+        serde_json::from_str(&self.stdout).with_context(|| format!("stdout is not JSON: {:?}", self.stdout))
+    }
+
+    /// The error code of a failed call, from the spec's error JSON.
+    pub fn error_code(&self) -> Option<u64> {
+        if self.exit_ok {
+            return None;
+        }
+        self.json().ok()?.get("code")?.as_u64()
+    }
+}
+
+/// The simulated node's own interface and address (inside its namespace only).
+pub const UPLINK: &str = "uplink0";
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
+
+/// A simulated node: a namespace with a private bpffs, an agent that pinned the datapath,
+/// and a data dir for address records. Everything goes when it drops.
+pub struct Node {
+    pub prefix: String,
+    /// The node's own address, on a dummy `uplink0` inside the node namespace.
+    pub node_ip: Ipv4Addr,
+    pub netns: Netns,
+    pub bpffs: Bpffs,
+    pub data_dir: PathBuf,
+    pub pod_cidr: String,
+    agent: Option<Child>,
+}
+
+impl Node {
+    pub fn new(prefix: &str, pod_cidr: &str) -> Result<Node> {
+        let netns = Netns::new(&format!("{prefix}-node"))?;
+        let bpffs = Bpffs::new(prefix)?;
+        let data_dir = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-data"));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        std::fs::create_dir_all(&data_dir)?;
+        netns.exec(&["ip", "link", "add", UPLINK, "type", "dummy"])?;
+        netns.exec(&["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", UPLINK])?;
+        netns.exec(&["ip", "link", "set", UPLINK, "up"])?;
+        let mut node = Node {
+            prefix: prefix.to_string(),
+            node_ip: NODE_IP,
+            netns,
+            bpffs,
+            data_dir,
+            pod_cidr: pod_cidr.to_string(),
+            agent: None,
+        };
+        node.start_agent()?;
+        Ok(node)
+    }
+
+    pub fn pin_root(&self) -> PathBuf {
+        self.bpffs.mount_point.join("mycni")
+    }
+
+    /// Starts `mycni-agent run` inside the node and waits until its pins are there.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let child = self
+            .netns
+            .command(agent_bin())
+            .arg("--bpffs-root")
+            .arg(self.pin_root())
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn mycni-agent")?;
+        self.agent = Some(child);
+        for _ in 0..200 {
+            if mycni::datapath::check_loaded(&self.pin_root()).is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = self.agent.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    let mut err = String::new();
+                    if let Some(mut stderr) = child.stderr.take() {
+                        let _ = stderr.read_to_string(&mut err);
+                    }
+                    bail!("mycni-agent exited with {status}: {err}");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("mycni-agent did not pin the datapath within 10 s")
+    }
+
+    pub fn stop_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The single-plugin network config mycni gets from a runtime.
+    pub fn conf(&self, cni_version: &str) -> Value {
+        serde_json::json!({
+            "cniVersion": cni_version,
+            "name": "mycni-test",
+            "type": "mycni",
+            "podCIDR": self.pod_cidr,
+            "mtu": 1500,
+            "dataDir": self.data_dir,
+            "bpffsRoot": self.pin_root(),
+        })
+    }
+
+    /// Calls the real `mycni` binary inside the node, as a runtime would.
+    pub fn cni(&self, env: &[(&str, &str)], stdin: &str) -> Result<CniCall> {
+        let mut cmd = self.netns.command(mycni_bin());
+        cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn mycni")?;
+        if let Some(mut input) = child.stdin.take() {
+            input.write_all(stdin.as_bytes())?;
+        }
+        let output = child.wait_with_output()?;
+        Ok(CniCall {
+            exit_ok: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+
+    pub fn cni_env<'a>(command: &'a str, container_id: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
+        vec![
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", container_id),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/opt/cni/bin"),
+        ]
+    }
+
+    /// ADD a pod: a new namespace `<prefix>-<name>` joined to this node; returns its IP.
+    pub fn add_pod(&self, name: &str) -> Result<Pod> {
+        let netns = Netns::new(&format!("{}-{name}", self.prefix))?;
+        let container_id = format!("{}-{name}", self.prefix);
+        let path = netns.path().display().to_string();
+        let call = self.cni(&Node::cni_env("ADD", &container_id, &path), &self.conf("1.0.0").to_string())?;
+        if !call.exit_ok {
+            bail!("ADD {name} failed: {} {}", call.stdout, call.stderr);
+        }
+        let result = call.json()?;
+        let ip = pod_ip(&result).context("ADD result has no IP")?;
+        Ok(Pod {
+            netns,
+            container_id,
+            ip,
+            result,
+        })
+    }
+
+    pub fn del_pod(&self, pod: &Pod) -> Result<()> {
+        let path = pod.netns.path().display().to_string();
+        let call = self.cni(&Node::cni_env("DEL", &pod.container_id, &path), &self.conf("1.0.0").to_string())?;
+        if !call.exit_ok {
+            bail!("DEL failed: {} {}", call.stdout, call.stderr);
+        }
+        Ok(())
+    }
+
+    /// Files in the address store (one per allocated IP).
+    pub fn ip_files(&self) -> Result<Vec<String>> {
+        let dir = self.data_dir.join("mycni-test");
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name.parse::<Ipv4Addr>().is_ok() {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    /// Everything a pod could leave on the node: veths, /32 routes, map entries, IP files.
+    pub fn leftovers(&self) -> Result<BTreeMap<&'static str, Vec<String>>> {
+        let mut found = BTreeMap::new();
+        let links: Vec<String> = self
+            .netns
+            .links()?
+            .into_iter()
+            .filter(|l| l != "lo" && l != UPLINK)
+            .collect();
+        found.insert("links", links);
+        let routes: Vec<String> = self
+            .netns
+            .exec(&["ip", "-4", "route", "show"])?
+            .lines()
+            .filter(|r| !r.contains(UPLINK))
+            .map(String::from)
+            .collect();
+        found.insert("routes", routes);
+        let maps = mycni::datapath::Maps::open(&self.pin_root())?;
+        found.insert(
+            "endpoints",
+            maps.endpoints()?.iter().map(|(ip, _)| ip.to_string()).collect(),
+        );
+        found.insert(
+            "map routes",
+            maps.routes()?.iter().map(|(ip, len, _)| format!("{ip}/{len}")).collect(),
+        );
+        found.insert("ip files", self.ip_files()?);
+        found.retain(|_, v| !v.is_empty());
+        Ok(found)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop_agent();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+        // Pins live in the private bpffs, which the Bpffs field unmounts after this.
+    }
+}
+
+/// A pod made by ADD. Its namespace goes on drop (DEL is the test's business).
+pub struct Pod {
+    pub netns: Netns,
+    pub container_id: String,
+    pub ip: Ipv4Addr,
+    pub result: Value,
+}
+
+/// The pod's IP from an ADD result of any version.
+pub fn pod_ip(result: &Value) -> Option<Ipv4Addr> {
+    let address = result.get("ips")?.get(0)?.get("address")?.as_str()?;
+    address.split('/').next()?.parse().ok()
+}
+
+/// Echo server on `ip:port` in `server`'s namespace, one TCP round trip from `client`'s.
+pub fn tcp_round_trip(server: &Netns, client: &Netns, ip: Ipv4Addr, port: u16) -> Result<()> {
+    let target = SocketAddr::from((ip, port));
+    tcp_echo(server, target, client, target)
+}
+
+/// Echo server listening on `listen` in `server`'s namespace; `client` connects to
+/// `connect` (which a DNAT may send to `listen`) and must get its bytes back.
+pub fn tcp_echo(server: &Netns, listen: SocketAddr, client: &Netns, connect: SocketAddr) -> Result<()> {
+    let listener = server.run_inside(|| Ok(TcpListener::bind(listen)?))?;
+    let accept = std::thread::spawn(move || -> Result<()> {
+        let (mut conn, _) = listener.accept()?;
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf)?;
+        conn.write_all(&buf[..n])?;
+        Ok(())
+    });
+    let reply = client.run_inside(|| {
+        let mut stream = TcpStream::connect_timeout(&connect, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.write_all(b"hello mycni")?;
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf)?;
+        Ok(buf[..n].to_vec())
+    })?;
+    accept
+        .join()
+        .map_err(|_| anyhow::anyhow!("echo server panicked"))??;
+    if reply != b"hello mycni" {
+        bail!("echo came back as {reply:?}");
+    }
+    Ok(())
+}

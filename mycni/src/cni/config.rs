@@ -1,0 +1,249 @@
+//! The network configuration on stdin: a single plugin's `.conf`, or a whole `.conflist`
+//! from which mycni's entry is taken. Unknown fields are ignored, as the spec asks.
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+use super::error::{CniError, ErrorCode};
+use super::version::CniVersion;
+use crate::ipam::Pool;
+
+pub const DEFAULT_MTU: u32 = 1500;
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/mycni";
+pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/mycni";
+/// The `type` mycni's entry has in a conflist.
+pub const PLUGIN_TYPE: &str = "mycni";
+
+/// An attachment the runtime still uses, from GC's `cni.dev/valid-attachments`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetConf {
+    pub cni_version: CniVersion,
+    /// The network name; allocations are kept per network.
+    pub name: String,
+    /// The node's pod CIDR; required by ADD only.
+    pub pod_cidr: Option<Pool>,
+    pub mtu: u32,
+    pub data_dir: PathBuf,
+    pub bpffs_root: PathBuf,
+    /// Static IPs from `runtimeConfig.ips` (the `ips` capability).
+    pub runtime_ips: Vec<Ipv4Addr>,
+    /// The previous plugin's result (CHECK, DEL, and ADD when chained after another).
+    pub prev_result: Option<Value>,
+    /// GC only: `None` when the key is absent.
+    pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+impl NetConf {
+    pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
+        let root: Value = serde_json::from_slice(bytes).map_err(|e| {
+            CniError::new(ErrorCode::DecodeFailure, "network configuration is not valid JSON")
+                .with_details(e)
+        })?;
+        let Value::Object(root) = root else {
+            return Err(invalid("network configuration must be a JSON object"));
+        };
+        let cni_version = version_of(&root)?;
+        let name = string_field(&root, "name")?
+            .ok_or_else(|| invalid("\"name\" is required"))?
+            .to_string();
+        // A conflist: mycni's own entry holds the plugin settings.
+        let plugin = match root.get("plugins") {
+            None => &root,
+            Some(Value::Array(plugins)) => plugins
+                .iter()
+                .filter_map(Value::as_object)
+                .find(|p| p.get("type").and_then(Value::as_str) == Some(PLUGIN_TYPE))
+                .ok_or_else(|| invalid("the conflist has no plugin of type \"mycni\""))?,
+            Some(_) => return Err(invalid("\"plugins\" must be an array")),
+        };
+        if root.get("plugins").is_none() && string_field(plugin, "type")?.is_none() {
+            return Err(invalid("\"type\" is required"));
+        }
+        let pod_cidr = string_field(plugin, "podCIDR")?
+            .map(|text| {
+                Pool::parse(text)
+                    .map_err(|e| invalid(format!("\"podCIDR\" {text:?} is invalid")).with_details(e))
+            })
+            .transpose()?;
+        let mtu = match plugin.get("mtu") {
+            None | Some(Value::Null) => DEFAULT_MTU,
+            Some(value) => value
+                .as_u64()
+                .filter(|mtu| (68..=65535).contains(mtu))
+                .map(|mtu| mtu as u32)
+                .ok_or_else(|| invalid(format!("\"mtu\" {value} is not between 68 and 65535")))?,
+        };
+        let path_or = |key: &str, default: &str| -> Result<PathBuf, CniError> {
+            Ok(PathBuf::from(string_field(plugin, key)?.unwrap_or(default)))
+        };
+        Ok(NetConf {
+            cni_version,
+            name,
+            pod_cidr,
+            mtu,
+            data_dir: path_or("dataDir", DEFAULT_DATA_DIR)?,
+            bpffs_root: path_or("bpffsRoot", DEFAULT_BPFFS_ROOT)?,
+            runtime_ips: runtime_ips(plugin)?,
+            prev_result: plugin.get("prevResult").filter(|v| !v.is_null()).cloned(),
+            valid_attachments: valid_attachments(plugin)?,
+        })
+    }
+
+    /// Best effort, for stamping an error when the config itself is what failed.
+    pub fn sniff_version(bytes: &[u8]) -> CniVersion {
+        serde_json::from_slice::<Value>(bytes)
+            .ok()
+            .as_ref()
+            .and_then(Value::as_object)
+            .and_then(|root| version_of(root).ok())
+            .unwrap_or(CniVersion::LATEST)
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> CniError {
+    CniError::new(ErrorCode::InvalidConfig, msg)
+}
+
+fn string_field<'a>(object: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, CniError> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(other) => Err(invalid(format!("\"{key}\" must be a string, not {other}"))),
+    }
+}
+
+/// `cniVersion`, or the newest of a conflist's `cniVersions` that mycni speaks.
+fn version_of(root: &Map<String, Value>) -> Result<CniVersion, CniError> {
+    if let Some(text) = string_field(root, "cniVersion")? {
+        return CniVersion::parse(text);
+    }
+    match root.get("cniVersions") {
+        Some(Value::Array(list)) => {
+            let offered: Vec<String> = list
+                .iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect();
+            CniVersion::negotiate(&offered)
+        }
+        _ => Err(invalid("\"cniVersion\" is required")),
+    }
+}
+
+fn runtime_ips(plugin: &Map<String, Value>) -> Result<Vec<Ipv4Addr>, CniError> {
+    let Some(ips) = plugin.get("runtimeConfig").and_then(|rc| rc.get("ips")) else {
+        return Ok(Vec::new());
+    };
+    let Value::Array(ips) = ips else {
+        return Err(invalid("\"runtimeConfig.ips\" must be an array"));
+    };
+    ips.iter()
+        .map(|ip| {
+            ip.as_str()
+                .and_then(|text| text.split('/').next())
+                .and_then(|text| text.parse().ok())
+                .ok_or_else(|| invalid(format!("runtimeConfig.ips entry {ip} is not an IPv4 address")))
+        })
+        .collect()
+}
+
+fn valid_attachments(plugin: &Map<String, Value>) -> Result<Option<Vec<Attachment>>, CniError> {
+    let Some(list) = plugin.get("cni.dev/valid-attachments") else {
+        return Ok(None);
+    };
+    let Value::Array(list) = list else {
+        return Err(invalid("\"cni.dev/valid-attachments\" must be an array"));
+    };
+    list.iter()
+        .map(|entry| {
+            let field = |key: &str| entry.get(key).and_then(Value::as_str).map(String::from);
+            match (field("containerID"), field("ifname")) {
+                (Some(container_id), Some(ifname)) => Ok(Attachment { container_id, ifname }),
+                _ => Err(invalid(format!(
+                    "valid-attachments entry {entry} needs containerID and ifname"
+                ))),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NetConf, CniError> {
+        NetConf::parse(text.as_bytes())
+    }
+
+    #[test]
+    fn reads_a_plain_conf_with_defaults() {
+        let conf =
+            parse(r#"{"cniVersion":"0.4.0","name":"pods","type":"mycni","podCIDR":"10.244.1.0/24"}"#)
+                .unwrap();
+        assert_eq!(conf.cni_version, CniVersion::V0_4_0);
+        assert_eq!(conf.name, "pods");
+        assert_eq!(conf.mtu, DEFAULT_MTU);
+        assert_eq!(conf.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(conf.pod_cidr.map(|p| p.to_string()), Some("10.244.1.0/24".into()));
+    }
+
+    #[test]
+    fn reads_mycni_entry_of_a_conflist_and_negotiates_cni_versions() {
+        let conf = parse(
+            r#"{"cniVersions":["0.3.1","1.0.0","7.0.0"],"name":"k8s","plugins":[
+                {"type":"mycni","podCIDR":"10.244.2.0/24","mtu":1450,"future":{"x":1}},
+                {"type":"portmap","capabilities":{"portMappings":true}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(conf.cni_version, CniVersion::V1_0_0);
+        assert_eq!(conf.mtu, 1450);
+    }
+
+    #[test]
+    fn reads_runtime_ips_prev_result_and_gc_attachments() {
+        let conf = parse(
+            r#"{"cniVersion":"1.1.0","name":"n","type":"mycni",
+                "runtimeConfig":{"ips":["10.244.1.9/24"]},
+                "prevResult":{"cniVersion":"1.1.0","ips":[]},
+                "cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(conf.runtime_ips, vec![Ipv4Addr::new(10, 244, 1, 9)]);
+        assert!(conf.prev_result.is_some());
+        assert_eq!(conf.valid_attachments.map(|a| a.len()), Some(1));
+    }
+
+    #[test]
+    fn bad_configs_get_the_right_codes() {
+        let cases = [
+            ("{not json", ErrorCode::DecodeFailure),
+            ("[]", ErrorCode::InvalidConfig),
+            (r#"{"name":"n","type":"mycni"}"#, ErrorCode::InvalidConfig),
+            (r#"{"cniVersion":"0.2.0","name":"n","type":"mycni"}"#, ErrorCode::IncompatibleVersion),
+            (r#"{"cniVersion":"1.0.0","type":"mycni"}"#, ErrorCode::InvalidConfig),
+            (r#"{"cniVersion":"1.0.0","name":"n"}"#, ErrorCode::InvalidConfig),
+            (r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","mtu":10}"#, ErrorCode::InvalidConfig),
+            (r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","mtu":"x"}"#, ErrorCode::InvalidConfig),
+            (r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","podCIDR":"10.1.0.0/33"}"#, ErrorCode::InvalidConfig),
+            (r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"}]}"#, ErrorCode::InvalidConfig),
+            (r#"{"cniVersions":["0.1.0"],"name":"n","plugins":[{"type":"mycni"}]}"#, ErrorCode::IncompatibleVersion),
+        ];
+        for (text, code) in cases {
+            assert_eq!(parse(text).unwrap_err().code, code, "{text}");
+        }
+    }
+
+    #[test]
+    fn sniffs_a_version_for_error_replies() {
+        assert_eq!(NetConf::sniff_version(br#"{"cniVersion":"0.3.1"}"#), CniVersion::V0_3_1);
+        assert_eq!(NetConf::sniff_version(b"garbage"), CniVersion::LATEST);
+    }
+}

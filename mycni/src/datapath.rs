@@ -1,0 +1,338 @@
+//! Thin adapter over the pinned eBPF objects: loading and pinning them (the agent), and
+//! reading and writing the maps and attaching `from_pod` (the plugin).
+//!
+//! Pin layout under the bpffs root (default `/sys/fs/bpf/mycni`): one pin per map, named as
+//! in `mycni_common::MAP_NAMES`, and one per program, named as in `PROGRAM_NAMES`.
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray};
+use aya::programs::tc::{NlOptions, SchedClassifier, TcAttachOptions, TcAttachType, TcError, TcHandle};
+use aya::programs::ProgramError;
+use aya::{EbpfError, EbpfLoader};
+use mycni_common::{
+    verdict, Counter, Endpoint, Route, MAP_ENDPOINTS, MAP_NAMES, MAP_ROUTES, MAP_STATS,
+    MAX_ENDPOINTS, MAX_ROUTES, PROGRAM_NAMES, PROG_FROM_POD, ROUTE_LOCAL_ENDPOINT,
+};
+
+/// The TC programs, built by `cargo xtask build-ebpf` and embedded at compile time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mycni.bpf.o"));
+
+/// `from_pod`'s TC filter priority and handle on host veths: fixed, so a re-attach replaces
+/// the filter instead of stacking a second one.
+const FROM_POD_PRIORITY: u16 = 1;
+const FROM_POD_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("the datapath is not loaded: {path} is missing (is mycni-agent running?)")]
+    NotLoaded { path: PathBuf },
+    #[error("pinned map {path} has another layout ({found}); expected {expected}. Remove the pins (mycni-agent unload) or run the matching mycni version")]
+    IncompatiblePin {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot add clsact to {ifname}: {source}")]
+    Qdisc {
+        ifname: String,
+        #[source]
+        source: TcError,
+    },
+    #[error("cannot pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("cannot load the eBPF object: {0}")]
+    Load(#[source] Box<EbpfError>),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn map_error(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+fn program_error(name: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
+    move |source| DatapathError::Program { name, source }
+}
+
+/// The shape every pinned map must have: (kind, key size, value size, max entries).
+fn expected_layout(name: &str) -> Option<(&'static str, u32, u32, u32)> {
+    use std::mem::size_of;
+    Some(match name {
+        MAP_ROUTES => ("lpm_trie", 8, size_of::<Route>() as u32, MAX_ROUTES),
+        MAP_ENDPOINTS => ("hash", 4, size_of::<Endpoint>() as u32, MAX_ENDPOINTS),
+        MAP_STATS => ("percpu_array", 4, size_of::<Counter>() as u32, verdict::COUNT),
+        _ => return None,
+    })
+}
+
+fn layout_of(info: &MapInfo) -> (String, u32, u32, u32) {
+    let kind = match info.map_type() {
+        Ok(aya::maps::MapType::LpmTrie) => "lpm_trie".to_string(),
+        Ok(aya::maps::MapType::Hash) => "hash".to_string(),
+        Ok(aya::maps::MapType::PerCpuArray) => "percpu_array".to_string(),
+        Ok(other) => format!("{other:?}"),
+        Err(_) => "unknown".to_string(),
+    };
+    (kind, info.key_size(), info.value_size(), info.max_entries())
+}
+
+/// Refuses pins left by a build with another map layout: aya would reuse them silently.
+fn check_pinned_layouts(root: &Path) -> Result<(), DatapathError> {
+    for name in MAP_NAMES {
+        let path = root.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let data = MapData::from_pin(&path).map_err(map_error(name))?;
+        let info = data.info().map_err(map_error(name))?;
+        let found = layout_of(&info);
+        let Some(expected) = expected_layout(name) else { continue };
+        if (found.0.as_str(), found.1, found.2, found.3) != expected {
+            return Err(DatapathError::IncompatiblePin {
+                path,
+                found: format!("{found:?}"),
+                expected: format!("{expected:?}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Loads the programs and maps, pins them under `root`, and reuses maps already pinned
+/// there (so endpoints survive an agent restart). Programs are re-pinned by an atomic
+/// rename, so a plugin opening the pin never sees it missing.
+pub fn load_and_pin(root: &Path) -> Result<(), DatapathError> {
+    std::fs::create_dir_all(root).map_err(|source| DatapathError::Io {
+        what: "cannot create pin directory",
+        path: root.to_path_buf(),
+        source,
+    })?;
+    check_pinned_layouts(root)?;
+    let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, root.join(n))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|e| DatapathError::Load(Box::new(e)))?;
+    for name in PROGRAM_NAMES {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::Program {
+                name,
+                source: ProgramError::NotLoaded,
+            })?
+            .try_into()
+            .map_err(program_error(name))?;
+        program.load().map_err(program_error(name))?;
+        let staging = root.join(format!("{name}-new"));
+        let _ = std::fs::remove_file(&staging);
+        program.pin(&staging).map_err(|source| DatapathError::Pin {
+            path: staging.clone(),
+            source,
+        })?;
+        let target = root.join(name);
+        std::fs::rename(&staging, &target).map_err(|source| DatapathError::Io {
+            what: "cannot replace program pin",
+            path: target,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Removes every pin under `root` (programs stay attached to existing veths until those go).
+pub fn unpin_all(root: &Path) -> Result<(), DatapathError> {
+    for name in MAP_NAMES.iter().chain(PROGRAM_NAMES.iter()) {
+        let path = root.join(name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(DatapathError::Io {
+                    what: "cannot remove pin",
+                    path,
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+    }
+    let _ = std::fs::remove_dir(root);
+    Ok(())
+}
+
+/// Whether every program and map is pinned: what STATUS reports.
+pub fn check_loaded(root: &Path) -> Result<(), DatapathError> {
+    for name in MAP_NAMES.iter().chain(PROGRAM_NAMES.iter()) {
+        let path = root.join(name);
+        if !path.exists() {
+            return Err(DatapathError::NotLoaded { path });
+        }
+    }
+    check_pinned_layouts(root)
+}
+
+fn open_pinned(root: &Path, name: &'static str) -> Result<MapData, DatapathError> {
+    let path = root.join(name);
+    if !path.exists() {
+        return Err(DatapathError::NotLoaded { path });
+    }
+    MapData::from_pin(&path).map_err(map_error(name))
+}
+
+/// The endpoint and route maps, opened from their pins.
+pub struct Maps {
+    routes: LpmTrie<MapData, [u8; 4], Route>,
+    endpoints: HashMap<MapData, [u8; 4], Endpoint>,
+}
+
+impl Maps {
+    pub fn open(root: &Path) -> Result<Maps, DatapathError> {
+        check_pinned_layouts(root)?;
+        let routes = LpmTrie::try_from(Map::LpmTrie(open_pinned(root, MAP_ROUTES)?))
+            .map_err(map_error(MAP_ROUTES))?;
+        let endpoints = HashMap::try_from(Map::HashMap(open_pinned(root, MAP_ENDPOINTS)?))
+            .map_err(map_error(MAP_ENDPOINTS))?;
+        Ok(Maps { routes, endpoints })
+    }
+
+    /// Writes the endpoint and its /32 local route. ENDPOINTS first: `from_pod` checks
+    /// sources against it, and a route without its endpoint would be half a pod.
+    pub fn write_endpoint(&mut self, ip: Ipv4Addr, endpoint: &Endpoint) -> Result<(), DatapathError> {
+        self.endpoints
+            .insert(ip.octets(), endpoint, 0)
+            .map_err(map_error(MAP_ENDPOINTS))?;
+        let route = Route {
+            kind: ROUTE_LOCAL_ENDPOINT,
+            ifindex: endpoint.ifindex,
+            next_hop: [0; 4],
+            pod_mac: endpoint.pod_mac,
+            host_mac: endpoint.host_mac,
+        };
+        self.routes
+            .insert(&Key::new(32, ip.octets()), route, 0)
+            .map_err(map_error(MAP_ROUTES))
+    }
+
+    /// Removes the endpoint and its route; entries already gone are not an error.
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        ignore_missing(self.routes.remove(&Key::new(32, ip.octets()))).map_err(map_error(MAP_ROUTES))?;
+        ignore_missing(self.endpoints.remove(&ip.octets())).map_err(map_error(MAP_ENDPOINTS))
+    }
+
+    pub fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<Endpoint>, DatapathError> {
+        found_or_none(self.endpoints.get(&ip.octets(), 0)).map_err(map_error(MAP_ENDPOINTS))
+    }
+
+    /// The route `ROUTES` holds for exactly `ip/32` (not a covering prefix).
+    pub fn local_route(&self, ip: Ipv4Addr) -> Result<Option<Route>, DatapathError> {
+        let route = found_or_none(self.routes.get(&Key::new(32, ip.octets()), 0))
+            .map_err(map_error(MAP_ROUTES))?;
+        Ok(route.filter(|r| r.kind == ROUTE_LOCAL_ENDPOINT))
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError> {
+        self.endpoints
+            .iter()
+            .map(|entry| entry.map(|(ip, ep)| (Ipv4Addr::from(ip), ep)))
+            .collect::<Result<_, _>>()
+            .map_err(map_error(MAP_ENDPOINTS))
+    }
+
+    pub fn routes(&self) -> Result<Vec<(Ipv4Addr, u8, Route)>, DatapathError> {
+        self.routes
+            .iter()
+            .map(|entry| {
+                entry.map(|(key, route)| (Ipv4Addr::from(key.data()), key.prefix_len() as u8, route))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(map_error(MAP_ROUTES))
+    }
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::ElementNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn found_or_none<V>(result: Result<V, MapError>) -> Result<Option<V>, MapError> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Attaches the pinned `from_pod` to TC ingress of a host veth. The attachment is a
+/// netlink (cls_bpf) filter: it outlives this process and vanishes with the veth, so a
+/// deleted pod leaves no attachment behind.
+pub fn attach_from_pod(root: &Path, ifname: &str) -> Result<(), DatapathError> {
+    match aya::programs::tc::qdisc_add_clsact(ifname) {
+        Ok(()) => {}
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(source) => {
+            return Err(DatapathError::Qdisc {
+                ifname: ifname.to_string(),
+                source,
+            })
+        }
+    }
+    let path = root.join(PROG_FROM_POD);
+    if !path.exists() {
+        return Err(DatapathError::NotLoaded { path });
+    }
+    let mut program = SchedClassifier::from_pin(&path).map_err(program_error(PROG_FROM_POD))?;
+    let options = NlOptions {
+        priority: FROM_POD_PRIORITY,
+        handle: FROM_POD_HANDLE,
+        classid: None,
+    };
+    let link_id = program
+        .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::Netlink(options))
+        .map_err(program_error(PROG_FROM_POD))?;
+    // Dropping the link would detach the filter; it must outlive this process.
+    let link = program.take_link(link_id).map_err(program_error(PROG_FROM_POD))?;
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// Per-verdict counters summed over CPUs, indexed by `mycni_common::verdict`.
+pub fn read_stats(root: &Path) -> Result<Vec<Counter>, DatapathError> {
+    let stats: PerCpuArray<MapData, Counter> =
+        PerCpuArray::try_from(Map::PerCpuArray(open_pinned(root, MAP_STATS)?)).map_err(map_error(MAP_STATS))?;
+    (0..verdict::COUNT)
+        .map(|index| {
+            let per_cpu = stats.get(&index, 0).map_err(map_error(MAP_STATS))?;
+            Ok(per_cpu.iter().fold(Counter::default(), |sum, c| Counter {
+                packets: sum.packets + c.packets,
+                bytes: sum.bytes + c.bytes,
+            }))
+        })
+        .collect()
+}

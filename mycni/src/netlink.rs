@@ -1,0 +1,334 @@
+//! Thin adapter over rtnetlink: links, addresses and routes in one network namespace.
+//!
+//! A netlink socket stays bound to the namespace it was opened in, so [`Netlink::in_netns`]
+//! opens its socket on a short-lived thread that has entered the target namespace; the
+//! process itself never changes namespace.
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
+use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("cannot open netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("cannot open network namespace {path}: {source}")]
+    Netns {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Request {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+impl NetlinkError {
+    /// The kernel's errno, when the kernel refused the request.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NetlinkError::Request {
+                source: rtnetlink::Error::NetlinkError(message),
+                ..
+            } => message.code.map(|code| -code.get()),
+            NetlinkError::Netns { source, .. } | NetlinkError::Socket(source) => {
+                source.raw_os_error()
+            }
+            _ => None,
+        }
+    }
+}
+
+fn request(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let what = what.into();
+    move |source| NetlinkError::Request { what, source }
+}
+
+/// What mycni needs to know about a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub index: u32,
+    pub name: String,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    pub up: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteInfo {
+    pub dst: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+}
+
+/// A netlink connection bound to one network namespace.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Bound to the calling thread's namespace. Needs a tokio runtime context.
+    pub fn current() -> Result<Netlink, NetlinkError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+        tokio::spawn(connection);
+        Ok(Netlink { handle })
+    }
+
+    /// Bound to the namespace behind `netns` (a `/proc/<pid>/ns/net` or bind-mounted file).
+    pub fn in_netns(netns: &File) -> Result<Netlink, NetlinkError> {
+        let runtime = tokio::runtime::Handle::current();
+        let opened = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns on this thread only; the fd is valid for the call.
+                    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(NetlinkError::Netns {
+                            path: "(fd)".into(),
+                            source: std::io::Error::last_os_error(),
+                        });
+                    }
+                    let _runtime = runtime.enter();
+                    rtnetlink::new_connection().map_err(NetlinkError::Socket)
+                })
+                .join()
+        });
+        let (connection, handle, _) = opened.map_err(|_| {
+            NetlinkError::Socket(std::io::Error::other("netns thread panicked"))
+        })??;
+        tokio::spawn(connection);
+        Ok(Netlink { handle })
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkInfo>, NetlinkError> {
+        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        match links.try_next().await {
+            Ok(Some(message)) => Ok(Some(link_info(&message))),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(request(format!("get link {name}"))(e)),
+        }
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<LinkInfo>, NetlinkError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(Some(message)) => Ok(Some(link_info(&message))),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(request(format!("get link #{index}"))(e)),
+        }
+    }
+
+    /// Creates a veth pair: `host_name` here, `peer_name` directly inside `peer_netns`.
+    pub async fn create_veth(
+        &self,
+        host_name: &str,
+        peer_name: &str,
+        peer_netns: &File,
+        mtu: u32,
+    ) -> Result<(), NetlinkError> {
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer_name.to_string())
+            .mtu(mtu)
+            .setns_by_fd(peer_netns.as_raw_fd())
+            .build();
+        let message = LinkVeth::new(host_name, peer_name)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .mtu(mtu)
+            .build();
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(request(format!("create veth {host_name}")))
+    }
+
+    /// Deletes a link; a link that is already gone is not an error.
+    pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
+        match self.handle.link().del(index).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+            other => other.map_err(request(format!("delete link #{index}"))),
+        }
+    }
+
+    pub async fn set_up(&self, index: u32) -> Result<(), NetlinkError> {
+        let message = LinkUnspec::new_with_index(index).up().build();
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(request(format!("set link #{index} up")))
+    }
+
+    pub async fn add_address(&self, index: u32, ip: Ipv4Addr, prefix_len: u8) -> Result<(), NetlinkError> {
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(ip), prefix_len)
+            .execute()
+            .await
+            .map_err(request(format!("add {ip}/{prefix_len} to link #{index}")))
+    }
+
+    pub async fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
+        let mut found = Vec::new();
+        let mut stream = self.handle.address().get().set_link_index_filter(index).execute();
+        while let Some(message) = stream.try_next().await.map_err(request("list addresses"))? {
+            for attribute in &message.attributes {
+                if let AddressAttribute::Address(IpAddr::V4(ip)) = attribute {
+                    found.push((*ip, message.header.prefix_len));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// `dst/prefix_len dev oif scope link`: the node's way to a local pod.
+    pub async fn add_link_route(&self, dst: Ipv4Addr, prefix_len: u8, oif: u32) -> Result<(), NetlinkError> {
+        let message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, prefix_len)
+            .output_interface(oif)
+            .scope(RouteScope::Link)
+            .build();
+        self.handle
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .map_err(request(format!("add route {dst}/{prefix_len} dev #{oif}")))
+    }
+
+    /// `default via gateway dev oif onlink`: the pod's only route.
+    pub async fn add_default_route_onlink(&self, gateway: Ipv4Addr, oif: u32) -> Result<(), NetlinkError> {
+        let message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gateway)
+            .output_interface(oif)
+            .onlink()
+            .build();
+        self.handle
+            .route()
+            .add(message)
+            .execute()
+            .await
+            .map_err(request(format!("add default route via {gateway}")))
+    }
+
+    /// Deletes `dst/prefix_len` from the main table; a route already gone is not an error.
+    pub async fn delete_route(&self, dst: Ipv4Addr, prefix_len: u8) -> Result<(), NetlinkError> {
+        let message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, prefix_len)
+            .build();
+        match self.handle.route().del(message).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
+            other => other.map_err(request(format!("delete route {dst}/{prefix_len}"))),
+        }
+    }
+
+    /// The IPv4 routes of the main table.
+    pub async fn routes(&self) -> Result<Vec<RouteInfo>, NetlinkError> {
+        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let mut stream = self.handle.route().get(filter).execute();
+        let mut found = Vec::new();
+        while let Some(message) = stream.try_next().await.map_err(request("list routes"))? {
+            if message.header.address_family != AddressFamily::Inet {
+                continue;
+            }
+            let mut route = RouteInfo {
+                dst: Ipv4Addr::UNSPECIFIED,
+                prefix_len: message.header.destination_prefix_length,
+                gateway: None,
+                oif: None,
+            };
+            for attribute in &message.attributes {
+                match attribute {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => route.dst = *ip,
+                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.gateway = Some(*ip),
+                    RouteAttribute::Oif(index) => route.oif = Some(*index),
+                    _ => {}
+                }
+            }
+            found.push(route);
+        }
+        Ok(found)
+    }
+
+    /// Names of the bpf programs attached as TC ingress filters on a link.
+    pub async fn ingress_bpf_programs(&self, index: u32) -> Result<Vec<String>, NetlinkError> {
+        let mut stream = self
+            .handle
+            .traffic_filter(index as i32)
+            .get()
+            .ingress()
+            .execute();
+        let mut names = Vec::new();
+        loop {
+            let message = match stream.try_next().await {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                // No clsact qdisc: nothing attached.
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EINVAL => break,
+                Err(e) => return Err(request(format!("list filters of link #{index}"))(e)),
+            };
+            for attribute in &message.attributes {
+                if let TcAttribute::Options(options) = attribute {
+                    for option in options {
+                        if let TcOption::Bpf(TcFilterBpfOption::ProgName(name)) = option {
+                            names.push(name.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(names)
+    }
+}
+
+fn link_info(message: &LinkMessage) -> LinkInfo {
+    let mut info = LinkInfo {
+        index: message.header.index,
+        name: String::new(),
+        mac: [0; 6],
+        mtu: 0,
+        up: message.header.flags.contains(LinkFlags::Up),
+    };
+    for attribute in &message.attributes {
+        match attribute {
+            LinkAttribute::IfName(name) => info.name = name.clone(),
+            LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
+            LinkAttribute::Address(mac) if mac.len() == 6 => info.mac.copy_from_slice(mac),
+            _ => {}
+        }
+    }
+    info
+}
+
+/// Opens a network namespace file, e.g. `CNI_NETNS`.
+pub fn open_netns(path: &Path) -> Result<File, NetlinkError> {
+    File::open(path).map_err(|source| NetlinkError::Netns {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// `aa:bb:cc:dd:ee:ff`
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
