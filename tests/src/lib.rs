@@ -181,15 +181,14 @@ impl CniCall {
     }
 }
 
-/// The simulated node's own interface and address (inside its namespace only).
-pub const UPLINK: &str = "uplink0";
+/// The simulated node's own address, on its loopback (inside its namespace only).
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
 
 /// A simulated node: a namespace with a private bpffs, an agent that pinned the datapath,
 /// and a data dir for address records. Everything goes when it drops.
 pub struct Node {
     pub prefix: String,
-    /// The node's own address, on a dummy `uplink0` inside the node namespace.
+    /// The node's own address, on the node namespace's loopback.
     pub node_ip: Ipv4Addr,
     pub netns: Netns,
     pub bpffs: Bpffs,
@@ -201,13 +200,11 @@ pub struct Node {
 impl Node {
     pub fn new(prefix: &str, pod_cidr: &str) -> Result<Node> {
         let netns = Netns::new(&format!("{prefix}-node"))?;
+        netns.exec(&["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
         let bpffs = Bpffs::new(prefix)?;
         let data_dir = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-data"));
         let _ = std::fs::remove_dir_all(&data_dir);
         std::fs::create_dir_all(&data_dir)?;
-        netns.exec(&["ip", "link", "add", UPLINK, "type", "dummy"])?;
-        netns.exec(&["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", UPLINK])?;
-        netns.exec(&["ip", "link", "set", UPLINK, "up"])?;
         let mut node = Node {
             prefix: prefix.to_string(),
             node_ip: NODE_IP,
@@ -361,14 +358,13 @@ impl Node {
             .netns
             .links()?
             .into_iter()
-            .filter(|l| l != "lo" && l != UPLINK)
+            .filter(|l| l != "lo")
             .collect();
         found.insert("links", links);
         let routes: Vec<String> = self
             .netns
             .exec(&["ip", "-4", "route", "show"])?
             .lines()
-            .filter(|r| !r.contains(UPLINK))
             .map(String::from)
             .collect();
         found.insert("routes", routes);
