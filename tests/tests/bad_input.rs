@@ -33,6 +33,8 @@ fn bad_inputs_get_the_right_code_and_leave_nothing() -> Result<()> {
         ("unknown cniVersion", add(&path), with("cniVersion", json!("0.2.0")), 1),
         ("missing name", add(&path), { let mut c = good.clone(); c.as_object_mut().map(|o| o.remove("name")); c.to_string() }, 7),
         ("bad mtu", add(&path), with("mtu", json!(20)), 7),
+        ("delegated ipam", add(&path), with("ipam", json!({"type": "host-local"})), 2),
+        ("unwritable dataDir", add(&path), with("dataDir", json!("/proc/mycni")), 5),
         ("bad podCIDR", add(&path), with("podCIDR", json!("10.244.9.0/99")), 7),
         ("no CNI_COMMAND", without("CNI_COMMAND"), good.to_string(), 4),
         ("unknown CNI_COMMAND", also("CNI_COMMAND", "FROB"), good.to_string(), 4),
@@ -90,12 +92,16 @@ fn results_are_shaped_per_requested_version() -> Result<()> {
         let ns = Netns::new(&format!("{}-v{i}", node.prefix))?;
         let path = ns.path().display().to_string();
         let id = format!("shape{i}");
-        let add = node.cni(&Node::cni_env("ADD", &id, &path), &node.conf(version).to_string())?;
+        let mut conf = node.conf(version);
+        conf["mtu"] = json!(1400);
+        let add = node.cni(&Node::cni_env("ADD", &id, &path), &conf.to_string())?;
         ensure!(add.exit_ok, "{version}: {}", add.stdout);
         let result = add.json()?;
         ensure!(result["cniVersion"] == *version);
         let has_ip_version = result["ips"][0].get("version").is_some();
         ensure!(has_ip_version == version.starts_with("0."), "{version}: {result}");
+        let link = ns.exec(&["ip", "-o", "link", "show", "eth0"])?;
+        ensure!(link.contains("mtu 1400 "), "{version}: eth0 MTU is not 1400: {link}");
         ensure!(result["interfaces"][1]["sandbox"] == json!(path), "{result}");
         let del = node.cni(&Node::cni_env("DEL", &id, &path), &node.conf(version).to_string())?;
         ensure!(del.exit_ok, "{version}: {}", del.stdout);

@@ -66,6 +66,15 @@ impl NetConf {
         if root.get("plugins").is_none() && string_field(plugin, "type")?.is_none() {
             return Err(invalid("\"type\" is required"));
         }
+        // mycni allocates from the node's pod CIDR itself; a delegated IPAM plugin would be
+        // silently ignored, so it is refused instead.
+        if let Some(ipam) = plugin.get("ipam").filter(|v| !v.is_null()) {
+            return Err(CniError::new(
+                ErrorCode::UnsupportedField,
+                format!("unsupported field \"ipam\": {ipam}"),
+            )
+            .with_details("mycni allocates from \"podCIDR\"; remove the ipam section"));
+        }
         let pod_cidr = string_field(plugin, "podCIDR")?
             .map(|text| {
                 Pool::parse(text)
@@ -146,6 +155,12 @@ fn runtime_ips(plugin: &Map<String, Value>) -> Result<Vec<Ipv4Addr>, CniError> {
     };
     ips.iter()
         .map(|ip| {
+            if ip.as_str().is_some_and(|text| text.contains(':')) {
+                return Err(CniError::new(
+                    ErrorCode::UnsupportedField,
+                    format!("unsupported field \"runtimeConfig.ips\": {ip} (mycni is IPv4 only)"),
+                ));
+            }
             ip.as_str()
                 .and_then(|text| text.split('/').next())
                 .and_then(|text| text.parse().ok())
@@ -235,6 +250,8 @@ mod tests {
             (r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","podCIDR":"10.1.0.0/33"}"#, ErrorCode::InvalidConfig),
             (r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"}]}"#, ErrorCode::InvalidConfig),
             (r#"{"cniVersions":["0.1.0"],"name":"n","plugins":[{"type":"mycni"}]}"#, ErrorCode::IncompatibleVersion),
+            (r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","ipam":{"type":"host-local"}}"#, ErrorCode::UnsupportedField),
+            (r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","runtimeConfig":{"ips":["fd00::5/64"]}}"#, ErrorCode::UnsupportedField),
         ];
         for (text, code) in cases {
             assert_eq!(parse(text).unwrap_err().code, code, "{text}");
