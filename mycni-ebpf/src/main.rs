@@ -1,21 +1,36 @@
 //! mycni's TC programs.
 //!
-//! `from_pod` runs on TC ingress of every pod's host veth, i.e. on packets the pod sends.
-//! It answers the pod's ARP for its gateway, redirects packets for pods on this node straight
-//! into the destination pod (`bpf_redirect_peer`, never touching the node stack), and hands
-//! everything else to the node stack.
+//! - `from_pod` (host veth ingress: packets a pod sends) answers the pod's ARP for its
+//!   gateway, redirects packets for pods on this node straight into the destination pod
+//!   (`bpf_redirect_peer`), sends packets for other nodes' pods to them (`bpf_redirect_neigh`
+//!   on the uplink, or the VXLAN device with the tunnel key set), and hands everything else
+//!   to the node stack (services, hostPorts, the node itself, the outside).
+//! - `to_pod` (host veth egress: packets the node stack sends to a pod) remembers flows the
+//!   stack routed from one pod to another, so their replies go back through the stack and it
+//!   can undo its own translations (kube-proxy DNAT).
+//! - `from_netdev` (uplink and VXLAN ingress) translates replies of masqueraded flows back
+//!   and delivers packets for local pods with `bpf_redirect_peer`.
+//! - `to_netdev` (uplink egress) masquerades pod traffic leaving the cluster to the node IP.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuArray},
-    helpers::{bpf_redirect, bpf_redirect_peer},
+    bindings::{
+        bpf_redir_neigh, bpf_tunnel_key, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST,
+        TC_ACT_OK, TC_ACT_SHOT,
+    },
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    helpers::{
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_redirect_peer, bpf_skb_set_tunnel_key,
+    },
     macros::{btf_map, classifier},
     programs::TcContext,
 };
 use mycni_common::{
-    verdict, Counter, Endpoint, Route, MAX_ENDPOINTS, MAX_ROUTES, ROUTE_LOCAL_ENDPOINT,
+    verdict, Counter, Endpoint, FlowKey, NatEntry, NodeConfig, Route, MARK_FROM_POD,
+    MAX_ENDPOINTS, MAX_NAT, MAX_NO_MASQ, MAX_ROUTES, MAX_STACK_FLOWS, NAT_EGRESS, NAT_INGRESS,
+    ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
 };
 
 #[btf_map]
@@ -27,12 +42,34 @@ static ENDPOINTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = HashM
 #[btf_map]
 static STATS: PerCpuArray<Counter, { verdict::COUNT as usize }> = PerCpuArray::new();
 
+#[btf_map]
+static CONFIG: Array<NodeConfig, 1> = Array::new();
+
+#[btf_map]
+static NAT: LruHashMap<FlowKey, NatEntry, { MAX_NAT as usize }> = LruHashMap::new();
+
+/// Destinations never masqueraded: the cluster CIDR and configured extra CIDRs.
+#[btf_map]
+static NO_MASQ: LpmTrie<[u8; 4], u32, { MAX_NO_MASQ as usize }> = LpmTrie::new();
+
+/// Reply tuples of pod-to-pod flows the node stack routed (and possibly translated).
+#[btf_map]
+static STACK_FLOWS: LruHashMap<FlowKey, u64, { MAX_STACK_FLOWS as usize }> = LruHashMap::new();
+
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
 const ARP_OP_REQUEST: u16 = 1;
 const ARP_OP_REPLY: u16 = 2;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const AF_INET: u32 = 2;
+const PACKET_HOST: u32 = 0;
 // Offsets inside an Ethernet + IPv4 frame.
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
 // Offsets inside an Ethernet + ARP (Ethernet/IPv4) frame.
@@ -41,7 +78,169 @@ const ARP_SHA_OFF: usize = ETH_HLEN + 8;
 const ARP_SPA_OFF: usize = ETH_HLEN + 14;
 const ARP_THA_OFF: usize = ETH_HLEN + 18;
 const ARP_TPA_OFF: usize = ETH_HLEN + 24;
-const ARP_LEN: usize = 28;
+/// How many ports SNAT tries for a new flow before giving up.
+const NAT_PORT_TRIES: u32 = 32;
+const DEFAULT_NAT_PORT_MIN: u16 = 61000;
+const DEFAULT_NAT_PORT_MAX: u16 = 65535;
+
+/// The parts of an IPv4 packet the programs decide on.
+struct Ipv4 {
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    /// Offset of the L4 header.
+    l4: usize,
+    /// Ports in host order; ICMP echo: the identifier as both. Zero when not parsed.
+    sport: u16,
+    dport: u16,
+    /// TCP/UDP, or an ICMP echo, of a first (or only) fragment: translatable.
+    has_ports: bool,
+    icmp_type: u8,
+}
+
+impl Ipv4 {
+    fn flow(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.src,
+            daddr: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
+
+    fn reply_flow(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.dst,
+            daddr: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4> {
+    let version_ihl = ctx.load::<u8>(ETH_HLEN).ok()?;
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?);
+    let proto = ctx.load::<u8>(ETH_HLEN + 9).ok()?;
+    let src = ctx.load::<[u8; 4]>(IP_SRC_OFF).ok()?;
+    let dst = ctx.load::<[u8; 4]>(IP_DST_OFF).ok()?;
+    let l4 = ETH_HLEN + ihl;
+    let mut packet = Ipv4 {
+        src,
+        dst,
+        proto,
+        l4,
+        sport: 0,
+        dport: 0,
+        has_ports: false,
+        icmp_type: 0,
+    };
+    // Later fragments carry no L4 header.
+    if frag & 0x1fff != 0 {
+        return Some(packet);
+    }
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let ports = ctx.load::<[u16; 2]>(l4).ok()?;
+            packet.sport = u16::from_be(ports[0]);
+            packet.dport = u16::from_be(ports[1]);
+            packet.has_ports = true;
+        }
+        IPPROTO_ICMP => {
+            packet.icmp_type = ctx.load::<u8>(l4).ok()?;
+            if packet.icmp_type == ICMP_ECHO_REQUEST || packet.icmp_type == ICMP_ECHO_REPLY {
+                let id = u16::from_be(ctx.load::<u16>(l4 + 4).ok()?);
+                packet.sport = id;
+                packet.dport = id;
+                packet.has_ports = true;
+            }
+        }
+        _ => {}
+    }
+    Some(packet)
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+#[inline(always)]
+fn config() -> Option<&'static NodeConfig> {
+    CONFIG.get(0)
+}
+
+#[inline(always)]
+fn route_of(addr: [u8; 4]) -> Option<&'static Route> {
+    ROUTES.get(&Key::new(32, addr))
+}
+
+#[inline(always)]
+fn count(verdict: u32, bytes: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(verdict) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += bytes as u64;
+        }
+    }
+}
+
+/// Rewrites the MACs for a local pod and redirects into its namespace.
+#[inline(always)]
+fn deliver_to_pod(ctx: &TcContext, route: &Route) -> Option<i32> {
+    let (target, pod_mac, host_mac) = (route.ifindex, route.pod_mac, route.host_mac);
+    // The destination pod drops frames not addressed to its own MAC.
+    ctx.store(0, &pod_mac, 0).ok()?;
+    ctx.store(6, &host_mac, 0).ok()?;
+    Some(unsafe { bpf_redirect_peer(target, 0) } as i32)
+}
+
+/// Sends a packet to the node that owns the destination's pod CIDR.
+#[inline(always)]
+fn send_to_node(ctx: &TcContext, route: &Route) -> (u32, i32) {
+    ctx.set_mark(MARK_FROM_POD);
+    if route.kind == ROUTE_REMOTE_TUNNEL {
+        let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+        key.tunnel_id = config().map(|c| c.vni).unwrap_or(1);
+        // The helper takes the remote address in host order.
+        key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(route.next_hop);
+        key.tunnel_ttl = 64;
+        let set = unsafe {
+            bpf_skb_set_tunnel_key(
+                ctx.skb.skb,
+                &mut key,
+                core::mem::size_of::<bpf_tunnel_key>() as u32,
+                0,
+            )
+        };
+        if set != 0 {
+            return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
+        }
+        return (verdict::REMOTE_TUNNEL, unsafe { bpf_redirect(route.ifindex, 0) } as i32);
+    }
+    let mut next_hop: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    next_hop.nh_family = AF_INET;
+    next_hop.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(route.next_hop);
+    let action = unsafe {
+        bpf_redirect_neigh(
+            route.ifindex,
+            &mut next_hop,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    };
+    (verdict::REMOTE_DIRECT, action as i32)
+}
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
@@ -65,33 +264,35 @@ fn classify_from_pod(ctx: &TcContext) -> (u32, i32) {
 
 #[inline(always)]
 fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
-    let (Ok(src), Ok(dst)) = (ctx.load::<[u8; 4]>(IP_SRC_OFF), ctx.load::<[u8; 4]>(IP_DST_OFF))
-    else {
+    let Some(packet) = parse_ipv4(ctx) else {
         return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
     };
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // A pod may only send from its own address: the source must be the endpoint behind this
-    // very veth. Unknown sources (an endpoint not written yet) fall through to the stack,
-    // which has its own reverse-path rules.
-    if let Some(endpoint) = unsafe { ENDPOINTS.get(&src) } {
-        if endpoint.ifindex != ifindex {
+    // very veth. Unknown sources (an endpoint not written yet) go to the stack, which has
+    // its own reverse-path rules.
+    if let Some(endpoint) = unsafe { ENDPOINTS.get(packet.src) } {
+        if endpoint.ifindex != ifindex(ctx) {
             return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
         }
     }
-    let key = Key::new(32, dst);
-    let Some(route) = ROUTES.get(&key) else {
+    let Some(route) = ROUTES.get(&Key::new(32, packet.dst)) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
-    if route.kind != ROUTE_LOCAL_ENDPOINT {
-        return (verdict::TO_STACK, TC_ACT_OK);
+    match route.kind {
+        ROUTE_LOCAL_ENDPOINT => {
+            // A reply in a flow the stack translated (a ClusterIP's backend answering its
+            // client on this node) must go back through the stack to be un-DNATed.
+            if packet.has_ports && unsafe { STACK_FLOWS.get(packet.flow()) }.is_some() {
+                return (verdict::STACK_FLOW_REPLY, TC_ACT_OK);
+            }
+            match deliver_to_pod(ctx, route) {
+                Some(action) => (verdict::LOCAL_REDIRECT, action),
+                None => (verdict::DROP_MALFORMED, TC_ACT_SHOT),
+            }
+        }
+        ROUTE_REMOTE_NODE | ROUTE_REMOTE_TUNNEL => send_to_node(ctx, route),
+        _ => (verdict::TO_STACK, TC_ACT_OK),
     }
-    let (target, pod_mac, host_mac) = (route.ifindex, route.pod_mac, route.host_mac);
-    // The destination pod drops frames not addressed to its own MAC.
-    if ctx.store(0, &pod_mac, 0).is_err() || ctx.store(6, &host_mac, 0).is_err() {
-        return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
-    }
-    let action = unsafe { bpf_redirect_peer(target, 0) } as i32;
-    (verdict::LOCAL_REDIRECT, action)
 }
 
 /// Turns the pod's ARP request into a reply carrying the host veth's MAC and sends it back
@@ -99,9 +300,6 @@ fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
 /// default route via 169.254.1.1), but any target gets the same answer, as proxy ARP would.
 #[inline(always)]
 fn arp_from_pod(ctx: &TcContext) -> (u32, i32) {
-    if ctx.len() < (ETH_HLEN + ARP_LEN) as u32 {
-        return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
-    }
     let (Ok(op), Ok(sha), Ok(spa), Ok(tpa)) = (
         ctx.load::<u16>(ARP_OP_OFF),
         ctx.load::<[u8; 6]>(ARP_SHA_OFF),
@@ -113,8 +311,8 @@ fn arp_from_pod(ctx: &TcContext) -> (u32, i32) {
     if u16::from_be(op) != ARP_OP_REQUEST {
         return (verdict::TO_STACK, TC_ACT_OK);
     }
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(endpoint) = (unsafe { ENDPOINTS.get(&spa) }) else {
+    let ifindex = ifindex(ctx);
+    let Some(endpoint) = (unsafe { ENDPOINTS.get(spa) }) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
     if endpoint.ifindex != ifindex {
@@ -137,15 +335,284 @@ fn arp_from_pod(ctx: &TcContext) -> (u32, i32) {
     (verdict::ARP_REPLY, action)
 }
 
-#[inline(always)]
-fn count(verdict: u32, bytes: u32) {
-    if let Some(counter) = STATS.get_ptr_mut(verdict) {
-        // Per-CPU slot: no other CPU writes it, so plain adds are safe.
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += bytes as u64;
+/// Packets `from_pod`'s redirects never produce: anything here was routed by the stack.
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    if let Ok(ethertype) = ctx.load::<u16>(12) {
+        if u16::from_be(ethertype) == ETH_P_IP {
+            if let Some(packet) = parse_ipv4(&ctx) {
+                remember_stack_flow(&packet);
+            }
         }
     }
+    TC_ACT_OK
+}
+
+/// Records the reply tuple of a pod-to-pod flow the stack routed, so the reply is handed
+/// back to the stack instead of short-cut past its translation.
+#[inline(always)]
+fn remember_stack_flow(packet: &Ipv4) {
+    if !packet.has_ports || ROUTES.get(&Key::new(32, packet.src)).is_none() {
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = STACK_FLOWS.insert(packet.reply_flow(), now, 0);
+}
+
+#[classifier]
+pub fn from_netdev(ctx: TcContext) -> i32 {
+    let (verdict, action) = classify_from_netdev(&ctx);
+    count(verdict, ctx.len());
+    action
+}
+
+#[inline(always)]
+fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
+    let Ok(ethertype) = ctx.load::<u16>(12) else {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    };
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    }
+    let Some(mut packet) = parse_ipv4(ctx) else {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    };
+    let Some(cfg) = config() else {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    };
+    let mut translated = false;
+    if packet.has_ports && packet.dst == cfg.node_ip && packet.icmp_type != ICMP_ECHO_REQUEST {
+        if let Some(entry) = NAT.get_ptr_mut(packet.flow()) {
+            let (addr, port) = unsafe {
+                (*entry).last_seen_ns = bpf_ktime_get_ns();
+                ((*entry).addr, (*entry).port)
+            };
+            if rewrite_destination(ctx, &packet, addr, port).is_none() {
+                return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
+            }
+            packet.dst = addr;
+            translated = true;
+        }
+    }
+    let on_tunnel = cfg.tunnel_ifindex != 0 && ifindex(ctx) == cfg.tunnel_ifindex;
+    let to_stack = |verdict: u32| {
+        // Decapsulated frames carry the sender's idea of our MAC; make the stack accept them.
+        if on_tunnel {
+            let _ = ctx.change_type(PACKET_HOST);
+        }
+        (verdict, TC_ACT_OK)
+    };
+    let Some(route) = route_of(packet.dst) else {
+        return to_stack(verdict::TO_STACK);
+    };
+    if route.kind != ROUTE_LOCAL_ENDPOINT {
+        return to_stack(verdict::TO_STACK);
+    }
+    if !translated && packet.has_ports && unsafe { STACK_FLOWS.get(packet.flow()) }.is_some() {
+        return to_stack(verdict::STACK_FLOW_REPLY);
+    }
+    match deliver_to_pod(ctx, route) {
+        Some(action) if translated => (verdict::REVERSE_NAT, action),
+        Some(action) => (verdict::DELIVERED_FROM_NETDEV, action),
+        None => (verdict::DROP_MALFORMED, TC_ACT_SHOT),
+    }
+}
+
+#[classifier]
+pub fn to_netdev(ctx: TcContext) -> i32 {
+    let (verdict, action) = classify_to_netdev(&ctx);
+    if verdict != verdict::TO_STACK {
+        count(verdict, ctx.len());
+    }
+    action
+}
+
+#[inline(always)]
+fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark & MARK_FROM_POD == MARK_FROM_POD {
+        // Sent by from_pod to another node's pod: nothing to translate.
+        ctx.set_mark(mark & !MARK_FROM_POD);
+        return (verdict::TO_STACK, TC_ACT_OK);
+    }
+    let Ok(ethertype) = ctx.load::<u16>(12) else {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    };
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    }
+    let Some(packet) = parse_ipv4(ctx) else {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    };
+    if !packet.has_ports || unsafe { ENDPOINTS.get(packet.src) }.is_none() {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    }
+    if ROUTES.get(&Key::new(32, packet.dst)).is_some() {
+        // A local pod's flow to another pod that the stack routed (e.g. DNATed from a
+        // ClusterIP): its replies must come back through the stack.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let _ = STACK_FLOWS.insert(packet.reply_flow(), now, 0);
+        return (verdict::TO_STACK, TC_ACT_OK);
+    }
+    if NO_MASQ.get(&Key::new(32, packet.dst)).is_some() {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    }
+    let Some(cfg) = config() else {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    };
+    if cfg.node_ip == [0; 4] || (packet.proto == IPPROTO_ICMP && packet.icmp_type != ICMP_ECHO_REQUEST) {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    }
+    snat(ctx, &packet, cfg)
+}
+
+/// Masquerades a pod's packet to the node IP, reusing the flow's port or finding a free one.
+#[inline(always)]
+fn snat(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> (u32, i32) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let flow = packet.flow();
+    let port = match NAT.get_ptr_mut(flow) {
+        Some(entry) => unsafe {
+            (*entry).last_seen_ns = now;
+            let port = (*entry).port;
+            // Keep the reply direction alive as long as the flow sends.
+            let reply = reply_key(packet, cfg.node_ip, port);
+            match NAT.get_ptr_mut(reply) {
+                Some(back) => (*back).last_seen_ns = now,
+                None => {
+                    let back = NatEntry {
+                        addr: packet.src,
+                        port: packet.sport,
+                        direction: NAT_INGRESS,
+                        last_seen_ns: now,
+                    };
+                    let _ = NAT.insert(reply, back, 0);
+                }
+            }
+            port
+        },
+        None => match allocate_port(packet, cfg, now) {
+            Some(port) => port,
+            None => return (verdict::DROP_NAT_EXHAUSTED, TC_ACT_SHOT),
+        },
+    };
+    match rewrite_source(ctx, packet, cfg.node_ip, port) {
+        Some(()) => (verdict::SNAT, TC_ACT_OK),
+        None => (verdict::DROP_MALFORMED, TC_ACT_SHOT),
+    }
+}
+
+/// The key a reply to the translated flow arrives with.
+#[inline(always)]
+fn reply_key(packet: &Ipv4, node_ip: [u8; 4], port: u16) -> FlowKey {
+    let (sport, dport) = if packet.proto == IPPROTO_ICMP {
+        (port, port)
+    } else {
+        (packet.dport, port)
+    };
+    FlowKey {
+        saddr: packet.dst,
+        daddr: node_ip,
+        sport,
+        dport,
+        proto: packet.proto,
+        pad: [0; 3],
+    }
+}
+
+/// Claims a free source port by inserting the reply entry with BPF_NOEXIST (atomic, so two
+/// CPUs never claim the same port for the same peer), then records the forward entry.
+#[inline(always)]
+fn allocate_port(packet: &Ipv4, cfg: &NodeConfig, now: u64) -> Option<u16> {
+    let (min, max) = if cfg.nat_port_min != 0 && cfg.nat_port_max >= cfg.nat_port_min {
+        (cfg.nat_port_min, cfg.nat_port_max)
+    } else {
+        (DEFAULT_NAT_PORT_MIN, DEFAULT_NAT_PORT_MAX)
+    };
+    let range = (max - min) as u32 + 1;
+    let start = unsafe { bpf_get_prandom_u32() };
+    let back = NatEntry {
+        addr: packet.src,
+        port: packet.sport,
+        direction: NAT_INGRESS,
+        last_seen_ns: now,
+    };
+    for attempt in 0..NAT_PORT_TRIES {
+        let port = min + (start.wrapping_add(attempt) % range) as u16;
+        if NAT
+            .insert(reply_key(packet, cfg.node_ip, port), back, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            let forward = NatEntry {
+                addr: cfg.node_ip,
+                port,
+                direction: NAT_EGRESS,
+                last_seen_ns: now,
+            };
+            NAT.insert(packet.flow(), forward, 0).ok()?;
+            return Some(port);
+        }
+    }
+    None
+}
+
+/// Offset of the checksum that covers the ports (or the ICMP identifier).
+#[inline(always)]
+fn l4_checksum(packet: &Ipv4) -> (usize, u64) {
+    match packet.proto {
+        IPPROTO_TCP => (packet.l4 + 16, 0),
+        // A zero UDP checksum means "none" and must stay zero.
+        IPPROTO_UDP => (packet.l4 + 6, BPF_F_MARK_MANGLED_0 as u64),
+        _ => (packet.l4 + 2, 0),
+    }
+}
+
+#[inline(always)]
+fn rewrite_source(ctx: &TcContext, packet: &Ipv4, addr: [u8; 4], port: u16) -> Option<()> {
+    let port_off = if packet.proto == IPPROTO_ICMP {
+        packet.l4 + 4
+    } else {
+        packet.l4
+    };
+    rewrite(ctx, packet, IP_SRC_OFF, packet.src, addr, port_off, packet.sport, port)
+}
+
+#[inline(always)]
+fn rewrite_destination(ctx: &TcContext, packet: &Ipv4, addr: [u8; 4], port: u16) -> Option<()> {
+    let port_off = if packet.proto == IPPROTO_ICMP {
+        packet.l4 + 4
+    } else {
+        packet.l4 + 2
+    };
+    rewrite(ctx, packet, IP_DST_OFF, packet.dst, addr, port_off, packet.dport, port)
+}
+
+/// Replaces an address and a port, fixing the IP checksum and the L4 checksum (which for
+/// TCP and UDP also covers the address through the pseudo-header; ICMP's does not).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rewrite(
+    ctx: &TcContext,
+    packet: &Ipv4,
+    addr_off: usize,
+    old_addr: [u8; 4],
+    new_addr: [u8; 4],
+    port_off: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Option<()> {
+    let (old_a, new_a) = (u32::from_ne_bytes(old_addr) as u64, u32::from_ne_bytes(new_addr) as u64);
+    let (old_p, new_p) = (old_port.to_be() as u64, new_port.to_be() as u64);
+    let (csum_off, csum_flags) = l4_checksum(packet);
+    if packet.proto != IPPROTO_ICMP {
+        ctx.l4_csum_replace(csum_off, old_a, new_a, csum_flags | BPF_F_PSEUDO_HDR as u64 | 4)
+            .ok()?;
+    }
+    ctx.l4_csum_replace(csum_off, old_p, new_p, csum_flags | 2).ok()?;
+    ctx.store(port_off, &new_port.to_be(), 0).ok()?;
+    ctx.l3_csum_replace(IP_CSUM_OFF, old_a, new_a, 4).ok()?;
+    ctx.store(addr_off, &new_addr, 0).ok()?;
+    Some(())
 }
 
 #[cfg(not(test))]

@@ -12,17 +12,19 @@ use aya::programs::tc::{NlOptions, SchedClassifier, TcAttachOptions, TcAttachTyp
 use aya::programs::ProgramError;
 use aya::{EbpfError, EbpfLoader};
 use mycni_common::{
-    verdict, Counter, Endpoint, Route, MAP_ENDPOINTS, MAP_NAMES, MAP_ROUTES, MAP_STATS,
-    MAX_ENDPOINTS, MAX_ROUTES, PROGRAM_NAMES, PROG_FROM_POD, ROUTE_LOCAL_ENDPOINT,
+    verdict, Counter, Endpoint, FlowKey, NatEntry, NodeConfig, Route, MAP_CONFIG, MAP_ENDPOINTS,
+    MAP_NAMES, MAP_NAT, MAP_NO_MASQ, MAP_ROUTES, MAP_STACK_FLOWS, MAP_STATS, MAX_ENDPOINTS,
+    MAX_NAT, MAX_NO_MASQ, MAX_ROUTES, MAX_STACK_FLOWS, PROGRAM_NAMES, PROG_FROM_NETDEV,
+    PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD, ROUTE_LOCAL_ENDPOINT,
 };
 
 /// The TC programs, built by `cargo xtask build-ebpf` and embedded at compile time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mycni.bpf.o"));
 
-/// `from_pod`'s TC filter priority and handle on host veths: fixed, so a re-attach replaces
-/// the filter instead of stacking a second one.
-const FROM_POD_PRIORITY: u16 = 1;
-const FROM_POD_HANDLE: TcHandle = TcHandle::new(0, 1);
+/// mycni's TC filter priority and handle: fixed, so a re-attach (an agent upgrade, a
+/// retried ADD) replaces the filter instead of stacking a second one.
+const FILTER_PRIORITY: u16 = 1;
+const FILTER_HANDLE: TcHandle = TcHandle::new(0, 1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -84,6 +86,10 @@ fn expected_layout(name: &str) -> Option<(&'static str, u32, u32, u32)> {
         MAP_ROUTES => ("lpm_trie", 8, size_of::<Route>() as u32, MAX_ROUTES),
         MAP_ENDPOINTS => ("hash", 4, size_of::<Endpoint>() as u32, MAX_ENDPOINTS),
         MAP_STATS => ("percpu_array", 4, size_of::<Counter>() as u32, verdict::COUNT),
+        MAP_CONFIG => ("array", 4, size_of::<NodeConfig>() as u32, 1),
+        MAP_NAT => ("lru_hash", size_of::<FlowKey>() as u32, size_of::<NatEntry>() as u32, MAX_NAT),
+        MAP_NO_MASQ => ("lpm_trie", 8, 4, MAX_NO_MASQ),
+        MAP_STACK_FLOWS => ("lru_hash", size_of::<FlowKey>() as u32, 8, MAX_STACK_FLOWS),
         _ => return None,
     })
 }
@@ -93,6 +99,8 @@ fn layout_of(info: &MapInfo) -> (String, u32, u32, u32) {
         Ok(aya::maps::MapType::LpmTrie) => "lpm_trie".to_string(),
         Ok(aya::maps::MapType::Hash) => "hash".to_string(),
         Ok(aya::maps::MapType::PerCpuArray) => "percpu_array".to_string(),
+        Ok(aya::maps::MapType::Array) => "array".to_string(),
+        Ok(aya::maps::MapType::LruHash) => "lru_hash".to_string(),
         Ok(other) => format!("{other:?}"),
         Err(_) => "unknown".to_string(),
     };
@@ -273,6 +281,94 @@ impl Maps {
     }
 }
 
+impl Maps {
+    /// Points another node's pod CIDR at that node (kind `ROUTE_REMOTE_NODE` or
+    /// `ROUTE_REMOTE_TUNNEL`, out of `ifindex`).
+    pub fn write_remote_route(
+        &mut self,
+        cidr: Ipv4Addr,
+        prefix_len: u8,
+        kind: u32,
+        ifindex: u32,
+        next_hop: Ipv4Addr,
+    ) -> Result<(), DatapathError> {
+        let route = Route {
+            kind,
+            ifindex,
+            next_hop: next_hop.octets(),
+            pod_mac: [0; 6],
+            host_mac: [0; 6],
+        };
+        self.routes
+            .insert(&Key::new(prefix_len as u32, cidr.octets()), route, 0)
+            .map_err(map_error(MAP_ROUTES))
+    }
+
+    pub fn remove_route(&mut self, cidr: Ipv4Addr, prefix_len: u8) -> Result<(), DatapathError> {
+        ignore_missing(self.routes.remove(&Key::new(prefix_len as u32, cidr.octets())))
+            .map_err(map_error(MAP_ROUTES))
+    }
+}
+
+/// Writes what the programs know about this node.
+pub fn write_config(root: &Path, config: &NodeConfig) -> Result<(), DatapathError> {
+    let mut array: aya::maps::Array<MapData, NodeConfig> =
+        aya::maps::Array::try_from(Map::Array(open_pinned(root, MAP_CONFIG)?)).map_err(map_error(MAP_CONFIG))?;
+    array.set(0, config, 0).map_err(map_error(MAP_CONFIG))
+}
+
+pub fn read_config(root: &Path) -> Result<NodeConfig, DatapathError> {
+    let array: aya::maps::Array<MapData, NodeConfig> =
+        aya::maps::Array::try_from(Map::Array(open_pinned(root, MAP_CONFIG)?)).map_err(map_error(MAP_CONFIG))?;
+    array.get(&0, 0).map_err(map_error(MAP_CONFIG))
+}
+
+/// Replaces the set of destinations never masqueraded.
+pub fn write_no_masquerade(root: &Path, prefixes: &[(Ipv4Addr, u8)]) -> Result<(), DatapathError> {
+    let mut trie: LpmTrie<MapData, [u8; 4], u32> =
+        LpmTrie::try_from(Map::LpmTrie(open_pinned(root, MAP_NO_MASQ)?)).map_err(map_error(MAP_NO_MASQ))?;
+    let present: Vec<Key<[u8; 4]>> = trie
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(map_error(MAP_NO_MASQ))?;
+    for (addr, len) in prefixes {
+        trie.insert(&Key::new(*len as u32, addr.octets()), 1, 0)
+            .map_err(map_error(MAP_NO_MASQ))?;
+    }
+    for key in present {
+        let wanted = prefixes
+            .iter()
+            .any(|(addr, len)| key.prefix_len() == *len as u32 && key.data() == addr.octets());
+        if !wanted {
+            ignore_missing(trie.remove(&key)).map_err(map_error(MAP_NO_MASQ))?;
+        }
+    }
+    Ok(())
+}
+
+/// The SNAT table, for expiry and inspection.
+pub struct NatTable {
+    map: HashMap<MapData, FlowKey, NatEntry>,
+}
+
+impl NatTable {
+    pub fn open(root: &Path) -> Result<NatTable, DatapathError> {
+        let map = HashMap::try_from(Map::LruHashMap(open_pinned(root, MAP_NAT)?)).map_err(map_error(MAP_NAT))?;
+        Ok(NatTable { map })
+    }
+
+    pub fn entries(&self) -> Result<Vec<(FlowKey, NatEntry)>, DatapathError> {
+        self.map
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(MAP_NAT))
+    }
+
+    pub fn remove(&mut self, key: &FlowKey) -> Result<(), DatapathError> {
+        ignore_missing(self.map.remove(key)).map_err(map_error(MAP_NAT))
+    }
+}
+
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::ElementNotFound) => Ok(()),
@@ -289,10 +385,10 @@ fn found_or_none<V>(result: Result<V, MapError>) -> Result<Option<V>, MapError> 
     }
 }
 
-/// Attaches the pinned `from_pod` to TC ingress of a host veth. The attachment is a
-/// netlink (cls_bpf) filter: it outlives this process and vanishes with the veth, so a
-/// deleted pod leaves no attachment behind.
-pub fn attach_from_pod(root: &Path, ifname: &str) -> Result<(), DatapathError> {
+/// Attaches a pinned program to a link's TC hook as a netlink (cls_bpf) filter: it
+/// outlives this process (the agent may restart, the plugin exits at once) and vanishes
+/// with the link, so a deleted pod leaves no attachment behind.
+pub fn attach(root: &Path, program: &'static str, ifname: &str, hook: TcAttachType) -> Result<(), DatapathError> {
     match aya::programs::tc::qdisc_add_clsact(ifname) {
         Ok(()) => {}
         Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
@@ -303,23 +399,51 @@ pub fn attach_from_pod(root: &Path, ifname: &str) -> Result<(), DatapathError> {
             })
         }
     }
-    let path = root.join(PROG_FROM_POD);
+    let path = root.join(program);
     if !path.exists() {
         return Err(DatapathError::NotLoaded { path });
     }
-    let mut program = SchedClassifier::from_pin(&path).map_err(program_error(PROG_FROM_POD))?;
+    let mut loaded = SchedClassifier::from_pin(&path).map_err(program_error(program))?;
     let options = NlOptions {
-        priority: FROM_POD_PRIORITY,
-        handle: FROM_POD_HANDLE,
+        priority: FILTER_PRIORITY,
+        handle: FILTER_HANDLE,
         classid: None,
     };
-    let link_id = program
-        .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::Netlink(options))
-        .map_err(program_error(PROG_FROM_POD))?;
+    let link_id = match loaded.attach_with_options(ifname, hook, TcAttachOptions::Netlink(options)) {
+        Ok(link_id) => link_id,
+        // A filter is there already (agent restart): replace its program in place.
+        Err(ProgramError::TcError(TcError::NetlinkError(e))) if e.raw_os_error() == Some(libc::EEXIST) => {
+            let existing = aya::programs::tc::SchedClassifierLink::attached(ifname, hook, FILTER_PRIORITY, FILTER_HANDLE, None)
+                .map_err(|source| DatapathError::Io {
+                    what: "cannot find the filter on",
+                    path: PathBuf::from(ifname),
+                    source,
+                })?;
+            loaded.attach_to_link(existing).map_err(program_error(program))?
+        }
+        Err(e) => return Err(program_error(program)(e)),
+    };
     // Dropping the link would detach the filter; it must outlive this process.
-    let link = program.take_link(link_id).map_err(program_error(PROG_FROM_POD))?;
+    let link = loaded.take_link(link_id).map_err(program_error(program))?;
     std::mem::forget(link);
     Ok(())
+}
+
+/// A pod's host veth: `from_pod` on ingress, `to_pod` on egress.
+pub fn attach_to_host_veth(root: &Path, ifname: &str) -> Result<(), DatapathError> {
+    attach(root, PROG_FROM_POD, ifname, TcAttachType::Ingress)?;
+    attach(root, PROG_TO_POD, ifname, TcAttachType::Egress)
+}
+
+/// The node's uplink: `from_netdev` on ingress, `to_netdev` on egress.
+pub fn attach_to_uplink(root: &Path, ifname: &str) -> Result<(), DatapathError> {
+    attach(root, PROG_FROM_NETDEV, ifname, TcAttachType::Ingress)?;
+    attach(root, PROG_TO_NETDEV, ifname, TcAttachType::Egress)
+}
+
+/// The VXLAN device: `from_netdev` on ingress delivers decapsulated packets to pods.
+pub fn attach_to_tunnel(root: &Path, ifname: &str) -> Result<(), DatapathError> {
+    attach(root, PROG_FROM_NETDEV, ifname, TcAttachType::Ingress)
 }
 
 /// Per-verdict counters summed over CPUs, indexed by `mycni_common::verdict`.

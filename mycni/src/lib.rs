@@ -4,8 +4,11 @@
 //! errors), [`ipam`] (address allocation). Thin adapters around the kernel: [`netlink`]
 //! (links, addresses, routes), [`datapath`] (pinned bpf maps and programs), [`ipam::store`]
 //! (the on-disk allocation records). [`plugin`] drives the CNI commands with them.
+pub mod agent;
 pub mod cni;
 pub mod datapath;
 pub mod ipam;
+pub mod nat;
 pub mod netlink;
+pub mod nodes;
 pub mod plugin;

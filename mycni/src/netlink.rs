@@ -11,10 +11,10 @@ use std::path::Path;
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteIpTunnel, RouteScope};
 use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -226,6 +226,83 @@ impl Netlink {
             .execute()
             .await
             .map_err(request(format!("add default route via {gateway}")))
+    }
+
+    /// Creates a VXLAN device in collect-metadata mode (the tunnel key is set per packet, in
+    /// eBPF or by a route's `encap`), without ARP: peers are reached by route, not by MAC.
+    pub async fn create_vxlan(&self, name: &str, port: u16, mtu: u32) -> Result<u32, NetlinkError> {
+        let message = LinkVxlan::new(name, 0)
+            .collect_metadata(true)
+            .port(port)
+            .learning(false)
+            .build();
+        match self.handle.link().add(message).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+            other => other.map_err(request(format!("create vxlan {name}")))?,
+        }
+        let link = self
+            .link_by_name(name)
+            .await?
+            .ok_or_else(|| request(format!("find vxlan {name}"))(rtnetlink::Error::RequestFailed))?;
+        let message = LinkUnspec::new_with_index(link.index).arp(false).mtu(mtu).up().build();
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(request(format!("configure vxlan {name}")))?;
+        Ok(link.index)
+    }
+
+    /// `dst/prefix_len via gateway dev oif`, replacing any route to the same prefix.
+    pub async fn replace_route_via(
+        &self,
+        dst: Ipv4Addr,
+        prefix_len: u8,
+        gateway: Ipv4Addr,
+        oif: u32,
+    ) -> Result<(), NetlinkError> {
+        let message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, prefix_len)
+            .gateway(gateway)
+            .output_interface(oif)
+            .build();
+        self.handle
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .map_err(request(format!("add route {dst}/{prefix_len} via {gateway}")))
+    }
+
+    /// `dst/prefix_len dev oif encap ip id vni dst remote`: the node stack's way into the
+    /// tunnel, replacing any route to the same prefix.
+    pub async fn replace_tunnel_route(
+        &self,
+        dst: Ipv4Addr,
+        prefix_len: u8,
+        oif: u32,
+        vni: u32,
+        remote: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        let message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, prefix_len)
+            .output_interface(oif)
+            .scope(RouteScope::Link)
+            .encap_ip(vec![
+                RouteIpTunnel::Id(vni as u64),
+                RouteIpTunnel::Destination(remote),
+                RouteIpTunnel::Ttl(64),
+            ])
+            .build();
+        self.handle
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .map_err(request(format!("add route {dst}/{prefix_len} into the tunnel to {remote}")))
     }
 
     /// Deletes `dst/prefix_len` from the main table; a route already gone is not an error.

@@ -211,7 +211,7 @@ async fn setup_pod_network(
     };
     undo.map_entry = Some(ip);
     maps.write_endpoint(ip, &endpoint).map_err(datapath_error)?;
-    datapath::attach_from_pod(&conf.bpffs_root, &host_name).map_err(datapath_error)?;
+    datapath::attach_to_host_veth(&conf.bpffs_root, &host_name).map_err(datapath_error)?;
 
     Ok(CniResult {
         interfaces: vec![

@@ -1,65 +1,174 @@
-//! The node agent: loads and pins the datapath, stays up, and prints what the maps hold.
+//! The node agent: loads and pins the datapath, keeps routes to the other nodes in step,
+//! expires NAT entries, and prints what the maps hold.
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use mycni::datapath::{self, Maps};
+use mycni::agent::{Agent, NodeSettings, NodesFile};
+use mycni::cni::result::parse_cidr;
+use mycni::datapath::{self, Maps, NatTable};
+use mycni::ipam::Pool;
+use mycni::nat::NatTimeouts;
 use mycni::netlink::format_mac;
-use mycni_common::{verdict, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE};
+use mycni_common::{verdict, NAT_EGRESS, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL};
 
-const USAGE: &str = "usage: mycni-agent [--bpffs-root DIR] <command> [--json]
+const USAGE: &str = "usage: mycni-agent [--bpffs-root DIR] <command> [options]
 commands:
-  run        load and pin programs and maps, then stay up until SIGTERM/SIGINT
+  run        load and pin programs and maps, then stay up until SIGTERM/SIGINT.
+             With --node-ip, also hook the uplink and keep routes to the other nodes:
+               --node-name NAME --node-ip IP --uplink IFNAME --cluster-cidr CIDR
+               [--nodes-file PATH] [--tunnel-mode auto|vxlan|direct] [--vni N]
+               [--non-masquerade-cidr CIDR]... [--nat-ports MIN-MAX]
+               [--nat-timeout-tcp SECS] [--nat-timeout-udp SECS] [--nat-timeout-icmp SECS]
   load       load and pin, then exit (pins keep everything loaded)
-  unload     remove the pins (attached programs stay until their veths go)
-  endpoints  print the ENDPOINTS map
-  routes     print the ROUTES map
-  stats      print the per-verdict counters";
+  unload     remove the pins (attached programs stay until their links go)
+  endpoints  print the ENDPOINTS map       (--json for JSON)
+  routes     print the ROUTES map          (--json)
+  nat        print the NAT map             (--json)
+  stats      print the per-verdict counters (--json)";
 
-fn main() -> anyhow::Result<()> {
+#[derive(Default)]
+struct Options {
+    root: Option<PathBuf>,
+    command: Option<String>,
+    json: bool,
+    node_name: Option<String>,
+    node_ip: Option<String>,
+    uplink: Option<String>,
+    cluster_cidr: Option<String>,
+    nodes_file: Option<PathBuf>,
+    tunnel_mode: Option<String>,
+    vni: Option<u32>,
+    non_masquerade: Vec<String>,
+    nat_ports: Option<String>,
+    nat_timeouts: NatTimeouts,
+}
+
+fn parse_options() -> anyhow::Result<Options> {
     let mut args = std::env::args().skip(1);
-    let mut root = PathBuf::from(mycni::cni::config::DEFAULT_BPFFS_ROOT);
-    let mut command = None;
-    let mut json = false;
+    let mut options = Options::default();
     while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
         match arg.as_str() {
-            "--bpffs-root" => root = PathBuf::from(args.next().context("--bpffs-root needs a value")?),
-            "--json" => json = true,
+            "--bpffs-root" => options.root = Some(PathBuf::from(value(&arg)?)),
+            "--json" => options.json = true,
+            "--node-name" => options.node_name = Some(value(&arg)?),
+            "--node-ip" => options.node_ip = Some(value(&arg)?),
+            "--uplink" => options.uplink = Some(value(&arg)?),
+            "--cluster-cidr" => options.cluster_cidr = Some(value(&arg)?),
+            "--nodes-file" => options.nodes_file = Some(PathBuf::from(value(&arg)?)),
+            "--tunnel-mode" => options.tunnel_mode = Some(value(&arg)?),
+            "--vni" => options.vni = Some(value(&arg)?.parse().context("--vni")?),
+            "--non-masquerade-cidr" => options.non_masquerade.push(value(&arg)?),
+            "--nat-ports" => options.nat_ports = Some(value(&arg)?),
+            "--nat-timeout-tcp" => options.nat_timeouts.tcp = seconds(&value(&arg)?)?,
+            "--nat-timeout-udp" => options.nat_timeouts.udp = seconds(&value(&arg)?)?,
+            "--nat-timeout-icmp" => options.nat_timeouts.icmp = seconds(&value(&arg)?)?,
             "-h" | "--help" => {
                 println!("{USAGE}");
-                return Ok(());
+                std::process::exit(0);
             }
-            other if command.is_none() && !other.starts_with('-') => command = Some(other.to_string()),
+            other if options.command.is_none() && !other.starts_with('-') => {
+                options.command = Some(other.to_string())
+            }
             other => bail!("unexpected argument {other:?}\n{USAGE}"),
         }
     }
-    match command.as_deref() {
-        Some("run") => run(root),
+    Ok(options)
+}
+
+fn seconds(text: &str) -> anyhow::Result<Duration> {
+    Ok(Duration::from_secs(text.parse().with_context(|| format!("{text:?} is not a number of seconds"))?))
+}
+
+fn main() -> anyhow::Result<()> {
+    let options = parse_options()?;
+    let root = options
+        .root
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(mycni::cni::config::DEFAULT_BPFFS_ROOT));
+    match options.command.as_deref() {
+        Some("run") => run(&root, &options),
         Some("load") => {
             datapath::load_and_pin(&root)?;
             println!("datapath pinned under {}", root.display());
             Ok(())
         }
         Some("unload") => Ok(datapath::unpin_all(&root)?),
-        Some("endpoints") => print_endpoints(&root, json),
-        Some("routes") => print_routes(&root, json),
-        Some("stats") => print_stats(&root, json),
+        Some("endpoints") => print_endpoints(&root, options.json),
+        Some("routes") => print_routes(&root, options.json),
+        Some("nat") => print_nat(&root, options.json),
+        Some("stats") => print_stats(&root, options.json),
         _ => bail!("{USAGE}"),
     }
 }
 
-fn run(root: PathBuf) -> anyhow::Result<()> {
-    datapath::load_and_pin(&root)?;
-    eprintln!("mycni-agent: datapath pinned under {}", root.display());
+fn node_settings(options: &Options) -> anyhow::Result<Option<NodeSettings>> {
+    let Some(ip) = &options.node_ip else { return Ok(None) };
+    let nat_ports = match &options.nat_ports {
+        None => (61000, 65535),
+        Some(text) => {
+            let (min, max) = text.split_once('-').context("--nat-ports wants MIN-MAX")?;
+            let (min, max): (u16, u16) = (min.parse()?, max.parse()?);
+            anyhow::ensure!(min > 0 && min <= max, "--nat-ports {text}: empty range");
+            (min, max)
+        }
+    };
+    Ok(Some(NodeSettings {
+        name: options.node_name.clone().context("--node-name is required with --node-ip")?,
+        ip: ip.parse().with_context(|| format!("--node-ip {ip:?}"))?,
+        uplink: options.uplink.clone().context("--uplink is required with --node-ip")?,
+        cluster_cidr: Pool::parse(options.cluster_cidr.as_deref().context("--cluster-cidr is required")?)?,
+        non_masquerade: options
+            .non_masquerade
+            .iter()
+            .map(|text| parse_cidr(text).with_context(|| format!("--non-masquerade-cidr {text:?}")))
+            .collect::<anyhow::Result<_>>()?,
+        tunnel_mode: options
+            .tunnel_mode
+            .as_deref()
+            .unwrap_or("auto")
+            .parse()
+            .map_err(anyhow::Error::msg)?,
+        vni: options.vni.unwrap_or(1),
+        nat_ports,
+        nat_timeouts: options.nat_timeouts,
+    }))
+}
+
+fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
+    let settings = node_settings(options)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+        };
+        match settings {
+            None => {
+                datapath::load_and_pin(root)?;
+                eprintln!("mycni-agent: datapath pinned under {}", root.display());
+                shutdown.await;
+            }
+            Some(settings) => {
+                let name = settings.name.clone();
+                let mut agent = Agent::start(root, settings).await?;
+                eprintln!("mycni-agent: node {name} ready, datapath pinned under {}", root.display());
+                let mut source = NodesFile::new(
+                    options
+                        .nodes_file
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from("/etc/mycni/nodes")),
+                );
+                agent.run(&mut source, shutdown).await?;
+            }
         }
         anyhow::Ok(())
     })?;
-    // Pins stay: pods keep their datapath while the agent is down or being upgraded.
+    // Pins and attachments stay: pods keep their datapath while the agent is down.
     eprintln!("mycni-agent: stopping; programs and maps stay pinned");
     Ok(())
 }
@@ -94,19 +203,23 @@ fn print_endpoints(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn route_kind(kind: u32) -> &'static str {
+    match kind {
+        ROUTE_LOCAL_ENDPOINT => "local",
+        ROUTE_REMOTE_NODE => "direct",
+        ROUTE_REMOTE_TUNNEL => "vxlan",
+        _ => "unknown",
+    }
+}
+
 fn print_routes(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let routes = Maps::open(root)?.routes()?;
-    let kind = |k: u32| match k {
-        ROUTE_LOCAL_ENDPOINT => "local",
-        ROUTE_REMOTE_NODE => "remote",
-        _ => "unknown",
-    };
     if json {
         let rows: Vec<_> = routes
             .iter()
             .map(|(ip, len, r)| {
                 serde_json::json!({
-                    "prefix": format!("{ip}/{len}"), "kind": kind(r.kind), "ifindex": r.ifindex,
+                    "prefix": format!("{ip}/{len}"), "kind": route_kind(r.kind), "ifindex": r.ifindex,
                     "nextHop": std::net::Ipv4Addr::from(r.next_hop).to_string(),
                     "podMac": format_mac(&r.pod_mac), "hostMac": format_mac(&r.host_mac),
                 })
@@ -119,10 +232,52 @@ fn print_routes(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
             println!(
                 "{:<20} {:<7} {:>8} {:<16} {}",
                 format!("{ip}/{len}"),
-                kind(r.kind),
+                route_kind(r.kind),
                 r.ifindex,
                 std::net::Ipv4Addr::from(r.next_hop).to_string(),
                 format_mac(&r.pod_mac)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_nat(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let entries = NatTable::open(root)?.entries()?;
+    let now = mycni::agent::monotonic_ns();
+    let proto = |p: u8| match p {
+        1 => "icmp",
+        6 => "tcp",
+        17 => "udp",
+        _ => "other",
+    };
+    let rows: Vec<_> = entries
+        .iter()
+        .map(|(key, entry)| {
+            serde_json::json!({
+                "proto": proto(key.proto),
+                "direction": if entry.direction == NAT_EGRESS { "egress" } else { "ingress" },
+                "from": format!("{}:{}", std::net::Ipv4Addr::from(key.saddr), key.sport),
+                "to": format!("{}:{}", std::net::Ipv4Addr::from(key.daddr), key.dport),
+                "translatedTo": format!("{}:{}", std::net::Ipv4Addr::from(entry.addr), entry.port),
+                "idleSeconds": now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("{:<5} {:<8} {:<22} {:<22} {:<22} IDLE", "PROTO", "DIR", "FROM", "TO", "REWRITTEN");
+        for row in rows {
+            let text = |key: &str| row[key].as_str().unwrap_or("").to_string();
+            println!(
+                "{:<5} {:<8} {:<22} {:<22} {:<22} {}s",
+                text("proto"),
+                text("direction"),
+                text("from"),
+                text("to"),
+                text("translatedTo"),
+                row["idleSeconds"]
             );
         }
     }
@@ -139,9 +294,9 @@ fn print_stats(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("{:<16} {:>12} {:>14}", "VERDICT", "PACKETS", "BYTES");
+        println!("{:<22} {:>12} {:>14}", "VERDICT", "PACKETS", "BYTES");
         for (c, name) in stats.iter().zip(verdict::NAMES) {
-            println!("{:<16} {:>12} {:>14}", name, c.packets, c.bytes);
+            println!("{:<22} {:>12} {:>14}", name, c.packets, c.bytes);
         }
     }
     Ok(())

@@ -1,0 +1,249 @@
+//! The cluster's nodes and the routes the agent derives from them, without I/O.
+//!
+//! Nodes come from a source behind [`NodeSource`]-shaped callers (a static file here, the
+//! Kubernetes API later); the agent turns them into [`PeerRoute`]s and applies the
+//! difference between the last applied set and the new one.
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use crate::ipam::Pool;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodesError {
+    #[error("line {line}: {reason}")]
+    Syntax { line: usize, reason: String },
+    #[error("nodes {first} and {second} both claim pod CIDR {cidr}")]
+    OverlappingCidr {
+        first: String,
+        second: String,
+        cidr: String,
+    },
+}
+
+/// One node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEntry {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: Pool,
+}
+
+/// Parses a nodes file: one node per line, `name node-ip pod-cidr`; `#` starts a comment.
+///
+/// ```text
+/// # name   node IP        pod CIDR
+/// node-1   192.168.1.11   10.244.1.0/24
+/// node-2   192.168.1.12   10.244.2.0/24
+/// ```
+pub fn parse_nodes_file(text: &str) -> Result<Vec<NodeEntry>, NodesError> {
+    let mut nodes: Vec<NodeEntry> = Vec::new();
+    for (index, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let syntax = |reason: String| NodesError::Syntax {
+            line: index + 1,
+            reason,
+        };
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [name, ip, cidr] = fields[..] else {
+            return Err(syntax(format!("want `name node-ip pod-cidr`, got {line:?}")));
+        };
+        let ip: Ipv4Addr = ip
+            .parse()
+            .map_err(|_| syntax(format!("{ip:?} is not an IPv4 address")))?;
+        let pod_cidr = Pool::parse(cidr).map_err(|e| syntax(e.to_string()))?;
+        if let Some(other) = nodes.iter().find(|n| overlaps(&n.pod_cidr, &pod_cidr)) {
+            return Err(NodesError::OverlappingCidr {
+                first: other.name.clone(),
+                second: name.to_string(),
+                cidr: pod_cidr.to_string(),
+            });
+        }
+        nodes.push(NodeEntry {
+            name: name.to_string(),
+            ip,
+            pod_cidr,
+        });
+    }
+    Ok(nodes)
+}
+
+fn overlaps(a: &Pool, b: &Pool) -> bool {
+    a.contains(b.network()) || b.contains(a.network())
+}
+
+/// How packets reach a peer node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Path {
+    /// Same L2 segment: straight out of the uplink to the node's IP.
+    Direct,
+    /// Through the VXLAN device, the node's IP as the tunnel's remote end.
+    Tunnel,
+}
+
+/// Which path the agent picks per peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelMode {
+    /// Direct when the peer is on the uplink's subnet, VXLAN otherwise.
+    Auto,
+    Vxlan,
+    Direct,
+}
+
+impl std::str::FromStr for TunnelMode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(TunnelMode::Auto),
+            "vxlan" => Ok(TunnelMode::Vxlan),
+            "direct" => Ok(TunnelMode::Direct),
+            other => Err(format!("unknown tunnel mode {other:?} (auto, vxlan or direct)")),
+        }
+    }
+}
+
+/// This node, as the route computation needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalNode {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// The uplink's subnet: peers inside it are on-link.
+    pub uplink_network: Ipv4Addr,
+    pub uplink_prefix_len: u8,
+}
+
+impl LocalNode {
+    fn on_link(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.uplink_prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.uplink_prefix_len as u32)
+        };
+        u32::from(ip) & mask == u32::from(self.uplink_network) & mask
+    }
+}
+
+/// A peer node's pod CIDR and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PeerRoute {
+    pub cidr: Ipv4Addr,
+    pub prefix_len: u8,
+    pub node_ip: Ipv4Addr,
+    pub path: Path,
+}
+
+/// The routes to every other node, keyed by pod CIDR.
+pub fn peer_routes(local: &LocalNode, mode: TunnelMode, nodes: &[NodeEntry]) -> BTreeMap<(Ipv4Addr, u8), PeerRoute> {
+    nodes
+        .iter()
+        .filter(|node| node.name != local.name && node.ip != local.ip)
+        .map(|node| {
+            let path = match mode {
+                TunnelMode::Vxlan => Path::Tunnel,
+                TunnelMode::Direct => Path::Direct,
+                TunnelMode::Auto if local.on_link(node.ip) => Path::Direct,
+                TunnelMode::Auto => Path::Tunnel,
+            };
+            let key = (node.pod_cidr.network(), node.pod_cidr.prefix_len());
+            let route = PeerRoute {
+                cidr: key.0,
+                prefix_len: key.1,
+                node_ip: node.ip,
+                path,
+            };
+            (key, route)
+        })
+        .collect()
+}
+
+/// What changes between two route sets: routes to remove, routes to add or replace.
+pub fn diff_routes(
+    applied: &BTreeMap<(Ipv4Addr, u8), PeerRoute>,
+    desired: &BTreeMap<(Ipv4Addr, u8), PeerRoute>,
+) -> (Vec<PeerRoute>, Vec<PeerRoute>) {
+    let removed = applied
+        .iter()
+        .filter(|(key, _)| !desired.contains_key(key))
+        .map(|(_, route)| route.clone())
+        .collect();
+    let changed = desired
+        .iter()
+        .filter(|(key, route)| applied.get(key) != Some(route))
+        .map(|(_, route)| route.clone())
+        .collect();
+    (removed, changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "\
+# the lab
+node-1 192.168.1.11 10.244.1.0/24
+node-2 192.168.1.12 10.244.2.0/24   # same segment
+node-3 192.168.2.13 10.244.3.0/24
+";
+
+    fn local() -> LocalNode {
+        LocalNode {
+            name: "node-1".into(),
+            ip: "192.168.1.11".parse().unwrap(),
+            uplink_network: "192.168.1.0".parse().unwrap(),
+            uplink_prefix_len: 24,
+        }
+    }
+
+    #[test]
+    fn parses_nodes_and_skips_comments() {
+        let nodes = parse_nodes_file(FILE).unwrap();
+        assert_eq!(nodes.len(), 3);
+        assert_eq!(nodes[2].name, "node-3");
+        assert_eq!(nodes[2].pod_cidr.to_string(), "10.244.3.0/24");
+    }
+
+    #[test]
+    fn rejects_bad_lines_and_overlaps() {
+        assert!(matches!(parse_nodes_file("n1 1.2.3.4"), Err(NodesError::Syntax { line: 1, .. })));
+        assert!(matches!(parse_nodes_file("n1 x 10.0.0.0/24"), Err(NodesError::Syntax { .. })));
+        assert!(matches!(
+            parse_nodes_file("a 1.1.1.1 10.0.0.0/16\nb 1.1.1.2 10.0.5.0/24"),
+            Err(NodesError::OverlappingCidr { .. })
+        ));
+    }
+
+    #[test]
+    fn auto_mode_tunnels_only_to_off_link_peers() {
+        let routes = peer_routes(&local(), TunnelMode::Auto, &parse_nodes_file(FILE).unwrap());
+        assert_eq!(routes.len(), 2, "the local node gets no route");
+        let two = &routes[&("10.244.2.0".parse().unwrap(), 24)];
+        assert_eq!((two.path, two.node_ip), (Path::Direct, "192.168.1.12".parse().unwrap()));
+        assert_eq!(routes[&("10.244.3.0".parse().unwrap(), 24)].path, Path::Tunnel);
+        let forced = peer_routes(&local(), TunnelMode::Vxlan, &parse_nodes_file(FILE).unwrap());
+        assert!(forced.values().all(|r| r.path == Path::Tunnel));
+    }
+
+    #[test]
+    fn diff_finds_removed_added_and_changed() {
+        let nodes = parse_nodes_file(FILE).unwrap();
+        let before = peer_routes(&local(), TunnelMode::Auto, &nodes);
+        let mut moved = nodes.clone();
+        moved[1].ip = "192.168.1.22".parse().unwrap();
+        moved.remove(2);
+        moved.push(NodeEntry {
+            name: "node-4".into(),
+            ip: "192.168.1.14".parse().unwrap(),
+            pod_cidr: Pool::parse("10.244.4.0/24").unwrap(),
+        });
+        let after = peer_routes(&local(), TunnelMode::Auto, &moved);
+        let (removed, changed) = diff_routes(&before, &after);
+        assert_eq!(removed.iter().map(|r| r.cidr.to_string()).collect::<Vec<_>>(), ["10.244.3.0"]);
+        assert_eq!(
+            changed.iter().map(|r| r.cidr.to_string()).collect::<Vec<_>>(),
+            ["10.244.2.0", "10.244.4.0"]
+        );
+        assert_eq!(diff_routes(&after, &after), (vec![], vec![]));
+    }
+}
