@@ -10,7 +10,8 @@
 //!   can undo its own translations (kube-proxy DNAT).
 //! - `from_netdev` (uplink and VXLAN ingress) translates replies of masqueraded flows back
 //!   and delivers packets for local pods with `bpf_redirect_peer`.
-//! - `to_netdev` (uplink egress) masquerades pod traffic leaving the cluster to the node IP.
+//! - `to_netdev` (uplink and VXLAN egress) masquerades pod traffic leaving the cluster to
+//!   the node IP, and remembers pod-to-pod flows the stack sent to other nodes.
 #![no_std]
 #![no_main]
 
@@ -454,12 +455,13 @@ fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
         let _ = STACK_FLOWS.insert(packet.reply_flow(), now, 0);
         return (verdict::TO_STACK, TC_ACT_OK);
     }
-    if NO_MASQ.get(&Key::new(32, packet.dst)).is_some() {
-        return (verdict::TO_STACK, TC_ACT_OK);
-    }
     let Some(cfg) = config() else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
+    // Only the uplink masquerades; the tunnel carries pod-to-pod traffic only.
+    if ifindex(ctx) != cfg.uplink_ifindex || NO_MASQ.get(&Key::new(32, packet.dst)).is_some() {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    }
     if cfg.node_ip == [0; 4] || (packet.proto == IPPROTO_ICMP && packet.icmp_type != ICMP_ECHO_REQUEST) {
         return (verdict::TO_STACK, TC_ACT_OK);
     }

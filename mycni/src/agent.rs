@@ -150,11 +150,6 @@ impl Agent {
                 layout_version: LAYOUT_VERSION,
             },
         )?;
-        let no_masq: Vec<(Ipv4Addr, u8)> =
-            std::iter::once((settings.cluster_cidr.network(), settings.cluster_cidr.prefix_len()))
-                .chain(settings.non_masquerade.iter().copied())
-                .collect();
-        datapath::write_no_masquerade(root, &no_masq)?;
         datapath::attach_to_uplink(root, &settings.uplink)?;
         datapath::attach_to_tunnel(root, TUNNEL_DEVICE)?;
         let mut agent = Agent {
@@ -167,7 +162,21 @@ impl Agent {
             applied: BTreeMap::new(),
         };
         agent.applied = agent.routes_in_map()?;
+        agent.write_no_masquerade(&[])?;
+        loosen_reverse_path_filter(&agent.settings.uplink);
         Ok(agent)
+    }
+
+    /// Pod traffic keeps its source address inside the cluster: to the cluster CIDR, the
+    /// configured CIDRs and every node's IP (so a node's probes see the pod's address).
+    fn write_no_masquerade(&self, nodes: &[NodeEntry]) -> Result<(), AgentError> {
+        let cluster = &self.settings.cluster_cidr;
+        let prefixes: Vec<(Ipv4Addr, u8)> = std::iter::once((cluster.network(), cluster.prefix_len()))
+            .chain(self.settings.non_masquerade.iter().copied())
+            .chain(std::iter::once((self.settings.ip, 32)))
+            .chain(nodes.iter().map(|node| (node.ip, 32)))
+            .collect();
+        Ok(datapath::write_no_masquerade(&self.root, &prefixes)?)
     }
 
     /// Remote-node routes already in `ROUTES` (left by a previous run), so a restart
@@ -196,6 +205,7 @@ impl Agent {
 
     /// Brings `ROUTES` and the kernel routes to what `nodes` implies.
     pub async fn apply_nodes(&mut self, nodes: &[NodeEntry]) -> Result<(), AgentError> {
+        self.write_no_masquerade(nodes)?;
         let desired = nodes::peer_routes(&self.local, self.settings.tunnel_mode, nodes);
         let (removed, changed) = nodes::diff_routes(&self.applied, &desired);
         let mut maps = Maps::open(&self.root)?;
@@ -276,6 +286,20 @@ impl Agent {
                     );
                     last_occupancy = Some(occupancy);
                 }
+            }
+        }
+    }
+}
+
+/// Pods' replies to the node stack arrive on the uplink from pod addresses routed through
+/// the tunnel; strict reverse-path filtering would drop them. Loose mode (2) keeps the
+/// spoofing check against having any route back.
+fn loosen_reverse_path_filter(uplink: &str) {
+    for device in ["all", uplink] {
+        let path = format!("/proc/sys/net/ipv4/conf/{device}/rp_filter");
+        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+            if let Err(e) = std::fs::write(&path, "2") {
+                eprintln!("mycni-agent: cannot set {path} to 2: {e}");
             }
         }
     }

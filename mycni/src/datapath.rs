@@ -441,9 +441,11 @@ pub fn attach_to_uplink(root: &Path, ifname: &str) -> Result<(), DatapathError> 
     attach(root, PROG_TO_NETDEV, ifname, TcAttachType::Egress)
 }
 
-/// The VXLAN device: `from_netdev` on ingress delivers decapsulated packets to pods.
+/// The VXLAN device: `from_netdev` on ingress delivers decapsulated packets to pods;
+/// `to_netdev` on egress remembers pod-to-pod flows the stack sends into the tunnel.
 pub fn attach_to_tunnel(root: &Path, ifname: &str) -> Result<(), DatapathError> {
-    attach(root, PROG_FROM_NETDEV, ifname, TcAttachType::Ingress)
+    attach(root, PROG_FROM_NETDEV, ifname, TcAttachType::Ingress)?;
+    attach(root, PROG_TO_NETDEV, ifname, TcAttachType::Egress)
 }
 
 /// Per-verdict counters summed over CPUs, indexed by `mycni_common::verdict`.

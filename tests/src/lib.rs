@@ -16,6 +16,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod cluster;
+
 /// Where the binaries under test live (`cargo xtask test` sets it; defaults to target/debug).
 pub fn bin_dir() -> PathBuf {
     std::env::var_os("MYCNI_BIN_DIR")
@@ -194,49 +196,70 @@ pub struct Node {
     pub bpffs: Bpffs,
     pub data_dir: PathBuf,
     pub pod_cidr: String,
+    /// The pods' MTU in the network config.
+    pub mtu: u32,
     agent: Option<Child>,
+    agent_args: Vec<String>,
 }
 
 impl Node {
+    /// A lone node: its address on loopback, the agent loading the datapath only.
     pub fn new(prefix: &str, pod_cidr: &str) -> Result<Node> {
-        let netns = Netns::new(&format!("{prefix}-node"))?;
-        netns.exec(&["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
-        let bpffs = Bpffs::new(prefix)?;
-        let data_dir = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-data"));
+        let mut node = Node::bare(prefix, "node", pod_cidr)?;
+        node.netns
+            .exec(&["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
+        node.start_agent(&[])?;
+        Ok(node)
+    }
+
+    /// A node namespace `<prefix>-<name>` with a private bpffs and data dir, no agent yet.
+    pub fn bare(prefix: &str, name: &str, pod_cidr: &str) -> Result<Node> {
+        let netns = Netns::new(&format!("{prefix}-{name}"))?;
+        let bpffs = Bpffs::new(&format!("{prefix}-{name}"))?;
+        let data_dir = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-{name}-data"));
         let _ = std::fs::remove_dir_all(&data_dir);
         std::fs::create_dir_all(&data_dir)?;
-        let mut node = Node {
+        Ok(Node {
             prefix: prefix.to_string(),
             node_ip: NODE_IP,
             netns,
             bpffs,
             data_dir,
             pod_cidr: pod_cidr.to_string(),
+            mtu: 1500,
             agent: None,
-        };
-        node.start_agent()?;
-        Ok(node)
+            agent_args: Vec::new(),
+        })
     }
 
     pub fn pin_root(&self) -> PathBuf {
         self.bpffs.mount_point.join("mycni")
     }
 
-    /// Starts `mycni-agent run` inside the node and waits until its pins are there.
-    pub fn start_agent(&mut self) -> Result<()> {
+    /// Starts `mycni-agent run` inside the node (with `args`, or the last ones when empty)
+    /// and waits until its pins are there and its node config (if any) is written.
+    pub fn start_agent(&mut self, args: &[&str]) -> Result<()> {
+        if !args.is_empty() {
+            self.agent_args = args.iter().map(|a| a.to_string()).collect();
+        }
         let child = self
             .netns
             .command(agent_bin())
             .arg("--bpffs-root")
             .arg(self.pin_root())
             .arg("run")
+            .args(&self.agent_args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .context("spawn mycni-agent")?;
         self.agent = Some(child);
+        let wants_config = !self.agent_args.is_empty();
         for _ in 0..200 {
-            if mycni::datapath::check_loaded(&self.pin_root()).is_ok() {
+            let ready = mycni::datapath::check_loaded(&self.pin_root()).is_ok()
+                && (!wants_config
+                    || mycni::datapath::read_config(&self.pin_root()).is_ok_and(|c| c.node_ip != [0; 4]));
+            if ready {
                 return Ok(());
             }
             if let Some(child) = self.agent.as_mut() {
@@ -267,7 +290,7 @@ impl Node {
             "name": "mycni-test",
             "type": "mycni",
             "podCIDR": self.pod_cidr,
-            "mtu": 1500,
+            "mtu": self.mtu,
             "dataDir": self.data_dir,
             "bpffsRoot": self.pin_root(),
         })
@@ -408,19 +431,20 @@ pub fn pod_ip(result: &Value) -> Option<Ipv4Addr> {
 /// Echo server on `ip:port` in `server`'s namespace, one TCP round trip from `client`'s.
 pub fn tcp_round_trip(server: &Netns, client: &Netns, ip: Ipv4Addr, port: u16) -> Result<()> {
     let target = SocketAddr::from((ip, port));
-    tcp_echo(server, target, client, target)
+    tcp_echo(server, target, client, target).map(|_| ())
 }
 
 /// Echo server listening on `listen` in `server`'s namespace; `client` connects to
-/// `connect` (which a DNAT may send to `listen`) and must get its bytes back.
-pub fn tcp_echo(server: &Netns, listen: SocketAddr, client: &Netns, connect: SocketAddr) -> Result<()> {
+/// `connect` (which a DNAT may send to `listen`) and must get its bytes back. Returns the
+/// client address the server saw.
+pub fn tcp_echo(server: &Netns, listen: SocketAddr, client: &Netns, connect: SocketAddr) -> Result<SocketAddr> {
     let listener = server.run_inside(|| Ok(TcpListener::bind(listen)?))?;
-    let accept = std::thread::spawn(move || -> Result<()> {
-        let (mut conn, _) = listener.accept()?;
+    let accept = std::thread::spawn(move || -> Result<SocketAddr> {
+        let (mut conn, peer) = listener.accept()?;
         let mut buf = [0u8; 64];
         let n = conn.read(&mut buf)?;
         conn.write_all(&buf[..n])?;
-        Ok(())
+        Ok(peer)
     });
     let reply = client.run_inside(|| {
         let mut stream = TcpStream::connect_timeout(&connect, Duration::from_secs(3))?;
@@ -430,11 +454,39 @@ pub fn tcp_echo(server: &Netns, listen: SocketAddr, client: &Netns, connect: Soc
         let n = stream.read(&mut buf)?;
         Ok(buf[..n].to_vec())
     })?;
-    accept
+    let peer = accept
         .join()
         .map_err(|_| anyhow::anyhow!("echo server panicked"))??;
     if reply != b"hello mycni" {
         bail!("echo came back as {reply:?}");
     }
-    Ok(())
+    Ok(peer)
+}
+
+/// UDP echo: a server on `listen` in `server`'s namespace answers one datagram that
+/// `client` sends to `connect`. Returns the client address the server saw.
+pub fn udp_echo(server: &Netns, listen: SocketAddr, client: &Netns, connect: SocketAddr) -> Result<SocketAddr> {
+    let socket = server.run_inside(|| Ok(std::net::UdpSocket::bind(listen)?))?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let serve = std::thread::spawn(move || -> Result<SocketAddr> {
+        let mut buf = [0u8; 64];
+        let (n, peer) = socket.recv_from(&mut buf)?;
+        socket.send_to(&buf[..n], peer)?;
+        Ok(peer)
+    });
+    let reply = client.run_inside(|| {
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+        socket.send_to(b"hello udp", connect)?;
+        let mut buf = [0u8; 64];
+        let (n, _) = socket.recv_from(&mut buf)?;
+        Ok(buf[..n].to_vec())
+    })?;
+    let peer = serve
+        .join()
+        .map_err(|_| anyhow::anyhow!("udp echo server panicked"))??;
+    if reply != b"hello udp" {
+        bail!("udp echo came back as {reply:?}");
+    }
+    Ok(peer)
 }

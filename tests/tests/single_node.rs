@@ -219,7 +219,7 @@ fn status_reports_whether_the_datapath_is_loaded() -> Result<()> {
     let add = node.cni(&Node::cni_env("ADD", "early", &path), &conf)?;
     ensure!(add.error_code() == Some(11), "{}", add.stdout);
     ensure!(node.ip_files()?.is_empty());
-    node.start_agent()?;
+    node.start_agent(&[])?;
     let status = node.cni(&env, &conf)?;
     ensure!(status.exit_ok, "{}", status.stdout);
     Ok(())

@@ -1,0 +1,177 @@
+//! A simulated cluster: three nodes, two on one L2 segment (a bridge in a "fabric"
+//! namespace) and one in another subnet behind a router namespace, plus an external host
+//! beyond the router that has no route to any pod CIDR. Every namespace carries the test's
+//! prefix and goes when the cluster drops.
+//!
+//! ```text
+//!  node-1 192.168.1.11 ─┐
+//!  node-2 192.168.1.12 ─┼─ fabric (br0) ─ router 192.168.1.1 / 192.168.2.1 / 203.0.113.1
+//!                                          │                 │
+//!                          node-3 192.168.2.13      external 203.0.113.10
+//! ```
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use crate::{Netns, Node};
+
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// Pod MTU on every node: the uplink's 1500 less VXLAN's 50 bytes.
+pub const POD_MTU: u32 = 1450;
+
+/// One node's place in the lab.
+pub struct NodeSpec {
+    pub name: &'static str,
+    pub ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub pod_cidr: &'static str,
+}
+
+pub const NODES: [NodeSpec; 3] = [
+    NodeSpec {
+        name: "node-1",
+        ip: Ipv4Addr::new(192, 168, 1, 11),
+        gateway: Ipv4Addr::new(192, 168, 1, 1),
+        pod_cidr: "10.244.1.0/24",
+    },
+    NodeSpec {
+        name: "node-2",
+        ip: Ipv4Addr::new(192, 168, 1, 12),
+        gateway: Ipv4Addr::new(192, 168, 1, 1),
+        pod_cidr: "10.244.2.0/24",
+    },
+    NodeSpec {
+        name: "node-3",
+        ip: Ipv4Addr::new(192, 168, 2, 13),
+        gateway: Ipv4Addr::new(192, 168, 2, 1),
+        pod_cidr: "10.244.3.0/24",
+    },
+];
+
+pub struct Cluster {
+    pub prefix: String,
+    // Nodes first: they drop (agents stopped, namespaces gone) before the fabric.
+    pub nodes: Vec<Node>,
+    pub external: Netns,
+    pub router: Netns,
+    pub fabric: Netns,
+    pub nodes_file: PathBuf,
+}
+
+/// A line of the nodes file.
+pub fn nodes_line(spec: &NodeSpec) -> String {
+    format!("{} {} {}\n", spec.name, spec.ip, spec.pod_cidr)
+}
+
+impl Cluster {
+    /// Builds the lab and starts an agent on every node. `listed` says which nodes the
+    /// shared nodes file names at first.
+    pub fn new(prefix: &str, listed: &[&str], extra_agent_args: &[&str]) -> Result<Cluster> {
+        let fabric = Netns::new(&format!("{prefix}-fabric"))?;
+        let router = Netns::new(&format!("{prefix}-router"))?;
+        let external = Netns::new(&format!("{prefix}-ext"))?;
+        fabric.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        fabric.exec(&["ip", "link", "set", "br0", "up"])?;
+        router.sysctl("net.ipv4.ip_forward", "1")?;
+
+        // Router legs: one on the fabric, one to node-3's subnet, one to the outside.
+        fabric.exec(&["ip", "link", "add", "rt", "type", "veth", "peer", "name", "a0", "netns", &router.name])?;
+        fabric.exec(&["ip", "link", "set", "rt", "master", "br0", "up"])?;
+        router.exec(&["ip", "addr", "add", "192.168.1.1/24", "dev", "a0"])?;
+        router.exec(&["ip", "link", "set", "a0", "up"])?;
+        router.exec(&["ip", "link", "add", "x0", "type", "veth", "peer", "name", "eth0", "netns", &external.name])?;
+        router.exec(&["ip", "addr", "add", "203.0.113.1/24", "dev", "x0"])?;
+        router.exec(&["ip", "link", "set", "x0", "up"])?;
+        external.exec(&["ip", "addr", "add", &format!("{EXTERNAL_IP}/24"), "dev", "eth0"])?;
+        external.exec(&["ip", "link", "set", "eth0", "up"])?;
+        // The outside knows the nodes, never the pods: replies can only come back via SNAT.
+        external.exec(&["ip", "route", "add", "192.168.0.0/16", "via", "203.0.113.1"])?;
+
+        let nodes_file = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-nodes"));
+        let listed_text: String = NODES
+            .iter()
+            .filter(|spec| listed.contains(&spec.name))
+            .map(nodes_line)
+            .collect();
+        std::fs::write(&nodes_file, listed_text)?;
+        let mut cluster = Cluster {
+            prefix: prefix.to_string(),
+            nodes: Vec::new(),
+            external,
+            router,
+            fabric,
+            nodes_file,
+        };
+        for (index, spec) in NODES.iter().enumerate() {
+            let mut node = Node::bare(prefix, spec.name, spec.pod_cidr)?;
+            node.node_ip = spec.ip;
+            node.mtu = POD_MTU;
+            if index < 2 {
+                let leg = format!("n{}", index + 1);
+                cluster
+                    .fabric
+                    .exec(&["ip", "link", "add", &leg, "type", "veth", "peer", "name", "eth0", "netns", &node.netns.name])?;
+                cluster.fabric.exec(&["ip", "link", "set", &leg, "master", "br0", "up"])?;
+            } else {
+                cluster
+                    .router
+                    .exec(&["ip", "link", "add", "b0", "type", "veth", "peer", "name", "eth0", "netns", &node.netns.name])?;
+                cluster.router.exec(&["ip", "addr", "add", "192.168.2.1/24", "dev", "b0"])?;
+                cluster.router.exec(&["ip", "link", "set", "b0", "up"])?;
+            }
+            let netns = &node.netns;
+            netns.exec(&["ip", "addr", "add", &format!("{}/24", spec.ip), "dev", "eth0"])?;
+            netns.exec(&["ip", "link", "set", "eth0", "up"])?;
+            netns.exec(&["ip", "route", "add", "default", "via", &spec.gateway.to_string()])?;
+            // Real nodes forward: kube-proxy's ClusterIPs and hostPorts go through the stack.
+            netns.sysctl("net.ipv4.ip_forward", "1")?;
+            let ip = spec.ip.to_string();
+            let nodes_file = cluster.nodes_file.display().to_string();
+            let mut args = vec![
+                "--node-name", spec.name, "--node-ip", &ip, "--uplink", "eth0",
+                "--cluster-cidr", CLUSTER_CIDR, "--nodes-file", &nodes_file,
+            ];
+            args.extend_from_slice(extra_agent_args);
+            node.start_agent(&args)?;
+            cluster.nodes.push(node);
+        }
+        Ok(cluster)
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        let index = NODES.iter().position(|spec| spec.name == name).unwrap_or(0);
+        &self.nodes[index]
+    }
+
+    pub fn write_nodes_file(&self, listed: &[&str]) -> Result<()> {
+        let text: String = NODES
+            .iter()
+            .filter(|spec| listed.contains(&spec.name))
+            .map(nodes_line)
+            .collect();
+        Ok(std::fs::write(&self.nodes_file, text)?)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.nodes_file);
+    }
+}
+
+/// Polls `check` every 50 ms until it holds or `limit` passes.
+pub fn wait_for(limit: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        if check()? {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            bail!("condition not met within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
