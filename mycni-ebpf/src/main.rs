@@ -279,13 +279,13 @@ fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
     let Some(route) = ROUTES.get(&Key::new(32, packet.dst)) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
+    // A reply in a flow the stack translated (a ClusterIP backend or a hostPort answering
+    // a pod) must go back through the stack to be un-DNATed.
+    if packet.has_ports && unsafe { STACK_FLOWS.get(packet.flow()) }.is_some() {
+        return (verdict::STACK_FLOW_REPLY, TC_ACT_OK);
+    }
     match route.kind {
         ROUTE_LOCAL_ENDPOINT => {
-            // A reply in a flow the stack translated (a ClusterIP's backend answering its
-            // client on this node) must go back through the stack to be un-DNATed.
-            if packet.has_ports && unsafe { STACK_FLOWS.get(packet.flow()) }.is_some() {
-                return (verdict::STACK_FLOW_REPLY, TC_ACT_OK);
-            }
             match deliver_to_pod(ctx, route) {
                 Some(action) => (verdict::LOCAL_REDIRECT, action),
                 None => (verdict::DROP_MALFORMED, TC_ACT_SHOT),

@@ -307,8 +307,10 @@ impl Netlink {
 
     /// Deletes `dst/prefix_len` from the main table; a route already gone is not an error.
     pub async fn delete_route(&self, dst: Ipv4Addr, prefix_len: u8) -> Result<(), NetlinkError> {
+        // Scope "nowhere" matches a route of any scope (link-scoped tunnel routes too).
         let message = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst, prefix_len)
+            .scope(RouteScope::NoWhere)
             .build();
         match self.handle.route().del(message).execute().await {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
