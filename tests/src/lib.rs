@@ -87,7 +87,8 @@ impl Netns {
     /// A command run inside this namespace. `nsenter`, not `ip netns exec`, which would
     /// remount /sys and hide bpffs.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("nsenter");
+        // Absolute: a PATH set for the child must not change which nsenter runs.
+        let mut cmd = Command::new("/usr/bin/nsenter");
         cmd.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
         cmd
     }
@@ -374,20 +375,17 @@ impl Node {
         Ok(names)
     }
 
-    /// Everything a pod could leave on the node: veths, /32 routes, map entries, IP files.
+    /// Everything a pod could leave on the node: host veths, their /32 routes, endpoint
+    /// and /32 map entries, IP files. (The node's own links and routes are not counted.)
     pub fn leftovers(&self) -> Result<BTreeMap<&'static str, Vec<String>>> {
         let mut found = BTreeMap::new();
-        let links: Vec<String> = self
-            .netns
-            .links()?
-            .into_iter()
-            .filter(|l| l != "lo")
-            .collect();
+        let links: Vec<String> = self.netns.links()?.into_iter().filter(|l| l.starts_with("lxc")).collect();
         found.insert("links", links);
         let routes: Vec<String> = self
             .netns
             .exec(&["ip", "-4", "route", "show"])?
             .lines()
+            .filter(|r| r.contains("lxc") || r.starts_with(&self.pod_cidr_prefix()))
             .map(String::from)
             .collect();
         found.insert("routes", routes);
@@ -398,11 +396,23 @@ impl Node {
         );
         found.insert(
             "map routes",
-            maps.routes()?.iter().map(|(ip, len, _)| format!("{ip}/{len}")).collect(),
+            maps.routes()?
+                .iter()
+                .filter(|(_, len, _)| *len == 32)
+                .map(|(ip, len, _)| format!("{ip}/{len}"))
+                .collect(),
         );
         found.insert("ip files", self.ip_files()?);
         found.retain(|_, v| !v.is_empty());
         Ok(found)
+    }
+
+    /// `10.244.1.` for `10.244.1.0/24`: host routes into this node's pod CIDR start so.
+    fn pod_cidr_prefix(&self) -> String {
+        let network = self.pod_cidr.split('/').next().unwrap_or("");
+        let mut octets: Vec<&str> = network.split('.').collect();
+        octets.pop();
+        format!("{}.", octets.join("."))
     }
 }
 

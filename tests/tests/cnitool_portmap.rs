@@ -25,6 +25,19 @@ impl PluginDir {
     }
 }
 
+/// A PATH for the plugins with IPv4 iptables only. Debian bookworm's portmap (1.1.1) CHECKs
+/// ip6tables chains whenever ip6tables exists, even for an IPv4-only pod, and fails
+/// (containernetworking/plugins#819, fixed upstream later); without ip6tables on its PATH it
+/// checks what it created.
+fn ipv4_only_path(dir: &std::path::Path) -> Result<PathBuf> {
+    let tools = dir.join("path");
+    std::fs::create_dir_all(&tools)?;
+    for tool in ["iptables", "iptables-save", "iptables-restore"] {
+        std::os::unix::fs::symlink(PathBuf::from("/usr/sbin").join(tool), tools.join(tool))?;
+    }
+    Ok(tools)
+}
+
 impl Drop for PluginDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -50,11 +63,13 @@ fn cnitool_adds_checks_and_deletes_mycni_with_portmap() -> Result<()> {
     });
     std::fs::write(conf_dir.join("10-mycni.conflist"), serde_json::to_vec_pretty(&conflist)?)?;
     let pod = Netns::new(&format!("{}-web", node.prefix))?;
+    let path = ipv4_only_path(&plugins.0)?;
     let cnitool = |verb: &str| {
         let mut cmd = node.netns.command(cnitool_bin());
         cmd.args([verb, "mycni-test"])
             .arg(pod.path())
             .env("NETCONFPATH", &conf_dir)
+            .env("PATH", &path)
             .env("CNI_PATH", &plugins.0)
             .env(
                 "CAP_ARGS",

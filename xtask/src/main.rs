@@ -1,1 +1,47 @@
-fn main() {}
+//! Developer and operator tasks: `cargo xtask <command>`.
+mod cmd;
+mod demo;
+mod ebpf;
+mod install;
+mod setup;
+mod test;
+
+use std::path::PathBuf;
+
+const USAGE: &str = "usage: cargo xtask <command>
+  setup        install what this machine lacks: Debian packages, bpf-linker, cnitool
+  build-ebpf   build the TC programs (mycni-ebpf) for bpfel-unknown-none
+  install      build and install mycni, mycni-agent and the CNI conflist
+               [--destdir D] [--cni-bin-dir /opt/cni/bin] [--cni-conf-dir /etc/cni/net.d]
+               [--bin-dir /usr/local/bin] --pod-cidr CIDR [--mtu 1500]
+               [--data-dir /var/lib/cni/mycni] [--bpffs-root /sys/fs/bpf/mycni] [--no-build]
+  demo         a simulated cluster in network namespaces, its connectivity, then cleanup
+  test         the whole test suite (unit and, as root, integration)";
+
+/// The workspace root: xtask lives one level below it.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    match command.as_str() {
+        "setup" => setup::run(),
+        "build-ebpf" => ebpf::build().map(|path| println!("eBPF object: {}", path.display())),
+        "install" => install::run(rest),
+        "demo" => demo::run(),
+        "test" => test::run(rest),
+        "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => anyhow::bail!("unknown command {other:?}\n{USAGE}"),
+    }
+}

@@ -1,0 +1,20 @@
+//! `cargo xtask demo`: sets up what is missing, builds, and runs the cluster demo
+//! (`tests/src/bin/mycni-demo.rs`) as root.
+use anyhow::{bail, Result};
+
+use crate::{cmd, ebpf, repo_root, setup};
+
+pub fn run() -> Result<()> {
+    if !cmd::is_root() {
+        bail!("the demo makes network namespaces and loads eBPF programs: run it as root");
+    }
+    setup::run()?;
+    ebpf::build()?;
+    let root = repo_root();
+    cmd::run(cmd::clean("cargo").current_dir(&root).args(["build", "--workspace", "--bins"]))?;
+    cmd::run(
+        cmd::clean(&root.join("target/debug/mycni-demo").display().to_string())
+            .env("MYCNI_BIN_DIR", root.join("target/debug"))
+            .env("RUST_BACKTRACE", "0"),
+    )
+}
