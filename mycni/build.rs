@@ -3,9 +3,11 @@ use std::path::PathBuf;
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let object = std::env::var_os("MYCNI_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        manifest_dir.join("../mycni-ebpf/target/bpfel-unknown-none/release/mycni")
-    });
+    let object = std::env::var_os("MYCNI_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            manifest_dir.join("../mycni-ebpf/target/bpfel-unknown-none/release/mycni")
+        });
     println!("cargo:rerun-if-env-changed=MYCNI_EBPF_OBJECT");
     println!("cargo:rerun-if-changed={}", object.display());
     if !object.exists() {

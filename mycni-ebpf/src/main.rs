@@ -22,15 +22,15 @@ use aya_ebpf::{
     },
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     helpers::{
-        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
-        bpf_redirect_peer, bpf_skb_set_tunnel_key,
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_skb_set_tunnel_key,
     },
     macros::{btf_map, classifier},
     programs::TcContext,
 };
 use mycni_common::{
-    verdict, Counter, Endpoint, FlowKey, NatEntry, NodeConfig, Route, MARK_FROM_POD,
-    MAX_ENDPOINTS, MAX_NAT, MAX_NO_MASQ, MAX_ROUTES, MAX_STACK_FLOWS, NAT_EGRESS, NAT_INGRESS,
+    verdict, Counter, Endpoint, FlowKey, NatEntry, NodeConfig, Route, MARK_FROM_POD, MAX_ENDPOINTS,
+    MAX_NAT, MAX_NO_MASQ, MAX_ROUTES, MAX_STACK_FLOWS, NAT_EGRESS, NAT_INGRESS,
     ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
 };
 
@@ -227,7 +227,10 @@ fn send_to_node(ctx: &TcContext, route: &Route) -> (u32, i32) {
         if set != 0 {
             return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
         }
-        return (verdict::REMOTE_TUNNEL, unsafe { bpf_redirect(route.ifindex, 0) } as i32);
+        return (
+            verdict::REMOTE_TUNNEL,
+            unsafe { bpf_redirect(route.ifindex, 0) } as i32,
+        );
     }
     let mut next_hop: bpf_redir_neigh = unsafe { core::mem::zeroed() };
     next_hop.nh_family = AF_INET;
@@ -285,12 +288,10 @@ fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
         return (verdict::STACK_FLOW_REPLY, TC_ACT_OK);
     }
     match route.kind {
-        ROUTE_LOCAL_ENDPOINT => {
-            match deliver_to_pod(ctx, route) {
-                Some(action) => (verdict::LOCAL_REDIRECT, action),
-                None => (verdict::DROP_MALFORMED, TC_ACT_SHOT),
-            }
-        }
+        ROUTE_LOCAL_ENDPOINT => match deliver_to_pod(ctx, route) {
+            Some(action) => (verdict::LOCAL_REDIRECT, action),
+            None => (verdict::DROP_MALFORMED, TC_ACT_SHOT),
+        },
         ROUTE_REMOTE_NODE | ROUTE_REMOTE_TUNNEL => send_to_node(ctx, route),
         _ => (verdict::TO_STACK, TC_ACT_OK),
     }
@@ -462,7 +463,9 @@ fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
     if ifindex(ctx) != cfg.uplink_ifindex || NO_MASQ.get(&Key::new(32, packet.dst)).is_some() {
         return (verdict::TO_STACK, TC_ACT_OK);
     }
-    if cfg.node_ip == [0; 4] || (packet.proto == IPPROTO_ICMP && packet.icmp_type != ICMP_ECHO_REQUEST) {
+    if cfg.node_ip == [0; 4]
+        || (packet.proto == IPPROTO_ICMP && packet.icmp_type != ICMP_ECHO_REQUEST)
+    {
         return (verdict::TO_STACK, TC_ACT_OK);
     }
     snat(ctx, &packet, cfg)
@@ -542,7 +545,11 @@ fn allocate_port(packet: &Ipv4, cfg: &NodeConfig, now: u64) -> Option<u16> {
     for attempt in 0..NAT_PORT_TRIES {
         let port = min + (start.wrapping_add(attempt) % range) as u16;
         if NAT
-            .insert(reply_key(packet, cfg.node_ip, port), back, BPF_NOEXIST as u64)
+            .insert(
+                reply_key(packet, cfg.node_ip, port),
+                back,
+                BPF_NOEXIST as u64,
+            )
             .is_ok()
         {
             let forward = NatEntry {
@@ -576,7 +583,16 @@ fn rewrite_source(ctx: &TcContext, packet: &Ipv4, addr: [u8; 4], port: u16) -> O
     } else {
         packet.l4
     };
-    rewrite(ctx, packet, IP_SRC_OFF, packet.src, addr, port_off, packet.sport, port)
+    rewrite(
+        ctx,
+        packet,
+        IP_SRC_OFF,
+        packet.src,
+        addr,
+        port_off,
+        packet.sport,
+        port,
+    )
 }
 
 #[inline(always)]
@@ -586,7 +602,16 @@ fn rewrite_destination(ctx: &TcContext, packet: &Ipv4, addr: [u8; 4], port: u16)
     } else {
         packet.l4 + 2
     };
-    rewrite(ctx, packet, IP_DST_OFF, packet.dst, addr, port_off, packet.dport, port)
+    rewrite(
+        ctx,
+        packet,
+        IP_DST_OFF,
+        packet.dst,
+        addr,
+        port_off,
+        packet.dport,
+        port,
+    )
 }
 
 /// Replaces an address and a port, fixing the IP checksum and the L4 checksum (which for
@@ -603,14 +628,23 @@ fn rewrite(
     old_port: u16,
     new_port: u16,
 ) -> Option<()> {
-    let (old_a, new_a) = (u32::from_ne_bytes(old_addr) as u64, u32::from_ne_bytes(new_addr) as u64);
+    let (old_a, new_a) = (
+        u32::from_ne_bytes(old_addr) as u64,
+        u32::from_ne_bytes(new_addr) as u64,
+    );
     let (old_p, new_p) = (old_port.to_be() as u64, new_port.to_be() as u64);
     let (csum_off, csum_flags) = l4_checksum(packet);
     if packet.proto != IPPROTO_ICMP {
-        ctx.l4_csum_replace(csum_off, old_a, new_a, csum_flags | BPF_F_PSEUDO_HDR as u64 | 4)
-            .ok()?;
+        ctx.l4_csum_replace(
+            csum_off,
+            old_a,
+            new_a,
+            csum_flags | BPF_F_PSEUDO_HDR as u64 | 4,
+        )
+        .ok()?;
     }
-    ctx.l4_csum_replace(csum_off, old_p, new_p, csum_flags | 2).ok()?;
+    ctx.l4_csum_replace(csum_off, old_p, new_p, csum_flags | 2)
+        .ok()?;
     ctx.store(port_off, &new_port.to_be(), 0).ok()?;
     ctx.l3_csum_replace(IP_CSUM_OFF, old_a, new_a, 4).ok()?;
     ctx.store(addr_off, &new_addr, 0).ok()?;

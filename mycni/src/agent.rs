@@ -13,7 +13,9 @@ use crate::datapath::{self, DatapathError, Maps, NatTable};
 use crate::ipam::Pool;
 use crate::nat::{self, NatOccupancy, NatTimeouts};
 use crate::netlink::{Netlink, NetlinkError};
-use crate::nodes::{self, LocalNode, NodeEntry, NodesError, Path as PeerPath, PeerRoute, TunnelMode};
+use crate::nodes::{
+    self, LocalNode, NodeEntry, NodesError, Path as PeerPath, PeerRoute, TunnelMode,
+};
 
 /// The VXLAN device the agent creates in the node.
 pub const TUNNEL_DEVICE: &str = "mycni_vxlan";
@@ -136,7 +138,11 @@ impl Agent {
             uplink_prefix_len,
         };
         let tunnel_ifindex = netlink
-            .create_vxlan(TUNNEL_DEVICE, VXLAN_PORT, uplink.mtu.saturating_sub(VXLAN_OVERHEAD))
+            .create_vxlan(
+                TUNNEL_DEVICE,
+                VXLAN_PORT,
+                uplink.mtu.saturating_sub(VXLAN_OVERHEAD),
+            )
             .await?;
         datapath::write_config(
             root,
@@ -171,11 +177,12 @@ impl Agent {
     /// configured CIDRs and every node's IP (so a node's probes see the pod's address).
     fn write_no_masquerade(&self, nodes: &[NodeEntry]) -> Result<(), AgentError> {
         let cluster = &self.settings.cluster_cidr;
-        let prefixes: Vec<(Ipv4Addr, u8)> = std::iter::once((cluster.network(), cluster.prefix_len()))
-            .chain(self.settings.non_masquerade.iter().copied())
-            .chain(std::iter::once((self.settings.ip, 32)))
-            .chain(nodes.iter().map(|node| (node.ip, 32)))
-            .collect();
+        let prefixes: Vec<(Ipv4Addr, u8)> =
+            std::iter::once((cluster.network(), cluster.prefix_len()))
+                .chain(self.settings.non_masquerade.iter().copied())
+                .chain(std::iter::once((self.settings.ip, 32)))
+                .chain(nodes.iter().map(|node| (node.ip, 32)))
+                .collect();
         Ok(datapath::write_no_masquerade(&self.root, &prefixes)?)
     }
 
@@ -211,9 +218,14 @@ impl Agent {
         let mut maps = Maps::open(&self.root)?;
         for route in &removed {
             maps.remove_route(route.cidr, route.prefix_len)?;
-            self.netlink.delete_route(route.cidr, route.prefix_len).await?;
+            self.netlink
+                .delete_route(route.cidr, route.prefix_len)
+                .await?;
             self.applied.remove(&(route.cidr, route.prefix_len));
-            eprintln!("mycni-agent: removed route {}/{} via {}", route.cidr, route.prefix_len, route.node_ip);
+            eprintln!(
+                "mycni-agent: removed route {}/{} via {}",
+                route.cidr, route.prefix_len, route.node_ip
+            );
         }
         for route in &changed {
             let (kind, ifindex) = match route.path {
@@ -229,11 +241,18 @@ impl Agent {
                 }
                 PeerPath::Tunnel => {
                     self.netlink
-                        .replace_tunnel_route(route.cidr, route.prefix_len, ifindex, self.settings.vni, route.node_ip)
+                        .replace_tunnel_route(
+                            route.cidr,
+                            route.prefix_len,
+                            ifindex,
+                            self.settings.vni,
+                            route.node_ip,
+                        )
                         .await?
                 }
             }
-            self.applied.insert((route.cidr, route.prefix_len), route.clone());
+            self.applied
+                .insert((route.cidr, route.prefix_len), route.clone());
             eprintln!(
                 "mycni-agent: route {}/{} via {} ({:?})",
                 route.cidr, route.prefix_len, route.node_ip, route.path
@@ -277,7 +296,7 @@ impl Agent {
                 Err(e) => eprintln!("mycni-agent: {e}; keeping the current routes"),
             }
             ticks += 1;
-            if ticks % 5 == 0 {
+            if ticks.is_multiple_of(5) {
                 let occupancy = self.expire_nat()?;
                 if last_occupancy != Some(occupancy) {
                     eprintln!(
@@ -307,7 +326,10 @@ fn loosen_reverse_path_filter(uplink: &str) {
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray};
-use aya::programs::tc::{NlOptions, SchedClassifier, TcAttachOptions, TcAttachType, TcError, TcHandle};
+use aya::programs::tc::{
+    NlOptions, SchedClassifier, TcAttachOptions, TcAttachType, TcError, TcHandle,
+};
 use aya::programs::ProgramError;
 use aya::{EbpfError, EbpfLoader};
 use mycni_common::{
@@ -19,7 +21,8 @@ use mycni_common::{
 };
 
 /// The TC programs, built by `cargo xtask build-ebpf` and embedded at compile time.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mycni.bpf.o"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mycni.bpf.o"));
 
 /// mycni's TC filter priority and handle: fixed, so a re-attach (an agent upgrade, a
 /// retried ADD) replaces the filter instead of stacking a second one.
@@ -85,9 +88,19 @@ fn expected_layout(name: &str) -> Option<(&'static str, u32, u32, u32)> {
     Some(match name {
         MAP_ROUTES => ("lpm_trie", 8, size_of::<Route>() as u32, MAX_ROUTES),
         MAP_ENDPOINTS => ("hash", 4, size_of::<Endpoint>() as u32, MAX_ENDPOINTS),
-        MAP_STATS => ("percpu_array", 4, size_of::<Counter>() as u32, verdict::COUNT),
+        MAP_STATS => (
+            "percpu_array",
+            4,
+            size_of::<Counter>() as u32,
+            verdict::COUNT,
+        ),
         MAP_CONFIG => ("array", 4, size_of::<NodeConfig>() as u32, 1),
-        MAP_NAT => ("lru_hash", size_of::<FlowKey>() as u32, size_of::<NatEntry>() as u32, MAX_NAT),
+        MAP_NAT => (
+            "lru_hash",
+            size_of::<FlowKey>() as u32,
+            size_of::<NatEntry>() as u32,
+            MAX_NAT,
+        ),
         MAP_NO_MASQ => ("lpm_trie", 8, 4, MAX_NO_MASQ),
         MAP_STACK_FLOWS => ("lru_hash", size_of::<FlowKey>() as u32, 8, MAX_STACK_FLOWS),
         _ => return None,
@@ -117,7 +130,9 @@ fn check_pinned_layouts(root: &Path) -> Result<(), DatapathError> {
         let data = MapData::from_pin(&path).map_err(map_error(name))?;
         let info = data.info().map_err(map_error(name))?;
         let found = layout_of(&info);
-        let Some(expected) = expected_layout(name) else { continue };
+        let Some(expected) = expected_layout(name) else {
+            continue;
+        };
         if (found.0.as_str(), found.1, found.2, found.3) != expected {
             return Err(DatapathError::IncompatiblePin {
                 path,
@@ -229,7 +244,11 @@ impl Maps {
 
     /// Writes the endpoint and its /32 local route. ENDPOINTS first: `from_pod` checks
     /// sources against it, and a route without its endpoint would be half a pod.
-    pub fn write_endpoint(&mut self, ip: Ipv4Addr, endpoint: &Endpoint) -> Result<(), DatapathError> {
+    pub fn write_endpoint(
+        &mut self,
+        ip: Ipv4Addr,
+        endpoint: &Endpoint,
+    ) -> Result<(), DatapathError> {
         self.endpoints
             .insert(ip.octets(), endpoint, 0)
             .map_err(map_error(MAP_ENDPOINTS))?;
@@ -247,7 +266,8 @@ impl Maps {
 
     /// Removes the endpoint and its route; entries already gone are not an error.
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        ignore_missing(self.routes.remove(&Key::new(32, ip.octets()))).map_err(map_error(MAP_ROUTES))?;
+        ignore_missing(self.routes.remove(&Key::new(32, ip.octets())))
+            .map_err(map_error(MAP_ROUTES))?;
         ignore_missing(self.endpoints.remove(&ip.octets())).map_err(map_error(MAP_ENDPOINTS))
     }
 
@@ -274,7 +294,8 @@ impl Maps {
         self.routes
             .iter()
             .map(|entry| {
-                entry.map(|(key, route)| (Ipv4Addr::from(key.data()), key.prefix_len() as u8, route))
+                entry
+                    .map(|(key, route)| (Ipv4Addr::from(key.data()), key.prefix_len() as u8, route))
             })
             .collect::<Result<_, _>>()
             .map_err(map_error(MAP_ROUTES))
@@ -305,28 +326,34 @@ impl Maps {
     }
 
     pub fn remove_route(&mut self, cidr: Ipv4Addr, prefix_len: u8) -> Result<(), DatapathError> {
-        ignore_missing(self.routes.remove(&Key::new(prefix_len as u32, cidr.octets())))
-            .map_err(map_error(MAP_ROUTES))
+        ignore_missing(
+            self.routes
+                .remove(&Key::new(prefix_len as u32, cidr.octets())),
+        )
+        .map_err(map_error(MAP_ROUTES))
     }
 }
 
 /// Writes what the programs know about this node.
 pub fn write_config(root: &Path, config: &NodeConfig) -> Result<(), DatapathError> {
     let mut array: aya::maps::Array<MapData, NodeConfig> =
-        aya::maps::Array::try_from(Map::Array(open_pinned(root, MAP_CONFIG)?)).map_err(map_error(MAP_CONFIG))?;
+        aya::maps::Array::try_from(Map::Array(open_pinned(root, MAP_CONFIG)?))
+            .map_err(map_error(MAP_CONFIG))?;
     array.set(0, config, 0).map_err(map_error(MAP_CONFIG))
 }
 
 pub fn read_config(root: &Path) -> Result<NodeConfig, DatapathError> {
     let array: aya::maps::Array<MapData, NodeConfig> =
-        aya::maps::Array::try_from(Map::Array(open_pinned(root, MAP_CONFIG)?)).map_err(map_error(MAP_CONFIG))?;
+        aya::maps::Array::try_from(Map::Array(open_pinned(root, MAP_CONFIG)?))
+            .map_err(map_error(MAP_CONFIG))?;
     array.get(&0, 0).map_err(map_error(MAP_CONFIG))
 }
 
 /// Replaces the set of destinations never masqueraded.
 pub fn write_no_masquerade(root: &Path, prefixes: &[(Ipv4Addr, u8)]) -> Result<(), DatapathError> {
     let mut trie: LpmTrie<MapData, [u8; 4], u32> =
-        LpmTrie::try_from(Map::LpmTrie(open_pinned(root, MAP_NO_MASQ)?)).map_err(map_error(MAP_NO_MASQ))?;
+        LpmTrie::try_from(Map::LpmTrie(open_pinned(root, MAP_NO_MASQ)?))
+            .map_err(map_error(MAP_NO_MASQ))?;
     let present: Vec<Key<[u8; 4]>> = trie
         .keys()
         .collect::<Result<_, _>>()
@@ -353,7 +380,8 @@ pub struct NatTable {
 
 impl NatTable {
     pub fn open(root: &Path) -> Result<NatTable, DatapathError> {
-        let map = HashMap::try_from(Map::LruHashMap(open_pinned(root, MAP_NAT)?)).map_err(map_error(MAP_NAT))?;
+        let map = HashMap::try_from(Map::LruHashMap(open_pinned(root, MAP_NAT)?))
+            .map_err(map_error(MAP_NAT))?;
         Ok(NatTable { map })
     }
 
@@ -388,7 +416,12 @@ fn found_or_none<V>(result: Result<V, MapError>) -> Result<Option<V>, MapError> 
 /// Attaches a pinned program to a link's TC hook as a netlink (cls_bpf) filter: it
 /// outlives this process (the agent may restart, the plugin exits at once) and vanishes
 /// with the link, so a deleted pod leaves no attachment behind.
-pub fn attach(root: &Path, program: &'static str, ifname: &str, hook: TcAttachType) -> Result<(), DatapathError> {
+pub fn attach(
+    root: &Path,
+    program: &'static str,
+    ifname: &str,
+    hook: TcAttachType,
+) -> Result<(), DatapathError> {
     match aya::programs::tc::qdisc_add_clsact(ifname) {
         Ok(()) => {}
         Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
@@ -409,17 +442,28 @@ pub fn attach(root: &Path, program: &'static str, ifname: &str, hook: TcAttachTy
         handle: FILTER_HANDLE,
         classid: None,
     };
-    let link_id = match loaded.attach_with_options(ifname, hook, TcAttachOptions::Netlink(options)) {
+    let link_id = match loaded.attach_with_options(ifname, hook, TcAttachOptions::Netlink(options))
+    {
         Ok(link_id) => link_id,
         // A filter is there already (agent restart): replace its program in place.
-        Err(ProgramError::TcError(TcError::NetlinkError(e))) if e.raw_os_error() == Some(libc::EEXIST) => {
-            let existing = aya::programs::tc::SchedClassifierLink::attached(ifname, hook, FILTER_PRIORITY, FILTER_HANDLE, None)
-                .map_err(|source| DatapathError::Io {
-                    what: "cannot find the filter on",
-                    path: PathBuf::from(ifname),
-                    source,
-                })?;
-            loaded.attach_to_link(existing).map_err(program_error(program))?
+        Err(ProgramError::TcError(TcError::NetlinkError(e)))
+            if e.raw_os_error() == Some(libc::EEXIST) =>
+        {
+            let existing = aya::programs::tc::SchedClassifierLink::attached(
+                ifname,
+                hook,
+                FILTER_PRIORITY,
+                FILTER_HANDLE,
+                None,
+            )
+            .map_err(|source| DatapathError::Io {
+                what: "cannot find the filter on",
+                path: PathBuf::from(ifname),
+                source,
+            })?;
+            loaded
+                .attach_to_link(existing)
+                .map_err(program_error(program))?
         }
         Err(e) => return Err(program_error(program)(e)),
     };
@@ -451,7 +495,8 @@ pub fn attach_to_tunnel(root: &Path, ifname: &str) -> Result<(), DatapathError> 
 /// Per-verdict counters summed over CPUs, indexed by `mycni_common::verdict`.
 pub fn read_stats(root: &Path) -> Result<Vec<Counter>, DatapathError> {
     let stats: PerCpuArray<MapData, Counter> =
-        PerCpuArray::try_from(Map::PerCpuArray(open_pinned(root, MAP_STATS)?)).map_err(map_error(MAP_STATS))?;
+        PerCpuArray::try_from(Map::PerCpuArray(open_pinned(root, MAP_STATS)?))
+            .map_err(map_error(MAP_STATS))?;
     (0..verdict::COUNT)
         .map(|index| {
             let per_cpu = stats.get(&index, 0).map_err(map_error(MAP_STATS))?;

@@ -67,7 +67,11 @@ pub fn partner_key(key: &FlowKey, entry: &NatEntry) -> FlowKey {
 
 /// Keys to delete: both directions of every flow idle (in both directions) for longer than
 /// its protocol's timeout, and halves whose partner is gone and that are idle themselves.
-pub fn expired(entries: &[(FlowKey, NatEntry)], now_ns: u64, timeouts: &NatTimeouts) -> BTreeSet<FlowKeyOrd> {
+pub fn expired(
+    entries: &[(FlowKey, NatEntry)],
+    now_ns: u64,
+    timeouts: &NatTimeouts,
+) -> BTreeSet<FlowKeyOrd> {
     let lookup: std::collections::HashMap<FlowKey, NatEntry> = entries.iter().copied().collect();
     let mut doomed = BTreeSet::new();
     for (key, entry) in entries {
@@ -147,9 +151,23 @@ mod tests {
     const NODE: [u8; 4] = [192, 168, 1, 11];
     const SEC: u64 = 1_000_000_000;
 
-    fn flow(proto: u8, pod_port: u16, ext_port: u16, nat_port: u16, egress_seen: u64, ingress_seen: u64) -> Vec<(FlowKey, NatEntry)> {
+    fn flow(
+        proto: u8,
+        pod_port: u16,
+        ext_port: u16,
+        nat_port: u16,
+        egress_seen: u64,
+        ingress_seen: u64,
+    ) -> Vec<(FlowKey, NatEntry)> {
         let icmp = proto == IPPROTO_ICMP;
-        let forward = FlowKey { saddr: POD, daddr: EXT, sport: pod_port, dport: ext_port, proto, pad: [0; 3] };
+        let forward = FlowKey {
+            saddr: POD,
+            daddr: EXT,
+            sport: pod_port,
+            dport: ext_port,
+            proto,
+            pad: [0; 3],
+        };
         let reverse = FlowKey {
             saddr: EXT,
             daddr: NODE,
@@ -159,8 +177,24 @@ mod tests {
             pad: [0; 3],
         };
         vec![
-            (forward, NatEntry { addr: NODE, port: nat_port, direction: NAT_EGRESS, last_seen_ns: egress_seen }),
-            (reverse, NatEntry { addr: POD, port: pod_port, direction: NAT_INGRESS, last_seen_ns: ingress_seen }),
+            (
+                forward,
+                NatEntry {
+                    addr: NODE,
+                    port: nat_port,
+                    direction: NAT_EGRESS,
+                    last_seen_ns: egress_seen,
+                },
+            ),
+            (
+                reverse,
+                NatEntry {
+                    addr: POD,
+                    port: pod_port,
+                    direction: NAT_INGRESS,
+                    last_seen_ns: ingress_seen,
+                },
+            ),
         ]
     }
 
@@ -168,14 +202,26 @@ mod tests {
     fn partners_pair_up_both_ways() {
         for (proto, ext_port) in [(IPPROTO_TCP, 443), (IPPROTO_UDP, 53), (IPPROTO_ICMP, 77)] {
             let pair = flow(proto, 77, ext_port, 61001, 0, 0);
-            assert_eq!(partner_key(&pair[0].0, &pair[0].1), pair[1].0, "proto {proto}");
-            assert_eq!(partner_key(&pair[1].0, &pair[1].1), pair[0].0, "proto {proto}");
+            assert_eq!(
+                partner_key(&pair[0].0, &pair[0].1),
+                pair[1].0,
+                "proto {proto}"
+            );
+            assert_eq!(
+                partner_key(&pair[1].0, &pair[1].1),
+                pair[0].0,
+                "proto {proto}"
+            );
         }
     }
 
     #[test]
     fn expires_flows_idle_in_both_directions_per_protocol() {
-        let timeouts = NatTimeouts { tcp: Duration::from_secs(100), udp: Duration::from_secs(10), icmp: Duration::from_secs(5) };
+        let timeouts = NatTimeouts {
+            tcp: Duration::from_secs(100),
+            udp: Duration::from_secs(10),
+            icmp: Duration::from_secs(5),
+        };
         let mut entries = flow(IPPROTO_TCP, 40000, 443, 61000, 0, 95 * SEC); // replies recent
         entries.extend(flow(IPPROTO_UDP, 40001, 53, 61001, 0, 0)); // idle 100 s > 10 s
         entries.extend(flow(IPPROTO_ICMP, 9, 9, 61002, 99 * SEC, 0)); // requests recent
@@ -192,6 +238,9 @@ mod tests {
         entries.extend(flow(IPPROTO_TCP, 3, 2, 61001, 0, 0));
         entries.extend(flow(IPPROTO_UDP, 3, 2, 61002, 0, 0));
         let counts = occupancy(&entries);
-        assert_eq!((counts.tcp, counts.udp, counts.icmp, counts.entries), (2, 1, 0, 6));
+        assert_eq!(
+            (counts.tcp, counts.udp, counts.icmp, counts.entries),
+            (2, 1, 0, 6)
+        );
     }
 }

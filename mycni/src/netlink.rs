@@ -105,15 +105,19 @@ impl Netlink {
                 })
                 .join()
         });
-        let (connection, handle, _) = opened.map_err(|_| {
-            NetlinkError::Socket(std::io::Error::other("netns thread panicked"))
-        })??;
+        let (connection, handle, _) = opened
+            .map_err(|_| NetlinkError::Socket(std::io::Error::other("netns thread panicked")))??;
         tokio::spawn(connection);
         Ok(Netlink { handle })
     }
 
     pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkInfo>, NetlinkError> {
-        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         match links.try_next().await {
             Ok(Some(message)) => Ok(Some(link_info(&message))),
             Ok(None) => Ok(None),
@@ -175,7 +179,12 @@ impl Netlink {
             .map_err(request(format!("set link #{index} up")))
     }
 
-    pub async fn add_address(&self, index: u32, ip: Ipv4Addr, prefix_len: u8) -> Result<(), NetlinkError> {
+    pub async fn add_address(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<(), NetlinkError> {
         self.handle
             .address()
             .add(index, IpAddr::V4(ip), prefix_len)
@@ -186,7 +195,12 @@ impl Netlink {
 
     pub async fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
         let mut found = Vec::new();
-        let mut stream = self.handle.address().get().set_link_index_filter(index).execute();
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
         while let Some(message) = stream.try_next().await.map_err(request("list addresses"))? {
             for attribute in &message.attributes {
                 if let AddressAttribute::Address(IpAddr::V4(ip)) = attribute {
@@ -198,7 +212,12 @@ impl Netlink {
     }
 
     /// `dst/prefix_len dev oif scope link`: the node's way to a local pod.
-    pub async fn add_link_route(&self, dst: Ipv4Addr, prefix_len: u8, oif: u32) -> Result<(), NetlinkError> {
+    pub async fn add_link_route(
+        &self,
+        dst: Ipv4Addr,
+        prefix_len: u8,
+        oif: u32,
+    ) -> Result<(), NetlinkError> {
         let message = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst, prefix_len)
             .output_interface(oif)
@@ -214,7 +233,11 @@ impl Netlink {
     }
 
     /// `default via gateway dev oif onlink`: the pod's only route.
-    pub async fn add_default_route_onlink(&self, gateway: Ipv4Addr, oif: u32) -> Result<(), NetlinkError> {
+    pub async fn add_default_route_onlink(
+        &self,
+        gateway: Ipv4Addr,
+        oif: u32,
+    ) -> Result<(), NetlinkError> {
         let message = RouteMessageBuilder::<Ipv4Addr>::new()
             .gateway(gateway)
             .output_interface(oif)
@@ -240,11 +263,14 @@ impl Netlink {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
             other => other.map_err(request(format!("create vxlan {name}")))?,
         }
-        let link = self
-            .link_by_name(name)
-            .await?
-            .ok_or_else(|| request(format!("find vxlan {name}"))(rtnetlink::Error::RequestFailed))?;
-        let message = LinkUnspec::new_with_index(link.index).arp(false).mtu(mtu).up().build();
+        let link = self.link_by_name(name).await?.ok_or_else(|| {
+            request(format!("find vxlan {name}"))(rtnetlink::Error::RequestFailed)
+        })?;
+        let message = LinkUnspec::new_with_index(link.index)
+            .arp(false)
+            .mtu(mtu)
+            .up()
+            .build();
         self.handle
             .link()
             .set(message)
@@ -273,7 +299,9 @@ impl Netlink {
             .replace()
             .execute()
             .await
-            .map_err(request(format!("add route {dst}/{prefix_len} via {gateway}")))
+            .map_err(request(format!(
+                "add route {dst}/{prefix_len} via {gateway}"
+            )))
     }
 
     /// `dst/prefix_len dev oif encap ip id vni dst remote`: the node stack's way into the
@@ -302,7 +330,9 @@ impl Netlink {
             .replace()
             .execute()
             .await
-            .map_err(request(format!("add route {dst}/{prefix_len} into the tunnel to {remote}")))
+            .map_err(request(format!(
+                "add route {dst}/{prefix_len} into the tunnel to {remote}"
+            )))
     }
 
     /// Deletes `dst/prefix_len` from the main table; a route already gone is not an error.

@@ -48,7 +48,9 @@ pub fn parse_nodes_file(text: &str) -> Result<Vec<NodeEntry>, NodesError> {
         };
         let fields: Vec<&str> = line.split_whitespace().collect();
         let [name, ip, cidr] = fields[..] else {
-            return Err(syntax(format!("want `name node-ip pod-cidr`, got {line:?}")));
+            return Err(syntax(format!(
+                "want `name node-ip pod-cidr`, got {line:?}"
+            )));
         };
         let ip: Ipv4Addr = ip
             .parse()
@@ -99,7 +101,9 @@ impl std::str::FromStr for TunnelMode {
             "auto" => Ok(TunnelMode::Auto),
             "vxlan" => Ok(TunnelMode::Vxlan),
             "direct" => Ok(TunnelMode::Direct),
-            other => Err(format!("unknown tunnel mode {other:?} (auto, vxlan or direct)")),
+            other => Err(format!(
+                "unknown tunnel mode {other:?} (auto, vxlan or direct)"
+            )),
         }
     }
 }
@@ -135,7 +139,11 @@ pub struct PeerRoute {
 }
 
 /// The routes to every other node, keyed by pod CIDR.
-pub fn peer_routes(local: &LocalNode, mode: TunnelMode, nodes: &[NodeEntry]) -> BTreeMap<(Ipv4Addr, u8), PeerRoute> {
+pub fn peer_routes(
+    local: &LocalNode,
+    mode: TunnelMode,
+    nodes: &[NodeEntry],
+) -> BTreeMap<(Ipv4Addr, u8), PeerRoute> {
     nodes
         .iter()
         .filter(|node| node.name != local.name && node.ip != local.ip)
@@ -206,8 +214,14 @@ node-3 192.168.2.13 10.244.3.0/24
 
     #[test]
     fn rejects_bad_lines_and_overlaps() {
-        assert!(matches!(parse_nodes_file("n1 1.2.3.4"), Err(NodesError::Syntax { line: 1, .. })));
-        assert!(matches!(parse_nodes_file("n1 x 10.0.0.0/24"), Err(NodesError::Syntax { .. })));
+        assert!(matches!(
+            parse_nodes_file("n1 1.2.3.4"),
+            Err(NodesError::Syntax { line: 1, .. })
+        ));
+        assert!(matches!(
+            parse_nodes_file("n1 x 10.0.0.0/24"),
+            Err(NodesError::Syntax { .. })
+        ));
         assert!(matches!(
             parse_nodes_file("a 1.1.1.1 10.0.0.0/16\nb 1.1.1.2 10.0.5.0/24"),
             Err(NodesError::OverlappingCidr { .. })
@@ -219,9 +233,19 @@ node-3 192.168.2.13 10.244.3.0/24
         let routes = peer_routes(&local(), TunnelMode::Auto, &parse_nodes_file(FILE).unwrap());
         assert_eq!(routes.len(), 2, "the local node gets no route");
         let two = &routes[&("10.244.2.0".parse().unwrap(), 24)];
-        assert_eq!((two.path, two.node_ip), (Path::Direct, "192.168.1.12".parse().unwrap()));
-        assert_eq!(routes[&("10.244.3.0".parse().unwrap(), 24)].path, Path::Tunnel);
-        let forced = peer_routes(&local(), TunnelMode::Vxlan, &parse_nodes_file(FILE).unwrap());
+        assert_eq!(
+            (two.path, two.node_ip),
+            (Path::Direct, "192.168.1.12".parse().unwrap())
+        );
+        assert_eq!(
+            routes[&("10.244.3.0".parse().unwrap(), 24)].path,
+            Path::Tunnel
+        );
+        let forced = peer_routes(
+            &local(),
+            TunnelMode::Vxlan,
+            &parse_nodes_file(FILE).unwrap(),
+        );
         assert!(forced.values().all(|r| r.path == Path::Tunnel));
     }
 
@@ -239,9 +263,18 @@ node-3 192.168.2.13 10.244.3.0/24
         });
         let after = peer_routes(&local(), TunnelMode::Auto, &moved);
         let (removed, changed) = diff_routes(&before, &after);
-        assert_eq!(removed.iter().map(|r| r.cidr.to_string()).collect::<Vec<_>>(), ["10.244.3.0"]);
         assert_eq!(
-            changed.iter().map(|r| r.cidr.to_string()).collect::<Vec<_>>(),
+            removed
+                .iter()
+                .map(|r| r.cidr.to_string())
+                .collect::<Vec<_>>(),
+            ["10.244.3.0"]
+        );
+        assert_eq!(
+            changed
+                .iter()
+                .map(|r| r.cidr.to_string())
+                .collect::<Vec<_>>(),
             ["10.244.2.0", "10.244.4.0"]
         );
         assert_eq!(diff_routes(&after, &after), (vec![], vec![]));

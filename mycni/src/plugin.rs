@@ -62,22 +62,29 @@ fn datapath_error(e: DatapathError) -> CniError {
             "the mycni datapath is not loaded on this node yet",
         )
         .with_details(e),
-        other => CniError::new(ErrorCode::DatapathFailure, "datapath operation failed").with_details(other),
+        other => CniError::new(ErrorCode::DatapathFailure, "datapath operation failed")
+            .with_details(other),
     }
 }
 
 fn store_error(e: StoreError) -> CniError {
     match e {
-        StoreError::Ipam(IpamError::Exhausted(pool)) => {
-            CniError::new(ErrorCode::PoolExhausted, format!("no free address in {pool}"))
+        StoreError::Ipam(IpamError::Exhausted(pool)) => CniError::new(
+            ErrorCode::PoolExhausted,
+            format!("no free address in {pool}"),
+        ),
+        StoreError::Ipam(ref inner @ (IpamError::OutOfPool { .. } | IpamError::Reserved(_))) => {
+            CniError::new(
+                ErrorCode::AddressUnavailable,
+                "requested address is unavailable",
+            )
+            .with_details(inner)
         }
-        StoreError::Ipam(
-            ref inner @ (IpamError::OutOfPool { .. } | IpamError::Reserved(_)),
-        ) => CniError::new(ErrorCode::AddressUnavailable, "requested address is unavailable")
-            .with_details(inner),
-        StoreError::Taken { .. } => {
-            CniError::new(ErrorCode::AddressUnavailable, "requested address is unavailable").with_details(e)
-        }
+        StoreError::Taken { .. } => CniError::new(
+            ErrorCode::AddressUnavailable,
+            "requested address is unavailable",
+        )
+        .with_details(e),
         other => CniError::new(ErrorCode::IoFailure, "address store failed").with_details(other),
     }
 }
@@ -124,8 +131,11 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     })?;
     datapath::check_loaded(&conf.bpffs_root).map_err(datapath_error)?;
     let netns = open_netns(Path::new(&env.netns)).map_err(|e| {
-        CniError::new(ErrorCode::InvalidEnvironment, format!("CNI_NETNS {} cannot be opened", env.netns))
-            .with_details(e)
+        CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!("CNI_NETNS {} cannot be opened", env.netns),
+        )
+        .with_details(e)
     })?;
     let static_ip = match env.requested_ip()? {
         Some(ip) => Some(ip),
@@ -151,7 +161,8 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     match setup_pod_network(env, conf, &netns, &host, ip, &mut undo).await {
         Ok(result) => Ok(merge_prev_result(conf, result)),
         Err(e) => {
-            undo.run(&store, &owner, &conf.bpffs_root, Some(&host)).await;
+            undo.run(&store, &owner, &conf.bpffs_root, Some(&host))
+                .await;
             Err(e)
         }
     }
@@ -170,7 +181,10 @@ async fn setup_pod_network(
     if let Some(existing) = pod.link_by_name(&env.ifname).await.map_err(netlink_error)? {
         return Err(CniError::new(
             ErrorCode::InvalidEnvironment,
-            format!("{} already exists in the container (index {})", env.ifname, existing.index),
+            format!(
+                "{} already exists in the container (index {})",
+                env.ifname, existing.index
+            ),
         ));
     }
     host.create_veth(&host_name, &env.ifname, netns, conf.mtu)
@@ -186,9 +200,16 @@ async fn setup_pod_network(
         .link_by_name(&env.ifname)
         .await
         .map_err(netlink_error)?
-        .ok_or_else(|| CniError::new(ErrorCode::NetlinkFailure, format!("{} vanished", env.ifname)))?;
+        .ok_or_else(|| {
+            CniError::new(
+                ErrorCode::NetlinkFailure,
+                format!("{} vanished", env.ifname),
+            )
+        })?;
 
-    pod.add_address(pod_link.index, ip, 32).await.map_err(netlink_error)?;
+    pod.add_address(pod_link.index, ip, 32)
+        .await
+        .map_err(netlink_error)?;
     pod.set_up(pod_link.index).await.map_err(netlink_error)?;
     if let Some(lo) = pod.link_by_name("lo").await.map_err(netlink_error)? {
         pod.set_up(lo.index).await.map_err(netlink_error)?;
@@ -245,7 +266,11 @@ async fn setup_pod_network(
 
 /// When mycni runs after another plugin, its result carries the earlier one's entries.
 fn merge_prev_result(conf: &NetConf, ours: CniResult) -> Value {
-    let Some(prev) = conf.prev_result.as_ref().and_then(|v| CniResult::from_json(v).ok()) else {
+    let Some(prev) = conf
+        .prev_result
+        .as_ref()
+        .and_then(|v| CniResult::from_json(v).ok())
+    else {
         return ours.to_json(conf.cni_version);
     };
     let offset = prev.interfaces.len();
@@ -281,7 +306,9 @@ async fn release_attachment(
             // Entries whose allocation record was lost still name the container.
             let hash = fnv1a64(owner.container_id.as_bytes());
             for (stale_ip, endpoint) in maps.endpoints().map_err(datapath_error)? {
-                let same_veth = host_link.as_ref().is_some_and(|l| l.index == endpoint.ifindex);
+                let same_veth = host_link
+                    .as_ref()
+                    .is_some_and(|l| l.index == endpoint.ifindex);
                 if endpoint.container_id_hash == hash && (ip.is_none() || same_veth) {
                     maps.remove_endpoint(stale_ip).map_err(datapath_error)?;
                 }
@@ -313,7 +340,11 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
 
 fn status(conf: &NetConf) -> Result<(), CniError> {
     datapath::check_loaded(&conf.bpffs_root).map_err(|e| {
-        CniError::new(ErrorCode::PluginNotAvailable, "the mycni datapath is not loaded").with_details(e)
+        CniError::new(
+            ErrorCode::PluginNotAvailable,
+            "the mycni datapath is not loaded",
+        )
+        .with_details(e)
     })
 }
 
@@ -321,7 +352,10 @@ async fn gc(conf: &NetConf) -> Result<(), CniError> {
     let valid: Vec<Attachment> = conf.valid_attachments.clone().unwrap_or_default();
     let store = IpStore::open(&conf.data_dir, &conf.name).map_err(store_error)?;
     let host = Netlink::current().map_err(netlink_error)?;
-    let allocations = store.lock().and_then(|lock| lock.list()).map_err(store_error)?;
+    let allocations = store
+        .lock()
+        .and_then(|lock| lock.list())
+        .map_err(store_error)?;
     for (_, owner) in &allocations {
         let in_use = valid
             .iter()
@@ -334,13 +368,17 @@ async fn gc(conf: &NetConf) -> Result<(), CniError> {
 }
 
 async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
-    let prev = conf.prev_result.as_ref().ok_or_else(|| {
-        CniError::new(ErrorCode::InvalidConfig, "CHECK needs prevResult")
-    })?;
+    let prev = conf
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| CniError::new(ErrorCode::InvalidConfig, "CHECK needs prevResult"))?;
     let prev = CniResult::from_json(prev)?;
     let netns = open_netns(Path::new(&env.netns)).map_err(|e| {
-        CniError::new(ErrorCode::InvalidEnvironment, format!("CNI_NETNS {} cannot be opened", env.netns))
-            .with_details(e)
+        CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!("CNI_NETNS {} cannot be opened", env.netns),
+        )
+        .with_details(e)
     })?;
     let host = Netlink::current().map_err(netlink_error)?;
     let pod = Netlink::in_netns(&netns).map_err(netlink_error)?;
@@ -354,7 +392,10 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         .iter()
         .position(|i| i.name == env.ifname && i.sandbox.is_some());
     let Some(pod_index) = expected_pod else {
-        return Err(mismatch(vec![format!("prevResult has no interface {} in a sandbox", env.ifname)]));
+        return Err(mismatch(vec![format!(
+            "prevResult has no interface {} in a sandbox",
+            env.ifname
+        )]));
     };
     let expected_ip = prev
         .ips
@@ -380,7 +421,10 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
                 ));
             }
             if link.mtu != conf.mtu {
-                differences.push(format!("{} has MTU {}, config says {}", env.ifname, link.mtu, conf.mtu));
+                differences.push(format!(
+                    "{} has MTU {}, config says {}",
+                    env.ifname, link.mtu, conf.mtu
+                ));
             }
             let addresses = pod.addresses(link.index).await.map_err(netlink_error)?;
             if let Some(ip) = expected_ip {
@@ -403,7 +447,10 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
                     ));
                 }
             }
-            if !routes.iter().any(|r| r.prefix_len == 0 && r.gateway == Some(gateway)) {
+            if !routes
+                .iter()
+                .any(|r| r.prefix_len == 0 && r.gateway == Some(gateway))
+            {
                 differences.push(format!("the container has no default route via {gateway}"));
             }
         }
@@ -412,9 +459,14 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         None => differences.push("prevResult has no address for the container interface".into()),
         Some(ip) => {
             let owner = owner_of(env);
-            let held = store.lock().and_then(|lock| lock.find(&owner)).map_err(store_error)?;
+            let held = store
+                .lock()
+                .and_then(|lock| lock.find(&owner))
+                .map_err(store_error)?;
             if held != Some(ip) {
-                differences.push(format!("address store holds {held:?} for the container, not {ip}"));
+                differences.push(format!(
+                    "address store holds {held:?} for the container, not {ip}"
+                ));
             }
             if let Some(link) = &host_link {
                 let host_routes = host.routes().await.map_err(netlink_error)?;
@@ -430,20 +482,27 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
                         if endpoint.ifindex != link.index
                             || Some(endpoint.pod_mac) != pod_link.as_ref().map(|l| l.mac)
                         {
-                            differences.push(format!("ENDPOINTS entry for {ip} is stale: {endpoint:?}"));
+                            differences
+                                .push(format!("ENDPOINTS entry for {ip} is stale: {endpoint:?}"));
                         }
                     }
                 }
                 match maps.local_route(ip).map_err(datapath_error)? {
                     None => differences.push(format!("ROUTES has no local entry for {ip}/32")),
-                    Some(route) if route.ifindex != link.index => {
-                        differences.push(format!("ROUTES entry for {ip}/32 points at ifindex {}", route.ifindex))
-                    }
+                    Some(route) if route.ifindex != link.index => differences.push(format!(
+                        "ROUTES entry for {ip}/32 points at ifindex {}",
+                        route.ifindex
+                    )),
                     Some(_) => {}
                 }
-                let programs = host.ingress_bpf_programs(link.index).await.map_err(netlink_error)?;
+                let programs = host
+                    .ingress_bpf_programs(link.index)
+                    .await
+                    .map_err(netlink_error)?;
                 if !programs.iter().any(|name| name == PROG_FROM_POD) {
-                    differences.push(format!("{PROG_FROM_POD} is not attached to {host_name} (found {programs:?})"));
+                    differences.push(format!(
+                        "{PROG_FROM_POD} is not attached to {host_name} (found {programs:?})"
+                    ));
                 }
             }
         }

@@ -78,14 +78,45 @@ impl Cluster {
         router.sysctl("net.ipv4.ip_forward", "1")?;
 
         // Router legs: one on the fabric, one to node-3's subnet, one to the outside.
-        fabric.exec(&["ip", "link", "add", "rt", "type", "veth", "peer", "name", "a0", "netns", &router.name])?;
+        fabric.exec(&[
+            "ip",
+            "link",
+            "add",
+            "rt",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "a0",
+            "netns",
+            &router.name,
+        ])?;
         fabric.exec(&["ip", "link", "set", "rt", "master", "br0", "up"])?;
         router.exec(&["ip", "addr", "add", "192.168.1.1/24", "dev", "a0"])?;
         router.exec(&["ip", "link", "set", "a0", "up"])?;
-        router.exec(&["ip", "link", "add", "x0", "type", "veth", "peer", "name", "eth0", "netns", &external.name])?;
+        router.exec(&[
+            "ip",
+            "link",
+            "add",
+            "x0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &external.name,
+        ])?;
         router.exec(&["ip", "addr", "add", "203.0.113.1/24", "dev", "x0"])?;
         router.exec(&["ip", "link", "set", "x0", "up"])?;
-        external.exec(&["ip", "addr", "add", &format!("{EXTERNAL_IP}/24"), "dev", "eth0"])?;
+        external.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{EXTERNAL_IP}/24"),
+            "dev",
+            "eth0",
+        ])?;
         external.exec(&["ip", "link", "set", "eth0", "up"])?;
         // The outside knows the nodes, never the pods: replies can only come back via SNAT.
         external.exec(&["ip", "route", "add", "192.168.0.0/16", "via", "203.0.113.1"])?;
@@ -111,28 +142,74 @@ impl Cluster {
             node.mtu = POD_MTU;
             if index < 2 {
                 let leg = format!("n{}", index + 1);
+                cluster.fabric.exec(&[
+                    "ip",
+                    "link",
+                    "add",
+                    &leg,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    &node.netns.name,
+                ])?;
                 cluster
                     .fabric
-                    .exec(&["ip", "link", "add", &leg, "type", "veth", "peer", "name", "eth0", "netns", &node.netns.name])?;
-                cluster.fabric.exec(&["ip", "link", "set", &leg, "master", "br0", "up"])?;
+                    .exec(&["ip", "link", "set", &leg, "master", "br0", "up"])?;
             } else {
+                cluster.router.exec(&[
+                    "ip",
+                    "link",
+                    "add",
+                    "b0",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    &node.netns.name,
+                ])?;
                 cluster
                     .router
-                    .exec(&["ip", "link", "add", "b0", "type", "veth", "peer", "name", "eth0", "netns", &node.netns.name])?;
-                cluster.router.exec(&["ip", "addr", "add", "192.168.2.1/24", "dev", "b0"])?;
+                    .exec(&["ip", "addr", "add", "192.168.2.1/24", "dev", "b0"])?;
                 cluster.router.exec(&["ip", "link", "set", "b0", "up"])?;
             }
             let netns = &node.netns;
-            netns.exec(&["ip", "addr", "add", &format!("{}/24", spec.ip), "dev", "eth0"])?;
+            netns.exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", spec.ip),
+                "dev",
+                "eth0",
+            ])?;
             netns.exec(&["ip", "link", "set", "eth0", "up"])?;
-            netns.exec(&["ip", "route", "add", "default", "via", &spec.gateway.to_string()])?;
+            netns.exec(&[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &spec.gateway.to_string(),
+            ])?;
             // Real nodes forward: kube-proxy's ClusterIPs and hostPorts go through the stack.
             netns.sysctl("net.ipv4.ip_forward", "1")?;
             let ip = spec.ip.to_string();
             let nodes_file = cluster.nodes_file.display().to_string();
             let mut args = vec![
-                "--node-name", spec.name, "--node-ip", &ip, "--uplink", "eth0",
-                "--cluster-cidr", CLUSTER_CIDR, "--nodes-file", &nodes_file,
+                "--node-name",
+                spec.name,
+                "--node-ip",
+                &ip,
+                "--uplink",
+                "eth0",
+                "--cluster-cidr",
+                CLUSTER_CIDR,
+                "--nodes-file",
+                &nodes_file,
             ];
             args.extend_from_slice(extra_agent_args);
             node.start_agent(&args)?;

@@ -48,7 +48,11 @@ pub fn cnitool_bin() -> PathBuf {
 
 /// A short prefix unique to this test and process: every name a test makes starts with it.
 pub fn prefix(test: &str) -> String {
-    let short: String = test.chars().filter(|c| c.is_ascii_alphanumeric()).take(8).collect();
+    let short: String = test
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(8)
+        .collect();
     format!("mct{}-{short}", std::process::id() % 100_000)
 }
 
@@ -75,7 +79,9 @@ impl Netns {
         // A namespace left by a crashed run of the same test would make `add` fail.
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         run(Command::new("ip").args(["netns", "add", name]))?;
-        let ns = Netns { name: name.to_string() };
+        let ns = Netns {
+            name: name.to_string(),
+        };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -89,7 +95,9 @@ impl Netns {
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         // Absolute: a PATH set for the child must not change which nsenter runs.
         let mut cmd = Command::new("/usr/bin/nsenter");
-        cmd.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
         cmd
     }
 
@@ -99,12 +107,14 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")]).map(|_| ())
+        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")])
+            .map(|_| ())
     }
 
     /// Runs `f` on a thread that has entered this namespace (sockets opened there stay there).
     pub fn run_inside<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-        let file = File::open(self.path()).with_context(|| format!("open {}", self.path().display()))?;
+        let file =
+            File::open(self.path()).with_context(|| format!("open {}", self.path().display()))?;
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
@@ -120,8 +130,17 @@ impl Netns {
     }
 
     pub fn ping(&self, target: Ipv4Addr) -> Result<()> {
-        self.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", &target.to_string()])
-            .map(|_| ())
+        self.exec(&[
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &target.to_string(),
+        ])
+        .map(|_| ())
     }
 
     pub fn links(&self) -> Result<Vec<String>> {
@@ -136,7 +155,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -150,7 +171,9 @@ impl Bpffs {
         let mount_point = PathBuf::from("/run/mycni-tests").join(prefix);
         std::fs::create_dir_all(&mount_point)?;
         let _ = Command::new("umount").arg(&mount_point).output();
-        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&mount_point))?;
+        run(Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&mount_point))?;
         Ok(Bpffs { mount_point })
     }
 }
@@ -172,7 +195,8 @@ pub struct CniCall {
 
 impl CniCall {
     pub fn json(&self) -> Result<Value> {
-        serde_json::from_str(&self.stdout).with_context(|| format!("stdout is not JSON: {:?}", self.stdout))
+        serde_json::from_str(&self.stdout)
+            .with_context(|| format!("stdout is not JSON: {:?}", self.stdout))
     }
 
     /// The error code of a failed call, from the spec's error JSON.
@@ -259,7 +283,8 @@ impl Node {
         for _ in 0..200 {
             let ready = mycni::datapath::check_loaded(&self.pin_root()).is_ok()
                 && (!wants_config
-                    || mycni::datapath::read_config(&self.pin_root()).is_ok_and(|c| c.node_ip != [0; 4]));
+                    || mycni::datapath::read_config(&self.pin_root())
+                        .is_ok_and(|c| c.node_ip != [0; 4]));
             if ready {
                 return Ok(());
             }
@@ -321,7 +346,11 @@ impl Node {
         })
     }
 
-    pub fn cni_env<'a>(command: &'a str, container_id: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
+    pub fn cni_env<'a>(
+        command: &'a str,
+        container_id: &'a str,
+        netns: &'a str,
+    ) -> Vec<(&'a str, &'a str)> {
         vec![
             ("CNI_COMMAND", command),
             ("CNI_CONTAINERID", container_id),
@@ -336,7 +365,10 @@ impl Node {
         let netns = Netns::new(&format!("{}-{name}", self.prefix))?;
         let container_id = format!("{}-{name}", self.prefix);
         let path = netns.path().display().to_string();
-        let call = self.cni(&Node::cni_env("ADD", &container_id, &path), &self.conf("1.0.0").to_string())?;
+        let call = self.cni(
+            &Node::cni_env("ADD", &container_id, &path),
+            &self.conf("1.0.0").to_string(),
+        )?;
         if !call.exit_ok {
             bail!("ADD {name} failed: {} {}", call.stdout, call.stderr);
         }
@@ -352,7 +384,10 @@ impl Node {
 
     pub fn del_pod(&self, pod: &Pod) -> Result<()> {
         let path = pod.netns.path().display().to_string();
-        let call = self.cni(&Node::cni_env("DEL", &pod.container_id, &path), &self.conf("1.0.0").to_string())?;
+        let call = self.cni(
+            &Node::cni_env("DEL", &pod.container_id, &path),
+            &self.conf("1.0.0").to_string(),
+        )?;
         if !call.exit_ok {
             bail!("DEL failed: {} {}", call.stdout, call.stderr);
         }
@@ -379,7 +414,12 @@ impl Node {
     /// and /32 map entries, IP files. (The node's own links and routes are not counted.)
     pub fn leftovers(&self) -> Result<BTreeMap<&'static str, Vec<String>>> {
         let mut found = BTreeMap::new();
-        let links: Vec<String> = self.netns.links()?.into_iter().filter(|l| l.starts_with("lxc")).collect();
+        let links: Vec<String> = self
+            .netns
+            .links()?
+            .into_iter()
+            .filter(|l| l.starts_with("lxc"))
+            .collect();
         found.insert("links", links);
         let routes: Vec<String> = self
             .netns
@@ -392,7 +432,10 @@ impl Node {
         let maps = mycni::datapath::Maps::open(&self.pin_root())?;
         found.insert(
             "endpoints",
-            maps.endpoints()?.iter().map(|(ip, _)| ip.to_string()).collect(),
+            maps.endpoints()?
+                .iter()
+                .map(|(ip, _)| ip.to_string())
+                .collect(),
         );
         found.insert(
             "map routes",
@@ -447,7 +490,12 @@ pub fn tcp_round_trip(server: &Netns, client: &Netns, ip: Ipv4Addr, port: u16) -
 /// Echo server listening on `listen` in `server`'s namespace; `client` connects to
 /// `connect` (which a DNAT may send to `listen`) and must get its bytes back. Returns the
 /// client address the server saw.
-pub fn tcp_echo(server: &Netns, listen: SocketAddr, client: &Netns, connect: SocketAddr) -> Result<SocketAddr> {
+pub fn tcp_echo(
+    server: &Netns,
+    listen: SocketAddr,
+    client: &Netns,
+    connect: SocketAddr,
+) -> Result<SocketAddr> {
     let listener = server.run_inside(|| Ok(TcpListener::bind(listen)?))?;
     let accept = std::thread::spawn(move || -> Result<SocketAddr> {
         let (mut conn, peer) = listener.accept()?;
@@ -475,7 +523,12 @@ pub fn tcp_echo(server: &Netns, listen: SocketAddr, client: &Netns, connect: Soc
 
 /// UDP echo: a server on `listen` in `server`'s namespace answers one datagram that
 /// `client` sends to `connect`. Returns the client address the server saw.
-pub fn udp_echo(server: &Netns, listen: SocketAddr, client: &Netns, connect: SocketAddr) -> Result<SocketAddr> {
+pub fn udp_echo(
+    server: &Netns,
+    listen: SocketAddr,
+    client: &Netns,
+    connect: SocketAddr,
+) -> Result<SocketAddr> {
     let socket = server.run_inside(|| Ok(std::net::UdpSocket::bind(listen)?))?;
     socket.set_read_timeout(Some(Duration::from_secs(5)))?;
     let serve = std::thread::spawn(move || -> Result<SocketAddr> {

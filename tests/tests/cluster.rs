@@ -18,7 +18,9 @@ fn packets(node: &Node, which: u32) -> Result<u64> {
 
 fn has_route(node: &Node, cidr: &str) -> Result<bool> {
     let routes = mycni::datapath::Maps::open(&node.pin_root())?.routes()?;
-    Ok(routes.iter().any(|(ip, len, _)| format!("{ip}/{len}") == cidr))
+    Ok(routes
+        .iter()
+        .any(|(ip, len, _)| format!("{ip}/{len}") == cidr))
 }
 
 fn wait_for_full_mesh(cluster: &Cluster) -> Result<()> {
@@ -32,13 +34,26 @@ fn wait_for_full_mesh(cluster: &Cluster) -> Result<()> {
 }
 
 /// ICMP, TCP and UDP from `from` to `to`; the server must see the client's own address.
-fn check_pair(what: &str, from: &Netns, from_ip: Ipv4Addr, to: &Netns, to_ip: Ipv4Addr, port: u16) -> Result<()> {
+fn check_pair(
+    what: &str,
+    from: &Netns,
+    from_ip: Ipv4Addr,
+    to: &Netns,
+    to_ip: Ipv4Addr,
+    port: u16,
+) -> Result<()> {
     from.ping(to_ip).with_context(|| format!("{what}: icmp"))?;
     let target = SocketAddr::from((to_ip, port));
     let seen = tcp_echo(to, target, from, target).with_context(|| format!("{what}: tcp"))?;
-    ensure!(seen.ip() == from_ip, "{what}: tcp server saw {seen}, not {from_ip}");
+    ensure!(
+        seen.ip() == from_ip,
+        "{what}: tcp server saw {seen}, not {from_ip}"
+    );
     let seen = udp_echo(to, target, from, target).with_context(|| format!("{what}: udp"))?;
-    ensure!(seen.ip() == from_ip, "{what}: udp server saw {seen}, not {from_ip}");
+    ensure!(
+        seen.ip() == from_ip,
+        "{what}: udp server saw {seen}, not {from_ip}"
+    );
     Ok(())
 }
 
@@ -46,7 +61,11 @@ fn check_pair(what: &str, from: &Netns, from_ip: Ipv4Addr, to: &Netns, to_ip: Ip
 fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<()> {
     let cluster = Cluster::new(&prefix("matrix"), &ALL, &[])?;
     wait_for_full_mesh(&cluster)?;
-    let (n1, n2, n3) = (cluster.node("node-1"), cluster.node("node-2"), cluster.node("node-3"));
+    let (n1, n2, n3) = (
+        cluster.node("node-1"),
+        cluster.node("node-2"),
+        cluster.node("node-3"),
+    );
     let a1 = n1.add_pod("a1")?;
     let a2 = n1.add_pod("a2")?;
     let b1 = n2.add_pod("b1")?;
@@ -60,37 +79,74 @@ fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<(
         ("vxlan to the first segment", &c1, &a2),
     ];
     for (index, (what, from, to)) in pairs.iter().enumerate() {
-        check_pair(what, &from.netns, from.ip, &to.netns, to.ip, 7200 + index as u16)?;
+        check_pair(
+            what,
+            &from.netns,
+            from.ip,
+            &to.netns,
+            to.ip,
+            7200 + index as u16,
+        )?;
     }
-    ensure!(packets(n1, verdict::REMOTE_DIRECT)? > 0, "node-1 sent nothing direct");
-    ensure!(packets(n1, verdict::REMOTE_TUNNEL)? > 0, "node-1 sent nothing through VXLAN");
-    ensure!(packets(n3, verdict::DELIVERED_FROM_NETDEV)? > 0, "node-3 delivered nothing from the wire");
+    ensure!(
+        packets(n1, verdict::REMOTE_DIRECT)? > 0,
+        "node-1 sent nothing direct"
+    );
+    ensure!(
+        packets(n1, verdict::REMOTE_TUNNEL)? > 0,
+        "node-1 sent nothing through VXLAN"
+    );
+    ensure!(
+        packets(n3, verdict::DELIVERED_FROM_NETDEV)? > 0,
+        "node-3 delivered nothing from the wire"
+    );
 
     // The nodes reach pods on every node through the kernel's fallback routes.
     for (node, pod, port) in [(n1, &b1, 7300), (n1, &c1, 7301), (n3, &a1, 7302)] {
-        node.netns.ping(pod.ip).with_context(|| format!("{} -> {}", node.netns.name, pod.ip))?;
+        node.netns
+            .ping(pod.ip)
+            .with_context(|| format!("{} -> {}", node.netns.name, pod.ip))?;
         let target = SocketAddr::from((pod.ip, port));
         let seen = tcp_echo(&pod.netns, target, &node.netns, target)?;
-        ensure!(seen.ip() == node.node_ip, "pod saw node traffic from {seen}");
+        ensure!(
+            seen.ip() == node.node_ip,
+            "pod saw node traffic from {seen}"
+        );
     }
 
     // Pods reach the outside masqueraded to their node's IP; the outside has no pod routes.
     ensure!(
-        !cluster.external.exec(&["ip", "route", "show"])?.contains("10.244."),
+        !cluster
+            .external
+            .exec(&["ip", "route", "show"])?
+            .contains("10.244."),
         "the external host must not know pod routes"
     );
     for (node, pod, port) in [(n1, &a1, 7400), (n3, &c1, 7401), (n2, &b1, 7402)] {
-        pod.netns.ping(EXTERNAL_IP).with_context(|| format!("{} -> external icmp", pod.ip))?;
+        pod.netns
+            .ping(EXTERNAL_IP)
+            .with_context(|| format!("{} -> external icmp", pod.ip))?;
         let target = SocketAddr::from((EXTERNAL_IP, port));
         let seen = tcp_echo(&cluster.external, target, &pod.netns, target)?;
-        ensure!(seen.ip() == node.node_ip, "external saw tcp from {seen}, not {}", node.node_ip);
+        ensure!(
+            seen.ip() == node.node_ip,
+            "external saw tcp from {seen}, not {}",
+            node.node_ip
+        );
         let seen = udp_echo(&cluster.external, target, &pod.netns, target)?;
-        ensure!(seen.ip() == node.node_ip, "external saw udp from {seen}, not {}", node.node_ip);
+        ensure!(
+            seen.ip() == node.node_ip,
+            "external saw udp from {seen}, not {}",
+            node.node_ip
+        );
     }
     ensure!(packets(n1, verdict::SNAT)? > 0 && packets(n1, verdict::REVERSE_NAT)? > 0);
     let nat = mycni::datapath::NatTable::open(&n1.pin_root())?.entries()?;
     let occupancy = mycni::nat::occupancy(&nat);
-    ensure!(occupancy.tcp >= 1 && occupancy.udp >= 1 && occupancy.icmp >= 1, "{occupancy:?}");
+    ensure!(
+        occupancy.tcp >= 1 && occupancy.udp >= 1 && occupancy.icmp >= 1,
+        "{occupancy:?}"
+    );
     Ok(())
 }
 
@@ -99,13 +155,31 @@ fn add_cluster_ip(node: &Node, cluster_ip: &str, backend: SocketAddr) -> Result<
     let chain = "KUBE-SERVICES";
     let _ = node.netns.exec(&["iptables", "-t", "nat", "-N", chain]);
     for hook in ["PREROUTING", "OUTPUT"] {
-        if node.netns.exec(&["iptables", "-t", "nat", "-C", hook, "-j", chain]).is_err() {
-            node.netns.exec(&["iptables", "-t", "nat", "-A", hook, "-j", chain])?;
+        if node
+            .netns
+            .exec(&["iptables", "-t", "nat", "-C", hook, "-j", chain])
+            .is_err()
+        {
+            node.netns
+                .exec(&["iptables", "-t", "nat", "-A", hook, "-j", chain])?;
         }
     }
     node.netns.exec(&[
-        "iptables", "-t", "nat", "-A", chain, "-d", &format!("{cluster_ip}/32"), "-p", "tcp",
-        "--dport", "80", "-j", "DNAT", "--to-destination", &backend.to_string(),
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        chain,
+        "-d",
+        &format!("{cluster_ip}/32"),
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &backend.to_string(),
     ])?;
     Ok(())
 }
@@ -114,7 +188,11 @@ fn add_cluster_ip(node: &Node, cluster_ip: &str, backend: SocketAddr) -> Result<
 fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> {
     let cluster = Cluster::new(&prefix("svc"), &ALL, &[])?;
     wait_for_full_mesh(&cluster)?;
-    let (n1, n2, n3) = (cluster.node("node-1"), cluster.node("node-2"), cluster.node("node-3"));
+    let (n1, n2, n3) = (
+        cluster.node("node-1"),
+        cluster.node("node-2"),
+        cluster.node("node-3"),
+    );
     let backend_1 = n1.add_pod("be1")?;
     let backend_2 = n2.add_pod("be2")?;
     let client_1 = n1.add_pod("cl1")?;
@@ -128,14 +206,40 @@ fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> 
     let vip_10: SocketAddr = "10.96.0.10:80".parse()?;
     let vip_11: SocketAddr = "10.96.0.11:80".parse()?;
     for (what, backend, listen, client, vip) in [
-        ("ClusterIP, backend on the same node", &backend_1, local_svc, &client_1, vip_10),
-        ("ClusterIP, backend on another node (direct)", &backend_2, remote_svc, &client_1, vip_11),
-        ("ClusterIP, backend across VXLAN", &backend_1, local_svc, &client_3, vip_10),
+        (
+            "ClusterIP, backend on the same node",
+            &backend_1,
+            local_svc,
+            &client_1,
+            vip_10,
+        ),
+        (
+            "ClusterIP, backend on another node (direct)",
+            &backend_2,
+            remote_svc,
+            &client_1,
+            vip_11,
+        ),
+        (
+            "ClusterIP, backend across VXLAN",
+            &backend_1,
+            local_svc,
+            &client_3,
+            vip_10,
+        ),
     ] {
-        let seen = tcp_echo(&backend.netns, listen, &client.netns, vip).with_context(|| what.to_string())?;
-        ensure!(seen.ip() == client.ip, "{what}: backend saw {seen}, not the client {}", client.ip);
+        let seen = tcp_echo(&backend.netns, listen, &client.netns, vip)
+            .with_context(|| what.to_string())?;
+        ensure!(
+            seen.ip() == client.ip,
+            "{what}: backend saw {seen}, not the client {}",
+            client.ip
+        );
     }
-    ensure!(packets(n1, verdict::STACK_FLOW_REPLY)? > 0, "no reply went back through the stack");
+    ensure!(
+        packets(n1, verdict::STACK_FLOW_REPLY)? > 0,
+        "no reply went back through the stack"
+    );
 
     // hostPort: mycni then the reference portmap, chained the way a runtime does it.
     let web = n2.add_pod("web")?;
@@ -147,7 +251,9 @@ fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> 
         });
         conf["capabilities"] = serde_json::json!({"portMappings": true});
         let path = web.netns.path().display().to_string();
-        let mut cmd = n2.netns.command(mycni_tests::reference_plugin_dir().join("portmap"));
+        let mut cmd = n2
+            .netns
+            .command(mycni_tests::reference_plugin_dir().join("portmap"));
         cmd.env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", &web.container_id)
             .env("CNI_NETNS", &path)
@@ -157,7 +263,11 @@ fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> 
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn()?;
-        child.stdin.take().context("stdin")?.write_all(conf.to_string().as_bytes())?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(conf.to_string().as_bytes())?;
         let out = child.wait_with_output()?;
         Ok(mycni_tests::CniCall {
             exit_ok: out.status.success(),
@@ -166,12 +276,29 @@ fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> 
         })
     };
     let added = portmap("ADD")?;
-    ensure!(added.exit_ok, "portmap ADD: {} {}", added.stdout, added.stderr);
+    ensure!(
+        added.exit_ok,
+        "portmap ADD: {} {}",
+        added.stdout,
+        added.stderr
+    );
     let host_port = SocketAddr::from((n2.node_ip, 8080));
-    tcp_echo(&web.netns, "0.0.0.0:80".parse()?, &n1.netns, host_port).context("hostPort from node-1")?;
-    tcp_echo(&web.netns, "0.0.0.0:80".parse()?, &client_3.netns, host_port).context("hostPort from a pod on node-3")?;
+    tcp_echo(&web.netns, "0.0.0.0:80".parse()?, &n1.netns, host_port)
+        .context("hostPort from node-1")?;
+    tcp_echo(
+        &web.netns,
+        "0.0.0.0:80".parse()?,
+        &client_3.netns,
+        host_port,
+    )
+    .context("hostPort from a pod on node-3")?;
     let deleted = portmap("DEL")?;
-    ensure!(deleted.exit_ok, "portmap DEL: {} {}", deleted.stdout, deleted.stderr);
+    ensure!(
+        deleted.exit_ok,
+        "portmap DEL: {} {}",
+        deleted.stdout,
+        deleted.stderr
+    );
     Ok(())
 }
 
@@ -179,8 +306,12 @@ fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> 
 fn a_thousand_egress_connections_get_distinct_translated_ports() -> Result<()> {
     let cluster = Cluster::new(&prefix("snat1k"), &["node-1"], &[])?;
     let n1 = cluster.node("node-1");
-    let pods = (0..10).map(|i| n1.add_pod(&format!("p{i}"))).collect::<Result<Vec<_>>>()?;
-    let listener = cluster.external.run_inside(|| Ok(TcpListener::bind((EXTERNAL_IP, 9000))?))?;
+    let pods = (0..10)
+        .map(|i| n1.add_pod(&format!("p{i}")))
+        .collect::<Result<Vec<_>>>()?;
+    let listener = cluster
+        .external
+        .run_inside(|| Ok(TcpListener::bind((EXTERNAL_IP, 9000))?))?;
     listener.set_nonblocking(true)?;
     let server = std::thread::spawn(move || -> Result<(Vec<SocketAddr>, Vec<TcpStream>)> {
         let (mut peers, mut held) = (Vec::new(), Vec::new());
@@ -191,7 +322,9 @@ fn a_thousand_egress_connections_get_distinct_translated_ports() -> Result<()> {
                     peers.push(peer);
                     held.push(conn);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
                 Err(e) => bail!("accept: {e}"),
             }
         }
@@ -206,7 +339,8 @@ fn a_thousand_egress_connections_get_distinct_translated_ports() -> Result<()> {
                         (0..100)
                             .map(|_| {
                                 let target = SocketAddr::from((EXTERNAL_IP, 9000));
-                                let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+                                let mut stream =
+                                    TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
                                 stream.write_all(b"x")?;
                                 Ok(stream)
                             })
@@ -217,16 +351,33 @@ fn a_thousand_egress_connections_get_distinct_translated_ports() -> Result<()> {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))?)
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+            })
             .collect::<Result<Vec<_>>>()
     })?;
-    let (peers, _held) = server.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    let (peers, _held) = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
     ensure!(clients.iter().map(Vec::len).sum::<usize>() == 1000);
-    ensure!(peers.len() == 1000, "the external host accepted {} of 1000 connections", peers.len());
-    ensure!(peers.iter().all(|p| p.ip() == n1.node_ip), "a connection arrived unmasqueraded");
+    ensure!(
+        peers.len() == 1000,
+        "the external host accepted {} of 1000 connections",
+        peers.len()
+    );
+    ensure!(
+        peers.iter().all(|p| p.ip() == n1.node_ip),
+        "a connection arrived unmasqueraded"
+    );
     let ports: BTreeSet<u16> = peers.iter().map(|p| p.port()).collect();
-    ensure!(ports.len() == 1000, "only {} distinct translated ports", ports.len());
-    let occupancy = mycni::nat::occupancy(&mycni::datapath::NatTable::open(&n1.pin_root())?.entries()?);
+    ensure!(
+        ports.len() == 1000,
+        "only {} distinct translated ports",
+        ports.len()
+    );
+    let occupancy =
+        mycni::nat::occupancy(&mycni::datapath::NatTable::open(&n1.pin_root())?.entries()?);
     ensure!(occupancy.tcp >= 1000, "{occupancy:?}");
     Ok(())
 }
@@ -239,20 +390,36 @@ fn nodes_file_changes_add_and_remove_routes() -> Result<()> {
     let c1 = n3.add_pod("c1")?;
     wait_for(Duration::from_secs(5), || has_route(n1, "10.244.2.0/24"))?;
     ensure!(!has_route(n1, "10.244.3.0/24")?);
-    ensure!(a1.netns.exec(&["ping", "-c", "1", "-W", "1", &c1.ip.to_string()]).is_err(), "reached an unknown node");
+    ensure!(
+        a1.netns
+            .exec(&["ping", "-c", "1", "-W", "1", &c1.ip.to_string()])
+            .is_err(),
+        "reached an unknown node"
+    );
 
     cluster.write_nodes_file(&ALL)?;
     let took = wait_for(Duration::from_secs(3), || has_route(n1, "10.244.3.0/24"))?;
     eprintln!("node-3 learned by node-1 after {took:?}");
     let kernel = n1.netns.exec(&["ip", "route", "show", "10.244.3.0/24"])?;
-    ensure!(kernel.contains("mycni_vxlan"), "no kernel fallback route: {kernel:?}");
+    ensure!(
+        kernel.contains("mycni_vxlan"),
+        "no kernel fallback route: {kernel:?}"
+    );
     wait_for(Duration::from_secs(3), || has_route(n3, "10.244.1.0/24"))?;
     a1.netns.ping(c1.ip)?;
 
     cluster.write_nodes_file(&["node-1", "node-2"])?;
-    let took = wait_for(Duration::from_secs(3), || Ok(!has_route(n1, "10.244.3.0/24")?))?;
+    let took = wait_for(Duration::from_secs(3), || {
+        Ok(!has_route(n1, "10.244.3.0/24")?)
+    })?;
     eprintln!("node-3 forgotten by node-1 after {took:?}");
-    ensure!(n1.netns.exec(&["ip", "route", "show", "10.244.3.0/24"])?.trim().is_empty(), "kernel route left");
+    ensure!(
+        n1.netns
+            .exec(&["ip", "route", "show", "10.244.3.0/24"])?
+            .trim()
+            .is_empty(),
+        "kernel route left"
+    );
     Ok(())
 }
 
@@ -263,7 +430,9 @@ fn ten_megabytes_cross_vxlan_without_a_pmtu_black_hole() -> Result<()> {
     let a1 = cluster.node("node-1").add_pod("a1")?;
     let c1 = cluster.node("node-3").add_pod("c1")?;
     const SIZE: usize = 10 * 1024 * 1024;
-    let listener = c1.netns.run_inside(|| Ok(TcpListener::bind((c1.ip, 9100))?))?;
+    let listener = c1
+        .netns
+        .run_inside(|| Ok(TcpListener::bind((c1.ip, 9100))?))?;
     let server = std::thread::spawn(move || -> Result<usize> {
         let (mut conn, _) = listener.accept()?;
         conn.set_read_timeout(Some(Duration::from_secs(20)))?;
@@ -280,7 +449,8 @@ fn ten_megabytes_cross_vxlan_without_a_pmtu_black_hole() -> Result<()> {
         Ok(total)
     });
     let echoed = a1.netns.run_inside(|| {
-        let mut stream = TcpStream::connect_timeout(&SocketAddr::from((c1.ip, 9100)), Duration::from_secs(5))?;
+        let mut stream =
+            TcpStream::connect_timeout(&SocketAddr::from((c1.ip, 9100)), Duration::from_secs(5))?;
         stream.set_write_timeout(Some(Duration::from_secs(20)))?;
         stream.set_read_timeout(Some(Duration::from_secs(20)))?;
         let chunk = vec![0x5au8; 65536];
@@ -292,7 +462,12 @@ fn ten_megabytes_cross_vxlan_without_a_pmtu_black_hole() -> Result<()> {
         stream.read_exact(&mut count)?;
         Ok(u64::from_be_bytes(count) as usize)
     })?;
-    let received = server.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
-    ensure!(received == SIZE && echoed == SIZE, "sent {SIZE}, received {received}");
+    let received = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
+    ensure!(
+        received == SIZE && echoed == SIZE,
+        "sent {SIZE}, received {received}"
+    );
     Ok(())
 }

@@ -16,11 +16,13 @@ impl PluginDir {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         std::os::unix::fs::symlink(mycni_tests::mycni_bin(), dir.join("mycni"))?;
-        for plugin in ["portmap"] {
-            let path = reference_plugin_dir().join(plugin);
-            ensure!(path.exists(), "{} is missing: run cargo xtask setup", path.display());
-            std::os::unix::fs::symlink(path, dir.join(plugin))?;
-        }
+        let portmap = reference_plugin_dir().join("portmap");
+        ensure!(
+            portmap.exists(),
+            "{} is missing: run cargo xtask setup",
+            portmap.display()
+        );
+        std::os::unix::fs::symlink(portmap, dir.join("portmap"))?;
         Ok(PluginDir(dir))
     }
 }
@@ -46,7 +48,11 @@ impl Drop for PluginDir {
 
 #[test]
 fn cnitool_adds_checks_and_deletes_mycni_with_portmap() -> Result<()> {
-    ensure!(cnitool_bin().exists(), "{} is missing: run cargo xtask setup", cnitool_bin().display());
+    ensure!(
+        cnitool_bin().exists(),
+        "{} is missing: run cargo xtask setup",
+        cnitool_bin().display()
+    );
     let node = Node::new(&prefix("cnitool"), "10.244.12.0/24")?;
     let plugins = PluginDir::new(&node.prefix)?;
     let conf_dir = node.data_dir.join("net.d");
@@ -61,7 +67,10 @@ fn cnitool_adds_checks_and_deletes_mycni_with_portmap() -> Result<()> {
             {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true},
         ],
     });
-    std::fs::write(conf_dir.join("10-mycni.conflist"), serde_json::to_vec_pretty(&conflist)?)?;
+    std::fs::write(
+        conf_dir.join("10-mycni.conflist"),
+        serde_json::to_vec_pretty(&conflist)?,
+    )?;
     let pod = Netns::new(&format!("{}-web", node.prefix))?;
     let path = ipv4_only_path(&plugins.0)?;
     let cnitool = |verb: &str| {
@@ -85,7 +94,10 @@ fn cnitool_adds_checks_and_deletes_mycni_with_portmap() -> Result<()> {
 
     // portmap's DNAT runs in the node's stack; the reply comes back through it too.
     let hostport = node.netns.exec(&["iptables-save", "-t", "nat"])?;
-    ensure!(hostport.contains("8080"), "portmap wrote no DNAT rule: {hostport}");
+    ensure!(
+        hostport.contains("8080"),
+        "portmap wrote no DNAT rule: {hostport}"
+    );
     tcp_echo(
         &pod,
         SocketAddr::from(([0, 0, 0, 0], 80)),
@@ -98,6 +110,12 @@ fn cnitool_adds_checks_and_deletes_mycni_with_portmap() -> Result<()> {
     run(&mut cnitool("del")).context("cnitool del")?;
     let left = node.leftovers()?;
     ensure!(left.is_empty(), "left behind: {left:?}");
-    ensure!(!node.netns.exec(&["iptables-save", "-t", "nat"])?.contains("8080"), "portmap rule left");
+    ensure!(
+        !node
+            .netns
+            .exec(&["iptables-save", "-t", "nat"])?
+            .contains("8080"),
+        "portmap rule left"
+    );
     Ok(())
 }

@@ -46,19 +46,30 @@ fn three_pods_reach_each_other_through_ebpf_with_forwarding_off() -> Result<()> 
         }
     }
     let after = counters(&node)?;
-    let redirected = after[verdict::LOCAL_REDIRECT as usize] - before[verdict::LOCAL_REDIRECT as usize];
+    let redirected =
+        after[verdict::LOCAL_REDIRECT as usize] - before[verdict::LOCAL_REDIRECT as usize];
     // 6 ordered pairs, each 2 echo requests + 2 replies and a TCP exchange of several segments.
-    ensure!(redirected >= 6 * 4 + 6 * 6, "only {redirected} packets redirected: {after:?}");
+    ensure!(
+        redirected >= 6 * 4 + 6 * 6,
+        "only {redirected} packets redirected: {after:?}"
+    );
     ensure!(
         after[verdict::ARP_REPLY as usize] >= 3,
         "the gateway's ARP was not answered in eBPF: {after:?}"
     );
     // Forwarding is still off: the node stack could not have done it.
-    ensure!(node.netns.exec(&["sysctl", "-n", "net.ipv4.ip_forward"])?.trim() == "0");
+    ensure!(
+        node.netns
+            .exec(&["sysctl", "-n", "net.ipv4.ip_forward"])?
+            .trim()
+            == "0"
+    );
 
     // The node reaches every pod, and every pod the node, through the /32 host routes.
     for pod in &pods {
-        node.netns.ping(pod.ip).with_context(|| format!("node -> {}", pod.ip))?;
+        node.netns
+            .ping(pod.ip)
+            .with_context(|| format!("node -> {}", pod.ip))?;
     }
     for pod in &pods {
         node.del_pod(pod)?;
@@ -80,14 +91,25 @@ fn thirty_two_concurrent_adds_get_distinct_addresses() -> Result<()> {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().map_err(|_| anyhow::anyhow!("ADD thread panicked"))?)
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("ADD thread panicked"))?
+            })
             .collect::<Result<Vec<_>>>()
     })?;
     let ips: BTreeSet<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
-    ensure!(ips.len() == 32, "32 ADDs got {} distinct addresses", ips.len());
+    ensure!(
+        ips.len() == 32,
+        "32 ADDs got {} distinct addresses",
+        ips.len()
+    );
     ensure!(node.ip_files()?.len() == 32);
     let endpoints = mycni::datapath::Maps::open(&node.pin_root())?.endpoints()?;
-    ensure!(endpoints.len() == 32, "{} endpoints in the map", endpoints.len());
+    ensure!(
+        endpoints.len() == 32,
+        "{} endpoints in the map",
+        endpoints.len()
+    );
     std::thread::scope(|scope| {
         let handles: Vec<_> = pods
             .iter()
@@ -98,7 +120,10 @@ fn thirty_two_concurrent_adds_get_distinct_addresses() -> Result<()> {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().map_err(|_| anyhow::anyhow!("DEL thread panicked"))?)
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("DEL thread panicked"))?
+            })
             .collect::<Result<Vec<_>>>()
     })?;
     let left = node.leftovers()?;
@@ -125,7 +150,11 @@ fn two_hundred_add_del_cycles_leave_nothing() -> Result<()> {
     ensure!(seen.len() == 13, "addresses used: {seen:?}");
     let left = node.leftovers()?;
     ensure!(left.is_empty(), "left behind: {left:?}");
-    ensure!(netns.links()? == vec!["lo".to_string()], "pod netns keeps {:?}", netns.links()?);
+    ensure!(
+        netns.links()? == vec!["lo".to_string()],
+        "pod netns keeps {:?}",
+        netns.links()?
+    );
     Ok(())
 }
 
@@ -139,7 +168,12 @@ fn del_succeeds_without_netns_and_twice() -> Result<()> {
     drop(pod); // the runtime already removed the netns
     for netns in [path.as_str(), "", ""] {
         let del = node.cni(&Node::cni_env("DEL", &id, netns), &conf)?;
-        ensure!(del.exit_ok, "DEL with netns {netns:?}: {} {}", del.stdout, del.stderr);
+        ensure!(
+            del.exit_ok,
+            "DEL with netns {netns:?}: {} {}",
+            del.stdout,
+            del.stderr
+        );
     }
     let left = node.leftovers()?;
     ensure!(left.is_empty(), "left behind: {left:?}");
@@ -151,7 +185,10 @@ fn static_ip_through_cni_args_and_runtime_config() -> Result<()> {
     let node = Node::new(&prefix("staticip"), "10.244.5.0/24")?;
     let a = mycni_tests::Netns::new(&format!("{}-a", node.prefix))?;
     let b = mycni_tests::Netns::new(&format!("{}-b", node.prefix))?;
-    let (pa, pb) = (a.path().display().to_string(), b.path().display().to_string());
+    let (pa, pb) = (
+        a.path().display().to_string(),
+        b.path().display().to_string(),
+    );
     let mut env = Node::cni_env("ADD", "static-a", &pa);
     env.push(("CNI_ARGS", "IgnoreUnknown=1;IP=10.244.5.77"));
     let add = node.cni(&env, &node.conf("0.4.0").to_string())?;
@@ -170,11 +207,19 @@ fn static_ip_through_cni_args_and_runtime_config() -> Result<()> {
     let mut env = Node::cni_env("ADD", "static-c", &pc);
     env.push(("CNI_ARGS", "IP=10.244.5.77"));
     let add = node.cni(&env, &node.conf("1.0.0").to_string())?;
-    ensure!(add.error_code() == Some(101), "{} {}", add.stdout, add.stderr);
+    ensure!(
+        add.error_code() == Some(101),
+        "{} {}",
+        add.stdout,
+        add.stderr
+    );
     ensure!(c.links()? == vec!["lo".to_string()]);
 
     for (id, path) in [("static-a", &pa), ("static-b", &pb)] {
-        let del = node.cni(&Node::cni_env("DEL", id, path), &node.conf("1.0.0").to_string())?;
+        let del = node.cni(
+            &Node::cni_env("DEL", id, path),
+            &node.conf("1.0.0").to_string(),
+        )?;
         ensure!(del.exit_ok, "{}", del.stdout);
     }
     let left = node.leftovers()?;
@@ -189,15 +234,36 @@ fn check_passes_then_reports_what_differs() -> Result<()> {
     let path = pod.netns.path().display().to_string();
     let mut conf = node.conf("1.0.0");
     conf["prevResult"] = pod.result.clone();
-    let check = node.cni(&Node::cni_env("CHECK", &pod.container_id, &path), &conf.to_string())?;
-    ensure!(check.exit_ok, "CHECK of a fresh pod: {} {}", check.stdout, check.stderr);
+    let check = node.cni(
+        &Node::cni_env("CHECK", &pod.container_id, &path),
+        &conf.to_string(),
+    )?;
+    ensure!(
+        check.exit_ok,
+        "CHECK of a fresh pod: {} {}",
+        check.stdout,
+        check.stderr
+    );
 
     // Remove the pod's address behind the plugin's back.
-    pod.netns
-        .exec(&["ip", "addr", "del", &format!("{}/32", pod.ip), "dev", "eth0"])?;
-    let check = node.cni(&Node::cni_env("CHECK", &pod.container_id, &path), &conf.to_string())?;
+    pod.netns.exec(&[
+        "ip",
+        "addr",
+        "del",
+        &format!("{}/32", pod.ip),
+        "dev",
+        "eth0",
+    ])?;
+    let check = node.cni(
+        &Node::cni_env("CHECK", &pod.container_id, &path),
+        &conf.to_string(),
+    )?;
     ensure!(check.error_code() == Some(104), "{}", check.stdout);
-    ensure!(check.stdout.contains(&pod.ip.to_string()), "{}", check.stdout);
+    ensure!(
+        check.stdout.contains(&pod.ip.to_string()),
+        "{}",
+        check.stdout
+    );
     node.del_pod(&pod)?;
     Ok(())
 }
@@ -244,12 +310,25 @@ fn gc_frees_attachments_not_listed_as_valid() -> Result<()> {
     let mut conf = node.conf("1.1.0");
     conf["cni.dev/valid-attachments"] =
         serde_json::json!([{"containerID": keep.container_id, "ifname": "eth0"}]);
-    let gc = node.cni(&[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")], &conf.to_string())?;
+    let gc = node.cni(
+        &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")],
+        &conf.to_string(),
+    )?;
     ensure!(gc.exit_ok, "{} {}", gc.stdout, gc.stderr);
-    ensure!(node.ip_files()? == vec![keep.ip.to_string()], "{:?}", node.ip_files()?);
-    ensure!(drop_me.netns.links()? == vec!["lo".to_string()], "GC left the pod's eth0");
+    ensure!(
+        node.ip_files()? == vec![keep.ip.to_string()],
+        "{:?}",
+        node.ip_files()?
+    );
+    ensure!(
+        drop_me.netns.links()? == vec!["lo".to_string()],
+        "GC left the pod's eth0"
+    );
     let endpoints = mycni::datapath::Maps::open(&node.pin_root())?.endpoints()?;
-    ensure!(endpoints.len() == 1 && endpoints[0].0 == keep.ip, "{endpoints:?}");
+    ensure!(
+        endpoints.len() == 1 && endpoints[0].0 == keep.ip,
+        "{endpoints:?}"
+    );
     node.del_pod(&keep)?;
     let left = node.leftovers()?;
     ensure!(left.is_empty(), "left behind: {left:?}");

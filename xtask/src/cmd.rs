@@ -26,7 +26,9 @@ pub fn clean(program: &str) -> Command {
 
 /// Runs to completion with inherited output; fails on a non-zero exit.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -35,7 +37,9 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Runs and captures output; fails on a non-zero exit.
 pub fn output(cmd: &mut Command) -> Result<Output> {
-    let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed: {}\n{}{}",

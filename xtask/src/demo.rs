@@ -11,7 +11,11 @@ pub fn run() -> Result<()> {
     setup::run()?;
     ebpf::build()?;
     let root = repo_root();
-    cmd::run(cmd::clean("cargo").current_dir(&root).args(["build", "--workspace", "--bins"]))?;
+    cmd::run(
+        cmd::clean("cargo")
+            .current_dir(&root)
+            .args(["build", "--workspace", "--bins"]),
+    )?;
     cmd::run(
         cmd::clean(&root.join("target/debug/mycni-demo").display().to_string())
             .env("MYCNI_BIN_DIR", root.join("target/debug"))

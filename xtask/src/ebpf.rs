@@ -13,11 +13,19 @@ pub fn object_path() -> PathBuf {
 }
 
 pub fn bpf_linker() -> Option<PathBuf> {
-    let in_cargo_home = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo/bin/bpf-linker"));
+    let in_cargo_home =
+        std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo/bin/bpf-linker"));
     let candidates = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).map(|dir| dir.join("bpf-linker")).collect::<Vec<_>>())
+        .map(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("bpf-linker"))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
-    candidates.into_iter().chain(in_cargo_home).find(|p| p.is_file())
+    candidates
+        .into_iter()
+        .chain(in_cargo_home)
+        .find(|p| p.is_file())
 }
 
 pub fn build() -> Result<PathBuf> {

@@ -60,8 +60,12 @@ fn copy_executable(from: &Path, dir: &Path, name: &str) -> Result<()> {
     let to = dir.join(name);
     // Write beside and rename: a runtime calling the plugin mid-install never sees half a file.
     let staging = dir.join(format!(".{name}.new"));
-    std::fs::copy(from, &staging).with_context(|| format!("copy {} to {}", from.display(), staging.display()))?;
-    std::fs::set_permissions(&staging, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    std::fs::copy(from, &staging)
+        .with_context(|| format!("copy {} to {}", from.display(), staging.display()))?;
+    std::fs::set_permissions(
+        &staging,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
     std::fs::rename(&staging, &to)?;
     println!("installed {}", to.display());
     Ok(())
@@ -69,14 +73,30 @@ fn copy_executable(from: &Path, dir: &Path, name: &str) -> Result<()> {
 
 pub fn run(args: &[String]) -> Result<()> {
     let options = parse(args)?;
-    let pod_cidr = options.pod_cidr.clone().context("install: --pod-cidr is required (this node's pod CIDR)")?;
+    let pod_cidr = options
+        .pod_cidr
+        .clone()
+        .context("install: --pod-cidr is required (this node's pod CIDR)")?;
     if options.build {
         ebpf::build()?;
-        cmd::run(cmd::clean("cargo").current_dir(repo_root()).args(["build", "--release", "-p", "mycni"]))?;
+        cmd::run(cmd::clean("cargo").current_dir(repo_root()).args([
+            "build",
+            "--release",
+            "-p",
+            "mycni",
+        ]))?;
     }
     let release = repo_root().join("target/release");
-    copy_executable(&release.join("mycni"), &under(&options.destdir, &options.cni_bin_dir), "mycni")?;
-    copy_executable(&release.join("mycni-agent"), &under(&options.destdir, &options.bin_dir), "mycni-agent")?;
+    copy_executable(
+        &release.join("mycni"),
+        &under(&options.destdir, &options.cni_bin_dir),
+        "mycni",
+    )?;
+    copy_executable(
+        &release.join("mycni-agent"),
+        &under(&options.destdir, &options.bin_dir),
+        "mycni-agent",
+    )?;
     let conflist = json!({
         "cniVersion": "1.0.0",
         "cniVersions": ["0.3.1", "0.4.0", "1.0.0", "1.1.0"],

@@ -52,7 +52,11 @@ fn packages() -> Result<()> {
     if !cmd::is_root() {
         bail!("missing Debian packages {missing:?}: run `cargo xtask setup` as root");
     }
-    cmd::run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    cmd::run(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
     cmd::run(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
@@ -73,7 +77,13 @@ fn bpf_linker() -> Result<()> {
     // Debian's llvm-config on PATH is LLVM 14; the prefix picks LLVM 22, which rustc-web uses.
     cmd::run(
         cmd::clean("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
     )?;
@@ -97,10 +107,15 @@ fn bookworm_mirror() -> Result<String> {
         if !(name.ends_with(".list") || name.ends_with(".sources")) {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(&file) else { continue };
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
         if name.ends_with(".list") {
             for line in text.lines().map(str::trim) {
-                let fields: Vec<&str> = line.split_whitespace().filter(|f| !f.starts_with('[')).collect();
+                let fields: Vec<&str> = line
+                    .split_whitespace()
+                    .filter(|f| !f.starts_with('['))
+                    .collect();
                 if fields.len() >= 3 && fields[0] == "deb" && fields[2] == "bookworm" {
                     return Ok(fields[1].to_string());
                 }
@@ -112,8 +127,10 @@ fn bookworm_mirror() -> Result<String> {
                         .lines()
                         .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
                 };
-                let is_deb = field("Types:").is_some_and(|t| t.split_whitespace().any(|t| t == "deb"));
-                let has_bookworm = field("Suites:").is_some_and(|s| s.split_whitespace().any(|s| s == "bookworm"));
+                let is_deb =
+                    field("Types:").is_some_and(|t| t.split_whitespace().any(|t| t == "deb"));
+                let has_bookworm =
+                    field("Suites:").is_some_and(|s| s.split_whitespace().any(|s| s == "bookworm"));
                 if let (true, true, Some(uris)) = (is_deb, has_bookworm, field("URIs:")) {
                     if let Some(uri) = uris.split_whitespace().next() {
                         return Ok(uri.to_string());
@@ -140,10 +157,16 @@ fn cnitool() -> Result<()> {
         std::fs::create_dir_all(apt.join(dir))?;
     }
     let mirror = bookworm_mirror()?;
-    std::fs::write(apt.join("sources.list"), format!("deb-src {mirror} bookworm main\n"))?;
+    std::fs::write(
+        apt.join("sources.list"),
+        format!("deb-src {mirror} bookworm main\n"),
+    )?;
     let private = |cmd: &mut Command| {
         cmd.arg("-o")
-            .arg(format!("Dir::Etc::SourceList={}", apt.join("sources.list").display()))
+            .arg(format!(
+                "Dir::Etc::SourceList={}",
+                apt.join("sources.list").display()
+            ))
             .arg("-o")
             .arg("Dir::Etc::SourceParts=/nonexistent")
             .arg("-o")
@@ -158,7 +181,11 @@ fn cnitool() -> Result<()> {
     std::fs::create_dir_all(&src)?;
     let mut source = Command::new("apt-get");
     private(&mut source);
-    cmd::output(source.current_dir(&src).args(["source", "--download-only", "golang-github-appc-cni"]))?;
+    cmd::output(source.current_dir(&src).args([
+        "source",
+        "--download-only",
+        "golang-github-appc-cni",
+    ]))?;
     let dsc = std::fs::read_dir(&src)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "dsc"))
@@ -179,7 +206,7 @@ fn cnitool() -> Result<()> {
             .arg(".")
             .env("GO111MODULE", "off")
             .env("GOPATH", format!("{}:/usr/share/gocode", gopath.display()))
-            .env("GOCACHE", work.join("gocache"))
+            .env("GOCACHE", work.join("gocache")),
     )?;
     let _ = std::fs::remove_dir_all(&work);
     println!("installed cnitool at {}", target.display());

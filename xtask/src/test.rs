@@ -10,7 +10,11 @@ pub fn run(args: &[String]) -> Result<()> {
     setup::run()?;
     ebpf::build()?;
     let root = repo_root();
-    cmd::run(cmd::clean("cargo").current_dir(&root).args(["build", "--workspace", "--bins"]))?;
+    cmd::run(
+        cmd::clean("cargo")
+            .current_dir(&root)
+            .args(["build", "--workspace", "--bins"]),
+    )?;
     if !cmd::is_root() {
         eprintln!("warning: not root: the integration tests (namespaces, bpf) will fail");
     }

@@ -10,7 +10,9 @@ use mycni::datapath::{self, Maps, NatTable};
 use mycni::ipam::Pool;
 use mycni::nat::NatTimeouts;
 use mycni::netlink::format_mac;
-use mycni_common::{verdict, NAT_EGRESS, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL};
+use mycni_common::{
+    verdict, NAT_EGRESS, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
+};
 
 const USAGE: &str = "usage: mycni-agent [--bpffs-root DIR] <command> [options]
 commands:
@@ -78,7 +80,9 @@ fn parse_options() -> anyhow::Result<Options> {
 }
 
 fn seconds(text: &str) -> anyhow::Result<Duration> {
-    Ok(Duration::from_secs(text.parse().with_context(|| format!("{text:?} is not a number of seconds"))?))
+    Ok(Duration::from_secs(text.parse().with_context(|| {
+        format!("{text:?} is not a number of seconds")
+    })?))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -104,7 +108,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn node_settings(options: &Options) -> anyhow::Result<Option<NodeSettings>> {
-    let Some(ip) = &options.node_ip else { return Ok(None) };
+    let Some(ip) = &options.node_ip else {
+        return Ok(None);
+    };
     let nat_ports = match &options.nat_ports {
         None => (61000, 65535),
         Some(text) => {
@@ -115,10 +121,21 @@ fn node_settings(options: &Options) -> anyhow::Result<Option<NodeSettings>> {
         }
     };
     Ok(Some(NodeSettings {
-        name: options.node_name.clone().context("--node-name is required with --node-ip")?,
+        name: options
+            .node_name
+            .clone()
+            .context("--node-name is required with --node-ip")?,
         ip: ip.parse().with_context(|| format!("--node-ip {ip:?}"))?,
-        uplink: options.uplink.clone().context("--uplink is required with --node-ip")?,
-        cluster_cidr: Pool::parse(options.cluster_cidr.as_deref().context("--cluster-cidr is required")?)?,
+        uplink: options
+            .uplink
+            .clone()
+            .context("--uplink is required with --node-ip")?,
+        cluster_cidr: Pool::parse(
+            options
+                .cluster_cidr
+                .as_deref()
+                .context("--cluster-cidr is required")?,
+        )?,
         non_masquerade: options
             .non_masquerade
             .iter()
@@ -138,7 +155,9 @@ fn node_settings(options: &Options) -> anyhow::Result<Option<NodeSettings>> {
 
 fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
     let settings = node_settings(options)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let shutdown = async move {
@@ -156,7 +175,10 @@ fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
             Some(settings) => {
                 let name = settings.name.clone();
                 let mut agent = Agent::start(root, settings).await?;
-                eprintln!("mycni-agent: node {name} ready, datapath pinned under {}", root.display());
+                eprintln!(
+                    "mycni-agent: node {name} ready, datapath pinned under {}",
+                    root.display()
+                );
                 let mut source = NodesFile::new(
                     options
                         .nodes_file
@@ -188,7 +210,10 @@ fn print_endpoints(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("{:<16} {:>8} {:<18} {:<18} CONTAINER-HASH", "IP", "IFINDEX", "POD-MAC", "HOST-MAC");
+        println!(
+            "{:<16} {:>8} {:<18} {:<18} CONTAINER-HASH",
+            "IP", "IFINDEX", "POD-MAC", "HOST-MAC"
+        );
         for (ip, ep) in endpoints {
             println!(
                 "{:<16} {:>8} {:<18} {:<18} {:016x}",
@@ -227,7 +252,10 @@ fn print_routes(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("{:<20} {:<7} {:>8} {:<16} POD-MAC", "PREFIX", "KIND", "IFINDEX", "NEXT-HOP");
+        println!(
+            "{:<20} {:<7} {:>8} {:<16} POD-MAC",
+            "PREFIX", "KIND", "IFINDEX", "NEXT-HOP"
+        );
         for (ip, len, r) in routes {
             println!(
                 "{:<20} {:<7} {:>8} {:<16} {}",
@@ -267,7 +295,10 @@ fn print_nat(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("{:<5} {:<8} {:<22} {:<22} {:<22} IDLE", "PROTO", "DIR", "FROM", "TO", "REWRITTEN");
+        println!(
+            "{:<5} {:<8} {:<22} {:<22} {:<22} IDLE",
+            "PROTO", "DIR", "FROM", "TO", "REWRITTEN"
+        );
         for row in rows {
             let text = |key: &str| row[key].as_str().unwrap_or("").to_string();
             println!(
@@ -290,7 +321,12 @@ fn print_stats(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
         let rows: serde_json::Map<String, serde_json::Value> = stats
             .iter()
             .zip(verdict::NAMES)
-            .map(|(c, name)| (name.to_string(), serde_json::json!({"packets": c.packets, "bytes": c.bytes})))
+            .map(|(c, name)| {
+                (
+                    name.to_string(),
+                    serde_json::json!({"packets": c.packets, "bytes": c.bytes}),
+                )
+            })
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {

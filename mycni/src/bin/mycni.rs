@@ -10,14 +10,20 @@ fn main() -> ExitCode {
         let err = CniError::new(ErrorCode::IoFailure, "cannot read stdin").with_details(e);
         return report_error(&err, NetConf::sniff_version(&[]));
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             let err = CniError::new(ErrorCode::IoFailure, "cannot start runtime").with_details(e);
             return report_error(&err, NetConf::sniff_version(&stdin));
         }
     };
-    let outcome = runtime.block_on(mycni::plugin::execute(|name| std::env::var(name).ok(), &stdin));
+    let outcome = runtime.block_on(mycni::plugin::execute(
+        |name| std::env::var(name).ok(),
+        &stdin,
+    ));
     match outcome {
         Ok(Some(output)) => {
             let mut out = std::io::stdout().lock();

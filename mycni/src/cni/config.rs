@@ -43,8 +43,11 @@ pub struct NetConf {
 impl NetConf {
     pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
         let root: Value = serde_json::from_slice(bytes).map_err(|e| {
-            CniError::new(ErrorCode::DecodeFailure, "network configuration is not valid JSON")
-                .with_details(e)
+            CniError::new(
+                ErrorCode::DecodeFailure,
+                "network configuration is not valid JSON",
+            )
+            .with_details(e)
         })?;
         let Value::Object(root) = root else {
             return Err(invalid("network configuration must be a JSON object"));
@@ -77,8 +80,9 @@ impl NetConf {
         }
         let pod_cidr = string_field(plugin, "podCIDR")?
             .map(|text| {
-                Pool::parse(text)
-                    .map_err(|e| invalid(format!("\"podCIDR\" {text:?} is invalid")).with_details(e))
+                Pool::parse(text).map_err(|e| {
+                    invalid(format!("\"podCIDR\" {text:?} is invalid")).with_details(e)
+                })
             })
             .transpose()?;
         let mtu = match plugin.get("mtu") {
@@ -120,7 +124,10 @@ fn invalid(msg: impl Into<String>) -> CniError {
     CniError::new(ErrorCode::InvalidConfig, msg)
 }
 
-fn string_field<'a>(object: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, CniError> {
+fn string_field<'a>(
+    object: &'a Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a str>, CniError> {
     match object.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => Ok(Some(text)),
@@ -164,7 +171,11 @@ fn runtime_ips(plugin: &Map<String, Value>) -> Result<Vec<Ipv4Addr>, CniError> {
             ip.as_str()
                 .and_then(|text| text.split('/').next())
                 .and_then(|text| text.parse().ok())
-                .ok_or_else(|| invalid(format!("runtimeConfig.ips entry {ip} is not an IPv4 address")))
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "runtimeConfig.ips entry {ip} is not an IPv4 address"
+                    ))
+                })
         })
         .collect()
 }
@@ -180,7 +191,10 @@ fn valid_attachments(plugin: &Map<String, Value>) -> Result<Option<Vec<Attachmen
         .map(|entry| {
             let field = |key: &str| entry.get(key).and_then(Value::as_str).map(String::from);
             match (field("containerID"), field("ifname")) {
-                (Some(container_id), Some(ifname)) => Ok(Attachment { container_id, ifname }),
+                (Some(container_id), Some(ifname)) => Ok(Attachment {
+                    container_id,
+                    ifname,
+                }),
                 _ => Err(invalid(format!(
                     "valid-attachments entry {entry} needs containerID and ifname"
                 ))),
@@ -200,14 +214,18 @@ mod tests {
 
     #[test]
     fn reads_a_plain_conf_with_defaults() {
-        let conf =
-            parse(r#"{"cniVersion":"0.4.0","name":"pods","type":"mycni","podCIDR":"10.244.1.0/24"}"#)
-                .unwrap();
+        let conf = parse(
+            r#"{"cniVersion":"0.4.0","name":"pods","type":"mycni","podCIDR":"10.244.1.0/24"}"#,
+        )
+        .unwrap();
         assert_eq!(conf.cni_version, CniVersion::V0_4_0);
         assert_eq!(conf.name, "pods");
         assert_eq!(conf.mtu, DEFAULT_MTU);
         assert_eq!(conf.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
-        assert_eq!(conf.pod_cidr.map(|p| p.to_string()), Some("10.244.1.0/24".into()));
+        assert_eq!(
+            conf.pod_cidr.map(|p| p.to_string()),
+            Some("10.244.1.0/24".into())
+        );
     }
 
     #[test]
@@ -242,16 +260,46 @@ mod tests {
             ("{not json", ErrorCode::DecodeFailure),
             ("[]", ErrorCode::InvalidConfig),
             (r#"{"name":"n","type":"mycni"}"#, ErrorCode::InvalidConfig),
-            (r#"{"cniVersion":"0.2.0","name":"n","type":"mycni"}"#, ErrorCode::IncompatibleVersion),
-            (r#"{"cniVersion":"1.0.0","type":"mycni"}"#, ErrorCode::InvalidConfig),
-            (r#"{"cniVersion":"1.0.0","name":"n"}"#, ErrorCode::InvalidConfig),
-            (r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","mtu":10}"#, ErrorCode::InvalidConfig),
-            (r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","mtu":"x"}"#, ErrorCode::InvalidConfig),
-            (r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","podCIDR":"10.1.0.0/33"}"#, ErrorCode::InvalidConfig),
-            (r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"}]}"#, ErrorCode::InvalidConfig),
-            (r#"{"cniVersions":["0.1.0"],"name":"n","plugins":[{"type":"mycni"}]}"#, ErrorCode::IncompatibleVersion),
-            (r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","ipam":{"type":"host-local"}}"#, ErrorCode::UnsupportedField),
-            (r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","runtimeConfig":{"ips":["fd00::5/64"]}}"#, ErrorCode::UnsupportedField),
+            (
+                r#"{"cniVersion":"0.2.0","name":"n","type":"mycni"}"#,
+                ErrorCode::IncompatibleVersion,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","type":"mycni"}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n"}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","mtu":10}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","mtu":"x"}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","podCIDR":"10.1.0.0/33"}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"}]}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersions":["0.1.0"],"name":"n","plugins":[{"type":"mycni"}]}"#,
+                ErrorCode::IncompatibleVersion,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","ipam":{"type":"host-local"}}"#,
+                ErrorCode::UnsupportedField,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","runtimeConfig":{"ips":["fd00::5/64"]}}"#,
+                ErrorCode::UnsupportedField,
+            ),
         ];
         for (text, code) in cases {
             assert_eq!(parse(text).unwrap_err().code, code, "{text}");
@@ -260,7 +308,10 @@ mod tests {
 
     #[test]
     fn sniffs_a_version_for_error_replies() {
-        assert_eq!(NetConf::sniff_version(br#"{"cniVersion":"0.3.1"}"#), CniVersion::V0_3_1);
+        assert_eq!(
+            NetConf::sniff_version(br#"{"cniVersion":"0.3.1"}"#),
+            CniVersion::V0_3_1
+        );
         assert_eq!(NetConf::sniff_version(b"garbage"), CniVersion::LATEST);
     }
 }

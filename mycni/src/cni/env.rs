@@ -45,9 +45,8 @@ pub struct CniEnv {
 impl CniEnv {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<CniEnv, CniError> {
         let command_text = lookup("CNI_COMMAND").ok_or_else(|| missing("CNI_COMMAND"))?;
-        let command = Command::parse(&command_text).ok_or_else(|| {
-            invalid(format!("unknown CNI_COMMAND {command_text:?}"))
-        })?;
+        let command = Command::parse(&command_text)
+            .ok_or_else(|| invalid(format!("unknown CNI_COMMAND {command_text:?}")))?;
         let needs = |name: &str, required: bool| -> Result<String, CniError> {
             match lookup(name) {
                 Some(value) if !value.is_empty() => Ok(value),
@@ -57,7 +56,10 @@ impl CniEnv {
         };
         let sandboxed = matches!(command, Command::Add | Command::Del | Command::Check);
         let container_id = needs("CNI_CONTAINERID", sandboxed)?;
-        let netns = needs("CNI_NETNS", matches!(command, Command::Add | Command::Check))?;
+        let netns = needs(
+            "CNI_NETNS",
+            matches!(command, Command::Add | Command::Check),
+        )?;
         let ifname = needs("CNI_IFNAME", sandboxed)?;
         let path = needs("CNI_PATH", sandboxed)?;
         if sandboxed {
@@ -116,7 +118,9 @@ fn validate_ifname(name: &str) -> Result<(), CniError> {
         && name.len() <= 15
         && name != "."
         && name != ".."
-        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace());
     if ok {
         Ok(())
     } else {
@@ -166,7 +170,7 @@ mod tests {
 
     #[test]
     fn every_missing_variable_is_code_4() {
-        for skip in 0..ADD.len() {
+        for (skip, missing) in ADD.iter().enumerate() {
             let pairs: Vec<_> = ADD
                 .iter()
                 .enumerate()
@@ -174,7 +178,11 @@ mod tests {
                 .map(|(_, p)| *p)
                 .collect();
             let err = env_of(&pairs).unwrap_err();
-            assert_eq!(err.code, ErrorCode::InvalidEnvironment, "without {:?}", ADD[skip]);
+            assert_eq!(
+                err.code,
+                ErrorCode::InvalidEnvironment,
+                "without {missing:?}"
+            );
         }
     }
 
@@ -188,7 +196,10 @@ mod tests {
 
     #[test]
     fn version_needs_nothing_else() {
-        assert_eq!(env_of(&[("CNI_COMMAND", "VERSION")]).unwrap().command, Command::Version);
+        assert_eq!(
+            env_of(&[("CNI_COMMAND", "VERSION")]).unwrap().command,
+            Command::Version
+        );
     }
 
     #[test]
@@ -216,7 +227,10 @@ mod tests {
         let mut pairs = ADD.to_vec();
         pairs.push(("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=web;IP=10.244.1.7"));
         let env = env_of(&pairs).unwrap();
-        assert_eq!(env.requested_ip().unwrap(), Some(Ipv4Addr::new(10, 244, 1, 7)));
+        assert_eq!(
+            env.requested_ip().unwrap(),
+            Some(Ipv4Addr::new(10, 244, 1, 7))
+        );
         let mut bad = ADD.to_vec();
         bad.push(("CNI_ARGS", "IP=ten"));
         assert!(env_of(&bad).unwrap().requested_ip().is_err());

@@ -89,7 +89,8 @@ mod tests {
 
     #[test]
     fn omits_empty_details() {
-        let value = CniError::new(ErrorCode::PoolExhausted, "no address").to_json(CniVersion::V0_3_1);
+        let value =
+            CniError::new(ErrorCode::PoolExhausted, "no address").to_json(CniVersion::V0_3_1);
         assert!(value.get("details").is_none());
         assert_eq!(value["code"], 100);
     }

@@ -85,7 +85,11 @@ impl CniResult {
                 value
             })
             .collect();
-        let dns = if self.dns.is_null() { json!({}) } else { self.dns.clone() };
+        let dns = if self.dns.is_null() {
+            json!({})
+        } else {
+            self.dns.clone()
+        };
         json!({
             "cniVersion": version.as_str(),
             "interfaces": interfaces,
@@ -97,7 +101,8 @@ impl CniResult {
 
     /// Reads a result of any supported version (a `prevResult`).
     pub fn from_json(value: &Value) -> Result<CniResult, CniError> {
-        let bad = |what: String| CniError::new(ErrorCode::DecodeFailure, format!("prevResult: {what}"));
+        let bad =
+            |what: String| CniError::new(ErrorCode::DecodeFailure, format!("prevResult: {what}"));
         let list = |key: &str| -> Result<Vec<Value>, CniError> {
             match value.get(key) {
                 None | Some(Value::Null) => Ok(Vec::new()),
@@ -105,7 +110,8 @@ impl CniResult {
                 Some(_) => Err(bad(format!("\"{key}\" must be an array"))),
             }
         };
-        let text = |item: &Value, key: &str| item.get(key).and_then(Value::as_str).map(String::from);
+        let text =
+            |item: &Value, key: &str| item.get(key).and_then(Value::as_str).map(String::from);
         let interfaces = list("interfaces")?
             .iter()
             .map(|item| {
@@ -129,7 +135,10 @@ impl CniResult {
                 address,
                 prefix_len,
                 gateway: text(item, "gateway").and_then(|g| g.parse().ok()),
-                interface: item.get("interface").and_then(Value::as_u64).map(|i| i as usize),
+                interface: item
+                    .get("interface")
+                    .and_then(Value::as_u64)
+                    .map(|i| i as usize),
             })
             .collect();
         let routes = list("routes")?
@@ -166,7 +175,12 @@ mod tests {
     fn sample() -> CniResult {
         CniResult {
             interfaces: vec![
-                Interface { name: "lxc1".into(), mac: "aa:bb:cc:dd:ee:01".into(), mtu: Some(1500), sandbox: None },
+                Interface {
+                    name: "lxc1".into(),
+                    mac: "aa:bb:cc:dd:ee:01".into(),
+                    mtu: Some(1500),
+                    sandbox: None,
+                },
                 Interface {
                     name: "eth0".into(),
                     mac: "aa:bb:cc:dd:ee:02".into(),
@@ -180,7 +194,11 @@ mod tests {
                 gateway: Some(Ipv4Addr::new(169, 254, 1, 1)),
                 interface: Some(1),
             }],
-            routes: vec![RouteEntry { dst: Ipv4Addr::UNSPECIFIED, dst_prefix_len: 0, gw: Some(Ipv4Addr::new(169, 254, 1, 1)) }],
+            routes: vec![RouteEntry {
+                dst: Ipv4Addr::UNSPECIFIED,
+                dst_prefix_len: 0,
+                gw: Some(Ipv4Addr::new(169, 254, 1, 1)),
+            }],
             dns: Value::Null,
         }
     }

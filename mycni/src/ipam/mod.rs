@@ -133,8 +133,18 @@ mod tests {
         assert_eq!(pool.gateway(), ip("10.244.1.1"));
         assert_eq!(pool.broadcast(), ip("10.244.1.255"));
         assert_eq!(pool.capacity(), 253);
-        for bad in ["10.244.1.0", "10.244.1.0/31", "10.244.1.0/7", "x/24", "10.244.1.0/x", ""] {
-            assert!(matches!(Pool::parse(bad), Err(IpamError::InvalidCidr(_))), "{bad}");
+        for bad in [
+            "10.244.1.0",
+            "10.244.1.0/31",
+            "10.244.1.0/7",
+            "x/24",
+            "10.244.1.0/x",
+            "",
+        ] {
+            assert!(
+                matches!(Pool::parse(bad), Err(IpamError::InvalidCidr(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -142,9 +152,15 @@ mod tests {
     fn reserved_and_foreign_addresses_are_not_assignable() {
         let pool = Pool::parse("10.244.1.0/24").unwrap();
         for reserved in ["10.244.1.0", "10.244.1.1", "10.244.1.255"] {
-            assert_eq!(pool.check_assignable(ip(reserved)), Err(IpamError::Reserved(ip(reserved))));
+            assert_eq!(
+                pool.check_assignable(ip(reserved)),
+                Err(IpamError::Reserved(ip(reserved)))
+            );
         }
-        assert!(matches!(pool.check_assignable(ip("10.244.2.5")), Err(IpamError::OutOfPool { .. })));
+        assert!(matches!(
+            pool.check_assignable(ip("10.244.2.5")),
+            Err(IpamError::OutOfPool { .. })
+        ));
         assert_eq!(pool.check_assignable(ip("10.244.1.2")), Ok(()));
     }
 
@@ -171,16 +187,30 @@ mod tests {
         let pool = Pool::parse("10.0.0.0/29").unwrap(); // .2 ..= .6
         let none = |_| false;
         assert_eq!(pool.next_free(none, None), Ok(ip("10.0.0.2")));
-        assert_eq!(pool.next_free(none, Some(ip("10.0.0.3"))), Ok(ip("10.0.0.4")));
-        assert_eq!(pool.next_free(none, Some(ip("10.0.0.6"))), Ok(ip("10.0.0.2")));
+        assert_eq!(
+            pool.next_free(none, Some(ip("10.0.0.3"))),
+            Ok(ip("10.0.0.4"))
+        );
+        assert_eq!(
+            pool.next_free(none, Some(ip("10.0.0.6"))),
+            Ok(ip("10.0.0.2"))
+        );
         // A stale last-reserved outside the pool restarts at the beginning.
-        assert_eq!(pool.next_free(none, Some(ip("192.168.0.9"))), Ok(ip("10.0.0.2")));
+        assert_eq!(
+            pool.next_free(none, Some(ip("192.168.0.9"))),
+            Ok(ip("10.0.0.2"))
+        );
     }
 
     #[test]
     fn a_freed_address_is_reused_once_the_others_are_taken() {
         let pool = Pool::parse("10.0.0.0/29").unwrap();
-        let used: BTreeSet<_> = ["10.0.0.2", "10.0.0.3", "10.0.0.5", "10.0.0.6"].map(ip).into();
-        assert_eq!(pool.next_free(|a| used.contains(&a), Some(ip("10.0.0.5"))), Ok(ip("10.0.0.4")));
+        let used: BTreeSet<_> = ["10.0.0.2", "10.0.0.3", "10.0.0.5", "10.0.0.6"]
+            .map(ip)
+            .into();
+        assert_eq!(
+            pool.next_free(|a| used.contains(&a), Some(ip("10.0.0.5"))),
+            Ok(ip("10.0.0.4"))
+        );
     }
 }

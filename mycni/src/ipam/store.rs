@@ -135,7 +135,11 @@ impl StoreLock<'_> {
         let entries = std::fs::read_dir(&self.store.dir).map_err(io_error(&self.store.dir))?;
         for entry in entries {
             let entry = entry.map_err(io_error(&self.store.dir))?;
-            let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse::<Ipv4Addr>().ok()) else {
+            let Some(ip) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<Ipv4Addr>().ok())
+            else {
                 continue;
             };
             if let Some(owner) = self.holder(ip)? {
@@ -147,7 +151,11 @@ impl StoreLock<'_> {
     }
 
     pub fn find(&self, owner: &Owner) -> Result<Option<Ipv4Addr>, StoreError> {
-        Ok(self.list()?.into_iter().find(|(_, o)| o == owner).map(|(ip, _)| ip))
+        Ok(self
+            .list()?
+            .into_iter()
+            .find(|(_, o)| o == owner)
+            .map(|(ip, _)| ip))
     }
 
     /// The owner's address: the one it holds already (a retried ADD), or the next free one.
@@ -186,7 +194,8 @@ impl StoreLock<'_> {
             .create_new(true)
             .open(&path)
             .map_err(io_error(&path))?;
-        file.write_all(owner.record().as_bytes()).map_err(io_error(&path))
+        file.write_all(owner.record().as_bytes())
+            .map_err(io_error(&path))
     }
 
     /// Frees every address the owner holds; holding none is fine (DEL is idempotent).
@@ -221,7 +230,8 @@ mod tests {
 
     impl TempDir {
         fn new(test: &str) -> TempDir {
-            let dir = std::env::temp_dir().join(format!("mycni-store-{}-{test}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("mycni-store-{}-{test}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             TempDir(dir)
@@ -248,7 +258,11 @@ mod tests {
         let pool = Pool::parse("10.0.0.0/29").unwrap();
         let lock = store.lock().unwrap();
         let a = lock.allocate(&pool, &owner("a")).unwrap();
-        assert_eq!(lock.allocate(&pool, &owner("a")).unwrap(), a, "idempotent for one owner");
+        assert_eq!(
+            lock.allocate(&pool, &owner("a")).unwrap(),
+            a,
+            "idempotent for one owner"
+        );
         let b = lock.allocate(&pool, &owner("b")).unwrap();
         assert_ne!(a, b);
         assert_eq!(lock.find(&owner("b")).unwrap(), Some(b));
@@ -266,7 +280,10 @@ mod tests {
         let ip: Ipv4Addr = "10.0.0.9".parse().unwrap();
         lock.reserve(&pool, ip, &owner("a")).unwrap();
         lock.reserve(&pool, ip, &owner("a")).unwrap();
-        assert!(matches!(lock.reserve(&pool, ip, &owner("b")), Err(StoreError::Taken { .. })));
+        assert!(matches!(
+            lock.reserve(&pool, ip, &owner("b")),
+            Err(StoreError::Taken { .. })
+        ));
         assert!(matches!(
             lock.reserve(&pool, "10.0.0.1".parse().unwrap(), &owner("b")),
             Err(StoreError::Ipam(IpamError::Reserved(_)))
@@ -298,8 +315,14 @@ mod tests {
         let tmp = TempDir::new("corrupt");
         let store = IpStore::open(&tmp.0, "net").unwrap();
         std::fs::write(store.dir().join("10.0.0.2"), "").unwrap();
-        assert!(matches!(store.lock().unwrap().list(), Err(StoreError::Corrupt { .. })));
-        assert!(matches!(IpStore::open(&tmp.0, "../x"), Err(StoreError::InvalidName(_))));
+        assert!(matches!(
+            store.lock().unwrap().list(),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            IpStore::open(&tmp.0, "../x"),
+            Err(StoreError::InvalidName(_))
+        ));
     }
 
     #[test]

@@ -11,7 +11,6 @@ use mycni_common::verdict;
 use mycni_tests::cluster::{wait_for, Cluster, EXTERNAL_IP, NODES};
 use mycni_tests::{prefix, tcp_echo, udp_echo, Netns, Node, Pod};
 
-
 /// Per-verdict packet counts of every node.
 fn snapshot(cluster: &Cluster) -> Result<Vec<Vec<u64>>> {
     cluster
@@ -51,17 +50,23 @@ struct Check<'a> {
 }
 
 fn main() -> Result<()> {
-    let cluster = Cluster::new(&prefix("demo"), &["node-1", "node-2", "node-3"], &[]).context("build the lab")?;
+    let cluster = Cluster::new(&prefix("demo"), &["node-1", "node-2", "node-3"], &[])
+        .context("build the lab")?;
     println!("cluster {}: nodes", cluster.prefix);
     for spec in &NODES {
-        println!("  {:<7} {:<13} pod CIDR {}", spec.name, spec.ip, spec.pod_cidr);
+        println!(
+            "  {:<7} {:<13} pod CIDR {}",
+            spec.name, spec.ip, spec.pod_cidr
+        );
     }
     println!("  external host {EXTERNAL_IP} (no route to any pod CIDR)\n");
     for (node, spec) in cluster.nodes.iter().zip(NODES.iter()) {
         for other in NODES.iter().filter(|o| o.name != spec.name) {
             let has = |node: &Node| -> Result<bool> {
                 let routes = mycni::datapath::Maps::open(&node.pin_root())?.routes()?;
-                Ok(routes.iter().any(|(ip, len, _)| format!("{ip}/{len}") == other.pod_cidr))
+                Ok(routes
+                    .iter()
+                    .any(|(ip, len, _)| format!("{ip}/{len}") == other.pod_cidr))
             };
             wait_for(std::time::Duration::from_secs(5), || has(node))?;
         }
@@ -80,25 +85,104 @@ fn main() -> Result<()> {
     let backend = SocketAddr::from((pod(0, 0).ip, 8080));
     for node in &cluster.nodes {
         node.netns.exec(&[
-            "iptables", "-t", "nat", "-A", "PREROUTING", "-d", "10.96.0.10/32", "-p", "tcp", "--dport", "80",
-            "-j", "DNAT", "--to-destination", &backend.to_string(),
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            "10.96.0.10/32",
+            "-p",
+            "tcp",
+            "--dport",
+            "80",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &backend.to_string(),
         ])?;
     }
     let vip: SocketAddr = "10.96.0.10:80".parse()?;
     let at = |ip, port| SocketAddr::from((ip, port));
     let external = SocketAddr::from((EXTERNAL_IP, 9999));
     let checks = [
-        Check { what: "pod11 -> pod12   same node", client: &pod(0, 0).netns, client_node: 0, server: &pod(0, 1).netns, listen: at(pod(0, 1).ip, 7001), connect: at(pod(0, 1).ip, 7001) },
-        Check { what: "pod11 -> pod21   cross node, direct", client: &pod(0, 0).netns, client_node: 0, server: &pod(1, 0).netns, listen: at(pod(1, 0).ip, 7002), connect: at(pod(1, 0).ip, 7002) },
-        Check { what: "pod22 -> pod12   cross node, direct", client: &pod(1, 1).netns, client_node: 1, server: &pod(0, 1).netns, listen: at(pod(0, 1).ip, 7003), connect: at(pod(0, 1).ip, 7003) },
-        Check { what: "pod11 -> pod31   cross node, VXLAN", client: &pod(0, 0).netns, client_node: 0, server: &pod(2, 0).netns, listen: at(pod(2, 0).ip, 7004), connect: at(pod(2, 0).ip, 7004) },
-        Check { what: "pod32 -> pod22   cross node, VXLAN", client: &pod(2, 1).netns, client_node: 2, server: &pod(1, 1).netns, listen: at(pod(1, 1).ip, 7005), connect: at(pod(1, 1).ip, 7005) },
-        Check { what: "node-1 -> pod31  node to pod", client: &cluster.nodes[0].netns, client_node: 0, server: &pod(2, 0).netns, listen: at(pod(2, 0).ip, 7006), connect: at(pod(2, 0).ip, 7006) },
-        Check { what: "pod21 -> external via SNAT", client: &pod(1, 0).netns, client_node: 1, server: &cluster.external, listen: external, connect: external },
-        Check { what: "pod12 -> ClusterIP (same node backend)", client: &pod(0, 1).netns, client_node: 0, server: &pod(0, 0).netns, listen: backend, connect: vip },
-        Check { what: "pod31 -> ClusterIP (backend across VXLAN)", client: &pod(2, 0).netns, client_node: 2, server: &pod(0, 0).netns, listen: backend, connect: vip },
+        Check {
+            what: "pod11 -> pod12   same node",
+            client: &pod(0, 0).netns,
+            client_node: 0,
+            server: &pod(0, 1).netns,
+            listen: at(pod(0, 1).ip, 7001),
+            connect: at(pod(0, 1).ip, 7001),
+        },
+        Check {
+            what: "pod11 -> pod21   cross node, direct",
+            client: &pod(0, 0).netns,
+            client_node: 0,
+            server: &pod(1, 0).netns,
+            listen: at(pod(1, 0).ip, 7002),
+            connect: at(pod(1, 0).ip, 7002),
+        },
+        Check {
+            what: "pod22 -> pod12   cross node, direct",
+            client: &pod(1, 1).netns,
+            client_node: 1,
+            server: &pod(0, 1).netns,
+            listen: at(pod(0, 1).ip, 7003),
+            connect: at(pod(0, 1).ip, 7003),
+        },
+        Check {
+            what: "pod11 -> pod31   cross node, VXLAN",
+            client: &pod(0, 0).netns,
+            client_node: 0,
+            server: &pod(2, 0).netns,
+            listen: at(pod(2, 0).ip, 7004),
+            connect: at(pod(2, 0).ip, 7004),
+        },
+        Check {
+            what: "pod32 -> pod22   cross node, VXLAN",
+            client: &pod(2, 1).netns,
+            client_node: 2,
+            server: &pod(1, 1).netns,
+            listen: at(pod(1, 1).ip, 7005),
+            connect: at(pod(1, 1).ip, 7005),
+        },
+        Check {
+            what: "node-1 -> pod31  node to pod",
+            client: &cluster.nodes[0].netns,
+            client_node: 0,
+            server: &pod(2, 0).netns,
+            listen: at(pod(2, 0).ip, 7006),
+            connect: at(pod(2, 0).ip, 7006),
+        },
+        Check {
+            what: "pod21 -> external via SNAT",
+            client: &pod(1, 0).netns,
+            client_node: 1,
+            server: &cluster.external,
+            listen: external,
+            connect: external,
+        },
+        Check {
+            what: "pod12 -> ClusterIP (same node backend)",
+            client: &pod(0, 1).netns,
+            client_node: 0,
+            server: &pod(0, 0).netns,
+            listen: backend,
+            connect: vip,
+        },
+        Check {
+            what: "pod31 -> ClusterIP (backend across VXLAN)",
+            client: &pod(2, 0).netns,
+            client_node: 2,
+            server: &pod(0, 0).netns,
+            listen: backend,
+            connect: vip,
+        },
     ];
-    println!("\n{:<44} {:<5} {:<5} {:<5} {:<18} path on the client's node", "CHECK", "ICMP", "TCP", "UDP", "SERVER SAW");
+    println!(
+        "\n{:<44} {:<5} {:<5} {:<5} {:<18} path on the client's node",
+        "CHECK", "ICMP", "TCP", "UDP", "SERVER SAW"
+    );
     let mut failures = 0;
     for check in &checks {
         let before = snapshot(&cluster)?;
@@ -114,14 +198,24 @@ fn main() -> Result<()> {
         };
         let after = snapshot(&cluster)?;
         let mark = |ok: bool| if ok { "ok" } else { "FAIL" };
-        failures += [icmp, tcp.is_ok(), udp.is_ok()].iter().filter(|ok| !**ok).count();
-        let seen = tcp.as_ref().map(|a| a.ip().to_string()).unwrap_or_else(|e| format!("{e}"));
+        failures += [icmp, tcp.is_ok(), udp.is_ok()]
+            .iter()
+            .filter(|ok| !**ok)
+            .count();
+        let seen = tcp
+            .as_ref()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|e| format!("{e}"));
         println!(
             "{:<44} {:<5} {:<5} {:<5} {:<18} {}",
             check.what,
             mark(icmp),
             mark(tcp.is_ok()),
-            if check.connect == vip { "-" } else { mark(udp.is_ok()) },
+            if check.connect == vip {
+                "-"
+            } else {
+                mark(udp.is_ok())
+            },
             seen,
             path_taken(&before, &after, check.client_node)
         );
@@ -129,7 +223,11 @@ fn main() -> Result<()> {
 
     for (node, map) in [(0, "ROUTES"), (1, "NAT")] {
         let root = cluster.nodes[node].pin_root();
-        println!("\n$ bpftool map dump pinned {}/{map}   # on {}", root.display(), NODES[node].name);
+        println!(
+            "\n$ bpftool map dump pinned {}/{map}   # on {}",
+            root.display(),
+            NODES[node].name
+        );
         let out = Command::new("bpftool")
             .args(["map", "dump", "pinned"])
             .arg(root.join(map))
@@ -157,7 +255,14 @@ fn main() -> Result<()> {
             left.push(format!("{}: {found:?}", node.netns.name));
         }
     }
-    println!("\nDEL every pod; left on the nodes: {}", if left.is_empty() { "nothing".to_string() } else { left.join("; ") });
+    println!(
+        "\nDEL every pod; left on the nodes: {}",
+        if left.is_empty() {
+            "nothing".to_string()
+        } else {
+            left.join("; ")
+        }
+    );
     drop(pods);
     drop(cluster);
     println!("removed every namespace, pin and file the demo made");
