@@ -33,6 +33,8 @@ const FILTER_HANDLE: TcHandle = TcHandle::new(0, 1);
 pub enum DatapathError {
     #[error("the datapath is not loaded: {path} is missing (is mycni-agent running?)")]
     NotLoaded { path: PathBuf },
+    #[error("{path} is not on a bpf filesystem: mount one first (mount -t bpf bpf /sys/fs/bpf)")]
+    NotBpffs { path: PathBuf },
     #[error("pinned map {path} has another layout ({found}); expected {expected}. Remove the pins (mycni-agent unload) or run the matching mycni version")]
     IncompatiblePin {
         path: PathBuf,
@@ -153,6 +155,11 @@ pub fn load_and_pin(root: &Path) -> Result<(), DatapathError> {
         path: root.to_path_buf(),
         source,
     })?;
+    if !on_bpffs(root) {
+        return Err(DatapathError::NotBpffs {
+            path: root.to_path_buf(),
+        });
+    }
     check_pinned_layouts(root)?;
     let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, root.join(n))).collect();
     let mut loader = EbpfLoader::new();
@@ -186,6 +193,18 @@ pub fn load_and_pin(root: &Path) -> Result<(), DatapathError> {
         })?;
     }
     Ok(())
+}
+
+/// Whether `path` lives on a bpffs, where pins can be made.
+fn on_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs writes into the struct we pass; the path is NUL-terminated.
+    let ok = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } == 0;
+    ok && stat.f_type as i64 == BPF_FS_MAGIC
 }
 
 /// Removes every pin under `root` (programs stay attached to existing veths until those go).

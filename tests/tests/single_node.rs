@@ -334,3 +334,40 @@ fn gc_frees_attachments_not_listed_as_valid() -> Result<()> {
     ensure!(left.is_empty(), "left behind: {left:?}");
     Ok(())
 }
+
+#[test]
+fn pins_of_another_layout_are_refused_not_reused() -> Result<()> {
+    let prefix = prefix("layout");
+    let bpffs = mycni_tests::Bpffs::new(&prefix)?;
+    let root = bpffs.mount_point.join("mycni");
+    std::fs::create_dir_all(&root)?;
+    // A ROUTES pin as an older build might have left it: another kind and value size.
+    mycni_tests::run(
+        std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(root.join("ROUTES"))
+            .args([
+                "type", "hash", "key", "4", "value", "4", "entries", "8", "name", "ROUTES",
+            ]),
+    )?;
+    let netns = mycni_tests::Netns::new(&format!("{prefix}-node"))?;
+    let load = netns
+        .command(mycni_tests::agent_bin())
+        .arg("--bpffs-root")
+        .arg(&root)
+        .arg("load")
+        .env("RUST_BACKTRACE", "0")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&load.stderr);
+    ensure!(
+        !load.status.success(),
+        "the agent reused an incompatible pin"
+    );
+    ensure!(
+        stderr.contains("another layout"),
+        "unclear refusal: {stderr}"
+    );
+    // The plugin refuses too, instead of writing into the wrong map.
+    ensure!(mycni::datapath::Maps::open(&root).is_err());
+    Ok(())
+}
