@@ -126,16 +126,6 @@ impl Netlink {
         }
     }
 
-    pub async fn link_by_index(&self, index: u32) -> Result<Option<LinkInfo>, NetlinkError> {
-        let mut links = self.handle.link().get().match_index(index).execute();
-        match links.try_next().await {
-            Ok(Some(message)) => Ok(Some(link_info(&message))),
-            Ok(None) => Ok(None),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-            Err(e) => Err(request(format!("get link #{index}"))(e)),
-        }
-    }
-
     /// Creates a veth pair: `host_name` here, `peer_name` directly inside `peer_netns`.
     pub async fn create_veth(
         &self,

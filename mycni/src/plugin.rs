@@ -89,6 +89,17 @@ fn store_error(e: StoreError) -> CniError {
     }
 }
 
+/// `CNI_NETNS`; one that cannot be opened is the runtime's environment being wrong.
+fn open_pod_netns(env: &CniEnv) -> Result<std::fs::File, CniError> {
+    open_netns(Path::new(&env.netns)).map_err(|e| {
+        CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!("CNI_NETNS {} cannot be opened", env.netns),
+        )
+        .with_details(e)
+    })
+}
+
 fn owner_of(env: &CniEnv) -> Owner {
     Owner {
         container_id: env.container_id.clone(),
@@ -130,13 +141,7 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         CniError::new(ErrorCode::InvalidConfig, "\"podCIDR\" is required for ADD")
     })?;
     datapath::check_loaded(&conf.bpffs_root).map_err(datapath_error)?;
-    let netns = open_netns(Path::new(&env.netns)).map_err(|e| {
-        CniError::new(
-            ErrorCode::InvalidEnvironment,
-            format!("CNI_NETNS {} cannot be opened", env.netns),
-        )
-        .with_details(e)
-    })?;
+    let netns = open_pod_netns(env)?;
     let static_ip = match env.requested_ip()? {
         Some(ip) => Some(ip),
         None => conf.runtime_ips.first().copied(),
@@ -373,13 +378,7 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         .as_ref()
         .ok_or_else(|| CniError::new(ErrorCode::InvalidConfig, "CHECK needs prevResult"))?;
     let prev = CniResult::from_json(prev)?;
-    let netns = open_netns(Path::new(&env.netns)).map_err(|e| {
-        CniError::new(
-            ErrorCode::InvalidEnvironment,
-            format!("CNI_NETNS {} cannot be opened", env.netns),
-        )
-        .with_details(e)
-    })?;
+    let netns = open_pod_netns(env)?;
     let host = Netlink::current().map_err(netlink_error)?;
     let pod = Netlink::in_netns(&netns).map_err(netlink_error)?;
     let maps = Maps::open(&conf.bpffs_root).map_err(datapath_error)?;

@@ -122,12 +122,6 @@ impl Cluster {
         external.exec(&["ip", "route", "add", "192.168.0.0/16", "via", "203.0.113.1"])?;
 
         let nodes_file = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-nodes"));
-        let listed_text: String = NODES
-            .iter()
-            .filter(|spec| listed.contains(&spec.name))
-            .map(nodes_line)
-            .collect();
-        std::fs::write(&nodes_file, listed_text)?;
         let mut cluster = Cluster {
             prefix: prefix.to_string(),
             nodes: Vec::new(),
@@ -136,6 +130,7 @@ impl Cluster {
             fabric,
             nodes_file,
         };
+        cluster.write_nodes_file(listed)?;
         for (index, spec) in NODES.iter().enumerate() {
             let mut node = Node::bare(prefix, spec.name, spec.pod_cidr)?;
             node.node_ip = spec.ip;
@@ -237,6 +232,41 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.nodes_file);
     }
+}
+
+/// The rules kube-proxy's iptables mode writes for a TCP ClusterIP on port 80 with one
+/// backend: a KUBE-SERVICES chain hooked into PREROUTING and OUTPUT, and a DNAT.
+pub fn add_cluster_ip(node: &Node, cluster_ip: &str, backend: std::net::SocketAddr) -> Result<()> {
+    let chain = "KUBE-SERVICES";
+    let _ = node.netns.exec(&["iptables", "-t", "nat", "-N", chain]);
+    for hook in ["PREROUTING", "OUTPUT"] {
+        if node
+            .netns
+            .exec(&["iptables", "-t", "nat", "-C", hook, "-j", chain])
+            .is_err()
+        {
+            node.netns
+                .exec(&["iptables", "-t", "nat", "-A", hook, "-j", chain])?;
+        }
+    }
+    node.netns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        chain,
+        "-d",
+        &format!("{cluster_ip}/32"),
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &backend.to_string(),
+    ])?;
+    Ok(())
 }
 
 /// Polls `check` every 50 ms until it holds or `limit` passes.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use mycni_common::verdict;
-use mycni_tests::cluster::{wait_for, Cluster, EXTERNAL_IP, NODES};
+use mycni_tests::cluster::{add_cluster_ip, wait_for, Cluster, EXTERNAL_IP, NODES};
 use mycni_tests::{prefix, tcp_echo, udp_echo, Netns, Node, Pod};
 
 const ALL: [&str; 3] = ["node-1", "node-2", "node-3"];
@@ -147,40 +147,6 @@ fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<(
         occupancy.tcp >= 1 && occupancy.udp >= 1 && occupancy.icmp >= 1,
         "{occupancy:?}"
     );
-    Ok(())
-}
-
-/// The rules kube-proxy's iptables mode writes for a ClusterIP with one backend.
-fn add_cluster_ip(node: &Node, cluster_ip: &str, backend: SocketAddr) -> Result<()> {
-    let chain = "KUBE-SERVICES";
-    let _ = node.netns.exec(&["iptables", "-t", "nat", "-N", chain]);
-    for hook in ["PREROUTING", "OUTPUT"] {
-        if node
-            .netns
-            .exec(&["iptables", "-t", "nat", "-C", hook, "-j", chain])
-            .is_err()
-        {
-            node.netns
-                .exec(&["iptables", "-t", "nat", "-A", hook, "-j", chain])?;
-        }
-    }
-    node.netns.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        chain,
-        "-d",
-        &format!("{cluster_ip}/32"),
-        "-p",
-        "tcp",
-        "--dport",
-        "80",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        &backend.to_string(),
-    ])?;
     Ok(())
 }
 

@@ -2,20 +2,14 @@
 //! (`tests/src/bin/mycni-demo.rs`) as root.
 use anyhow::{bail, Result};
 
-use crate::{cmd, ebpf, repo_root, setup};
+use crate::{cmd, repo_root};
 
 pub fn run() -> Result<()> {
     if !cmd::is_root() {
         bail!("the demo makes network namespaces and loads eBPF programs: run it as root");
     }
-    setup::run()?;
-    ebpf::build()?;
+    crate::test::prepare()?;
     let root = repo_root();
-    cmd::run(
-        cmd::clean("cargo")
-            .current_dir(&root)
-            .args(["build", "--workspace", "--bins"]),
-    )?;
     cmd::run(
         cmd::clean(&root.join("target/debug/mycni-demo").display().to_string())
             .env("MYCNI_BIN_DIR", root.join("target/debug"))

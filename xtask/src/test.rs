@@ -6,15 +6,20 @@ use anyhow::{bail, Context, Result};
 
 use crate::{cmd, ebpf, repo_root, setup};
 
-pub fn run(args: &[String]) -> Result<()> {
+/// Everything the tests and the demo run: the machine's tools, the eBPF object, every binary.
+pub fn prepare() -> Result<()> {
     setup::run()?;
     ebpf::build()?;
-    let root = repo_root();
     cmd::run(
         cmd::clean("cargo")
-            .current_dir(&root)
+            .current_dir(repo_root())
             .args(["build", "--workspace", "--bins"]),
-    )?;
+    )
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    prepare()?;
+    let root = repo_root();
     if !cmd::is_root() {
         eprintln!("warning: not root: the integration tests (namespaces, bpf) will fail");
     }

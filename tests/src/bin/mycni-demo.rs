@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 use mycni_common::verdict;
-use mycni_tests::cluster::{wait_for, Cluster, EXTERNAL_IP, NODES};
+use mycni_tests::cluster::{add_cluster_ip, wait_for, Cluster, EXTERNAL_IP, NODES};
 use mycni_tests::{prefix, tcp_echo, udp_echo, Netns, Node, Pod};
 
 /// Per-verdict packet counts of every node.
@@ -84,23 +84,7 @@ fn main() -> Result<()> {
     // A kube-proxy-style ClusterIP on every node: 10.96.0.10:80 -> pod11:8080.
     let backend = SocketAddr::from((pod(0, 0).ip, 8080));
     for node in &cluster.nodes {
-        node.netns.exec(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            "10.96.0.10/32",
-            "-p",
-            "tcp",
-            "--dport",
-            "80",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &backend.to_string(),
-        ])?;
+        add_cluster_ip(node, "10.96.0.10", backend)?;
     }
     let vip: SocketAddr = "10.96.0.10:80".parse()?;
     let at = |ip, port| SocketAddr::from((ip, port));
