@@ -437,3 +437,64 @@ fn ten_megabytes_cross_vxlan_without_a_pmtu_black_hole() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn forced_vxlan_mode_tunnels_even_on_link_peers() -> Result<()> {
+    let cluster = Cluster::new(&prefix("forcevx"), &ALL, &["--tunnel-mode", "vxlan"])?;
+    wait_for_full_mesh(&cluster)?;
+    let (n1, n2) = (cluster.node("node-1"), cluster.node("node-2"));
+    let routes = mycni::datapath::Maps::open(&n1.pin_root())?.routes()?;
+    let to_node_2 = routes
+        .iter()
+        .find(|(ip, len, _)| format!("{ip}/{len}") == "10.244.2.0/24")
+        .context("no route to node-2")?;
+    ensure!(
+        to_node_2.2.kind == mycni_common::ROUTE_REMOTE_TUNNEL,
+        "{:?}",
+        to_node_2.2
+    );
+    let a1 = n1.add_pod("a1")?;
+    let b1 = n2.add_pod("b1")?;
+    let before = packets(n1, verdict::REMOTE_TUNNEL)?;
+    check_pair(
+        "forced vxlan on one segment",
+        &a1.netns,
+        a1.ip,
+        &b1.netns,
+        b1.ip,
+        7500,
+    )?;
+    ensure!(packets(n1, verdict::REMOTE_TUNNEL)? > before);
+    ensure!(
+        packets(n1, verdict::REMOTE_DIRECT)? == 0,
+        "something went direct"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_agent_expires_idle_nat_entries_per_protocol() -> Result<()> {
+    let cluster = Cluster::new(
+        &prefix("natexp"),
+        &["node-1"],
+        &["--nat-timeout-udp", "1", "--nat-timeout-tcp", "3600"],
+    )?;
+    let n1 = cluster.node("node-1");
+    let a1 = n1.add_pod("a1")?;
+    let target = SocketAddr::from((EXTERNAL_IP, 9200));
+    udp_echo(&cluster.external, target, &a1.netns, target)?;
+    tcp_echo(&cluster.external, target, &a1.netns, target)?;
+    let occupancy = || -> Result<mycni::nat::NatOccupancy> {
+        Ok(mycni::nat::occupancy(
+            &mycni::datapath::NatTable::open(&n1.pin_root())?.entries()?,
+        ))
+    };
+    let start = occupancy()?;
+    ensure!(start.udp == 1 && start.tcp == 1, "{start:?}");
+    // UDP idles out after 1 s (the agent sweeps every second); TCP's hour keeps it.
+    let took = wait_for(Duration::from_secs(5), || Ok(occupancy()?.udp == 0))?;
+    eprintln!("idle UDP flow expired after {took:?}");
+    let end = occupancy()?;
+    ensure!(end.tcp == 1 && end.entries == 2, "{end:?}");
+    Ok(())
+}
