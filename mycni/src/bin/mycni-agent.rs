@@ -292,9 +292,23 @@ fn print_nat(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
             })
         })
         .collect();
+    let occupancy = mycni::nat::occupancy(&entries);
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        let report = serde_json::json!({
+            "occupancy": {"tcp": occupancy.tcp, "udp": occupancy.udp, "icmp": occupancy.icmp,
+                          "entries": occupancy.entries, "capacity": mycni_common::MAX_NAT},
+            "entries": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
+        println!(
+            "flows: tcp {} udp {} icmp {}; entries {} of {}",
+            occupancy.tcp,
+            occupancy.udp,
+            occupancy.icmp,
+            occupancy.entries,
+            mycni_common::MAX_NAT
+        );
         println!(
             "{:<5} {:<8} {:<22} {:<22} {:<22} IDLE",
             "PROTO", "DIR", "FROM", "TO", "REWRITTEN"
