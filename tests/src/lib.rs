@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod bench;
 pub mod cluster;
 
 /// Where the binaries under test live (`cargo xtask test` sets it; defaults to target/debug).
@@ -300,6 +301,10 @@ impl Node {
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!("mycni-agent did not pin the datapath within 10 s")
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
     }
 
     pub fn stop_agent(&mut self) {

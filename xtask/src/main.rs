@@ -1,4 +1,5 @@
 //! Developer and operator tasks: `cargo xtask <command>`.
+mod bench;
 mod cmd;
 mod demo;
 mod ebpf;
@@ -16,7 +17,9 @@ const USAGE: &str = "usage: cargo xtask <command>
                [--bin-dir /usr/local/bin] --pod-cidr CIDR [--mtu 1500]
                [--data-dir /var/lib/cni/mycni] [--bpffs-root /sys/fs/bpf/mycni] [--no-build]
   demo         a simulated cluster in network namespaces, its connectivity, then cleanup
-  test         the whole test suite (unit and, as root, integration)";
+  test         the whole test suite (unit and, as root, integration)
+  bench        mycni against a bare veth, the reference bridge plugin and kernel VXLAN
+               [--quick] (under two minutes); results in target/bench/";
 
 /// The workspace root: xtask lives one level below it.
 pub fn repo_root() -> PathBuf {
@@ -38,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         "install" => install::run(rest),
         "demo" => demo::run(),
         "test" => test::run(rest),
+        "bench" => bench::run(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())

@@ -1,0 +1,278 @@
+//! Measurements for `cargo xtask bench`: request/response latency, connection rate,
+//! throughput with CPU cost, between two namespaces; and statistics over samples.
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::Netns;
+
+/// Median, minimum and maximum of a sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Summary {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+pub fn summarize(values: &[f64]) -> Summary {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    Summary {
+        median: percentile(&sorted, 50.0),
+        min: sorted.first().copied().unwrap_or(f64::NAN),
+        max: sorted.last().copied().unwrap_or(f64::NAN),
+    }
+}
+
+/// Latency of request/response round trips, in microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundTrips {
+    pub avg_us: f64,
+    pub p99_us: f64,
+}
+
+fn round_trips(samples: &mut [f64]) -> RoundTrips {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    RoundTrips {
+        avg_us: samples.iter().sum::<f64>() / samples.len().max(1) as f64,
+        p99_us: percentile(samples, 99.0),
+    }
+}
+
+/// One-byte TCP ping-pong on one connection, `count` times after a warm-up.
+pub fn tcp_rr(server: &Netns, client: &Netns, addr: SocketAddr, count: usize) -> Result<RoundTrips> {
+    let listener = server.run_inside(|| Ok(TcpListener::bind(addr)?))?;
+    let serve = std::thread::spawn(move || -> Result<()> {
+        let (mut conn, _) = listener.accept()?;
+        conn.set_nodelay(true)?;
+        let mut byte = [0u8; 1];
+        while conn.read(&mut byte)? == 1 {
+            conn.write_all(&byte)?;
+        }
+        Ok(())
+    });
+    let mut samples = client.run_inside(|| {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut byte = [7u8; 1];
+        let mut samples = Vec::with_capacity(count);
+        for i in 0..count + count / 10 {
+            let start = Instant::now();
+            stream.write_all(&byte)?;
+            stream.read_exact(&mut byte)?;
+            if i >= count / 10 {
+                samples.push(start.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        Ok(samples)
+    })?;
+    serve.join().map_err(|_| anyhow::anyhow!("rr server panicked"))??;
+    Ok(round_trips(&mut samples))
+}
+
+/// One-byte UDP ping-pong, `count` times after a warm-up.
+pub fn udp_rr(server: &Netns, client: &Netns, addr: SocketAddr, count: usize) -> Result<RoundTrips> {
+    let socket = server.run_inside(|| Ok(UdpSocket::bind(addr)?))?;
+    socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let total = count + count / 10;
+    let serve = std::thread::spawn(move || {
+        let mut buf = [0u8; 16];
+        let mut served = 0;
+        while served < total {
+            match socket.recv_from(&mut buf) {
+                Ok((n, peer)) => {
+                    let _ = socket.send_to(&buf[..n], peer);
+                    served += 1;
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    let mut samples = client.run_inside(|| {
+        let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut buf = [0u8; 16];
+        let mut samples = Vec::with_capacity(count);
+        for i in 0..total {
+            let start = Instant::now();
+            socket.send(&[7])?;
+            socket.recv(&mut buf).context("udp reply lost")?;
+            if i >= count / 10 {
+                samples.push(start.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        Ok(samples)
+    })?;
+    let _ = serve.join();
+    Ok(round_trips(&mut samples))
+}
+
+/// Closes with a reset, so a connection-rate run leaves no TIME_WAIT behind to run out of ports.
+fn close_with_reset(stream: &TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt with a valid fd and a correctly sized struct.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// TCP connections per second: connect, one byte each way, close; for `duration`.
+pub fn tcp_connection_rate(server: &Netns, client: &Netns, addr: SocketAddr, duration: Duration) -> Result<f64> {
+    let listener = server.run_inside(|| Ok(TcpListener::bind(addr)?))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_server = stop.clone();
+    listener.set_nonblocking(true)?;
+    let serve = std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while !stop_server.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut conn, _)) => {
+                    let _ = conn.set_nonblocking(false);
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+                    if conn.read(&mut byte).is_ok_and(|n| n == 1) {
+                        let _ = conn.write_all(&byte);
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_micros(50)),
+            }
+        }
+    });
+    let done = client.run_inside(|| {
+        let start = Instant::now();
+        let mut done = 0u64;
+        let mut byte = [1u8; 1];
+        while start.elapsed() < duration {
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            stream.set_nodelay(true)?;
+            stream.write_all(&byte)?;
+            stream.read_exact(&mut byte)?;
+            close_with_reset(&stream);
+            done += 1;
+        }
+        Ok(done as f64 / start.elapsed().as_secs_f64())
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = serve.join();
+    done
+}
+
+/// Busy CPU time of the whole machine (all CPUs), from /proc/stat, in ticks.
+fn cpu_busy_ticks() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    if fields.len() < 5 {
+        bail!("unexpected /proc/stat: {line}");
+    }
+    let total: u64 = fields.iter().sum();
+    Ok(total - fields[3] - fields[4])
+}
+
+/// Throughput of `streams` parallel TCP streams for `duration`, and the CPU time the whole
+/// machine spent per GB moved.
+#[derive(Debug, Clone, Copy)]
+pub struct Throughput {
+    pub gbit_per_s: f64,
+    pub cpu_seconds_per_gb: f64,
+}
+
+pub fn tcp_throughput(server: &Netns, client: &Netns, addr: SocketAddr, streams: usize, duration: Duration) -> Result<Throughput> {
+    let listener = server.run_inside(|| Ok(TcpListener::bind(addr)?))?;
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let serve = std::thread::spawn(move || -> Result<()> {
+        let mut readers = Vec::new();
+        for _ in 0..streams {
+            let (mut conn, _) = listener.accept()?;
+            let counter = counter.clone();
+            readers.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }));
+        }
+        for reader in readers {
+            let _ = reader.join();
+        }
+        Ok(())
+    });
+    let busy_before = cpu_busy_ticks()?;
+    let start = Instant::now();
+    let writers: Vec<_> = (0..streams)
+        .map(|_| {
+            client.run_inside(|| {
+                let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+                Ok(stream)
+            })
+        })
+        .collect::<Result<_>>()?;
+    let handles: Vec<_> = writers
+        .into_iter()
+        .map(|mut stream| {
+            std::thread::spawn(move || {
+                let chunk = vec![0x5au8; 128 * 1024];
+                let start = Instant::now();
+                while start.elapsed() < duration {
+                    if stream.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        let _ = handle.join();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    serve.join().map_err(|_| anyhow::anyhow!("throughput server panicked"))??;
+    let busy_after = cpu_busy_ticks()?;
+    let bytes = received.load(Ordering::Relaxed) as f64;
+    let ticks_per_second = 100.0; // USER_HZ
+    let busy_seconds = (busy_after - busy_before) as f64 / ticks_per_second;
+    Ok(Throughput {
+        gbit_per_s: bytes * 8.0 / elapsed / 1e9,
+        cpu_seconds_per_gb: busy_seconds / (bytes / 1e9),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_and_percentiles() {
+        let s = summarize(&[5.0, 1.0, 3.0, 2.0, 4.0]);
+        assert_eq!((s.median, s.min, s.max), (3.0, 1.0, 5.0));
+        let sorted: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&sorted, 99.0), 99.0);
+        assert_eq!(percentile(&sorted, 0.0), 1.0);
+        assert!(percentile(&[], 50.0).is_nan());
+        let rt = round_trips(&mut [10.0, 30.0, 20.0]);
+        assert_eq!(rt.avg_us, 20.0);
+    }
+}
