@@ -305,17 +305,17 @@ async fn release_attachment(
     let host_link = host.link_by_name(&host_name).await.map_err(netlink_error)?;
     match Maps::open(root) {
         Ok(mut maps) => {
-            if let Some(ip) = ip {
-                maps.remove_endpoint(ip).map_err(datapath_error)?;
-            }
-            // Entries whose allocation record was lost still name the container.
-            let hash = fnv1a64(owner.container_id.as_bytes());
-            for (stale_ip, endpoint) in maps.endpoints().map_err(datapath_error)? {
-                let same_veth = host_link
-                    .as_ref()
-                    .is_some_and(|l| l.index == endpoint.ifindex);
-                if endpoint.container_id_hash == hash && (ip.is_none() || same_veth) {
-                    maps.remove_endpoint(stale_ip).map_err(datapath_error)?;
+            match ip {
+                Some(ip) => maps.remove_endpoint(ip).map_err(datapath_error)?,
+                // The allocation record is lost (a crash mid-ADD or mid-DEL): entries
+                // still naming the container are found by its hash.
+                None => {
+                    let hash = fnv1a64(owner.container_id.as_bytes());
+                    for (stale_ip, endpoint) in maps.endpoints().map_err(datapath_error)? {
+                        if endpoint.container_id_hash == hash {
+                            maps.remove_endpoint(stale_ip).map_err(datapath_error)?;
+                        }
+                    }
                 }
             }
         }

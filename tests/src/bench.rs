@@ -19,12 +19,15 @@ pub struct Summary {
     pub max: f64,
 }
 
+/// The `p`th percentile of sorted values, interpolating between neighbours (so the median
+/// of an even count is the mean of the middle two).
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
+    let rank = (p / 100.0).clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let (low, high) = (rank.floor() as usize, rank.ceil() as usize);
+    sorted[low] + (sorted[high] - sorted[low]) * (rank - low as f64)
 }
 
 pub fn summarize(values: &[f64]) -> Summary {
@@ -268,8 +271,9 @@ mod tests {
     fn summaries_and_percentiles() {
         let s = summarize(&[5.0, 1.0, 3.0, 2.0, 4.0]);
         assert_eq!((s.median, s.min, s.max), (3.0, 1.0, 5.0));
+        assert_eq!(summarize(&[2.0, 4.0]).median, 3.0);
         let sorted: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&sorted, 99.0), 99.0);
+        assert!((percentile(&sorted, 99.0) - 99.01).abs() < 1e-9);
         assert_eq!(percentile(&sorted, 0.0), 1.0);
         assert!(percentile(&[], 50.0).is_nan());
         let rt = round_trips(&mut [10.0, 30.0, 20.0]);
