@@ -56,7 +56,12 @@ fn round_trips(samples: &mut [f64]) -> RoundTrips {
 }
 
 /// One-byte TCP ping-pong on one connection, `count` times after a warm-up.
-pub fn tcp_rr(server: &Netns, client: &Netns, addr: SocketAddr, count: usize) -> Result<RoundTrips> {
+pub fn tcp_rr(
+    server: &Netns,
+    client: &Netns,
+    addr: SocketAddr,
+    count: usize,
+) -> Result<RoundTrips> {
     let listener = server.run_inside(|| Ok(TcpListener::bind(addr)?))?;
     let serve = std::thread::spawn(move || -> Result<()> {
         let (mut conn, _) = listener.accept()?;
@@ -83,12 +88,19 @@ pub fn tcp_rr(server: &Netns, client: &Netns, addr: SocketAddr, count: usize) ->
         }
         Ok(samples)
     })?;
-    serve.join().map_err(|_| anyhow::anyhow!("rr server panicked"))??;
+    serve
+        .join()
+        .map_err(|_| anyhow::anyhow!("rr server panicked"))??;
     Ok(round_trips(&mut samples))
 }
 
 /// One-byte UDP ping-pong, `count` times after a warm-up.
-pub fn udp_rr(server: &Netns, client: &Netns, addr: SocketAddr, count: usize) -> Result<RoundTrips> {
+pub fn udp_rr(
+    server: &Netns,
+    client: &Netns,
+    addr: SocketAddr,
+    count: usize,
+) -> Result<RoundTrips> {
     let socket = server.run_inside(|| Ok(UdpSocket::bind(addr)?))?;
     socket.set_read_timeout(Some(Duration::from_millis(500)))?;
     let total = count + count / 10;
@@ -127,7 +139,10 @@ pub fn udp_rr(server: &Netns, client: &Netns, addr: SocketAddr, count: usize) ->
 
 /// Closes with a reset, so a connection-rate run leaves no TIME_WAIT behind to run out of ports.
 fn close_with_reset(stream: &TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: setsockopt with a valid fd and a correctly sized struct.
     unsafe {
         libc::setsockopt(
@@ -141,27 +156,29 @@ fn close_with_reset(stream: &TcpStream) {
 }
 
 /// TCP connections per second: connect, one byte each way, close; for `duration`.
-pub fn tcp_connection_rate(server: &Netns, client: &Netns, addr: SocketAddr, duration: Duration) -> Result<f64> {
+pub fn tcp_connection_rate(
+    server: &Netns,
+    client: &Netns,
+    addr: SocketAddr,
+    duration: Duration,
+) -> Result<f64> {
     let listener = server.run_inside(|| Ok(TcpListener::bind(addr)?))?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop_server = stop.clone();
-    listener.set_nonblocking(true)?;
     let serve = std::thread::spawn(move || {
         let mut byte = [0u8; 1];
-        while !stop_server.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((mut conn, _)) => {
-                    let _ = conn.set_nonblocking(false);
-                    let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
-                    if conn.read(&mut byte).is_ok_and(|n| n == 1) {
-                        let _ = conn.write_all(&byte);
-                    }
-                }
-                Err(_) => std::thread::sleep(Duration::from_micros(50)),
+        // Blocking accept: polling would put its sleep into every connection's time.
+        while let Ok((mut conn, _)) = listener.accept() {
+            if stop_server.load(Ordering::Relaxed) {
+                break;
+            }
+            let _ = conn.set_nodelay(true);
+            if conn.read(&mut byte).is_ok_and(|n| n == 1) {
+                let _ = conn.write_all(&byte);
             }
         }
     });
-    let done = client.run_inside(|| {
+    let rate = client.run_inside(|| {
         let start = Instant::now();
         let mut done = 0u64;
         let mut byte = [1u8; 1];
@@ -173,18 +190,29 @@ pub fn tcp_connection_rate(server: &Netns, client: &Netns, addr: SocketAddr, dur
             close_with_reset(&stream);
             done += 1;
         }
-        Ok(done as f64 / start.elapsed().as_secs_f64())
+        let rate = done as f64 / start.elapsed().as_secs_f64();
+        // Wake the server's accept so it sees the stop flag.
+        stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(3));
+        Ok(rate)
     });
-    stop.store(true, Ordering::Relaxed);
+    if rate.is_err() {
+        stop.store(true, Ordering::Relaxed);
+        let _ = client.run_inside(|| Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(1))));
+    }
     let _ = serve.join();
-    done
+    rate
 }
 
 /// Busy CPU time of the whole machine (all CPUs), from /proc/stat, in ticks.
 fn cpu_busy_ticks() -> Result<u64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let line = stat.lines().next().context("empty /proc/stat")?;
-    let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
     if fields.len() < 5 {
         bail!("unexpected /proc/stat: {line}");
     }
@@ -200,7 +228,13 @@ pub struct Throughput {
     pub cpu_seconds_per_gb: f64,
 }
 
-pub fn tcp_throughput(server: &Netns, client: &Netns, addr: SocketAddr, streams: usize, duration: Duration) -> Result<Throughput> {
+pub fn tcp_throughput(
+    server: &Netns,
+    client: &Netns,
+    addr: SocketAddr,
+    streams: usize,
+    duration: Duration,
+) -> Result<Throughput> {
     let listener = server.run_inside(|| Ok(TcpListener::bind(addr)?))?;
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
@@ -252,7 +286,9 @@ pub fn tcp_throughput(server: &Netns, client: &Netns, addr: SocketAddr, streams:
         let _ = handle.join();
     }
     let elapsed = start.elapsed().as_secs_f64();
-    serve.join().map_err(|_| anyhow::anyhow!("throughput server panicked"))??;
+    serve
+        .join()
+        .map_err(|_| anyhow::anyhow!("throughput server panicked"))??;
     let busy_after = cpu_busy_ticks()?;
     let bytes = received.load(Ordering::Relaxed) as f64;
     let ticks_per_second = 100.0; // USER_HZ

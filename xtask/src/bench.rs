@@ -12,17 +12,23 @@ pub fn run(args: &[String]) -> Result<()> {
     ebpf::build()?;
     let root = repo_root();
     // Release builds: the plugin's own speed is part of what is measured.
+    cmd::run(cmd::clean("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--workspace",
+        "--bins",
+    ]))?;
     cmd::run(
-        cmd::clean("cargo")
-            .current_dir(&root)
-            .args(["build", "--release", "--workspace", "--bins"]),
-    )?;
-    cmd::run(
-        cmd::clean(&root.join("target/release/mycni-bench").display().to_string())
-            .current_dir(&root)
-            .args(args)
-            .env("MYCNI_BIN_DIR", root.join("target/release"))
-            .env("MYCNI_BENCH_OUT", root.join("target/bench"))
-            .env("RUST_BACKTRACE", "0"),
+        cmd::clean(
+            &root
+                .join("target/release/mycni-bench")
+                .display()
+                .to_string(),
+        )
+        .current_dir(&root)
+        .args(args)
+        .env("MYCNI_BIN_DIR", root.join("target/release"))
+        .env("MYCNI_BENCH_OUT", root.join("target/bench"))
+        .env("RUST_BACKTRACE", "0"),
     )
 }

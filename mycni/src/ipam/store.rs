@@ -2,6 +2,11 @@
 //! file per allocated IP (named by the address, holding the container ID and interface),
 //! `last_reserved_ip.0` for round robin, and a `lock` file taken with `flock` around every
 //! read-modify-write, so concurrent plugin processes never hand out one address twice.
+//!
+//! An index `owners/<container ID>:<interface>` holding the IP makes ADD and DEL look an
+//! owner up without reading every record, so their cost does not grow with the pod count.
+//! The IP file is the claim and is written first; an index entry lost to a crash between
+//! the two writes is covered by DEL's fallback scan and by GC.
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -12,6 +17,7 @@ use super::{IpamError, Pool};
 
 const LOCK_FILE: &str = "lock";
 const LAST_RESERVED_FILE: &str = "last_reserved_ip.0";
+const OWNERS_DIR: &str = "owners";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -71,7 +77,8 @@ impl IpStore {
             return Err(StoreError::InvalidName(network_name.to_string()));
         }
         let dir = data_dir.join(network_name);
-        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let owners = dir.join(OWNERS_DIR);
+        std::fs::create_dir_all(&owners).map_err(io_error(&owners))?;
         Ok(IpStore { dir })
     }
 
@@ -150,25 +157,40 @@ impl StoreLock<'_> {
         Ok(found)
     }
 
+    /// `owners/<container ID>:<interface>`; `:` appears in neither (both are validated).
+    fn index_path(&self, owner: &Owner) -> PathBuf {
+        self.store
+            .dir
+            .join(OWNERS_DIR)
+            .join(format!("{}:{}", owner.container_id, owner.ifname))
+    }
+
+    /// The owner's address, from the index.
     pub fn find(&self, owner: &Owner) -> Result<Option<Ipv4Addr>, StoreError> {
-        Ok(self
-            .list()?
-            .into_iter()
-            .find(|(_, o)| o == owner)
-            .map(|(ip, _)| ip))
+        let path = self.index_path(owner);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error(&path)(e)),
+        };
+        let ip: Ipv4Addr = text.trim().parse().map_err(|_| StoreError::Corrupt {
+            path: path.clone(),
+            reason: format!("{text:?} is not an address"),
+        })?;
+        // Trust the index only while the claim it points at is the owner's.
+        Ok((self.holder(ip)?.as_ref() == Some(owner)).then_some(ip))
     }
 
     /// The owner's address: the one it holds already (a retried ADD), or the next free one.
     pub fn allocate(&self, pool: &Pool, owner: &Owner) -> Result<Ipv4Addr, StoreError> {
-        let allocations = self.list()?;
-        if let Some((ip, _)) = allocations.iter().find(|(_, o)| o == owner) {
-            return Ok(*ip);
+        if let Some(ip) = self.find(owner)? {
+            return Ok(ip);
         }
         let last_path = self.store.dir.join(LAST_RESERVED_FILE);
         let last = std::fs::read_to_string(&last_path)
             .ok()
             .and_then(|text| text.trim().parse().ok());
-        let ip = pool.next_free(|ip| allocations.iter().any(|(held, _)| *held == ip), last)?;
+        let ip = pool.next_free(|ip| self.path_of(ip).exists(), last)?;
         self.write_record(ip, owner)?;
         std::fs::write(&last_path, ip.to_string()).map_err(io_error(&last_path))?;
         Ok(ip)
@@ -187,6 +209,7 @@ impl StoreLock<'_> {
         }
     }
 
+    /// The claim (create_new: two writers cannot both succeed), then the index.
     fn write_record(&self, ip: Ipv4Addr, owner: &Owner) -> Result<(), StoreError> {
         let path = self.path_of(ip);
         let mut file = OpenOptions::new()
@@ -195,22 +218,36 @@ impl StoreLock<'_> {
             .open(&path)
             .map_err(io_error(&path))?;
         file.write_all(owner.record().as_bytes())
-            .map_err(io_error(&path))
+            .map_err(io_error(&path))?;
+        let index = self.index_path(owner);
+        std::fs::write(&index, ip.to_string()).map_err(io_error(&index))
     }
 
     /// Frees every address the owner holds; holding none is fine (DEL is idempotent).
+    /// Without an index entry it scans the records, so a claim whose index write was lost
+    /// to a crash is freed too.
     pub fn release(&self, owner: &Owner) -> Result<Vec<Ipv4Addr>, StoreError> {
-        let mut released = Vec::new();
-        for (ip, held_by) in self.list()? {
-            if &held_by == owner {
-                self.release_ip(ip)?;
-                released.push(ip);
-            }
+        let held: Vec<Ipv4Addr> = match self.find(owner)? {
+            Some(ip) => vec![ip],
+            None => self
+                .list()?
+                .into_iter()
+                .filter(|(_, o)| o == owner)
+                .map(|(ip, _)| ip)
+                .collect(),
+        };
+        for ip in &held {
+            self.release_ip(*ip)?;
         }
-        Ok(released)
+        let index = self.index_path(owner);
+        match std::fs::remove_file(&index) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_error(&index)(e)),
+            _ => {}
+        }
+        Ok(held)
     }
 
-    pub fn release_ip(&self, ip: Ipv4Addr) -> Result<bool, StoreError> {
+    fn release_ip(&self, ip: Ipv4Addr) -> Result<bool, StoreError> {
         let path = self.path_of(ip);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(true),
@@ -323,6 +360,33 @@ mod tests {
             IpStore::open(&tmp.0, "../x"),
             Err(StoreError::InvalidName(_))
         ));
+    }
+
+    #[test]
+    fn a_claim_without_its_index_entry_is_still_released() {
+        let tmp = TempDir::new("noindex");
+        let store = IpStore::open(&tmp.0, "net").unwrap();
+        let pool = Pool::parse("10.0.0.0/29").unwrap();
+        let lock = store.lock().unwrap();
+        let ip = lock.allocate(&pool, &owner("a")).unwrap();
+        std::fs::remove_file(store.dir().join("owners").join("a:eth0")).unwrap();
+        assert_eq!(lock.find(&owner("a")).unwrap(), None);
+        assert_eq!(lock.release(&owner("a")).unwrap(), vec![ip]);
+        assert!(lock.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_stale_index_entry_is_not_trusted() {
+        let tmp = TempDir::new("staleindex");
+        let store = IpStore::open(&tmp.0, "net").unwrap();
+        let pool = Pool::parse("10.0.0.0/29").unwrap();
+        let lock = store.lock().unwrap();
+        let ip = lock.allocate(&pool, &owner("a")).unwrap();
+        // The claim now belongs to someone else (edited by hand, or a crash mid-release).
+        std::fs::write(store.dir().join(ip.to_string()), "b\neth0\n").unwrap();
+        assert_eq!(lock.find(&owner("a")).unwrap(), None);
+        assert!(lock.release(&owner("a")).unwrap().is_empty());
+        assert_eq!(lock.list().unwrap(), vec![(ip, owner("b"))]);
     }
 
     #[test]

@@ -37,7 +37,12 @@ struct Path2 {
 
 /// Runs a CNI plugin binary from a thread inside `node` (the child inherits that
 /// namespace), the way a runtime on the node would: binary spawn included in the time.
-fn call_plugin(node: &Netns, plugin: &Path, env: &[(&str, &str)], stdin: &str) -> Result<(Value, Duration)> {
+fn call_plugin(
+    node: &Netns,
+    plugin: &Path,
+    env: &[(&str, &str)],
+    stdin: &str,
+) -> Result<(Value, Duration)> {
     node.run_inside(|| {
         let start = Instant::now();
         let mut child = Command::new(plugin)
@@ -49,7 +54,11 @@ fn call_plugin(node: &Netns, plugin: &Path, env: &[(&str, &str)], stdin: &str) -
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("spawn {}", plugin.display()))?;
-        child.stdin.take().context("stdin")?.write_all(stdin.as_bytes())?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(stdin.as_bytes())?;
         let out = child.wait_with_output()?;
         let took = start.elapsed();
         if !out.status.success() {
@@ -61,7 +70,11 @@ fn call_plugin(node: &Netns, plugin: &Path, env: &[(&str, &str)], stdin: &str) -
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let value = if out.stdout.is_empty() { Value::Null } else { serde_json::from_slice(&out.stdout)? };
+        let value = if out.stdout.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&out.stdout)?
+        };
         Ok((value, took))
     })
 }
@@ -89,7 +102,12 @@ fn bridge_conf(name: &str, subnet: &str, masquerade: bool, data_dir: &Path) -> V
 fn bridge_pod(node: &Netns, pod_name: &str, conf: &Value) -> Result<(Netns, Ipv4Addr)> {
     let pod = Netns::new(pod_name)?;
     let path = pod.path().display().to_string();
-    let (result, _) = call_plugin(node, &Path::new(BRIDGE_PLUGIN_DIR).join("bridge"), &cni_env("ADD", pod_name, &path), &conf.to_string())?;
+    let (result, _) = call_plugin(
+        node,
+        &Path::new(BRIDGE_PLUGIN_DIR).join("bridge"),
+        &cni_env("ADD", pod_name, &path),
+        &conf.to_string(),
+    )?;
     let ip = mycni_tests::pod_ip(&result).context("bridge result has no IP")?;
     Ok((pod, ip))
 }
@@ -100,7 +118,11 @@ fn kubeadm_style(node: &Netns, rules: usize) -> Result<()> {
     node.sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
     let mut script = String::from("*filter\n:KUBE-FORWARD - [0:0]\n-A FORWARD -j KUBE-FORWARD\n");
     for i in 0..rules {
-        script += &format!("-A KUBE-FORWARD -d 10.96.{}.{}/32 -p tcp --dport 80 -j REJECT\n", i / 250, i % 250 + 1);
+        script += &format!(
+            "-A KUBE-FORWARD -d 10.96.{}.{}/32 -p tcp --dport 80 -j REJECT\n",
+            i / 250,
+            i % 250 + 1
+        );
     }
     script += "COMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n";
     for i in 0..rules {
@@ -108,15 +130,24 @@ fn kubeadm_style(node: &Netns, rules: usize) -> Result<()> {
     }
     script += "COMMIT\n";
     node.run_inside(|| {
-        let mut child = Command::new("iptables-restore").arg("--noflush").stdin(Stdio::piped()).spawn()?;
-        child.stdin.take().context("stdin")?.write_all(script.as_bytes())?;
+        let mut child = Command::new("iptables-restore")
+            .arg("--noflush")
+            .stdin(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(script.as_bytes())?;
         ensure!(child.wait()?.success(), "iptables-restore failed");
         Ok(())
     })
 }
 
 fn veth_between(a: &Netns, a_ip: &str, b: &Netns, b_ip: &str, name: &str) -> Result<()> {
-    a.exec(&["ip", "link", "add", name, "type", "veth", "peer", "name", name, "netns", &b.name])?;
+    a.exec(&[
+        "ip", "link", "add", name, "type", "veth", "peer", "name", name, "netns", &b.name,
+    ])?;
     for (ns, ip) in [(a, a_ip), (b, b_ip)] {
         ns.exec(&["ip", "addr", "add", ip, "dev", name])?;
         ns.exec(&["ip", "link", "set", name, "up"])?;
@@ -128,7 +159,13 @@ fn bare_veth(prefix: &str) -> Result<Path2> {
     let client = Netns::new(&format!("{prefix}-bare-a"))?;
     let server = Netns::new(&format!("{prefix}-bare-b"))?;
     veth_between(&client, "10.10.0.1/24", &server, "10.10.0.2/24", "eth0")?;
-    Ok(Path2 { name: "bare veth", client, server, server_ip: Ipv4Addr::new(10, 10, 0, 2), _keep: vec![] })
+    Ok(Path2 {
+        name: "bare veth",
+        client,
+        server,
+        server_ip: Ipv4Addr::new(10, 10, 0, 2),
+        _keep: vec![],
+    })
 }
 
 fn kubeadm_bridge(prefix: &str) -> Result<Path2> {
@@ -139,14 +176,26 @@ fn kubeadm_bridge(prefix: &str) -> Result<Path2> {
     let (client, _) = bridge_pod(&node, &format!("{prefix}-kb-a"), &conf)?;
     let (server, server_ip) = bridge_pod(&node, &format!("{prefix}-kb-b"), &conf)?;
     kubeadm_style(&node, 200)?;
-    Ok(Path2 { name: "kubeadm bridge", client, server, server_ip, _keep: vec![Box::new(node), Box::new(RemoveDir(data))] })
+    Ok(Path2 {
+        name: "kubeadm bridge",
+        client,
+        server,
+        server_ip,
+        _keep: vec![Box::new(node), Box::new(RemoveDir(data))],
+    })
 }
 
 fn mycni_same_node(prefix: &str) -> Result<Path2> {
     let node = Node::new(&format!("{prefix}-my"), "10.244.1.0/24")?;
     let a = node.add_pod("a")?;
     let b = node.add_pod("b")?;
-    Ok(Path2 { name: "mycni", client: a.netns, server: b.netns, server_ip: b.ip, _keep: vec![Box::new(node)] })
+    Ok(Path2 {
+        name: "mycni",
+        client: a.netns,
+        server: b.netns,
+        server_ip: b.ip,
+        _keep: vec![Box::new(node)],
+    })
 }
 
 /// Two nodes on one veth link, each with a pod, joined by the bridge plugin: host-gw routes
@@ -160,21 +209,82 @@ fn bridge_two_nodes(prefix: &str, vxlan: bool) -> Result<Path2> {
     let mut pods = Vec::new();
     for (i, node) in [&n1, &n2].iter().enumerate() {
         node.sysctl("net.ipv4.ip_forward", "1")?;
-        let conf = bridge_conf(&format!("bench-{tag}{i}"), &format!("10.88.{}.0/24", i + 1), false, &data);
+        let conf = bridge_conf(
+            &format!("bench-{tag}{i}"),
+            &format!("10.88.{}.0/24", i + 1),
+            false,
+            &data,
+        );
         pods.push(bridge_pod(node, &format!("{prefix}-{tag}-p{i}"), &conf)?);
     }
     if vxlan {
         let macs = ["0a:58:0a:58:01:00", "0a:58:0a:58:02:00"];
         for (i, node) in [&n1, &n2].iter().enumerate() {
-            let (peer, local_ip, peer_ip) = (1 - i, format!("192.168.100.{}", i + 1), format!("192.168.100.{}", 2 - i));
-            node.exec(&["ip", "link", "add", "flannel.1", "address", macs[i], "type", "vxlan", "id", "1",
-                "local", &local_ip, "dstport", "8472", "nolearning"])?;
+            let (peer, local_ip, peer_ip) = (
+                1 - i,
+                format!("192.168.100.{}", i + 1),
+                format!("192.168.100.{}", 2 - i),
+            );
+            node.exec(&[
+                "ip",
+                "link",
+                "add",
+                "flannel.1",
+                "address",
+                macs[i],
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                &local_ip,
+                "dstport",
+                "8472",
+                "nolearning",
+            ])?;
             node.exec(&["ip", "link", "set", "flannel.1", "mtu", "1450", "up"])?;
-            node.exec(&["ip", "addr", "add", &format!("10.88.{}.0/32", i + 1), "dev", "flannel.1"])?;
+            node.exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("10.88.{}.0/32", i + 1),
+                "dev",
+                "flannel.1",
+            ])?;
             let peer_vtep = format!("10.88.{}.0", peer + 1);
-            node.exec(&["ip", "neigh", "add", &peer_vtep, "lladdr", macs[peer], "dev", "flannel.1", "nud", "permanent"])?;
-            node.exec(&["bridge", "fdb", "add", macs[peer], "dev", "flannel.1", "dst", &peer_ip])?;
-            node.exec(&["ip", "route", "add", &format!("10.88.{}.0/24", peer + 1), "via", &peer_vtep, "dev", "flannel.1", "onlink"])?;
+            node.exec(&[
+                "ip",
+                "neigh",
+                "add",
+                &peer_vtep,
+                "lladdr",
+                macs[peer],
+                "dev",
+                "flannel.1",
+                "nud",
+                "permanent",
+            ])?;
+            node.exec(&[
+                "bridge",
+                "fdb",
+                "add",
+                macs[peer],
+                "dev",
+                "flannel.1",
+                "dst",
+                &peer_ip,
+            ])?;
+            node.exec(&[
+                "ip",
+                "route",
+                "add",
+                &format!("10.88.{}.0/24", peer + 1),
+                "via",
+                &peer_vtep,
+                "dev",
+                "flannel.1",
+                "onlink",
+            ])?;
         }
     } else {
         n1.exec(&["ip", "route", "add", "10.88.2.0/24", "via", "192.168.100.2"])?;
@@ -182,25 +292,59 @@ fn bridge_two_nodes(prefix: &str, vxlan: bool) -> Result<Path2> {
     }
     let (server, server_ip) = pods.pop().context("pod")?;
     let (client, _) = pods.pop().context("pod")?;
-    let name = if vxlan { "kernel vxlan (flannel)" } else { "bridge + host-gw" };
-    Ok(Path2 { name, client, server, server_ip, _keep: vec![Box::new(n1), Box::new(n2), Box::new(RemoveDir(data))] })
+    let name = if vxlan {
+        "kernel vxlan (flannel)"
+    } else {
+        "bridge + host-gw"
+    };
+    Ok(Path2 {
+        name,
+        client,
+        server,
+        server_ip,
+        _keep: vec![Box::new(n1), Box::new(n2), Box::new(RemoveDir(data))],
+    })
 }
 
 /// Two mycni nodes on one veth link with agents, a pod on each.
 fn mycni_two_nodes(prefix: &str, mode: &str) -> Result<Path2> {
     let tag = format!("m{}", &mode[..2]);
     let nodes_file = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-{tag}-nodes"));
-    std::fs::write(&nodes_file, "n1 192.168.100.1 10.244.1.0/24\nn2 192.168.100.2 10.244.2.0/24\n")?;
+    std::fs::write(
+        &nodes_file,
+        "n1 192.168.100.1 10.244.1.0/24\nn2 192.168.100.2 10.244.2.0/24\n",
+    )?;
     let mut n1 = Node::bare(&format!("{prefix}-{tag}"), "n1", "10.244.1.0/24")?;
     let mut n2 = Node::bare(&format!("{prefix}-{tag}"), "n2", "10.244.2.0/24")?;
-    veth_between(&n1.netns, "192.168.100.1/24", &n2.netns, "192.168.100.2/24", "eth0")?;
+    veth_between(
+        &n1.netns,
+        "192.168.100.1/24",
+        &n2.netns,
+        "192.168.100.2/24",
+        "eth0",
+    )?;
     let file = nodes_file.display().to_string();
-    for (node, name, ip) in [(&mut n1, "n1", "192.168.100.1"), (&mut n2, "n2", "192.168.100.2")] {
+    for (node, name, ip) in [
+        (&mut n1, "n1", "192.168.100.1"),
+        (&mut n2, "n2", "192.168.100.2"),
+    ] {
         node.node_ip = ip.parse()?;
         node.mtu = if mode == "vxlan" { 1450 } else { 1500 };
         node.netns.sysctl("net.ipv4.ip_forward", "1")?;
-        node.start_agent(&["--node-name", name, "--node-ip", ip, "--uplink", "eth0", "--cluster-cidr", "10.244.0.0/16",
-            "--nodes-file", &file, "--tunnel-mode", mode])?;
+        node.start_agent(&[
+            "--node-name",
+            name,
+            "--node-ip",
+            ip,
+            "--uplink",
+            "eth0",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--nodes-file",
+            &file,
+            "--tunnel-mode",
+            mode,
+        ])?;
     }
     mycni_tests::cluster::wait_for(Duration::from_secs(5), || {
         let routes = mycni::datapath::Maps::open(&n1.pin_root())?.routes()?;
@@ -208,8 +352,18 @@ fn mycni_two_nodes(prefix: &str, mode: &str) -> Result<Path2> {
     })?;
     let a = n1.add_pod("a")?;
     let b = n2.add_pod("b")?;
-    let name = if mode == "vxlan" { "mycni vxlan" } else { "mycni direct" };
-    Ok(Path2 { name, client: a.netns, server: b.netns, server_ip: b.ip, _keep: vec![Box::new(n1), Box::new(n2), Box::new(RemoveFile(nodes_file))] })
+    let name = if mode == "vxlan" {
+        "mycni vxlan"
+    } else {
+        "mycni direct"
+    };
+    Ok(Path2 {
+        name,
+        client: a.netns,
+        server: b.netns,
+        server_ip: b.ip,
+        _keep: vec![Box::new(n1), Box::new(n2), Box::new(RemoveFile(nodes_file))],
+    })
 }
 
 struct RemoveDir(PathBuf);
@@ -244,7 +398,10 @@ fn measure(path: &Path2, settings: &Settings, port: u16) -> Result<BTreeMap<&'st
     values.insert("tcp_rr_p99_us", tcp.p99_us);
     let udp = bench::udp_rr(&path.server, &path.client, addr(1), settings.rr_count)?;
     values.insert("udp_rr_avg_us", udp.avg_us);
-    values.insert("tcp_conn_per_s", bench::tcp_connection_rate(&path.server, &path.client, addr(2), settings.rate_time)?);
+    values.insert(
+        "tcp_conn_per_s",
+        bench::tcp_connection_rate(&path.server, &path.client, addr(2), settings.rate_time)?,
+    );
     let one = bench::tcp_throughput(&path.server, &path.client, addr(3), 1, settings.stream_time)?;
     values.insert("tcp_1_stream_gbit", one.gbit_per_s);
     values.insert("cpu_s_per_gb", one.cpu_seconds_per_gb);
@@ -279,13 +436,55 @@ struct Target {
 }
 
 const TARGETS: [Target; 7] = [
-    Target { metric: "tcp_rr_avg_us", ours: "mycni", baseline: "bare veth", bound: 1.10, at_least: false },
-    Target { metric: "tcp_rr_avg_us", ours: "mycni", baseline: "kubeadm bridge", bound: 0.70, at_least: false },
-    Target { metric: "tcp_rr_avg_us", ours: "mycni direct", baseline: "bridge + host-gw", bound: 0.90, at_least: false },
-    Target { metric: "tcp_rr_avg_us", ours: "mycni vxlan", baseline: "kernel vxlan (flannel)", bound: 1.00, at_least: false },
-    Target { metric: "tcp_conn_per_s", ours: "mycni", baseline: "kubeadm bridge", bound: 1.5, at_least: true },
-    Target { metric: "tcp_conn_per_s", ours: "mycni", baseline: "bare veth", bound: 0.85, at_least: true },
-    Target { metric: "tcp_conn_per_s", ours: "mycni direct", baseline: "bridge + host-gw", bound: 1.0, at_least: true },
+    Target {
+        metric: "tcp_rr_avg_us",
+        ours: "mycni",
+        baseline: "bare veth",
+        bound: 1.10,
+        at_least: false,
+    },
+    Target {
+        metric: "tcp_rr_avg_us",
+        ours: "mycni",
+        baseline: "kubeadm bridge",
+        bound: 0.70,
+        at_least: false,
+    },
+    Target {
+        metric: "tcp_rr_avg_us",
+        ours: "mycni direct",
+        baseline: "bridge + host-gw",
+        bound: 0.90,
+        at_least: false,
+    },
+    Target {
+        metric: "tcp_rr_avg_us",
+        ours: "mycni vxlan",
+        baseline: "kernel vxlan (flannel)",
+        bound: 1.00,
+        at_least: false,
+    },
+    Target {
+        metric: "tcp_conn_per_s",
+        ours: "mycni",
+        baseline: "kubeadm bridge",
+        bound: 1.5,
+        at_least: true,
+    },
+    Target {
+        metric: "tcp_conn_per_s",
+        ours: "mycni",
+        baseline: "bare veth",
+        bound: 0.85,
+        at_least: true,
+    },
+    Target {
+        metric: "tcp_conn_per_s",
+        ours: "mycni direct",
+        baseline: "bridge + host-gw",
+        bound: 1.0,
+        at_least: true,
+    },
 ];
 
 struct CniStats {
@@ -309,24 +508,48 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
 
 /// Sequential ADDs up to `pods` (latency per window of 50), sequential DELs, then 8
 /// concurrent callers adding and deleting `pods` more.
-fn cni_ops(node: &Netns, plugin: &Path, conf: &Value, prefix: &str, pods: usize) -> Result<CniStats> {
-    let namespaces: Vec<Netns> = (0..pods).map(|i| Netns::new(&format!("{prefix}-{i}"))).collect::<Result<_>>()?;
+fn cni_ops(
+    node: &Netns,
+    plugin: &Path,
+    conf: &Value,
+    prefix: &str,
+    pods: usize,
+) -> Result<CniStats> {
+    let namespaces: Vec<Netns> = (0..pods)
+        .map(|i| Netns::new(&format!("{prefix}-{i}")))
+        .collect::<Result<_>>()?;
     let stdin = conf.to_string();
     let mut adds = Vec::new();
     for (i, ns) in namespaces.iter().enumerate() {
         let (id, path) = (format!("{prefix}-{i}"), ns.path().display().to_string());
-        adds.push(ms(call_plugin(node, plugin, &cni_env("ADD", &id, &path), &stdin)?.1));
+        adds.push(ms(call_plugin(
+            node,
+            plugin,
+            &cni_env("ADD", &id, &path),
+            &stdin,
+        )?
+        .1));
     }
     let mut dels = Vec::new();
     for (i, ns) in namespaces.iter().enumerate() {
         let (id, path) = (format!("{prefix}-{i}"), ns.path().display().to_string());
-        dels.push(ms(call_plugin(node, plugin, &cni_env("DEL", &id, &path), &stdin)?.1));
+        dels.push(ms(call_plugin(
+            node,
+            plugin,
+            &cni_env("DEL", &id, &path),
+            &stdin,
+        )?
+        .1));
     }
     let window = 50.min(pods);
     let mut add_windows = Vec::new();
     for start in [0, pods / 2 - window / 2, pods - window] {
         let w = sorted(adds[start..start + window].to_vec());
-        add_windows.push((format!("pods {}–{}", start + 1, start + window), bench::percentile(&w, 50.0), bench::percentile(&w, 99.0)));
+        add_windows.push((
+            format!("pods {}–{}", start + 1, start + window),
+            bench::percentile(&w, 50.0),
+            bench::percentile(&w, 99.0),
+        ));
     }
     let add_growth = add_windows[2].1 / add_windows[0].1;
     let dels = sorted(dels);
@@ -338,9 +561,20 @@ fn cni_ops(node: &Netns, plugin: &Path, conf: &Value, prefix: &str, pods: usize)
                 let (namespaces, stdin) = (&namespaces, &stdin);
                 scope.spawn(move || -> Result<Vec<f64>> {
                     let mut took = Vec::new();
-                    for (i, ns) in namespaces.iter().enumerate().filter(|(i, _)| i % 8 == caller) {
-                        let (id, path) = (format!("{prefix}-c{i}"), ns.path().display().to_string());
-                        took.push(ms(call_plugin(node, plugin, &cni_env("ADD", &id, &path), stdin)?.1));
+                    for (i, ns) in namespaces
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| i % 8 == caller)
+                    {
+                        let (id, path) =
+                            (format!("{prefix}-c{i}"), ns.path().display().to_string());
+                        took.push(ms(call_plugin(
+                            node,
+                            plugin,
+                            &cni_env("ADD", &id, &path),
+                            stdin,
+                        )?
+                        .1));
                     }
                     Ok(took)
                 })
@@ -379,9 +613,16 @@ fn rss_kib(pid: u32) -> Option<u64> {
 fn map_memory(root: &Path) -> Result<BTreeMap<String, u64>> {
     let mut found = BTreeMap::new();
     for name in mycni_common::MAP_NAMES {
-        let out = mycni_tests::run(Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(root.join(name)))?;
+        let out = mycni_tests::run(
+            Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(root.join(name)),
+        )?;
         let info: Value = serde_json::from_slice(&out.stdout)?;
-        found.insert(name.to_string(), info["bytes_memlock"].as_u64().unwrap_or(0));
+        found.insert(
+            name.to_string(),
+            info["bytes_memlock"].as_u64().unwrap_or(0),
+        );
     }
     Ok(found)
 }
@@ -399,17 +640,35 @@ fn svg(samples: &Samples, groups: &[(&str, Vec<&'static str>)]) -> String {
     for (row, (group, paths)) in groups.iter().enumerate() {
         for (col, metric) in metrics.iter().enumerate() {
             let (x0, y0) = (10.0 + col as f64 * panel_w, 20.0 + row as f64 * panel_h);
-            let label = METRICS.iter().find(|m| m.0 == *metric).map(|m| m.1).unwrap_or(metric);
-            out += &format!("<text x='{}' y='{}' font-weight='bold'>{group}: {label}</text>\n", x0, y0 + 12.0);
-            let medians: Vec<f64> = paths.iter().map(|p| summarize(&samples[p][metric]).median).collect();
+            let label = METRICS
+                .iter()
+                .find(|m| m.0 == *metric)
+                .map(|m| m.1)
+                .unwrap_or(metric);
+            out += &format!(
+                "<text x='{}' y='{}' font-weight='bold'>{group}: {label}</text>\n",
+                x0,
+                y0 + 12.0
+            );
+            let medians: Vec<f64> = paths
+                .iter()
+                .map(|p| summarize(&samples[p][metric]).median)
+                .collect();
             let top = medians.iter().cloned().fold(0.0, f64::max).max(1e-9);
             for (i, (path, median)) in paths.iter().zip(&medians).enumerate() {
                 let h = median / top * (panel_h - 80.0);
                 let x = x0 + 20.0 + i as f64 * (bar_w + 60.0);
                 let y = y0 + panel_h - 45.0 - h;
-                out += &format!("<rect x='{x}' y='{y}' width='{bar_w}' height='{h}' fill='{}'/>\n", colors[i % 3]);
+                out += &format!(
+                    "<rect x='{x}' y='{y}' width='{bar_w}' height='{h}' fill='{}'/>\n",
+                    colors[i % 3]
+                );
                 out += &format!("<text x='{}' y='{}'>{}</text>\n", x, y - 3.0, fmt(*median));
-                out += &format!("<text x='{}' y='{}' font-size='9'>{path}</text>\n", x - 10.0, y0 + panel_h - 30.0);
+                out += &format!(
+                    "<text x='{}' y='{}' font-size='9'>{path}</text>\n",
+                    x - 10.0,
+                    y0 + panel_h - 30.0
+                );
             }
         }
     }
@@ -419,11 +678,26 @@ fn svg(samples: &Samples, groups: &[(&str, Vec<&'static str>)]) -> String {
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let settings = if quick {
-        Settings { quick, rounds: 2, rr_count: 2000, rate_time: Duration::from_millis(700), stream_time: Duration::from_millis(700), cni_pods: 60 }
+        Settings {
+            quick,
+            rounds: 2,
+            rr_count: 2000,
+            rate_time: Duration::from_millis(700),
+            stream_time: Duration::from_millis(700),
+            cni_pods: 60,
+        }
     } else {
-        Settings { quick, rounds: 5, rr_count: 20000, rate_time: Duration::from_secs(2), stream_time: Duration::from_secs(3), cni_pods: 250 }
+        Settings {
+            quick,
+            rounds: 5,
+            rr_count: 20000,
+            rate_time: Duration::from_secs(2),
+            stream_time: Duration::from_secs(3),
+            cni_pods: 250,
+        }
     };
-    let out_dir = PathBuf::from(std::env::var("MYCNI_BENCH_OUT").unwrap_or_else(|_| "target/bench".into()));
+    let out_dir =
+        PathBuf::from(std::env::var("MYCNI_BENCH_OUT").unwrap_or_else(|_| "target/bench".into()));
     std::fs::create_dir_all(&out_dir)?;
     let p = prefix("bench");
     eprintln!("building the paths ...");
@@ -443,14 +717,21 @@ fn main() -> Result<()> {
             eprintln!("round {}/{}: {}", round + 1, settings.rounds, path.name);
             let port = 20000 + (round * paths.len() + index) as u16 * 10;
             for (metric, value) in measure(path, &settings, port).with_context(|| path.name)? {
-                samples.entry(path.name).or_default().entry(metric).or_default().push(value);
+                samples
+                    .entry(path.name)
+                    .or_default()
+                    .entry(metric)
+                    .or_default()
+                    .push(value);
             }
         }
     }
     let mycni_node_memory = {
         let node = Node::new(&format!("{p}-mem"), "10.245.0.0/23")?;
         let before = map_memory(&node.pin_root())?;
-        let pods: Vec<_> = (0..100).map(|i| node.add_pod(&format!("m{i}"))).collect::<Result<_>>()?;
+        let pods: Vec<_> = (0..100)
+            .map(|i| node.add_pod(&format!("m{i}")))
+            .collect::<Result<_>>()?;
         let after = map_memory(&node.pin_root())?;
         let agent = node.agent_pid().and_then(rss_kib).unwrap_or(0);
         for pod in &pods {
@@ -464,14 +745,26 @@ fn main() -> Result<()> {
     eprintln!("CNI operations: mycni ...");
     let my_node = Node::new(&format!("{p}-cni"), "10.245.0.0/23")?;
     let my_conf = my_node.conf("1.0.0");
-    let mycni_ops = cni_ops(&my_node.netns, &mycni_tests::mycni_bin(), &my_conf, &format!("{p}-mp"), settings.cni_pods)?;
+    let mycni_ops = cni_ops(
+        &my_node.netns,
+        &mycni_tests::mycni_bin(),
+        &my_conf,
+        &format!("{p}-mp"),
+        settings.cni_pods,
+    )?;
     eprintln!("CNI operations: bridge + host-local ...");
     let br_node = Netns::new(&format!("{p}-cnibr"))?;
     br_node.sysctl("net.ipv4.ip_forward", "1")?;
     kubeadm_style(&br_node, 200)?;
     let br_data = RemoveDir(PathBuf::from("/run/mycni-tests").join(format!("{p}-cnibr-ipam")));
     let br_conf = bridge_conf("bench-cni", "10.246.0.0/23", true, &br_data.0);
-    let bridge_ops = cni_ops(&br_node, &Path::new(BRIDGE_PLUGIN_DIR).join("bridge"), &br_conf, &format!("{p}-bp"), settings.cni_pods)?;
+    let bridge_ops = cni_ops(
+        &br_node,
+        &Path::new(BRIDGE_PLUGIN_DIR).join("bridge"),
+        &br_conf,
+        &format!("{p}-bp"),
+        settings.cni_pods,
+    )?;
     drop(paths);
 
     // Report.
@@ -488,19 +781,39 @@ fn main() -> Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     for (group, names) in &groups {
-        md += &format!("\n## {group}\n\n| metric | {} |\n|---|{}\n", names.join(" | "), "---|".repeat(names.len()));
+        md += &format!(
+            "\n## {group}\n\n| metric | {} |\n|---|{}\n",
+            names.join(" | "),
+            "---|".repeat(names.len())
+        );
         for (metric, label, _) in METRICS {
-            let cells: Vec<String> = names.iter().map(|n| cell(&summarize(&samples[n][metric]))).collect();
+            let cells: Vec<String> = names
+                .iter()
+                .map(|n| cell(&summarize(&samples[n][metric])))
+                .collect();
             md += &format!("| {label} | {} |\n", cells.join(" | "));
         }
     }
     md += "\n## Targets\n\n| target | ratio (median) | met |\n|---|---|---|\n";
     let mut target_rows = Vec::new();
     for t in &TARGETS {
-        let ratio = summarize(&samples[t.ours][t.metric]).median / summarize(&samples[t.baseline][t.metric]).median;
-        let met = if t.at_least { ratio >= t.bound } else { ratio <= t.bound };
+        let ratio = summarize(&samples[t.ours][t.metric]).median
+            / summarize(&samples[t.baseline][t.metric]).median;
+        let met = if t.at_least {
+            ratio >= t.bound
+        } else {
+            ratio <= t.bound
+        };
         let relation = if t.at_least { "≥" } else { "≤" };
-        md += &format!("| {} {}: {} / {} {relation} {} | {ratio:.2} | {} |\n", t.metric, "", t.ours, t.baseline, t.bound, if met { "yes" } else { "**no**" });
+        md += &format!(
+            "| {} {}: {} / {} {relation} {} | {ratio:.2} | {} |\n",
+            t.metric,
+            "",
+            t.ours,
+            t.baseline,
+            t.bound,
+            if met { "yes" } else { "**no**" }
+        );
         target_rows.push(json!({"metric": t.metric, "ours": t.ours, "baseline": t.baseline, "bound": t.bound, "at_least": t.at_least, "ratio": ratio, "met": met}));
     }
     md += &format!(
@@ -509,10 +822,19 @@ fn main() -> Result<()> {
     );
     for (i, window) in mycni_ops.add_windows.iter().enumerate() {
         let other = &bridge_ops.add_windows[i];
-        md += &format!("| ADD p50 / p99 (ms), {} | {:.1} / {:.1} | {:.1} / {:.1} |\n", window.0, window.1, window.2, other.1, other.2);
+        md += &format!(
+            "| ADD p50 / p99 (ms), {} | {:.1} / {:.1} | {:.1} / {:.1} |\n",
+            window.0, window.1, window.2, other.1, other.2
+        );
     }
-    md += &format!("| ADD p50 growth, last window / first | {:.2}× | {:.2}× |\n", mycni_ops.add_growth, bridge_ops.add_growth);
-    md += &format!("| DEL p50 / p99 (ms) | {:.1} / {:.1} | {:.1} / {:.1} |\n", mycni_ops.del_p50_ms, mycni_ops.del_p99_ms, bridge_ops.del_p50_ms, bridge_ops.del_p99_ms);
+    md += &format!(
+        "| ADD p50 growth, last window / first | {:.2}× | {:.2}× |\n",
+        mycni_ops.add_growth, bridge_ops.add_growth
+    );
+    md += &format!(
+        "| DEL p50 / p99 (ms) | {:.1} / {:.1} | {:.1} / {:.1} |\n",
+        mycni_ops.del_p50_ms, mycni_ops.del_p99_ms, bridge_ops.del_p50_ms, bridge_ops.del_p99_ms
+    );
     md += &format!(
         "| 8 concurrent callers: ADD p50 / p99 (ms) | {:.1} / {:.1} | {:.1} / {:.1} |\n| 8 concurrent callers: pods/s | {:.0} | {:.0} |\n",
         mycni_ops.concurrent_p50_ms, mycni_ops.concurrent_p99_ms, bridge_ops.concurrent_p50_ms, bridge_ops.concurrent_p99_ms,
@@ -522,11 +844,13 @@ fn main() -> Result<()> {
         "\n## Memory\n\nagent RSS {} KiB; pinned maps {} bytes with 0 pods, {} bytes with 100 pods ({:.0} bytes per pod, as the kernel accounts it)\n",
         mycni_node_memory["agent_rss_kib"], mycni_node_memory["maps_bytes_at_0_pods"], mycni_node_memory["maps_bytes_at_100_pods"], mycni_node_memory["bytes_per_pod"].as_f64().unwrap_or(0.0)
     );
-    let cni_json = |s: &CniStats| json!({
-        "add_windows": s.add_windows.iter().map(|w| json!({"window": w.0, "p50_ms": w.1, "p99_ms": w.2})).collect::<Vec<_>>(),
-        "add_growth": s.add_growth, "del_p50_ms": s.del_p50_ms, "del_p99_ms": s.del_p99_ms,
-        "concurrent_p50_ms": s.concurrent_p50_ms, "concurrent_p99_ms": s.concurrent_p99_ms, "concurrent_pods_per_s": s.concurrent_pods_per_s,
-    });
+    let cni_json = |s: &CniStats| {
+        json!({
+            "add_windows": s.add_windows.iter().map(|w| json!({"window": w.0, "p50_ms": w.1, "p99_ms": w.2})).collect::<Vec<_>>(),
+            "add_growth": s.add_growth, "del_p50_ms": s.del_p50_ms, "del_p99_ms": s.del_p99_ms,
+            "concurrent_p50_ms": s.concurrent_p50_ms, "concurrent_p99_ms": s.concurrent_p99_ms, "concurrent_pods_per_s": s.concurrent_pods_per_s,
+        })
+    };
     let report = json!({
         "mode": if settings.quick { "quick" } else { "full" }, "rounds": settings.rounds,
         "samples": samples, "targets": target_rows,
@@ -534,7 +858,10 @@ fn main() -> Result<()> {
         "memory": mycni_node_memory,
     });
     std::fs::write(out_dir.join("results.md"), &md)?;
-    std::fs::write(out_dir.join("results.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     std::fs::write(out_dir.join("results.svg"), svg(&samples, &groups))?;
     println!("{md}");
     println!("wrote {}/results.{{md,json,svg}}", out_dir.display());
