@@ -816,6 +816,36 @@ fn main() -> Result<()> {
         );
         target_rows.push(json!({"metric": t.metric, "ours": t.ours, "baseline": t.baseline, "bound": t.bound, "at_least": t.at_least, "ratio": ratio, "met": met}));
     }
+    let last_window = &mycni_ops.add_windows[mycni_ops.add_windows.len() - 1];
+    let cni_targets = [
+        (
+            "mycni ADD p99, last window ≤ 20 ms",
+            last_window.2,
+            last_window.2 <= 20.0,
+        ),
+        (
+            "mycni ADD p50 growth, last window / first ≤ 1.2×",
+            mycni_ops.add_growth,
+            mycni_ops.add_growth <= 1.2,
+        ),
+        (
+            "mycni DEL p50 ≤ 25 ms",
+            mycni_ops.del_p50_ms,
+            mycni_ops.del_p50_ms <= 25.0,
+        ),
+        (
+            "8 concurrent callers: mycni pods/s ≥ 3× bridge",
+            mycni_ops.concurrent_pods_per_s / bridge_ops.concurrent_pods_per_s,
+            mycni_ops.concurrent_pods_per_s >= 3.0 * bridge_ops.concurrent_pods_per_s,
+        ),
+    ];
+    for (what, value, met) in &cni_targets {
+        md += &format!(
+            "| {what} | {value:.2} | {} |\n",
+            if *met { "yes" } else { "**no**" }
+        );
+        target_rows.push(json!({"target": what, "value": value, "met": met}));
+    }
     md += &format!(
         "\n## CNI operations (binary spawn included, {} pods)\n\n| | mycni | bridge + host-local (ipMasq, kubeadm rules) |\n|---|---|---|\n",
         settings.cni_pods
