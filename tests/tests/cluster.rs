@@ -498,3 +498,69 @@ fn the_agent_expires_idle_nat_entries_per_protocol() -> Result<()> {
     ensure!(end.tcp == 1 && end.entries == 2, "{end:?}");
     Ok(())
 }
+
+#[test]
+fn killing_and_restarting_the_agent_drops_no_flow() -> Result<()> {
+    let mut cluster = Cluster::new(&prefix("restart"), &ALL, &[])?;
+    wait_for_full_mesh(&cluster)?;
+    let a1 = cluster.node("node-1").add_pod("a1")?;
+    let b1 = cluster.node("node-2").add_pod("b1")?;
+    let c1 = cluster.node("node-3").add_pod("c1")?;
+
+    // A long TCP stream node-1 -> node-2 and a ping node-1 -> node-3 (VXLAN) run throughout.
+    let listener = b1.netns.run_inside(|| Ok(TcpListener::bind((b1.ip, 9300))?))?;
+    let reader = std::thread::spawn(move || -> Result<u64> {
+        let (mut conn, _) = listener.accept()?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let (mut total, mut buf) = (0u64, vec![0u8; 65536]);
+        loop {
+            match conn.read(&mut buf)? {
+                0 => return Ok(total),
+                n => total += n as u64,
+            }
+        }
+    });
+    let mut stream = a1
+        .netns
+        .run_inside(|| Ok(TcpStream::connect_timeout(&SocketAddr::from((b1.ip, 9300)), Duration::from_secs(3))?))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let writer = std::thread::spawn(move || -> Result<u64> {
+        let chunk = vec![0x42u8; 16 * 1024];
+        let (start, mut sent) = (Instant::now(), 0u64);
+        while start.elapsed() < Duration::from_secs(4) {
+            stream.write_all(&chunk).context("the stream broke")?;
+            sent += chunk.len() as u64;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        stream.shutdown(std::net::Shutdown::Write)?;
+        Ok(sent)
+    });
+    let ping = a1
+        .netns
+        .command("ping")
+        .args(["-q", "-i", "0.02", "-c", "150", "-W", "1", &c1.ip.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+
+    std::thread::sleep(Duration::from_millis(800));
+    // kill -9 every agent, leave them down a moment, then start them again (an upgrade is
+    // the same: the new build re-pins its programs and replaces the uplink filters).
+    for node in cluster.nodes.iter_mut() {
+        node.stop_agent();
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    for node in cluster.nodes.iter_mut() {
+        node.start_agent(&[])?;
+    }
+    // New pods can be added at once, and reach the old ones.
+    let a2 = cluster.node("node-1").add_pod("a2")?;
+    a2.netns.ping(c1.ip)?;
+
+    let sent = writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    let received = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    ensure!(sent == received, "sent {sent} bytes, the other node received {received}");
+    let out = ping.wait_with_output()?;
+    let summary = String::from_utf8_lossy(&out.stdout);
+    ensure!(summary.contains("150 received"), "ping lost packets across the restart: {summary}");
+    Ok(())
+}
