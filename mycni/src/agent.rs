@@ -30,6 +30,10 @@ pub enum AgentError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error("address store: {0}")]
+    Store(#[source] crate::ipam::store::StoreError),
+    #[error("garbage collection: {0}")]
+    Garbage(String),
     #[error("uplink {0} does not exist")]
     NoUplink(String),
     #[error("node IP {ip} is not an address of {uplink}")]
@@ -103,6 +107,7 @@ pub struct Agent {
     local: LocalNode,
     netlink: Netlink,
     uplink_ifindex: u32,
+    uplink_mtu: u32,
     tunnel_ifindex: u32,
     applied: BTreeMap<(Ipv4Addr, u8), PeerRoute>,
 }
@@ -164,6 +169,7 @@ impl Agent {
             local,
             netlink,
             uplink_ifindex: uplink.index,
+            uplink_mtu: uplink.mtu,
             tunnel_ifindex,
             applied: BTreeMap::new(),
         };
@@ -184,6 +190,15 @@ impl Agent {
                 .chain(nodes.iter().map(|node| (node.ip, 32)))
                 .collect();
         Ok(datapath::write_no_masquerade(&self.root, &prefixes)?)
+    }
+
+    /// The MTU pods should get: the uplink's, less VXLAN's overhead unless every peer is
+    /// reached directly.
+    pub fn pod_mtu(&self) -> u32 {
+        match self.settings.tunnel_mode {
+            TunnelMode::Direct => self.uplink_mtu,
+            _ => self.uplink_mtu.saturating_sub(VXLAN_OVERHEAD),
+        }
     }
 
     /// Remote-node routes already in `ROUTES` (left by a previous run), so a restart
@@ -278,6 +293,7 @@ impl Agent {
     pub async fn run(
         &mut self,
         source: &mut dyn NodeSource,
+        counters: &crate::upkeep::AgentCounters,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), AgentError> {
         tokio::pin!(shutdown);
@@ -293,7 +309,12 @@ impl Agent {
                 Ok(Some(nodes)) => self.apply_nodes(&nodes).await?,
                 Ok(None) => {}
                 // Keep the last good routes: a half-edited file must not flap them.
-                Err(e) => eprintln!("mycni-agent: {e}; keeping the current routes"),
+                Err(e) => {
+                    counters
+                        .node_source_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    eprintln!("mycni-agent: {e}; keeping the current routes")
+                }
             }
             ticks += 1;
             if ticks.is_multiple_of(5) {

@@ -12,3 +12,4 @@ pub mod nat;
 pub mod netlink;
 pub mod nodes;
 pub mod plugin;
+pub mod upkeep;

@@ -126,6 +126,16 @@ impl Netlink {
         }
     }
 
+    /// Every link of the namespace.
+    pub async fn links(&self) -> Result<Vec<LinkInfo>, NetlinkError> {
+        let mut stream = self.handle.link().get().execute();
+        let mut found = Vec::new();
+        while let Some(message) = stream.try_next().await.map_err(request("list links"))? {
+            found.push(link_info(&message));
+        }
+        Ok(found)
+    }
+
     /// Creates a veth pair: `host_name` here, `peer_name` directly inside `peer_netns`.
     pub async fn create_veth(
         &self,

@@ -291,7 +291,7 @@ fn merge_prev_result(conf: &NetConf, ours: CniResult) -> Value {
 
 /// Frees everything an attachment holds. Each step tolerates its object being gone, so DEL
 /// succeeds with a vanished netns, an empty `CNI_NETNS`, and when called twice.
-async fn release_attachment(
+pub async fn release_attachment(
     store: &IpStore,
     owner: &Owner,
     root: &Path,

@@ -280,7 +280,7 @@ impl Node {
             .spawn()
             .context("spawn mycni-agent")?;
         self.agent = Some(child);
-        let wants_config = !self.agent_args.is_empty();
+        let wants_config = self.agent_args.iter().any(|a| a == "--node-ip");
         for _ in 0..200 {
             let ready = mycni::datapath::check_loaded(&self.pin_root()).is_ok()
                 && (!wants_config

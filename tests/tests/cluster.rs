@@ -508,7 +508,9 @@ fn killing_and_restarting_the_agent_drops_no_flow() -> Result<()> {
     let c1 = cluster.node("node-3").add_pod("c1")?;
 
     // A long TCP stream node-1 -> node-2 and a ping node-1 -> node-3 (VXLAN) run throughout.
-    let listener = b1.netns.run_inside(|| Ok(TcpListener::bind((b1.ip, 9300))?))?;
+    let listener = b1
+        .netns
+        .run_inside(|| Ok(TcpListener::bind((b1.ip, 9300))?))?;
     let reader = std::thread::spawn(move || -> Result<u64> {
         let (mut conn, _) = listener.accept()?;
         conn.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -520,9 +522,12 @@ fn killing_and_restarting_the_agent_drops_no_flow() -> Result<()> {
             }
         }
     });
-    let mut stream = a1
-        .netns
-        .run_inside(|| Ok(TcpStream::connect_timeout(&SocketAddr::from((b1.ip, 9300)), Duration::from_secs(3))?))?;
+    let mut stream = a1.netns.run_inside(|| {
+        Ok(TcpStream::connect_timeout(
+            &SocketAddr::from((b1.ip, 9300)),
+            Duration::from_secs(3),
+        )?)
+    })?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     let writer = std::thread::spawn(move || -> Result<u64> {
         let chunk = vec![0x42u8; 16 * 1024];
@@ -538,7 +543,16 @@ fn killing_and_restarting_the_agent_drops_no_flow() -> Result<()> {
     let ping = a1
         .netns
         .command("ping")
-        .args(["-q", "-i", "0.02", "-c", "150", "-W", "1", &c1.ip.to_string()])
+        .args([
+            "-q",
+            "-i",
+            "0.02",
+            "-c",
+            "150",
+            "-W",
+            "1",
+            &c1.ip.to_string(),
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()?;
 
@@ -556,11 +570,21 @@ fn killing_and_restarting_the_agent_drops_no_flow() -> Result<()> {
     let a2 = cluster.node("node-1").add_pod("a2")?;
     a2.netns.ping(c1.ip)?;
 
-    let sent = writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
-    let received = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
-    ensure!(sent == received, "sent {sent} bytes, the other node received {received}");
+    let sent = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    let received = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    ensure!(
+        sent == received,
+        "sent {sent} bytes, the other node received {received}"
+    );
     let out = ping.wait_with_output()?;
     let summary = String::from_utf8_lossy(&out.stdout);
-    ensure!(summary.contains("150 received"), "ping lost packets across the restart: {summary}");
+    ensure!(
+        summary.contains("150 received"),
+        "ping lost packets across the restart: {summary}"
+    );
     Ok(())
 }

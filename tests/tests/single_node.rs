@@ -371,3 +371,132 @@ fn pins_of_another_layout_are_refused_not_reused() -> Result<()> {
     ensure!(mycni::datapath::Maps::open(&root).is_err());
     Ok(())
 }
+
+/// `GET path` on `addr` from inside `netns`: (status line, body).
+fn http_get(netns: &mycni_tests::Netns, addr: &str, path: &str) -> Result<(String, String)> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse()?;
+    netns.run_inside(|| {
+        let mut conn =
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n").as_bytes())?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)?;
+        let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+        Ok((
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        ))
+    })
+}
+
+fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn agent_writes_the_conflist_serves_metrics_and_collects_garbage() -> Result<()> {
+    let mut node = Node::bare(&prefix("upkeep"), "node", "10.244.13.0/24")?;
+    node.netns
+        .exec(&["ip", "addr", "add", "192.168.50.1/32", "dev", "lo"])?;
+    let conf_dir = node.data_dir.join("net.d");
+    let data_dir = node.data_dir.display().to_string();
+    let conf_dir_text = conf_dir.display().to_string();
+    let metrics = "127.0.0.1:9962";
+    node.start_agent(&[
+        "--cni-conf-dir",
+        &conf_dir_text,
+        "--pod-cidr",
+        "10.244.13.0/24",
+        "--pod-mtu",
+        "1400",
+        "--network-name",
+        "mycni-test",
+        "--data-dir",
+        &data_dir,
+        "--gc-interval",
+        "1",
+        "--gc-grace",
+        "0",
+        "--metrics-address",
+        metrics,
+    ])?;
+    let conflist_path = conf_dir.join("10-mycni.conflist");
+    mycni_tests::cluster::wait_for(std::time::Duration::from_secs(5), || {
+        Ok(conflist_path.exists())
+    })?;
+    let conflist = std::fs::read_to_string(&conflist_path)?;
+
+    // The conflist the agent wrote is what the runtime hands the plugin.
+    let a = mycni_tests::Netns::new(&format!("{}-a", node.prefix))?;
+    let b = mycni_tests::Netns::new(&format!("{}-b", node.prefix))?;
+    let mut ips = Vec::new();
+    for (id, ns) in [("live-a", &a), ("live-b", &b)] {
+        let path = ns.path().display().to_string();
+        let add = node.cni(&Node::cni_env("ADD", id, &path), &conflist)?;
+        ensure!(
+            add.exit_ok,
+            "ADD with the agent's conflist: {} {}",
+            add.stdout,
+            add.stderr
+        );
+        ips.push(mycni_tests::pod_ip(&add.json()?).context("no ip")?);
+    }
+    ensure!(a
+        .exec(&["ip", "-o", "link", "show", "eth0"])?
+        .contains("mtu 1400 "));
+
+    let (status, body) = http_get(&node.netns, metrics, "/healthz")?;
+    ensure!(status.contains("200"), "{status} {body}");
+    let (_, before) = http_get(&node.netns, metrics, "/metrics")?;
+    ensure!(metric(&before, "mycni_endpoints") == Some(2.0), "{before}");
+    a.ping(ips[1])?;
+    let (_, after) = http_get(&node.netns, metrics, "/metrics")?;
+    let redirected =
+        |text: &str| metric(text, "mycni_packets_total{verdict=\"local_redirect\"}").unwrap_or(0.0);
+    ensure!(
+        redirected(&after) >= redirected(&before) + 4.0,
+        "counters did not move:\n{after}"
+    );
+
+    // A node crash mid-ADD: an address claimed, an endpoint written, no veth. GC frees both.
+    let store = mycni::ipam::store::IpStore::open(&node.data_dir, "mycni-test")?;
+    let pool = mycni::ipam::Pool::parse("10.244.13.0/24")?;
+    let owner = mycni::ipam::store::Owner {
+        container_id: "crashed".into(),
+        ifname: "eth0".into(),
+    };
+    let orphan = store.lock()?.allocate(&pool, &owner)?;
+    let ghost = std::net::Ipv4Addr::new(10, 244, 13, 200);
+    let endpoint = mycni_common::Endpoint {
+        ifindex: 99999,
+        pod_mac: [2; 6],
+        host_mac: [4; 6],
+        container_id_hash: 1,
+    };
+    mycni::datapath::Maps::open(&node.pin_root())?.write_endpoint(ghost, &endpoint)?;
+    mycni_tests::cluster::wait_for(std::time::Duration::from_secs(5), || {
+        let files = node.ip_files()?;
+        let endpoints = mycni::datapath::Maps::open(&node.pin_root())?.endpoints()?;
+        Ok(!files.contains(&orphan.to_string()) && !endpoints.iter().any(|(ip, _)| *ip == ghost))
+    })
+    .context("GC did not free the crashed ADD's leftovers")?;
+    let mut live: Vec<String> = node.ip_files()?;
+    live.sort();
+    let mut expected: Vec<String> = ips.iter().map(|ip| ip.to_string()).collect();
+    expected.sort();
+    ensure!(live == expected, "GC touched live pods: {live:?}");
+    let (_, end) = http_get(&node.netns, metrics, "/metrics")?;
+    ensure!(
+        metric(&end, "mycni_garbage_collected_total").unwrap_or(0.0) >= 2.0,
+        "{end}"
+    );
+
+    for (id, ns) in [("live-a", &a), ("live-b", &b)] {
+        let path = ns.path().display().to_string();
+        let del = node.cni(&Node::cni_env("DEL", id, &path), &conflist)?;
+        ensure!(del.exit_ok, "{}", del.stdout);
+    }
+    Ok(())
+}

@@ -1,6 +1,8 @@
 //! The node agent: loads and pins the datapath, keeps routes to the other nodes in step,
 //! expires NAT entries, and prints what the maps hold.
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -10,6 +12,7 @@ use mycni::datapath::{self, Maps, NatTable};
 use mycni::ipam::Pool;
 use mycni::nat::NatTimeouts;
 use mycni::netlink::format_mac;
+use mycni::upkeep::{self, AgentCounters};
 use mycni_common::{
     verdict, NAT_EGRESS, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
 };
@@ -22,6 +25,12 @@ commands:
                [--nodes-file PATH] [--tunnel-mode auto|vxlan|direct] [--vni N]
                [--non-masquerade-cidr CIDR]... [--nat-ports MIN-MAX]
                [--nat-timeout-tcp SECS] [--nat-timeout-udp SECS] [--nat-timeout-icmp SECS]
+             In every mode:
+               --cni-conf-dir DIR --pod-cidr CIDR [--pod-mtu N] [--network-name mycni]
+                   write DIR/10-mycni.conflist once the datapath is ready
+               --data-dir DIR [--gc-interval 60] [--gc-grace 60]
+                   free addresses and map entries of pods that vanished without DEL
+               --metrics-address ADDR:PORT   serve /metrics and /healthz
   load       load and pin, then exit (pins keep everything loaded)
   unload     remove the pins (attached programs stay until their links go)
   endpoints  print the ENDPOINTS map       (--json for JSON)
@@ -44,6 +53,14 @@ struct Options {
     non_masquerade: Vec<String>,
     nat_ports: Option<String>,
     nat_timeouts: NatTimeouts,
+    cni_conf_dir: Option<PathBuf>,
+    pod_cidr: Option<String>,
+    pod_mtu: Option<u32>,
+    network_name: Option<String>,
+    data_dir: Option<PathBuf>,
+    gc_interval: Option<Duration>,
+    gc_grace: Option<Duration>,
+    metrics_address: Option<String>,
 }
 
 fn parse_options() -> anyhow::Result<Options> {
@@ -66,6 +83,14 @@ fn parse_options() -> anyhow::Result<Options> {
             "--nat-timeout-tcp" => options.nat_timeouts.tcp = seconds(&value(&arg)?)?,
             "--nat-timeout-udp" => options.nat_timeouts.udp = seconds(&value(&arg)?)?,
             "--nat-timeout-icmp" => options.nat_timeouts.icmp = seconds(&value(&arg)?)?,
+            "--cni-conf-dir" => options.cni_conf_dir = Some(PathBuf::from(value(&arg)?)),
+            "--pod-cidr" => options.pod_cidr = Some(value(&arg)?),
+            "--pod-mtu" => options.pod_mtu = Some(value(&arg)?.parse().context("--pod-mtu")?),
+            "--network-name" => options.network_name = Some(value(&arg)?),
+            "--data-dir" => options.data_dir = Some(PathBuf::from(value(&arg)?)),
+            "--gc-interval" => options.gc_interval = Some(seconds(&value(&arg)?)?),
+            "--gc-grace" => options.gc_grace = Some(seconds(&value(&arg)?)?),
+            "--metrics-address" => options.metrics_address = Some(value(&arg)?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -155,6 +180,15 @@ fn node_settings(options: &Options) -> anyhow::Result<Option<NodeSettings>> {
 
 fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
     let settings = node_settings(options)?;
+    let pod_cidr = options
+        .pod_cidr
+        .as_deref()
+        .map(Pool::parse)
+        .transpose()
+        .context("--pod-cidr")?;
+    if options.cni_conf_dir.is_some() && pod_cidr.is_none() {
+        bail!("--cni-conf-dir needs --pod-cidr (this node's pod CIDR)");
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -166,26 +200,72 @@ fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
                 _ = tokio::signal::ctrl_c() => {},
             }
         };
-        match settings {
+        let counters = Arc::new(AgentCounters::default());
+        let mut agent = match settings {
             None => {
                 datapath::load_and_pin(root)?;
-                eprintln!("mycni-agent: datapath pinned under {}", root.display());
-                shutdown.await;
+                None
             }
-            Some(settings) => {
-                let name = settings.name.clone();
-                let mut agent = Agent::start(root, settings).await?;
-                eprintln!(
-                    "mycni-agent: node {name} ready, datapath pinned under {}",
-                    root.display()
-                );
+            Some(settings) => Some(Agent::start(root, settings).await?),
+        };
+        eprintln!("mycni-agent: datapath pinned under {}", root.display());
+        if let Some(address) = &options.metrics_address {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("--metrics-address {address}"))?;
+            tokio::spawn(upkeep::serve_http(
+                listener,
+                root.to_path_buf(),
+                counters.clone(),
+            ));
+        }
+        let network = options
+            .network_name
+            .clone()
+            .unwrap_or_else(|| "mycni".into());
+        if let Some(data_dir) = options.data_dir.clone() {
+            let (root, network, counters) = (root.to_path_buf(), network.clone(), counters.clone());
+            let interval = options.gc_interval.unwrap_or(Duration::from_secs(60));
+            let grace = options.gc_grace.unwrap_or(Duration::from_secs(60));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+                loop {
+                    tick.tick().await;
+                    match upkeep::collect_garbage(&data_dir, &network, &root, grace).await {
+                        Ok(freed) => {
+                            counters
+                                .garbage_collected
+                                .fetch_add(freed as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => eprintln!("mycni-agent: garbage collection failed: {e}"),
+                    }
+                }
+            });
+        }
+        // Written last: its presence tells kubelet (and STATUS) the node can take pods.
+        if let (Some(dir), Some(pod_cidr)) = (&options.cni_conf_dir, &pod_cidr) {
+            let mtu = options
+                .pod_mtu
+                .or_else(|| agent.as_ref().map(Agent::pod_mtu))
+                .unwrap_or(mycni::cni::config::DEFAULT_MTU);
+            let data_dir = options
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(mycni::cni::config::DEFAULT_DATA_DIR));
+            let conflist = mycni::cni::config::conflist(&network, pod_cidr, mtu, &data_dir, root);
+            let path = upkeep::write_conflist(dir, &conflist)?;
+            eprintln!("mycni-agent: wrote {} (pod MTU {mtu})", path.display());
+        }
+        match agent.as_mut() {
+            None => shutdown.await,
+            Some(agent) => {
                 let mut source = NodesFile::new(
                     options
                         .nodes_file
                         .clone()
                         .unwrap_or_else(|| PathBuf::from("/etc/mycni/nodes")),
                 );
-                agent.run(&mut source, shutdown).await?;
+                agent.run(&mut source, &counters, shutdown).await?;
             }
         }
         anyhow::Ok(())

@@ -22,6 +22,31 @@ pub struct Attachment {
     pub ifname: String,
 }
 
+/// The conflist a node runs with: mycni, then the reference portmap for hostPorts.
+pub fn conflist(
+    network: &str,
+    pod_cidr: &Pool,
+    mtu: u32,
+    data_dir: &std::path::Path,
+    bpffs_root: &std::path::Path,
+) -> Value {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "cniVersions": ["0.3.1", "0.4.0", "1.0.0", "1.1.0"],
+        "name": network,
+        "plugins": [
+            {
+                "type": PLUGIN_TYPE,
+                "podCIDR": pod_cidr.to_string(),
+                "mtu": mtu,
+                "dataDir": data_dir,
+                "bpffsRoot": bpffs_root,
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true},
+        ],
+    })
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct NetConf {
     pub cni_version: CniVersion,
@@ -304,6 +329,22 @@ mod tests {
         for (text, code) in cases {
             assert_eq!(parse(text).unwrap_err().code, code, "{text}");
         }
+    }
+
+    #[test]
+    fn the_node_conflist_parses_back() {
+        let pool = Pool::parse("10.244.1.0/24").unwrap();
+        let list = conflist(
+            "mycni",
+            &pool,
+            1450,
+            std::path::Path::new("/d"),
+            std::path::Path::new("/b"),
+        );
+        let conf = NetConf::parse(list.to_string().as_bytes()).unwrap();
+        assert_eq!(conf.cni_version, CniVersion::V1_1_0);
+        assert_eq!((conf.mtu, conf.pod_cidr), (1450, Some(pool)));
+        assert_eq!(conf.bpffs_root, PathBuf::from("/b"));
     }
 
     #[test]

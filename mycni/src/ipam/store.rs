@@ -157,6 +157,12 @@ impl StoreLock<'_> {
         Ok(found)
     }
 
+    /// How long ago the claim on `ip` was written (`None` when there is none).
+    pub fn age_of(&self, ip: Ipv4Addr) -> Option<std::time::Duration> {
+        let modified = std::fs::metadata(self.path_of(ip)).ok()?.modified().ok()?;
+        Some(modified.elapsed().unwrap_or_default())
+    }
+
     /// `owners/<container ID>:<interface>`; `:` appears in neither (both are validated).
     fn index_path(&self, owner: &Owner) -> PathBuf {
         self.store

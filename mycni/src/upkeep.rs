@@ -1,0 +1,360 @@
+//! What the agent does besides routing, in every mode: announce readiness by writing the
+//! CNI conflist, collect the garbage a crashed ADD or a lost DEL leaves, and serve
+//! Prometheus metrics and a health check. Decisions are pure functions; I/O stays in the
+//! `async` functions around them.
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mycni_common::{
+    verdict, Counter, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
+};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::datapath::{self, Maps, NatTable};
+use crate::ipam::store::{IpStore, Owner};
+use crate::nat::{self, NatOccupancy};
+use crate::netlink::Netlink;
+use crate::plugin::{host_veth_name, release_attachment};
+
+const CONFLIST_NAME: &str = "10-mycni.conflist";
+
+/// Writes the conflist beside and renames it into place: kubelet never reads half a file,
+/// and finds none at all until the datapath is loaded (so the node stays NotReady).
+pub fn write_conflist(conf_dir: &Path, conflist: &Value) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(conf_dir)?;
+    let target = conf_dir.join(CONFLIST_NAME);
+    // Not ending in .conf/.conflist: a runtime scanning the directory skips the staging file.
+    let staging = conf_dir.join(format!(".{CONFLIST_NAME}.tmp"));
+    let text = serde_json::to_string_pretty(conflist).map_err(std::io::Error::other)? + "\n";
+    std::fs::write(&staging, text)?;
+    std::fs::rename(&staging, &target)?;
+    Ok(target)
+}
+
+/// An allocation as garbage collection sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    pub ip: Ipv4Addr,
+    pub owner: Owner,
+    pub age: Duration,
+    pub host_veth_exists: bool,
+}
+
+/// Allocations whose pod is gone: no host veth, and older than `grace` (an ADD in flight
+/// holds its address a moment before its veth exists).
+pub fn stale_allocations(allocations: &[Allocation], grace: Duration) -> Vec<&Allocation> {
+    allocations
+        .iter()
+        .filter(|a| !a.host_veth_exists && a.age >= grace)
+        .collect()
+}
+
+/// Frees every stale allocation of the network's store (address, map entries, a leftover
+/// route), and endpoint map entries that no allocation backs and whose veth is gone.
+/// Returns how many things it freed.
+pub async fn collect_garbage(
+    data_dir: &Path,
+    network: &str,
+    root: &Path,
+    grace: Duration,
+) -> Result<usize, crate::agent::AgentError> {
+    let store = IpStore::open(data_dir, network).map_err(crate::agent::AgentError::Store)?;
+    let netlink = Netlink::current()?;
+    let records = store
+        .lock()
+        .and_then(|lock| {
+            let list = lock.list()?;
+            Ok(list
+                .into_iter()
+                .map(|(ip, owner)| {
+                    let age = lock.age_of(ip).unwrap_or_default();
+                    (ip, owner, age)
+                })
+                .collect::<Vec<_>>())
+        })
+        .map_err(crate::agent::AgentError::Store)?;
+    let mut allocations = Vec::new();
+    for (ip, owner, age) in records {
+        let veth = host_veth_name(&owner.container_id, &owner.ifname);
+        let host_veth_exists = netlink.link_by_name(&veth).await?.is_some();
+        allocations.push(Allocation {
+            ip,
+            owner,
+            age,
+            host_veth_exists,
+        });
+    }
+    let mut freed = 0;
+    for stale in stale_allocations(&allocations, grace) {
+        eprintln!(
+            "mycni-agent: freeing {} of container {} ({}): its pod is gone",
+            stale.ip, stale.owner.container_id, stale.owner.ifname
+        );
+        release_attachment(&store, &stale.owner, root, &netlink)
+            .await
+            .map_err(|e| crate::agent::AgentError::Garbage(e.to_string()))?;
+        freed += 1;
+    }
+    let backed: BTreeSet<Ipv4Addr> = allocations.iter().map(|a| a.ip).collect();
+    let mut maps = Maps::open(root)?;
+    let links = netlink.links().await?;
+    for (ip, endpoint) in maps.endpoints()? {
+        if backed.contains(&ip) {
+            continue;
+        }
+        let veth_alive = links
+            .iter()
+            .any(|link| link.index == endpoint.ifindex && link.name.starts_with("lxc"));
+        if !veth_alive {
+            eprintln!("mycni-agent: removing endpoint {ip}: no allocation and no veth");
+            maps.remove_endpoint(ip)?;
+            freed += 1;
+        }
+    }
+    Ok(freed)
+}
+
+/// What `/metrics` reports, gathered from the pinned maps.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub counters: Vec<Counter>,
+    pub nat: NatOccupancy,
+    pub nat_capacity: u32,
+    pub endpoints: usize,
+    /// (local, direct, vxlan) entries of `ROUTES`.
+    pub routes: (usize, usize, usize),
+    pub node_source_errors: u64,
+    pub garbage_collected: u64,
+}
+
+pub fn snapshot(
+    root: &Path,
+    counters: &AgentCounters,
+) -> Result<Snapshot, datapath::DatapathError> {
+    let maps = Maps::open(root)?;
+    let mut routes = (0, 0, 0);
+    for (_, _, route) in maps.routes()? {
+        match route.kind {
+            ROUTE_LOCAL_ENDPOINT => routes.0 += 1,
+            ROUTE_REMOTE_NODE => routes.1 += 1,
+            ROUTE_REMOTE_TUNNEL => routes.2 += 1,
+            _ => {}
+        }
+    }
+    Ok(Snapshot {
+        counters: datapath::read_stats(root)?,
+        nat: nat::occupancy(&NatTable::open(root)?.entries()?),
+        nat_capacity: mycni_common::MAX_NAT,
+        endpoints: maps.endpoints()?.len(),
+        routes,
+        node_source_errors: counters.node_source_errors.load(Ordering::Relaxed),
+        garbage_collected: counters.garbage_collected.load(Ordering::Relaxed),
+    })
+}
+
+/// The Prometheus text exposition of a snapshot.
+pub fn render_metrics(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let per_verdict = |f: fn(&Counter) -> u64| -> Vec<(String, String)> {
+        s.counters
+            .iter()
+            .zip(verdict::NAMES)
+            .map(|(c, name)| (format!("{{verdict=\"{name}\"}}"), f(c).to_string()))
+            .collect()
+    };
+    family(
+        "mycni_packets_total",
+        "counter",
+        "Packets by datapath verdict (drop_* are drops by reason).",
+        &per_verdict(|c| c.packets),
+    );
+    family(
+        "mycni_bytes_total",
+        "counter",
+        "Bytes by datapath verdict.",
+        &per_verdict(|c| c.bytes),
+    );
+    let nat = [("tcp", s.nat.tcp), ("udp", s.nat.udp), ("icmp", s.nat.icmp)]
+        .map(|(p, n)| (format!("{{proto=\"{p}\"}}"), n.to_string()));
+    family(
+        "mycni_nat_flows",
+        "gauge",
+        "Masqueraded flows in the NAT table.",
+        &nat,
+    );
+    family(
+        "mycni_nat_entries",
+        "gauge",
+        "NAT table entries (both directions).",
+        &[(String::new(), s.nat.entries.to_string())],
+    );
+    family(
+        "mycni_nat_capacity",
+        "gauge",
+        "NAT table capacity.",
+        &[(String::new(), s.nat_capacity.to_string())],
+    );
+    let failures = s
+        .counters
+        .get(verdict::DROP_NAT_EXHAUSTED as usize)
+        .map(|c| c.packets)
+        .unwrap_or(0);
+    family(
+        "mycni_nat_allocation_failures_total",
+        "counter",
+        "Packets dropped for want of a free SNAT port.",
+        &[(String::new(), failures.to_string())],
+    );
+    family(
+        "mycni_endpoints",
+        "gauge",
+        "Pods on this node in ENDPOINTS.",
+        &[(String::new(), s.endpoints.to_string())],
+    );
+    let routes = [
+        ("local", s.routes.0),
+        ("direct", s.routes.1),
+        ("vxlan", s.routes.2),
+    ]
+    .map(|(k, n)| (format!("{{kind=\"{k}\"}}"), n.to_string()));
+    family("mycni_routes", "gauge", "ROUTES entries by kind.", &routes);
+    family(
+        "mycni_node_source_errors_total",
+        "counter",
+        "Failed reads of the node source.",
+        &[(String::new(), s.node_source_errors.to_string())],
+    );
+    family(
+        "mycni_garbage_collected_total",
+        "counter",
+        "Allocations and endpoints freed after their pod vanished.",
+        &[(String::new(), s.garbage_collected.to_string())],
+    );
+    out
+}
+
+/// Counters the agent keeps itself (the rest comes from the maps).
+#[derive(Debug, Default)]
+pub struct AgentCounters {
+    pub node_source_errors: AtomicU64,
+    pub garbage_collected: AtomicU64,
+}
+
+/// Serves `GET /metrics` and `GET /healthz` (200 while the datapath is pinned, 503 not).
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    root: PathBuf,
+    counters: Arc<AgentCounters>,
+) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let (root, counters) = (root.clone(), counters.clone());
+        tokio::spawn(async move {
+            let mut request = Vec::with_capacity(1024);
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(2), async {
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+            if read.await.is_err() {
+                return;
+            }
+            let line = String::from_utf8_lossy(&request);
+            let path = line.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = match path {
+                "/metrics" => match snapshot(&root, &counters) {
+                    Ok(s) => ("200 OK", render_metrics(&s)),
+                    Err(e) => ("503 Service Unavailable", format!("{e}\n")),
+                },
+                "/healthz" => match datapath::check_loaded(&root) {
+                    Ok(()) => ("200 OK", "ok\n".to_string()),
+                    Err(e) => ("503 Service Unavailable", format!("{e}\n")),
+                },
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allocation(ip: u8, age_s: u64, veth: bool) -> Allocation {
+        Allocation {
+            ip: Ipv4Addr::new(10, 0, 0, ip),
+            owner: Owner {
+                container_id: format!("c{ip}"),
+                ifname: "eth0".into(),
+            },
+            age: Duration::from_secs(age_s),
+            host_veth_exists: veth,
+        }
+    }
+
+    #[test]
+    fn only_old_allocations_without_a_veth_are_stale() {
+        let all = [
+            allocation(2, 600, true),
+            allocation(3, 600, false),
+            allocation(4, 5, false),
+        ];
+        let stale = stale_allocations(&all, Duration::from_secs(60));
+        assert_eq!(
+            stale.iter().map(|a| a.ip.octets()[3]).collect::<Vec<_>>(),
+            [3]
+        );
+    }
+
+    #[test]
+    fn renders_prometheus_text() {
+        let mut counters = vec![Counter::default(); verdict::COUNT as usize];
+        counters[verdict::SNAT as usize] = Counter {
+            packets: 7,
+            bytes: 700,
+        };
+        let text = render_metrics(&Snapshot {
+            counters,
+            nat: NatOccupancy {
+                tcp: 2,
+                udp: 1,
+                icmp: 0,
+                entries: 6,
+            },
+            nat_capacity: 100,
+            endpoints: 3,
+            routes: (3, 1, 1),
+            node_source_errors: 4,
+            garbage_collected: 0,
+        });
+        assert!(text.contains("mycni_packets_total{verdict=\"snat\"} 7\n"));
+        assert!(text.contains("mycni_bytes_total{verdict=\"snat\"} 700\n"));
+        assert!(text.contains("mycni_nat_flows{proto=\"tcp\"} 2\n"));
+        assert!(text.contains("mycni_routes{kind=\"vxlan\"} 1\n"));
+        assert!(text.contains("mycni_node_source_errors_total 4\n"));
+        assert!(text.contains("# TYPE mycni_endpoints gauge\n"));
+    }
+}
