@@ -342,7 +342,8 @@ mod tests {
             std::path::Path::new("/b"),
         );
         let conf = NetConf::parse(list.to_string().as_bytes()).unwrap();
-        assert_eq!(conf.cni_version, CniVersion::V1_1_0);
+        // cniVersion wins over cniVersions: 1.0.0 is what runtimes with libcni 1.1 speak.
+        assert_eq!(conf.cni_version, CniVersion::V1_0_0);
         assert_eq!((conf.mtu, conf.pod_cidr), (1450, Some(pool)));
         assert_eq!(conf.bpffs_root, PathBuf::from("/b"));
     }
