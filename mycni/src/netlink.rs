@@ -377,7 +377,11 @@ impl Netlink {
     }
 
     /// Names of the bpf programs attached as TC ingress filters on a link.
-    pub async fn ingress_bpf_programs(&self, index: u32) -> Result<Vec<String>, NetlinkError> {
+    /// (name, kernel program id) of the bpf programs attached as TC ingress filters.
+    pub async fn ingress_bpf_programs(
+        &self,
+        index: u32,
+    ) -> Result<Vec<(String, u32)>, NetlinkError> {
         let mut stream = self
             .handle
             .traffic_filter(index as i32)
@@ -395,10 +399,16 @@ impl Netlink {
             };
             for attribute in &message.attributes {
                 if let TcAttribute::Options(options) = attribute {
+                    let (mut name, mut id) = (None, 0);
                     for option in options {
-                        if let TcOption::Bpf(TcFilterBpfOption::ProgName(name)) = option {
-                            names.push(name.clone());
+                        match option {
+                            TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => name = Some(n.clone()),
+                            TcOption::Bpf(TcFilterBpfOption::ProgId(i)) => id = *i,
+                            _ => {}
                         }
+                    }
+                    if let Some(name) = name {
+                        names.push((name, id));
                     }
                 }
             }

@@ -498,7 +498,7 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
                     .ingress_bpf_programs(link.index)
                     .await
                     .map_err(netlink_error)?;
-                if !programs.iter().any(|name| name == PROG_FROM_POD) {
+                if !programs.iter().any(|(name, _)| name == PROG_FROM_POD) {
                     differences.push(format!(
                         "{PROG_FROM_POD} is not attached to {host_name} (found {programs:?})"
                     ));

@@ -120,6 +120,24 @@ pub async fn collect_garbage(
     Ok(freed)
 }
 
+/// Re-attaches the pinned (just loaded) `from_pod`/`to_pod` to every pod's host veth, in
+/// place: after an upgrade, existing pods run the new programs too, without a gap.
+pub async fn refresh_pod_programs(root: &Path) -> Result<usize, crate::agent::AgentError> {
+    let netlink = Netlink::current()?;
+    let links = netlink.links().await?;
+    let mut refreshed = 0;
+    for (_, endpoint) in Maps::open(root)?.endpoints()? {
+        if let Some(link) = links
+            .iter()
+            .find(|l| l.index == endpoint.ifindex && l.name.starts_with("lxc"))
+        {
+            datapath::attach_to_host_veth(root, &link.name)?;
+            refreshed += 1;
+        }
+    }
+    Ok(refreshed)
+}
+
 /// What `/metrics` reports, gathered from the pinned maps.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {

@@ -563,9 +563,36 @@ fn killing_and_restarting_the_agent_drops_no_flow() -> Result<()> {
         node.stop_agent();
     }
     std::thread::sleep(Duration::from_millis(800));
+    let from_pod_id = |node: &Node, pod: &Pod| -> Result<u32> {
+        let link = pod.result["interfaces"][0]["name"]
+            .as_str()
+            .context("no host veth")?
+            .to_string();
+        node.netns.run_inside(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let netlink = mycni::netlink::Netlink::current()?;
+                let index = netlink
+                    .link_by_name(&link)
+                    .await?
+                    .context("veth gone")?
+                    .index;
+                let programs = netlink.ingress_bpf_programs(index).await?;
+                Ok(programs.first().context("nothing attached")?.1)
+            })
+        })
+    };
+    let old_program = from_pod_id(cluster.node("node-1"), &a1)?;
     for node in cluster.nodes.iter_mut() {
         node.start_agent(&[])?;
     }
+    // The restarted agent loaded its programs afresh and swapped them in on old pods too.
+    wait_for(Duration::from_secs(5), || {
+        Ok(from_pod_id(cluster.node("node-1"), &a1)? != old_program)
+    })
+    .context("the old pod still runs the old program")?;
     // New pods can be added at once, and reach the old ones.
     let a2 = cluster.node("node-1").add_pod("a2")?;
     a2.netns.ping(c1.ip)?;

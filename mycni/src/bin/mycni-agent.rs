@@ -208,7 +208,11 @@ fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
             }
             Some(settings) => Some(Agent::start(root, settings).await?),
         };
-        eprintln!("mycni-agent: datapath pinned under {}", root.display());
+        let refreshed = upkeep::refresh_pod_programs(root).await?;
+        eprintln!(
+            "mycni-agent: datapath pinned under {}; programs of {refreshed} existing pods replaced",
+            root.display()
+        );
         if let Some(address) = &options.metrics_address {
             let listener = tokio::net::TcpListener::bind(address)
                 .await
