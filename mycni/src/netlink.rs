@@ -211,6 +211,21 @@ impl Netlink {
         Ok(found)
     }
 
+    /// Adds `message` to the main table, replacing any route to the same prefix.
+    async fn replace_route(
+        &self,
+        message: rtnetlink::packet_route::route::RouteMessage,
+        what: String,
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .map_err(request(what))
+    }
+
     /// `dst/prefix_len dev oif scope link`: the node's way to a local pod.
     pub async fn add_link_route(
         &self,
@@ -223,13 +238,8 @@ impl Netlink {
             .output_interface(oif)
             .scope(RouteScope::Link)
             .build();
-        self.handle
-            .route()
-            .add(message)
-            .replace()
-            .execute()
+        self.replace_route(message, format!("add route {dst}/{prefix_len} dev #{oif}"))
             .await
-            .map_err(request(format!("add route {dst}/{prefix_len} dev #{oif}")))
     }
 
     /// `default via gateway dev oif onlink`: the pod's only route.
@@ -293,15 +303,11 @@ impl Netlink {
             .gateway(gateway)
             .output_interface(oif)
             .build();
-        self.handle
-            .route()
-            .add(message)
-            .replace()
-            .execute()
-            .await
-            .map_err(request(format!(
-                "add route {dst}/{prefix_len} via {gateway}"
-            )))
+        self.replace_route(
+            message,
+            format!("add route {dst}/{prefix_len} via {gateway}"),
+        )
+        .await
     }
 
     /// `dst/prefix_len dev oif encap ip id vni dst remote`: the node stack's way into the
@@ -324,15 +330,11 @@ impl Netlink {
                 RouteIpTunnel::Ttl(64),
             ])
             .build();
-        self.handle
-            .route()
-            .add(message)
-            .replace()
-            .execute()
-            .await
-            .map_err(request(format!(
-                "add route {dst}/{prefix_len} into the tunnel to {remote}"
-            )))
+        self.replace_route(
+            message,
+            format!("add route {dst}/{prefix_len} into the tunnel to {remote}"),
+        )
+        .await
     }
 
     /// Deletes `dst/prefix_len` from the main table; a route already gone is not an error.

@@ -78,35 +78,11 @@ impl Cluster {
         router.sysctl("net.ipv4.ip_forward", "1")?;
 
         // Router legs: one on the fabric, one to node-3's subnet, one to the outside.
-        fabric.exec(&[
-            "ip",
-            "link",
-            "add",
-            "rt",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "a0",
-            "netns",
-            &router.name,
-        ])?;
+        fabric.add_veth("rt", &router, "a0")?;
         fabric.exec(&["ip", "link", "set", "rt", "master", "br0", "up"])?;
         router.exec(&["ip", "addr", "add", "192.168.1.1/24", "dev", "a0"])?;
         router.exec(&["ip", "link", "set", "a0", "up"])?;
-        router.exec(&[
-            "ip",
-            "link",
-            "add",
-            "x0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &external.name,
-        ])?;
+        router.add_veth("x0", &external, "eth0")?;
         router.exec(&["ip", "addr", "add", "203.0.113.1/24", "dev", "x0"])?;
         router.exec(&["ip", "link", "set", "x0", "up"])?;
         external.exec(&[
@@ -137,36 +113,12 @@ impl Cluster {
             node.mtu = POD_MTU;
             if index < 2 {
                 let leg = format!("n{}", index + 1);
-                cluster.fabric.exec(&[
-                    "ip",
-                    "link",
-                    "add",
-                    &leg,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    &node.netns.name,
-                ])?;
+                cluster.fabric.add_veth(&leg, &node.netns, "eth0")?;
                 cluster
                     .fabric
                     .exec(&["ip", "link", "set", &leg, "master", "br0", "up"])?;
             } else {
-                cluster.router.exec(&[
-                    "ip",
-                    "link",
-                    "add",
-                    "b0",
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    &node.netns.name,
-                ])?;
+                cluster.router.add_veth("b0", &node.netns, "eth0")?;
                 cluster
                     .router
                     .exec(&["ip", "addr", "add", "192.168.2.1/24", "dev", "b0"])?;

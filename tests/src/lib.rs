@@ -130,6 +130,14 @@ impl Netns {
         })
     }
 
+    /// A veth pair: `local` here, `remote` inside `peer`, made from inside this namespace.
+    pub fn add_veth(&self, local: &str, peer: &Netns, remote: &str) -> Result<()> {
+        self.exec(&[
+            "ip", "link", "add", local, "type", "veth", "peer", "name", remote, "netns", &peer.name,
+        ])
+        .map(|_| ())
+    }
+
     pub fn ping(&self, target: Ipv4Addr) -> Result<()> {
         self.exec(&[
             "ping",

@@ -145,9 +145,7 @@ fn kubeadm_style(node: &Netns, rules: usize) -> Result<()> {
 }
 
 fn veth_between(a: &Netns, a_ip: &str, b: &Netns, b_ip: &str, name: &str) -> Result<()> {
-    a.exec(&[
-        "ip", "link", "add", name, "type", "veth", "peer", "name", name, "netns", &b.name,
-    ])?;
+    a.add_veth(name, b, name)?;
     for (ns, ip) in [(a, a_ip), (b, b_ip)] {
         ns.exec(&["ip", "addr", "add", ip, "dev", name])?;
         ns.exec(&["ip", "link", "set", name, "up"])?;
