@@ -70,6 +70,7 @@ const ICMP_ECHO_REQUEST: u8 = 8;
 const AF_INET: u32 = 2;
 const PACKET_HOST: u32 = 0;
 // Offsets inside an Ethernet + IPv4 frame.
+const IP_TTL_OFF: usize = ETH_HLEN + 8;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
@@ -287,6 +288,12 @@ fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
     if packet.has_ports && unsafe { STACK_FLOWS.get(packet.flow()) }.is_some() {
         return (verdict::STACK_FLOW_REPLY, TC_ACT_OK);
     }
+    // A routed hop: expiring packets go to the stack, which answers with ICMP time exceeded.
+    match decrement_ttl(ctx) {
+        Some(true) => {}
+        Some(false) => return (verdict::TO_STACK, TC_ACT_OK),
+        None => return (verdict::DROP_MALFORMED, TC_ACT_SHOT),
+    }
     match route.kind {
         ROUTE_LOCAL_ENDPOINT => match deliver_to_pod(ctx, route) {
             Some(action) => (verdict::LOCAL_REDIRECT, action),
@@ -295,6 +302,26 @@ fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
         ROUTE_REMOTE_NODE | ROUTE_REMOTE_TUNNEL => send_to_node(ctx, route),
         _ => (verdict::TO_STACK, TC_ACT_OK),
     }
+}
+
+/// Decrements the IPv4 TTL, fixing the header checksum; `Some(false)` when it would expire.
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext) -> Option<bool> {
+    // TTL and protocol share the checksummed 16-bit word at offset 8 of the header.
+    let word = ctx.load::<[u8; 2]>(IP_TTL_OFF).ok()?;
+    if word[0] <= 1 {
+        return Some(false);
+    }
+    let new = [word[0] - 1, word[1]];
+    ctx.l3_csum_replace(
+        IP_CSUM_OFF,
+        u16::from_ne_bytes(word) as u64,
+        u16::from_ne_bytes(new) as u64,
+        2,
+    )
+    .ok()?;
+    ctx.store(IP_TTL_OFF, &new[0], 0).ok()?;
+    Some(true)
 }
 
 /// Turns the pod's ARP request into a reply carrying the host veth's MAC and sends it back
