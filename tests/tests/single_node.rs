@@ -46,8 +46,13 @@ fn three_pods_reach_each_other_through_ebpf_with_forwarding_off() -> Result<()> 
         }
     }
     // from_pod routes: one hop, one TTL decrement (and a checksum the receiver accepts).
-    let reply = pods[0].netns.exec(&["ping", "-c", "1", "-W", "2", &pods[1].ip.to_string()])?;
-    ensure!(reply.contains("ttl=63"), "want ttl=63 after one routed hop: {reply}");
+    let reply = pods[0]
+        .netns
+        .exec(&["ping", "-c", "1", "-W", "2", &pods[1].ip.to_string()])?;
+    ensure!(
+        reply.contains("ttl=63"),
+        "want ttl=63 after one routed hop: {reply}"
+    );
     let after = counters(&node)?;
     let redirected =
         after[verdict::LOCAL_REDIRECT as usize] - before[verdict::LOCAL_REDIRECT as usize];
