@@ -19,16 +19,11 @@ pub fn run(args: &[String]) -> Result<()> {
         "--bins",
     ]))?;
     cmd::run(
-        cmd::clean(
-            &root
-                .join("target/release/mycni-bench")
-                .display()
-                .to_string(),
-        )
-        .current_dir(&root)
-        .args(args)
-        .env("MYCNI_BIN_DIR", root.join("target/release"))
-        .env("MYCNI_BENCH_OUT", root.join("target/bench"))
-        .env("RUST_BACKTRACE", "0"),
+        cmd::clean(root.join("target/release/mycni-bench"))
+            .current_dir(&root)
+            .args(args)
+            .env("MYCNI_BIN_DIR", root.join("target/release"))
+            .env("MYCNI_BENCH_OUT", root.join("target/bench"))
+            .env("RUST_BACKTRACE", "0"),
     )
 }

@@ -11,7 +11,7 @@ pub fn run() -> Result<()> {
     crate::test::prepare()?;
     let root = repo_root();
     cmd::run(
-        cmd::clean(&root.join("target/debug/mycni-demo").display().to_string())
+        cmd::clean(root.join("target/debug/mycni-demo"))
             .env("MYCNI_BIN_DIR", root.join("target/debug"))
             .env("RUST_BACKTRACE", "0"),
     )

@@ -1,6 +1,7 @@
-//! `cargo xtask build-ebpf`: the TC programs, built with Debian's rustc (whose library
-//! source rust-web-src ships, as build-std needs) and bpf-linker, in their own target dir.
-use std::path::PathBuf;
+//! `cargo xtask build-ebpf [--debug]`: the TC programs, built with Debian's rustc (whose
+//! library source rust-web-src ships, as build-std needs) and bpf-linker, in their own
+//! target dir so that switching compilers never invalidates the userspace build.
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
@@ -8,48 +9,129 @@ use crate::{cmd, repo_root};
 
 pub const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 
-pub fn object_path() -> PathBuf {
-    repo_root().join("mycni-ebpf/target/bpfel-unknown-none/release/mycni")
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    Release,
+    Debug,
 }
 
+impl Profile {
+    fn dir(self) -> &'static str {
+        match self {
+            Profile::Release => "release",
+            Profile::Debug => "debug",
+        }
+    }
+}
+
+fn target_dir() -> PathBuf {
+    repo_root().join("mycni-ebpf/target")
+}
+
+/// Where the object of a profile lands. The release one is what `mycni`'s build script
+/// embeds unless `MYCNI_EBPF_OBJECT` says otherwise.
+pub fn object_path(profile: Profile) -> PathBuf {
+    target_dir()
+        .join("bpfel-unknown-none")
+        .join(profile.dir())
+        .join("mycni")
+}
+
+/// bpf-linker on PATH or in cargo's bin dir (`cargo install` puts it there, and a fresh
+/// shell may not have that dir on PATH yet).
 pub fn bpf_linker() -> Option<PathBuf> {
-    let in_cargo_home =
-        std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo/bin/bpf-linker"));
-    let candidates = std::env::var_os("PATH")
+    let on_path = std::env::var_os("PATH")
         .map(|path| {
             std::env::split_paths(&path)
                 .map(|dir| dir.join("bpf-linker"))
                 .collect::<Vec<_>>()
         })
         .unwrap_or_default();
-    candidates
+    on_path
         .into_iter()
-        .chain(in_cargo_home)
+        .chain(cargo_bin_dir().map(|dir| dir.join("bpf-linker")))
         .find(|p| p.is_file())
 }
 
-pub fn build() -> Result<PathBuf> {
-    if !PathBuf::from(DEBIAN_RUSTC).exists() {
-        bail!("{DEBIAN_RUSTC} (Debian's rustc-web) is missing: run `cargo xtask setup`");
+/// `$CARGO_HOME/bin`, or `~/.cargo/bin`.
+pub fn cargo_bin_dir() -> Option<PathBuf> {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .map(|home| home.join("bin"))
+}
+
+pub fn parse_and_build(args: &[String]) -> Result<()> {
+    let mut profile = Profile::Release;
+    for arg in args {
+        match arg.as_str() {
+            "--debug" => profile = Profile::Debug,
+            "--release" => profile = Profile::Release,
+            other => bail!("build-ebpf: unexpected argument {other:?} (only --debug)"),
+        }
     }
+    let object = build_profile(profile)?;
+    println!("{}", object.display());
+    if profile == Profile::Debug {
+        eprintln!(
+            "note: mycni embeds the release object unless MYCNI_EBPF_OBJECT={} is set",
+            object.display()
+        );
+    }
+    Ok(())
+}
+
+/// The release build, the one the userspace crate embeds.
+pub fn build() -> Result<PathBuf> {
+    build_profile(Profile::Release)
+}
+
+pub fn build_profile(profile: Profile) -> Result<PathBuf> {
+    check_toolchain()?;
     let Some(linker) = bpf_linker() else {
-        bail!("bpf-linker is missing: run `cargo xtask setup`");
+        bail!("bpf-linker is missing (not on PATH, not in ~/.cargo/bin): run `cargo xtask setup`");
     };
     let crate_dir = repo_root().join("mycni-ebpf");
-    let mut path = std::env::var_os("PATH").unwrap_or_default();
-    if let Some(dir) = linker.parent() {
-        let mut dirs: Vec<PathBuf> = vec![dir.to_path_buf()];
+    // The crate's .cargo/config.toml names the linker `bpf-linker`: put its dir first on PATH.
+    let mut dirs: Vec<PathBuf> = linker.parent().map(Path::to_path_buf).into_iter().collect();
+    if let Some(path) = std::env::var_os("PATH") {
         dirs.extend(std::env::split_paths(&path));
-        path = std::env::join_paths(dirs)?;
     }
-    cmd::run(
-        cmd::clean("cargo")
-            .current_dir(&crate_dir)
-            .args(["build", "--release"])
-            .env("RUSTC", DEBIAN_RUSTC)
-            .env("RUSTC_BOOTSTRAP", "1")
-            .env("CARGO_TARGET_DIR", crate_dir.join("target"))
-            .env("PATH", path),
-    )?;
-    Ok(object_path())
+    let mut build = cmd::clean("cargo");
+    build
+        .current_dir(&crate_dir)
+        .arg("build")
+        .env("RUSTC", DEBIAN_RUSTC)
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("CARGO_TARGET_DIR", target_dir())
+        .env("PATH", std::env::join_paths(dirs)?);
+    if profile == Profile::Release {
+        build.arg("--release");
+    }
+    cmd::run(&mut build)?;
+    let object = object_path(profile);
+    if !object.is_file() {
+        bail!(
+            "the eBPF build succeeded but {} is not there",
+            object.display()
+        );
+    }
+    Ok(object)
+}
+
+/// Debian's rustc and the library source build-std compiles.
+fn check_toolchain() -> Result<()> {
+    if !Path::new(DEBIAN_RUSTC).is_file() {
+        bail!("{DEBIAN_RUSTC} (Debian's rustc-web) is missing: run `cargo xtask setup`");
+    }
+    let out = cmd::output(std::process::Command::new(DEBIAN_RUSTC).args(["--print", "sysroot"]))?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let library = sysroot.join("lib/rustlib/src/rust/library");
+    if !library.is_dir() {
+        bail!(
+            "{} is missing (Debian's rust-web-src; build-std needs it): run `cargo xtask setup`",
+            library.display()
+        );
+    }
+    Ok(())
 }

@@ -11,13 +11,15 @@ use std::path::PathBuf;
 
 const USAGE: &str = "usage: cargo xtask <command>
   setup        install what this machine lacks: Debian packages, bpf-linker, cnitool
-  build-ebpf   build the TC programs (mycni-ebpf) for bpfel-unknown-none
+  build-ebpf   build the TC programs (mycni-ebpf) for bpfel-unknown-none [--debug];
+               prints the object's path
   install      build and install mycni, mycni-agent and the CNI conflist
                [--destdir D] [--cni-bin-dir /opt/cni/bin] [--cni-conf-dir /etc/cni/net.d]
                [--bin-dir /usr/local/bin] --pod-cidr CIDR [--mtu 1500]
                [--data-dir /var/lib/cni/mycni] [--bpffs-root /sys/fs/bpf/mycni] [--no-build]
   demo         a simulated cluster in network namespaces, its connectivity, then cleanup
-  test         the whole test suite (unit and, as root, integration)
+  test         setup, build-ebpf, build every binary, then the whole test suite (unit and,
+               as root, integration); extra arguments go to the test binaries (filters)
   bench        mycni against a bare veth, the reference bridge plugin and kernel VXLAN
                [--quick] (under two minutes); results in target/bench/";
 
@@ -29,17 +31,41 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-fn main() -> anyhow::Result<()> {
+fn no_arguments(command: &str, rest: &[String]) -> anyhow::Result<()> {
+    if let Some(arg) = rest.first() {
+        anyhow::bail!("{command}: unexpected argument {arg:?}\n{USAGE}");
+    }
+    Ok(())
+}
+
+fn main() {
+    if let Err(error) = dispatch() {
+        // The message and its causes, without the backtrace anyhow adds under RUST_BACKTRACE.
+        eprintln!("error: {error}");
+        for cause in error.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn dispatch() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((command, rest)) = args.split_first() else {
         println!("{USAGE}");
         return Ok(());
     };
     match command.as_str() {
-        "setup" => setup::run(),
-        "build-ebpf" => ebpf::build().map(|path| println!("eBPF object: {}", path.display())),
+        "setup" => {
+            no_arguments(command, rest)?;
+            setup::run()
+        }
+        "build-ebpf" => ebpf::parse_and_build(rest),
         "install" => install::run(rest),
-        "demo" => demo::run(),
+        "demo" => {
+            no_arguments(command, rest)?;
+            demo::run()
+        }
         "test" => test::run(rest),
         "bench" => bench::run(rest),
         "help" | "-h" | "--help" => {

@@ -1,5 +1,5 @@
 //! `cargo xtask test`: set up what is missing, build everything, run every test.
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
 
 use anyhow::{bail, Context, Result};
@@ -18,11 +18,14 @@ pub fn prepare() -> Result<()> {
 }
 
 pub fn run(args: &[String]) -> Result<()> {
+    if !cmd::is_root() {
+        eprintln!(
+            "warning: not running as root: the integration tests (network namespaces, bpf \
+             syscalls) need root and will fail; only the unit tests can pass"
+        );
+    }
     prepare()?;
     let root = repo_root();
-    if !cmd::is_root() {
-        eprintln!("warning: not root: the integration tests (namespaces, bpf) will fail");
-    }
     let mut child = cmd::clean("cargo")
         .current_dir(&root)
         .args(["test", "--workspace", "--no-fail-fast"])
@@ -37,19 +40,25 @@ pub fn run(args: &[String]) -> Result<()> {
         .context("start cargo test")?;
     let (mut passed, mut failed) = (0u64, 0u64);
     if let Some(stdout) = child.stdout.take() {
-        for line in BufReader::new(stdout).lines() {
-            let line = line?;
-            println!("{line}");
+        let mut reader = BufReader::new(stdout);
+        let mut raw = Vec::new();
+        while reader.read_until(b'\n', &mut raw)? > 0 {
+            let text = String::from_utf8_lossy(&raw);
+            let line = text.trim_end_matches(['\n', '\r']);
+            // Tee: cargo's output reaches the terminal as it comes (a closed stdout must not
+            // stop the count).
+            let _ = writeln!(std::io::stdout(), "{line}");
             if let Some(summary) = line.strip_prefix("test result: ") {
                 passed += count(summary, " passed");
                 failed += count(summary, " failed");
             }
+            raw.clear();
         }
     }
     let status = child.wait()?;
     println!("xtask test: {passed} passed, {failed} failed");
     if !status.success() || failed > 0 {
-        bail!("tests failed");
+        bail!("tests failed ({failed} failed; cargo test: {status})");
     }
     Ok(())
 }
@@ -62,4 +71,18 @@ fn count(summary: &str, label: &str) -> u64 {
         .and_then(|n| n.split_whitespace().last())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn counts_from_a_summary() {
+        let ok =
+            "ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s";
+        assert_eq!((count(ok, " passed"), count(ok, " failed")), (12, 0));
+        let failed = "FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 5 filtered out";
+        assert_eq!((count(failed, " passed"), count(failed, " failed")), (3, 2));
+    }
 }

@@ -25,11 +25,17 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// `a.b.c.d/len`; host bits are cleared.
+    /// `a.b.c.d/len` with len 8..=30; host bits are cleared, so `10.244.1.7/24` is
+    /// `10.244.1.0/24` (operators paste a node address as often as a network). Shorter
+    /// prefixes are refused as a likely typo; /31 and /32 leave no room for a pod.
     pub fn parse(cidr: &str) -> Result<Pool, IpamError> {
         let invalid = || IpamError::InvalidCidr(cidr.to_string());
         let (address, len) = cidr.split_once('/').ok_or_else(invalid)?;
         let address: Ipv4Addr = address.parse().map_err(|_| invalid())?;
+        // Plain decimal only: `u8::from_str` would also take "+24".
+        if len.is_empty() || len.len() > 2 || !len.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid());
+        }
         let prefix_len: u8 = len.parse().map_err(|_| invalid())?;
         if !(8..=30).contains(&prefix_len) {
             return Err(invalid());
@@ -49,6 +55,7 @@ impl Pool {
         self.prefix_len
     }
 
+    /// Addresses in the subnet, reserved ones included.
     fn size(&self) -> u32 {
         1u32 << (32 - self.prefix_len)
     }
@@ -57,6 +64,8 @@ impl Pool {
         Ipv4Addr::from(self.network + self.size() - 1)
     }
 
+    /// The first host address, never given to a pod (as host-local reserves it). Pods route
+    /// via a link-local gateway, so this keeps `.1` free for the node should it want one.
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.network + 1)
     }
@@ -70,6 +79,7 @@ impl Pool {
         self.size() - 3
     }
 
+    /// Whether a pod may be given `ip` (a static address asked for by the runtime).
     pub fn check_assignable(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
         if !self.contains(ip) {
             return Err(IpamError::OutOfPool {
@@ -84,7 +94,9 @@ impl Pool {
     }
 
     /// Round robin, as the reference host-local plugin does: the first free address after
-    /// `last_reserved`, wrapping around, so a freed address is not handed out again at once.
+    /// `last_reserved`, wrapping around, so a freed address is not handed out again at once
+    /// (a client that still caches it would reach the wrong pod). A `last_reserved` outside
+    /// the assignable range (a stale record, another pool) restarts at the first address.
     pub fn next_free(
         &self,
         is_used: impl Fn(Ipv4Addr) -> bool,
@@ -133,10 +145,21 @@ mod tests {
         assert_eq!(pool.gateway(), ip("10.244.1.1"));
         assert_eq!(pool.broadcast(), ip("10.244.1.255"));
         assert_eq!(pool.capacity(), 253);
+        assert_eq!(pool.network(), ip("10.244.1.0"));
+        assert_eq!(pool.prefix_len(), 24);
         for bad in [
             "10.244.1.0",
             "10.244.1.0/31",
+            "10.244.1.0/32",
             "10.244.1.0/7",
+            "10.244.1.0/33",
+            "10.244.1.0/",
+            "10.244.1.0/+24",
+            "10.244.1.0/024",
+            "10.244.1.0/24 ",
+            " 10.244.1.0/24",
+            "10.244.1.256/24",
+            "10.244.1/24",
             "x/24",
             "10.244.1.0/x",
             "",
@@ -146,6 +169,42 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn prefix_bounds_and_membership() {
+        let wide = Pool::parse("10.0.0.0/8").unwrap();
+        assert_eq!(wide.capacity(), (1 << 24) - 3);
+        assert_eq!(wide.broadcast(), ip("10.255.255.255"));
+        assert!(wide.contains(ip("10.0.0.0")) && wide.contains(ip("10.255.255.255")));
+        assert!(!wide.contains(ip("9.255.255.255")) && !wide.contains(ip("11.0.0.0")));
+
+        let narrow = Pool::parse("192.168.7.9/30").unwrap();
+        assert_eq!(narrow.to_string(), "192.168.7.8/30");
+        assert_eq!(narrow.capacity(), 1);
+        assert_eq!(narrow.next_free(|_| false, None), Ok(ip("192.168.7.10")));
+        assert_eq!(
+            narrow.next_free(|a| a == ip("192.168.7.10"), None),
+            Err(IpamError::Exhausted("192.168.7.8/30".into()))
+        );
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        let pool = Pool::parse("10.0.0.0/29").unwrap();
+        let out = pool.check_assignable(ip("10.0.1.2")).unwrap_err();
+        assert_eq!(
+            out.to_string(),
+            "10.0.1.2 is outside the pod CIDR 10.0.0.0/29"
+        );
+        assert_eq!(
+            Pool::parse("10.0.0.0/31").unwrap_err().to_string(),
+            "invalid pod CIDR \"10.0.0.0/31\": want a.b.c.d/len with len 8..=30"
+        );
+        assert_eq!(
+            IpamError::Exhausted(pool.to_string()).to_string(),
+            "no free address in 10.0.0.0/29"
+        );
     }
 
     #[test]
@@ -195,11 +254,40 @@ mod tests {
             pool.next_free(none, Some(ip("10.0.0.6"))),
             Ok(ip("10.0.0.2"))
         );
-        // A stale last-reserved outside the pool restarts at the beginning.
+        // A stale last-reserved outside the pool, or on a reserved address, restarts at the
+        // beginning.
+        for stale in ["192.168.0.9", "10.0.0.0", "10.0.0.1", "10.0.0.7"] {
+            assert_eq!(pool.next_free(none, Some(ip(stale))), Ok(ip("10.0.0.2")));
+        }
+        // Used addresses after the last reserved are stepped over, wrapping past the end.
+        let used: BTreeSet<_> = ["10.0.0.6", "10.0.0.2"].map(ip).into();
         assert_eq!(
-            pool.next_free(none, Some(ip("192.168.0.9"))),
-            Ok(ip("10.0.0.2"))
+            pool.next_free(|a| used.contains(&a), Some(ip("10.0.0.5"))),
+            Ok(ip("10.0.0.3"))
         );
+    }
+
+    #[test]
+    fn reserved_addresses_are_never_offered() {
+        let pool = Pool::parse("10.0.0.0/29").unwrap();
+        let reserved = [pool.network(), pool.gateway(), pool.broadcast()];
+        // Whatever is marked used and wherever the round robin starts, the allocator never
+        // even asks about a reserved address, let alone returns one.
+        for start in 0..=8u32 {
+            let last = Some(Ipv4Addr::from(u32::from(pool.network()) + start));
+            let asked = std::cell::RefCell::new(Vec::new());
+            let got = pool.next_free(
+                |a| {
+                    asked.borrow_mut().push(a);
+                    true
+                },
+                last,
+            );
+            assert_eq!(got, Err(IpamError::Exhausted(pool.to_string())));
+            let asked = asked.into_inner();
+            assert_eq!(asked.len(), 5, "each assignable address once");
+            assert!(asked.iter().all(|a| !reserved.contains(a)), "{asked:?}");
+        }
     }
 
     #[test]
