@@ -36,8 +36,12 @@ pub enum AgentError {
     Garbage(String),
     #[error("uplink {0} does not exist")]
     NoUplink(String),
+    #[error("no device holds the node IP {0}")]
+    NoUplinkFor(Ipv4Addr),
     #[error("node IP {ip} is not an address of {uplink}")]
     NodeIpNotOnUplink { ip: Ipv4Addr, uplink: String },
+    #[error("node watch: {0}")]
+    NodeWatch(String),
     #[error("nodes file {path}: {source}")]
     NodesFile {
         path: PathBuf,
@@ -329,6 +333,22 @@ impl Agent {
             }
         }
     }
+}
+
+/// The device that holds `ip`: the node's uplink when the operator did not name it.
+pub async fn uplink_holding(ip: Ipv4Addr) -> Result<String, AgentError> {
+    let netlink = Netlink::current()?;
+    for link in netlink.links().await? {
+        if netlink
+            .addresses(link.index)
+            .await?
+            .iter()
+            .any(|(address, _)| *address == ip)
+        {
+            return Ok(link.name);
+        }
+    }
+    Err(AgentError::NoUplinkFor(ip))
 }
 
 /// Pods' replies to the node stack arrive on the uplink from pod addresses routed through

@@ -3,11 +3,12 @@
 //! Pure logic (no I/O, unit-tested without root): [`cni`] (config, versions, results,
 //! errors), [`ipam`] (address allocation). Thin adapters around the kernel: [`netlink`]
 //! (links, addresses, routes), [`datapath`] (pinned bpf maps and programs), [`ipam::store`]
-//! (the on-disk allocation records). [`plugin`] drives the CNI commands with them.
+//! (the on-disk allocation records), [`kube::client`] (the API server over TLS). [`plugin`] drives the CNI commands with them.
 pub mod agent;
 pub mod cni;
 pub mod datapath;
 pub mod ipam;
+pub mod kube;
 pub mod nat;
 pub mod netlink;
 pub mod nodes;

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use mycni::agent::{Agent, NodeSettings, NodesFile};
+use mycni::agent::{Agent, NodeSettings, NodeSource, NodesFile};
 use mycni::cni::result::parse_cidr;
 use mycni::datapath::{self, Maps, NatTable};
 use mycni::ipam::Pool;
+use mycni::kube::{self, client::ApiClient, client::KubeNodeSource};
 use mycni::nat::NatTimeouts;
 use mycni::netlink::format_mac;
 use mycni::upkeep::{self, AgentCounters};
@@ -21,8 +22,11 @@ const USAGE: &str = "usage: mycni-agent [--bpffs-root DIR] <command> [options]
 commands:
   run        load and pin programs and maps, then stay up until SIGTERM/SIGINT.
              With --node-ip, also hook the uplink and keep routes to the other nodes:
-               --node-name NAME --node-ip IP --uplink IFNAME --cluster-cidr CIDR
+               --node-name NAME --node-ip IP [--uplink IFNAME] --cluster-cidr CIDR
                [--nodes-file PATH] [--tunnel-mode auto|vxlan|direct] [--vni N]
+             or learn the nodes from Kubernetes (this node's IP and pod CIDR come from
+             its Node object, the uplink is the device holding that IP):
+               --node-name NAME --cluster-cidr CIDR (--kubeconfig FILE | --in-cluster)
                [--non-masquerade-cidr CIDR]... [--nat-ports MIN-MAX]
                [--nat-timeout-tcp SECS] [--nat-timeout-udp SECS] [--nat-timeout-icmp SECS]
              In every mode:
@@ -38,8 +42,10 @@ commands:
   nat        print the NAT map             (--json)
   stats      print the per-verdict counters (--json)";
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Options {
+    kubeconfig: Option<PathBuf>,
+    in_cluster: bool,
     root: Option<PathBuf>,
     command: Option<String>,
     json: bool,
@@ -71,6 +77,8 @@ fn parse_options() -> anyhow::Result<Options> {
         match arg.as_str() {
             "--bpffs-root" => options.root = Some(PathBuf::from(value(&arg)?)),
             "--json" => options.json = true,
+            "--kubeconfig" => options.kubeconfig = Some(PathBuf::from(value(&arg)?)),
+            "--in-cluster" => options.in_cluster = true,
             "--node-name" => options.node_name = Some(value(&arg)?),
             "--node-ip" => options.node_ip = Some(value(&arg)?),
             "--uplink" => options.uplink = Some(value(&arg)?),
@@ -151,10 +159,7 @@ fn node_settings(options: &Options) -> anyhow::Result<Option<NodeSettings>> {
             .clone()
             .context("--node-name is required with --node-ip")?,
         ip: ip.parse().with_context(|| format!("--node-ip {ip:?}"))?,
-        uplink: options
-            .uplink
-            .clone()
-            .context("--uplink is required with --node-ip")?,
+        uplink: options.uplink.clone().unwrap_or_default(),
         cluster_cidr: Pool::parse(
             options
                 .cluster_cidr
@@ -178,8 +183,80 @@ fn node_settings(options: &Options) -> anyhow::Result<Option<NodeSettings>> {
     }))
 }
 
+/// The Kubernetes node source the options ask for, if any.
+fn kube_source(options: &Options) -> anyhow::Result<Option<KubeNodeSource>> {
+    let access = match (&options.kubeconfig, options.in_cluster) {
+        (Some(_), true) => bail!("--kubeconfig and --in-cluster exclude each other"),
+        (Some(path), false) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+            let dir = path.parent().unwrap_or(std::path::Path::new("."));
+            kube::config::parse_kubeconfig(&text, dir)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?
+        }
+        (None, true) => kube::config::in_cluster(
+            std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref(),
+            std::env::var("KUBERNETES_SERVICE_PORT").ok().as_deref(),
+            std::path::Path::new(kube::config::SERVICE_ACCOUNT_DIR),
+        )?,
+        (None, false) => return Ok(None),
+    };
+    if options.nodes_file.is_some() {
+        bail!("--nodes-file and the Kubernetes API are two node sources; pick one");
+    }
+    Ok(Some(KubeNodeSource::start(ApiClient::new(access)?)))
+}
+
+/// Waits until this node's Node object has an InternalIP and a pod CIDR (the controller
+/// manager assigns the CIDR shortly after kubelet registers the node), then fills in the
+/// options the operator left out.
+async fn learn_local_node(source: &KubeNodeSource, options: &mut Options) -> anyhow::Result<()> {
+    let name = options
+        .node_name
+        .clone()
+        .context("--node-name is required with the Kubernetes API")?;
+    let mut waited = Duration::ZERO;
+    let step = Duration::from_millis(100);
+    let node = loop {
+        for error in source.take_errors() {
+            eprintln!("mycni-agent: {error}");
+        }
+        match source.node(&name) {
+            Some(node) if node.internal_ip.is_some() && node.pod_cidr.is_some() => break node,
+            seen => {
+                if waited.as_millis() % 5000 == 0 {
+                    let why = match seen {
+                        None => "to be registered",
+                        Some(n) if n.internal_ip.is_none() => "to report an InternalIP",
+                        Some(_) => "to be given a pod CIDR",
+                    };
+                    eprintln!("mycni-agent: waiting for node {name} {why}");
+                }
+            }
+        }
+        tokio::time::sleep(step).await;
+        waited += step;
+    };
+    let (Some(ip), Some(cidr)) = (node.internal_ip, node.pod_cidr) else {
+        unreachable!("checked above");
+    };
+    eprintln!("mycni-agent: node {name} has IP {ip} and pod CIDR {cidr}");
+    options.node_ip.get_or_insert(ip.to_string());
+    options.pod_cidr.get_or_insert(cidr.to_string());
+    Ok(())
+}
+
 fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
-    let settings = node_settings(options)?;
+    let mut options = options.clone();
+    let kube_source = kube_source(&options)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    if let Some(source) = &kube_source {
+        runtime.block_on(learn_local_node(source, &mut options))?;
+    }
+    let options = &options;
+    let mut settings = node_settings(options)?;
     let pod_cidr = options
         .pod_cidr
         .as_deref()
@@ -189,9 +266,11 @@ fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
     if options.cni_conf_dir.is_some() && pod_cidr.is_none() {
         bail!("--cni-conf-dir needs --pod-cidr (this node's pod CIDR)");
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    if let Some(settings) = settings.as_mut().filter(|s| s.uplink.is_empty()) {
+        settings.uplink = runtime
+            .block_on(mycni::agent::uplink_holding(settings.ip))
+            .context("finding the uplink (give --uplink)")?;
+    }
     runtime.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let shutdown = async move {
@@ -263,13 +342,16 @@ fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
         match agent.as_mut() {
             None => shutdown.await,
             Some(agent) => {
-                let mut source = NodesFile::new(
-                    options
-                        .nodes_file
-                        .clone()
-                        .unwrap_or_else(|| PathBuf::from("/etc/mycni/nodes")),
-                );
-                agent.run(&mut source, &counters, shutdown).await?;
+                let mut source: Box<dyn NodeSource> = match kube_source {
+                    Some(source) => Box::new(source),
+                    None => Box::new(NodesFile::new(
+                        options
+                            .nodes_file
+                            .clone()
+                            .unwrap_or_else(|| PathBuf::from("/etc/mycni/nodes")),
+                    )),
+                };
+                agent.run(source.as_mut(), &counters, shutdown).await?;
             }
         }
         anyhow::Ok(())
