@@ -224,7 +224,7 @@ async fn learn_local_node(source: &KubeNodeSource, options: &mut Options) -> any
         match source.node(&name) {
             Some(node) if node.internal_ip.is_some() && node.pod_cidr.is_some() => break node,
             seen => {
-                if waited.as_millis() % 5000 == 0 {
+                if waited.as_millis().is_multiple_of(5000) {
                     let why = match seen {
                         None => "to be registered",
                         Some(n) if n.internal_ip.is_none() => "to report an InternalIP",
