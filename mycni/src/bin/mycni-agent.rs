@@ -35,6 +35,9 @@ commands:
                --data-dir DIR [--gc-interval 60] [--gc-grace 60]
                    free addresses and map entries of pods that vanished without DEL
                --metrics-address ADDR:PORT   serve /metrics and /healthz
+  install-cni-plugin DIR
+             copy the `mycni` plugin that sits beside this binary into DIR (atomically:
+             a runtime may be executing the old one); the DaemonSet's init step
   load       load and pin, then exit (pins keep everything loaded)
   unload     remove the pins (attached programs stay until their links go)
   endpoints  print the ENDPOINTS map       (--json for JSON)
@@ -46,6 +49,8 @@ commands:
 struct Options {
     kubeconfig: Option<PathBuf>,
     in_cluster: bool,
+    /// A subcommand's positional argument.
+    operand: Option<String>,
     root: Option<PathBuf>,
     command: Option<String>,
     json: bool,
@@ -72,8 +77,20 @@ struct Options {
 fn parse_options() -> anyhow::Result<Options> {
     let mut args = std::env::args().skip(1);
     let mut options = Options::default();
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+    while let Some(raw) = args.next() {
+        // `--flag value` and `--flag=value` alike (manifests tend to use the latter).
+        let (arg, mut inline) = match raw.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_string(), Some(value.to_string()))
+            }
+            _ => (raw, None),
+        };
+        let mut value = |name: &str| {
+            inline
+                .take()
+                .or_else(|| args.next())
+                .with_context(|| format!("{name} needs a value"))
+        };
         match arg.as_str() {
             "--bpffs-root" => options.root = Some(PathBuf::from(value(&arg)?)),
             "--json" => options.json = true,
@@ -106,7 +123,23 @@ fn parse_options() -> anyhow::Result<Options> {
             other if options.command.is_none() && !other.starts_with('-') => {
                 options.command = Some(other.to_string())
             }
+            other if options.operand.is_none() && !other.starts_with('-') => {
+                options.operand = Some(other.to_string())
+            }
             other => bail!("unexpected argument {other:?}\n{USAGE}"),
+        }
+        if let Some(unused) = inline {
+            bail!("{arg} takes no value (got {unused:?})");
+        }
+    }
+    // The DaemonSet passes ConfigMap values through the environment; flags win.
+    if options.non_masquerade.is_empty() {
+        if let Ok(list) = std::env::var("MYCNI_NON_MASQUERADE_CIDRS") {
+            options.non_masquerade = list
+                .split([' ', ',', '\n'])
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
         }
     }
     Ok(options)
@@ -132,6 +165,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some("unload") => Ok(datapath::unpin_all(&root)?),
+        Some("install-cni-plugin") => install_cni_plugin(options.operand.as_deref()),
         Some("endpoints") => print_endpoints(&root, options.json),
         Some("routes") => print_routes(&root, options.json),
         Some("nat") => print_nat(&root, options.json),
@@ -195,8 +229,8 @@ fn kube_source(options: &Options) -> anyhow::Result<Option<KubeNodeSource>> {
                 .with_context(|| format!("--kubeconfig {}", path.display()))?
         }
         (None, true) => kube::config::in_cluster(
-            std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref(),
-            std::env::var("KUBERNETES_SERVICE_PORT").ok().as_deref(),
+            env_override("MYCNI_API_SERVER_HOST", "KUBERNETES_SERVICE_HOST").as_deref(),
+            env_override("MYCNI_API_SERVER_PORT", "KUBERNETES_SERVICE_PORT").as_deref(),
             std::path::Path::new(kube::config::SERVICE_ACCOUNT_DIR),
         )?,
         (None, false) => return Ok(None),
@@ -205,6 +239,32 @@ fn kube_source(options: &Options) -> anyhow::Result<Option<KubeNodeSource>> {
         bail!("--nodes-file and the Kubernetes API are two node sources; pick one");
     }
     Ok(Some(KubeNodeSource::start(ApiClient::new(access)?)))
+}
+
+/// `preferred` when set and not empty, else `fallback`.
+fn env_override(preferred: &str, fallback: &str) -> Option<String> {
+    std::env::var(preferred)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or_else(|| std::env::var(fallback).ok())
+}
+
+/// Copies the plugin beside this binary into `dir` under a temporary name and renames it
+/// into place, so a runtime never executes a half-written file.
+fn install_cni_plugin(dir: Option<&str>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = PathBuf::from(dir.context("install-cni-plugin needs the CNI bin directory")?);
+    let exe = std::env::current_exe().context("locating mycni-agent")?;
+    let source = exe.with_file_name("mycni");
+    let staged = dir.join(".mycni.installing");
+    std::fs::copy(&source, &staged)
+        .with_context(|| format!("copy {} to {}", source.display(), staged.display()))?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755))?;
+    let target = dir.join("mycni");
+    std::fs::rename(&staged, &target)
+        .with_context(|| format!("rename {} to {}", staged.display(), target.display()))?;
+    println!("installed {}", target.display());
+    Ok(())
 }
 
 /// Waits until this node's Node object has an InternalIP and a pod CIDR (the controller
