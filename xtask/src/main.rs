@@ -3,6 +3,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod ebpf;
+mod image;
 mod install;
 mod setup;
 mod test;
@@ -17,6 +18,8 @@ const USAGE: &str = "usage: cargo xtask <command>
                [--destdir D] [--cni-bin-dir /opt/cni/bin] [--cni-conf-dir /etc/cni/net.d]
                [--bin-dir /usr/local/bin] --pod-cidr CIDR [--mtu 1500]
                [--data-dir /var/lib/cni/mycni] [--bpffs-root /sys/fs/bpf/mycni] [--no-build]
+  image        an OCI image archive of mycni-agent and mycni for deploy/mycni.yaml
+               [--out FILE] [--no-build]; import with `ctr -n k8s.io images import`
   demo         a simulated cluster in network namespaces, its connectivity, then cleanup
   test         setup, build-ebpf, build every binary, then the whole test suite (unit and,
                as root, integration); extra arguments go to the test binaries (filters)
@@ -68,6 +71,7 @@ fn dispatch() -> anyhow::Result<()> {
         }
         "test" => test::run(rest),
         "bench" => bench::run(rest),
+        "image" => image::run(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())

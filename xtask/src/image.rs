@@ -1,0 +1,215 @@
+//! `cargo xtask image`: an OCI image archive holding `mycni-agent`, the `mycni` plugin and
+//! the shared libraries they load, for the DaemonSet in deploy/. Built without a container
+//! engine: a layer tarball, its config, manifest and index, written by hand.
+//!
+//! Import it with `ctr -n k8s.io images import target/image/mycni-<version>.oci.tar`
+//! (containerd) or `podman load -i ...`.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::{cmd, ebpf, repo_root};
+
+/// The name deploy/mycni.yaml refers to.
+pub const IMAGE_NAME: &str = "docker.io/library/mycni";
+
+pub fn run(args: &[String]) -> Result<()> {
+    let mut build = true;
+    let mut out: Option<PathBuf> = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--no-build" => build = false,
+            "--out" => out = Some(PathBuf::from(args.next().context("--out needs a path")?)),
+            other => bail!("image: unexpected argument {other:?}"),
+        }
+    }
+    let root = repo_root();
+    if build {
+        ebpf::build()?;
+        cmd::run(cmd::clean("cargo").current_dir(&root).args([
+            "build",
+            "--release",
+            "-p",
+            "mycni",
+        ]))?;
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    let out = out.unwrap_or_else(|| root.join(format!("target/image/mycni-{version}.oci.tar")));
+    let release = root.join("target/release");
+    build_image(
+        &[release.join("mycni-agent"), release.join("mycni")],
+        &format!("{IMAGE_NAME}:{version}"),
+        &out,
+    )?;
+    println!("image {IMAGE_NAME}:{version}: {}", out.display());
+    Ok(())
+}
+
+/// Writes an OCI archive to `out` whose one layer holds `binaries` under /usr/local/bin
+/// and every shared library `ldd` says they need, at the path the loader looks for it.
+pub fn build_image(binaries: &[PathBuf], reference: &str, out: &Path) -> Result<()> {
+    let work = out.with_extension("work");
+    let _ = std::fs::remove_dir_all(&work);
+    let rootfs = work.join("rootfs");
+    let layout = work.join("layout");
+    let blobs = layout.join("blobs/sha256");
+    for dir in [
+        rootfs.join("usr/local/bin"),
+        blobs.clone(),
+        rootfs.join("tmp"),
+    ] {
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let mut libraries = std::collections::BTreeSet::new();
+    for binary in binaries {
+        let name = binary.file_name().context("binary without a name")?;
+        std::fs::copy(binary, rootfs.join("usr/local/bin").join(name))
+            .with_context(|| format!("copy {}", binary.display()))?;
+        let ldd = cmd::output(cmd::clean("ldd").arg(binary))?;
+        libraries.extend(library_paths(&String::from_utf8_lossy(&ldd.stdout)));
+    }
+    for library in &libraries {
+        let inside = rootfs.join(library.strip_prefix("/").unwrap_or(library));
+        if let Some(parent) = inside.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        // Follows symlinks: the image gets the file itself under the name the loader asks for.
+        std::fs::copy(library, &inside).with_context(|| format!("copy {}", library.display()))?;
+    }
+    let layer = work.join("layer.tar");
+    cmd::run(
+        cmd::clean("tar")
+            .args([
+                "--create",
+                "--sort=name",
+                "--owner=0",
+                "--group=0",
+                "--numeric-owner",
+                "--mtime=@0",
+                "--file",
+            ])
+            .arg(&layer)
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("."),
+    )?;
+    let (layer_digest, layer_size) = add_blob(&blobs, &std::fs::read(&layer)?)?;
+    let config = json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Entrypoint": ["/usr/local/bin/mycni-agent"],
+            "Env": ["PATH=/usr/local/bin"],
+        },
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+    });
+    let (config_digest, config_size) = add_blob(&blobs, &serde_json::to_vec(&config)?)?;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest, "size": config_size,
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": layer_digest, "size": layer_size,
+        }],
+    });
+    let (manifest_digest, manifest_size) = add_blob(&blobs, &serde_json::to_vec(&manifest)?)?;
+    let tag = reference
+        .rsplit_once(':')
+        .map(|(_, t)| t)
+        .unwrap_or("latest");
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": manifest_size,
+            "annotations": {
+                "io.containerd.image.name": reference,
+                "org.opencontainers.image.ref.name": tag,
+            },
+        }],
+    });
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
+    std::fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    cmd::run(
+        cmd::clean("tar")
+            .args([
+                "--create",
+                "--sort=name",
+                "--owner=0",
+                "--group=0",
+                "--numeric-owner",
+                "--mtime=@0",
+                "--file",
+            ])
+            .arg(out)
+            .arg("-C")
+            .arg(&layout)
+            .args(["oci-layout", "index.json", "blobs"]),
+    )?;
+    std::fs::remove_dir_all(&work).with_context(|| format!("remove {}", work.display()))?;
+    Ok(())
+}
+
+/// Stores `bytes` as a content-addressed blob; returns its digest and size.
+fn add_blob(blobs: &Path, bytes: &[u8]) -> Result<(String, usize)> {
+    let staged = blobs.join("staged");
+    std::fs::write(&staged, bytes)?;
+    let sum = cmd::output(cmd::clean("sha256sum").arg(&staged))?;
+    let hex = String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .filter(|h| h.len() == 64)
+        .context("sha256sum printed no digest")?
+        .to_string();
+    std::fs::rename(&staged, blobs.join(&hex))?;
+    Ok((format!("sha256:{hex}"), bytes.len()))
+}
+
+/// The absolute paths in `ldd` output: `libc.so.6 => /lib/.../libc.so.6 (0x...)` and the
+/// loader's own `/lib64/ld-linux-x86-64.so.2 (0x...)`; the vDSO has no file.
+pub fn library_paths(ldd: &str) -> Vec<PathBuf> {
+    ldd.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.trim(),
+                None => line,
+            };
+            let path = path.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output_gives_the_files_to_copy() {
+        let ldd = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                   \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f49)\n\
+                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f49)\n\
+                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f49)\n";
+        assert_eq!(
+            library_paths(ldd),
+            vec![
+                PathBuf::from("/lib/x86_64-linux-gnu/libgcc_s.so.1"),
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
+            ]
+        );
+    }
+}
