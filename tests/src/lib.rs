@@ -18,6 +18,7 @@ use serde_json::Value;
 
 pub mod bench;
 pub mod cluster;
+pub mod kubelab;
 
 /// Where the binaries under test live (`cargo xtask test` sets it; defaults to target/debug).
 pub fn bin_dir() -> PathBuf {

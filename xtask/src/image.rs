@@ -38,45 +38,103 @@ pub fn run(args: &[String]) -> Result<()> {
     let version = env!("CARGO_PKG_VERSION");
     let out = out.unwrap_or_else(|| root.join(format!("target/image/mycni-{version}.oci.tar")));
     let release = root.join("target/release");
-    build_image(
-        &[release.join("mycni-agent"), release.join("mycni")],
-        &format!("{IMAGE_NAME}:{version}"),
-        &out,
-    )?;
+    let spec = ImageSpec {
+        files: ["mycni-agent", "mycni"]
+            .iter()
+            .map(|name| {
+                (
+                    release.join(name),
+                    PathBuf::from("/usr/local/bin").join(name),
+                )
+            })
+            .collect(),
+        links: Vec::new(),
+        entrypoint: vec!["/usr/local/bin/mycni-agent".into()],
+        reference: format!("{IMAGE_NAME}:{version}"),
+    };
+    build_image(&spec, &out)?;
     println!("image {IMAGE_NAME}:{version}: {}", out.display());
     Ok(())
 }
 
-/// Writes an OCI archive to `out` whose one layer holds `binaries` under /usr/local/bin
-/// and every shared library `ldd` says they need, at the path the loader looks for it.
-pub fn build_image(binaries: &[PathBuf], reference: &str, out: &Path) -> Result<()> {
+/// The mycni image of the binaries in `bin_dir`, under the name deploy/mycni.yaml uses.
+pub fn mycni_spec(bin_dir: &Path) -> ImageSpec {
+    ImageSpec {
+        files: ["mycni-agent", "mycni"]
+            .iter()
+            .map(|name| {
+                (
+                    bin_dir.join(name),
+                    PathBuf::from("/usr/local/bin").join(name),
+                )
+            })
+            .collect(),
+        links: Vec::new(),
+        entrypoint: vec!["/usr/local/bin/mycni-agent".into()],
+        reference: format!("{IMAGE_NAME}:{}", env!("CARGO_PKG_VERSION")),
+    }
+}
+
+/// What goes into a one-layer image.
+pub struct ImageSpec {
+    /// (file on this machine, absolute path in the image); dynamic executables bring the
+    /// shared libraries `ldd` names.
+    pub files: Vec<(PathBuf, PathBuf)>,
+    /// (absolute path in the image, symlink target).
+    pub links: Vec<(PathBuf, String)>,
+    pub entrypoint: Vec<String>,
+    /// `registry/name:tag`, the name containerd imports it under.
+    pub reference: String,
+}
+
+/// Writes an OCI archive to `out` with one layer holding the spec's files, links, and the
+/// shared libraries its dynamic executables need, at the paths the loader looks for.
+pub fn build_image(spec: &ImageSpec, out: &Path) -> Result<()> {
+    let reference = spec.reference.as_str();
     let work = out.with_extension("work");
     let _ = std::fs::remove_dir_all(&work);
     let rootfs = work.join("rootfs");
     let layout = work.join("layout");
     let blobs = layout.join("blobs/sha256");
-    for dir in [
-        rootfs.join("usr/local/bin"),
-        blobs.clone(),
-        rootfs.join("tmp"),
-    ] {
+    for dir in [blobs.clone(), rootfs.join("tmp")] {
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     }
+    let inside = |path: &Path| rootfs.join(path.strip_prefix("/").unwrap_or(path));
     let mut libraries = std::collections::BTreeSet::new();
-    for binary in binaries {
-        let name = binary.file_name().context("binary without a name")?;
-        std::fs::copy(binary, rootfs.join("usr/local/bin").join(name))
-            .with_context(|| format!("copy {}", binary.display()))?;
-        let ldd = cmd::output(cmd::clean("ldd").arg(binary))?;
-        libraries.extend(library_paths(&String::from_utf8_lossy(&ldd.stdout)));
+    for (source, target) in &spec.files {
+        let target = inside(target);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::copy(source, &target).with_context(|| format!("copy {}", source.display()))?;
+        // Debug info is most of a debug build's size and no use inside the image.
+        let _ = cmd::clean("strip")
+            .arg("--strip-debug")
+            .arg(&target)
+            .output();
+        // A static executable makes ldd fail; it needs nothing more.
+        let ldd = cmd::clean("ldd").arg(source).output();
+        if let Ok(ldd) = ldd {
+            if ldd.status.success() {
+                libraries.extend(library_paths(&String::from_utf8_lossy(&ldd.stdout)));
+            }
+        }
+    }
+    for (path, target) in &spec.links {
+        let link = inside(path);
+        if let Some(parent) = link.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::os::unix::fs::symlink(target, &link)
+            .with_context(|| format!("link {}", link.display()))?;
     }
     for library in &libraries {
-        let inside = rootfs.join(library.strip_prefix("/").unwrap_or(library));
-        if let Some(parent) = inside.parent() {
+        let target = inside(library);
+        if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
         }
         // Follows symlinks: the image gets the file itself under the name the loader asks for.
-        std::fs::copy(library, &inside).with_context(|| format!("copy {}", library.display()))?;
+        std::fs::copy(library, &target).with_context(|| format!("copy {}", library.display()))?;
     }
     let layer = work.join("layer.tar");
     cmd::run(
@@ -100,8 +158,8 @@ pub fn build_image(binaries: &[PathBuf], reference: &str, out: &Path) -> Result<
         "architecture": "amd64",
         "os": "linux",
         "config": {
-            "Entrypoint": ["/usr/local/bin/mycni-agent"],
-            "Env": ["PATH=/usr/local/bin"],
+            "Entrypoint": spec.entrypoint,
+            "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"],
         },
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     });

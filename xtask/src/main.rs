@@ -5,6 +5,7 @@ mod demo;
 mod ebpf;
 mod image;
 mod install;
+mod kubelab;
 mod setup;
 mod test;
 
@@ -20,6 +21,8 @@ const USAGE: &str = "usage: cargo xtask <command>
                [--data-dir /var/lib/cni/mycni] [--bpffs-root /sys/fs/bpf/mycni] [--no-build]
   image        an OCI image archive of mycni-agent and mycni for deploy/mycni.yaml
                [--out FILE] [--no-build]; import with `ctr -n k8s.io images import`
+  k8s          build Kubernetes from Debian's source (cached in /var/cache/mycni/k8s) and
+               the lab's pause and busybox images, for the end-to-end test
   demo         a simulated cluster in network namespaces, its connectivity, then cleanup
   test         setup, build-ebpf, build every binary, then the whole test suite (unit and,
                as root, integration); extra arguments go to the test binaries (filters)
@@ -72,6 +75,7 @@ fn dispatch() -> anyhow::Result<()> {
         "test" => test::run(rest),
         "bench" => bench::run(rest),
         "image" => image::run(rest),
+        "k8s" => kubelab::run(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())

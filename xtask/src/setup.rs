@@ -29,6 +29,14 @@ const PACKAGES: &[&str] = &[
     "golang-go",
     "golang-github-appc-cni-dev",
     "dpkg-dev",
+    // The Kubernetes lab (cargo xtask k8s): building from source, and the node and control
+    // plane daemons Debian packages.
+    "rsync",
+    "openssl",
+    "etcd-server",
+    "containerd",
+    "runc",
+    "busybox-static",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -58,7 +66,7 @@ fn installed(package: &str) -> bool {
         })
 }
 
-fn apt_get() -> Command {
+pub(crate) fn apt_get() -> Command {
     let mut cmd = Command::new("apt-get");
     cmd.env("DEBIAN_FRONTEND", "noninteractive")
         .stdin(std::process::Stdio::null());
@@ -169,7 +177,7 @@ fn cnitool() -> Result<()> {
     }
     let tools = repo_root().join("target/tools");
     let apt_dir = tools.join("apt");
-    let source = bookworm_source()?;
+    let source = apt_source(SUITE)?;
     println!(
         "building cnitool from Debian's {CNI_SOURCE_PACKAGE} source ({}, private apt dir {})",
         source.uri,
@@ -264,13 +272,13 @@ fn cnitool() -> Result<()> {
 
 /// A `deb` source of the machine's: its URI and the key it is signed with.
 #[derive(Debug, PartialEq, Eq)]
-struct AptSource {
+pub(crate) struct AptSource {
     uri: String,
     signed_by: Option<String>,
 }
 
 impl AptSource {
-    fn deb_src_line(&self, suite: &str) -> String {
+    pub(crate) fn deb_src_line(&self, suite: &str) -> String {
         match &self.signed_by {
             Some(key) => format!("deb-src [signed-by={key}] {} {suite} main\n", self.uri),
             None => format!("deb-src {} {suite} main\n", self.uri),
@@ -280,7 +288,7 @@ impl AptSource {
 
 /// The first enabled `deb` source for bookworm in the machine's apt configuration
 /// (one-line `.list` files and deb822 `.sources` files alike).
-fn bookworm_source() -> Result<AptSource> {
+pub(crate) fn apt_source(suite: &str) -> Result<AptSource> {
     let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
     if let Ok(entries) = std::fs::read_dir("/etc/apt/sources.list.d") {
         let mut more: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
@@ -293,9 +301,9 @@ fn bookworm_source() -> Result<AptSource> {
         };
         let name = file.to_string_lossy();
         let found = if name.ends_with(".list") {
-            one_line_source(&text, SUITE)
+            one_line_source(&text, suite)
         } else if name.ends_with(".sources") {
-            deb822_source(&text, SUITE)
+            deb822_source(&text, suite)
         } else {
             None
         };
@@ -304,7 +312,7 @@ fn bookworm_source() -> Result<AptSource> {
         }
     }
     bail!(
-        "no enabled `deb` source for {SUITE} in /etc/apt/sources.list or /etc/apt/sources.list.d/*.{{list,sources}}: \
+        "no enabled `deb` source for {suite} in /etc/apt/sources.list or /etc/apt/sources.list.d/*.{{list,sources}}: \
          cannot tell which mirror serves the {CNI_SOURCE_PACKAGE} source package"
     )
 }

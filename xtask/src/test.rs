@@ -4,7 +4,7 @@ use std::process::Stdio;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cmd, ebpf, repo_root, setup};
+use crate::{cmd, ebpf, image, kubelab, repo_root, setup};
 
 /// Everything the tests and the demo run: the machine's tools, the eBPF object, every binary.
 pub fn prepare() -> Result<()> {
@@ -26,6 +26,12 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     prepare()?;
     let root = repo_root();
+    // The Kubernetes end-to-end test: the cluster's binaries and images, and the mycni
+    // image of the binaries under test (what deploy/mycni.yaml runs).
+    kubelab::binaries()?;
+    kubelab::images()?;
+    let test_image = root.join("target/image/mycni-test.oci.tar");
+    image::build_image(&image::mycni_spec(&root.join("target/debug")), &test_image)?;
     let mut child = cmd::clean("cargo")
         .current_dir(&root)
         .args(["test", "--workspace", "--no-fail-fast"])
@@ -34,6 +40,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .env("MYCNI_BIN_DIR", root.join("target/debug"))
         .env("MYCNI_CNITOOL", setup::cnitool_path())
         .env("MYCNI_CNI_PLUGIN_DIR", "/usr/lib/cni")
+        .env("MYCNI_TEST_IMAGE", &test_image)
         .env("RUST_BACKTRACE", "0")
         .stdout(Stdio::piped())
         .spawn()

@@ -1,0 +1,821 @@
+//! A real Kubernetes in network namespaces: etcd, kube-apiserver, kube-controller-manager
+//! (allocating node pod CIDRs) and kube-scheduler in a control-plane namespace, and per node
+//! a namespace running containerd and kubelet, all on one bridge.
+//!
+//! ```text
+//!  control 192.168.1.2 ─┐
+//!  node-1 192.168.1.11 ─┼─ fabric (br0)
+//!  node-2 192.168.1.12 ─┘
+//! ```
+//!
+//! Each node's containerd and kubelet share a private mount namespace (`unshare --mount
+//! --propagation slave` inside the node's network namespace) in which the paths a real node
+//! would use are the node's own: tmpfs on /var/lib, /var/log, /run/netns and
+//! /run/containerd, a bpffs on /sys/fs/bpf, per-node directories bound on /opt/cni/bin and
+//! /etc/cni/net.d, and files bound over the three sysctls kubelet insists on writing
+//! (vm.overcommit_memory, kernel.panic, kernel.panic_on_oops), already holding the values it
+//! wants. So the DaemonSet in deploy/ runs unchanged, and nothing reaches the machine's own
+//! files, sysctls or network. Pod cgroups live under a per-test `--cgroup-root`.
+//!
+//! Binaries come from `cargo xtask k8s` (cached under /var/cache/mycni/k8s), as do the
+//! pause and busybox images; the mycni image is built from the binaries under test.
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{run, Netns};
+
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 2);
+pub const NODES: [(&str, Ipv4Addr); 2] = [
+    ("node-1", Ipv4Addr::new(192, 168, 1, 11)),
+    ("node-2", Ipv4Addr::new(192, 168, 1, 12)),
+];
+const V1_HIERARCHIES: &[&str] = &[
+    "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "systemd",
+];
+
+/// The cache `cargo xtask k8s` fills.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("MYCNI_K8S_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/mycni/k8s"))
+}
+
+/// The Kubernetes binaries, or an error saying how to get them.
+pub fn k8s_bin_dir() -> Result<PathBuf> {
+    let cache = cache_dir();
+    let version = std::fs::read_to_string(cache.join("current")).with_context(|| {
+        format!(
+            "no Kubernetes build in {}: run `cargo xtask k8s` (cargo xtask test does)",
+            cache.display()
+        )
+    })?;
+    Ok(cache.join(version.trim()).join("bin"))
+}
+
+/// A background process with its log file, killed on drop.
+struct Daemon {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Daemon> {
+        let file = std::fs::File::create(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("spawn {name}"))?;
+        Ok(Daemon {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            bail!(
+                "{} exited ({status}); last lines of {}:\n{}",
+                self.name,
+                self.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGTERM first so daemons remove their sockets; then make sure.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        for _ in 0..50 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One node: its namespace, directories, and the supervisor running containerd and
+/// kubelet in the node's private mount namespace.
+pub struct LabNode {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub dir: PathBuf,
+    pub cgroup_root: String,
+    supervisor: Option<Daemon>,
+    pub netns: Netns,
+}
+
+impl LabNode {
+    /// A command run in this node's network and mount namespaces (what its containerd,
+    /// kubelet and pods see).
+    pub fn command(&self, program: &str) -> Result<Command> {
+        let pid = self
+            .supervisor
+            .as_ref()
+            .map(|d| d.child.id())
+            .context("node supervisor not running")?;
+        let mut cmd = Command::new("/usr/bin/nsenter");
+        cmd.arg(format!("--target={pid}"))
+            .args(["--mount", "--net", "--"])
+            .arg(program);
+        Ok(cmd)
+    }
+
+    pub fn exec(&self, argv: &[&str]) -> Result<String> {
+        let output = run(self.command(argv[0])?.args(&argv[1..]))?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    fn containerd_socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Stops kubelet and containerd, then whatever they left: shims (which re-parent
+    /// themselves away), container processes, and the pod cgroups.
+    fn stop(&mut self) {
+        self.supervisor.take();
+        // containerd (orphaned once kubelet, which the supervisor became, exits) names its
+        // config and the shims its socket: both under the node's directory.
+        let marker = self.dir.display().to_string();
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&marker) {
+                    // SAFETY: kill(2) on a pid we just found under /proc.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        for hierarchy in V1_HIERARCHIES {
+            let root = Path::new("/sys/fs/cgroup")
+                .join(hierarchy)
+                .join(&self.cgroup_root);
+            kill_cgroup_tree(&root);
+        }
+        for _ in 0..50 {
+            let mut left = false;
+            for hierarchy in V1_HIERARCHIES {
+                let root = Path::new("/sys/fs/cgroup")
+                    .join(hierarchy)
+                    .join(&self.cgroup_root);
+                remove_cgroup_tree(&root);
+                left |= root.exists();
+            }
+            if !left {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn cgroup_children(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn kill_cgroup_tree(dir: &Path) {
+    for child in cgroup_children(dir) {
+        kill_cgroup_tree(&child);
+    }
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        // SAFETY: kill(2) on a process in the test's own cgroup tree.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    for child in cgroup_children(dir) {
+        remove_cgroup_tree(&child);
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+impl Drop for LabNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The control plane and the nodes. Drops in field order: nodes (kubelet, containerd,
+/// their pods), control-plane daemons, then the namespaces and directories.
+pub struct KubeLab {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+    pub nodes: Vec<LabNode>,
+    control_daemons: Vec<Daemon>,
+    pub control: Netns,
+    pub fabric: Netns,
+    made_dirs: Vec<PathBuf>,
+}
+
+/// Writes a key and a certificate signed by the lab CA.
+fn issue(dir: &Path, name: &str, subject: &str, extensions: &str) -> Result<()> {
+    let key = dir.join(format!("{name}.key"));
+    let csr = dir.join(format!("{name}.csr"));
+    let ext = dir.join(format!("{name}.ext"));
+    std::fs::write(&ext, extensions)?;
+    run(Command::new("openssl")
+        .args([
+            "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr))?;
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(dir.join("ca.crt"))
+        .arg("-CAkey")
+        .arg(dir.join("ca.key"))
+        .arg("-CAcreateserial")
+        .arg("-extfile")
+        .arg(&ext)
+        .arg("-out")
+        .arg(dir.join(format!("{name}.crt"))))?;
+    Ok(())
+}
+
+/// A kubeconfig with client-certificate files, or a token.
+pub fn kubeconfig(ca: &Path, user: &str, credentials: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: lab\n\
+         clusters:\n- name: lab\n  cluster:\n    server: https://{CONTROL_IP}:6443\n    certificate-authority: {ca}\n\
+         contexts:\n- name: lab\n  context: {{cluster: lab, user: {user}}}\n\
+         users:\n- name: {user}\n  user:\n{credentials}",
+        ca = ca.display()
+    )
+}
+
+fn cert_credentials(pki: &Path, name: &str) -> String {
+    format!(
+        "    client-certificate: {}\n    client-key: {}\n",
+        pki.join(format!("{name}.crt")).display(),
+        pki.join(format!("{name}.key")).display()
+    )
+}
+
+impl KubeLab {
+    /// Builds the namespaces, certificates and control plane, and starts every node's
+    /// containerd and kubelet with the images imported. No CNI runs yet: that is the
+    /// caller's (the DaemonSet, or an agent it starts).
+    pub fn new(prefix: &str, extra_images: &[PathBuf]) -> Result<KubeLab> {
+        let bin = k8s_bin_dir()?;
+        let dir = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-k8s"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut made_dirs = Vec::new();
+        // Mount points a node's private mounts need; created empty if the machine lacks
+        // them, removed again if still empty.
+        for path in ["/opt/cni/bin", "/etc/cni/net.d", "/run/containerd"] {
+            let path = PathBuf::from(path);
+            if !path.exists() {
+                std::fs::create_dir_all(&path)?;
+                made_dirs.push(path);
+            }
+        }
+        let fabric = Netns::new(&format!("{prefix}-fabric"))?;
+        let control = Netns::new(&format!("{prefix}-ctl"))?;
+        let mut lab = KubeLab {
+            prefix: prefix.to_string(),
+            dir,
+            bin,
+            nodes: Vec::new(),
+            control_daemons: Vec::new(),
+            control,
+            fabric,
+            made_dirs,
+        };
+        lab.fabric
+            .exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        lab.fabric.exec(&["ip", "link", "set", "br0", "up"])?;
+        attach(&lab.fabric, &lab.control, "ctl", CONTROL_IP)?;
+        lab.make_pki()?;
+        lab.start_control_plane()?;
+        for (name, ip) in NODES {
+            let netns = Netns::new(&format!("{prefix}-{name}"))?;
+            attach(&lab.fabric, &netns, name, ip)?;
+            let node = LabNode {
+                name: name.to_string(),
+                ip,
+                dir: lab.dir.join(name),
+                cgroup_root: format!("{prefix}-{name}"),
+                supervisor: None,
+                netns,
+            };
+            lab.nodes.push(node);
+        }
+        for index in 0..lab.nodes.len() {
+            lab.start_node(index, extra_images)?;
+        }
+        Ok(lab)
+    }
+
+    pub fn pki(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.dir.join("admin.kubeconfig")
+    }
+
+    fn make_pki(&self) -> Result<()> {
+        let pki = self.pki();
+        std::fs::create_dir_all(&pki)?;
+        run(Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", "/CN=mycni-lab-ca", "-keyout"])
+            .arg(pki.join("ca.key"))
+            .arg("-out")
+            .arg(pki.join("ca.crt")))?;
+        let server = format!(
+            "subjectAltName=IP:{CONTROL_IP},IP:10.96.0.1,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default.svc\n\
+             extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
+        );
+        issue(&pki, "apiserver", "/CN=kube-apiserver", &server)?;
+        let client = "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n";
+        issue(&pki, "admin", "/O=system:masters/CN=admin", client)?;
+        issue(
+            &pki,
+            "controller-manager",
+            "/CN=system:kube-controller-manager",
+            client,
+        )?;
+        issue(&pki, "scheduler", "/CN=system:kube-scheduler", client)?;
+        issue(
+            &pki,
+            "apiserver-kubelet-client",
+            "/O=system:masters/CN=kube-apiserver-kubelet-client",
+            client,
+        )?;
+        for (name, _) in NODES {
+            issue(
+                &pki,
+                name,
+                &format!("/O=system:nodes/CN=system:node:{name}"),
+                client,
+            )?;
+        }
+        run(Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(pki.join("sa.key"))
+            .arg("2048"))?;
+        run(Command::new("openssl")
+            .args(["rsa", "-pubout", "-in"])
+            .arg(pki.join("sa.key"))
+            .arg("-out")
+            .arg(pki.join("sa.pub")))?;
+        let ca = pki.join("ca.crt");
+        for name in ["admin", "controller-manager", "scheduler"] {
+            std::fs::write(
+                self.dir.join(format!("{name}.kubeconfig")),
+                kubeconfig(&ca, name, &cert_credentials(&pki, name)),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn start_control_plane(&mut self) -> Result<()> {
+        let pki = self.pki();
+        let state = self.dir.join("control");
+        std::fs::create_dir_all(&state)?;
+        let p = |name: &str| pki.join(name).display().to_string();
+        let mut etcd = self.control.command("etcd");
+        etcd.arg(format!("--data-dir={}", state.join("etcd").display()))
+            .args([
+                "--listen-client-urls=http://127.0.0.1:2379",
+                "--advertise-client-urls=http://127.0.0.1:2379",
+                "--listen-peer-urls=http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls=http://127.0.0.1:2380",
+                "--initial-cluster=default=http://127.0.0.1:2380",
+                "--unsafe-no-fsync",
+            ]);
+        self.control_daemons
+            .push(Daemon::spawn("etcd", etcd, state.join("etcd.log"))?);
+        let mut apiserver = self.control.command(self.bin.join("kube-apiserver"));
+        apiserver.args([
+            "--etcd-servers=http://127.0.0.1:2379".to_string(),
+            format!("--advertise-address={CONTROL_IP}"),
+            format!("--bind-address={CONTROL_IP}"),
+            "--secure-port=6443".into(),
+            "--insecure-port=0".into(),
+            format!("--cert-dir={}", state.join("apiserver-certs").display()),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            format!(
+                "--kubelet-client-certificate={}",
+                p("apiserver-kubelet-client.crt")
+            ),
+            format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            "--authorization-mode=Node,RBAC".into(),
+            "--allow-privileged=true".into(),
+            "--kubelet-preferred-address-types=InternalIP".into(),
+        ]);
+        self.control_daemons.push(Daemon::spawn(
+            "kube-apiserver",
+            apiserver,
+            state.join("kube-apiserver.log"),
+        )?);
+        self.wait("the API server to answer", Duration::from_secs(90), |lab| {
+            Ok(lab.kubectl(&["get", "--raw", "/readyz"]).is_ok())
+        })?;
+        let mut manager = self
+            .control
+            .command(self.bin.join("kube-controller-manager"));
+        manager.args([
+            format!(
+                "--kubeconfig={}",
+                self.dir.join("controller-manager.kubeconfig").display()
+            ),
+            "--allocate-node-cidrs=true".into(),
+            format!("--cluster-cidr={CLUSTER_CIDR}"),
+            "--node-cidr-mask-size=24".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            format!("--service-account-private-key-file={}", p("sa.key")),
+            format!("--root-ca-file={}", p("ca.crt")),
+            "--use-service-account-credentials=true".into(),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            "--port=0".into(),
+            format!("--cert-dir={}", state.join("cm-certs").display()),
+            format!(
+                "--flex-volume-plugin-dir={}",
+                state.join("flexvolume").display()
+            ),
+        ]);
+        self.control_daemons.push(Daemon::spawn(
+            "kube-controller-manager",
+            manager,
+            state.join("kube-controller-manager.log"),
+        )?);
+        let mut scheduler = self.control.command(self.bin.join("kube-scheduler"));
+        scheduler.args([
+            format!(
+                "--kubeconfig={}",
+                self.dir.join("scheduler.kubeconfig").display()
+            ),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            "--port=0".into(),
+            format!("--cert-dir={}", state.join("scheduler-certs").display()),
+        ]);
+        self.control_daemons.push(Daemon::spawn(
+            "kube-scheduler",
+            scheduler,
+            state.join("kube-scheduler.log"),
+        )?);
+        Ok(())
+    }
+
+    fn start_node(&mut self, index: usize, extra_images: &[PathBuf]) -> Result<()> {
+        let pki = self.pki();
+        let bin = self.bin.clone();
+        let images = cache_dir().join("images");
+        let node = &mut self.nodes[index];
+        let dir = node.dir.clone();
+        for sub in ["cni-bin", "cni-conf", "sys", "containerd"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        std::fs::write(
+            dir.join("kubelet.kubeconfig"),
+            kubeconfig(
+                &pki.join("ca.crt"),
+                &node.name,
+                &cert_credentials(&pki, &node.name),
+            ),
+        )?;
+        for (file, value) in [
+            ("overcommit_memory", "1"),
+            ("panic", "10"),
+            ("panic_on_oops", "1"),
+        ] {
+            std::fs::write(dir.join("sys").join(file), format!("{value}\n"))?;
+        }
+        for hierarchy in V1_HIERARCHIES {
+            let parent = Path::new("/sys/fs/cgroup").join(hierarchy);
+            let cgroup = parent.join(&node.cgroup_root);
+            std::fs::create_dir_all(&cgroup)
+                .with_context(|| format!("create {}", cgroup.display()))?;
+            if *hierarchy == "cpuset" {
+                // A new cpuset has no CPUs or memory nodes until told.
+                for file in ["cpuset.cpus", "cpuset.mems"] {
+                    let value = std::fs::read_to_string(parent.join(file))?;
+                    std::fs::write(cgroup.join(file), value.trim())?;
+                }
+            }
+        }
+        let containerd_config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "mycni.test/pause:1"
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/opt/cni/bin"
+    conf_dir = "/etc/cni/net.d"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+      SystemdCgroup = false
+"#,
+            root = dir.join("containerd/root").display(),
+            state = dir.join("containerd/state").display(),
+            sock = node.containerd_socket().display(),
+            opt = dir.join("containerd/opt").display(),
+        );
+        std::fs::write(dir.join("containerd.toml"), containerd_config)?;
+        // The loopback plugin containerd runs for every sandbox, and portmap, which the
+        // conflist mycni writes chains after it.
+        for plugin in ["loopback", "portmap"] {
+            std::fs::copy(
+                crate::reference_plugin_dir().join(plugin),
+                dir.join("cni-bin").join(plugin),
+            )?;
+        }
+        let mut imports = vec![images.join("pause.oci.tar"), images.join("busybox.oci.tar")];
+        imports.extend(extra_images.iter().cloned());
+        let import_lines: String = imports
+            .iter()
+            .map(|image| {
+                format!(
+                    "ctr --address {sock} -n k8s.io images import {image} >/dev/null\n",
+                    sock = node.containerd_socket().display(),
+                    image = image.display()
+                )
+            })
+            .collect();
+        let kubelet_args = [
+            format!("--kubeconfig={}", dir.join("kubelet.kubeconfig").display()),
+            format!("--hostname-override={}", node.name),
+            format!("--node-ip={}", node.ip),
+            "--container-runtime=remote".into(),
+            format!(
+                "--container-runtime-endpoint=unix://{}",
+                node.containerd_socket().display()
+            ),
+            "--cgroup-driver=cgroupfs".into(),
+            format!("--cgroup-root=/{}", node.cgroup_root),
+            "--fail-swap-on=false".into(),
+            "--make-iptables-util-chains=false".into(),
+            format!("--client-ca-file={}", pki.join("ca.crt").display()),
+            "--anonymous-auth=false".into(),
+            "--authorization-mode=AlwaysAllow".into(),
+            "--read-only-port=0".into(),
+            "--pod-infra-container-image=mycni.test/pause:1".into(),
+            format!(
+                "--volume-plugin-dir={}",
+                dir.join("volume-plugins").display()
+            ),
+            "--eviction-hard=memory.available<1Ki,nodefs.available<1%,imagefs.available<1%".into(),
+            "--image-gc-high-threshold=100".into(),
+            "--image-gc-low-threshold=99".into(),
+            "--node-status-update-frequency=2s".into(),
+            "--v=2".into(),
+        ];
+        let sys = dir.join("sys");
+        let script = format!(
+            r#"set -e
+mount -t tmpfs tmpfs /var/lib
+mount -t tmpfs tmpfs /var/log
+mount -t tmpfs tmpfs /run/netns
+mount -t tmpfs tmpfs /run/containerd
+mount -t bpf bpf /sys/fs/bpf
+mount --bind {dir}/cni-bin /opt/cni/bin
+mount --bind {dir}/cni-conf /etc/cni/net.d
+mount --bind {sys}/overcommit_memory /proc/sys/vm/overcommit_memory
+mount --bind {sys}/panic /proc/sys/kernel/panic
+mount --bind {sys}/panic_on_oops /proc/sys/kernel/panic_on_oops
+containerd --config {dir}/containerd.toml > {dir}/containerd.log 2>&1 &
+i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; done
+{import_lines}exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
+"#,
+            dir = dir.display(),
+            sys = sys.display(),
+            sock = node.containerd_socket().display(),
+            kubelet = bin.join("kubelet").display(),
+            kubelet_args = kubelet_args
+                .iter()
+                .map(|a| format!("'{a}'"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        std::fs::write(dir.join("node.sh"), &script)?;
+        let mut cmd = node.netns.command("unshare");
+        cmd.args(["--mount", "--propagation", "slave", "--", "sh"])
+            .arg(dir.join("node.sh"));
+        node.supervisor = Some(Daemon::spawn(
+            &format!("{} supervisor", node.name),
+            cmd,
+            dir.join("supervisor.log"),
+        )?);
+        Ok(())
+    }
+
+    /// kubectl as cluster admin; stdout.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        // Inside the control-plane namespace: the API server is reachable nowhere else.
+        let output = run(self
+            .control
+            .command(self.bin.join("kubectl"))
+            .arg(format!(
+                "--kubeconfig={}",
+                self.admin_kubeconfig().display()
+            ))
+            .arg("--request-timeout=20s")
+            .args(args))?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// kubectl applying `yaml` from stdin.
+    pub fn apply(&self, yaml: &str) -> Result<String> {
+        use std::io::Write;
+        let mut child = self
+            .control
+            .command(self.bin.join("kubectl"))
+            .arg(format!(
+                "--kubeconfig={}",
+                self.admin_kubeconfig().display()
+            ))
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(yaml.as_bytes())?;
+        let output = child.wait_with_output()?;
+        if !output.status.success() {
+            bail!("kubectl apply: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    pub fn get_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let text = self.kubectl(&all)?;
+        serde_json::from_str(&text).context("kubectl output is not JSON")
+    }
+
+    /// Every daemon still running (else the error carries the dead one's log).
+    pub fn check_alive(&mut self) -> Result<()> {
+        for daemon in &mut self.control_daemons {
+            daemon.check_alive()?;
+        }
+        for node in &mut self.nodes {
+            if let Some(daemon) = node.supervisor.as_mut() {
+                daemon.check_alive().map_err(|e| {
+                    e.context(format!(
+                        "containerd log:\n{}",
+                        tail(&node.log("containerd"), 20)
+                    ))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls `check` until it holds, failing with `what` (and any dead daemon's log).
+    pub fn wait(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut check: impl FnMut(&KubeLab) -> Result<bool>,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        let mut last_error = None;
+        while start.elapsed() < limit {
+            self.check_alive()?;
+            match check(self) {
+                Ok(true) => return Ok(start.elapsed()),
+                Ok(false) => {}
+                Err(e) => last_error = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        match last_error {
+            Some(e) => bail!("timed out after {limit:?} waiting for {what}; last error: {e:#}"),
+            None => bail!("timed out after {limit:?} waiting for {what}"),
+        }
+    }
+
+    pub fn node(&self, name: &str) -> &LabNode {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// Whether every node reports Ready.
+    pub fn nodes_ready(&self) -> Result<Vec<(String, bool)>> {
+        let list = self.get_json(&["get", "nodes"])?;
+        Ok(list["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|node| {
+                        let ready = node["status"]["conditions"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                        (
+                            node["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                            ready,
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A veth from `ns`'s `eth0` to the fabric bridge, with `ip/24`.
+fn attach(fabric: &Netns, ns: &Netns, short: &str, ip: Ipv4Addr) -> Result<()> {
+    let bridge_end = format!("{short}-br");
+    fabric.add_veth(&bridge_end, ns, "eth0")?;
+    fabric.exec(&["ip", "link", "set", &bridge_end, "master", "br0", "up"])?;
+    ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    ns.exec(&["ip", "link", "set", "eth0", "up"])?;
+    Ok(())
+}
+
+impl Drop for KubeLab {
+    fn drop(&mut self) {
+        // Nodes first (their pods' processes and cgroups), then the control plane.
+        self.nodes.clear();
+        while let Some(daemon) = self.control_daemons.pop() {
+            drop(daemon);
+        }
+        if std::env::var_os("MYCNI_KEEP_LAB_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        for dir in self.made_dirs.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+            // /opt/cni and /etc/cni too, when we made them and they are empty.
+            if let Some(parent) = dir.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! mycni on a real Kubernetes: the API server, controller manager and scheduler from
+//! Debian's source, containerd and kubelet per node, and mycni installed by applying
+//! deploy/mycni.yaml unchanged except for the API server address in its ConfigMap. See
+//! tests/src/kubelab.rs for how the lab keeps to its namespaces.
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use mycni::ipam::Pool;
+use mycni_tests::kubelab::{KubeLab, CONTROL_IP};
+use mycni_tests::{agent_bin, prefix};
+use serde_json::Value;
+
+fn test_image() -> Result<PathBuf> {
+    let image = std::env::var_os("MYCNI_TEST_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/image/mycni-test.oci.tar")
+        });
+    if !image.is_file() {
+        bail!(
+            "{} is missing: run the suite with `cargo xtask test`, which builds it",
+            image.display()
+        );
+    }
+    Ok(image)
+}
+
+fn pod_manifest(name: &str, node: &str) -> String {
+    // busybox's httpd serves the pod's own name, so a fetch shows which pod answered.
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 1
+  automountServiceAccountToken: false
+  containers:
+  - name: main
+    image: mycni.test/busybox:1
+    imagePullPolicy: Never
+    command: ["/bin/busybox", "sh", "-c", "mkdir -p /www && echo {name} > /www/index.html && exec /bin/busybox httpd -f -p 8080 -h /www"]
+"#
+    )
+}
+
+fn pod_ip(pod: &Value) -> Option<Ipv4Addr> {
+    pod["status"]["podIP"].as_str()?.parse().ok()
+}
+
+fn exec_in_pod(lab: &KubeLab, pod: &str, argv: &[&str]) -> Result<String> {
+    let mut args = vec!["exec", pod, "--", "/bin/busybox"];
+    args.extend_from_slice(argv);
+    lab.kubectl(&args)
+}
+
+/// What a node still holds for pods: IP records, pod veths, ENDPOINTS entries and pod
+/// network namespaces.
+fn leftovers(lab: &KubeLab, node: &str) -> Result<Vec<String>> {
+    let node = lab.node(node);
+    let mut left = Vec::new();
+    let records = node.exec(&[
+        "sh",
+        "-c",
+        "ls /var/lib/cni/mycni/mycni 2>/dev/null || true",
+    ])?;
+    left.extend(
+        records
+            .split_whitespace()
+            .filter(|f| f.parse::<Ipv4Addr>().is_ok())
+            .map(|f| format!("ip record {f}")),
+    );
+    let links = node.exec(&["ip", "-o", "link", "show"])?;
+    left.extend(
+        links
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+            .filter(|n| n.starts_with("lxc"))
+            .map(|n| format!("veth {n}")),
+    );
+    let agent = agent_bin().display().to_string();
+    let endpoints: Value = serde_json::from_str(&node.exec(&[
+        &agent,
+        "--bpffs-root",
+        "/sys/fs/bpf/mycni",
+        "endpoints",
+        "--json",
+    ])?)?;
+    left.extend(
+        endpoints
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| format!("endpoint {}", e["ip"])),
+    );
+    let netns = node.exec(&["ls", "/run/netns"])?;
+    left.extend(
+        netns
+            .split_whitespace()
+            .filter(|n| n.starts_with("cni-"))
+            .map(|n| format!("netns {n}")),
+    );
+    Ok(left)
+}
+
+#[test]
+fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
+    let image = test_image()?;
+    let mut lab = KubeLab::new(&prefix("k8s"), &[image])?;
+
+    // Nodes register and get pod CIDRs, but stay NotReady: no CNI config yet.
+    let mut cidrs: Vec<(String, Pool)> = Vec::new();
+    lab.wait(
+        "both nodes to get a pod CIDR",
+        Duration::from_secs(90),
+        |lab| {
+            let list = lab.get_json(&["get", "nodes"])?;
+            cidrs = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| {
+                    let cidr = Pool::parse(n["spec"]["podCIDR"].as_str()?).ok()?;
+                    Some((n["metadata"]["name"].as_str()?.to_string(), cidr))
+                })
+                .collect();
+            Ok(cidrs.len() == 2)
+        },
+    )?;
+    let cluster = Pool::parse(mycni_tests::kubelab::CLUSTER_CIDR)?;
+    for (name, cidr) in &cidrs {
+        assert!(
+            cluster.contains(cidr.network()),
+            "{name}: {cidr} outside the cluster CIDR"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let ready = lab.nodes_ready()?;
+    assert!(
+        ready.iter().all(|(_, ready)| !ready),
+        "nodes Ready before any CNI config: {ready:?}"
+    );
+
+    // Install: the manifest as shipped, with the API server's address filled in.
+    let manifest = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/mycni.yaml"),
+    )?;
+    let manifest = manifest.replace(
+        "api-server-host: \"\"",
+        &format!("api-server-host: \"{CONTROL_IP}\""),
+    );
+    assert!(manifest.contains(&format!("api-server-host: \"{CONTROL_IP}\"")));
+    lab.apply(&manifest)?;
+    let took = lab.wait(
+        "the mycni DaemonSet to be ready on both nodes",
+        Duration::from_secs(120),
+        |lab| {
+            let ds = lab.get_json(&["-n", "kube-system", "get", "daemonset", "mycni"])?;
+            Ok(ds["status"]["numberReady"] == 2)
+        },
+    );
+    if let Err(e) = took {
+        let pods = lab
+            .kubectl(&["-n", "kube-system", "get", "pods", "-o", "wide"])
+            .unwrap_or_default();
+        let logs = lab
+            .kubectl(&[
+                "-n",
+                "kube-system",
+                "logs",
+                "-l",
+                "app.kubernetes.io/name=mycni",
+                "--tail=30",
+            ])
+            .unwrap_or_default();
+        let kubelet = lab.nodes[0].log("kubelet");
+        let kubelet_tail: Vec<&str> = kubelet.lines().rev().take(40).collect();
+        bail!(
+            "{e:#}\npods:\n{pods}\nagent logs:\n{logs}\nkubelet (newest first):\n{}",
+            kubelet_tail.join("\n")
+        );
+    }
+    lab.wait("both nodes Ready", Duration::from_secs(60), |lab| {
+        Ok(lab.nodes_ready()?.iter().all(|(_, ready)| *ready))
+    })?;
+    // The agent wrote the conflist into the node's CNI config dir, and installed the plugin.
+    for node in &lab.nodes {
+        let conflist = node.exec(&["cat", "/etc/cni/net.d/10-mycni.conflist"])?;
+        assert!(
+            conflist.contains("\"type\": \"mycni\"") || conflist.contains("\"type\":\"mycni\"")
+        );
+        node.exec(&["test", "-x", "/opt/cni/bin/mycni"])?;
+    }
+
+    // Two pods per node, pinned by nodeName.
+    lab.wait(
+        "the default service account",
+        Duration::from_secs(60),
+        |lab| Ok(lab.kubectl(&["get", "serviceaccount", "default"]).is_ok()),
+    )?;
+    let pods = [
+        ("pod-1a", "node-1"),
+        ("pod-1b", "node-1"),
+        ("pod-2a", "node-2"),
+        ("pod-2b", "node-2"),
+    ];
+    let manifests: Vec<String> = pods.iter().map(|(p, n)| pod_manifest(p, n)).collect();
+    lab.apply(&manifests.join("---\n"))?;
+    let mut ips: Vec<(String, String, Ipv4Addr)> = Vec::new();
+    lab.wait("four pods Running", Duration::from_secs(120), |lab| {
+        let list = lab.get_json(&["get", "pods"])?;
+        ips = list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .filter_map(|p| {
+                Some((
+                    p["metadata"]["name"].as_str()?.to_string(),
+                    p["spec"]["nodeName"].as_str()?.to_string(),
+                    pod_ip(p)?,
+                ))
+            })
+            .collect();
+        Ok(ips.len() == 4)
+    })?;
+    for (pod, node, ip) in &ips {
+        let (_, cidr) = cidrs
+            .iter()
+            .find(|(n, _)| n == node)
+            .context("pod on an unknown node")?;
+        assert!(
+            cidr.contains(*ip),
+            "{pod} on {node} got {ip}, outside {cidr}"
+        );
+    }
+
+    // Every pod reaches every other pod (ICMP and HTTP over TCP), and its own node.
+    for (from, from_node, _) in &ips {
+        for (to, _, to_ip) in ips.iter().filter(|(p, _, _)| p != from) {
+            let ip = to_ip.to_string();
+            exec_in_pod(&lab, from, &["ping", "-c", "1", "-W", "3", &ip])
+                .with_context(|| format!("{from} pings {to}"))?;
+            let body = exec_in_pod(
+                &lab,
+                from,
+                &[
+                    "wget",
+                    "-q",
+                    "-T",
+                    "5",
+                    "-O",
+                    "-",
+                    &format!("http://{ip}:8080/"),
+                ],
+            )
+            .with_context(|| format!("{from} fetches from {to}"))?;
+            assert_eq!(body.trim(), to, "{from} -> {to} answered by the wrong pod");
+        }
+        let node_ip = lab.node(from_node).ip.to_string();
+        exec_in_pod(&lab, from, &["ping", "-c", "1", "-W", "3", &node_ip])
+            .with_context(|| format!("{from} pings its node"))?;
+    }
+    // And each node reaches its pods.
+    for (pod, node, ip) in &ips {
+        lab.node(node)
+            .exec(&["ping", "-c", "1", "-W", "3", &ip.to_string()])
+            .with_context(|| format!("{node} pings {pod}"))?;
+    }
+    // The datapath's view: each node's ENDPOINTS has its two pods, ROUTES the peer's CIDR.
+    for node in &lab.nodes {
+        let agent = agent_bin().display().to_string();
+        let routes = node.exec(&[&agent, "--bpffs-root", "/sys/fs/bpf/mycni", "routes"])?;
+        let (_, peer_cidr) = cidrs
+            .iter()
+            .find(|(n, _)| *n != node.name)
+            .context("a second node")?;
+        assert!(
+            routes.contains(&peer_cidr.to_string()),
+            "{}: no route to {peer_cidr}:\n{routes}",
+            node.name
+        );
+    }
+
+    // Deleting the pods leaves nothing behind on either node.
+    lab.kubectl(&["delete", "pods", "--all", "--wait=true", "--timeout=60s"])?;
+    let mut left = Vec::new();
+    let cleared = lab.wait(
+        "the nodes to drop every trace of the pods",
+        Duration::from_secs(60),
+        |lab| {
+            left.clear();
+            for node in ["node-1", "node-2"] {
+                left.extend(
+                    leftovers(lab, node)?
+                        .into_iter()
+                        .map(|l| format!("{node}: {l}")),
+                );
+            }
+            Ok(left.is_empty())
+        },
+    );
+    if cleared.is_err() {
+        bail!("left behind after the pods were deleted: {left:?}");
+    }
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! `cargo xtask k8s`: what the Kubernetes end-to-end test needs and no package provides:
+//! kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kubectl built from
+//! Debian's `kubernetes` source package (GOPATH mode with Debian's Go; its `vendor/` makes
+//! the build offline), and local OCI images (a pause image and busybox) built from
+//! `busybox-static`, since no registry can be reached.
+//!
+//! The binaries are cached under `<cache>/<source version>/bin` (`<cache>` is
+//! `$MYCNI_K8S_CACHE` or /var/cache/mycni/k8s) and `<cache>/current` names the version, so
+//! the ~10 minute build happens once per machine.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::image::{build_image, ImageSpec};
+use crate::{cmd, setup};
+
+const SOURCE_PACKAGE: &str = "kubernetes";
+/// What upstream's tree is: Debian's version is `1.20.5+really1.20.2`.
+const GIT_VERSION: &str = "v1.20.2";
+pub const BINARIES: &[&str] = &[
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "kubectl",
+];
+
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("MYCNI_K8S_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/mycni/k8s"))
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    if let Some(arg) = args.first() {
+        bail!("k8s: unexpected argument {arg:?}");
+    }
+    let bin = binaries()?;
+    println!("ok Kubernetes binaries in {}", bin.display());
+    images()?;
+    Ok(())
+}
+
+fn all_built(bin: &Path) -> bool {
+    BINARIES.iter().all(|name| bin.join(name).is_file())
+}
+
+/// The cached binaries' directory, building them first when the cache is empty.
+pub fn binaries() -> Result<PathBuf> {
+    let cache = cache_dir();
+    if let Ok(version) = std::fs::read_to_string(cache.join("current")) {
+        let bin = cache.join(version.trim()).join("bin");
+        if all_built(&bin) {
+            return Ok(bin);
+        }
+    }
+    if !cmd::is_root() {
+        bail!("building Kubernetes needs root (apt-get source into a private apt dir)");
+    }
+    let work = cache.join("build");
+    let _ = std::fs::remove_dir_all(&work);
+    let tree = fetch_source(&work)?;
+    let version = std::fs::read_dir(&work)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("kubernetes_")?
+                .strip_suffix(".dsc")
+                .map(str::to_string)
+        })
+        .next()
+        .context("no kubernetes_*.dsc after apt-get source")?;
+    let bin = cache.join(&version).join("bin");
+    println!("building Kubernetes {version} ({GIT_VERSION}) from Debian's source: about 10 minutes on 2 cores");
+    // `make generated_files` writes the generated code (openapi, deepcopy) the build needs.
+    cmd::run(cmd::clean("make").current_dir(&tree).arg("generated_files"))?;
+    let gopath = work.join("gopath");
+    let package_dir = gopath.join("src/k8s.io/kubernetes");
+    std::fs::create_dir_all(gopath.join("src/k8s.io"))?;
+    std::os::unix::fs::symlink(&tree, &package_dir)?;
+    let ldflags = version_ldflags();
+    std::fs::create_dir_all(&bin)?;
+    for name in BINARIES {
+        println!("go build ./cmd/{name}");
+        cmd::run(
+            cmd::clean("go")
+                .current_dir(&package_dir)
+                .args(["build", "-ldflags", &ldflags, "-o"])
+                .arg(bin.join(name))
+                .arg(format!("./cmd/{name}"))
+                // Go takes the package's import path from $PWD; without it, the symlink
+                // resolves outside GOPATH and vendor/ is ignored.
+                .env("PWD", &package_dir)
+                .env("GOPATH", &gopath)
+                .env("GO111MODULE", "off")
+                .env("CGO_ENABLED", "0")
+                .env("GOFLAGS", "")
+                .env("GOCACHE", work.join("gocache")),
+        )?;
+    }
+    std::fs::write(cache.join("current"), &version)?;
+    // The tree and Go's build cache are ~3 GB; the binaries are what is kept.
+    std::fs::remove_dir_all(&work).with_context(|| format!("remove {}", work.display()))?;
+    Ok(bin)
+}
+
+/// `-X` flags so components report v1.20.2 instead of v0.0.0 (kubelet and the API server
+/// compare versions).
+fn version_ldflags() -> String {
+    let values = [
+        ("gitVersion", GIT_VERSION),
+        ("gitMajor", "1"),
+        ("gitMinor", "20"),
+        ("gitTreeState", "clean"),
+        ("buildDate", "1970-01-01T00:00:00Z"),
+    ];
+    let mut flags = Vec::new();
+    for package in [
+        "k8s.io/kubernetes/vendor/k8s.io/component-base/version",
+        "k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version",
+    ] {
+        for (key, value) in values {
+            flags.push(format!("-X {package}.{key}={value}"));
+        }
+    }
+    flags.join(" ")
+}
+
+/// Downloads and unpacks Debian's `kubernetes` source into `work/tree` through a private
+/// apt dir (`deb-src` lines for bookworm and bookworm-security); /etc/apt is untouched.
+fn fetch_source(work: &Path) -> Result<PathBuf> {
+    let apt_dir = work.join("apt");
+    for dir in ["lists/partial", "cache/archives/partial"] {
+        std::fs::create_dir_all(apt_dir.join(dir))?;
+    }
+    let mut list = setup::apt_source("bookworm")?.deb_src_line("bookworm");
+    if let Ok(security) = setup::apt_source("bookworm-security") {
+        list.push_str(&security.deb_src_line("bookworm-security"));
+    }
+    let source_list = apt_dir.join("sources.list");
+    std::fs::write(&source_list, list)?;
+    let private_apt = || {
+        let mut cmd = setup::apt_get();
+        cmd.arg("-o")
+            .arg(format!("Dir::Etc::SourceList={}", source_list.display()))
+            .args(["-o", "Dir::Etc::SourceParts=/nonexistent"])
+            .arg("-o")
+            .arg(format!(
+                "Dir::State::Lists={}",
+                apt_dir.join("lists").display()
+            ))
+            .arg("-o")
+            .arg(format!("Dir::Cache={}", apt_dir.join("cache").display()));
+        cmd
+    };
+    cmd::output(private_apt().arg("update"))?;
+    cmd::output(private_apt().current_dir(work).args([
+        "source",
+        "--download-only",
+        SOURCE_PACKAGE,
+    ]))?;
+    let dsc = std::fs::read_dir(work)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "dsc"))
+        .context("apt-get source left no .dsc")?;
+    let tree = work.join("tree");
+    cmd::output(Command::new("dpkg-source").arg("-x").arg(&dsc).arg(&tree))?;
+    Ok(tree)
+}
+
+/// The images the lab's pods run: `pause` (a sandbox process that exits on SIGTERM) and
+/// `busybox`, both from Debian's static busybox.
+pub fn images() -> Result<()> {
+    let busybox = PathBuf::from("/bin/busybox");
+    if !busybox.is_file() {
+        bail!("/bin/busybox is missing: install busybox-static (cargo xtask setup)");
+    }
+    let dir = cache_dir().join("images");
+    let links: Vec<(PathBuf, String)> =
+        ["sh", "sleep", "ping", "wget", "nc", "ip", "cat", "hostname"]
+            .iter()
+            .map(|applet| (PathBuf::from("/bin").join(applet), "busybox".to_string()))
+            .collect();
+    for (name, entrypoint) in [
+        (
+            "pause",
+            vec![
+                "/bin/busybox".to_string(),
+                "sh".into(),
+                "-c".into(),
+                "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done".into(),
+            ],
+        ),
+        ("busybox", vec!["/bin/sh".to_string()]),
+    ] {
+        let spec = ImageSpec {
+            files: vec![(busybox.clone(), PathBuf::from("/bin/busybox"))],
+            links: links.clone(),
+            entrypoint,
+            reference: format!("mycni.test/{name}:1"),
+        };
+        let out = dir.join(format!("{name}.oci.tar"));
+        build_image(&spec, &out)?;
+        println!("ok image {} in {}", spec.reference, out.display());
+    }
+    Ok(())
+}
