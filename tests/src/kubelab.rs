@@ -629,8 +629,10 @@ state = "{state}"
 mount -t tmpfs tmpfs /var/lib
 mount -t tmpfs tmpfs /var/log
 mount -t tmpfs tmpfs /run/netns
+mount --make-shared /run/netns
 mount -t tmpfs tmpfs /run/containerd
 mount -t bpf bpf /sys/fs/bpf
+mount --make-shared /sys/fs/bpf
 mount --bind {dir}/cni-bin /opt/cni/bin
 mount --bind {dir}/cni-conf /etc/cni/net.d
 mount --bind {sys}/overcommit_memory /proc/sys/vm/overcommit_memory

@@ -17,11 +17,19 @@ pub const IMAGE_NAME: &str = "docker.io/library/mycni";
 pub fn run(args: &[String]) -> Result<()> {
     let mut build = true;
     let mut out: Option<PathBuf> = None;
+    let mut bin_dir: Option<PathBuf> = None;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--no-build" => build = false,
             "--out" => out = Some(PathBuf::from(args.next().context("--out needs a path")?)),
+            // Package already-built binaries (e.g. target/debug); implies --no-build.
+            "--bin-dir" => {
+                bin_dir = Some(PathBuf::from(
+                    args.next().context("--bin-dir needs a path")?,
+                ));
+                build = false;
+            }
             other => bail!("image: unexpected argument {other:?}"),
         }
     }
@@ -37,22 +45,8 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let version = env!("CARGO_PKG_VERSION");
     let out = out.unwrap_or_else(|| root.join(format!("target/image/mycni-{version}.oci.tar")));
-    let release = root.join("target/release");
-    let spec = ImageSpec {
-        files: ["mycni-agent", "mycni"]
-            .iter()
-            .map(|name| {
-                (
-                    release.join(name),
-                    PathBuf::from("/usr/local/bin").join(name),
-                )
-            })
-            .collect(),
-        links: Vec::new(),
-        entrypoint: vec!["/usr/local/bin/mycni-agent".into()],
-        reference: format!("{IMAGE_NAME}:{version}"),
-    };
-    build_image(&spec, &out)?;
+    let bin_dir = bin_dir.unwrap_or_else(|| root.join("target/release"));
+    build_image(&mycni_spec(&bin_dir), &out)?;
     println!("image {IMAGE_NAME}:{version}: {}", out.display());
     Ok(())
 }
