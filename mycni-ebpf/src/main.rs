@@ -28,6 +28,7 @@ use aya_ebpf::{
     macros::{btf_map, classifier},
     programs::TcContext,
 };
+use aya_log_ebpf::macro_support::{level_enabled, Level};
 use mycni_common::{
     verdict, Counter, Endpoint, FlowKey, NatEntry, NodeConfig, Route, MARK_FROM_POD, MAX_ENDPOINTS,
     MAX_NAT, MAX_NO_MASQ, MAX_ROUTES, MAX_STACK_FLOWS, NAT_EGRESS, NAT_INGRESS,
@@ -56,6 +57,44 @@ static NO_MASQ: LpmTrie<[u8; 4], u32, { MAX_NO_MASQ as usize }> = LpmTrie::new()
 /// Reply tuples of pod-to-pod flows the node stack routed (and possibly translated).
 #[btf_map]
 static STACK_FLOWS: LruHashMap<FlowKey, u64, { MAX_STACK_FLOWS as usize }> = LruHashMap::new();
+
+/// When each CPU last logged at each level (indexed by `Level as u32`): not pinned, each
+/// load starts afresh with its own log buffer (aya-log's `AYA_LOGS`).
+#[btf_map]
+static LOG_LAST_NS: PerCpuArray<u64, 6> = PerCpuArray::new();
+
+/// At most one message per level, CPU and interval: a pod spoofing at line rate must not
+/// flood the agent's log. Messages are samples; `STATS` counts every drop.
+const LOG_INTERVAL_NS: u64 = 10_000_000;
+
+/// Whether this CPU may log at `level` now (and if so, takes the slot).
+#[inline(always)]
+fn log_slot(level: Level) -> bool {
+    let Some(last) = LOG_LAST_NS.get_ptr_mut(level as u32) else {
+        return false;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Per-CPU slot: no other CPU writes it.
+    unsafe {
+        if now.wrapping_sub(*last) < LOG_INTERVAL_NS {
+            return false;
+        }
+        *last = now;
+    }
+    true
+}
+
+/// An aya-log message, rate-limited. The agent patches the level (`AYA_LOG_LEVEL`, in
+/// `.rodata`, frozen) at load time, so the verifier sees `level_enabled` as a constant and
+/// removes disabled statements: they cost nothing, not even the rate limit. Only drops
+/// and rare decisions log; no per-packet success path does.
+macro_rules! event {
+    ($ctx:expr, $level:ident, $($arg:tt)+) => {
+        if level_enabled(Level::$level) && log_slot(Level::$level) {
+            aya_log_ebpf::log!($ctx, Level::$level, $($arg)+);
+        }
+    };
+}
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -226,6 +265,13 @@ fn send_to_node(ctx: &TcContext, route: &Route) -> (u32, i32) {
             )
         };
         if set != 0 {
+            event!(
+                ctx,
+                Warn,
+                "from_pod: dropped a packet for node {:i}: cannot set the VXLAN tunnel key (error {})",
+                route.next_hop,
+                set
+            );
             return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
         }
         return (
@@ -257,6 +303,12 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn classify_from_pod(ctx: &TcContext) -> (u32, i32) {
     let Ok(ethertype) = ctx.load::<u16>(12) else {
+        event!(
+            ctx,
+            Debug,
+            "from_pod: dropped a runt frame on ifindex {}",
+            ifindex(ctx)
+        );
         return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
     };
     match u16::from_be(ethertype) {
@@ -270,6 +322,12 @@ fn classify_from_pod(ctx: &TcContext) -> (u32, i32) {
 #[inline(always)]
 fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
     let Some(packet) = parse_ipv4(ctx) else {
+        event!(
+            ctx,
+            Debug,
+            "from_pod: dropped an IPv4 packet with a malformed header on ifindex {}",
+            ifindex(ctx)
+        );
         return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
     };
     // A pod may only send from its own address: the source must be the endpoint behind this
@@ -277,6 +335,16 @@ fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
     // its own reverse-path rules.
     if let Some(endpoint) = unsafe { ENDPOINTS.get(packet.src) } {
         if endpoint.ifindex != ifindex(ctx) {
+            event!(
+                ctx,
+                Warn,
+                "from_pod: dropped spoofed IPv4 from {:i} to {:i} (proto {}) on ifindex {}: that source is the pod on ifindex {}",
+                packet.src,
+                packet.dst,
+                packet.proto,
+                ifindex(ctx),
+                endpoint.ifindex
+            );
             return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
         }
     }
@@ -291,13 +359,40 @@ fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
     // A routed hop: expiring packets go to the stack, which answers with ICMP time exceeded.
     match decrement_ttl(ctx) {
         Some(true) => {}
-        Some(false) => return (verdict::TO_STACK, TC_ACT_OK),
-        None => return (verdict::DROP_MALFORMED, TC_ACT_SHOT),
+        Some(false) => {
+            event!(
+                ctx,
+                Debug,
+                "from_pod: TTL of a packet from {:i} to {:i} expires here: to the stack (ICMP time exceeded)",
+                packet.src,
+                packet.dst
+            );
+            return (verdict::TO_STACK, TC_ACT_OK);
+        }
+        None => {
+            event!(
+                ctx,
+                Debug,
+                "from_pod: dropped a packet from {:i} to {:i}: cannot rewrite its TTL",
+                packet.src,
+                packet.dst
+            );
+            return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
+        }
     }
     match route.kind {
         ROUTE_LOCAL_ENDPOINT => match deliver_to_pod(ctx, route) {
             Some(action) => (verdict::LOCAL_REDIRECT, action),
-            None => (verdict::DROP_MALFORMED, TC_ACT_SHOT),
+            None => {
+                event!(
+                    ctx,
+                    Debug,
+                    "from_pod: dropped a packet from {:i} to {:i}: cannot rewrite its MACs",
+                    packet.src,
+                    packet.dst
+                );
+                (verdict::DROP_MALFORMED, TC_ACT_SHOT)
+            }
         },
         ROUTE_REMOTE_NODE | ROUTE_REMOTE_TUNNEL => send_to_node(ctx, route),
         _ => (verdict::TO_STACK, TC_ACT_OK),
@@ -335,6 +430,12 @@ fn arp_from_pod(ctx: &TcContext) -> (u32, i32) {
         ctx.load::<[u8; 4]>(ARP_SPA_OFF),
         ctx.load::<[u8; 4]>(ARP_TPA_OFF),
     ) else {
+        event!(
+            ctx,
+            Debug,
+            "from_pod: dropped a truncated ARP packet on ifindex {}",
+            ifindex(ctx)
+        );
         return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
     };
     if u16::from_be(op) != ARP_OP_REQUEST {
@@ -345,6 +446,14 @@ fn arp_from_pod(ctx: &TcContext) -> (u32, i32) {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
     if endpoint.ifindex != ifindex {
+        event!(
+            ctx,
+            Warn,
+            "from_pod: dropped spoofed ARP from {:i} on ifindex {}: that address is the pod on ifindex {}",
+            spa,
+            ifindex,
+            endpoint.ifindex
+        );
         return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
     }
     let host_mac = endpoint.host_mac;
@@ -357,6 +466,12 @@ fn arp_from_pod(ctx: &TcContext) -> (u32, i32) {
         && ctx.store(ARP_THA_OFF, &sha, 0).is_ok()
         && ctx.store(ARP_TPA_OFF, &spa, 0).is_ok();
     if !stored {
+        event!(
+            ctx,
+            Debug,
+            "from_pod: dropped an ARP request from {:i}: cannot turn it into a reply",
+            spa
+        );
         return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
     }
     // Egress of the same host veth: the reply comes out of the pod's eth0.
@@ -417,6 +532,15 @@ fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
                 ((*entry).addr, (*entry).port)
             };
             if rewrite_destination(ctx, &packet, addr, port).is_none() {
+                event!(
+                    ctx,
+                    Debug,
+                    "from_netdev: dropped a reply from {:i} to {:i}: cannot translate it back to {:i}:{}",
+                    packet.src,
+                    packet.dst,
+                    addr,
+                    port
+                );
                 return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
             }
             packet.dst = addr;
@@ -443,7 +567,16 @@ fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
     match deliver_to_pod(ctx, route) {
         Some(action) if translated => (verdict::REVERSE_NAT, action),
         Some(action) => (verdict::DELIVERED_FROM_NETDEV, action),
-        None => (verdict::DROP_MALFORMED, TC_ACT_SHOT),
+        None => {
+            event!(
+                ctx,
+                Debug,
+                "from_netdev: dropped a packet from {:i} to {:i}: cannot rewrite its MACs",
+                packet.src,
+                packet.dst
+            );
+            (verdict::DROP_MALFORMED, TC_ACT_SHOT)
+        }
     }
 }
 
@@ -524,13 +657,62 @@ fn snat(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> (u32, i32) {
             port
         },
         None => match allocate_port(packet, cfg, now) {
-            Some(port) => port,
-            None => return (verdict::DROP_NAT_EXHAUSTED, TC_ACT_SHOT),
+            Ok(port) => {
+                event!(
+                    ctx,
+                    Debug,
+                    "to_netdev: new SNAT flow, proto {} {:i}:{} -> {:i}:{} leaves as port {}",
+                    packet.proto,
+                    packet.src,
+                    packet.sport,
+                    packet.dst,
+                    packet.dport,
+                    port
+                );
+                port
+            }
+            Err(PortError::Exhausted) => {
+                event!(
+                    ctx,
+                    Warn,
+                    "to_netdev: dropped proto {} {:i}:{} -> {:i}:{}: no free SNAT port ({} random tries)",
+                    packet.proto,
+                    packet.src,
+                    packet.sport,
+                    packet.dst,
+                    packet.dport,
+                    NAT_PORT_TRIES
+                );
+                return (verdict::DROP_NAT_EXHAUSTED, TC_ACT_SHOT);
+            }
+            Err(PortError::Record(error)) => {
+                event!(
+                    ctx,
+                    Warn,
+                    "to_netdev: dropped proto {} {:i}:{} -> {:i}:{}: cannot record its SNAT entry (error {})",
+                    packet.proto,
+                    packet.src,
+                    packet.sport,
+                    packet.dst,
+                    packet.dport,
+                    error
+                );
+                return (verdict::DROP_NAT_EXHAUSTED, TC_ACT_SHOT);
+            }
         },
     };
     match rewrite_source(ctx, packet, cfg.node_ip, port) {
         Some(()) => (verdict::SNAT, TC_ACT_OK),
-        None => (verdict::DROP_MALFORMED, TC_ACT_SHOT),
+        None => {
+            event!(
+                ctx,
+                Debug,
+                "to_netdev: dropped a packet from {:i} to {:i}: cannot rewrite its source",
+                packet.src,
+                packet.dst
+            );
+            (verdict::DROP_MALFORMED, TC_ACT_SHOT)
+        }
     }
 }
 
@@ -552,10 +734,18 @@ fn reply_key(packet: &Ipv4, node_ip: [u8; 4], port: u16) -> FlowKey {
     }
 }
 
+/// Why SNAT found no port for a new flow.
+enum PortError {
+    /// Every port tried is taken for this peer.
+    Exhausted,
+    /// The forward entry could not be inserted (the helper's error).
+    Record(i64),
+}
+
 /// Claims a free source port by inserting the reply entry with BPF_NOEXIST (atomic, so two
 /// CPUs never claim the same port for the same peer), then records the forward entry.
 #[inline(always)]
-fn allocate_port(packet: &Ipv4, cfg: &NodeConfig, now: u64) -> Option<u16> {
+fn allocate_port(packet: &Ipv4, cfg: &NodeConfig, now: u64) -> Result<u16, PortError> {
     let (min, max) = if cfg.nat_port_min != 0 && cfg.nat_port_max >= cfg.nat_port_min {
         (cfg.nat_port_min, cfg.nat_port_max)
     } else {
@@ -585,11 +775,12 @@ fn allocate_port(packet: &Ipv4, cfg: &NodeConfig, now: u64) -> Option<u16> {
                 direction: NAT_EGRESS,
                 last_seen_ns: now,
             };
-            NAT.insert(packet.flow(), forward, 0).ok()?;
-            return Some(port);
+            NAT.insert(packet.flow(), forward, 0)
+                .map_err(|error| PortError::Record(error as i64))?;
+            return Ok(port);
         }
     }
-    None
+    Err(PortError::Exhausted)
 }
 
 /// Offset of the checksum that covers the ports (or the ICMP identifier).

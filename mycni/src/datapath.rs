@@ -2,7 +2,9 @@
 //! reading and writing the maps and attaching `from_pod` (the plugin).
 //!
 //! Pin layout under the bpffs root (default `/sys/fs/bpf/mycni`): one pin per map, named as
-//! in `mycni_common::MAP_NAMES`, and one per program, named as in `PROGRAM_NAMES`.
+//! in `mycni_common::MAP_NAMES`, and one per program, named as in `PROGRAM_NAMES`. The
+//! programs' log buffer (aya-log's `AYA_LOGS`) and its rate-limit map are not pinned: each
+//! load gets fresh ones, read by the agent that loaded it (see [`crate::ebpf_log`]).
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -149,6 +151,9 @@ fn check_pinned_layouts(root: &Path) -> Result<(), DatapathError> {
 /// Loads the programs and maps, pins them under `root`, and reuses maps already pinned
 /// there (so endpoints survive an agent restart). Programs are re-pinned by an atomic
 /// rename, so a plugin opening the pin never sees it missing.
+///
+/// The programs log at the level [`crate::ebpf_log::init`] set (nothing if it was never
+/// called), and when it was called their messages are forwarded to stderr from here on.
 pub fn load_and_pin(root: &Path) -> Result<(), DatapathError> {
     std::fs::create_dir_all(root).map_err(|source| DatapathError::Io {
         what: "cannot create pin directory",
@@ -166,6 +171,10 @@ pub fn load_and_pin(root: &Path) -> Result<(), DatapathError> {
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
+    // Read-only data: the verifier sees the level as a constant and drops the disabled
+    // log statements from the loaded programs.
+    let log_level = crate::ebpf_log::level() as u8;
+    loader.override_global(aya_log::LEVEL, &log_level, true);
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|e| DatapathError::Load(Box::new(e)))?;
@@ -191,6 +200,10 @@ pub fn load_and_pin(root: &Path) -> Result<(), DatapathError> {
             path: target,
             source,
         })?;
+    }
+    // The datapath works without its log: a reader that cannot start is only reported.
+    if let Err(e) = crate::ebpf_log::forward(&mut ebpf) {
+        eprintln!("mycni-agent: the programs' log messages are lost: {e}");
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod cni;
 pub mod datapath;
+pub mod ebpf_log;
 pub mod ipam;
 pub mod kube;
 pub mod nat;

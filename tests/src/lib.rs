@@ -312,6 +312,12 @@ impl Node {
         bail!("mycni-agent did not pin the datapath within 10 s")
     }
 
+    /// The running agent's stderr, for a test that follows its log (otherwise it is only
+    /// read when the agent dies while starting).
+    pub fn take_agent_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.agent.as_mut()?.stderr.take()
+    }
+
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(Child::id)
     }

@@ -35,6 +35,9 @@ commands:
                --data-dir DIR [--gc-interval 60] [--gc-grace 60]
                    free addresses and map entries of pods that vanished without DEL
                --metrics-address ADDR:PORT   serve /metrics and /healthz
+               --bpf-log-level off|error|warn|info|debug|trace   the programs' messages
+                   in this log (warn: spoofing pods, SNAT out of ports; debug: also
+                   malformed packets, new SNAT flows); $MYCNI_BPF_LOG_LEVEL, else warn
   install-cni-plugin DIR
              copy the `mycni` plugin that sits beside this binary into DIR (atomically:
              a runtime may be executing the old one); the DaemonSet's init step
@@ -72,6 +75,7 @@ struct Options {
     gc_interval: Option<Duration>,
     gc_grace: Option<Duration>,
     metrics_address: Option<String>,
+    bpf_log_level: Option<mycni::ebpf_log::BpfLogLevel>,
 }
 
 fn parse_options() -> anyhow::Result<Options> {
@@ -116,6 +120,7 @@ fn parse_options() -> anyhow::Result<Options> {
             "--gc-interval" => options.gc_interval = Some(seconds(&value(&arg)?)?),
             "--gc-grace" => options.gc_grace = Some(seconds(&value(&arg)?)?),
             "--metrics-address" => options.metrics_address = Some(value(&arg)?),
+            "--bpf-log-level" => options.bpf_log_level = Some(value(&arg)?.parse()?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -307,6 +312,7 @@ async fn learn_local_node(source: &KubeNodeSource, options: &mut Options) -> any
 }
 
 fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
+    mycni::ebpf_log::init(options.bpf_log_level)?;
     let mut options = options.clone();
     let kube_source = kube_source(&options)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
