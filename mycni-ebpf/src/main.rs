@@ -58,23 +58,25 @@ static NO_MASQ: LpmTrie<[u8; 4], u32, { MAX_NO_MASQ as usize }> = LpmTrie::new()
 #[btf_map]
 static STACK_FLOWS: LruHashMap<FlowKey, u64, { MAX_STACK_FLOWS as usize }> = LruHashMap::new();
 
-/// When each CPU last logged at each level (indexed by `Level as u32`): not pinned, each
-/// load starts afresh with its own log buffer (aya-log's `AYA_LOGS`).
+/// When the programs last logged at each level (indexed by `Level as u32`). Not pinned:
+/// each load starts afresh, like its log buffer (aya-log's `AYA_LOGS`).
 #[btf_map]
-static LOG_LAST_NS: PerCpuArray<u64, 6> = PerCpuArray::new();
+static LOG_LAST_NS: Array<u64, 6> = Array::new();
 
-/// At most one message per level, CPU and interval: a pod spoofing at line rate must not
-/// flood the agent's log. Messages are samples; `STATS` counts every drop.
-const LOG_INTERVAL_NS: u64 = 10_000_000;
+/// At most one message per level and interval for the whole node: a pod spoofing at line
+/// rate must not flood the agent's log. Messages say that something happens and who does
+/// it; `STATS` counts every drop.
+const LOG_INTERVAL_NS: u64 = 100_000_000;
 
-/// Whether this CPU may log at `level` now (and if so, takes the slot).
+/// Whether the programs may log at `level` now (and if so, takes the slot). CPUs race for
+/// the slot without atomics: at worst a few more messages get through. Only reached on
+/// paths that log, never on a per-packet success path.
 #[inline(always)]
 fn log_slot(level: Level) -> bool {
     let Some(last) = LOG_LAST_NS.get_ptr_mut(level as u32) else {
         return false;
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    // Per-CPU slot: no other CPU writes it.
     unsafe {
         if now.wrapping_sub(*last) < LOG_INTERVAL_NS {
             return false;
@@ -87,11 +89,16 @@ fn log_slot(level: Level) -> bool {
 /// An aya-log message, rate-limited. The agent patches the level (`AYA_LOG_LEVEL`, in
 /// `.rodata`, frozen) at load time, so the verifier sees `level_enabled` as a constant and
 /// removes disabled statements: they cost nothing, not even the rate limit. Only drops
-/// and rare decisions log; no per-packet success path does.
+/// and rare decisions log; no per-packet success path does. `cold_path` has LLVM put the
+/// message code after the function's hot blocks, so enabled levels do not spread the
+/// forwarding path over more cache lines either.
 macro_rules! event {
     ($ctx:expr, $level:ident, $($arg:tt)+) => {
-        if level_enabled(Level::$level) && log_slot(Level::$level) {
-            aya_log_ebpf::log!($ctx, Level::$level, $($arg)+);
+        if level_enabled(Level::$level) {
+            core::hint::cold_path();
+            if log_slot(Level::$level) {
+                aya_log_ebpf::log!($ctx, Level::$level, $($arg)+);
+            }
         }
     };
 }

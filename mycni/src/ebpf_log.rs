@@ -3,8 +3,9 @@
 //! The programs log drops an operator should hear about (a pod spoofing its source address,
 //! SNAT out of ports) at `warn`, and packet-induced drops (malformed frames) and rare
 //! decisions (a new SNAT flow, an expiring TTL) at `debug`; no per-packet success path logs.
-//! Each CPU logs at most one message per level every 10 ms: messages are samples, the
-//! `STATS` counters (`mycni-agent stats`, `/metrics`) count every drop.
+//! The programs log at most one message per level every 100 ms, node-wide: a message says
+//! that something happens and who does it, the `STATS` counters (`mycni-agent stats`,
+//! `/metrics`) count every drop.
 //!
 //! The level is patched into the programs' read-only data when they are loaded
 //! (aya-log's `AYA_LOG_LEVEL`), so the verifier removes the statements above it and they cost
