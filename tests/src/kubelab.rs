@@ -706,6 +706,47 @@ i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; 
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// A merge patch to a status subresource (kubectl 1.20 cannot), through `kubectl
+    /// proxy` on the control-plane namespace's loopback.
+    pub fn patch_status(&self, path: &str, patch: &str) -> Result<()> {
+        let mut proxy = self
+            .control
+            .command(self.bin.join("kubectl"))
+            .arg(format!(
+                "--kubeconfig={}",
+                self.admin_kubeconfig().display()
+            ))
+            .args(["proxy", "--port=8001", "--address=127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut result = Err(anyhow::anyhow!("kubectl proxy never answered"));
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(100));
+            result = run(self
+                .control
+                .command("curl")
+                .args(["-sS", "-X", "PATCH", "-H"])
+                .arg("Content-Type: application/merge-patch+json")
+                .args(["-w", "\n%{http_code}"])
+                .arg(format!("http://127.0.0.1:8001{path}"))
+                .args(["-d", patch]))
+            .and_then(|out| {
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                match text.lines().last() {
+                    Some(code) if code.starts_with('2') => Ok(()),
+                    _ => bail!("PATCH {path}: {text}"),
+                }
+            });
+            if result.is_ok() {
+                break;
+            }
+        }
+        let _ = proxy.kill();
+        let _ = proxy.wait();
+        result
+    }
+
     pub fn get_json(&self, args: &[&str]) -> Result<Value> {
         let mut all = args.to_vec();
         all.extend(["-o", "json"]);
