@@ -39,6 +39,12 @@ pub const NODES: [(&str, Ipv4Addr); 2] = [
 const V1_HIERARCHIES: &[&str] = &[
     "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "systemd",
 ];
+/// Where pod cgroups appear: the v1 hierarchies kubelet manages, and the v2 one (runc
+/// creates the same paths under /sys/fs/cgroup/unified on hybrid hosts).
+const CGROUP_TREES: &[&str] = &[
+    "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "systemd",
+    "unified",
+];
 
 /// The cache `cargo xtask k8s` fills.
 pub fn cache_dir() -> PathBuf {
@@ -172,7 +178,7 @@ impl LabNode {
                 }
             }
         }
-        for hierarchy in V1_HIERARCHIES {
+        for hierarchy in CGROUP_TREES {
             let root = Path::new("/sys/fs/cgroup")
                 .join(hierarchy)
                 .join(&self.cgroup_root);
@@ -180,7 +186,7 @@ impl LabNode {
         }
         for _ in 0..50 {
             let mut left = false;
-            for hierarchy in V1_HIERARCHIES {
+            for hierarchy in CGROUP_TREES {
                 let root = Path::new("/sys/fs/cgroup")
                     .join(hierarchy)
                     .join(&self.cgroup_root);
@@ -241,7 +247,6 @@ pub struct KubeLab {
     control_daemons: Vec<Daemon>,
     pub control: Netns,
     pub fabric: Netns,
-    made_dirs: Vec<PathBuf>,
 }
 
 /// Writes a key and a certificate signed by the lab CA.
@@ -297,18 +302,21 @@ impl KubeLab {
     /// caller's (the DaemonSet, or an agent it starts).
     pub fn new(prefix: &str, extra_images: &[PathBuf]) -> Result<KubeLab> {
         let bin = k8s_bin_dir()?;
+        // kubelet 1.20's cgroupfs driver here runs on the v1 hierarchies.
+        for hierarchy in V1_HIERARCHIES {
+            let path = Path::new("/sys/fs/cgroup").join(hierarchy);
+            if !path.join("cgroup.procs").exists() {
+                bail!("the Kubernetes lab needs the cgroup v1 hierarchy {} (kubelet 1.20 with cgroupfs)", path.display());
+            }
+        }
         let dir = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-k8s"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let mut made_dirs = Vec::new();
         // Mount points a node's private mounts need; created empty if the machine lacks
-        // them, removed again if still empty.
+        // them, and left: another lab running at the same time has its mounts on them.
         for path in ["/opt/cni/bin", "/etc/cni/net.d", "/run/containerd"] {
             let path = PathBuf::from(path);
-            if !path.exists() {
-                std::fs::create_dir_all(&path)?;
-                made_dirs.push(path);
-            }
+            std::fs::create_dir_all(&path)?;
         }
         let fabric = Netns::new(&format!("{prefix}-fabric"))?;
         let control = Netns::new(&format!("{prefix}-ctl"))?;
@@ -320,7 +328,6 @@ impl KubeLab {
             control_daemons: Vec::new(),
             control,
             fabric,
-            made_dirs,
         };
         lab.fabric
             .exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
@@ -706,6 +713,47 @@ i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; 
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// A merge patch to a status subresource (kubectl 1.20 cannot), through `kubectl
+    /// proxy` on the control-plane namespace's loopback.
+    pub fn patch_status(&self, path: &str, patch: &str) -> Result<()> {
+        let mut proxy = self
+            .control
+            .command(self.bin.join("kubectl"))
+            .arg(format!(
+                "--kubeconfig={}",
+                self.admin_kubeconfig().display()
+            ))
+            .args(["proxy", "--port=8001", "--address=127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut result = Err(anyhow::anyhow!("kubectl proxy never answered"));
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(100));
+            result = run(self
+                .control
+                .command("curl")
+                .args(["-sS", "-X", "PATCH", "-H"])
+                .arg("Content-Type: application/merge-patch+json")
+                .args(["-w", "\n%{http_code}"])
+                .arg(format!("http://127.0.0.1:8001{path}"))
+                .args(["-d", patch]))
+            .and_then(|out| {
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                match text.lines().last() {
+                    Some(code) if code.starts_with('2') => Ok(()),
+                    _ => bail!("PATCH {path}: {text}"),
+                }
+            });
+            if result.is_ok() {
+                break;
+            }
+        }
+        let _ = proxy.kill();
+        let _ = proxy.wait();
+        result
+    }
+
     pub fn get_json(&self, args: &[&str]) -> Result<Value> {
         let mut all = args.to_vec();
         all.extend(["-o", "json"]);
@@ -811,13 +859,6 @@ impl Drop for KubeLab {
         }
         if std::env::var_os("MYCNI_KEEP_LAB_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
-        }
-        for dir in self.made_dirs.iter().rev() {
-            let _ = std::fs::remove_dir(dir);
-            // /opt/cni and /etc/cni too, when we made them and they are empty.
-            if let Some(parent) = dir.parent() {
-                let _ = std::fs::remove_dir(parent);
-            }
         }
     }
 }

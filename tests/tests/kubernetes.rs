@@ -285,6 +285,43 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
         );
     }
 
+    // The watch: a Node that appears (a machine not running kubelet, registered by hand
+    // and given an InternalIP through the status subresource) gets a route on both
+    // nodes, in ROUTES and in the kernel, and loses it when the Node is deleted.
+    let ghost_cidr = "10.244.200.0/24";
+    lab.apply(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: node-ghost}}\nspec: {{podCIDR: {ghost_cidr}, podCIDRs: [{ghost_cidr}]}}\n"
+    ))?;
+    let started = std::time::Instant::now();
+    lab.patch_status(
+        "/api/v1/nodes/node-ghost/status",
+        r#"{"status":{"addresses":[{"type":"InternalIP","address":"192.168.1.99"}]}}"#,
+    )?;
+    let has_route = |lab: &KubeLab, node: &str| -> Result<bool> {
+        let node = lab.node(node);
+        let agent = agent_bin().display().to_string();
+        let routes = node.exec(&[&agent, "--bpffs-root", "/sys/fs/bpf/mycni", "routes"])?;
+        let kernel = node.exec(&["ip", "route", "show", ghost_cidr])?;
+        Ok(routes.contains(ghost_cidr) && kernel.contains("192.168.1.99"))
+    };
+    lab.wait(
+        "node-ghost's route on both nodes",
+        Duration::from_secs(10),
+        |lab| Ok(has_route(lab, "node-1")? && has_route(lab, "node-2")?),
+    )?;
+    let added_after = started.elapsed();
+    let started = std::time::Instant::now();
+    lab.kubectl(&["delete", "node", "node-ghost"])?;
+    lab.wait("node-ghost's route gone", Duration::from_secs(10), |lab| {
+        Ok(!has_route(lab, "node-1")? && !has_route(lab, "node-2")?)
+    })?;
+    let removed_after = started.elapsed();
+    eprintln!("node-ghost: routes in place {added_after:?} after its IP was set, gone {removed_after:?} after the delete");
+    assert!(
+        added_after < Duration::from_secs(3) && removed_after < Duration::from_secs(3),
+        "watch too slow: {added_after:?} / {removed_after:?}"
+    );
+
     // Deleting the pods leaves nothing behind on either node.
     lab.kubectl(&["delete", "pods", "--all", "--wait=true", "--timeout=60s"])?;
     let mut left = Vec::new();

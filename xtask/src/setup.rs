@@ -37,6 +37,8 @@ const PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "busybox-static",
+    // reflect2 1.0.2, patched into the Kubernetes source (see kubelab.rs).
+    "golang-github-modern-go-reflect2-dev",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
