@@ -245,6 +245,7 @@ pub struct KubeLab {
     pub bin: PathBuf,
     pub nodes: Vec<LabNode>,
     control_daemons: Vec<Daemon>,
+    apiserver_args: Vec<String>,
     pub control: Netns,
     pub fabric: Netns,
 }
@@ -326,6 +327,7 @@ impl KubeLab {
             bin,
             nodes: Vec::new(),
             control_daemons: Vec::new(),
+            apiserver_args: Vec::new(),
             control,
             fabric,
         };
@@ -437,8 +439,7 @@ impl KubeLab {
             ]);
         self.control_daemons
             .push(Daemon::spawn("etcd", etcd, state.join("etcd.log"))?);
-        let mut apiserver = self.control.command(self.bin.join("kube-apiserver"));
-        apiserver.args([
+        self.apiserver_args = vec![
             "--etcd-servers=http://127.0.0.1:2379".to_string(),
             format!("--advertise-address={CONTROL_IP}"),
             format!("--bind-address={CONTROL_IP}"),
@@ -460,12 +461,9 @@ impl KubeLab {
             "--authorization-mode=Node,RBAC".into(),
             "--allow-privileged=true".into(),
             "--kubelet-preferred-address-types=InternalIP".into(),
-        ]);
-        self.control_daemons.push(Daemon::spawn(
-            "kube-apiserver",
-            apiserver,
-            state.join("kube-apiserver.log"),
-        )?);
+        ];
+        let apiserver = self.spawn_apiserver("kube-apiserver.log")?;
+        self.control_daemons.push(apiserver);
         self.wait("the API server to answer", Duration::from_secs(90), |lab| {
             Ok(lab.kubectl(&["get", "--raw", "/readyz"]).is_ok())
         })?;
@@ -668,6 +666,32 @@ i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; 
             cmd,
             dir.join("supervisor.log"),
         )?);
+        Ok(())
+    }
+
+    fn spawn_apiserver(&self, log: &str) -> Result<Daemon> {
+        let mut cmd = self.control.command(self.bin.join("kube-apiserver"));
+        cmd.args(&self.apiserver_args);
+        Daemon::spawn("kube-apiserver", cmd, self.dir.join("control").join(log))
+    }
+
+    /// Kills the API server with SIGKILL, leaves it down for `outage`, starts it again and
+    /// waits until it is ready.
+    pub fn restart_apiserver(&mut self, outage: Duration) -> Result<()> {
+        let index = self
+            .control_daemons
+            .iter()
+            .position(|d| d.name == "kube-apiserver")
+            .context("no API server running")?;
+        let mut old = self.control_daemons.remove(index);
+        old.child.kill()?;
+        old.child.wait()?;
+        std::thread::sleep(outage);
+        let new = self.spawn_apiserver("kube-apiserver-restarted.log")?;
+        self.control_daemons.insert(index, new);
+        self.wait("the restarted API server", Duration::from_secs(90), |lab| {
+            Ok(lab.kubectl(&["get", "--raw", "/readyz"]).is_ok())
+        })?;
         Ok(())
     }
 

@@ -285,7 +285,58 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
         );
     }
 
-    // The watch: a Node that appears (a machine not running kubelet, registered by hand
+    // A broken watch: the API server killed for 5 s. Routes stay put meanwhile and after
+    // (the agents resume or re-list, and a re-list of the same nodes changes nothing).
+    let routes_of = |lab: &KubeLab, node: &str| -> Result<String> {
+        let agent = agent_bin().display().to_string();
+        lab.node(node).exec(&[
+            &agent,
+            "--bpffs-root",
+            "/sys/fs/bpf/mycni",
+            "routes",
+            "--json",
+        ])
+    };
+    let before: Vec<String> = ["node-1", "node-2"]
+        .iter()
+        .map(|n| routes_of(&lab, n))
+        .collect::<Result<_>>()?;
+    lab.restart_apiserver(Duration::from_secs(5))?;
+    let agent_logs = |lab: &KubeLab| {
+        lab.kubectl(&[
+            "-n",
+            "kube-system",
+            "logs",
+            "-l",
+            "app.kubernetes.io/name=mycni",
+            "--tail=-1",
+        ])
+    };
+    lab.wait(
+        "both agents to resume their node watch",
+        Duration::from_secs(30),
+        |lab| Ok(agent_logs(lab)?.matches("node watch resumed").count() >= 2),
+    )?;
+    let after: Vec<String> = ["node-1", "node-2"]
+        .iter()
+        .map(|n| routes_of(&lab, n))
+        .collect::<Result<_>>()?;
+    assert_eq!(before, after, "ROUTES changed across an API server restart");
+    let logs = agent_logs(&lab)?;
+    assert!(
+        !logs.contains("removed route"),
+        "an agent removed a route during the API server restart:\n{logs}"
+    );
+    assert!(
+        logs.contains("watching nodes") || logs.contains("listing nodes"),
+        "the agents did not report the broken watch:\n{logs}"
+    );
+    assert!(
+        logs.matches("no change").count() >= 2,
+        "a re-list after the restart changed routes:\n{logs}"
+    );
+
+    // The watch, re-established: a Node that appears (a machine not running kubelet, registered by hand
     // and given an InternalIP through the status subresource) gets a route on both
     // nodes, in ROUTES and in the kernel, and loses it when the Node is deleted.
     let ghost_cidr = "10.244.200.0/24";

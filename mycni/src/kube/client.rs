@@ -64,6 +64,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Watches are ended by the server after this long (then resumed), so a silently dead
 /// connection is noticed within this plus [`READ_TIMEOUT`].
 const WATCH_SECONDS: u64 = 240;
+/// Longest pause between attempts while the API server is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(4);
 
 /// A client for one API server.
 pub struct ApiClient {
@@ -327,9 +329,9 @@ struct Shared {
     errors: Vec<String>,
 }
 
-/// Nodes from the API server: a background thread lists, then watches, and on a broken
-/// watch resumes (or re-lists when the server says the version is too old). Routes change
-/// only when a node's name, InternalIP or pod CIDR does.
+/// Nodes from the API server: a background thread lists, then watches; the server's own
+/// timeout resumes the watch from the last version, and a broken watch (or 410 Gone)
+/// re-lists. Routes change only when a node's name, InternalIP or pod CIDR does.
 pub struct KubeNodeSource {
     shared: Arc<Mutex<Shared>>,
     stop: Arc<AtomicBool>,
@@ -414,46 +416,58 @@ fn watch_loop(client: &ApiClient, shared: &Mutex<Shared>, stop: &AtomicBool) {
     let mut cache = NodeCache::default();
     let mut listed = false;
     let mut first_list = true;
+    let mut failures = 0u32;
     let mut backoff = Duration::from_millis(250);
     while !stop.load(Ordering::Relaxed) {
         if !listed {
             match client.list_nodes() {
                 Ok((nodes, version)) => {
+                    let count = nodes.len();
+                    // Same nodes as before the break: no route is touched.
                     let changed = cache.replace(nodes, version);
                     // The first list always counts as news, even an empty one.
                     publish(&cache, changed || first_list);
+                    if failures > 0 {
+                        eprintln!(
+                            "mycni-agent: node watch resumed after {failures} failed attempts: {count} nodes listed, {}",
+                            if changed { "routes updated" } else { "no change" }
+                        );
+                    }
                     first_list = false;
                     listed = true;
+                    failures = 0;
+                    backoff = Duration::from_millis(250);
                 }
                 Err(e) => {
                     report(format!("listing nodes: {e}"));
+                    failures += 1;
                     std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(8));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
             }
         }
         let started = Instant::now();
         match client.watch_nodes(&mut cache, stop, |cache| publish(cache, true)) {
-            Ok(()) => {}
+            // The server's timeout: resume from the last version seen.
+            Ok(()) => publish(&cache, false),
             Err(KubeClientError::WatchError { code: 410, .. })
             | Err(KubeClientError::Status { status: 410, .. }) => listed = false,
             Err(e) => {
+                // Events may have been missed while the connection was down: re-list, and
+                // let the comparison keep unchanged routes as they are.
                 report(format!("watching nodes: {e}"));
-                // Resume from the last version; a re-list follows only if that fails
-                // with 410, so routes do not flap while the API server restarts.
+                failures += 1;
+                listed = false;
                 std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(8));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
         }
-        publish(&cache, false);
-        if started.elapsed() > Duration::from_secs(10) {
-            backoff = Duration::from_millis(250);
-        } else {
+        if started.elapsed() < Duration::from_secs(1) {
             // A server that keeps ending watches at once must not be hammered.
             std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(8));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }
