@@ -695,6 +695,16 @@ i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; 
         Ok(())
     }
 
+    /// A kubectl command as cluster admin, without a request timeout (for long execs).
+    pub fn kubectl_command(&self) -> Command {
+        let mut cmd = self.control.command(self.bin.join("kubectl"));
+        cmd.arg(format!(
+            "--kubeconfig={}",
+            self.admin_kubeconfig().display()
+        ));
+        cmd
+    }
+
     /// kubectl as cluster admin; stdout.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
         // Inside the control-plane namespace: the API server is reachable nowhere else.

@@ -48,6 +48,25 @@ spec:
     )
 }
 
+/// Waits for a child, killing it after `limit` (a hung stream must not hang the suite).
+fn wait_child(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Result<std::process::ExitStatus> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn pod_ip(pod: &Value) -> Option<Ipv4Addr> {
     pod["status"]["podIP"].as_str()?.parse().ok()
 }
@@ -284,6 +303,119 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
             node.name
         );
     }
+
+    // An upgrade: the DaemonSet rolled (every agent replaced, one node at a time) while a
+    // TCP stream and a ping run between node-1 and node-2. No line or echo may be lost.
+    let ip_of = |name: &str| {
+        ips.iter()
+            .find(|(p, _, _)| p == name)
+            .map(|(_, _, ip)| ip.to_string())
+            .context("pod IP")
+    };
+    let (stream_from, ping_to) = (ip_of("pod-2a")?, ip_of("pod-2b")?);
+    let old_agents = lab.kubectl(&[
+        "-n",
+        "kube-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=mycni",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ])?;
+    // pod-2a streams a line every 100 ms to whoever connects (busybox nc sends only the
+    // first line of a pipe, so the generator runs as nc's -e program); pod-1a records them.
+    let lines = 400;
+    let mut server = lab
+        .kubectl_command()
+        .args(["exec", "pod-2a", "--", "/bin/busybox", "sh", "-c"])
+        .arg(format!(
+            "echo 'i=0; while [ $i -lt {lines} ]; do echo line-$i; i=$((i+1)); sleep 0.1; done' > /tmp/gen.sh; \
+             exec /bin/busybox nc -l -p 9000 -e /bin/busybox sh /tmp/gen.sh"
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let mut client = lab
+        .kubectl_command()
+        .args(["exec", "pod-1a", "--", "/bin/busybox", "sh", "-c"])
+        .arg(format!("/bin/busybox nc {stream_from} 9000 > /tmp/stream"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let ping = lab
+        .kubectl_command()
+        .args([
+            "exec",
+            "pod-1a",
+            "--",
+            "/bin/busybox",
+            "ping",
+            "-c",
+            "200",
+            "-i",
+            "0.2",
+        ])
+        .arg(&ping_to)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    lab.kubectl(&["-n", "kube-system", "rollout", "restart", "daemonset/mycni"])?;
+    lab.wait("the rolled DaemonSet", Duration::from_secs(90), |lab| {
+        let ds = lab.get_json(&["-n", "kube-system", "get", "daemonset", "mycni"])?;
+        let status = &ds["status"];
+        Ok(status["updatedNumberScheduled"] == 2
+            && status["numberReady"] == 2
+            && status["numberUnavailable"].is_null()
+            && ds["metadata"]["generation"] == status["observedGeneration"])
+    })?;
+    let new_agents = lab.kubectl(&[
+        "-n",
+        "kube-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=mycni",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ])?;
+    for old in old_agents.split_whitespace() {
+        assert!(
+            !new_agents.contains(old),
+            "agent pod {old} was not replaced"
+        );
+    }
+    let ping = ping.wait_with_output()?;
+    let ping_text = String::from_utf8_lossy(&ping.stdout).to_string();
+    assert!(
+        ping_text.contains("200 packets transmitted, 200 packets received"),
+        "echoes lost across the rollout:\n{ping_text}"
+    );
+    let client_status = wait_child(&mut client, Duration::from_secs(90))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let received = lab.kubectl(&[
+        "exec",
+        "pod-1a",
+        "--",
+        "/bin/busybox",
+        "wc",
+        "-l",
+        "/tmp/stream",
+    ])?;
+    let _ = server.kill();
+    let _ = server.wait();
+    let count: usize = received
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .context("wc output")?;
+    assert_eq!(
+        count, lines,
+        "the TCP stream lost data across the rollout (client {client_status})"
+    );
+    eprintln!("rollout: {lines} stream lines and 200 echoes across node-1 -> node-2, none lost");
 
     // A broken watch: the API server killed for 5 s. Routes stay put meanwhile and after
     // (the agents resume or re-list, and a re-list of the same nodes changes nothing).
