@@ -313,16 +313,19 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
             .context("pod IP")
     };
     let (stream_from, ping_to) = (ip_of("pod-2a")?, ip_of("pod-2b")?);
-    let old_agents = lab.kubectl(&[
-        "-n",
-        "kube-system",
-        "get",
-        "pods",
-        "-l",
-        "app.kubernetes.io/name=mycni",
-        "-o",
-        "jsonpath={.items[*].metadata.name}",
-    ])?;
+    let agent_pods = |lab: &KubeLab| {
+        lab.kubectl(&[
+            "-n",
+            "kube-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=mycni",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+    };
+    let old_agents = agent_pods(&lab)?;
     // pod-2a streams a line every 100 ms to whoever connects (busybox nc sends only the
     // first line of a pipe, so the generator runs as nc's -e program); pod-1a records them.
     let lines = 400;
@@ -371,16 +374,7 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
             && status["numberUnavailable"].is_null()
             && ds["metadata"]["generation"] == status["observedGeneration"])
     })?;
-    let new_agents = lab.kubectl(&[
-        "-n",
-        "kube-system",
-        "get",
-        "pods",
-        "-l",
-        "app.kubernetes.io/name=mycni",
-        "-o",
-        "jsonpath={.items[*].metadata.name}",
-    ])?;
+    let new_agents = agent_pods(&lab)?;
     for old in old_agents.split_whitespace() {
         assert!(
             !new_agents.contains(old),

@@ -132,16 +132,7 @@ pub fn build_image(spec: &ImageSpec, out: &Path) -> Result<()> {
     }
     let layer = work.join("layer.tar");
     cmd::run(
-        cmd::clean("tar")
-            .args([
-                "--create",
-                "--sort=name",
-                "--owner=0",
-                "--group=0",
-                "--numeric-owner",
-                "--mtime=@0",
-                "--file",
-            ])
+        reproducible_tar()
             .arg(&layer)
             .arg("-C")
             .arg(&rootfs)
@@ -194,24 +185,29 @@ pub fn build_image(spec: &ImageSpec, out: &Path) -> Result<()> {
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    cmd::run(
-        cmd::clean("tar")
-            .args([
-                "--create",
-                "--sort=name",
-                "--owner=0",
-                "--group=0",
-                "--numeric-owner",
-                "--mtime=@0",
-                "--file",
-            ])
-            .arg(out)
-            .arg("-C")
-            .arg(&layout)
-            .args(["oci-layout", "index.json", "blobs"]),
-    )?;
+    cmd::run(reproducible_tar().arg(out).arg("-C").arg(&layout).args([
+        "oci-layout",
+        "index.json",
+        "blobs",
+    ]))?;
     std::fs::remove_dir_all(&work).with_context(|| format!("remove {}", work.display()))?;
     Ok(())
+}
+
+/// `tar --create --file` with fixed owners, times and order, so the same files give the
+/// same digest.
+fn reproducible_tar() -> std::process::Command {
+    let mut tar = cmd::clean("tar");
+    tar.args([
+        "--create",
+        "--sort=name",
+        "--owner=0",
+        "--group=0",
+        "--numeric-owner",
+        "--mtime=@0",
+        "--file",
+    ]);
+    tar
 }
 
 /// Stores `bytes` as a content-addressed blob; returns its digest and size.

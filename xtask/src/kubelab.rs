@@ -157,20 +157,7 @@ fn fetch_source(work: &Path) -> Result<PathBuf> {
     }
     let source_list = apt_dir.join("sources.list");
     std::fs::write(&source_list, list)?;
-    let private_apt = || {
-        let mut cmd = setup::apt_get();
-        cmd.arg("-o")
-            .arg(format!("Dir::Etc::SourceList={}", source_list.display()))
-            .args(["-o", "Dir::Etc::SourceParts=/nonexistent"])
-            .arg("-o")
-            .arg(format!(
-                "Dir::State::Lists={}",
-                apt_dir.join("lists").display()
-            ))
-            .arg("-o")
-            .arg(format!("Dir::Cache={}", apt_dir.join("cache").display()));
-        cmd
-    };
+    let private_apt = || setup::private_apt_get(&apt_dir, &source_list);
     cmd::output(private_apt().arg("update"))?;
     cmd::output(private_apt().current_dir(work).args([
         "source",

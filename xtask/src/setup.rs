@@ -68,6 +68,23 @@ fn installed(package: &str) -> bool {
         })
 }
 
+/// apt-get with its own source list, lists and cache under `apt_dir`: /etc/apt and the
+/// machine's package lists stay as they are.
+pub(crate) fn private_apt_get(apt_dir: &Path, source_list: &Path) -> Command {
+    let mut cmd = apt_get();
+    cmd.arg("-o")
+        .arg(format!("Dir::Etc::SourceList={}", source_list.display()))
+        .args(["-o", "Dir::Etc::SourceParts=/nonexistent"])
+        .arg("-o")
+        .arg(format!(
+            "Dir::State::Lists={}",
+            apt_dir.join("lists").display()
+        ))
+        .arg("-o")
+        .arg(format!("Dir::Cache={}", apt_dir.join("cache").display()));
+    cmd
+}
+
 pub(crate) fn apt_get() -> Command {
     let mut cmd = Command::new("apt-get");
     cmd.env("DEBIAN_FRONTEND", "noninteractive")
@@ -197,20 +214,7 @@ fn cnitool() -> Result<()> {
     let source_list = apt_dir.join("sources.list");
     std::fs::write(&source_list, source.deb_src_line(SUITE))
         .with_context(|| format!("write {}", source_list.display()))?;
-    let private_apt = || {
-        let mut cmd = apt_get();
-        cmd.arg("-o")
-            .arg(format!("Dir::Etc::SourceList={}", source_list.display()))
-            .args(["-o", "Dir::Etc::SourceParts=/nonexistent"])
-            .arg("-o")
-            .arg(format!(
-                "Dir::State::Lists={}",
-                apt_dir.join("lists").display()
-            ))
-            .arg("-o")
-            .arg(format!("Dir::Cache={}", apt_dir.join("cache").display()));
-        cmd
-    };
+    let private_apt = || private_apt_get(&apt_dir, &source_list);
     cmd::output(private_apt().arg("update"))?;
 
     let work = tools.join("cnitool-build");
