@@ -8,15 +8,19 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mycni::ipam::Pool;
-use mycni_tests::kubelab::{KubeLab, CONTROL_IP};
+use mycni_tests::kubelab::{KubeLab, LabNode, CONTROL_IP};
 use mycni_tests::{agent_bin, prefix};
 use serde_json::Value;
 
-fn test_image() -> Result<PathBuf> {
-    let image = std::env::var_os("MYCNI_TEST_IMAGE")
+/// The image archive named by `variable`, else `target/image/<default_name>`: `cargo xtask
+/// test` builds both (see xtask/src/test.rs).
+fn image_archive(variable: &str, default_name: &str) -> Result<PathBuf> {
+    let image = std::env::var_os(variable)
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/image/mycni-test.oci.tar")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/image")
+                .join(default_name)
         });
     if !image.is_file() {
         bail!(
@@ -26,6 +30,11 @@ fn test_image() -> Result<PathBuf> {
     }
     Ok(image)
 }
+
+/// What the upgrade moves the DaemonSet to: the release build of the same source, under
+/// another tag (the installed image is the debug build, `mycni:0.1.0`).
+const UPGRADE_IMAGE: &str = "docker.io/library/mycni:0.1.0-upgrade";
+const UPGRADE_TAG: &str = "mycni:0.1.0-upgrade";
 
 fn pod_manifest(name: &str, node: &str) -> String {
     // busybox's httpd serves the pod's own name, so a fetch shows which pod answered.
@@ -77,6 +86,82 @@ fn exec_in_pod(lab: &KubeLab, pod: &str, argv: &[&str]) -> Result<String> {
     lab.kubectl(&args)
 }
 
+/// Sets a Node's InternalIP (through the status subresource, as kubelet does) and waits
+/// until both lab nodes route `cidr` via it, in ROUTES and in the kernel. Returns how long
+/// that took from the API call.
+fn set_internal_ip(lab: &mut KubeLab, name: &str, cidr: &str, ip: &str) -> Result<Duration> {
+    let started = std::time::Instant::now();
+    lab.patch_status(
+        &format!("/api/v1/nodes/{name}/status"),
+        &format!(r#"{{"status":{{"addresses":[{{"type":"InternalIP","address":"{ip}"}}]}}}}"#),
+    )?;
+    let routed_via = |node: &LabNode| -> Result<bool> {
+        let agent = agent_bin().display().to_string();
+        let routes = node.exec(&[&agent, "--bpffs-root", "/sys/fs/bpf/mycni", "routes"])?;
+        let in_map = routes
+            .lines()
+            .any(|line| line.contains(cidr) && line.contains(ip));
+        let kernel = node.exec(&["ip", "route", "show", cidr])?;
+        Ok(in_map && kernel.contains(&format!("via {ip} ")))
+    };
+    lab.wait(
+        &format!("{name}'s route via {ip} on both nodes"),
+        Duration::from_secs(10),
+        |lab| {
+            for node in &lab.nodes {
+                if !routed_via(node)? {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )?;
+    Ok(started.elapsed())
+}
+
+/// One field of every mycni agent pod, space-separated (a kubectl jsonpath under `.items[*]`).
+fn agent_pods(lab: &KubeLab, field: &str) -> Result<String> {
+    lab.kubectl(&[
+        "-n",
+        "kube-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=mycni",
+        "-o",
+        &format!("jsonpath={{.items[*].{field}}}"),
+    ])
+}
+
+/// The host ends of the node's pod veths.
+fn pod_veths(node: &LabNode) -> Result<Vec<String>> {
+    let links = node.exec(&["ip", "-o", "link", "show"])?;
+    Ok(links
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+        .filter(|n| n.starts_with("lxc"))
+        .collect())
+}
+
+/// (node, veth, id of the program on the veth's ingress: `from_pod`) for every pod veth.
+fn pod_programs(lab: &KubeLab) -> Result<Vec<(String, String, u32)>> {
+    let mut programs = Vec::new();
+    for node in &lab.nodes {
+        for veth in pod_veths(node)? {
+            let filters = node.exec(&["tc", "filter", "show", "dev", &veth, "ingress"])?;
+            let id = filters
+                .split_whitespace()
+                .skip_while(|word| *word != "id")
+                .nth(1)
+                .and_then(|id| id.parse().ok())
+                .with_context(|| format!("{}: no program on {veth}:\n{filters}", node.name))?;
+            programs.push((node.name.clone(), veth, id));
+        }
+    }
+    Ok(programs)
+}
+
 /// What a node still holds for pods: IP records, pod veths, ENDPOINTS entries and pod
 /// network namespaces.
 fn leftovers(lab: &KubeLab, node: &str) -> Result<Vec<String>> {
@@ -93,15 +178,7 @@ fn leftovers(lab: &KubeLab, node: &str) -> Result<Vec<String>> {
             .filter(|f| f.parse::<Ipv4Addr>().is_ok())
             .map(|f| format!("ip record {f}")),
     );
-    let links = node.exec(&["ip", "-o", "link", "show"])?;
-    left.extend(
-        links
-            .lines()
-            .filter_map(|l| l.split(':').nth(1))
-            .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
-            .filter(|n| n.starts_with("lxc"))
-            .map(|n| format!("veth {n}")),
-    );
+    left.extend(pod_veths(node)?.into_iter().map(|n| format!("veth {n}")));
     let agent = agent_bin().display().to_string();
     let endpoints: Value = serde_json::from_str(&node.exec(&[
         &agent,
@@ -129,8 +206,11 @@ fn leftovers(lab: &KubeLab, node: &str) -> Result<Vec<String>> {
 
 #[test]
 fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
-    let image = test_image()?;
-    let mut lab = KubeLab::new(&prefix("k8s"), &[image])?;
+    let images = [
+        image_archive("MYCNI_TEST_IMAGE", "mycni-test.oci.tar")?,
+        image_archive("MYCNI_TEST_UPGRADE_IMAGE", "mycni-upgrade.oci.tar")?,
+    ];
+    let mut lab = KubeLab::new(&prefix("k8s"), &images)?;
 
     // Nodes register and get pod CIDRs, but stay NotReady: no CNI config yet.
     let mut cidrs: Vec<(String, Pool)> = Vec::new();
@@ -304,8 +384,9 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
         );
     }
 
-    // An upgrade: the DaemonSet rolled (every agent replaced, one node at a time) while a
-    // TCP stream and a ping run between node-1 and node-2. No line or echo may be lost.
+    // An upgrade to a new build: the DaemonSet moved to the release image (every agent
+    // replaced, one node at a time, the plugin re-installed) while a TCP stream and a ping
+    // run between node-1 and node-2. No line or echo may be lost.
     let ip_of = |name: &str| {
         ips.iter()
             .find(|(p, _, _)| p == name)
@@ -313,19 +394,7 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
             .context("pod IP")
     };
     let (stream_from, ping_to) = (ip_of("pod-2a")?, ip_of("pod-2b")?);
-    let agent_pods = |lab: &KubeLab| {
-        lab.kubectl(&[
-            "-n",
-            "kube-system",
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=mycni",
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ])
-    };
-    let old_agents = agent_pods(&lab)?;
+    let old_agents = agent_pods(&lab, "metadata.name")?;
     // pod-2a streams a line every 100 ms to whoever connects (busybox nc sends only the
     // first line of a pipe, so the generator runs as nc's -e program); pod-1a records them.
     let lines = 400;
@@ -365,7 +434,23 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     std::thread::sleep(Duration::from_secs(2));
-    lab.kubectl(&["-n", "kube-system", "rollout", "restart", "daemonset/mycni"])?;
+    let programs_before = pod_programs(&lab)?;
+    let plugin_sum = |lab: &KubeLab| -> Result<Vec<String>> {
+        lab.nodes
+            .iter()
+            .map(|node| node.exec(&["sha256sum", "/opt/cni/bin/mycni"]))
+            .collect()
+    };
+    let plugins_before = plugin_sum(&lab)?;
+    lab.kubectl(&[
+        "-n",
+        "kube-system",
+        "set",
+        "image",
+        "daemonset/mycni",
+        &format!("install-cni-plugin={UPGRADE_IMAGE}"),
+        &format!("agent={UPGRADE_IMAGE}"),
+    ])?;
     lab.wait("the rolled DaemonSet", Duration::from_secs(90), |lab| {
         let ds = lab.get_json(&["-n", "kube-system", "get", "daemonset", "mycni"])?;
         let status = &ds["status"];
@@ -374,18 +459,44 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
             && status["numberUnavailable"].is_null()
             && ds["metadata"]["generation"] == status["observedGeneration"])
     })?;
-    let new_agents = agent_pods(&lab)?;
+    let new_agents = agent_pods(&lab, "metadata.name")?;
     for old in old_agents.split_whitespace() {
         assert!(
             !new_agents.contains(old),
             "agent pod {old} was not replaced"
         );
     }
+    let running_images = agent_pods(&lab, "status.containerStatuses[0].image")?;
+    assert!(
+        running_images.split_whitespace().count() == 2
+            && running_images
+                .split_whitespace()
+                .all(|image| image.ends_with(UPGRADE_TAG)),
+        "agents after the upgrade run {running_images:?}"
+    );
+    // The new build's plugin is on the nodes, and every existing pod's veth runs the
+    // programs the new agent loaded.
+    let plugins_after = plugin_sum(&lab)?;
+    for (before, after) in plugins_before.iter().zip(&plugins_after) {
+        assert_ne!(before, after, "the plugin binary was not upgraded");
+    }
+    let programs_after = pod_programs(&lab)?;
+    assert_eq!(programs_after.len(), programs_before.len());
+    for (node, veth, old_id) in &programs_before {
+        let now = programs_after
+            .iter()
+            .find(|(n, v, _)| n == node && v == veth)
+            .map(|(_, _, id)| *id);
+        assert!(
+            now.is_some_and(|id| id != *old_id),
+            "{node}/{veth} still runs program {old_id} after the upgrade (now {now:?})"
+        );
+    }
     let ping = ping.wait_with_output()?;
     let ping_text = String::from_utf8_lossy(&ping.stdout).to_string();
     assert!(
         ping_text.contains("200 packets transmitted, 200 packets received"),
-        "echoes lost across the rollout:\n{ping_text}"
+        "echoes lost across the upgrade:\n{ping_text}"
     );
     let client_status = wait_child(&mut client, Duration::from_secs(90))?;
     std::thread::sleep(Duration::from_secs(1));
@@ -407,9 +518,31 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
         .context("wc output")?;
     assert_eq!(
         count, lines,
-        "the TCP stream lost data across the rollout (client {client_status})"
+        "the TCP stream lost data across the upgrade (client {client_status})"
     );
-    eprintln!("rollout: {lines} stream lines and 200 echoes across node-1 -> node-2, none lost");
+    eprintln!(
+        "upgrade: {lines} stream lines and 200 echoes across node-1 -> node-2, none lost; \
+         {} pod veths switched to the new programs",
+        programs_before.len()
+    );
+    // A pod added after the upgrade, through the new plugin, reaches the old pods.
+    lab.apply(&pod_manifest("pod-1c", "node-1"))?;
+    let mut new_pod_ip = None;
+    lab.wait("pod-1c Running", Duration::from_secs(60), |lab| {
+        let pod = lab.get_json(&["get", "pod", "pod-1c"])?;
+        new_pod_ip = pod_ip(&pod).filter(|_| pod["status"]["phase"] == "Running");
+        Ok(new_pod_ip.is_some())
+    })?;
+    let (_, node_1_cidr) = cidrs
+        .iter()
+        .find(|(n, _)| n == "node-1")
+        .context("node-1's CIDR")?;
+    let new_pod_ip = new_pod_ip.context("pod-1c's IP")?;
+    assert!(node_1_cidr.contains(new_pod_ip));
+    for to in ["pod-1a", "pod-2b"] {
+        exec_in_pod(&lab, "pod-1c", &["ping", "-c", "1", "-W", "3", &ip_of(to)?])
+            .with_context(|| format!("pod-1c (added after the upgrade) pings {to}"))?;
+    }
 
     // A broken watch: the API server killed for 5 s. Routes stay put meanwhile and after
     // (the agents resume or re-list, and a re-list of the same nodes changes nothing).
@@ -469,35 +602,38 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
     lab.apply(&format!(
         "apiVersion: v1\nkind: Node\nmetadata: {{name: node-ghost}}\nspec: {{podCIDR: {ghost_cidr}, podCIDRs: [{ghost_cidr}]}}\n"
     ))?;
-    let started = std::time::Instant::now();
-    lab.patch_status(
-        "/api/v1/nodes/node-ghost/status",
-        r#"{"status":{"addresses":[{"type":"InternalIP","address":"192.168.1.99"}]}}"#,
-    )?;
-    let has_route = |lab: &KubeLab, node: &str| -> Result<bool> {
+    let added_after = set_internal_ip(&mut lab, "node-ghost", ghost_cidr, "192.168.1.99")?;
+    // A changed Node (its InternalIP moved): both nodes re-point the route.
+    let changed_after = set_internal_ip(&mut lab, "node-ghost", ghost_cidr, "192.168.1.98")?;
+    let has_no_route = |lab: &KubeLab, node: &str| -> Result<bool> {
         let node = lab.node(node);
         let agent = agent_bin().display().to_string();
         let routes = node.exec(&[&agent, "--bpffs-root", "/sys/fs/bpf/mycni", "routes"])?;
         let kernel = node.exec(&["ip", "route", "show", ghost_cidr])?;
-        Ok(routes.contains(ghost_cidr) && kernel.contains("192.168.1.99"))
+        Ok(!routes.contains(ghost_cidr) && kernel.trim().is_empty())
     };
-    lab.wait(
-        "node-ghost's route on both nodes",
-        Duration::from_secs(10),
-        |lab| Ok(has_route(lab, "node-1")? && has_route(lab, "node-2")?),
-    )?;
-    let added_after = started.elapsed();
     let started = std::time::Instant::now();
     lab.kubectl(&["delete", "node", "node-ghost"])?;
     lab.wait("node-ghost's route gone", Duration::from_secs(10), |lab| {
-        Ok(!has_route(lab, "node-1")? && !has_route(lab, "node-2")?)
+        Ok(has_no_route(lab, "node-1")? && has_no_route(lab, "node-2")?)
     })?;
     let removed_after = started.elapsed();
-    eprintln!("node-ghost: routes in place {added_after:?} after its IP was set, gone {removed_after:?} after the delete");
-    assert!(
-        added_after < Duration::from_secs(3) && removed_after < Duration::from_secs(3),
-        "watch too slow: {added_after:?} / {removed_after:?}"
+    eprintln!(
+        "node-ghost: routes in place {added_after:?} after its IP was set, moved \
+         {changed_after:?} after it changed, gone {removed_after:?} after the delete"
     );
+    // The issue's bound is a second from the watch event; the API call, kubectl and the
+    // two nodes' polling sit on top of that.
+    for (what, took) in [
+        ("added", added_after),
+        ("changed", changed_after),
+        ("removed", removed_after),
+    ] {
+        assert!(
+            took < Duration::from_secs(3),
+            "watch too slow: {what} after {took:?}"
+        );
+    }
 
     // Deleting the pods leaves nothing behind on either node.
     lab.kubectl(&["delete", "pods", "--all", "--wait=true", "--timeout=60s"])?;

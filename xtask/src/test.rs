@@ -34,6 +34,25 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let test_image = root.join("target/image/mycni-test.oci.tar");
     image::build_image(&image::mycni_spec(&root.join("target/debug")), &test_image)?;
+    // What the end-to-end test upgrades to: a new build (release) of the same source,
+    // under another tag.
+    let upgrade_image = root.join("target/image/mycni-upgrade.oci.tar");
+    if cmd::is_root() {
+        cmd::run(cmd::clean("cargo").current_dir(&root).args([
+            "build",
+            "--release",
+            "-p",
+            "mycni",
+            "--bins",
+        ]))?;
+        let mut spec = image::mycni_spec(&root.join("target/release"));
+        spec.reference = format!(
+            "{}:{}-upgrade",
+            image::IMAGE_NAME,
+            env!("CARGO_PKG_VERSION")
+        );
+        image::build_image(&spec, &upgrade_image)?;
+    }
     let mut child = cmd::clean("cargo")
         .current_dir(&root)
         .args(["test", "--workspace", "--no-fail-fast"])
@@ -43,6 +62,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .env("MYCNI_CNITOOL", setup::cnitool_path())
         .env("MYCNI_CNI_PLUGIN_DIR", "/usr/lib/cni")
         .env("MYCNI_TEST_IMAGE", &test_image)
+        .env("MYCNI_TEST_UPGRADE_IMAGE", &upgrade_image)
         .env("RUST_BACKTRACE", "0")
         .stdout(Stdio::piped())
         .spawn()
