@@ -573,3 +573,25 @@ pub fn udp_echo(
     }
     Ok(peer)
 }
+
+/// `GET path` on `addr` from inside `netns`: (status line, body).
+pub fn http_get(netns: &Netns, addr: &str, path: &str) -> Result<(String, String)> {
+    let addr: SocketAddr = addr.parse()?;
+    netns.run_inside(|| {
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n").as_bytes())?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)?;
+        let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+        Ok((
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        ))
+    })
+}
+
+/// The value of one series (name and labels, as rendered) in a Prometheus text body.
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}

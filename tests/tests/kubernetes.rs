@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use mycni::ipam::Pool;
 use mycni_tests::kubelab::{KubeLab, LabNode, CONTROL_IP};
-use mycni_tests::{agent_bin, prefix};
+use mycni_tests::{agent_bin, http_get, metric, prefix};
 use serde_json::Value;
 
 /// The image archive named by `variable`, else `target/image/<default_name>`: `cargo xtask
@@ -594,6 +594,23 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
         logs.matches("no change").count() >= 2,
         "a re-list after the restart changed routes:\n{logs}"
     );
+    // The broken watch is counted where the DaemonSet serves metrics, next to the pods and
+    // routes each agent has; /healthz is what the readiness probe saw.
+    for (node, pods) in [("node-1", 3.0), ("node-2", 2.0)] {
+        let node = lab.node(node);
+        let address = format!("{}:9964", node.ip);
+        let (health, _) = http_get(&node.netns, &address, "/healthz")?;
+        assert!(health.contains(" 200 "), "{}: /healthz {health}", node.name);
+        let (_, metrics) = http_get(&node.netns, &address, "/metrics")?;
+        let value = |series: &str| metric(&metrics, series).unwrap_or(-1.0);
+        assert!(
+            value("mycni_node_source_errors_total") >= 1.0
+                && value("mycni_endpoints") == pods
+                && value("mycni_routes{kind=\"direct\"}") == 1.0,
+            "{}: metrics after the API server restart:\n{metrics}",
+            node.name
+        );
+    }
 
     // The watch, re-established: a Node that appears (a machine not running kubelet, registered by hand
     // and given an InternalIP through the status subresource) gets a route on both

@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{ensure, Context, Result};
 use mycni_common::verdict;
-use mycni_tests::{prefix, tcp_round_trip, Node};
+use mycni_tests::{http_get, metric, prefix, tcp_round_trip, Node};
 
 fn counters(node: &Node) -> Result<Vec<u64>> {
     Ok(mycni::datapath::read_stats(&node.pin_root())?
@@ -378,29 +378,6 @@ fn pins_of_another_layout_are_refused_not_reused() -> Result<()> {
     // The plugin refuses too, instead of writing into the wrong map.
     ensure!(mycni::datapath::Maps::open(&root).is_err());
     Ok(())
-}
-
-/// `GET path` on `addr` from inside `netns`: (status line, body).
-fn http_get(netns: &mycni_tests::Netns, addr: &str, path: &str) -> Result<(String, String)> {
-    use std::io::{Read, Write};
-    let addr: std::net::SocketAddr = addr.parse()?;
-    netns.run_inside(|| {
-        let mut conn =
-            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
-        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n").as_bytes())?;
-        let mut text = String::new();
-        conn.read_to_string(&mut text)?;
-        let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-        Ok((
-            head.lines().next().unwrap_or("").to_string(),
-            body.to_string(),
-        ))
-    })
-}
-
-fn metric(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[test]
