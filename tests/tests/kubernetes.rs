@@ -4,12 +4,13 @@
 //! tests/src/kubelab.rs for how the lab keeps to its namespaces.
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mycni::ipam::Pool;
 use mycni_tests::kubelab::{KubeLab, LabNode, CONTROL_IP};
-use mycni_tests::{agent_bin, http_get, metric, prefix};
+use mycni_tests::{agent_bin, http_get, metric, prefix, run};
 use serde_json::Value;
 
 /// The image archive named by `variable`, else `target/image/<default_name>`: `cargo xtask
@@ -117,6 +118,115 @@ fn set_internal_ip(lab: &mut KubeLab, name: &str, cidr: &str, ip: &str) -> Resul
         },
     )?;
     Ok(started.elapsed())
+}
+
+/// A TCP stream and a ping from node-1's pod-1a to pods on node-2, running while the
+/// caller disrupts the agents; `finish` checks nothing was lost.
+struct CrossNodeTraffic {
+    server: std::process::Child,
+    client: std::process::Child,
+    ping: std::process::Child,
+    port: u16,
+}
+
+/// Lines the stream carries (one per 100 ms) and echoes the ping sends (one per 200 ms):
+/// both run for 40 s.
+const STREAM_LINES: usize = 400;
+const ECHOES: usize = 200;
+
+impl CrossNodeTraffic {
+    fn start(lab: &KubeLab, stream_from: &str, port: u16, ping_to: &str) -> Result<Self> {
+        // pod-2a streams a line every 100 ms to whoever connects (busybox nc sends only the
+        // first line of a pipe, so the generator runs as nc's -e program); pod-1a records
+        // them.
+        let server = lab
+            .kubectl_command()
+            .args(["exec", "pod-2a", "--", "/bin/busybox", "sh", "-c"])
+            .arg(format!(
+                "echo 'i=0; while [ $i -lt {STREAM_LINES} ]; do echo line-$i; i=$((i+1)); sleep 0.1; done' > /tmp/gen-{port}.sh; \
+                 exec /bin/busybox nc -l -p {port} -e /bin/busybox sh /tmp/gen-{port}.sh"
+            ))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_secs(2));
+        let client = lab
+            .kubectl_command()
+            .args(["exec", "pod-1a", "--", "/bin/busybox", "sh", "-c"])
+            .arg(format!(
+                "/bin/busybox nc {stream_from} {port} > /tmp/stream-{port}"
+            ))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let ping = lab
+            .kubectl_command()
+            .args(["exec", "pod-1a", "--", "/bin/busybox", "ping", "-i", "0.2"])
+            .args(["-c", &ECHOES.to_string(), ping_to])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        std::thread::sleep(Duration::from_secs(2));
+        Ok(CrossNodeTraffic {
+            server,
+            client,
+            ping,
+            port,
+        })
+    }
+
+    /// Waits for both to end; every line and every echo must have arrived.
+    fn finish(mut self, lab: &KubeLab, across: &str) -> Result<(usize, usize)> {
+        let ping = self.ping.wait_with_output()?;
+        let ping_text = String::from_utf8_lossy(&ping.stdout).to_string();
+        assert!(
+            ping_text.contains(&format!(
+                "{ECHOES} packets transmitted, {ECHOES} packets received"
+            )),
+            "echoes lost across {across}:\n{ping_text}"
+        );
+        let client_status = wait_child(&mut self.client, Duration::from_secs(90))?;
+        std::thread::sleep(Duration::from_secs(1));
+        let received = lab.kubectl(&[
+            "exec",
+            "pod-1a",
+            "--",
+            "/bin/busybox",
+            "wc",
+            "-l",
+            &format!("/tmp/stream-{}", self.port),
+        ])?;
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let count: usize = received
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .context("wc output")?;
+        assert_eq!(
+            count, STREAM_LINES,
+            "the TCP stream lost data across {across} (client {client_status})"
+        );
+        Ok((STREAM_LINES, ECHOES))
+    }
+}
+
+/// The pid of the mycni agent serving `node`: the one `mycni-agent` process in the node's
+/// network namespace (the DaemonSet runs it with hostNetwork).
+fn agent_pid(node: &LabNode) -> Result<u32> {
+    let pids = run(Command::new("ip").args(["netns", "pids", &node.netns.name]))?;
+    let agents: Vec<u32> = String::from_utf8_lossy(&pids.stdout)
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "mycni-agent")
+        })
+        .collect();
+    match agents.as_slice() {
+        [pid] => Ok(*pid),
+        other => bail!("{}: agent processes {other:?}", node.name),
+    }
 }
 
 /// One field of every mycni agent pod, space-separated (a kubectl jsonpath under `.items[*]`).
@@ -395,45 +505,7 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
     };
     let (stream_from, ping_to) = (ip_of("pod-2a")?, ip_of("pod-2b")?);
     let old_agents = agent_pods(&lab, "metadata.name")?;
-    // pod-2a streams a line every 100 ms to whoever connects (busybox nc sends only the
-    // first line of a pipe, so the generator runs as nc's -e program); pod-1a records them.
-    let lines = 400;
-    let mut server = lab
-        .kubectl_command()
-        .args(["exec", "pod-2a", "--", "/bin/busybox", "sh", "-c"])
-        .arg(format!(
-            "echo 'i=0; while [ $i -lt {lines} ]; do echo line-$i; i=$((i+1)); sleep 0.1; done' > /tmp/gen.sh; \
-             exec /bin/busybox nc -l -p 9000 -e /bin/busybox sh /tmp/gen.sh"
-        ))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_secs(2));
-    let mut client = lab
-        .kubectl_command()
-        .args(["exec", "pod-1a", "--", "/bin/busybox", "sh", "-c"])
-        .arg(format!("/bin/busybox nc {stream_from} 9000 > /tmp/stream"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let ping = lab
-        .kubectl_command()
-        .args([
-            "exec",
-            "pod-1a",
-            "--",
-            "/bin/busybox",
-            "ping",
-            "-c",
-            "200",
-            "-i",
-            "0.2",
-        ])
-        .arg(&ping_to)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    std::thread::sleep(Duration::from_secs(2));
+    let traffic = CrossNodeTraffic::start(&lab, &stream_from, 9000, &ping_to)?;
     let programs_before = pod_programs(&lab)?;
     let plugin_sum = |lab: &KubeLab| -> Result<Vec<String>> {
         lab.nodes
@@ -492,40 +564,42 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
             "{node}/{veth} still runs program {old_id} after the upgrade (now {now:?})"
         );
     }
-    let ping = ping.wait_with_output()?;
-    let ping_text = String::from_utf8_lossy(&ping.stdout).to_string();
-    assert!(
-        ping_text.contains("200 packets transmitted, 200 packets received"),
-        "echoes lost across the upgrade:\n{ping_text}"
-    );
-    let client_status = wait_child(&mut client, Duration::from_secs(90))?;
-    std::thread::sleep(Duration::from_secs(1));
-    let received = lab.kubectl(&[
-        "exec",
-        "pod-1a",
-        "--",
-        "/bin/busybox",
-        "wc",
-        "-l",
-        "/tmp/stream",
-    ])?;
-    let _ = server.kill();
-    let _ = server.wait();
-    let count: usize = received
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .context("wc output")?;
-    assert_eq!(
-        count, lines,
-        "the TCP stream lost data across the upgrade (client {client_status})"
-    );
+    let (lines, echoes) = traffic.finish(&lab, "the upgrade")?;
     eprintln!(
-        "upgrade: {lines} stream lines and 200 echoes across node-1 -> node-2, none lost; \
-         {} pod veths switched to the new programs",
+        "upgrade: {lines} stream lines and {echoes} echoes across node-1 -> node-2, none \
+         lost; {} pod veths switched to the new programs",
         programs_before.len()
     );
-    // A pod added after the upgrade, through the new plugin, reaches the old pods.
+
+    // kill -9 of both agents under the same traffic: kubelet restarts the containers, the
+    // nodes stay Ready (the conflist stays), nothing is lost.
+    let traffic = CrossNodeTraffic::start(&lab, &stream_from, 9001, &ping_to)?;
+    let restarts_before = agent_pods(&lab, "status.containerStatuses[0].restartCount")?;
+    for node in &lab.nodes {
+        let pid = agent_pid(node)?;
+        node.exec(&["kill", "-9", &pid.to_string()])?;
+    }
+    lab.wait(
+        "kubelet to restart both agents",
+        Duration::from_secs(60),
+        |lab| {
+            let restarts = agent_pods(lab, "status.containerStatuses[0].restartCount")?;
+            let ds = lab.get_json(&["-n", "kube-system", "get", "daemonset", "mycni"])?;
+            Ok(restarts != restarts_before
+                && restarts.split_whitespace().all(|n| n != "0")
+                && ds["status"]["numberReady"] == 2)
+        },
+    )?;
+    let ready = lab.nodes_ready()?;
+    assert!(
+        ready.iter().all(|(_, ready)| *ready),
+        "a node went NotReady while its agent was down: {ready:?}"
+    );
+    let (lines, echoes) = traffic.finish(&lab, "kill -9 of the agents")?;
+    eprintln!("kill -9: {lines} stream lines and {echoes} echoes, none lost");
+
+    // A pod added after the upgrade and the restart, through the new plugin, reaches the
+    // old pods.
     lab.apply(&pod_manifest("pod-1c", "node-1"))?;
     let mut new_pod_ip = None;
     lab.wait("pod-1c Running", Duration::from_secs(60), |lab| {
