@@ -1,0 +1,125 @@
+//! `cargo xtask install`, as an operator runs it: the files it lays out under a destdir, and
+//! a pod added on a node by the installed plugin reading the installed conflist.
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{ensure, Context, Result};
+use mycni::ipam::Pool;
+use mycni_tests::{bin_dir, pod_ip, prefix, run, Netns, Node};
+
+/// Removes the install tree even when the test fails.
+struct InstallTree(PathBuf);
+
+impl Drop for InstallTree {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Calls the installed plugin inside the node with `stdin`, as a runtime would.
+fn installed_cni(
+    node: &Node,
+    plugin: &std::path::Path,
+    command: &str,
+    container_id: &str,
+    netns: &str,
+    stdin: &str,
+) -> Result<(bool, String)> {
+    use std::io::Write;
+    let mut child = node
+        .netns
+        .command(plugin)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs([
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", container_id),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/opt/cni/bin"),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawn the installed mycni")?;
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    ))
+}
+
+#[test]
+fn xtask_install_lays_out_a_node_that_adds_pods() -> Result<()> {
+    let prefix = prefix("install");
+    let node = Node::new(&prefix, "10.244.21.0/24")?;
+    let tree = InstallTree(PathBuf::from("/run/mycni-tests").join(format!("{prefix}-dest")));
+    let _ = std::fs::remove_dir_all(&tree.0);
+    // The release binaries `cargo xtask test` built; --no-build so the test never compiles.
+    run(Command::new(bin_dir().join("xtask"))
+        .args(["install", "--no-build", "--pod-cidr", "10.244.21.0/24"])
+        .args(["--mtu", "1400"])
+        .arg("--destdir")
+        .arg(&tree.0)
+        .arg("--data-dir")
+        .arg(&node.data_dir)
+        .arg("--bpffs-root")
+        .arg(node.pin_root()))?;
+
+    let plugin = tree.0.join("opt/cni/bin/mycni");
+    let agent = tree.0.join("usr/local/bin/mycni-agent");
+    let conflist_path = tree.0.join("etc/cni/net.d/10-mycni.conflist");
+    for file in [&plugin, &agent] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(file)?.permissions());
+        ensure!(mode & 0o111 != 0, "{} is not executable", file.display());
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(tree.0.join("etc/cni/net.d"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.'))
+        .collect();
+    ensure!(leftovers.is_empty(), "staging files left: {leftovers:?}");
+    let conflist = std::fs::read_to_string(&conflist_path)?;
+    let parsed: serde_json::Value = serde_json::from_str(&conflist)?;
+    ensure!(
+        parsed["plugins"][1]["type"] == "portmap",
+        "portmap is not chained:\n{conflist}"
+    );
+
+    // The installed plugin, given the installed conflist, adds a pod the node reaches, and
+    // removes it again.
+    let pod = Netns::new(&format!("{prefix}-pod"))?;
+    let container_id = format!("{prefix}-pod");
+    let netns = pod.path().display().to_string();
+    let (ok, stdout) = installed_cni(&node, &plugin, "ADD", &container_id, &netns, &conflist)?;
+    ensure!(ok, "ADD through the installed plugin failed: {stdout}");
+    let result: serde_json::Value = serde_json::from_str(&stdout)?;
+    let ip = pod_ip(&result).context("no IP in the result")?;
+    ensure!(
+        Pool::parse("10.244.21.0/24")?.contains(ip),
+        "{ip} outside the CIDR"
+    );
+    let link = pod.exec(&["ip", "-o", "link", "show", "eth0"])?;
+    ensure!(
+        link.contains(" mtu 1400 "),
+        "installed with --mtu 1400, the pod has {link}"
+    );
+    node.netns.ping(ip)?;
+    let (ok, stdout) = installed_cni(&node, &plugin, "DEL", &container_id, &netns, &conflist)?;
+    ensure!(ok, "DEL through the installed plugin failed: {stdout}");
+    let records = std::fs::read_dir(node.data_dir.join("mycni"))?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok()
+        })
+        .count();
+    ensure!(records == 0, "{records} address records left after DEL");
+    Ok(())
+}
