@@ -73,9 +73,21 @@ fn cnitool_adds_checks_and_deletes_mycni_with_portmap() -> Result<()> {
     )?;
     let pod = Netns::new(&format!("{}-web", node.prefix))?;
     let path = ipv4_only_path(&plugins.0)?;
+    // libcni caches results under /var/lib/cni and cnitool cannot move it: each call runs
+    // in a private mount namespace where that path is the test's own directory, so the
+    // machine's /var/lib stays as it was and CHECK and DEL still find what ADD cached.
+    let cache = node.data_dir.join("libcni-cache");
+    std::fs::create_dir_all(&cache)?;
+    let private_cache = format!(
+        "/bin/mount -t tmpfs tmpfs /var/lib && /bin/mkdir /var/lib/cni && /bin/mount --bind '{}' /var/lib/cni && exec \"$0\" \"$@\"",
+        cache.display()
+    );
     let cnitool = |verb: &str| {
-        let mut cmd = node.netns.command(cnitool_bin());
-        cmd.args([verb, "mycni-test"])
+        let mut cmd = node.netns.command("/usr/bin/unshare");
+        cmd.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+            .arg(&private_cache)
+            .arg(cnitool_bin())
+            .args([verb, "mycni-test"])
             .arg(pod.path())
             .env("NETCONFPATH", &conf_dir)
             .env("PATH", &path)
