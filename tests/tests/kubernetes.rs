@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use mycni::ipam::Pool;
 use mycni_tests::kubelab::{KubeLab, LabNode, CONTROL_IP};
-use mycni_tests::{agent_bin, http_get, metric, prefix, run};
+use mycni_tests::{agent_bin, http_get, metric, mycni_bin, prefix, run};
 use serde_json::Value;
 
 /// The image archive named by `variable`, else `target/image/<default_name>`: `cargo xtask
@@ -229,6 +229,46 @@ fn agent_pid(node: &LabNode) -> Result<u32> {
     }
 }
 
+/// CNI STATUS through `plugin` inside the node, with `conf` on stdin: (exit ok, stdout).
+fn cni_status(node: &LabNode, plugin: &str, conf: &str) -> Result<(bool, String)> {
+    use std::io::Write;
+    let mut child = node
+        .command(plugin)?
+        .env("CNI_COMMAND", "STATUS")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(conf.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    ))
+}
+
+/// The newest error lines of a node's kubelet and containerd (CNI failures show there).
+fn node_errors(node: &LabNode) -> String {
+    let newest = |log: String, is_error: fn(&str) -> bool| -> String {
+        let lines: Vec<String> = log
+            .lines()
+            .rev()
+            .filter(|l| is_error(l))
+            .take(15)
+            .map(|l| l.chars().take(400).collect())
+            .collect();
+        lines.join("\n")
+    };
+    format!(
+        "kubelet errors (newest first):\n{}\ncontainerd errors (newest first):\n{}",
+        newest(node.log("kubelet"), |l| l.starts_with('E')),
+        newest(node.log("containerd"), |l| l.contains("level=error"))
+    )
+}
+
 /// One field of every mycni agent pod, space-separated (a kubectl jsonpath under `.items[*]`).
 fn agent_pods(lab: &KubeLab, field: &str) -> Result<String> {
     lab.kubectl(&[
@@ -354,6 +394,19 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
         ready.iter().all(|(_, ready)| !ready),
         "nodes Ready before any CNI config: {ready:?}"
     );
+    // The plugin's STATUS agrees: no datapath on the nodes yet (code 50).
+    let status_conf = r#"{"cniVersion": "1.1.0", "name": "mycni", "type": "mycni", "bpffsRoot": "/sys/fs/bpf/mycni"}"#;
+    for node in &lab.nodes {
+        let (ok, stdout) = cni_status(node, &mycni_bin().display().to_string(), status_conf)?;
+        let code = serde_json::from_str::<Value>(&stdout)
+            .ok()
+            .map(|e| e["code"].clone());
+        assert!(
+            !ok && code == Some(Value::from(50)),
+            "{}: STATUS before the install: {stdout}",
+            node.name
+        );
+    }
 
     // Install: the manifest as shipped, with the API server's address filled in.
     let manifest = std::fs::read_to_string(
@@ -387,17 +440,9 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
                 "--tail=30",
             ])
             .unwrap_or_default();
-        let kubelet = lab.nodes[0].log("kubelet");
-        let kubelet_tail: Vec<&str> = kubelet
-            .lines()
-            .rev()
-            .filter(|l| l.starts_with('E'))
-            .take(15)
-            .map(|l| &l[..l.len().min(400)])
-            .collect();
         bail!(
-            "{e:#}\npods:\n{pods}\nagent logs:\n{logs}\nkubelet (newest first):\n{}",
-            kubelet_tail.join("\n")
+            "{e:#}\npods:\n{pods}\nagent logs:\n{logs}\nnode-1 {}",
+            node_errors(&lab.nodes[0])
         );
     }
     lab.wait("both nodes Ready", Duration::from_secs(60), |lab| {
@@ -410,6 +455,19 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
             conflist.contains("\"type\": \"mycni\"") || conflist.contains("\"type\":\"mycni\"")
         );
         node.exec(&["test", "-x", "/opt/cni/bin/mycni"])?;
+        // What a runtime asks before it adds pods: the installed plugin, given the conflist
+        // the agent wrote at the version a 1.1 runtime negotiates from its cniVersions,
+        // reports the network ready.
+        let mut negotiated: Value = serde_json::from_str(&conflist)?;
+        assert!(
+            negotiated["cniVersions"]
+                .as_array()
+                .is_some_and(|offered| offered.contains(&Value::from("1.1.0"))),
+            "the conflist does not offer CNI 1.1.0 (STATUS):\n{conflist}"
+        );
+        negotiated["cniVersion"] = Value::from("1.1.0");
+        let (ok, stdout) = cni_status(node, "/opt/cni/bin/mycni", &negotiated.to_string())?;
+        assert!(ok, "{}: STATUS once Ready: {stdout}", node.name);
     }
 
     // Two pods per node, pinned by nodeName.
@@ -727,7 +785,16 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
     }
 
     // Deleting the pods leaves nothing behind on either node.
-    lab.kubectl(&["delete", "pods", "--all", "--wait=true", "--timeout=60s"])?;
+    if let Err(e) = lab.kubectl(&["delete", "pods", "--all", "--wait=true", "--timeout=60s"]) {
+        let pods = lab
+            .kubectl(&["get", "pods", "-o", "wide"])
+            .unwrap_or_default();
+        bail!(
+            "{e:#}\npods:\n{pods}\nnode-1 {}\nnode-2 {}",
+            node_errors(lab.node("node-1")),
+            node_errors(lab.node("node-2"))
+        );
+    }
     let mut left = Vec::new();
     let cleared = lab.wait(
         "the nodes to drop every trace of the pods",
