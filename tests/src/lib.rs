@@ -344,7 +344,12 @@ impl Node {
 
     /// Calls the real `mycni` binary inside the node, as a runtime would.
     pub fn cni(&self, env: &[(&str, &str)], stdin: &str) -> Result<CniCall> {
-        let mut cmd = self.netns.command(mycni_bin());
+        self.cni_with(&mycni_bin(), env, stdin)
+    }
+
+    /// Calls the plugin binary at `plugin` (an installed copy, say) inside the node.
+    pub fn cni_with(&self, plugin: &Path, env: &[(&str, &str)], stdin: &str) -> Result<CniCall> {
+        let mut cmd = self.netns.command(plugin);
         cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
         for (key, value) in env {
             cmd.env(key, value);

@@ -1,7 +1,7 @@
 //! `cargo xtask install`, as an operator runs it: the files it lays out under a destdir, and
 //! a pod added on a node by the installed plugin reading the installed conflist.
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use mycni::ipam::Pool;
@@ -14,43 +14,6 @@ impl Drop for InstallTree {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// Calls the installed plugin inside the node with `stdin`, as a runtime would.
-fn installed_cni(
-    node: &Node,
-    plugin: &std::path::Path,
-    command: &str,
-    container_id: &str,
-    netns: &str,
-    stdin: &str,
-) -> Result<(bool, String)> {
-    use std::io::Write;
-    let mut child = node
-        .netns
-        .command(plugin)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .envs([
-            ("CNI_COMMAND", command),
-            ("CNI_CONTAINERID", container_id),
-            ("CNI_NETNS", netns),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_PATH", "/opt/cni/bin"),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawn the installed mycni")?;
-    if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin.as_bytes())?;
-    }
-    let output = child.wait_with_output()?;
-    Ok((
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    ))
 }
 
 #[test]
@@ -95,9 +58,13 @@ fn xtask_install_lays_out_a_node_that_adds_pods() -> Result<()> {
     let pod = Netns::new(&format!("{prefix}-pod"))?;
     let container_id = format!("{prefix}-pod");
     let netns = pod.path().display().to_string();
-    let (ok, stdout) = installed_cni(&node, &plugin, "ADD", &container_id, &netns, &conflist)?;
-    ensure!(ok, "ADD through the installed plugin failed: {stdout}");
-    let result: serde_json::Value = serde_json::from_str(&stdout)?;
+    let added = node.cni_with(
+        &plugin,
+        &Node::cni_env("ADD", &container_id, &netns),
+        &conflist,
+    )?;
+    ensure!(added.exit_ok, "ADD through the installed plugin: {added:?}");
+    let result = added.json()?;
     let ip = pod_ip(&result).context("no IP in the result")?;
     ensure!(
         Pool::parse("10.244.21.0/24")?.contains(ip),
@@ -109,8 +76,15 @@ fn xtask_install_lays_out_a_node_that_adds_pods() -> Result<()> {
         "installed with --mtu 1400, the pod has {link}"
     );
     node.netns.ping(ip)?;
-    let (ok, stdout) = installed_cni(&node, &plugin, "DEL", &container_id, &netns, &conflist)?;
-    ensure!(ok, "DEL through the installed plugin failed: {stdout}");
+    let deleted = node.cni_with(
+        &plugin,
+        &Node::cni_env("DEL", &container_id, &netns),
+        &conflist,
+    )?;
+    ensure!(
+        deleted.exit_ok,
+        "DEL through the installed plugin: {deleted:?}"
+    );
     let records = std::fs::read_dir(node.data_dir.join("mycni"))?
         .filter_map(|e| e.ok())
         .filter(|e| {
