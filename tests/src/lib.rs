@@ -209,6 +209,26 @@ impl CniCall {
             .with_context(|| format!("stdout is not JSON: {:?}", self.stdout))
     }
 
+    /// Runs a plugin command (program, environment and namespaces already set) with `stdin`
+    /// as its network config, as a runtime does.
+    pub fn run(cmd: &mut Command, stdin: &str) -> Result<CniCall> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn the plugin")?;
+        if let Some(mut input) = child.stdin.take() {
+            input.write_all(stdin.as_bytes())?;
+        }
+        let output = child.wait_with_output()?;
+        Ok(CniCall {
+            exit_ok: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+
     /// The error code of a failed call, from the spec's error JSON.
     pub fn error_code(&self) -> Option<u64> {
         if self.exit_ok {
@@ -354,21 +374,7 @@ impl Node {
         for (key, value) in env {
             cmd.env(key, value);
         }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawn mycni")?;
-        if let Some(mut input) = child.stdin.take() {
-            input.write_all(stdin.as_bytes())?;
-        }
-        let output = child.wait_with_output()?;
-        Ok(CniCall {
-            exit_ok: output.status.success(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        })
+        CniCall::run(&mut cmd, stdin)
     }
 
     pub fn cni_env<'a>(

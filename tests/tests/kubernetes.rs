@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use mycni::ipam::Pool;
 use mycni_tests::kubelab::{KubeLab, LabNode, CONTROL_IP};
-use mycni_tests::{agent_bin, http_get, metric, mycni_bin, prefix, run};
+use mycni_tests::{agent_bin, http_get, metric, mycni_bin, prefix, run, CniCall};
 use serde_json::Value;
 
 /// The image archive named by `variable`, else `target/image/<default_name>`: `cargo xtask
@@ -87,6 +87,19 @@ fn exec_in_pod(lab: &KubeLab, pod: &str, argv: &[&str]) -> Result<String> {
     lab.kubectl(&args)
 }
 
+/// A node's routes to `cidr`: the `mycni-agent routes` lines (ROUTES) that name it, and
+/// what `ip route show` has for it.
+fn routes_to(node: &LabNode, cidr: &str) -> Result<(Vec<String>, String)> {
+    let agent = agent_bin().display().to_string();
+    let routes = node.exec(&[&agent, "--bpffs-root", "/sys/fs/bpf/mycni", "routes"])?;
+    let in_map = routes
+        .lines()
+        .filter(|line| line.contains(cidr))
+        .map(String::from)
+        .collect();
+    Ok((in_map, node.exec(&["ip", "route", "show", cidr])?))
+}
+
 /// Sets a Node's InternalIP (through the status subresource, as kubelet does) and waits
 /// until both lab nodes route `cidr` via it, in ROUTES and in the kernel. Returns how long
 /// that took from the API call.
@@ -97,13 +110,8 @@ fn set_internal_ip(lab: &mut KubeLab, name: &str, cidr: &str, ip: &str) -> Resul
         &format!(r#"{{"status":{{"addresses":[{{"type":"InternalIP","address":"{ip}"}}]}}}}"#),
     )?;
     let routed_via = |node: &LabNode| -> Result<bool> {
-        let agent = agent_bin().display().to_string();
-        let routes = node.exec(&[&agent, "--bpffs-root", "/sys/fs/bpf/mycni", "routes"])?;
-        let in_map = routes
-            .lines()
-            .any(|line| line.contains(cidr) && line.contains(ip));
-        let kernel = node.exec(&["ip", "route", "show", cidr])?;
-        Ok(in_map && kernel.contains(&format!("via {ip} ")))
+        let (in_map, kernel) = routes_to(node, cidr)?;
+        Ok(in_map.iter().any(|line| line.contains(ip)) && kernel.contains(&format!("via {ip} ")))
     };
     lab.wait(
         &format!("{name}'s route via {ip} on both nodes"),
@@ -229,25 +237,14 @@ fn agent_pid(node: &LabNode) -> Result<u32> {
     }
 }
 
-/// CNI STATUS through `plugin` inside the node, with `conf` on stdin: (exit ok, stdout).
-fn cni_status(node: &LabNode, plugin: &str, conf: &str) -> Result<(bool, String)> {
-    use std::io::Write;
-    let mut child = node
-        .command(plugin)?
-        .env("CNI_COMMAND", "STATUS")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(conf.as_bytes())?;
-    }
-    let output = child.wait_with_output()?;
-    Ok((
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    ))
+/// CNI STATUS through `plugin` inside the node, with `conf` on stdin.
+fn cni_status(node: &LabNode, plugin: &str, conf: &str) -> Result<CniCall> {
+    CniCall::run(
+        node.command(plugin)?
+            .env("CNI_COMMAND", "STATUS")
+            .env("CNI_PATH", "/opt/cni/bin"),
+        conf,
+    )
 }
 
 /// The newest error lines of a node's kubelet and containerd (CNI failures show there).
@@ -397,14 +394,12 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
     // The plugin's STATUS agrees: no datapath on the nodes yet (code 50).
     let status_conf = r#"{"cniVersion": "1.1.0", "name": "mycni", "type": "mycni", "bpffsRoot": "/sys/fs/bpf/mycni"}"#;
     for node in &lab.nodes {
-        let (ok, stdout) = cni_status(node, &mycni_bin().display().to_string(), status_conf)?;
-        let code = serde_json::from_str::<Value>(&stdout)
-            .ok()
-            .map(|e| e["code"].clone());
+        let status = cni_status(node, &mycni_bin().display().to_string(), status_conf)?;
         assert!(
-            !ok && code == Some(Value::from(50)),
-            "{}: STATUS before the install: {stdout}",
-            node.name
+            status.error_code() == Some(50),
+            "{}: STATUS before the install: {}",
+            node.name,
+            status.stdout
         );
     }
 
@@ -466,8 +461,12 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
             "the conflist does not offer CNI 1.1.0 (STATUS):\n{conflist}"
         );
         negotiated["cniVersion"] = Value::from("1.1.0");
-        let (ok, stdout) = cni_status(node, "/opt/cni/bin/mycni", &negotiated.to_string())?;
-        assert!(ok, "{}: STATUS once Ready: {stdout}", node.name);
+        let status = cni_status(node, "/opt/cni/bin/mycni", &negotiated.to_string())?;
+        assert!(
+            status.exit_ok,
+            "{}: STATUS once Ready: {}",
+            node.name, status.stdout
+        );
     }
 
     // Two pods per node, pinned by nodeName.
@@ -788,11 +787,8 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
     // A changed Node (its InternalIP moved): both nodes re-point the route.
     let changed_after = set_internal_ip(&mut lab, "node-ghost", ghost_cidr, "192.168.1.98")?;
     let has_no_route = |lab: &KubeLab, node: &str| -> Result<bool> {
-        let node = lab.node(node);
-        let agent = agent_bin().display().to_string();
-        let routes = node.exec(&[&agent, "--bpffs-root", "/sys/fs/bpf/mycni", "routes"])?;
-        let kernel = node.exec(&["ip", "route", "show", ghost_cidr])?;
-        Ok(!routes.contains(ghost_cidr) && kernel.trim().is_empty())
+        let (in_map, kernel) = routes_to(lab.node(node), ghost_cidr)?;
+        Ok(in_map.is_empty() && kernel.trim().is_empty())
     };
     let started = std::time::Instant::now();
     lab.kubectl(&["delete", "node", "node-ghost"])?;

@@ -36,12 +36,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let root = repo_root();
     if build {
         ebpf::build()?;
-        cmd::run(cmd::clean("cargo").current_dir(&root).args([
-            "build",
-            "--release",
-            "-p",
-            "mycni",
-        ]))?;
+        build_release_binaries()?;
     }
     let version = env!("CARGO_PKG_VERSION");
     let out = out.unwrap_or_else(|| root.join(format!("target/image/mycni-{version}.oci.tar")));
@@ -49,6 +44,18 @@ pub fn run(args: &[String]) -> Result<()> {
     build_image(&mycni_spec(&bin_dir), &out)?;
     println!("image {IMAGE_NAME}:{version}: {}", out.display());
     Ok(())
+}
+
+/// `cargo build --release -p mycni` (the plugin and the agent, embedding the eBPF object
+/// already built); returns the directory they land in.
+pub fn build_release_binaries() -> Result<PathBuf> {
+    let root = repo_root();
+    cmd::run(
+        cmd::clean("cargo")
+            .current_dir(&root)
+            .args(["build", "--release", "-p", "mycni"]),
+    )?;
+    Ok(root.join("target/release"))
 }
 
 /// The mycni image of the binaries in `bin_dir`, under the name deploy/mycni.yaml uses.

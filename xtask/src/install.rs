@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cmd, ebpf, repo_root};
+use crate::{ebpf, image, repo_root};
 
 struct Options {
     destdir: PathBuf,
@@ -154,12 +154,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .context("install: --pod-cidr is required (this node's pod CIDR)")?;
     if options.build {
         ebpf::build()?;
-        cmd::run(cmd::clean("cargo").current_dir(repo_root()).args([
-            "build",
-            "--release",
-            "-p",
-            "mycni",
-        ]))?;
+        image::build_release_binaries()?;
     }
     let release = repo_root().join("target/release");
     copy_executable(

@@ -38,14 +38,7 @@ pub fn run(args: &[String]) -> Result<()> {
     // under another tag.
     let upgrade_image = root.join("target/image/mycni-upgrade.oci.tar");
     if cmd::is_root() {
-        cmd::run(cmd::clean("cargo").current_dir(&root).args([
-            "build",
-            "--release",
-            "-p",
-            "mycni",
-            "--bins",
-        ]))?;
-        let mut spec = image::mycni_spec(&root.join("target/release"));
+        let mut spec = image::mycni_spec(&image::build_release_binaries()?);
         spec.reference = format!(
             "{}:{}-upgrade",
             image::IMAGE_NAME,
