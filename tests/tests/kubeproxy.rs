@@ -4,12 +4,12 @@
 //! counter checked on every node (a flow that crossed netfilter in one direction only is
 //! INVALID there). Each test runs all its checks and reports every failure. Needs root.
 use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use mycni_common::verdict;
-use mycni_tests::cluster::{Cluster, EXTERNAL_IP, NODES};
+use mycni_tests::cluster::{wait_for, Cluster, EXTERNAL_IP, NODES};
 use mycni_tests::kubeproxy::Service;
 use mycni_tests::{prefix, tcp_conversation, Netns, Node};
 
@@ -177,7 +177,7 @@ fn nodes_reach_pods_on_other_nodes_over_tcp_through_kube_proxys_forward_chain() 
 
 #[test]
 fn pods_reach_the_outside_and_node_ips_over_tcp_masqueraded_under_kube_proxy() -> Result<()> {
-    let cluster = Cluster::new(&prefix("kpegress"), &ALL, &[])?;
+    let cluster = Cluster::new(&prefix("kpegress"), &ALL, &["--nat-timeout-udp", "1"])?;
     cluster.install_kube_proxy(&[])?;
     cluster.wait_for_full_mesh()?;
     // A router that drops what it has no route back for (the pod CIDRs).
@@ -234,6 +234,48 @@ fn pods_reach_the_outside_and_node_ips_over_tcp_masqueraded_under_kube_proxy() -
             )
         });
     }
+    checks.run(
+        "pod on node-1 -> outside: udp from one port, again after its NAT entry expired",
+        || {
+            let target = SocketAddr::from((EXTERNAL_IP, 7730));
+            let server = cluster
+                .external
+                .run_inside(|| Ok(UdpSocket::bind(target)?))?;
+            let client = a1
+                .netns
+                .run_inside(|| Ok(UdpSocket::bind((a1.ip, 7731))?))?;
+            for socket in [&server, &client] {
+                socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            }
+            let mut buf = [0u8; 64];
+            for round in 0..2 {
+                if round == 1 {
+                    // The reply came back through the stack; the flow must not now look
+                    // like one the stack delivered to the pod (which is never masqueraded).
+                    wait_for(Duration::from_secs(5), || {
+                        let table = mycni::datapath::NatTable::open(&n1.pin_root())?;
+                        Ok(mycni::nat::occupancy(&table.entries()?).udp == 0)
+                    })
+                    .context("the UDP NAT entry never expired")?;
+                }
+                client.send_to(b"are you there", target)?;
+                let (n, peer) = server
+                    .recv_from(&mut buf)
+                    .with_context(|| format!("round {round}: nothing arrived"))?;
+                ensure!(
+                    peer.ip() == n1.node_ip,
+                    "round {round}: the outside saw {peer}, not {}",
+                    n1.node_ip
+                );
+                server.send_to(&buf[..n], peer)?;
+                let (_, from) = client
+                    .recv_from(&mut buf)
+                    .with_context(|| format!("round {round}: no reply"))?;
+                ensure!(from == target, "round {round}: the reply came from {from}");
+            }
+            Ok(())
+        },
+    );
     checks.run(
         "pod on node-1 -> its own node's IP: tcp, not masqueraded",
         || {
