@@ -84,7 +84,11 @@ fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<(
         "node-3 delivered nothing from the wire"
     );
 
-    // The nodes reach pods on every node through the kernel's fallback routes.
+    // The nodes reach pods on every node through the kernel's fallback routes, and the
+    // receiving node's stack forwards to the pod (from_netdev delivers only other nodes'
+    // pods itself), so its conntrack sees both directions.
+    let delivered = |node: &Node| packets(node, verdict::DELIVERED_FROM_NETDEV);
+    let delivered_before = [delivered(n1)?, delivered(n2)?, delivered(n3)?];
     for (node, pod, port) in [(n1, &b1, 7300), (n1, &c1, 7301), (n3, &a1, 7302)] {
         node.netns
             .ping(pod.ip)
@@ -96,6 +100,10 @@ fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<(
             "pod saw node traffic from {seen}"
         );
     }
+    ensure!(
+        [delivered(n1)?, delivered(n2)?, delivered(n3)?] == delivered_before,
+        "from_netdev delivered node traffic to a pod itself"
+    );
 
     // Pods reach the outside masqueraded to their node's IP; the outside has no pod routes.
     ensure!(
@@ -123,6 +131,8 @@ fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<(
             node.node_ip
         );
     }
+    // Replies are translated back and handed to the stack (reverse_nat), never delivered
+    // past it.
     ensure!(packets(n1, verdict::SNAT)? > 0 && packets(n1, verdict::REVERSE_NAT)? > 0);
     let nat = mycni::datapath::NatTable::open(&n1.pin_root())?.entries()?;
     let occupancy = mycni::nat::occupancy(&nat);
