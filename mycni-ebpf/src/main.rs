@@ -496,6 +496,7 @@ fn arp_from_pod(ctx: &TcContext) -> (u32, i32) {
 /// delivered by the stack.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid skb for the length of its run.
     let mark = unsafe { (*ctx.skb.skb).mark };
     if mark & MARK_REVERSE_NAT == MARK_REVERSE_NAT {
         // A reply of the pod's own masqueraded flow: the pod started it, so its next packets
@@ -581,6 +582,7 @@ fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
         // The request went out through the stack (conntrack, kube-proxy's DNAT): the reply
         // goes back the same way, marked so to_pod does not take it for a stack-delivered
         // flow.
+        // SAFETY: the kernel hands the program a valid skb for the length of its run.
         ctx.set_mark(unsafe { (*ctx.skb.skb).mark } | MARK_REVERSE_NAT);
         return to_stack(verdict::REVERSE_NAT);
     }
@@ -665,6 +667,7 @@ fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
     }
     // A reply in a flow the stack delivered to the pod (a node's probe, NodePort with
     // externalTrafficPolicy Local): the peer expects the pod's own address.
+    // SAFETY: only the entry's presence is read, never the value a CPU may be updating.
     if unsafe { STACK_FLOWS.get(packet.flow()) }.is_some() {
         return (verdict::STACK_FLOW_REPLY, TC_ACT_OK);
     }
