@@ -215,41 +215,6 @@ impl Drop for Cluster {
     }
 }
 
-/// The rules kube-proxy's iptables mode writes for a TCP ClusterIP on port 80 with one
-/// backend: a KUBE-SERVICES chain hooked into PREROUTING and OUTPUT, and a DNAT.
-pub fn add_cluster_ip(node: &Node, cluster_ip: &str, backend: std::net::SocketAddr) -> Result<()> {
-    let chain = "KUBE-SERVICES";
-    let _ = node.netns.exec(&["iptables", "-t", "nat", "-N", chain]);
-    for hook in ["PREROUTING", "OUTPUT"] {
-        if node
-            .netns
-            .exec(&["iptables", "-t", "nat", "-C", hook, "-j", chain])
-            .is_err()
-        {
-            node.netns
-                .exec(&["iptables", "-t", "nat", "-A", hook, "-j", chain])?;
-        }
-    }
-    node.netns.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        chain,
-        "-d",
-        &format!("{cluster_ip}/32"),
-        "-p",
-        "tcp",
-        "--dport",
-        "80",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        &backend.to_string(),
-    ])?;
-    Ok(())
-}
-
 /// Whether `node`'s `ROUTES` holds `cidr` (as `a.b.c.d/len`).
 pub fn has_route(node: &Node, cidr: &str) -> Result<bool> {
     let routes = mycni::datapath::Maps::open(&node.pin_root())?.routes()?;

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use mycni_common::verdict;
-use mycni_tests::cluster::{add_cluster_ip, has_route, wait_for, Cluster, EXTERNAL_IP};
+use mycni_tests::cluster::{has_route, wait_for, Cluster, EXTERNAL_IP};
+use mycni_tests::kubeproxy::Service;
 use mycni_tests::{prefix, tcp_echo, udp_echo, Netns, Node, Pod};
 
 const ALL: [&str; 3] = ["node-1", "node-2", "node-3"];
@@ -158,10 +159,17 @@ fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> 
     let client_3 = n3.add_pod("cl3")?;
     let local_svc = SocketAddr::from((backend_1.ip, 8080));
     let remote_svc = SocketAddr::from((backend_2.ip, 8080));
-    for node in [n1, n2, n3] {
-        add_cluster_ip(node, "10.96.0.10", local_svc)?;
-        add_cluster_ip(node, "10.96.0.11", remote_svc)?;
-    }
+    let service = |name: &str, ip: [u8; 4], endpoint: SocketAddr| Service {
+        name: name.to_string(),
+        cluster_ip: ip.into(),
+        port: 80,
+        endpoints: vec![endpoint],
+    };
+    cluster.install_kube_proxy(&[
+        service("default/local:http", [10, 96, 0, 10], local_svc),
+        service("default/remote:http", [10, 96, 0, 11], remote_svc),
+    ])?;
+    let invalid_before = cluster.invalid_drops()?;
     let vip_10: SocketAddr = "10.96.0.10:80".parse()?;
     let vip_11: SocketAddr = "10.96.0.11:80".parse()?;
     for (what, backend, listen, client, vip) in [
@@ -251,6 +259,12 @@ fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> 
         host_port,
     )
     .context("hostPort from a pod on node-3")?;
+    ensure!(
+        cluster.invalid_drops()? == invalid_before,
+        "kube-proxy's INVALID rule dropped packets: {:?} -> {:?}",
+        invalid_before,
+        cluster.invalid_drops()?
+    );
     let deleted = portmap("DEL")?;
     ensure!(
         deleted.exit_ok,
