@@ -918,3 +918,105 @@ fn fragments_follow_their_first_fragment_through_snat() -> Result<()> {
     ensure!(packets(n1, verdict::DROP_FRAGMENT_UNTRACKED)? == 0);
     Ok(())
 }
+
+/// Pins the calling thread to one CPU.
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
+    // touch the set we own; pid 0 is the calling thread.
+    let pinned = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    ensure!(pinned == 0, "cannot pin to CPU {cpu}");
+    Ok(())
+}
+
+#[test]
+fn two_cpus_sending_a_new_flows_first_packets_at_once_agree_on_one_port() -> Result<()> {
+    const FLOWS: usize = 1500;
+    ensure!(
+        std::thread::available_parallelism()?.get() >= 2,
+        "needs two CPUs"
+    );
+    let cluster = Cluster::new(&prefix("natrace"), &["node-1"], &[])?;
+    let n1 = cluster.node("node-1");
+    let a1 = n1.add_pod("a1")?;
+    let target = SocketAddr::from((EXTERNAL_IP, 9900));
+    let server = cluster
+        .external
+        .run_inside(|| Ok(std::net::UdpSocket::bind(target)?))?;
+    server.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let receiver = std::thread::spawn(move || -> Result<Vec<(u32, SocketAddr)>> {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 16];
+        while seen.len() < 2 * FLOWS {
+            match server.recv_from(&mut buf) {
+                Ok((4, peer)) => seen.push((u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), peer)),
+                Ok(_) => bail!("a datagram of the wrong size"),
+                Err(_) => break,
+            }
+        }
+        Ok(seen)
+    });
+    // One socket per flow; two threads on two CPUs send each flow's first datagram at once.
+    let sockets = a1.netns.run_inside(|| {
+        (0..FLOWS)
+            .map(|_| Ok(std::net::UdpSocket::bind(("0.0.0.0", 0))?))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|scope| -> Result<()> {
+        let senders: Vec<_> = (0..2)
+            .map(|cpu| {
+                let (sockets, barrier) = (&sockets, &barrier);
+                scope.spawn(move || -> Result<()> {
+                    pin_to_cpu(cpu)?;
+                    for (index, socket) in sockets.iter().enumerate() {
+                        barrier.wait();
+                        socket.send_to(&(index as u32).to_be_bytes(), target)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for sender in senders {
+            sender
+                .join()
+                .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        }
+        Ok(())
+    })?;
+    let seen = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let mut ports: std::collections::BTreeMap<u32, BTreeSet<u16>> = Default::default();
+    for (index, peer) in &seen {
+        ports.entry(*index).or_default().insert(peer.port());
+    }
+    let split: Vec<_> = ports.iter().filter(|(_, p)| p.len() > 1).collect();
+    eprintln!(
+        "{} datagrams of {FLOWS} flows arrived; {} flows left with two ports",
+        seen.len(),
+        split.len()
+    );
+    ensure!(split.is_empty(), "flows with two ports: {split:?}");
+    ensure!(seen.len() == 2 * FLOWS, "only {} datagrams arrived", seen.len());
+    // And no reply entry was left behind by a loser: one ingress entry per flow.
+    let entries = mycni::datapath::NatTable::open(&n1.pin_root())?.entries()?;
+    let udp = |direction| {
+        entries
+            .iter()
+            .filter(|(k, e)| k.proto == 17 && e.direction == direction)
+            .count()
+    };
+    let (egress, ingress) = (
+        udp(mycni_common::NAT_EGRESS),
+        udp(mycni_common::NAT_INGRESS),
+    );
+    ensure!(
+        egress == FLOWS && ingress == FLOWS,
+        "{egress} egress and {ingress} ingress UDP entries for {FLOWS} flows"
+    );
+    Ok(())
+}
