@@ -1020,3 +1020,67 @@ fn two_cpus_sending_a_new_flows_first_packets_at_once_agree_on_one_port() -> Res
     );
     Ok(())
 }
+
+#[test]
+fn large_udp_replies_through_a_cluster_ip_keep_their_fragments_together() -> Result<()> {
+    let cluster = Cluster::new(&prefix("fragsvc"), &ALL, &[])?;
+    wait_for_full_mesh(&cluster)?;
+    let (n1, n2) = (cluster.node("node-1"), cluster.node("node-2"));
+    let client = n1.add_pod("cl")?;
+    let local = n1.add_pod("be1")?;
+    let remote = n2.add_pod("be2")?;
+    // kube-proxy-style UDP ClusterIPs (like DNS): one backend on this node, one on another.
+    for (vip, backend) in [("10.96.0.53", &local), ("10.96.0.54", &remote)] {
+        n1.netns.exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            vip,
+            "-p",
+            "udp",
+            "--dport",
+            "53",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{}:5353", backend.ip),
+        ])?;
+    }
+    // The echo answers 4000 bytes: three fragments at the pods' 1450-byte MTU, of which
+    // only the first has ports; all must be un-DNATed by the stack.
+    for (what, vip, backend) in [
+        ("backend on the same node", "10.96.0.53", &local),
+        ("backend on another node", "10.96.0.54", &remote),
+    ] {
+        let listen = SocketAddr::from((backend.ip, 5353));
+        let socket = backend
+            .netns
+            .run_inside(|| Ok(std::net::UdpSocket::bind(listen)?))?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let answer = std::thread::spawn(move || -> Result<()> {
+            let mut buf = [0u8; 64];
+            let (_, peer) = socket.recv_from(&mut buf)?;
+            socket.send_to(&[0x42; 4000], peer)?;
+            Ok(())
+        });
+        let vip: SocketAddr = format!("{vip}:53").parse()?;
+        let reply = client.netns.run_inside(|| {
+            let socket = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            socket.send_to(b"big answer please", vip)?;
+            let mut buf = vec![0u8; 65536];
+            let (n, from) = socket.recv_from(&mut buf).context("no answer")?;
+            Ok((n, from))
+        });
+        answer
+            .join()
+            .map_err(|_| anyhow::anyhow!("backend panicked"))??;
+        let (n, from) = reply.with_context(|| what.to_string())?;
+        ensure!(n == 4000 && from == vip, "{what}: {n} bytes from {from}");
+    }
+    ensure!(packets(n1, verdict::STACK_FLOW_REPLY)? >= 2);
+    Ok(())
+}
