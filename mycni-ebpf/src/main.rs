@@ -24,8 +24,8 @@ use aya_ebpf::{
         bpf_redir_neigh, bpf_tunnel_key, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST,
         TC_ACT_OK, TC_ACT_SHOT,
     },
-    cty::c_void,
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    cty::c_void,
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop, bpf_redirect, bpf_redirect_neigh,
         bpf_redirect_peer, bpf_skb_change_tail, bpf_skb_set_tunnel_key,
@@ -1009,9 +1009,7 @@ fn existing_port(packet: &Ipv4, cfg: &NodeConfig, now: u64, tcp_flags: u8) -> Op
     let (port, mut state) = unsafe { ((*entry).port, (*entry).state) };
     let reply = reply_key(packet, cfg.node_ip, port);
     let back = match NAT.get_ptr_mut(reply) {
-        Some(back) if unsafe { (*back).addr == packet.src && (*back).port == packet.sport } => {
-            back
-        }
+        Some(back) if unsafe { (*back).addr == packet.src && (*back).port == packet.sport } => back,
         Some(_) => {
             // Another flow holds the port now: it took it over once this flow had closed.
             // A late packet of the closed flow (its last ACK) still leaves with its port;
@@ -1126,14 +1124,31 @@ extern "C" fn try_port(index: u64, ctx: *mut c_void) -> i64 {
         search.found = port as u32;
         return 1;
     }
-    if search.closed == 0 && key.proto == IPPROTO_TCP {
-        if let Some(held) = unsafe { NAT.get(key) } {
-            if nat_state::tcp_closed(held.state) {
-                search.closed = port as u32;
-            }
-        }
+    if search.closed == 0 && key.proto == IPPROTO_TCP && held_by_closed_flow(&key).is_some() {
+        search.closed = port as u32;
     }
     0
+}
+
+/// When the reply entry `key` belongs to a closed TCP flow, that flow's forward key. Both
+/// entries' state bits count, as the agent counts them: two CPUs updating the bits of one
+/// entry at once may lose one side's (the programs write them without atomics).
+#[inline(always)]
+fn held_by_closed_flow(key: &FlowKey) -> Option<FlowKey> {
+    let held = unsafe { NAT.get(key) }?;
+    let forward = FlowKey {
+        saddr: held.addr,
+        daddr: key.saddr,
+        sport: held.port,
+        dport: key.sport,
+        proto: key.proto,
+        pad: [0; 3],
+    };
+    let mut state = held.state;
+    if !nat_state::tcp_closed(state) {
+        state |= unsafe { NAT.get(forward) }.map_or(0, |out| out.state);
+    }
+    nat_state::tcp_closed(state).then_some(forward)
 }
 
 /// Finds a port for a new flow: from a random start, every port of the range in turn
@@ -1212,18 +1227,7 @@ fn allocate_port(
 fn take_over(search: &PortSearch) -> Option<u32> {
     let port = search.closed as u16;
     let key = with_port(search.reply, port);
-    let held = unsafe { NAT.get(key) }?;
-    if !nat_state::tcp_closed(held.state) {
-        return None;
-    }
-    let old_forward = FlowKey {
-        saddr: held.addr,
-        daddr: key.saddr,
-        sport: held.port,
-        dport: key.sport,
-        proto: key.proto,
-        pad: [0; 3],
-    };
+    let old_forward = held_by_closed_flow(&key)?;
     let _ = NAT.remove(&old_forward);
     let _ = NAT.remove(&key);
     NAT.insert(key, search.back, BPF_NOEXIST as u64).ok()?;
@@ -1251,9 +1255,8 @@ fn refuse_tcp(ctx: &TcContext, packet: &Ipv4, tcp_flags: u8) -> Option<i32> {
     let (rst_seq, rst_ack, rst_flags) = if tcp_flags & TCP_ACK != 0 {
         (ack, 0, TCP_RST)
     } else {
-        let occupied = payload
-            + (tcp_flags & TCP_SYN != 0) as u32
-            + (tcp_flags & TCP_FIN != 0) as u32;
+        let occupied =
+            payload + (tcp_flags & TCP_SYN != 0) as u32 + (tcp_flags & TCP_FIN != 0) as u32;
         (0, seq.wrapping_add(occupied), TCP_RST | TCP_ACK)
     };
     let mut ip = [0u8; 20];

@@ -291,7 +291,15 @@ mod tests {
         egress_seen: u64,
         ingress_seen: u64,
     ) -> Vec<(FlowKey, NatEntry)> {
-        flow_in(proto, 0, pod_port, ext_port, nat_port, egress_seen, ingress_seen)
+        flow_in(
+            proto,
+            0,
+            pod_port,
+            ext_port,
+            nat_port,
+            egress_seen,
+            ingress_seen,
+        )
     }
 
     /// Both entries of a flow; `state` bits go into the egress entry only (the agent must
@@ -368,7 +376,11 @@ mod tests {
         use nat_state::*;
         let tcp = |bits| flow_state(IPPROTO_TCP, bits);
         assert_eq!(tcp(TCP_SYN), FlowState::TcpSynSent);
-        assert_eq!(tcp(0), FlowState::TcpSynSent, "picked up midway, unanswered");
+        assert_eq!(
+            tcp(0),
+            FlowState::TcpSynSent,
+            "picked up midway, unanswered"
+        );
         assert_eq!(tcp(TCP_SYN | REPLIED), FlowState::TcpSynReceived);
         assert_eq!(
             tcp(TCP_SYN | REPLIED | TCP_ESTABLISHED),
@@ -405,7 +417,10 @@ mod tests {
             udp: Duration::from_secs(1),
             ..NatTimeouts::default()
         };
-        assert_eq!(short.lifetime(FlowState::TcpSynSent), Duration::from_secs(3));
+        assert_eq!(
+            short.lifetime(FlowState::TcpSynSent),
+            Duration::from_secs(3)
+        );
         assert_eq!(
             short.lifetime(FlowState::UdpUnreplied),
             Duration::from_secs(1)
@@ -427,7 +442,15 @@ mod tests {
             0,
             0,
         ));
-        entries.extend(flow_in(IPPROTO_TCP, TCP_SYN | TCP_RST, 40002, 443, 61002, 0, 0));
+        entries.extend(flow_in(
+            IPPROTO_TCP,
+            TCP_SYN | TCP_RST,
+            40002,
+            443,
+            61002,
+            0,
+            0,
+        ));
         entries.extend(flow_in(
             IPPROTO_TCP,
             established | TCP_FIN_OUT,
@@ -441,7 +464,13 @@ mod tests {
         let doomed = expired(&entries, 6 * SEC, &timeouts);
         let ports: BTreeSet<u16> = doomed
             .iter()
-            .map(|k| if k.0.saddr == POD { k.0.sport } else { k.0.dport })
+            .map(|k| {
+                if k.0.saddr == POD {
+                    k.0.sport
+                } else {
+                    k.0.dport
+                }
+            })
             .collect();
         assert_eq!(doomed.len(), 4);
         assert_eq!(ports, BTreeSet::from([40001, 40002, 61001, 61002]));
@@ -466,7 +495,9 @@ mod tests {
         ));
         assert_eq!(expired(&entries, 29 * SEC, &timeouts).len(), 0);
         let doomed = expired(&entries, 31 * SEC, &timeouts);
-        assert!(doomed.iter().all(|k| k.0.sport == 40000 || k.0.dport == 61000));
+        assert!(doomed
+            .iter()
+            .all(|k| k.0.sport == 40000 || k.0.dport == 61000));
         assert_eq!(doomed.len(), 2);
         assert_eq!(expired(&entries, 121 * SEC, &timeouts).len(), 4);
     }
@@ -479,8 +510,7 @@ mod tests {
             icmp: Duration::from_secs(5),
             ..NatTimeouts::default()
         };
-        let established =
-            nat_state::TCP_SYN | nat_state::REPLIED | nat_state::TCP_ESTABLISHED;
+        let established = nat_state::TCP_SYN | nat_state::REPLIED | nat_state::TCP_ESTABLISHED;
         let mut entries = flow_in(IPPROTO_TCP, established, 40000, 443, 61000, 0, 95 * SEC); // replies recent
         entries.extend(flow(IPPROTO_UDP, 40001, 53, 61001, 0, 0)); // idle 100 s > 10 s
         entries.extend(flow(IPPROTO_ICMP, 9, 9, 61002, 99 * SEC, 0)); // requests recent
@@ -494,15 +524,7 @@ mod tests {
     #[test]
     fn counts_flows_per_protocol() {
         let mut entries = flow(IPPROTO_TCP, 1, 2, 61000, 0, 0);
-        entries.extend(flow_in(
-            IPPROTO_TCP,
-            nat_state::TCP_RST,
-            3,
-            2,
-            61001,
-            0,
-            0,
-        ));
+        entries.extend(flow_in(IPPROTO_TCP, nat_state::TCP_RST, 3, 2, 61001, 0, 0));
         entries.extend(flow(IPPROTO_UDP, 3, 2, 61002, 0, 0));
         let counts = occupancy(&entries);
         assert_eq!(

@@ -484,7 +484,9 @@ fn the_agent_expires_idle_nat_entries_per_protocol() -> Result<()> {
     let target = SocketAddr::from((EXTERNAL_IP, 9200));
     udp_echo(&cluster.external, target, &a1.netns, target)?;
     // One TCP connection stays open, one is closed both ways.
-    let listener = cluster.external.run_inside(|| Ok(TcpListener::bind(target)?))?;
+    let listener = cluster
+        .external
+        .run_inside(|| Ok(TcpListener::bind(target)?))?;
     let open = a1
         .netns
         .run_inside(|| Ok(TcpStream::connect_timeout(&target, Duration::from_secs(3))?))?;
@@ -654,7 +656,10 @@ fn closed_connection(target: SocketAddr) -> Result<()> {
 }
 
 /// Accepts `count` connections on `listener`, reading each to its FIN before closing.
-fn serve_closing(listener: TcpListener, count: usize) -> std::thread::JoinHandle<Result<Vec<SocketAddr>>> {
+fn serve_closing(
+    listener: TcpListener,
+    count: usize,
+) -> std::thread::JoinHandle<Result<Vec<SocketAddr>>> {
     std::thread::spawn(move || -> Result<Vec<SocketAddr>> {
         let mut peers = Vec::new();
         let mut buf = [0u8; 64];
@@ -678,7 +683,9 @@ fn closed_connections_give_their_ports_back_at_once() -> Result<()> {
     let n1 = cluster.node("node-1");
     let a1 = n1.add_pod("a1")?;
     let target = SocketAddr::from((EXTERNAL_IP, 9400));
-    let listener = cluster.external.run_inside(|| Ok(TcpListener::bind(target)?))?;
+    let listener = cluster
+        .external
+        .run_inside(|| Ok(TcpListener::bind(target)?))?;
     let server = serve_closing(listener, 20);
     let started = Instant::now();
     a1.netns.run_inside(|| {
@@ -759,7 +766,9 @@ fn the_port_search_finds_the_last_free_port_and_refuses_beyond() -> Result<()> {
     let n1 = cluster.node("node-1");
     let a1 = n1.add_pod("a1")?;
     let target = SocketAddr::from((EXTERNAL_IP, 9500));
-    let listener = cluster.external.run_inside(|| Ok(TcpListener::bind(target)?))?;
+    let listener = cluster
+        .external
+        .run_inside(|| Ok(TcpListener::bind(target)?))?;
     let server = std::thread::spawn(move || -> Result<Vec<TcpStream>> {
         (0..200).map(|_| Ok(listener.accept()?.0)).collect()
     });
@@ -793,7 +802,10 @@ fn the_port_search_finds_the_last_free_port_and_refuses_beyond() -> Result<()> {
             "the 201st connection failed with {e} after {took:?}, not refused"
         ),
     }
-    ensure!(took < Duration::from_millis(500), "refused only after {took:?}");
+    ensure!(
+        took < Duration::from_millis(500),
+        "refused only after {took:?}"
+    );
     ensure!(packets(n1, verdict::DROP_NAT_EXHAUSTED)? >= 1);
     drop(held);
     Ok(())
@@ -825,9 +837,13 @@ fn icmp_errors_about_masqueraded_flows_reach_the_pod() -> Result<()> {
 
     // A 1200-byte hop after the router: fragmentation-needed must reach the pod, or the
     // upload stalls (path MTU black hole).
-    cluster.router.exec(&["ip", "link", "set", "x0", "mtu", "1200"])?;
+    cluster
+        .router
+        .exec(&["ip", "link", "set", "x0", "mtu", "1200"])?;
     let target = SocketAddr::from((EXTERNAL_IP, 9702));
-    let listener = cluster.external.run_inside(|| Ok(TcpListener::bind(target)?))?;
+    let listener = cluster
+        .external
+        .run_inside(|| Ok(TcpListener::bind(target)?))?;
     let reader = std::thread::spawn(move || -> Result<u64> {
         let (mut conn, _) = listener.accept()?;
         conn.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -886,7 +902,11 @@ fn big_udp_echo(server: &Netns, client: &Netns, target: SocketAddr, size: usize)
         .join()
         .map_err(|_| anyhow::anyhow!("echo panicked"))??;
     ensure!(seen == size, "the server got {seen} of {size} bytes");
-    ensure!(reply == payload, "the echo came back as {} bytes", reply.len());
+    ensure!(
+        reply == payload,
+        "the echo came back as {} bytes",
+        reply.len()
+    );
     Ok(())
 }
 
@@ -952,7 +972,9 @@ fn two_cpus_sending_a_new_flows_first_packets_at_once_agree_on_one_port() -> Res
         let mut buf = [0u8; 16];
         while seen.len() < 2 * FLOWS {
             match server.recv_from(&mut buf) {
-                Ok((4, peer)) => seen.push((u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), peer)),
+                Ok((4, peer)) => {
+                    seen.push((u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), peer))
+                }
                 Ok(_) => bail!("a datagram of the wrong size"),
                 Err(_) => break,
             }
@@ -1001,7 +1023,11 @@ fn two_cpus_sending_a_new_flows_first_packets_at_once_agree_on_one_port() -> Res
         split.len()
     );
     ensure!(split.is_empty(), "flows with two ports: {split:?}");
-    ensure!(seen.len() == 2 * FLOWS, "only {} datagrams arrived", seen.len());
+    ensure!(
+        seen.len() == 2 * FLOWS,
+        "only {} datagrams arrived",
+        seen.len()
+    );
     // And no reply entry was left behind by a loser: one ingress entry per flow.
     let entries = mycni::datapath::NatTable::open(&n1.pin_root())?.entries()?;
     let udp = |direction| {

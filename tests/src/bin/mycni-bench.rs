@@ -416,7 +416,13 @@ fn egress_path(prefix: &str, mycni: bool) -> Result<Egress> {
         })
     } else {
         let node = Netns::new(&format!("{prefix}-{tag}-node"))?;
-        veth_between(&node, "192.168.200.1/24", &external, "192.168.200.2/24", "eth0")?;
+        veth_between(
+            &node,
+            "192.168.200.1/24",
+            &external,
+            "192.168.200.2/24",
+            "eth0",
+        )?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
         let data = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-{tag}-ipam"));
         let conf = bridge_conf("bench-egress", "10.89.0.0/24", true, &data);
@@ -441,19 +447,59 @@ fn egress_churn(path: &Egress, port: u16, seconds: u64) -> Result<Value> {
         500,
         Duration::from_secs(seconds),
     );
-    let failures = match &path.node {
-        Some(node) => Some(
-            mycni::datapath::read_stats(&node.pin_root())?
-                [mycni_common::verdict::DROP_NAT_EXHAUSTED as usize]
-                .packets,
-        ),
-        None => None,
+    let (failures, tcp_states) = match &path.node {
+        Some(node) => {
+            let stats = mycni::datapath::read_stats(&node.pin_root())?;
+            let nat = mycni::datapath::NatTable::open(&node.pin_root())?.entries()?;
+            let states = mycni::nat::occupancy(&nat).tcp_states;
+            let states: serde_json::Map<String, Value> = mycni::nat::TCP_STATE_NAMES
+                .iter()
+                .zip(states)
+                .map(|(name, n)| (name.to_string(), json!(n)))
+                .collect();
+            (
+                Some(stats[mycni_common::verdict::DROP_NAT_EXHAUSTED as usize].packets),
+                Some(states),
+            )
+        }
+        None => (None, None),
     };
     Ok(match churn {
         Ok(c) => json!({"path": path.name, "attempted": c.attempted, "completed": c.completed,
-                        "seconds": c.elapsed.as_secs_f64(), "per_s": c.rate(), "nat_allocation_failures": failures}),
-        Err(e) => json!({"path": path.name, "error": format!("{e:#}"), "nat_allocation_failures": failures}),
+                        "seconds": c.elapsed.as_secs_f64(), "per_s": c.rate(), "nat_allocation_failures": failures,
+                        "nat_tcp_flows_at_end": tcp_states}),
+        Err(e) => {
+            json!({"path": path.name, "error": format!("{e:#}"), "nat_allocation_failures": failures,
+                         "nat_tcp_flows_at_end": tcp_states})
+        }
     })
+}
+
+/// The SNAT churn of mycni and of kernel MASQUERADE, as a report section and JSON rows.
+fn churn_section(prefix: &str, seconds: u64) -> Result<(String, Vec<Value>)> {
+    let mut rows = Vec::new();
+    for (index, mycni) in [true, false].into_iter().enumerate() {
+        let path = egress_path(prefix, mycni)?;
+        eprintln!("SNAT churn, {seconds} s: {} ...", path.name);
+        rows.push(egress_churn(&path, 30000 + index as u16, seconds)?);
+    }
+    let mut md = format!(
+        "\n## SNAT connection churn (one pod to one external ip:port, 500 new connections/s paced, {seconds} s, closed cleanly)\n\n| path | completed / tried | connections/s | SNAT allocation failures |\n|---|---|---|---|\n"
+    );
+    for row in &rows {
+        md += &format!(
+            "| {} | {} / {} | {} | {} |\n",
+            row["path"].as_str().unwrap_or(""),
+            row["completed"],
+            row["attempted"],
+            row["per_s"]
+                .as_f64()
+                .map(|r| format!("{r:.0}"))
+                .unwrap_or_else(|| row["error"].to_string()),
+            row["nat_allocation_failures"]
+        );
+    }
+    Ok((md, rows))
 }
 
 struct RemoveDir(PathBuf);
@@ -790,6 +836,16 @@ fn main() -> Result<()> {
         PathBuf::from(std::env::var("MYCNI_BENCH_OUT").unwrap_or_else(|_| "target/bench".into()));
     std::fs::create_dir_all(&out_dir)?;
     let p = prefix("bench");
+    let churn_seconds = if settings.quick { 10 } else { 60 };
+    if std::env::args().any(|a| a == "--churn-only") {
+        let (md, churn) = churn_section(&p, churn_seconds)?;
+        std::fs::write(
+            out_dir.join("churn.json"),
+            serde_json::to_string_pretty(&churn)?,
+        )?;
+        println!("{md}");
+        return Ok(());
+    }
     eprintln!("building the paths ...");
     let paths = vec![
         bare_veth(&p)?,
@@ -856,13 +912,7 @@ fn main() -> Result<()> {
         settings.cni_pods,
     )?;
     drop(paths);
-    let churn_seconds = if settings.quick { 10 } else { 60 };
-    let mut churn = Vec::new();
-    for (index, mycni) in [true, false].into_iter().enumerate() {
-        let path = egress_path(&p, mycni)?;
-        eprintln!("SNAT churn, {churn_seconds} s: {} ...", path.name);
-        churn.push(egress_churn(&path, 30000 + index as u16, churn_seconds)?);
-    }
+    let (churn_md, churn) = churn_section(&p, churn_seconds)?;
 
     // Report.
     let groups: Vec<(&str, Vec<&'static str>)> = vec![
@@ -967,19 +1017,7 @@ fn main() -> Result<()> {
         mycni_ops.concurrent_p50_ms, mycni_ops.concurrent_p99_ms, bridge_ops.concurrent_p50_ms, bridge_ops.concurrent_p99_ms,
         mycni_ops.concurrent_pods_per_s, bridge_ops.concurrent_pods_per_s
     );
-    md += &format!(
-        "\n## SNAT connection churn (one pod to one external ip:port, 500 new connections/s paced, {churn_seconds} s, closed cleanly)\n\n| path | completed / tried | connections/s | SNAT allocation failures |\n|---|---|---|---|\n"
-    );
-    for row in &churn {
-        md += &format!(
-            "| {} | {} / {} | {} | {} |\n",
-            row["path"].as_str().unwrap_or(""),
-            row["completed"],
-            row["attempted"],
-            row["per_s"].as_f64().map(|r| format!("{r:.0}")).unwrap_or_else(|| row["error"].to_string()),
-            row["nat_allocation_failures"]
-        );
-    }
+    md += &churn_md;
     md += &format!(
         "\n## Memory\n\nagent RSS {} KiB; pinned maps {} bytes with 0 pods, {} bytes with 100 pods ({:.0} bytes per pod, as the kernel accounts it)\n",
         mycni_node_memory["agent_rss_kib"], mycni_node_memory["maps_bytes_at_0_pods"], mycni_node_memory["maps_bytes_at_100_pods"], mycni_node_memory["bytes_per_pod"].as_f64().unwrap_or(0.0)
