@@ -45,8 +45,8 @@ pub const PROGRAM_NAMES: [&str; 4] = [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_NETD
 pub const MAX_ROUTES: u32 = 16384;
 pub const MAX_ENDPOINTS: u32 = 16384;
 /// Capacity of `NAT` (both directions of each translated flow): 262144 entries, 131072
-/// flows, 32 bytes each as the kernel accounts an LRU hash element of 16 + 16 bytes
-/// (about 8 MiB preallocated). Established TCP flows live for days (like conntrack), so
+/// flows, preallocated: 24 MiB as the kernel accounts it (96 bytes per entry with its
+/// hash bucket). Established TCP flows live for days (like conntrack), so
 /// the table is sized for many long-lived flows; the LRU evicts the least recently used
 /// entry if it ever fills.
 pub const MAX_NAT: u32 = 262144;
