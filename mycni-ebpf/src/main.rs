@@ -793,28 +793,84 @@ fn icmp_error_to_pod(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Result
         return Ok(None);
     };
     let (pod, pod_port, nat_port) = (entry.addr, entry.port, key.1);
-    let icmp_csum = packet.l4 + 2;
-    let (old_a, new_a) = (
-        u32::from_ne_bytes(cfg.node_ip) as u64,
-        u32::from_ne_bytes(pod) as u64,
-    );
-    // The quoted IP header: its checksum first, then the address; the ICMP checksum covers
-    // both changes.
-    let old_csum = ctx.load::<u16>(inner + 10).map_err(|_| ())?;
-    ctx.l3_csum_replace(inner + 10, old_a, new_a, 4)
-        .map_err(|_| ())?;
-    let new_csum = ctx.load::<u16>(inner + 10).map_err(|_| ())?;
-    ctx.l4_csum_replace(icmp_csum, old_csum as u64, new_csum as u64, 2)
-        .map_err(|_| ())?;
-    ctx.l4_csum_replace(icmp_csum, old_a, new_a, 4)
-        .map_err(|_| ())?;
-    ctx.store(inner + 12, &pod, 0).map_err(|_| ())?;
-    let (old_p, new_p) = (nat_port.to_be(), pod_port.to_be());
-    ctx.l4_csum_replace(icmp_csum, old_p as u64, new_p as u64, 2)
-        .map_err(|_| ())?;
-    ctx.store(port_off, &new_p, 0).map_err(|_| ())?;
+    rewrite_quote(ctx, packet, inner + 12, cfg.node_ip, pod, port_off, nat_port, pod_port)
+        .ok_or(())?;
     rewrite_address(ctx, IP_DST_OFF, packet.dst, pod).ok_or(())?;
     Ok(Some(verdict::ICMP_ERROR_TRANSLATED))
+}
+
+/// Rewrites an address and a port in the packet an ICMP error quotes (`addr_off` inside
+/// the quoted IP header at `packet.l4 + 8`), fixing the quoted IP header's checksum and
+/// the ICMP checksum, which covers the whole quote.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rewrite_quote(
+    ctx: &TcContext,
+    packet: &Ipv4,
+    addr_off: usize,
+    old_addr: [u8; 4],
+    new_addr: [u8; 4],
+    port_off: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Option<()> {
+    let inner = packet.l4 + 8;
+    let icmp_csum = packet.l4 + 2;
+    let (old_a, new_a) = (
+        u32::from_ne_bytes(old_addr) as u64,
+        u32::from_ne_bytes(new_addr) as u64,
+    );
+    // The quoted IP header's checksum first, then the address; the ICMP checksum covers
+    // both changes.
+    let old_csum = ctx.load::<u16>(inner + 10).ok()?;
+    ctx.l3_csum_replace(inner + 10, old_a, new_a, 4).ok()?;
+    let new_csum = ctx.load::<u16>(inner + 10).ok()?;
+    ctx.l4_csum_replace(icmp_csum, old_csum as u64, new_csum as u64, 2)
+        .ok()?;
+    ctx.l4_csum_replace(icmp_csum, old_a, new_a, 4).ok()?;
+    ctx.store(addr_off, &new_addr, 0).ok()?;
+    let (old_p, new_p) = (old_port.to_be(), new_port.to_be());
+    ctx.l4_csum_replace(icmp_csum, old_p as u64, new_p as u64, 2)
+        .ok()?;
+    ctx.store(port_off, &new_p, 0).ok()
+}
+
+/// An ICMP error a pod sends about a reply of its masqueraded flow (peer -> pod, quoted):
+/// leaves like the flow, from the node IP, quoting peer -> node IP and port, so the peer
+/// relates it to the connection it knows. `None`: not about a masqueraded flow.
+#[inline(always)]
+fn icmp_error_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<u32> {
+    let inner = packet.l4 + 8;
+    let version_ihl = ctx.load::<u8>(inner).ok()?;
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    let proto = ctx.load::<u8>(inner + 9).ok()?;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    let peer = ctx.load::<[u8; 4]>(inner + 12).ok()?;
+    let pod = ctx.load::<[u8; 4]>(inner + 16).ok()?;
+    if pod != packet.src {
+        return None;
+    }
+    let inner_l4 = inner + ihl;
+    let ports = ctx.load::<[u16; 2]>(inner_l4).ok()?;
+    let (peer_port, pod_port) = (u16::from_be(ports[0]), u16::from_be(ports[1]));
+    let forward = FlowKey {
+        saddr: pod,
+        daddr: peer,
+        sport: pod_port,
+        dport: peer_port,
+        proto,
+        pad: [0; 3],
+    };
+    let entry = unsafe { NAT.get(forward) }?;
+    let (node_ip, nat_port) = (entry.addr, entry.port);
+    rewrite_quote(ctx, packet, inner + 16, pod, node_ip, inner_l4 + 2, pod_port, nat_port)?;
+    rewrite_address(ctx, IP_SRC_OFF, packet.src, node_ip)?;
+    Some(verdict::ICMP_ERROR_TRANSLATED)
 }
 
 #[classifier]
@@ -843,7 +899,13 @@ fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
     let Some(packet) = parse_ipv4(ctx) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
-    if !(packet.has_ports || packet.later_fragment)
+    let icmp_error = packet.proto == IPPROTO_ICMP
+        && !packet.later_fragment
+        && matches!(
+            packet.icmp_type,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+        );
+    if !(packet.has_ports || packet.later_fragment || icmp_error)
         || unsafe { ENDPOINTS.get(packet.src) }.is_none()
     {
         return (verdict::TO_STACK, TC_ACT_OK);
@@ -864,10 +926,18 @@ fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
     if ifindex(ctx) != cfg.uplink_ifindex || NO_MASQ.get(&Key::new(32, packet.dst)).is_some() {
         return (verdict::TO_STACK, TC_ACT_OK);
     }
-    if cfg.node_ip == [0; 4]
-        || (packet.proto == IPPROTO_ICMP
-            && !packet.later_fragment
-            && packet.icmp_type != ICMP_ECHO_REQUEST)
+    if cfg.node_ip == [0; 4] {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    }
+    if icmp_error {
+        return match icmp_error_from_pod(ctx, &packet) {
+            Some(verdict) => (verdict, TC_ACT_OK),
+            None => (verdict::TO_STACK, TC_ACT_OK),
+        };
+    }
+    if packet.proto == IPPROTO_ICMP
+        && !packet.later_fragment
+        && packet.icmp_type != ICMP_ECHO_REQUEST
     {
         return (verdict::TO_STACK, TC_ACT_OK);
     }

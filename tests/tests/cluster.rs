@@ -874,6 +874,34 @@ fn icmp_errors_about_masqueraded_flows_reach_the_pod() -> Result<()> {
     );
     eprintln!("300 kB through a 1200-byte hop in {:?}", started.elapsed());
     ensure!(packets(n1, verdict::ICMP_ERROR_TRANSLATED)? > before);
+
+    // The other way: the pod's port unreachable about a late reply (its socket is gone)
+    // leaves from the node IP quoting the translated tuple, so the peer's socket, which
+    // knows only the node IP and port, sees ECONNREFUSED.
+    let service = SocketAddr::from((EXTERNAL_IP, 9703));
+    let peer_socket = cluster
+        .external
+        .run_inside(|| Ok(std::net::UdpSocket::bind(service)?))?;
+    peer_socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    a1.netns.run_inside(|| {
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        socket.send_to(b"hello", service)?;
+        Ok(())
+    })?;
+    let mut buf = [0u8; 16];
+    let (_, translated) = peer_socket.recv_from(&mut buf)?;
+    ensure!(translated.ip() == n1.node_ip, "{translated}");
+    peer_socket.connect(translated)?;
+    let before = packets(n1, verdict::ICMP_ERROR_TRANSLATED)?;
+    peer_socket.send(b"late reply")?;
+    match peer_socket.recv(&mut buf) {
+        Ok(_) => bail!("the pod's closed socket answered"),
+        Err(e) => ensure!(
+            e.kind() == std::io::ErrorKind::ConnectionRefused,
+            "a late reply to the pod's closed port: {e}, not ECONNREFUSED at the peer"
+        ),
+    }
+    ensure!(packets(n1, verdict::ICMP_ERROR_TRANSLATED)? > before);
     Ok(())
 }
 
