@@ -793,8 +793,17 @@ fn icmp_error_to_pod(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Result
         return Ok(None);
     };
     let (pod, pod_port, nat_port) = (entry.addr, entry.port, key.1);
-    rewrite_quote(ctx, packet, inner + 12, cfg.node_ip, pod, port_off, nat_port, pod_port)
-        .ok_or(())?;
+    rewrite_quote(
+        ctx,
+        packet,
+        inner + 12,
+        cfg.node_ip,
+        pod,
+        port_off,
+        nat_port,
+        pod_port,
+    )
+    .ok_or(())?;
     rewrite_address(ctx, IP_DST_OFF, packet.dst, pod).ok_or(())?;
     Ok(Some(verdict::ICMP_ERROR_TRANSLATED))
 }
@@ -868,7 +877,16 @@ fn icmp_error_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<u32> {
     };
     let entry = unsafe { NAT.get(forward) }?;
     let (node_ip, nat_port) = (entry.addr, entry.port);
-    rewrite_quote(ctx, packet, inner + 16, pod, node_ip, inner_l4 + 2, pod_port, nat_port)?;
+    rewrite_quote(
+        ctx,
+        packet,
+        inner + 16,
+        pod,
+        node_ip,
+        inner_l4 + 2,
+        pod_port,
+        nat_port,
+    )?;
     rewrite_address(ctx, IP_SRC_OFF, packet.src, node_ip)?;
     Some(verdict::ICMP_ERROR_TRANSLATED)
 }
@@ -1292,14 +1310,22 @@ fn allocate_port(
 }
 
 /// Gives a closed TCP flow's port to a new connection: forgets both entries of the old
-/// flow, then claims the port with BPF_NOEXIST (so two takers cannot both get it).
+/// flow, then claims the port with BPF_NOEXIST, so of two CPUs taking the same port over
+/// at once only one gets it. Maps have no compare-and-delete: the reply entry is checked
+/// to still be the old flow's right before it is removed, which leaves a window of a few
+/// instructions in which a second taker could remove the first one's fresh entry.
 #[inline(always)]
 fn take_over(search: &PortSearch) -> Option<u32> {
     let port = search.closed as u16;
     let key = with_port(search.reply, port);
     let old_forward = held_by_closed_flow(&key)?;
-    let _ = NAT.remove(&old_forward);
+    let still_old = unsafe { NAT.get(key) }
+        .is_some_and(|held| held.addr == old_forward.saddr && held.port == old_forward.sport);
+    if !still_old {
+        return None;
+    }
     let _ = NAT.remove(&key);
+    let _ = NAT.remove(&old_forward);
     NAT.insert(key, search.back, BPF_NOEXIST as u64).ok()?;
     Some(port as u32)
 }
