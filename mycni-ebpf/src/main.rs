@@ -661,6 +661,7 @@ fn reverse_nat(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Result<Optio
         let Some(entry) = NAT.get_ptr_mut(packet.flow()) else {
             return Ok(None);
         };
+        // SAFETY: `entry` points into a NAT value, valid for this program run.
         let (addr, port) = unsafe {
             (*entry).last_seen_ns = bpf_ktime_get_ns();
             ((*entry).addr, (*entry).port)
@@ -673,6 +674,7 @@ fn reverse_nat(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Result<Optio
         return Ok(Some(verdict::REVERSE_NAT));
     }
     if packet.later_fragment {
+        // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
         let Some(first) = (unsafe { FRAGMENTS.get(packet.fragment()) }) else {
             return Ok(None);
         };
@@ -789,6 +791,7 @@ fn icmp_error_to_pod(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Result
         proto,
         pad: [0; 3],
     };
+    // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
     let Some(entry) = (unsafe { NAT.get(reply) }) else {
         return Ok(None);
     };
@@ -875,6 +878,7 @@ fn icmp_error_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<u32> {
         proto,
         pad: [0; 3],
     };
+    // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
     let entry = unsafe { NAT.get(forward) }?;
     let (node_ip, nat_port) = (entry.addr, entry.port);
     rewrite_quote(
@@ -968,6 +972,7 @@ fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
 /// A later fragment of a pod's datagram: gets the source its first fragment got.
 #[inline(always)]
 fn snat_later_fragment(ctx: &TcContext, packet: &Ipv4) -> (u32, i32) {
+    // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
     let first = unsafe { FRAGMENTS.get(packet.fragment()) };
     let Some(addr) = first
         .filter(|first| first.action == FRAGMENT_SNAT)
@@ -1097,6 +1102,7 @@ fn existing_port(packet: &Ipv4, cfg: &NodeConfig, now: u64, tcp_flags: u8) -> Op
     let (port, mut state) = unsafe { ((*entry).port, (*entry).state) };
     let reply = reply_key(packet, cfg.node_ip, port);
     let back = match NAT.get_ptr_mut(reply) {
+        // SAFETY: NAT value pointers stay valid for this program run.
         Some(back) if unsafe { (*back).addr == packet.src && (*back).port == packet.sport } => back,
         Some(_) => {
             // Another flow holds the port now: it took it over once this flow had closed.
@@ -1127,12 +1133,14 @@ fn existing_port(packet: &Ipv4, cfg: &NodeConfig, now: u64, tcp_flags: u8) -> Op
     if nat_state::tcp_closed(state) && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         // A new connection on the same addresses and ports: start its state afresh.
         state = 0;
+        // SAFETY: as above.
         unsafe {
             (*entry).state = 0;
             (*back).state = 0;
         }
     }
     let events = pod_events(state, tcp_flags);
+    // SAFETY: as above.
     unsafe {
         (*entry).last_seen_ns = now;
         (*back).last_seen_ns = now;
@@ -1223,6 +1231,7 @@ extern "C" fn try_port(index: u64, ctx: *mut c_void) -> i64 {
 /// entry at once may lose one side's (the programs write them without atomics).
 #[inline(always)]
 fn held_by_closed_flow(key: &FlowKey) -> Option<FlowKey> {
+    // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
     let held = unsafe { NAT.get(key) }?;
     let forward = FlowKey {
         saddr: held.addr,
@@ -1234,6 +1243,7 @@ fn held_by_closed_flow(key: &FlowKey) -> Option<FlowKey> {
     };
     let mut state = held.state;
     if !nat_state::tcp_closed(state) {
+        // SAFETY: as above.
         state |= unsafe { NAT.get(forward) }.map_or(0, |out| out.state);
     }
     nat_state::tcp_closed(state).then_some(forward)
@@ -1268,6 +1278,7 @@ fn allocate_port(
         },
         min: min as u32,
         range: (max - min) as u32 + 1,
+        // SAFETY: a helper without arguments.
         start: unsafe { bpf_get_prandom_u32() },
         found: 0,
         closed: 0,
@@ -1301,6 +1312,7 @@ fn allocate_port(
             // Another CPU translated this flow's first packet at the same moment and
             // recorded its port first: use that one.
             let _ = NAT.remove(&with_port(search.reply, port));
+            // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
             match unsafe { NAT.get(packet.flow()) } {
                 Some(winner) => Ok(winner.port),
                 None => Err(PortError::Record(error as i64)),
@@ -1319,6 +1331,7 @@ fn take_over(search: &PortSearch) -> Option<u32> {
     let port = search.closed as u16;
     let key = with_port(search.reply, port);
     let old_forward = held_by_closed_flow(&key)?;
+    // SAFETY: as above.
     let still_old = unsafe { NAT.get(key) }
         .is_some_and(|held| held.addr == old_forward.saddr && held.port == old_forward.sport);
     if !still_old {
@@ -1339,6 +1352,7 @@ fn refuse_tcp(ctx: &TcContext, packet: &Ipv4, tcp_flags: u8) -> Option<i32> {
     if packet.proto != IPPROTO_TCP || packet.l4 != ETH_HLEN + 20 || tcp_flags & TCP_RST != 0 {
         return None;
     }
+    // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
     let endpoint = unsafe { ENDPOINTS.get(packet.src) }?;
     let (veth, pod_mac, host_mac) = (endpoint.ifindex, endpoint.pod_mac, endpoint.host_mac);
     let seq = u32::from_be(ctx.load::<u32>(packet.l4 + 4).ok()?);
@@ -1388,6 +1402,7 @@ fn refuse_tcp(ctx: &TcContext, packet: &Ipv4, tcp_flags: u8) -> Option<i32> {
     ctx.store(ETH_HLEN, &ip, 0).ok()?;
     ctx.store(ETH_HLEN + 20, &tcp, 0).ok()?;
     // Out of the pod's host veth: it arrives on the pod's eth0.
+    // SAFETY: redirects the context's own skb.
     Some(unsafe { bpf_redirect(veth, 0) } as i32)
 }
 
