@@ -866,7 +866,8 @@ fn icmp_errors_about_masqueraded_flows_reach_the_pod() -> Result<()> {
     })?;
     let received = reader
         .join()
-        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?
+        .context("the upload through the 1200-byte hop stalled (path MTU black hole)")?;
     ensure!(
         received == 300 * 1024,
         "the external host received {received} of {} bytes",
