@@ -713,12 +713,13 @@ fn closed_connections_give_their_ports_back_at_once() -> Result<()> {
     Ok(())
 }
 
-/// Seconds of the churn test (`MYCNI_CHURN_SECS`, default 10; `cargo xtask bench` runs 60).
+/// Seconds of the churn test (`MYCNI_CHURN_SECS`, default 12: more connections than the
+/// 4536 ports; `cargo xtask bench` runs 60).
 fn churn_seconds() -> u64 {
     std::env::var("MYCNI_CHURN_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(10)
+        .unwrap_or(12)
 }
 
 #[test]
@@ -747,11 +748,17 @@ fn a_pod_sustains_500_new_connections_per_second_to_one_peer() -> Result<()> {
         packets(n1, verdict::DROP_NAT_EXHAUSTED)? == 0,
         "SNAT ran out of ports"
     );
-    // 4536 ports, 500/s: without reuse of closed flows' ports this fails after 9 s.
+    // Paced at 500/s; a loaded machine falls somewhat behind (the NAT never refuses).
     ensure!(
-        churn.completed >= 450 * seconds,
+        churn.completed >= 400 * seconds,
         "only {:.0} connections/s",
         churn.rate()
+    );
+    // More connections than the 4536 ports: closed flows' ports were reused.
+    ensure!(
+        seconds < 12 || churn.completed > 4536,
+        "{} connections",
+        churn.completed
     );
     Ok(())
 }
