@@ -21,8 +21,8 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_redir_neigh, bpf_tunnel_key, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST,
-        TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_redir_neigh, bpf_tunnel_key, BPF_F_MARK_MANGLED_0,
+        BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
     },
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     cty::c_void,
@@ -1033,8 +1033,14 @@ fn snat(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> (u32, i32) {
                     packet.dst,
                     packet.dport
                 );
-                // Tell the pod at once (connection refused) instead of letting it retry.
-                let action = refuse_tcp(ctx, packet, tcp_flags).unwrap_or(TC_ACT_SHOT);
+                // Tell the pod at once (connection refused, host unreachable) instead of
+                // letting it retry into the void.
+                let refusal = if packet.proto == IPPROTO_TCP {
+                    refuse_tcp(ctx, packet, tcp_flags)
+                } else {
+                    refuse_with_icmp(ctx, packet, cfg)
+                };
+                let action = refusal.unwrap_or(TC_ACT_SHOT);
                 return (verdict::DROP_NAT_EXHAUSTED, action);
             }
             Err(PortError::Record(error)) => {
@@ -1402,6 +1408,50 @@ fn refuse_tcp(ctx: &TcContext, packet: &Ipv4, tcp_flags: u8) -> Option<i32> {
     ctx.store(ETH_HLEN, &ip, 0).ok()?;
     ctx.store(ETH_HLEN + 20, &tcp, 0).ok()?;
     // Out of the pod's host veth: it arrives on the pod's eth0.
+    // SAFETY: redirects the context's own skb.
+    Some(unsafe { bpf_redirect(veth, 0) } as i32)
+}
+
+/// Answers a pod's UDP datagram or ICMP echo with an ICMP "communication administratively
+/// prohibited" (type 3 code 13) from the node IP, quoting its IP header and first 8 bytes,
+/// as a filtering router would: the packet is cut to that quote, a new IP and ICMP header
+/// go in front, and it is sent out of the pod's host veth. The pod's connected socket sees
+/// EHOSTUNREACH at once. `None` when it cannot be answered (IP options, no endpoint).
+#[inline(always)]
+fn refuse_with_icmp(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Option<i32> {
+    const QUOTE: usize = 28;
+    if packet.l4 != ETH_HLEN + 20 {
+        return None;
+    }
+    // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
+    let endpoint = unsafe { ENDPOINTS.get(packet.src) }?;
+    let (veth, pod_mac, host_mac) = (endpoint.ifindex, endpoint.pod_mac, endpoint.host_mac);
+    let quote = ctx.load::<[u8; QUOTE]>(ETH_HLEN).ok()?;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + 8 + QUOTE) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = IPPROTO_ICMP;
+    ip[12..16].copy_from_slice(&cfg.node_ip);
+    ip[16..20].copy_from_slice(&packet.src);
+    let ip_csum = fold(sum_words(&ip));
+    ip[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+    let mut icmp = [0u8; 8];
+    icmp[0] = ICMP_DEST_UNREACH;
+    icmp[1] = 13;
+    let icmp_csum = fold(sum_words(&icmp) + sum_words(&quote));
+    icmp[2..4].copy_from_slice(&icmp_csum.to_be_bytes());
+    // SAFETY: the helpers take the context's own skb.
+    unsafe {
+        if bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + QUOTE) as u32, 0) != 0 {
+            return None;
+        }
+    }
+    ctx.adjust_room(28, BPF_ADJ_ROOM_MAC, 0).ok()?;
+    ctx.store(0, &pod_mac, 0).ok()?;
+    ctx.store(6, &host_mac, 0).ok()?;
+    ctx.store(ETH_HLEN, &ip, 0).ok()?;
+    ctx.store(ETH_HLEN + 20, &icmp, 0).ok()?;
     // SAFETY: redirects the context's own skb.
     Some(unsafe { bpf_redirect(veth, 0) } as i32)
 }

@@ -1146,3 +1146,52 @@ fn large_udp_replies_through_a_cluster_ip_keep_their_fragments_together() -> Res
     ensure!(packets(n1, verdict::STACK_FLOW_REPLY)? >= 2);
     Ok(())
 }
+
+#[test]
+fn a_new_udp_flow_without_a_free_port_is_told_at_once() -> Result<()> {
+    let cluster = Cluster::new(
+        &prefix("natudpfull"),
+        &["node-1"],
+        &["--nat-ports", "61000-61001"],
+    )?;
+    let n1 = cluster.node("node-1");
+    let a1 = n1.add_pod("a1")?;
+    let target = SocketAddr::from((EXTERNAL_IP, 9550));
+    let server = cluster
+        .external
+        .run_inside(|| Ok(std::net::UdpSocket::bind(target)?))?;
+    server.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let sockets = a1.netns.run_inside(|| {
+        (0..3)
+            .map(|_| {
+                let socket = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+                socket.connect(target)?;
+                socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+                Ok(socket)
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    // Two flows hold both ports (unanswered UDP lives 30 s).
+    let mut buf = [0u8; 16];
+    let mut ports = BTreeSet::new();
+    for socket in &sockets[..2] {
+        socket.send(b"hold")?;
+        ports.insert(server.recv_from(&mut buf)?.1.port());
+    }
+    ensure!(ports == BTreeSet::from([61000, 61001]), "{ports:?}");
+    ensure!(packets(n1, verdict::DROP_NAT_EXHAUSTED)? == 0);
+    // The third is answered by the node at once instead of vanishing.
+    let started = Instant::now();
+    sockets[2].send(b"no room")?;
+    match sockets[2].recv(&mut buf) {
+        Ok(_) => bail!("the third flow got an answer"),
+        Err(e) => ensure!(
+            e.kind() == std::io::ErrorKind::HostUnreachable,
+            "the third flow failed with {e} after {:?}, not EHOSTUNREACH",
+            started.elapsed()
+        ),
+    }
+    ensure!(started.elapsed() < Duration::from_millis(500));
+    ensure!(packets(n1, verdict::DROP_NAT_EXHAUSTED)? == 1);
+    Ok(())
+}
