@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map's key or value layout changes; pinned maps of another layout are
 /// refused by the loader instead of being silently reused.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 pub const MAP_ROUTES: &str = "ROUTES";
 pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
@@ -17,8 +17,9 @@ pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_NAT: &str = "NAT";
 pub const MAP_NO_MASQ: &str = "NO_MASQ";
 pub const MAP_STACK_FLOWS: &str = "STACK_FLOWS";
+pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 /// Every map the datapath pins, in a stable order.
-pub const MAP_NAMES: [&str; 7] = [
+pub const MAP_NAMES: [&str; 8] = [
     MAP_ROUTES,
     MAP_ENDPOINTS,
     MAP_STATS,
@@ -26,6 +27,7 @@ pub const MAP_NAMES: [&str; 7] = [
     MAP_NAT,
     MAP_NO_MASQ,
     MAP_STACK_FLOWS,
+    MAP_FRAGMENTS,
 ];
 
 /// Host veth TC ingress: packets a pod sends.
@@ -42,10 +44,16 @@ pub const PROGRAM_NAMES: [&str; 4] = [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_NETD
 /// Capacity of `ROUTES` and `ENDPOINTS`.
 pub const MAX_ROUTES: u32 = 16384;
 pub const MAX_ENDPOINTS: u32 = 16384;
-/// Capacity of `NAT` (both directions of each translated flow).
-pub const MAX_NAT: u32 = 131072;
+/// Capacity of `NAT` (both directions of each translated flow): 262144 entries, 131072
+/// flows, preallocated: 24 MiB as the kernel accounts it (96 bytes per entry with its
+/// hash bucket). Established TCP flows live for days (like conntrack), so
+/// the table is sized for many long-lived flows; the LRU evicts the least recently used
+/// entry if it ever fills.
+pub const MAX_NAT: u32 = 262144;
 pub const MAX_NO_MASQ: u32 = 64;
 pub const MAX_STACK_FLOWS: u32 = 65536;
+/// Capacity of `FRAGMENTS`: datagrams whose later fragments are still expected.
+pub const MAX_FRAGMENTS: u32 = 8192;
 
 /// `skb->mark` bit set by `from_pod` on packets it sends to another node itself, so
 /// `to_netdev` can tell them from packets the node stack routed.
@@ -99,19 +107,73 @@ pub struct FlowKey {
 }
 
 /// `NatEntry::direction`: the entry translates a pod's outgoing packets.
-pub const NAT_EGRESS: u16 = 1;
+pub const NAT_EGRESS: u8 = 1;
 /// `NatEntry::direction`: the entry translates replies back to the pod.
-pub const NAT_INGRESS: u16 = 2;
+pub const NAT_INGRESS: u8 = 2;
 
-/// Value of `NAT`: the address and port to write, and when the flow was last seen
-/// (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC), for the agent's idle expiry.
+/// `NatEntry::state` bits, the same in both entries of a flow (whichever program sees an
+/// event sets it in both). The agent turns them into a lifetime (`mycni::nat`).
+pub mod nat_state {
+    /// A packet came back from the peer (for UDP: the flow is answered).
+    pub const REPLIED: u8 = 1 << 0;
+    /// The pod sent a SYN (a TCP flow that started here).
+    pub const TCP_SYN: u8 = 1 << 1;
+    /// The pod acknowledged after the peer answered: the handshake is complete.
+    pub const TCP_ESTABLISHED: u8 = 1 << 2;
+    /// The pod sent a FIN.
+    pub const TCP_FIN_OUT: u8 = 1 << 3;
+    /// The peer sent a FIN.
+    pub const TCP_FIN_IN: u8 = 1 << 4;
+    /// Either side sent a RST.
+    pub const TCP_RST: u8 = 1 << 5;
+    /// The connection is over (RST, or a FIN each way): a new flow may take its port.
+    pub const fn tcp_closed(state: u8) -> bool {
+        state & TCP_RST != 0 || state & (TCP_FIN_OUT | TCP_FIN_IN) == TCP_FIN_OUT | TCP_FIN_IN
+    }
+}
+
+/// Value of `NAT`: the address and port to write, the flow's state (`nat_state` bits),
+/// and when the flow was last seen in this direction (`bpf_ktime_get_ns`, i.e.
+/// CLOCK_MONOTONIC), for the agent's expiry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NatEntry {
     pub addr: [u8; 4],
     pub port: u16,
-    pub direction: u16,
+    pub direction: u8,
+    pub state: u8,
     pub last_seen_ns: u64,
+}
+
+/// Key of `FRAGMENTS`: one fragmented datagram (RFC 791 reassembly key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// The IP identification, host order.
+    pub id: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// `FragmentEntry::action`: later fragments keep their addresses (not translated).
+pub const FRAGMENT_PASS: u8 = 0;
+/// `FragmentEntry::action`: later fragments get `addr` as their source (SNAT).
+pub const FRAGMENT_SNAT: u8 = 1;
+/// `FragmentEntry::action`: later fragments get `addr` as their destination (reverse NAT).
+pub const FRAGMENT_REVERSE_NAT: u8 = 2;
+/// `FragmentEntry::action`: later fragments go to the node stack, like their first one.
+pub const FRAGMENT_TO_STACK: u8 = 3;
+
+/// Value of `FRAGMENTS`: what was done to the first fragment, for the later ones.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentEntry {
+    /// The address written into the first fragment (source or destination by `action`).
+    pub addr: [u8; 4],
+    pub action: u8,
+    pub pad: [u8; 3],
 }
 
 /// Value of `ROUTES`, an LPM trie keyed by `{prefix_len, [u8; 4]}`.
@@ -172,15 +234,22 @@ pub mod verdict {
     pub const SNAT: u32 = 8;
     /// A reply to a masqueraded flow, translated back to the pod and handed to the stack.
     pub const REVERSE_NAT: u32 = 9;
-    /// Dropped: no free SNAT port for the flow.
+    /// Dropped: no free SNAT port for the flow (a new TCP flow's SYN is answered with a RST).
     pub const DROP_NAT_EXHAUSTED: u32 = 10;
     /// A reply of a flow the node stack delivered or translated (kube-proxy, hostPort, a
     /// node's probe): handed to the stack so it can undo its translation and its conntrack
     /// sees both directions (`from_pod`, `from_netdev`), or left unmasqueraded
     /// (`to_netdev`).
     pub const STACK_FLOW_REPLY: u32 = 11;
+    /// A later fragment translated like its first fragment.
+    pub const FRAGMENT_TRANSLATED: u32 = 12;
+    /// An ICMP error about a translated flow, translated back to the pod.
+    pub const ICMP_ERROR_TRANSLATED: u32 = 13;
+    /// Dropped: a later fragment of a pod's datagram whose first fragment was not
+    /// translated (it would leave with the pod's address).
+    pub const DROP_FRAGMENT_UNTRACKED: u32 = 14;
     /// Number of verdicts, the length of `STATS`.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 15;
     /// Display names, indexed by verdict.
     pub const NAMES: [&str; COUNT as usize] = [
         "local_redirect",
@@ -195,6 +264,9 @@ pub mod verdict {
         "reverse_nat",
         "drop_nat_exhausted",
         "stack_flow_reply",
+        "fragment_translated",
+        "icmp_error_translated",
+        "drop_fragment_untracked",
     ];
 }
 
@@ -219,6 +291,8 @@ mod pod {
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::NatEntry {}
+    unsafe impl aya::Pod for super::FragmentKey {}
+    unsafe impl aya::Pod for super::FragmentEntry {}
 }
 
 #[cfg(test)]
@@ -234,6 +308,8 @@ mod tests {
         assert_eq!(size_of::<NodeConfig>(), 4 + 4 + 4 + 4 + 2 + 2 + 4);
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<NatEntry>(), 16);
+        assert_eq!(size_of::<FragmentKey>(), 12);
+        assert_eq!(size_of::<FragmentEntry>(), 8);
     }
 
     #[test]

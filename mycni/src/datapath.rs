@@ -16,10 +16,11 @@ use aya::programs::tc::{
 use aya::programs::ProgramError;
 use aya::{EbpfError, EbpfLoader};
 use mycni_common::{
-    verdict, Counter, Endpoint, FlowKey, NatEntry, NodeConfig, Route, MAP_CONFIG, MAP_ENDPOINTS,
-    MAP_NAMES, MAP_NAT, MAP_NO_MASQ, MAP_ROUTES, MAP_STACK_FLOWS, MAP_STATS, MAX_ENDPOINTS,
-    MAX_NAT, MAX_NO_MASQ, MAX_ROUTES, MAX_STACK_FLOWS, PROGRAM_NAMES, PROG_FROM_NETDEV,
-    PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD, ROUTE_LOCAL_ENDPOINT,
+    verdict, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, NatEntry, NodeConfig, Route,
+    MAP_CONFIG, MAP_ENDPOINTS, MAP_FRAGMENTS, MAP_NAMES, MAP_NAT, MAP_NO_MASQ, MAP_ROUTES,
+    MAP_STACK_FLOWS, MAP_STATS, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_NAT, MAX_NO_MASQ, MAX_ROUTES,
+    MAX_STACK_FLOWS, PROGRAM_NAMES, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD,
+    ROUTE_LOCAL_ENDPOINT,
 };
 
 /// The TC programs, built by `cargo xtask build-ebpf` and embedded at compile time.
@@ -107,6 +108,12 @@ fn expected_layout(name: &str) -> Option<(&'static str, u32, u32, u32)> {
         ),
         MAP_NO_MASQ => ("lpm_trie", 8, 4, MAX_NO_MASQ),
         MAP_STACK_FLOWS => ("lru_hash", size_of::<FlowKey>() as u32, 8, MAX_STACK_FLOWS),
+        MAP_FRAGMENTS => (
+            "lru_hash",
+            size_of::<FragmentKey>() as u32,
+            size_of::<FragmentEntry>() as u32,
+            MAX_FRAGMENTS,
+        ),
         _ => return None,
     })
 }

@@ -212,6 +212,17 @@ pub fn render_metrics(s: &Snapshot) -> String {
         "Masqueraded flows in the NAT table.",
         &nat,
     );
+    let tcp_states: Vec<(String, String)> = nat::TCP_STATE_NAMES
+        .iter()
+        .zip(s.nat.tcp_states)
+        .map(|(state, n)| (format!("{{state=\"{state}\"}}"), n.to_string()))
+        .collect();
+    family(
+        "mycni_nat_tcp_flows",
+        "gauge",
+        "Masqueraded TCP flows by connection state.",
+        &tcp_states,
+    );
     family(
         "mycni_nat_entries",
         "gauge",
@@ -232,7 +243,7 @@ pub fn render_metrics(s: &Snapshot) -> String {
     family(
         "mycni_nat_allocation_failures_total",
         "counter",
-        "Packets dropped for want of a free SNAT port.",
+        "Packets dropped for want of a free SNAT port (new TCP connections get a RST).",
         &[(String::new(), failures.to_string())],
     );
     family(
@@ -361,6 +372,7 @@ mod tests {
                 udp: 1,
                 icmp: 0,
                 entries: 6,
+                tcp_states: [0, 0, 1, 0, 1],
             },
             nat_capacity: 100,
             endpoints: 3,
@@ -371,6 +383,7 @@ mod tests {
         assert!(text.contains("mycni_packets_total{verdict=\"snat\"} 7\n"));
         assert!(text.contains("mycni_bytes_total{verdict=\"snat\"} 700\n"));
         assert!(text.contains("mycni_nat_flows{proto=\"tcp\"} 2\n"));
+        assert!(text.contains("mycni_nat_tcp_flows{state=\"closed\"} 1\n"));
         assert!(text.contains("mycni_routes{kind=\"vxlan\"} 1\n"));
         assert!(text.contains("mycni_node_source_errors_total 4\n"));
         assert!(text.contains("# TYPE mycni_endpoints gauge\n"));

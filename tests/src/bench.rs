@@ -316,3 +316,117 @@ mod tests {
         assert_eq!(rt.avg_us, 20.0);
     }
 }
+
+/// What a connection-churn run achieved.
+#[derive(Debug, Clone, Copy)]
+pub struct Churn {
+    /// Connections tried, and those that connected, exchanged a byte and closed cleanly.
+    pub attempted: u64,
+    pub completed: u64,
+    pub elapsed: Duration,
+}
+
+impl Churn {
+    pub fn rate(&self) -> f64 {
+        self.completed as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Opens `rate` new TCP connections per second to `addr` for `duration`, from `threads`
+/// client threads in `client`, each connection cleanly closed (the client closes first,
+/// as HTTP clients do, so the server's side does not linger in TIME_WAIT). The client's
+/// ephemeral port range is widened so its own TIME_WAIT sockets (60 s) cannot run out.
+pub fn connection_churn(
+    server: &Netns,
+    client: &Netns,
+    addr: SocketAddr,
+    rate: u32,
+    duration: Duration,
+) -> Result<Churn> {
+    const THREADS: u32 = 4;
+    client.sysctl("net.ipv4.ip_local_port_range", "10000 65000")?;
+    let listener = server.run_inside(|| Ok(TcpListener::bind(addr)?))?;
+    listener.set_nonblocking(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers: Vec<_> = (0..THREADS)
+        .map(|_| -> Result<_> {
+            let listener = listener.try_clone()?;
+            let stop = stop.clone();
+            Ok(std::thread::spawn(move || -> Result<()> {
+                let mut buf = [0u8; 64];
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut conn, _)) => {
+                            conn.set_nonblocking(false)?;
+                            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+                            // Read to the client's FIN, then close.
+                            while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_micros(200))
+                        }
+                        Err(e) => bail!("accept: {e}"),
+                    }
+                }
+                Ok(())
+            }))
+        })
+        .collect::<Result<_>>()?;
+    let completed = Arc::new(AtomicU64::new(0));
+    let attempted = Arc::new(AtomicU64::new(0));
+    let interval = Duration::from_secs_f64(THREADS as f64 / rate as f64);
+    let start = Instant::now();
+    let result = std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|index| {
+                let (completed, attempted) = (completed.clone(), attempted.clone());
+                scope.spawn(move || {
+                    client.run_inside(|| {
+                        let offset = interval.mul_f64(index as f64 / THREADS as f64);
+                        let mut next = start + offset;
+                        while next < start + duration {
+                            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                                std::thread::sleep(wait);
+                            }
+                            next += interval;
+                            attempted.fetch_add(1, Ordering::Relaxed);
+                            let mut stream =
+                                TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                                    .context("connect")?;
+                            stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+                            stream.write_all(b"x")?;
+                            stream.shutdown(std::net::Shutdown::Write)?;
+                            let mut byte = [0u8; 1];
+                            // The server's FIN: the connection is closed both ways.
+                            if stream.read(&mut byte)? != 0 {
+                                bail!("the server sent data");
+                            }
+                            completed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    })
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        }
+        Ok(())
+    });
+    let elapsed = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for server in servers {
+        server
+            .join()
+            .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    }
+    let churn = Churn {
+        attempted: attempted.load(Ordering::Relaxed),
+        completed: completed.load(Ordering::Relaxed),
+        elapsed,
+    };
+    result.with_context(|| format!("after {churn:?}"))?;
+    Ok(churn)
+}

@@ -490,19 +490,47 @@ fn the_agent_expires_idle_nat_entries_per_protocol() -> Result<()> {
     let a1 = n1.add_pod("a1")?;
     let target = SocketAddr::from((EXTERNAL_IP, 9200));
     udp_echo(&cluster.external, target, &a1.netns, target)?;
-    tcp_echo(&cluster.external, target, &a1.netns, target)?;
+    // One TCP connection stays open, one is closed both ways.
+    let listener = cluster
+        .external
+        .run_inside(|| Ok(TcpListener::bind(target)?))?;
+    let open = a1
+        .netns
+        .run_inside(|| Ok(TcpStream::connect_timeout(&target, Duration::from_secs(3))?))?;
+    let (mut accepted, _) = listener.accept()?;
+    let mut open = open;
+    open.write_all(b"x")?;
+    let mut byte = [0u8; 1];
+    accepted.read_exact(&mut byte)?;
+    let server = serve_closing(listener, 1);
+    a1.netns.run_inside(|| closed_connection(target))?;
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
     let occupancy = || -> Result<mycni::nat::NatOccupancy> {
         Ok(mycni::nat::occupancy(
             &mycni::datapath::NatTable::open(&n1.pin_root())?.entries()?,
         ))
     };
     let start = occupancy()?;
-    ensure!(start.udp == 1 && start.tcp == 1, "{start:?}");
-    // UDP idles out after 1 s (the agent sweeps every second); TCP's hour keeps it.
+    ensure!(start.udp == 1 && start.tcp == 2, "{start:?}");
+    // [syn_sent, syn_received, established, closing, closed]
+    ensure!(start.tcp_states == [0, 0, 1, 0, 1], "{start:?}");
+    // UDP idles out after 1 s (the agent sweeps every second), the closed TCP connection
+    // after 5 s; the open one's hour keeps it.
     let took = wait_for(Duration::from_secs(5), || Ok(occupancy()?.udp == 0))?;
     eprintln!("idle UDP flow expired after {took:?}");
+    let took = wait_for(Duration::from_secs(10), || Ok(occupancy()?.tcp == 1))?;
+    eprintln!("closed TCP flow expired after {took:?} more");
     let end = occupancy()?;
-    ensure!(end.tcp == 1 && end.entries == 2, "{end:?}");
+    ensure!(
+        end.tcp == 1 && end.tcp_states[2] == 1 && end.entries == 2,
+        "{end:?}"
+    );
+    // And the open connection still works.
+    open.write_all(b"y")?;
+    accepted.read_exact(&mut byte)?;
+    ensure!(&byte == b"y");
     Ok(())
 }
 
@@ -620,5 +648,557 @@ fn killing_and_restarting_the_agent_drops_no_flow() -> Result<()> {
         summary.contains("150 received"),
         "ping lost packets across the restart: {summary}"
     );
+    Ok(())
+}
+
+/// Connects, sends a byte, closes first and waits for the server's FIN.
+fn closed_connection(target: SocketAddr) -> Result<()> {
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.write_all(b"x")?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut byte = [0u8; 1];
+    ensure!(stream.read(&mut byte)? == 0, "the server sent data");
+    Ok(())
+}
+
+/// Accepts `count` connections on `listener`, reading each to its FIN before closing.
+fn serve_closing(
+    listener: TcpListener,
+    count: usize,
+) -> std::thread::JoinHandle<Result<Vec<SocketAddr>>> {
+    std::thread::spawn(move || -> Result<Vec<SocketAddr>> {
+        let mut peers = Vec::new();
+        let mut buf = [0u8; 64];
+        for _ in 0..count {
+            let (mut conn, peer) = listener.accept()?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            while conn.read(&mut buf)? > 0 {}
+            peers.push(peer);
+        }
+        Ok(peers)
+    })
+}
+
+#[test]
+fn closed_connections_give_their_ports_back_at_once() -> Result<()> {
+    let cluster = Cluster::new(
+        &prefix("natclose"),
+        &["node-1"],
+        &["--nat-ports", "61000-61009"],
+    )?;
+    let n1 = cluster.node("node-1");
+    let a1 = n1.add_pod("a1")?;
+    let target = SocketAddr::from((EXTERNAL_IP, 9400));
+    let listener = cluster
+        .external
+        .run_inside(|| Ok(TcpListener::bind(target)?))?;
+    let server = serve_closing(listener, 20);
+    let started = Instant::now();
+    a1.netns.run_inside(|| {
+        for attempt in 1..=20 {
+            closed_connection(target).with_context(|| format!("connection {attempt} of 20"))?;
+        }
+        Ok(())
+    })?;
+    let took = started.elapsed();
+    let peers = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
+    ensure!(
+        peers
+            .iter()
+            .all(|p| p.ip() == n1.node_ip && (61000..=61009).contains(&p.port())),
+        "connections left from outside the port range: {peers:?}"
+    );
+    eprintln!("20 closed connections through 10 ports in {took:?}");
+    ensure!(
+        took < Duration::from_secs(5),
+        "20 connections took {took:?}: ports waited for expiry"
+    );
+    ensure!(packets(n1, verdict::DROP_NAT_EXHAUSTED)? == 0);
+    Ok(())
+}
+
+/// Seconds of the churn test (`MYCNI_CHURN_SECS`, default 12: more connections than the
+/// 4536 ports; `cargo xtask bench` runs 60).
+fn churn_seconds() -> u64 {
+    std::env::var("MYCNI_CHURN_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12)
+}
+
+#[test]
+fn a_pod_sustains_500_new_connections_per_second_to_one_peer() -> Result<()> {
+    let cluster = Cluster::new(&prefix("natchurn"), &["node-1"], &[])?;
+    let n1 = cluster.node("node-1");
+    let a1 = n1.add_pod("a1")?;
+    let target = SocketAddr::from((EXTERNAL_IP, 9450));
+    let seconds = churn_seconds();
+    let churn = mycni_tests::bench::connection_churn(
+        &cluster.external,
+        &a1.netns,
+        target,
+        500,
+        Duration::from_secs(seconds),
+    )?;
+    eprintln!(
+        "{} of {} connections in {:?}: {:.0}/s",
+        churn.completed,
+        churn.attempted,
+        churn.elapsed,
+        churn.rate()
+    );
+    ensure!(churn.completed == churn.attempted, "{churn:?}");
+    ensure!(
+        packets(n1, verdict::DROP_NAT_EXHAUSTED)? == 0,
+        "SNAT ran out of ports"
+    );
+    // Paced at 500/s; a loaded machine falls somewhat behind (the NAT never refuses).
+    ensure!(
+        churn.completed >= 400 * seconds,
+        "only {:.0} connections/s",
+        churn.rate()
+    );
+    // More connections than the 4536 ports: closed flows' ports were reused.
+    ensure!(
+        seconds < 12 || churn.completed > 4536,
+        "{} connections",
+        churn.completed
+    );
+    Ok(())
+}
+
+#[test]
+fn the_port_search_finds_the_last_free_port_and_refuses_beyond() -> Result<()> {
+    let cluster = Cluster::new(
+        &prefix("natfull"),
+        &["node-1"],
+        &["--nat-ports", "61000-61199"],
+    )?;
+    let n1 = cluster.node("node-1");
+    let a1 = n1.add_pod("a1")?;
+    let target = SocketAddr::from((EXTERNAL_IP, 9500));
+    let listener = cluster
+        .external
+        .run_inside(|| Ok(TcpListener::bind(target)?))?;
+    let server = std::thread::spawn(move || -> Result<Vec<TcpStream>> {
+        (0..200).map(|_| Ok(listener.accept()?.0)).collect()
+    });
+    let held = a1.netns.run_inside(|| {
+        (1..=200)
+            .map(|n| {
+                TcpStream::connect_timeout(&target, Duration::from_secs(3))
+                    .with_context(|| format!("connection {n} of 200"))
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let accepted = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
+    let ports: BTreeSet<u16> = accepted
+        .iter()
+        .map(|c| Ok(c.peer_addr()?.port()))
+        .collect::<Result<_>>()?;
+    ensure!(ports.len() == 200 && ports.iter().all(|p| (61000..=61199).contains(p)));
+    ensure!(packets(n1, verdict::DROP_NAT_EXHAUSTED)? == 0);
+    // Every port is held by an open connection: the 201st is refused, at once.
+    let started = Instant::now();
+    let refused = a1
+        .netns
+        .run_inside(|| Ok(TcpStream::connect_timeout(&target, Duration::from_secs(3))));
+    let took = started.elapsed();
+    match refused? {
+        Ok(_) => bail!("a 201st connection got through 200 ports"),
+        Err(e) => ensure!(
+            e.kind() == std::io::ErrorKind::ConnectionRefused,
+            "the 201st connection failed with {e} after {took:?}, not refused"
+        ),
+    }
+    ensure!(
+        took < Duration::from_millis(500),
+        "refused only after {took:?}"
+    );
+    ensure!(packets(n1, verdict::DROP_NAT_EXHAUSTED)? >= 1);
+    drop(held);
+    Ok(())
+}
+
+#[test]
+fn icmp_errors_about_masqueraded_flows_reach_the_pod() -> Result<()> {
+    let cluster = Cluster::new(&prefix("naticmp"), &["node-1"], &[])?;
+    let n1 = cluster.node("node-1");
+    let a1 = n1.add_pod("a1")?;
+    // Port unreachable from the external host: the pod's UDP socket sees ECONNREFUSED.
+    let closed = SocketAddr::from((EXTERNAL_IP, 9701));
+    let answer = a1.netns.run_inside(|| {
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        socket.connect(closed)?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        socket.send(b"anyone?")?;
+        let mut buf = [0u8; 16];
+        Ok(socket.recv(&mut buf).map(|_| ()))
+    })?;
+    match answer {
+        Ok(()) => bail!("a closed port answered"),
+        Err(e) => ensure!(
+            e.kind() == std::io::ErrorKind::ConnectionRefused,
+            "UDP to a closed port: {e}, not ECONNREFUSED"
+        ),
+    }
+    ensure!(packets(n1, verdict::ICMP_ERROR_TRANSLATED)? >= 1);
+
+    // A 1200-byte hop after the router: fragmentation-needed must reach the pod, or the
+    // upload stalls (path MTU black hole).
+    cluster
+        .router
+        .exec(&["ip", "link", "set", "x0", "mtu", "1200"])?;
+    let target = SocketAddr::from((EXTERNAL_IP, 9702));
+    let listener = cluster
+        .external
+        .run_inside(|| Ok(TcpListener::bind(target)?))?;
+    let reader = std::thread::spawn(move || -> Result<u64> {
+        let (mut conn, _) = listener.accept()?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let (mut total, mut buf) = (0u64, vec![0u8; 65536]);
+        loop {
+            match conn.read(&mut buf)? {
+                0 => return Ok(total),
+                n => total += n as u64,
+            }
+        }
+    });
+    let before = packets(n1, verdict::ICMP_ERROR_TRANSLATED)?;
+    let started = Instant::now();
+    a1.netns.run_inside(|| {
+        let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(&vec![0x5a; 300 * 1024])?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    })?;
+    let received = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?
+        .context("the upload through the 1200-byte hop stalled (path MTU black hole)")?;
+    ensure!(
+        received == 300 * 1024,
+        "the external host received {received} of {} bytes",
+        300 * 1024
+    );
+    eprintln!("300 kB through a 1200-byte hop in {:?}", started.elapsed());
+    ensure!(packets(n1, verdict::ICMP_ERROR_TRANSLATED)? > before);
+
+    // The other way: the pod's port unreachable about a late reply (its socket is gone)
+    // leaves from the node IP quoting the translated tuple, so the peer's socket, which
+    // knows only the node IP and port, sees ECONNREFUSED.
+    let service = SocketAddr::from((EXTERNAL_IP, 9703));
+    let peer_socket = cluster
+        .external
+        .run_inside(|| Ok(std::net::UdpSocket::bind(service)?))?;
+    peer_socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    a1.netns.run_inside(|| {
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        socket.send_to(b"hello", service)?;
+        Ok(())
+    })?;
+    let mut buf = [0u8; 16];
+    let (_, translated) = peer_socket.recv_from(&mut buf)?;
+    ensure!(translated.ip() == n1.node_ip, "{translated}");
+    peer_socket.connect(translated)?;
+    let before = packets(n1, verdict::ICMP_ERROR_TRANSLATED)?;
+    peer_socket.send(b"late reply")?;
+    match peer_socket.recv(&mut buf) {
+        Ok(_) => bail!("the pod's closed socket answered"),
+        Err(e) => ensure!(
+            e.kind() == std::io::ErrorKind::ConnectionRefused,
+            "a late reply to the pod's closed port: {e}, not ECONNREFUSED at the peer"
+        ),
+    }
+    ensure!(packets(n1, verdict::ICMP_ERROR_TRANSLATED)? > before);
+    Ok(())
+}
+
+/// Sends one `size`-byte datagram from `client` to an echo server on `server` and waits
+/// for it to come back whole.
+fn big_udp_echo(server: &Netns, client: &Netns, target: SocketAddr, size: usize) -> Result<()> {
+    let socket = server.run_inside(|| Ok(std::net::UdpSocket::bind(target)?))?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let echo = std::thread::spawn(move || -> Result<usize> {
+        let mut buf = vec![0u8; 65536];
+        let (n, peer) = socket.recv_from(&mut buf)?;
+        socket.send_to(&buf[..n], peer)?;
+        Ok(n)
+    });
+    let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let reply = client.run_inside(|| {
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+        socket.send_to(&payload, target)?;
+        let mut buf = vec![0u8; 65536];
+        let (n, _) = socket.recv_from(&mut buf).context("no echo")?;
+        buf.truncate(n);
+        Ok(buf)
+    })?;
+    let seen = echo
+        .join()
+        .map_err(|_| anyhow::anyhow!("echo panicked"))??;
+    ensure!(seen == size, "the server got {seen} of {size} bytes");
+    ensure!(
+        reply == payload,
+        "the echo came back as {} bytes",
+        reply.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn fragments_follow_their_first_fragment_through_snat() -> Result<()> {
+    let cluster = Cluster::new(&prefix("natfrag"), &["node-1"], &[])?;
+    let n1 = cluster.node("node-1");
+    let a1 = n1.add_pod("a1")?;
+    let out = a1.netns.exec(&[
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "2",
+        "-s",
+        "3000",
+        &EXTERNAL_IP.to_string(),
+    ]);
+    let out = out.context("ping -s 3000 to the external host")?;
+    ensure!(out.contains("2 received"), "{out}");
+    big_udp_echo(
+        &cluster.external,
+        &a1.netns,
+        SocketAddr::from((EXTERNAL_IP, 9800)),
+        4000,
+    )
+    .context("4000-byte UDP to the external host and back")?;
+    ensure!(packets(n1, verdict::FRAGMENT_TRANSLATED)? >= 4);
+    ensure!(packets(n1, verdict::DROP_FRAGMENT_UNTRACKED)? == 0);
+    Ok(())
+}
+
+/// Pins the calling thread to one CPU.
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
+    // touch the set we own; pid 0 is the calling thread.
+    let pinned = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    ensure!(pinned == 0, "cannot pin to CPU {cpu}");
+    Ok(())
+}
+
+#[test]
+fn two_cpus_sending_a_new_flows_first_packets_at_once_agree_on_one_port() -> Result<()> {
+    const FLOWS: usize = 1500;
+    ensure!(
+        std::thread::available_parallelism()?.get() >= 2,
+        "needs two CPUs"
+    );
+    let cluster = Cluster::new(&prefix("natrace"), &["node-1"], &[])?;
+    let n1 = cluster.node("node-1");
+    let a1 = n1.add_pod("a1")?;
+    let target = SocketAddr::from((EXTERNAL_IP, 9900));
+    let server = cluster
+        .external
+        .run_inside(|| Ok(std::net::UdpSocket::bind(target)?))?;
+    server.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let receiver = std::thread::spawn(move || -> Result<Vec<(u32, SocketAddr)>> {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 16];
+        while seen.len() < 2 * FLOWS {
+            match server.recv_from(&mut buf) {
+                Ok((4, peer)) => {
+                    seen.push((u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), peer))
+                }
+                Ok(_) => bail!("a datagram of the wrong size"),
+                Err(_) => break,
+            }
+        }
+        Ok(seen)
+    });
+    // One socket per flow; two threads on two CPUs send each flow's first datagram at once.
+    let sockets = a1.netns.run_inside(|| {
+        (0..FLOWS)
+            .map(|_| Ok(std::net::UdpSocket::bind(("0.0.0.0", 0))?))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|scope| -> Result<()> {
+        let senders: Vec<_> = (0..2)
+            .map(|cpu| {
+                let (sockets, barrier) = (&sockets, &barrier);
+                scope.spawn(move || -> Result<()> {
+                    pin_to_cpu(cpu)?;
+                    for (index, socket) in sockets.iter().enumerate() {
+                        barrier.wait();
+                        socket.send_to(&(index as u32).to_be_bytes(), target)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for sender in senders {
+            sender
+                .join()
+                .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        }
+        Ok(())
+    })?;
+    let seen = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let mut ports: std::collections::BTreeMap<u32, BTreeSet<u16>> = Default::default();
+    for (index, peer) in &seen {
+        ports.entry(*index).or_default().insert(peer.port());
+    }
+    let split: Vec<_> = ports.iter().filter(|(_, p)| p.len() > 1).collect();
+    eprintln!(
+        "{} datagrams of {FLOWS} flows arrived; {} flows left with two ports",
+        seen.len(),
+        split.len()
+    );
+    ensure!(split.is_empty(), "flows with two ports: {split:?}");
+    ensure!(
+        seen.len() == 2 * FLOWS,
+        "only {} datagrams arrived",
+        seen.len()
+    );
+    // And no reply entry was left behind by a loser: one ingress entry per flow.
+    let entries = mycni::datapath::NatTable::open(&n1.pin_root())?.entries()?;
+    let udp = |direction| {
+        entries
+            .iter()
+            .filter(|(k, e)| k.proto == 17 && e.direction == direction)
+            .count()
+    };
+    let (egress, ingress) = (
+        udp(mycni_common::NAT_EGRESS),
+        udp(mycni_common::NAT_INGRESS),
+    );
+    ensure!(
+        egress == FLOWS && ingress == FLOWS,
+        "{egress} egress and {ingress} ingress UDP entries for {FLOWS} flows"
+    );
+    Ok(())
+}
+
+#[test]
+fn large_udp_replies_through_a_cluster_ip_keep_their_fragments_together() -> Result<()> {
+    let cluster = Cluster::new(&prefix("fragsvc"), &ALL, &[])?;
+    cluster.wait_for_full_mesh()?;
+    let (n1, n2) = (cluster.node("node-1"), cluster.node("node-2"));
+    let client = n1.add_pod("cl")?;
+    let local = n1.add_pod("be1")?;
+    let remote = n2.add_pod("be2")?;
+    // kube-proxy-style UDP ClusterIPs (like DNS): one backend on this node, one on another.
+    for (vip, backend) in [("10.96.0.53", &local), ("10.96.0.54", &remote)] {
+        n1.netns.exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            vip,
+            "-p",
+            "udp",
+            "--dport",
+            "53",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{}:5353", backend.ip),
+        ])?;
+    }
+    // The echo answers 4000 bytes: three fragments at the pods' 1450-byte MTU, of which
+    // only the first has ports; all must be un-DNATed by the stack.
+    for (what, vip, backend) in [
+        ("backend on the same node", "10.96.0.53", &local),
+        ("backend on another node", "10.96.0.54", &remote),
+    ] {
+        let listen = SocketAddr::from((backend.ip, 5353));
+        let socket = backend
+            .netns
+            .run_inside(|| Ok(std::net::UdpSocket::bind(listen)?))?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let answer = std::thread::spawn(move || -> Result<()> {
+            let mut buf = [0u8; 64];
+            let (_, peer) = socket.recv_from(&mut buf)?;
+            socket.send_to(&[0x42; 4000], peer)?;
+            Ok(())
+        });
+        let vip: SocketAddr = format!("{vip}:53").parse()?;
+        let reply = client.netns.run_inside(|| {
+            let socket = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            socket.send_to(b"big answer please", vip)?;
+            let mut buf = vec![0u8; 65536];
+            let (n, from) = socket.recv_from(&mut buf).context("no answer")?;
+            Ok((n, from))
+        });
+        answer
+            .join()
+            .map_err(|_| anyhow::anyhow!("backend panicked"))??;
+        let (n, from) = reply.with_context(|| what.to_string())?;
+        ensure!(n == 4000 && from == vip, "{what}: {n} bytes from {from}");
+    }
+    ensure!(packets(n1, verdict::STACK_FLOW_REPLY)? >= 2);
+    Ok(())
+}
+
+#[test]
+fn a_new_udp_flow_without_a_free_port_is_told_at_once() -> Result<()> {
+    let cluster = Cluster::new(
+        &prefix("natudpfull"),
+        &["node-1"],
+        &["--nat-ports", "61000-61001"],
+    )?;
+    let n1 = cluster.node("node-1");
+    let a1 = n1.add_pod("a1")?;
+    let target = SocketAddr::from((EXTERNAL_IP, 9550));
+    let server = cluster
+        .external
+        .run_inside(|| Ok(std::net::UdpSocket::bind(target)?))?;
+    server.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let sockets = a1.netns.run_inside(|| {
+        (0..3)
+            .map(|_| {
+                let socket = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+                socket.connect(target)?;
+                socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+                Ok(socket)
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    // Two flows hold both ports (unanswered UDP lives 30 s).
+    let mut buf = [0u8; 16];
+    let mut ports = BTreeSet::new();
+    for socket in &sockets[..2] {
+        socket.send(b"hold")?;
+        ports.insert(server.recv_from(&mut buf)?.1.port());
+    }
+    ensure!(ports == BTreeSet::from([61000, 61001]), "{ports:?}");
+    ensure!(packets(n1, verdict::DROP_NAT_EXHAUSTED)? == 0);
+    // The third is answered by the node at once instead of vanishing.
+    let started = Instant::now();
+    sockets[2].send(b"no room")?;
+    match sockets[2].recv(&mut buf) {
+        Ok(_) => bail!("the third flow got an answer"),
+        Err(e) => ensure!(
+            e.kind() == std::io::ErrorKind::HostUnreachable,
+            "the third flow failed with {e} after {:?}, not EHOSTUNREACH",
+            started.elapsed()
+        ),
+    }
+    ensure!(started.elapsed() < Duration::from_millis(500));
+    ensure!(packets(n1, verdict::DROP_NAT_EXHAUSTED)? == 1);
     Ok(())
 }

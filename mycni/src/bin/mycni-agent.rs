@@ -29,6 +29,9 @@ commands:
                --node-name NAME --cluster-cidr CIDR (--kubeconfig FILE | --in-cluster)
                [--non-masquerade-cidr CIDR]... [--nat-ports MIN-MAX]
                [--nat-timeout-tcp SECS] [--nat-timeout-udp SECS] [--nat-timeout-icmp SECS]
+                   idle lifetimes of established TCP (432000, 5 days), answered UDP
+                   (120) and ICMP echo (30); handshakes, closing and closed TCP and
+                   unanswered UDP follow conntrack (120/60/120/5/30 s), capped by these
              In every mode:
                --cni-conf-dir DIR --pod-cidr CIDR [--pod-mtu N] [--network-name mycni]
                    write DIR/10-mycni.conflist once the datapath is ready
@@ -511,12 +514,13 @@ fn print_nat(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
         17 => "udp",
         _ => "other",
     };
-    let rows: Vec<_> = entries
+    let rows: Vec<_> = mycni::nat::flow_states(&entries)
         .iter()
-        .map(|(key, entry)| {
+        .map(|(key, entry, state)| {
             serde_json::json!({
                 "proto": proto(key.proto),
                 "direction": if entry.direction == NAT_EGRESS { "egress" } else { "ingress" },
+                "state": state.name(),
                 "from": format!("{}:{}", std::net::Ipv4Addr::from(key.saddr), key.sport),
                 "to": format!("{}:{}", std::net::Ipv4Addr::from(key.daddr), key.dport),
                 "translatedTo": format!("{}:{}", std::net::Ipv4Addr::from(entry.addr), entry.port),
@@ -542,15 +546,16 @@ fn print_nat(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
             mycni_common::MAX_NAT
         );
         println!(
-            "{:<5} {:<8} {:<22} {:<22} {:<22} IDLE",
-            "PROTO", "DIR", "FROM", "TO", "REWRITTEN"
+            "{:<5} {:<8} {:<12} {:<22} {:<22} {:<22} IDLE",
+            "PROTO", "DIR", "STATE", "FROM", "TO", "REWRITTEN"
         );
         for row in rows {
             let text = |key: &str| row[key].as_str().unwrap_or("").to_string();
             println!(
-                "{:<5} {:<8} {:<22} {:<22} {:<22} {}s",
+                "{:<5} {:<8} {:<12} {:<22} {:<22} {:<22} {}s",
                 text("proto"),
                 text("direction"),
+                text("state"),
                 text("from"),
                 text("to"),
                 text("translatedTo"),

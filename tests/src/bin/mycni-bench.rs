@@ -364,6 +364,144 @@ fn mycni_two_nodes(prefix: &str, mode: &str) -> Result<Path2> {
     })
 }
 
+/// A pod whose traffic to an external host (another namespace on the node's uplink) is
+/// masqueraded: by mycni's SNAT (`mycni == true`), or by the bridge plugin's `ipMasq`
+/// (an iptables MASQUERADE rule, kernel conntrack/NAT).
+struct Egress {
+    name: &'static str,
+    pod: Netns,
+    external: Netns,
+    node: Option<Node>,
+    _keep: Vec<Box<dyn std::any::Any>>,
+}
+
+const EXTERNAL_HOST: Ipv4Addr = Ipv4Addr::new(192, 168, 200, 2);
+
+fn egress_path(prefix: &str, mycni: bool) -> Result<Egress> {
+    let tag = if mycni { "em" } else { "ek" };
+    let external = Netns::new(&format!("{prefix}-{tag}-ext"))?;
+    if mycni {
+        let nodes_file = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-{tag}-nodes"));
+        std::fs::write(&nodes_file, "n1 192.168.200.1 10.244.1.0/24\n")?;
+        let mut node = Node::bare(&format!("{prefix}-{tag}"), "n1", "10.244.1.0/24")?;
+        veth_between(
+            &node.netns,
+            "192.168.200.1/24",
+            &external,
+            "192.168.200.2/24",
+            "eth0",
+        )?;
+        node.node_ip = Ipv4Addr::new(192, 168, 200, 1);
+        node.netns.sysctl("net.ipv4.ip_forward", "1")?;
+        let file = nodes_file.display().to_string();
+        node.start_agent(&[
+            "--node-name",
+            "n1",
+            "--node-ip",
+            "192.168.200.1",
+            "--uplink",
+            "eth0",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--nodes-file",
+            &file,
+        ])?;
+        let pod = node.add_pod("a")?;
+        Ok(Egress {
+            name: "mycni SNAT",
+            pod: pod.netns,
+            external,
+            node: Some(node),
+            _keep: vec![Box::new(RemoveFile(nodes_file))],
+        })
+    } else {
+        let node = Netns::new(&format!("{prefix}-{tag}-node"))?;
+        veth_between(
+            &node,
+            "192.168.200.1/24",
+            &external,
+            "192.168.200.2/24",
+            "eth0",
+        )?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        let data = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-{tag}-ipam"));
+        let conf = bridge_conf("bench-egress", "10.89.0.0/24", true, &data);
+        let (pod, _) = bridge_pod(&node, &format!("{prefix}-{tag}-pod"), &conf)?;
+        Ok(Egress {
+            name: "kernel MASQUERADE",
+            pod,
+            external,
+            node: None,
+            _keep: vec![Box::new(node), Box::new(RemoveDir(data))],
+        })
+    }
+}
+
+/// New connections per second from one pod to one external ip:port through SNAT, closed
+/// cleanly, at a paced 500/s for `seconds`; with mycni, also its allocation failures.
+fn egress_churn(path: &Egress, port: u16, seconds: u64) -> Result<Value> {
+    let churn = mycni_tests::bench::connection_churn(
+        &path.external,
+        &path.pod,
+        SocketAddr::from((EXTERNAL_HOST, port)),
+        500,
+        Duration::from_secs(seconds),
+    );
+    let (failures, tcp_states) = match &path.node {
+        Some(node) => {
+            let stats = mycni::datapath::read_stats(&node.pin_root())?;
+            let nat = mycni::datapath::NatTable::open(&node.pin_root())?.entries()?;
+            let states = mycni::nat::occupancy(&nat).tcp_states;
+            let states: serde_json::Map<String, Value> = mycni::nat::TCP_STATE_NAMES
+                .iter()
+                .zip(states)
+                .map(|(name, n)| (name.to_string(), json!(n)))
+                .collect();
+            (
+                Some(stats[mycni_common::verdict::DROP_NAT_EXHAUSTED as usize].packets),
+                Some(states),
+            )
+        }
+        None => (None, None),
+    };
+    Ok(match churn {
+        Ok(c) => json!({"path": path.name, "attempted": c.attempted, "completed": c.completed,
+                        "seconds": c.elapsed.as_secs_f64(), "per_s": c.rate(), "nat_allocation_failures": failures,
+                        "nat_tcp_flows_at_end": tcp_states}),
+        Err(e) => {
+            json!({"path": path.name, "error": format!("{e:#}"), "nat_allocation_failures": failures,
+                         "nat_tcp_flows_at_end": tcp_states})
+        }
+    })
+}
+
+/// The SNAT churn of mycni and of kernel MASQUERADE, as a report section and JSON rows.
+fn churn_section(prefix: &str, seconds: u64) -> Result<(String, Vec<Value>)> {
+    let mut rows = Vec::new();
+    for (index, mycni) in [true, false].into_iter().enumerate() {
+        let path = egress_path(prefix, mycni)?;
+        eprintln!("SNAT churn, {seconds} s: {} ...", path.name);
+        rows.push(egress_churn(&path, 30000 + index as u16, seconds)?);
+    }
+    let mut md = format!(
+        "\n## SNAT connection churn (one pod to one external ip:port, 500 new connections/s paced, {seconds} s, closed cleanly)\n\n| path | completed / tried | connections/s | SNAT allocation failures |\n|---|---|---|---|\n"
+    );
+    for row in &rows {
+        md += &format!(
+            "| {} | {} / {} | {} | {} |\n",
+            row["path"].as_str().unwrap_or(""),
+            row["completed"],
+            row["attempted"],
+            row["per_s"]
+                .as_f64()
+                .map(|r| format!("{r:.0}"))
+                .unwrap_or_else(|| row["error"].to_string()),
+            row["nat_allocation_failures"]
+        );
+    }
+    Ok((md, rows))
+}
+
 struct RemoveDir(PathBuf);
 impl Drop for RemoveDir {
     fn drop(&mut self) {
@@ -698,6 +836,16 @@ fn main() -> Result<()> {
         PathBuf::from(std::env::var("MYCNI_BENCH_OUT").unwrap_or_else(|_| "target/bench".into()));
     std::fs::create_dir_all(&out_dir)?;
     let p = prefix("bench");
+    let churn_seconds = if settings.quick { 10 } else { 60 };
+    if std::env::args().any(|a| a == "--churn-only") {
+        let (md, churn) = churn_section(&p, churn_seconds)?;
+        std::fs::write(
+            out_dir.join("churn.json"),
+            serde_json::to_string_pretty(&churn)?,
+        )?;
+        println!("{md}");
+        return Ok(());
+    }
     eprintln!("building the paths ...");
     let paths = vec![
         bare_veth(&p)?,
@@ -764,6 +912,7 @@ fn main() -> Result<()> {
         settings.cni_pods,
     )?;
     drop(paths);
+    let (churn_md, churn) = churn_section(&p, churn_seconds)?;
 
     // Report.
     let groups: Vec<(&str, Vec<&'static str>)> = vec![
@@ -868,6 +1017,7 @@ fn main() -> Result<()> {
         mycni_ops.concurrent_p50_ms, mycni_ops.concurrent_p99_ms, bridge_ops.concurrent_p50_ms, bridge_ops.concurrent_p99_ms,
         mycni_ops.concurrent_pods_per_s, bridge_ops.concurrent_pods_per_s
     );
+    md += &churn_md;
     md += &format!(
         "\n## Memory\n\nagent RSS {} KiB; pinned maps {} bytes with 0 pods, {} bytes with 100 pods ({:.0} bytes per pod, as the kernel accounts it)\n",
         mycni_node_memory["agent_rss_kib"], mycni_node_memory["maps_bytes_at_0_pods"], mycni_node_memory["maps_bytes_at_100_pods"], mycni_node_memory["bytes_per_pod"].as_f64().unwrap_or(0.0)
@@ -884,6 +1034,7 @@ fn main() -> Result<()> {
         "samples": samples, "targets": target_rows,
         "cni": {"mycni": cni_json(&mycni_ops), "bridge": cni_json(&bridge_ops)},
         "memory": mycni_node_memory,
+        "snat_churn": churn,
     });
     std::fs::write(out_dir.join("results.md"), &md)?;
     std::fs::write(
