@@ -23,7 +23,7 @@ use aya_ebpf::{
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
-        bpf_skb_set_tunnel_key,
+        bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
     },
     macros::{btf_map, classifier},
     programs::TcContext,
@@ -31,8 +31,8 @@ use aya_ebpf::{
 use aya_log_ebpf::macro_support::{level_enabled, Level};
 use mycni_common::{
     verdict, Counter, Endpoint, FlowKey, NatEntry, NodeConfig, Route, MARK_FROM_POD, MAX_ENDPOINTS,
-    MAX_NAT, MAX_NO_MASQ, MAX_ROUTES, MAX_STACK_FLOWS, NAT_EGRESS, NAT_INGRESS,
-    ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
+    MAX_NAT, MAX_NO_MASQ, MAX_PEERS, MAX_ROUTES, MAX_STACK_FLOWS, NAT_EGRESS, NAT_INGRESS,
+    ROUTE_LOCAL_CIDR, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
 };
 
 #[btf_map]
@@ -57,6 +57,10 @@ static NO_MASQ: LpmTrie<[u8; 4], u32, { MAX_NO_MASQ as usize }> = LpmTrie::new()
 /// Reply tuples of pod-to-pod flows the node stack routed (and possibly translated).
 #[btf_map]
 static STACK_FLOWS: LruHashMap<FlowKey, u64, { MAX_STACK_FLOWS as usize }> = LruHashMap::new();
+
+/// The other nodes' IPs: the only senders whose VXLAN `from_netdev` decapsulates toward pods.
+#[btf_map]
+static PEERS: HashMap<[u8; 4], u32, { MAX_PEERS as usize }> = HashMap::new();
 
 /// When the programs last logged at each level (indexed by `Level as u32`). Not pinned:
 /// each load starts afresh, like its log buffer (aya-log's `AYA_LOGS`).
@@ -106,6 +110,7 @@ macro_rules! event {
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_IPV6: u16 = 0x86dd;
 const ARP_OP_REQUEST: u16 = 1;
 const ARP_OP_REPLY: u16 = 2;
 const IPPROTO_ICMP: u8 = 1;
@@ -321,7 +326,18 @@ fn classify_from_pod(ctx: &TcContext) -> (u32, i32) {
     match u16::from_be(ethertype) {
         ETH_P_IP => ipv4_from_pod(ctx),
         ETH_P_ARP => arp_from_pod(ctx),
-        // IPv6 and anything else: the node stack decides.
+        // IPv4 only until dual-stack lands: a pod's router advertisement or redirect must
+        // never reach the node stack.
+        ETH_P_IPV6 => {
+            event!(
+                ctx,
+                Debug,
+                "from_pod: dropped IPv6 on ifindex {}: pods get IPv4 only",
+                ifindex(ctx)
+            );
+            (verdict::DROP_IPV6, TC_ACT_SHOT)
+        }
+        // Anything else: the node stack decides.
         _ => (verdict::TO_STACK, TC_ACT_OK),
     }
 }
@@ -338,10 +354,11 @@ fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
         return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
     };
     // A pod may only send from its own address: the source must be the endpoint behind this
-    // very veth. Unknown sources (an endpoint not written yet) go to the stack, which has
-    // its own reverse-path rules.
-    if let Some(endpoint) = unsafe { ENDPOINTS.get(packet.src) } {
-        if endpoint.ifindex != ifindex(ctx) {
+    // very veth, whatever the destination. (The plugin writes the endpoint and attaches
+    // this program before the veth comes up, so a pod's first packet already passes.)
+    match unsafe { ENDPOINTS.get(packet.src) } {
+        Some(endpoint) if endpoint.ifindex == ifindex(ctx) => {}
+        Some(endpoint) => {
             event!(
                 ctx,
                 Warn,
@@ -354,10 +371,27 @@ fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
             );
             return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
         }
+        None => {
+            event!(
+                ctx,
+                Warn,
+                "from_pod: dropped spoofed IPv4 from {:i} to {:i} (proto {}) on ifindex {}: no pod holds that source",
+                packet.src,
+                packet.dst,
+                packet.proto,
+                ifindex(ctx)
+            );
+            return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
+        }
     }
     let Some(route) = ROUTES.get(&Key::new(32, packet.dst)) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
+    // An address of this node's pod CIDR that no pod holds: the stack's unreachable route
+    // answers it (it would otherwise follow the default route out of the node).
+    if route.kind == ROUTE_LOCAL_CIDR {
+        return (verdict::TO_UNASSIGNED, TC_ACT_OK);
+    }
     // A reply in a flow the stack translated (a ClusterIP backend or a hostPort answering
     // a pod) must go back through the stack to be un-DNATed.
     if packet.has_ports && unsafe { STACK_FLOWS.get(packet.flow()) }.is_some() {
@@ -445,12 +479,18 @@ fn arp_from_pod(ctx: &TcContext) -> (u32, i32) {
         );
         return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
     };
-    if u16::from_be(op) != ARP_OP_REQUEST {
-        return (verdict::TO_STACK, TC_ACT_OK);
-    }
+    // A pod speaks ARP only for itself (its address and its MAC), requests and replies
+    // alike: whatever reaches the stack could teach the node's neighbour table a lie.
     let ifindex = ifindex(ctx);
     let Some(endpoint) = (unsafe { ENDPOINTS.get(spa) }) else {
-        return (verdict::TO_STACK, TC_ACT_OK);
+        event!(
+            ctx,
+            Warn,
+            "from_pod: dropped spoofed ARP from {:i} on ifindex {}: no pod holds that address",
+            spa,
+            ifindex
+        );
+        return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
     };
     if endpoint.ifindex != ifindex {
         event!(
@@ -462,6 +502,19 @@ fn arp_from_pod(ctx: &TcContext) -> (u32, i32) {
             endpoint.ifindex
         );
         return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
+    }
+    if sha != endpoint.pod_mac {
+        event!(
+            ctx,
+            Warn,
+            "from_pod: dropped spoofed ARP from {:i} on ifindex {}: the sender MAC is not the pod's",
+            spa,
+            ifindex
+        );
+        return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
+    }
+    if u16::from_be(op) != ARP_OP_REQUEST {
+        return (verdict::TO_STACK, TC_ACT_OK);
     }
     let host_mac = endpoint.host_mac;
     let reply = ARP_OP_REPLY.to_be();
@@ -519,6 +572,17 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
+    let Some(cfg) = config() else {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    };
+    let on_tunnel = cfg.tunnel_ifindex != 0 && ifindex(ctx) == cfg.tunnel_ifindex;
+    // The VXLAN device takes any sender and any VNI (collect-metadata mode): only our VNI
+    // from a known peer node may go on, whatever it carries.
+    if on_tunnel {
+        if let Some(drop) = foreign_tunnel_sender(ctx, cfg) {
+            return drop;
+        }
+    }
     let Ok(ethertype) = ctx.load::<u16>(12) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
@@ -526,9 +590,6 @@ fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
         return (verdict::TO_STACK, TC_ACT_OK);
     }
     let Some(mut packet) = parse_ipv4(ctx) else {
-        return (verdict::TO_STACK, TC_ACT_OK);
-    };
-    let Some(cfg) = config() else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
     let mut translated = false;
@@ -554,7 +615,6 @@ fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
             translated = true;
         }
     }
-    let on_tunnel = cfg.tunnel_ifindex != 0 && ifindex(ctx) == cfg.tunnel_ifindex;
     let to_stack = |verdict: u32| {
         // Decapsulated frames carry the sender's idea of our MAC; make the stack accept them.
         if on_tunnel {
@@ -565,6 +625,9 @@ fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
     let Some(route) = route_of(packet.dst) else {
         return to_stack(verdict::TO_STACK);
     };
+    if route.kind == ROUTE_LOCAL_CIDR {
+        return to_stack(verdict::TO_UNASSIGNED);
+    }
     if route.kind != ROUTE_LOCAL_ENDPOINT {
         return to_stack(verdict::TO_STACK);
     }
@@ -585,6 +648,45 @@ fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
             (verdict::DROP_MALFORMED, TC_ACT_SHOT)
         }
     }
+}
+
+/// The drop for a decapsulated packet that did not come from a known peer node with our
+/// VNI; `None` when it did.
+#[inline(always)]
+fn foreign_tunnel_sender(ctx: &TcContext, cfg: &NodeConfig) -> Option<(u32, i32)> {
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // SAFETY: the helper writes at most the size given into `key`.
+    let got = unsafe {
+        bpf_skb_get_tunnel_key(
+            ctx.skb.skb,
+            &mut key,
+            core::mem::size_of::<bpf_tunnel_key>() as u32,
+            0,
+        )
+    };
+    if got != 0 {
+        event!(
+            ctx,
+            Warn,
+            "from_netdev: dropped a packet on the VXLAN device without a tunnel key (error {})",
+            got
+        );
+        return Some((verdict::DROP_TUNNEL_FOREIGN, TC_ACT_SHOT));
+    }
+    // The helper gives the remote address in host order.
+    let sender = unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes();
+    if key.tunnel_id == cfg.vni && unsafe { PEERS.get(sender) }.is_some() {
+        return None;
+    }
+    event!(
+        ctx,
+        Warn,
+        "from_netdev: dropped VXLAN from {:i} with VNI {}: only VNI {} from a known peer node is accepted",
+        sender,
+        key.tunnel_id,
+        cfg.vni
+    );
+    Some((verdict::DROP_TUNNEL_FOREIGN, TC_ACT_SHOT))
 }
 
 #[classifier]
@@ -613,14 +715,16 @@ fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
     let Some(packet) = parse_ipv4(ctx) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
-    if !packet.has_ports || unsafe { ENDPOINTS.get(packet.src) }.is_none() {
+    if unsafe { ENDPOINTS.get(packet.src) }.is_none() {
         return (verdict::TO_STACK, TC_ACT_OK);
     }
     if ROUTES.get(&Key::new(32, packet.dst)).is_some() {
         // A local pod's flow to another pod that the stack routed (e.g. DNATed from a
         // ClusterIP): its replies must come back through the stack.
-        let now = unsafe { bpf_ktime_get_ns() };
-        let _ = STACK_FLOWS.insert(packet.reply_flow(), now, 0);
+        if packet.has_ports {
+            let now = unsafe { bpf_ktime_get_ns() };
+            let _ = STACK_FLOWS.insert(packet.reply_flow(), now, 0);
+        }
         return (verdict::TO_STACK, TC_ACT_OK);
     }
     let Some(cfg) = config() else {
@@ -630,12 +734,37 @@ fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
     if ifindex(ctx) != cfg.uplink_ifindex || NO_MASQ.get(&Key::new(32, packet.dst)).is_some() {
         return (verdict::TO_STACK, TC_ACT_OK);
     }
-    if cfg.node_ip == [0; 4]
-        || (packet.proto == IPPROTO_ICMP && packet.icmp_type != ICMP_ECHO_REQUEST)
-    {
+    if cfg.node_ip == [0; 4] {
         return (verdict::TO_STACK, TC_ACT_OK);
     }
+    let translatable =
+        packet.has_ports && (packet.proto != IPPROTO_ICMP || packet.icmp_type == ICMP_ECHO_REQUEST);
+    if !translatable {
+        // Later fragments carry no ports; translating them is left to the NAT work.
+        if later_fragment(ctx) {
+            return (verdict::TO_STACK, TC_ACT_OK);
+        }
+        // It needs masquerading but SNAT has no port to give it: it must not leave with
+        // the pod's address.
+        event!(
+            ctx,
+            Info,
+            "to_netdev: dropped proto {} (ICMP type {}) from {:i} to {:i}: it needs masquerading and SNAT cannot translate it",
+            packet.proto,
+            packet.icmp_type,
+            packet.src,
+            packet.dst
+        );
+        return (verdict::DROP_UNTRANSLATABLE, TC_ACT_SHOT);
+    }
     snat(ctx, &packet, cfg)
+}
+
+/// Whether the IPv4 packet is a fragment other than the first.
+#[inline(always)]
+fn later_fragment(ctx: &TcContext) -> bool {
+    ctx.load::<u16>(ETH_HLEN + 6)
+        .is_ok_and(|frag| u16::from_be(frag) & 0x1fff != 0)
 }
 
 /// Masquerades a pod's packet to the node IP, reusing the flow's port or finding a free one.

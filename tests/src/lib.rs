@@ -19,6 +19,7 @@ use serde_json::Value;
 pub mod bench;
 pub mod cluster;
 pub mod kubelab;
+pub mod raw;
 
 /// Where the binaries under test live (`cargo xtask test` sets it; defaults to target/debug).
 pub fn bin_dir() -> PathBuf {
