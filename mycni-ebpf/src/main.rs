@@ -327,11 +327,12 @@ fn classify_from_pod(ctx: &TcContext) -> (u32, i32) {
         ETH_P_IP => ipv4_from_pod(ctx),
         ETH_P_ARP => arp_from_pod(ctx),
         // IPv4 only until dual-stack lands: a pod's router advertisement or redirect must
-        // never reach the node stack.
+        // never reach the node stack. Every pod sends some (its own neighbour discovery),
+        // so the message is at trace, where it cannot crowd out the debug ones.
         ETH_P_IPV6 => {
             event!(
                 ctx,
-                Debug,
+                Trace,
                 "from_pod: dropped IPv6 on ifindex {}: pods get IPv4 only",
                 ifindex(ctx)
             );

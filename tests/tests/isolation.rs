@@ -267,6 +267,21 @@ fn vxlan_from_outside_the_cluster_reaches_no_pod() -> Result<()> {
         packets(n3, "drop_tunnel_foreign")? - before == dropped,
         "real VXLAN traffic was dropped as foreign"
     );
+
+    // The peers are exactly the other nodes, and follow the node list.
+    let peers = |node: &Node| -> Result<Vec<Ipv4Addr>> {
+        let mut found = mycni::datapath::read_peers(&node.pin_root())?;
+        found.sort();
+        Ok(found)
+    };
+    ensure!(
+        peers(n3)? == [NODES[0].ip, NODES[1].ip],
+        "PEERS: {:?}",
+        peers(n3)?
+    );
+    cluster.write_nodes_file(&["node-2", "node-3"])?;
+    wait_for(Duration::from_secs(5), || Ok(peers(n3)? == [NODES[1].ip]))
+        .context("node-1 stays a VXLAN peer of node-3 after leaving the node list")?;
     Ok(())
 }
 
