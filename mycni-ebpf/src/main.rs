@@ -1,17 +1,21 @@
 //! mycni's TC programs.
 //!
-//! - `from_pod` (host veth ingress: packets a pod sends) answers the pod's ARP for its
-//!   gateway, redirects packets for pods on this node straight into the destination pod
+//! - `from_pod` (host veth ingress: packets a pod sends) drops anything the pod sends as
+//!   someone else (IPv4 or ARP from an address or MAC not its own) and its IPv6, answers the
+//!   pod's ARP for its gateway, redirects packets for pods on this node straight into the
+//!   destination pod
 //!   (`bpf_redirect_peer`), sends packets for other nodes' pods to them (`bpf_redirect_neigh`
 //!   on the uplink, or the VXLAN device with the tunnel key set), and hands everything else
 //!   to the node stack (services, hostPorts, the node itself, the outside).
 //! - `to_pod` (host veth egress: packets the node stack sends to a pod) remembers flows the
 //!   stack routed from one pod to another, so their replies go back through the stack and it
 //!   can undo its own translations (kube-proxy DNAT).
-//! - `from_netdev` (uplink and VXLAN ingress) translates replies of masqueraded flows back
-//!   and delivers packets for local pods with `bpf_redirect_peer`.
+//! - `from_netdev` (uplink and VXLAN ingress) drops VXLAN that is not from a known peer node
+//!   with our VNI, translates replies of masqueraded flows back and delivers packets for
+//!   local pods with `bpf_redirect_peer`.
 //! - `to_netdev` (uplink and VXLAN egress) masquerades pod traffic leaving the cluster to
-//!   the node IP, and remembers pod-to-pod flows the stack sent to other nodes.
+//!   the node IP (dropping what SNAT cannot translate), and remembers pod-to-pod flows the
+//!   stack sent to other nodes.
 #![no_std]
 #![no_main]
 
