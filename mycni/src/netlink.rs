@@ -480,7 +480,6 @@ fn link_info(message: &LinkMessage) -> LinkInfo {
     info
 }
 
-/// Opens a network namespace file, e.g. `CNI_NETNS`.
 /// Turns IPv6 off on a host veth, and RAs and redirects with it: a pod must never configure
 /// the node's routes or addresses. Written before the link comes up, so it never gets a
 /// link-local address either. `accept_ra` and `accept_redirects` are set too, so the veth
@@ -506,6 +505,7 @@ pub fn isolate_ipv6(ifname: &str) -> Result<(), NetlinkError> {
     Ok(())
 }
 
+/// Opens a network namespace file, e.g. `CNI_NETNS`.
 pub fn open_netns(path: &Path) -> Result<File, NetlinkError> {
     File::open(path).map_err(|source| NetlinkError::Netns {
         path: path.display().to_string(),
