@@ -18,8 +18,9 @@ pub const MAP_NAT: &str = "NAT";
 pub const MAP_NO_MASQ: &str = "NO_MASQ";
 pub const MAP_STACK_FLOWS: &str = "STACK_FLOWS";
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
+pub const MAP_PEERS: &str = "PEERS";
 /// Every map the datapath pins, in a stable order.
-pub const MAP_NAMES: [&str; 8] = [
+pub const MAP_NAMES: [&str; 9] = [
     MAP_ROUTES,
     MAP_ENDPOINTS,
     MAP_STATS,
@@ -28,6 +29,7 @@ pub const MAP_NAMES: [&str; 8] = [
     MAP_NO_MASQ,
     MAP_STACK_FLOWS,
     MAP_FRAGMENTS,
+    MAP_PEERS,
 ];
 
 /// Host veth TC ingress: packets a pod sends.
@@ -54,6 +56,11 @@ pub const MAX_NO_MASQ: u32 = 64;
 pub const MAX_STACK_FLOWS: u32 = 65536;
 /// Capacity of `FRAGMENTS`: datagrams whose later fragments are still expected.
 pub const MAX_FRAGMENTS: u32 = 8192;
+/// Capacity of `PEERS`: room for clusters of several thousand nodes.
+pub const MAX_PEERS: u32 = 16384;
+
+/// Value of `PEERS` (keyed by a peer node's IP): the node is a known VXLAN peer.
+pub const PEER_KNOWN: u32 = 1;
 
 /// `skb->mark` bit set by `from_pod` on packets it sends to another node itself, so
 /// `to_netdev` can tell them from packets the node stack routed.
@@ -76,6 +83,10 @@ pub const ROUTE_REMOTE_NODE: u32 = 2;
 /// `Route::kind`: another node's pod CIDR, reached through the VXLAN device (`ifindex`)
 /// with `next_hop` as the tunnel's remote end.
 pub const ROUTE_REMOTE_TUNNEL: u32 = 3;
+/// `Route::kind`: this node's own pod CIDR. Its pods have /32 `ROUTE_LOCAL_ENDPOINT`
+/// entries, so a lookup lands here only for an address no pod holds; the programs count it
+/// and hand it to the stack, whose `unreachable` route answers ICMP host unreachable.
+pub const ROUTE_LOCAL_CIDR: u32 = 4;
 
 /// Value of `CONFIG` (an array of one): what the programs know about this node.
 #[repr(C)]
@@ -180,7 +191,8 @@ pub struct FragmentEntry {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
-    /// `ROUTE_LOCAL_ENDPOINT` or `ROUTE_REMOTE_NODE`.
+    /// `ROUTE_LOCAL_ENDPOINT`, `ROUTE_REMOTE_NODE`, `ROUTE_REMOTE_TUNNEL` or
+    /// `ROUTE_LOCAL_CIDR`.
     pub kind: u32,
     /// Local endpoint: the host veth; remote node: the uplink.
     pub ifindex: u32,
@@ -248,8 +260,19 @@ pub mod verdict {
     /// Dropped: a later fragment of a pod's datagram whose first fragment was not
     /// translated (it would leave with the pod's address).
     pub const DROP_FRAGMENT_UNTRACKED: u32 = 14;
+    /// Dropped: arrived on the VXLAN device from an address that is not a known peer node,
+    /// or with another VNI (the device accepts any sender and any VNI).
+    pub const DROP_TUNNEL_FOREIGN: u32 = 15;
+    /// Dropped: IPv6 from a pod (IPv4 only until dual-stack lands).
+    pub const DROP_IPV6: u32 = 16;
+    /// Dropped: a pod's packet that needs masquerading in a protocol SNAT cannot translate
+    /// (anything but TCP, UDP and ICMP echo requests); it would leave with the pod's address.
+    pub const DROP_UNTRANSLATABLE: u32 = 17;
+    /// To an address of this node's pod CIDR that no pod holds: handed to the stack, whose
+    /// `unreachable` route answers ICMP host unreachable.
+    pub const TO_UNASSIGNED: u32 = 18;
     /// Number of verdicts, the length of `STATS`.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 19;
     /// Display names, indexed by verdict.
     pub const NAMES: [&str; COUNT as usize] = [
         "local_redirect",
@@ -267,6 +290,10 @@ pub mod verdict {
         "fragment_translated",
         "icmp_error_translated",
         "drop_fragment_untracked",
+        "drop_tunnel_foreign",
+        "drop_ipv6",
+        "drop_untranslatable",
+        "to_unassigned",
     ];
 }
 

@@ -1,19 +1,23 @@
 //! mycni's TC programs.
 //!
-//! - `from_pod` (host veth ingress: packets a pod sends) answers the pod's ARP for its
-//!   gateway, redirects packets for pods on this node straight into the destination pod
+//! - `from_pod` (host veth ingress: packets a pod sends) drops anything the pod sends as
+//!   someone else (IPv4 or ARP from an address or MAC not its own) and its IPv6, answers the
+//!   pod's ARP for its gateway, redirects packets for pods on this node straight into the
+//!   destination pod
 //!   (`bpf_redirect_peer`), sends packets for other nodes' pods to them (`bpf_redirect_neigh`
 //!   on the uplink, or the VXLAN device with the tunnel key set), and hands everything else
 //!   to the node stack (services, hostPorts, the node itself, the outside).
 //! - `to_pod` (host veth egress: packets the node stack sends to a pod) remembers every flow
 //!   the stack delivered, so its replies go back through the stack too: it can undo its
 //!   own translations (kube-proxy DNAT) and its conntrack sees both directions.
-//! - `from_netdev` (uplink and VXLAN ingress) delivers packets from other nodes' pods to
+//! - `from_netdev` (uplink and VXLAN ingress) drops VXLAN that is not from a known peer
+//!   node with our VNI, delivers packets from other nodes' pods to
 //!   local pods with `bpf_redirect_peer`, and hands everything else to the node stack:
 //!   replies of masqueraded flows (and ICMP errors about them, and their later fragments)
 //!   after translating them back.
 //! - `to_netdev` (uplink and VXLAN egress) masquerades pod traffic leaving the cluster to
-//!   the node IP (except replies of flows the stack delivered to the pod), tracking each
+//!   the node IP (except replies of flows the stack delivered to the pod; dropping what
+//!   SNAT cannot translate), tracking each
 //!   flow's state (TCP handshake, FINs, RST; UDP answered or not) for the agent's expiry,
 //!   and remembers pod-to-pod flows the stack sent to other nodes.
 //!
@@ -31,7 +35,7 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop, bpf_redirect, bpf_redirect_neigh,
-        bpf_redirect_peer, bpf_skb_change_tail, bpf_skb_set_tunnel_key,
+        bpf_redirect_peer, bpf_skb_change_tail, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
     },
     macros::{btf_map, classifier},
     programs::TcContext,
@@ -40,9 +44,9 @@ use aya_log_ebpf::macro_support::{level_enabled, Level};
 use mycni_common::{
     nat_state, verdict, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, NatEntry,
     NodeConfig, Route, FRAGMENT_REVERSE_NAT, FRAGMENT_SNAT, FRAGMENT_TO_STACK, MARK_FROM_POD,
-    MARK_REVERSE_NAT, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_NAT, MAX_NO_MASQ, MAX_ROUTES,
-    MAX_STACK_FLOWS, NAT_EGRESS, NAT_INGRESS, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE,
-    ROUTE_REMOTE_TUNNEL,
+    MARK_REVERSE_NAT, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_NAT, MAX_NO_MASQ, MAX_PEERS, MAX_ROUTES,
+    MAX_STACK_FLOWS, NAT_EGRESS, NAT_INGRESS, ROUTE_LOCAL_CIDR, ROUTE_LOCAL_ENDPOINT,
+    ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
 };
 
 #[btf_map]
@@ -74,6 +78,10 @@ static STACK_FLOWS: LruHashMap<FlowKey, u64, { MAX_STACK_FLOWS as usize }> = Lru
 #[btf_map]
 static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry, { MAX_FRAGMENTS as usize }> =
     LruHashMap::new();
+
+/// The other nodes' IPs: the only senders whose VXLAN `from_netdev` decapsulates toward pods.
+#[btf_map]
+static PEERS: HashMap<[u8; 4], u32, { MAX_PEERS as usize }> = HashMap::new();
 
 /// When the programs last logged at each level (indexed by `Level as u32`). Not pinned:
 /// each load starts afresh, like its log buffer (aya-log's `AYA_LOGS`).
@@ -123,6 +131,7 @@ macro_rules! event {
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_IPV6: u16 = 0x86dd;
 const ARP_OP_REQUEST: u16 = 1;
 const ARP_OP_REPLY: u16 = 2;
 const IPPROTO_ICMP: u8 = 1;
@@ -367,7 +376,19 @@ fn classify_from_pod(ctx: &TcContext) -> (u32, i32) {
     match u16::from_be(ethertype) {
         ETH_P_IP => ipv4_from_pod(ctx),
         ETH_P_ARP => arp_from_pod(ctx),
-        // IPv6 and anything else: the node stack decides.
+        // IPv4 only until dual-stack lands: a pod's router advertisement or redirect must
+        // never reach the node stack. Every pod sends some (its own neighbour discovery),
+        // so the message is at trace, where it cannot crowd out the debug ones.
+        ETH_P_IPV6 => {
+            event!(
+                ctx,
+                Trace,
+                "from_pod: dropped IPv6 on ifindex {}: pods get IPv4 only",
+                ifindex(ctx)
+            );
+            (verdict::DROP_IPV6, TC_ACT_SHOT)
+        }
+        // Anything else: the node stack decides.
         _ => (verdict::TO_STACK, TC_ACT_OK),
     }
 }
@@ -384,10 +405,11 @@ fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
         return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
     };
     // A pod may only send from its own address: the source must be the endpoint behind this
-    // very veth. Unknown sources (an endpoint not written yet) go to the stack, which has
-    // its own reverse-path rules.
-    if let Some(endpoint) = unsafe { ENDPOINTS.get(packet.src) } {
-        if endpoint.ifindex != ifindex(ctx) {
+    // very veth, whatever the destination. (The plugin writes the endpoint and attaches
+    // this program before the veth comes up, so a pod's first packet already passes.)
+    match unsafe { ENDPOINTS.get(packet.src) } {
+        Some(endpoint) if endpoint.ifindex == ifindex(ctx) => {}
+        Some(endpoint) => {
             event!(
                 ctx,
                 Warn,
@@ -400,10 +422,27 @@ fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
             );
             return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
         }
+        None => {
+            event!(
+                ctx,
+                Warn,
+                "from_pod: dropped spoofed IPv4 from {:i} to {:i} (proto {}) on ifindex {}: no pod holds that source",
+                packet.src,
+                packet.dst,
+                packet.proto,
+                ifindex(ctx)
+            );
+            return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
+        }
     }
     let Some(route) = ROUTES.get(&Key::new(32, packet.dst)) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
+    // An address of this node's pod CIDR that no pod holds: the stack's unreachable route
+    // answers it (it would otherwise follow the default route out of the node).
+    if route.kind == ROUTE_LOCAL_CIDR {
+        return (verdict::TO_UNASSIGNED, TC_ACT_OK);
+    }
     // A reply in a flow the stack translated (a ClusterIP backend or a hostPort answering
     // a pod) must go back through the stack to be un-DNATed, all its fragments too.
     if stack_flow_reply(&packet) {
@@ -520,12 +559,18 @@ fn arp_from_pod(ctx: &TcContext) -> (u32, i32) {
         );
         return (verdict::DROP_MALFORMED, TC_ACT_SHOT);
     };
-    if u16::from_be(op) != ARP_OP_REQUEST {
-        return (verdict::TO_STACK, TC_ACT_OK);
-    }
+    // A pod speaks ARP only for itself (its address and its MAC), requests and replies
+    // alike: whatever reaches the stack could teach the node's neighbour table a lie.
     let ifindex = ifindex(ctx);
     let Some(endpoint) = (unsafe { ENDPOINTS.get(spa) }) else {
-        return (verdict::TO_STACK, TC_ACT_OK);
+        event!(
+            ctx,
+            Warn,
+            "from_pod: dropped spoofed ARP from {:i} on ifindex {}: no pod holds that address",
+            spa,
+            ifindex
+        );
+        return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
     };
     if endpoint.ifindex != ifindex {
         event!(
@@ -537,6 +582,19 @@ fn arp_from_pod(ctx: &TcContext) -> (u32, i32) {
             endpoint.ifindex
         );
         return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
+    }
+    if sha != endpoint.pod_mac {
+        event!(
+            ctx,
+            Warn,
+            "from_pod: dropped spoofed ARP from {:i} on ifindex {}: the sender MAC is not the pod's",
+            spa,
+            ifindex
+        );
+        return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
+    }
+    if u16::from_be(op) != ARP_OP_REQUEST {
+        return (verdict::TO_STACK, TC_ACT_OK);
     }
     let host_mac = endpoint.host_mac;
     let reply = ARP_OP_REPLY.to_be();
@@ -604,6 +662,17 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
+    let Some(cfg) = config() else {
+        return (verdict::TO_STACK, TC_ACT_OK);
+    };
+    let on_tunnel = cfg.tunnel_ifindex != 0 && ifindex(ctx) == cfg.tunnel_ifindex;
+    // The VXLAN device takes any sender and any VNI (collect-metadata mode): only our VNI
+    // from a known peer node may go on, whatever it carries.
+    if on_tunnel {
+        if let Some(drop) = foreign_tunnel_sender(ctx, cfg) {
+            return drop;
+        }
+    }
     let Ok(ethertype) = ctx.load::<u16>(12) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
@@ -613,10 +682,6 @@ fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
     let Some(packet) = parse_ipv4(ctx) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
-    let Some(cfg) = config() else {
-        return (verdict::TO_STACK, TC_ACT_OK);
-    };
-    let on_tunnel = cfg.tunnel_ifindex != 0 && ifindex(ctx) == cfg.tunnel_ifindex;
     let to_stack = |verdict: u32| {
         // Decapsulated frames carry the sender's idea of our MAC; make the stack accept them.
         if on_tunnel {
@@ -652,6 +717,9 @@ fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
     let Some(route) = route_of(packet.dst) else {
         return to_stack(verdict::TO_STACK);
     };
+    if route.kind == ROUTE_LOCAL_CIDR {
+        return to_stack(verdict::TO_UNASSIGNED);
+    }
     if route.kind != ROUTE_LOCAL_ENDPOINT {
         return to_stack(verdict::TO_STACK);
     }
@@ -877,7 +945,8 @@ fn rewrite_quote(
 
 /// An ICMP error a pod sends about a reply of its masqueraded flow (peer -> pod, quoted):
 /// leaves like the flow, from the node IP, quoting peer -> node IP and port, so the peer
-/// relates it to the connection it knows. `None`: not about a masqueraded flow.
+/// relates it to the connection it knows. About a flow the stack delivered to the pod:
+/// leaves untouched (`STACK_FLOW_REPLY`). `None`: about no flow we know.
 #[inline(always)]
 fn icmp_error_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<u32> {
     let inner = packet.l4 + 8;
@@ -907,7 +976,14 @@ fn icmp_error_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<u32> {
         pad: [0; 3],
     };
     // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
-    let entry = unsafe { NAT.get(forward) }?;
+    let Some(entry) = (unsafe { NAT.get(forward) }) else {
+        // About a flow the stack delivered to the pod (its reply tuple is `forward`): the
+        // peer knows the pod's address, so the error leaves as it is.
+        // SAFETY: only the entry's presence is read.
+        return unsafe { STACK_FLOWS.get(forward) }
+            .is_some()
+            .then_some(verdict::STACK_FLOW_REPLY);
+    };
     let (node_ip, nat_port) = (entry.addr, entry.port);
     rewrite_quote(
         ctx,
@@ -921,6 +997,45 @@ fn icmp_error_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<u32> {
     )?;
     rewrite_address(ctx, IP_SRC_OFF, packet.src, node_ip)?;
     Some(verdict::ICMP_ERROR_TRANSLATED)
+}
+
+/// The drop for a decapsulated packet that did not come from a known peer node with our
+/// VNI; `None` when it did.
+#[inline(always)]
+fn foreign_tunnel_sender(ctx: &TcContext, cfg: &NodeConfig) -> Option<(u32, i32)> {
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // SAFETY: the helper writes at most the size given into `key`.
+    let got = unsafe {
+        bpf_skb_get_tunnel_key(
+            ctx.skb.skb,
+            &mut key,
+            core::mem::size_of::<bpf_tunnel_key>() as u32,
+            0,
+        )
+    };
+    if got != 0 {
+        event!(
+            ctx,
+            Warn,
+            "from_netdev: dropped a packet on the VXLAN device without a tunnel key (error {})",
+            got
+        );
+        return Some((verdict::DROP_TUNNEL_FOREIGN, TC_ACT_SHOT));
+    }
+    // The helper gives the remote address in host order.
+    let sender = unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes();
+    if key.tunnel_id == cfg.vni && unsafe { PEERS.get(sender) }.is_some() {
+        return None;
+    }
+    event!(
+        ctx,
+        Warn,
+        "from_netdev: dropped VXLAN from {:i} with VNI {}: only VNI {} from a known peer node is accepted",
+        sender,
+        key.tunnel_id,
+        cfg.vni
+    );
+    Some((verdict::DROP_TUNNEL_FOREIGN, TC_ACT_SHOT))
 }
 
 #[classifier]
@@ -949,15 +1064,7 @@ fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
     let Some(packet) = parse_ipv4(ctx) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
-    let icmp_error = packet.proto == IPPROTO_ICMP
-        && !packet.later_fragment
-        && matches!(
-            packet.icmp_type,
-            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
-        );
-    if !(packet.has_ports || packet.later_fragment || icmp_error)
-        || unsafe { ENDPOINTS.get(packet.src) }.is_none()
-    {
+    if unsafe { ENDPOINTS.get(packet.src) }.is_none() {
         return (verdict::TO_STACK, TC_ACT_OK);
     }
     if ROUTES.get(&Key::new(32, packet.dst)).is_some() {
@@ -979,17 +1086,20 @@ fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
     if cfg.node_ip == [0; 4] {
         return (verdict::TO_STACK, TC_ACT_OK);
     }
-    if icmp_error {
-        return match icmp_error_from_pod(ctx, &packet) {
-            Some(verdict) => (verdict, TC_ACT_OK),
-            None => (verdict::TO_STACK, TC_ACT_OK),
-        };
-    }
-    if packet.proto == IPPROTO_ICMP
+    let icmp_error = packet.proto == IPPROTO_ICMP
         && !packet.later_fragment
-        && packet.icmp_type != ICMP_ECHO_REQUEST
-    {
-        return (verdict::TO_STACK, TC_ACT_OK);
+        && matches!(
+            packet.icmp_type,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+        );
+    if icmp_error {
+        // An error about the pod's masqueraded flow leaves like that flow; one about a flow
+        // the stack delivered to the pod leaves as it is; any other would leak the pod's
+        // address.
+        if let Some(verdict) = icmp_error_from_pod(ctx, &packet) {
+            return (verdict, TC_ACT_OK);
+        }
+        return untranslatable(ctx, &packet);
     }
     // A reply in a flow the stack delivered to the pod (a node's probe, NodePort with
     // externalTrafficPolicy Local): the peer expects the pod's own address. Later fragments
@@ -999,6 +1109,11 @@ fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
     }
     if packet.later_fragment {
         return snat_later_fragment(ctx, &packet);
+    }
+    let translatable =
+        packet.has_ports && (packet.proto != IPPROTO_ICMP || packet.icmp_type == ICMP_ECHO_REQUEST);
+    if !translatable {
+        return untranslatable(ctx, &packet);
     }
     snat(ctx, &packet, cfg)
 }
@@ -1028,6 +1143,23 @@ fn snat_later_fragment(ctx: &TcContext, packet: &Ipv4) -> (u32, i32) {
         Some(()) => (verdict::FRAGMENT_TRANSLATED, TC_ACT_OK),
         None => (verdict::DROP_MALFORMED, TC_ACT_SHOT),
     }
+}
+
+/// The drop for a pod's packet that needs masquerading but that SNAT has no port for (SCTP,
+/// GRE, ICMP other than echo requests and errors about known flows): it must not leave
+/// with the pod's address.
+#[inline(always)]
+fn untranslatable(ctx: &TcContext, packet: &Ipv4) -> (u32, i32) {
+    event!(
+        ctx,
+        Info,
+        "to_netdev: dropped proto {} (ICMP type {}) from {:i} to {:i}: it needs masquerading and SNAT cannot translate it",
+        packet.proto,
+        packet.icmp_type,
+        packet.src,
+        packet.dst
+    );
+    (verdict::DROP_UNTRANSLATABLE, TC_ACT_SHOT)
 }
 
 /// Masquerades a pod's packet to the node IP, reusing the flow's port or finding a free one.

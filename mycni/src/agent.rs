@@ -7,7 +7,9 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use mycni_common::{NodeConfig, LAYOUT_VERSION, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL};
+use mycni_common::{
+    NodeConfig, LAYOUT_VERSION, ROUTE_LOCAL_CIDR, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
+};
 
 use crate::datapath::{self, DatapathError, Maps, NatTable};
 use crate::ipam::Pool;
@@ -121,6 +123,8 @@ pub struct Agent {
     uplink_mtu: u32,
     tunnel_ifindex: u32,
     applied: BTreeMap<(Ipv4Addr, u8), PeerRoute>,
+    /// This node's pod CIDR as installed by this run (unreachable route and `ROUTES` entry).
+    own_cidr: Option<(Ipv4Addr, u8)>,
 }
 
 impl Agent {
@@ -183,6 +187,7 @@ impl Agent {
             uplink_mtu: uplink.mtu,
             tunnel_ifindex,
             applied: BTreeMap::new(),
+            own_cidr: None,
         };
         agent.applied = agent.routes_in_map()?;
         agent.write_no_masquerade()?;
@@ -240,6 +245,10 @@ impl Agent {
 
     /// Brings `ROUTES` and the kernel routes to what `nodes` implies.
     pub async fn apply_nodes(&mut self, nodes: &[NodeEntry]) -> Result<(), AgentError> {
+        datapath::write_peers(&self.root, &nodes::peer_ips(&self.local, nodes))?;
+        if let Some(cidr) = nodes::own_pod_cidr(&self.local, nodes) {
+            self.apply_own_cidr(cidr).await?;
+        }
         let desired = nodes::peer_routes(&self.local, self.settings.tunnel_mode, nodes);
         let (removed, changed) = nodes::diff_routes(&self.applied, &desired);
         let mut maps = Maps::open(&self.root)?;
@@ -285,6 +294,37 @@ impl Agent {
                 route.cidr, route.prefix_len, route.node_ip, route.path
             );
         }
+        Ok(())
+    }
+
+    /// Keeps the node's own pod CIDR on the node: an `unreachable` kernel route under the
+    /// pods' /32 routes (so the stack answers ICMP host unreachable instead of sending the
+    /// packet to the default gateway) and a `ROUTE_LOCAL_CIDR` entry, so the programs count
+    /// such packets. A CIDR left by an earlier run or assignment is removed.
+    async fn apply_own_cidr(&mut self, cidr: (Ipv4Addr, u8)) -> Result<(), AgentError> {
+        if self.own_cidr == Some(cidr) {
+            return Ok(());
+        }
+        self.netlink
+            .replace_unreachable_route(cidr.0, cidr.1)
+            .await?;
+        let mut maps = Maps::open(&self.root)?;
+        maps.write_local_cidr(cidr.0, cidr.1)?;
+        let stale: Vec<(Ipv4Addr, u8)> = maps
+            .routes()?
+            .into_iter()
+            .filter(|(ip, len, route)| route.kind == ROUTE_LOCAL_CIDR && (*ip, *len) != cidr)
+            .map(|(ip, len, _)| (ip, len))
+            .collect();
+        for (ip, len) in stale {
+            maps.remove_route(ip, len)?;
+            self.netlink.delete_unreachable_route(ip, len).await?;
+        }
+        self.own_cidr = Some(cidr);
+        eprintln!(
+            "mycni-agent: own pod CIDR {}/{}: addresses no pod holds are answered unreachable",
+            cidr.0, cidr.1
+        );
         Ok(())
     }
 

@@ -17,10 +17,10 @@ use aya::programs::ProgramError;
 use aya::{EbpfError, EbpfLoader};
 use mycni_common::{
     verdict, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, NatEntry, NodeConfig, Route,
-    MAP_CONFIG, MAP_ENDPOINTS, MAP_FRAGMENTS, MAP_NAMES, MAP_NAT, MAP_NO_MASQ, MAP_ROUTES,
-    MAP_STACK_FLOWS, MAP_STATS, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_NAT, MAX_NO_MASQ, MAX_ROUTES,
-    MAX_STACK_FLOWS, PROGRAM_NAMES, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD,
-    ROUTE_LOCAL_ENDPOINT,
+    MAP_CONFIG, MAP_ENDPOINTS, MAP_FRAGMENTS, MAP_NAMES, MAP_NAT, MAP_NO_MASQ, MAP_PEERS,
+    MAP_ROUTES, MAP_STACK_FLOWS, MAP_STATS, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_NAT, MAX_NO_MASQ,
+    MAX_PEERS, MAX_ROUTES, MAX_STACK_FLOWS, PEER_KNOWN, PROGRAM_NAMES, PROG_FROM_NETDEV,
+    PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD, ROUTE_LOCAL_CIDR, ROUTE_LOCAL_ENDPOINT,
 };
 
 /// The TC programs, built by `cargo xtask build-ebpf` and embedded at compile time.
@@ -114,6 +114,7 @@ fn expected_layout(name: &str) -> Option<(&'static str, u32, u32, u32)> {
             size_of::<FragmentEntry>() as u32,
             MAX_FRAGMENTS,
         ),
+        MAP_PEERS => ("hash", 4, 4, MAX_PEERS),
         _ => return None,
     })
 }
@@ -364,6 +365,25 @@ impl Maps {
             .map_err(map_error(MAP_ROUTES))
     }
 
+    /// Marks this node's own pod CIDR (kind `ROUTE_LOCAL_CIDR`): addresses in it that no
+    /// pod holds are counted and left to the stack's unreachable route.
+    pub fn write_local_cidr(
+        &mut self,
+        cidr: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<(), DatapathError> {
+        let route = Route {
+            kind: ROUTE_LOCAL_CIDR,
+            ifindex: 0,
+            next_hop: [0; 4],
+            pod_mac: [0; 6],
+            host_mac: [0; 6],
+        };
+        self.routes
+            .insert(&Key::new(prefix_len as u32, cidr.octets()), route, 0)
+            .map_err(map_error(MAP_ROUTES))
+    }
+
     pub fn remove_route(&mut self, cidr: Ipv4Addr, prefix_len: u8) -> Result<(), DatapathError> {
         ignore_missing(
             self.routes
@@ -410,6 +430,41 @@ pub fn write_no_masquerade(root: &Path, prefixes: &[(Ipv4Addr, u8)]) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Replaces the set of peer nodes whose VXLAN `from_netdev` accepts.
+pub fn write_peers(root: &Path, peers: &[Ipv4Addr]) -> Result<(), DatapathError> {
+    let mut map: HashMap<MapData, [u8; 4], u32> =
+        HashMap::try_from(Map::HashMap(open_pinned(root, MAP_PEERS)?))
+            .map_err(map_error(MAP_PEERS))?;
+    let present: Vec<[u8; 4]> = map
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(map_error(MAP_PEERS))?;
+    let wanted: std::collections::HashSet<[u8; 4]> = peers.iter().map(|p| p.octets()).collect();
+    for peer in &wanted {
+        if !present.contains(peer) {
+            map.insert(*peer, PEER_KNOWN, 0)
+                .map_err(map_error(MAP_PEERS))?;
+        }
+    }
+    for key in present {
+        if !wanted.contains(&key) {
+            ignore_missing(map.remove(&key)).map_err(map_error(MAP_PEERS))?;
+        }
+    }
+    Ok(())
+}
+
+/// The peer nodes `PEERS` holds.
+pub fn read_peers(root: &Path) -> Result<Vec<Ipv4Addr>, DatapathError> {
+    let map: HashMap<MapData, [u8; 4], u32> =
+        HashMap::try_from(Map::HashMap(open_pinned(root, MAP_PEERS)?))
+            .map_err(map_error(MAP_PEERS))?;
+    map.keys()
+        .map(|key| key.map(Ipv4Addr::from))
+        .collect::<Result<_, _>>()
+        .map_err(map_error(MAP_PEERS))
 }
 
 /// The SNAT table, for expiry and inspection.

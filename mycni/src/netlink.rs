@@ -11,7 +11,9 @@ use std::path::Path;
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteIpTunnel, RouteScope};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteIpTunnel, RouteScope, RouteType,
+};
 use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
@@ -22,6 +24,12 @@ pub enum NetlinkError {
     Socket(#[source] std::io::Error),
     #[error("cannot open network namespace {path}: {source}")]
     Netns {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Sysctl {
         path: String,
         #[source]
         source: std::io::Error,
@@ -42,9 +50,9 @@ impl NetlinkError {
                 source: rtnetlink::Error::NetlinkError(message),
                 ..
             } => message.code.map(|code| -code.get()),
-            NetlinkError::Netns { source, .. } | NetlinkError::Socket(source) => {
-                source.raw_os_error()
-            }
+            NetlinkError::Netns { source, .. }
+            | NetlinkError::Socket(source)
+            | NetlinkError::Sysctl { source, .. } => source.raw_os_error(),
             _ => None,
         }
     }
@@ -337,6 +345,40 @@ impl Netlink {
         .await
     }
 
+    /// `unreachable dst/prefix_len`, replacing any route to the same prefix: the stack
+    /// answers ICMP host unreachable for addresses more specific routes do not cover.
+    pub async fn replace_unreachable_route(
+        &self,
+        dst: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<(), NetlinkError> {
+        let message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, prefix_len)
+            .kind(RouteType::Unreachable)
+            .build();
+        self.replace_route(message, format!("add route unreachable {dst}/{prefix_len}"))
+            .await
+    }
+
+    /// Deletes `unreachable dst/prefix_len`; a route already gone is not an error.
+    pub async fn delete_unreachable_route(
+        &self,
+        dst: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<(), NetlinkError> {
+        let message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, prefix_len)
+            .kind(RouteType::Unreachable)
+            .scope(RouteScope::NoWhere)
+            .build();
+        match self.handle.route().del(message).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
+            other => other.map_err(request(format!(
+                "delete route unreachable {dst}/{prefix_len}"
+            ))),
+        }
+    }
+
     /// Deletes `dst/prefix_len` from the main table; a route already gone is not an error.
     pub async fn delete_route(&self, dst: Ipv4Addr, prefix_len: u8) -> Result<(), NetlinkError> {
         // Scope "nowhere" matches a route of any scope (link-scoped tunnel routes too).
@@ -436,6 +478,31 @@ fn link_info(message: &LinkMessage) -> LinkInfo {
         }
     }
     info
+}
+
+/// Turns IPv6 off on a host veth, and RAs and redirects with it: a pod must never configure
+/// the node's routes or addresses. Written before the link comes up, so it never gets a
+/// link-local address either. `accept_ra` and `accept_redirects` are set too, so the veth
+/// stays deaf should IPv6 be turned back on (by an operator, or dual-stack later). A kernel
+/// without IPv6 has nothing to protect. Uses the calling thread's namespace.
+pub fn isolate_ipv6(ifname: &str) -> Result<(), NetlinkError> {
+    for (key, value) in [
+        ("accept_ra", "0"),
+        ("accept_redirects", "0"),
+        ("disable_ipv6", "1"),
+    ] {
+        let path = format!("/proc/sys/net/ipv6/conf/{ifname}/{key}");
+        match std::fs::write(&path, value) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !Path::new("/proc/sys/net/ipv6").exists() {
+                    return Ok(());
+                }
+                return Err(NetlinkError::Sysctl { path, source: e });
+            }
+            other => other.map_err(|source| NetlinkError::Sysctl { path, source })?,
+        }
+    }
+    Ok(())
 }
 
 /// Opens a network namespace file, e.g. `CNI_NETNS`.

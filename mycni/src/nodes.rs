@@ -166,6 +166,24 @@ pub fn peer_routes(
         .collect()
 }
 
+/// The other nodes' IPs: the only senders whose VXLAN this node decapsulates toward pods.
+pub fn peer_ips(local: &LocalNode, nodes: &[NodeEntry]) -> Vec<Ipv4Addr> {
+    nodes
+        .iter()
+        .filter(|node| node.name != local.name && node.ip != local.ip)
+        .map(|node| node.ip)
+        .collect()
+}
+
+/// This node's own pod CIDR, when the node list names this node (by name, else by IP).
+pub fn own_pod_cidr(local: &LocalNode, nodes: &[NodeEntry]) -> Option<(Ipv4Addr, u8)> {
+    nodes
+        .iter()
+        .find(|node| node.name == local.name)
+        .or_else(|| nodes.iter().find(|node| node.ip == local.ip))
+        .map(|node| (node.pod_cidr.network(), node.pod_cidr.prefix_len()))
+}
+
 /// What changes between two route sets: routes to remove, routes to add or replace.
 pub fn diff_routes(
     applied: &BTreeMap<(Ipv4Addr, u8), PeerRoute>,
@@ -247,6 +265,29 @@ node-3 192.168.2.13 10.244.3.0/24
             &parse_nodes_file(FILE).unwrap(),
         );
         assert!(forced.values().all(|r| r.path == Path::Tunnel));
+    }
+
+    #[test]
+    fn peers_are_the_other_nodes_and_the_own_cidr_is_ours() {
+        let nodes = parse_nodes_file(FILE).unwrap();
+        let peers: Vec<String> = peer_ips(&local(), &nodes)
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect();
+        assert_eq!(peers, ["192.168.1.12", "192.168.2.13"]);
+        assert_eq!(
+            own_pod_cidr(&local(), &nodes),
+            Some(("10.244.1.0".parse().unwrap(), 24))
+        );
+        // Found by IP when listed under another name; absent when not listed at all.
+        let mut renamed = nodes.clone();
+        renamed[0].name = "node-one".into();
+        assert_eq!(
+            own_pod_cidr(&local(), &renamed),
+            Some(("10.244.1.0".parse().unwrap(), 24))
+        );
+        assert_eq!(peer_ips(&local(), &renamed).len(), 2);
+        assert_eq!(own_pod_cidr(&local(), &nodes[1..]), None);
     }
 
     #[test]

@@ -201,6 +201,7 @@ async fn setup_pod_network(
         .map_err(netlink_error)?
         .ok_or_else(|| CniError::new(ErrorCode::NetlinkFailure, format!("{host_name} vanished")))?;
     undo.host_veth = Some(host_link.index);
+    crate::netlink::isolate_ipv6(&host_name).map_err(netlink_error)?;
     let pod_link = pod
         .link_by_name(&env.ifname)
         .await
@@ -223,11 +224,8 @@ async fn setup_pod_network(
     pod.add_default_route_onlink(gateway, pod_link.index)
         .await
         .map_err(netlink_error)?;
-    host.set_up(host_link.index).await.map_err(netlink_error)?;
-    host.add_link_route(ip, 32, host_link.index)
-        .await
-        .map_err(netlink_error)?;
-
+    // The endpoint and from_pod are in place before the link comes up: the pod's very first
+    // packet is checked against its own address.
     let mut maps = Maps::open(&conf.bpffs_root).map_err(datapath_error)?;
     let endpoint = Endpoint {
         ifindex: host_link.index,
@@ -238,6 +236,10 @@ async fn setup_pod_network(
     undo.map_entry = Some(ip);
     maps.write_endpoint(ip, &endpoint).map_err(datapath_error)?;
     datapath::attach_to_host_veth(&conf.bpffs_root, &host_name).map_err(datapath_error)?;
+    host.set_up(host_link.index).await.map_err(netlink_error)?;
+    host.add_link_route(ip, 32, host_link.index)
+        .await
+        .map_err(netlink_error)?;
 
     Ok(CniResult {
         interfaces: vec![

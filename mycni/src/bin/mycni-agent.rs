@@ -15,7 +15,8 @@ use mycni::nat::NatTimeouts;
 use mycni::netlink::format_mac;
 use mycni::upkeep::{self, AgentCounters};
 use mycni_common::{
-    verdict, NAT_EGRESS, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
+    verdict, NAT_EGRESS, ROUTE_LOCAL_CIDR, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE,
+    ROUTE_REMOTE_TUNNEL,
 };
 
 const USAGE: &str = "usage: mycni-agent [--bpffs-root DIR] <command> [options]
@@ -468,6 +469,7 @@ fn route_kind(kind: u32) -> &'static str {
         ROUTE_LOCAL_ENDPOINT => "local",
         ROUTE_REMOTE_NODE => "direct",
         ROUTE_REMOTE_TUNNEL => "vxlan",
+        ROUTE_LOCAL_CIDR => "own-cidr",
         _ => "unknown",
     }
 }
