@@ -59,6 +59,7 @@ fn check_pair(
 
 #[test]
 fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("matrix"), &ALL, &[])?;
     wait_for_full_mesh(&cluster)?;
     let (n1, n2, n3) = (
@@ -152,6 +153,7 @@ fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<(
 
 #[test]
 fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("svc"), &ALL, &[])?;
     wait_for_full_mesh(&cluster)?;
     let (n1, n2, n3) = (
@@ -270,6 +272,7 @@ fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> 
 
 #[test]
 fn a_thousand_egress_connections_get_distinct_translated_ports() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("snat1k"), &["node-1"], &[])?;
     let n1 = cluster.node("node-1");
     let pods = (0..10)
@@ -350,6 +353,7 @@ fn a_thousand_egress_connections_get_distinct_translated_ports() -> Result<()> {
 
 #[test]
 fn nodes_file_changes_add_and_remove_routes() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("nodesfile"), &["node-1", "node-2"], &[])?;
     let (n1, n3) = (cluster.node("node-1"), cluster.node("node-3"));
     let a1 = n1.add_pod("a1")?;
@@ -391,6 +395,7 @@ fn nodes_file_changes_add_and_remove_routes() -> Result<()> {
 
 #[test]
 fn ten_megabytes_cross_vxlan_without_a_pmtu_black_hole() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("bulk"), &ALL, &[])?;
     wait_for_full_mesh(&cluster)?;
     let a1 = cluster.node("node-1").add_pod("a1")?;
@@ -440,6 +445,7 @@ fn ten_megabytes_cross_vxlan_without_a_pmtu_black_hole() -> Result<()> {
 
 #[test]
 fn forced_vxlan_mode_tunnels_even_on_link_peers() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("forcevx"), &ALL, &["--tunnel-mode", "vxlan"])?;
     wait_for_full_mesh(&cluster)?;
     let (n1, n2) = (cluster.node("node-1"), cluster.node("node-2"));
@@ -474,6 +480,7 @@ fn forced_vxlan_mode_tunnels_even_on_link_peers() -> Result<()> {
 
 #[test]
 fn the_agent_expires_idle_nat_entries_per_protocol() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(
         &prefix("natexp"),
         &["node-1"],
@@ -501,6 +508,7 @@ fn the_agent_expires_idle_nat_entries_per_protocol() -> Result<()> {
 
 #[test]
 fn killing_and_restarting_the_agent_drops_no_flow() -> Result<()> {
+    mycni_tests::require_root!();
     let mut cluster = Cluster::new(&prefix("restart"), &ALL, &[])?;
     wait_for_full_mesh(&cluster)?;
     let a1 = cluster.node("node-1").add_pod("a1")?;
