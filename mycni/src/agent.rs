@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -110,16 +110,24 @@ pub struct NodesFile {
     path: PathBuf,
     seen: Option<(Option<SystemTime>, u64)>,
     wakeup: Option<Arc<Notify>>,
+    /// Events inotify reported so far, and how many the last poll had seen.
+    events: Arc<AtomicU64>,
+    seen_events: u64,
 }
+
+/// Without an inotify event (a writer still busy), a changed file is read by the tick only
+/// once it has been quiet this long: a half-written file must not withdraw routes.
+const QUIET_BEFORE_READ: Duration = Duration::from_secs(1);
 
 impl NodesFile {
     pub fn new(path: PathBuf) -> NodesFile {
         let wakeup = Arc::new(Notify::new());
+        let events = Arc::new(AtomicU64::new(0));
         let directory = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let wakeup = match watch_directory(&directory, wakeup.clone()) {
+        let wakeup = match watch_directory(&directory, wakeup.clone(), events.clone()) {
             Ok(()) => Some(wakeup),
             Err(e) => {
                 eprintln!(
@@ -134,6 +142,8 @@ impl NodesFile {
             path,
             seen: None,
             wakeup,
+            events,
+            seen_events: 0,
         }
     }
 }
@@ -153,6 +163,16 @@ impl NodeSource for NodesFile {
         if self.seen == Some(stamp) {
             return Ok(None);
         }
+        let events = self.events.load(Ordering::Acquire);
+        let closed_since = events != self.seen_events;
+        let quiet = stamp
+            .0
+            .and_then(|modified| modified.elapsed().ok())
+            .is_none_or(|age| age >= QUIET_BEFORE_READ);
+        if self.wakeup.is_some() && self.seen.is_some() && !closed_since && !quiet {
+            return Ok(None);
+        }
+        self.seen_events = events;
         self.seen = Some(stamp);
         meta.map_err(unreadable)?;
         let text = std::fs::read_to_string(&self.path).map_err(unreadable)?;
@@ -169,9 +189,14 @@ impl NodeSource for NodesFile {
     }
 }
 
-/// Notifies `wakeup` whenever a file in `dir` is written, renamed, deleted or changes
-/// mode (inotify, read by a thread that lives as long as the process).
-fn watch_directory(dir: &Path, wakeup: Arc<Notify>) -> std::io::Result<()> {
+/// Notifies `wakeup` (and counts in `events`) whenever a file in `dir` is closed after
+/// writing, renamed, deleted or changes mode (inotify, read by a thread that lives as long
+/// as the process).
+fn watch_directory(
+    dir: &Path,
+    wakeup: Arc<Notify>,
+    events: Arc<AtomicU64>,
+) -> std::io::Result<()> {
     use std::io::Read;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
@@ -198,9 +223,10 @@ fn watch_directory(dir: &Path, wakeup: Arc<Notify>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("nodes-file-watch".into())
         .spawn(move || {
-            let mut events = std::fs::File::from(fd);
+            let mut inotify = std::fs::File::from(fd);
             let mut buf = [0u8; 4096];
-            while matches!(events.read(&mut buf), Ok(n) if n > 0) {
+            while matches!(inotify.read(&mut buf), Ok(n) if n > 0) {
+                events.fetch_add(1, Ordering::Release);
                 wakeup.notify_one();
             }
         })?;

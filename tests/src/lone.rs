@@ -1,4 +1,4 @@
-//! One node that knows a whole cluster: a namespace whose uplink is a dummy device on
+//! One node that knows a whole cluster: a namespace whose uplink is a veth on
 //! 172.16.0.0/16, an agent reading a nodes file, and its log followed. Peers on that /16
 //! are on-link (direct routes); peers elsewhere go through VXLAN in `auto` mode and are
 //! unreachable in `direct` mode. Used by the agent tests and the scale benchmark.
@@ -27,8 +27,12 @@ impl LoneNode {
     pub fn start(test: &str, nodes: &str, extra: &[&str]) -> Result<LoneNode> {
         let mut node = Node::bare(&prefix(test), "node", LOCAL_POD_CIDR)?;
         let netns = &node.netns;
-        netns.exec(&["ip", "link", "add", "eth0", "type", "dummy"])?;
+        // A veth whose peer stays in the namespace: this kernel may lack the dummy driver.
+        netns.exec(&[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0-peer",
+        ])?;
         netns.exec(&["ip", "addr", "add", &format!("{NODE_IP}/16"), "dev", "eth0"])?;
+        netns.exec(&["ip", "link", "set", "eth0-peer", "up"])?;
         netns.exec(&["ip", "link", "set", "eth0", "up"])?;
         let nodes_file = node.data_dir.join("nodes");
         std::fs::write(&nodes_file, nodes)?;
