@@ -243,7 +243,7 @@ fn too_many_non_masquerade_cidrs_are_refused_at_start() -> Result<()> {
         stderr.contains(&format!(
             "{} --non-masquerade-cidr given; NO_MASQ holds at most {}",
             cidrs.len(),
-            mycni_common::MAX_NO_MASQ - 2
+            mycni_common::MAX_NO_MASQ - 1
         )),
         "unclear refusal: {stderr}"
     );

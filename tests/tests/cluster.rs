@@ -7,30 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use mycni_common::verdict;
-use mycni_tests::cluster::{add_cluster_ip, wait_for, Cluster, EXTERNAL_IP, NODES};
+use mycni_tests::cluster::{add_cluster_ip, has_route, wait_for, Cluster, EXTERNAL_IP};
 use mycni_tests::{prefix, tcp_echo, udp_echo, Netns, Node, Pod};
 
 const ALL: [&str; 3] = ["node-1", "node-2", "node-3"];
 
 fn packets(node: &Node, which: u32) -> Result<u64> {
     Ok(mycni::datapath::read_stats(&node.pin_root())?[which as usize].packets)
-}
-
-fn has_route(node: &Node, cidr: &str) -> Result<bool> {
-    let routes = mycni::datapath::Maps::open(&node.pin_root())?.routes()?;
-    Ok(routes
-        .iter()
-        .any(|(ip, len, _)| format!("{ip}/{len}") == cidr))
-}
-
-fn wait_for_full_mesh(cluster: &Cluster) -> Result<()> {
-    for (node, own) in cluster.nodes.iter().zip(NODES.iter()) {
-        for spec in NODES.iter().filter(|s| s.name != own.name) {
-            wait_for(Duration::from_secs(5), || has_route(node, spec.pod_cidr))
-                .with_context(|| format!("{} never learned {}", own.name, spec.pod_cidr))?;
-        }
-    }
-    Ok(())
 }
 
 /// ICMP, TCP and UDP from `from` to `to`; the server must see the client's own address.
@@ -61,7 +44,7 @@ fn check_pair(
 fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<()> {
     mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("matrix"), &ALL, &[])?;
-    wait_for_full_mesh(&cluster)?;
+    cluster.wait_for_full_mesh()?;
     let (n1, n2, n3) = (
         cluster.node("node-1"),
         cluster.node("node-2"),
@@ -155,7 +138,7 @@ fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<(
 fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> {
     mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("svc"), &ALL, &[])?;
-    wait_for_full_mesh(&cluster)?;
+    cluster.wait_for_full_mesh()?;
     let (n1, n2, n3) = (
         cluster.node("node-1"),
         cluster.node("node-2"),
@@ -397,7 +380,7 @@ fn nodes_file_changes_add_and_remove_routes() -> Result<()> {
 fn ten_megabytes_cross_vxlan_without_a_pmtu_black_hole() -> Result<()> {
     mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("bulk"), &ALL, &[])?;
-    wait_for_full_mesh(&cluster)?;
+    cluster.wait_for_full_mesh()?;
     let a1 = cluster.node("node-1").add_pod("a1")?;
     let c1 = cluster.node("node-3").add_pod("c1")?;
     const SIZE: usize = 10 * 1024 * 1024;
@@ -447,7 +430,7 @@ fn ten_megabytes_cross_vxlan_without_a_pmtu_black_hole() -> Result<()> {
 fn forced_vxlan_mode_tunnels_even_on_link_peers() -> Result<()> {
     mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("forcevx"), &ALL, &["--tunnel-mode", "vxlan"])?;
-    wait_for_full_mesh(&cluster)?;
+    cluster.wait_for_full_mesh()?;
     let (n1, n2) = (cluster.node("node-1"), cluster.node("node-2"));
     let routes = mycni::datapath::Maps::open(&n1.pin_root())?.routes()?;
     let to_node_2 = routes
@@ -510,7 +493,7 @@ fn the_agent_expires_idle_nat_entries_per_protocol() -> Result<()> {
 fn killing_and_restarting_the_agent_drops_no_flow() -> Result<()> {
     mycni_tests::require_root!();
     let mut cluster = Cluster::new(&prefix("restart"), &ALL, &[])?;
-    wait_for_full_mesh(&cluster)?;
+    cluster.wait_for_full_mesh()?;
     let a1 = cluster.node("node-1").add_pod("a1")?;
     let b1 = cluster.node("node-2").add_pod("b1")?;
     let c1 = cluster.node("node-3").add_pod("c1")?;
