@@ -44,7 +44,8 @@ fn five_thousand_nodes_from_a_nodes_file_converge_and_the_agent_stays_up() -> Re
     ensure!(
         metric(&body, "mycni_routes{kind=\"direct\"}") == Some(f64::from(PEERS / 2))
             && metric(&body, "mycni_routes{kind=\"vxlan\"}") == Some(f64::from(PEERS / 2))
-            && metric(&body, "mycni_peers_unapplied") == Some(0.0),
+            && metric(&body, "mycni_peers_unapplied") == Some(0.0)
+            && metric(&body, "mycni_peer_errors_total") == Some(0.0),
         "{body}"
     );
 
