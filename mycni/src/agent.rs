@@ -68,7 +68,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{given} --non-masquerade-cidr given; NO_MASQ holds at most {max} besides the cluster CIDR")]
+    #[error(
+        "{given} --non-masquerade-cidr given; NO_MASQ holds at most {max} besides the cluster CIDR"
+    )]
     TooManyNonMasquerade { given: usize, max: usize },
 }
 
@@ -199,11 +201,7 @@ impl NodeSource for NodesFile {
 /// Notifies `wakeup` (and counts in `events`) whenever a file in `dir` is closed after
 /// writing, renamed, deleted or changes mode (inotify, read by a thread that lives as long
 /// as the process).
-fn watch_directory(
-    dir: &Path,
-    wakeup: Arc<Notify>,
-    events: Arc<AtomicU64>,
-) -> std::io::Result<()> {
+fn watch_directory(dir: &Path, wakeup: Arc<Notify>, events: Arc<AtomicU64>) -> std::io::Result<()> {
     use std::io::Read;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())

@@ -16,10 +16,10 @@ use aya::programs::tc::{
 use aya::programs::ProgramError;
 use aya::{EbpfError, EbpfLoader};
 use mycni_common::{
-    verdict, Counter, LAYOUT_VERSION, Endpoint, FlowKey, NatEntry, NodeConfig, Route, MAP_CONFIG, MAP_ENDPOINTS,
-    MAP_NAMES, MAP_NAT, MAP_NO_MASQ, MAP_ROUTES, MAP_STACK_FLOWS, MAP_STATS, MAX_ENDPOINTS,
-    MAX_NAT, MAX_NO_MASQ, MAX_ROUTES, MAX_STACK_FLOWS, PROGRAM_NAMES, PROG_FROM_NETDEV,
-    PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD, ROUTE_LOCAL_ENDPOINT,
+    verdict, Counter, Endpoint, FlowKey, NatEntry, NodeConfig, Route, LAYOUT_VERSION, MAP_CONFIG,
+    MAP_ENDPOINTS, MAP_NAMES, MAP_NAT, MAP_NO_MASQ, MAP_ROUTES, MAP_STACK_FLOWS, MAP_STATS,
+    MAX_ENDPOINTS, MAX_NAT, MAX_NO_MASQ, MAX_ROUTES, MAX_STACK_FLOWS, PROGRAM_NAMES,
+    PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD, ROUTE_LOCAL_ENDPOINT,
 };
 
 /// The TC programs, built by `cargo xtask build-ebpf` and embedded at compile time (empty

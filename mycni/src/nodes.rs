@@ -329,7 +329,10 @@ node-3 192.168.2.13 10.244.3.0/24
             Err(NodesError::OverlappingCidr { .. })
         ));
         // Adjacent CIDRs do not overlap.
-        assert!(parse_nodes_file("a 1.1.1.1 10.0.0.0/24\nb 1.1.1.2 10.0.1.0/24\nc 1.1.1.3 10.0.2.0/23").is_ok());
+        assert!(parse_nodes_file(
+            "a 1.1.1.1 10.0.0.0/24\nb 1.1.1.2 10.0.1.0/24\nc 1.1.1.3 10.0.2.0/23"
+        )
+        .is_ok());
     }
 
     #[test]

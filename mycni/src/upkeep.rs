@@ -304,7 +304,8 @@ impl AgentCounters {
     pub fn publish_nat(&self, occupancy: &NatOccupancy) {
         self.nat_tcp.store(occupancy.tcp as u64, Ordering::Relaxed);
         self.nat_udp.store(occupancy.udp as u64, Ordering::Relaxed);
-        self.nat_icmp.store(occupancy.icmp as u64, Ordering::Relaxed);
+        self.nat_icmp
+            .store(occupancy.icmp as u64, Ordering::Relaxed);
         self.nat_entries
             .store(occupancy.entries as u64, Ordering::Relaxed);
         self.nat_published.store(true, Ordering::Release);

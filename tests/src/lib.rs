@@ -69,10 +69,12 @@ pub fn have_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
+        // Straight to the stream, not eprintln!: the test harness would capture that.
         SAID.call_once(|| {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "skipped: the integration tests in this binary need root (network namespaces, bpf); run `sudo cargo xtask test`"
-            )
+            );
         });
     }
     root

@@ -29,7 +29,15 @@ impl LoneNode {
         let netns = &node.netns;
         // A veth whose peer stays in the namespace: this kernel may lack the dummy driver.
         netns.exec(&[
-            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0-peer",
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0-peer",
         ])?;
         netns.exec(&["ip", "addr", "add", &format!("{NODE_IP}/16"), "dev", "eth0"])?;
         netns.exec(&["ip", "link", "set", "eth0-peer", "up"])?;
@@ -168,7 +176,12 @@ pub fn wait_next_hop(
 
 /// `count` GETs of `path` on the agent's metrics address, from one thread inside the node,
 /// `gap` apart: each one's time from connect to the last byte, in milliseconds.
-pub fn http_latencies(lone: &LoneNode, path: &str, count: usize, gap: Duration) -> Result<Vec<f64>> {
+pub fn http_latencies(
+    lone: &LoneNode,
+    path: &str,
+    count: usize,
+    gap: Duration,
+) -> Result<Vec<f64>> {
     use std::io::{Read, Write};
     let addr: SocketAddr = METRICS.parse()?;
     lone.node.netns.run_inside(|| {
@@ -306,7 +319,11 @@ fn node_changes(
 /// a route change with an empty and a 100,000-entry NAT table (whose walks run on their
 /// own thread). Returns the Markdown section and its JSON.
 pub fn bench(quick: bool) -> Result<(String, serde_json::Value)> {
-    let sizes: &[u32] = if quick { &[100, 1000] } else { &[100, 1000, 5000] };
+    let sizes: &[u32] = if quick {
+        &[100, 1000]
+    } else {
+        &[100, 1000, 5000]
+    };
     let mut md = String::from(
         "\n## Agent at cluster scale (nodes file, half direct and half VXLAN peers)\n\n| nodes | time to converge (s) | agent RSS (KiB) | ROUTES (bytes) | one node change, p50 / max (ms) |\n|---|---|---|---|---|\n",
     );
@@ -331,9 +348,17 @@ pub fn bench(quick: bool) -> Result<(String, serde_json::Value)> {
             .iter()
             .find(|(name, _, _)| *name == mycni_common::MAP_ROUTES)
             .map_or(0, |m| m.2);
-        let changes = node_changes(&lone, count, count - 7, if quick { 6 } else { 10 }, Duration::from_millis(300))?;
+        let changes = node_changes(
+            &lone,
+            count,
+            count - 7,
+            if quick { 6 } else { 10 },
+            Duration::from_millis(300),
+        )?;
         let (p50, max) = (percentile(&changes, 50.0), percentile(&changes, 100.0));
-        md += &format!("| {count} | {converge:.2} | {rss} | {routes_bytes} | {p50:.1} / {max:.1} |\n");
+        md += &format!(
+            "| {count} | {converge:.2} | {rss} | {routes_bytes} | {p50:.1} / {max:.1} |\n"
+        );
         rows.push(serde_json::json!({"nodes": count, "converge_s": converge, "agent_rss_kib": rss,
             "maps": maps.iter().map(|(n, cap, bytes)| serde_json::json!({"map": n, "capacity": cap, "bytes": bytes})).collect::<Vec<_>>(),
             "node_change_ms": changes}));
@@ -352,10 +377,20 @@ pub fn bench(quick: bool) -> Result<(String, serde_json::Value)> {
     let requests = if quick { 150 } else { 400 };
     let mut responsiveness = Vec::new();
     for flows in [0u32, 50_000] {
-        let entries = if flows > 0 { fill_nat(&lone, flows)? } else { 0 };
+        let entries = if flows > 0 {
+            fill_nat(&lone, flows)?
+        } else {
+            0
+        };
         let healthz = http_latencies(&lone, "/healthz", requests, Duration::from_millis(10))?;
         let metrics = http_latencies(&lone, "/metrics", requests / 10, Duration::from_millis(100))?;
-        let changes = node_changes(&lone, count, 3, if quick { 8 } else { 20 }, Duration::from_millis(200))?;
+        let changes = node_changes(
+            &lone,
+            count,
+            3,
+            if quick { 8 } else { 20 },
+            Duration::from_millis(200),
+        )?;
         let cell = |v: &[f64]| format!("{:.1} / {:.1}", percentile(v, 50.0), percentile(v, 99.0));
         md += &format!(
             "| {entries} | {} | {} | {} |\n",
@@ -368,5 +403,8 @@ pub fn bench(quick: bool) -> Result<(String, serde_json::Value)> {
             "metrics_p50_ms": percentile(&metrics, 50.0), "metrics_p99_ms": percentile(&metrics, 99.0),
             "route_change_p50_ms": percentile(&changes, 50.0), "route_change_p99_ms": percentile(&changes, 99.0)}));
     }
-    Ok((md, serde_json::json!({"sizes": rows, "responsiveness": responsiveness})))
+    Ok((
+        md,
+        serde_json::json!({"sizes": rows, "responsiveness": responsiveness}),
+    ))
 }

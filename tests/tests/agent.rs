@@ -83,7 +83,10 @@ fn an_off_link_peer_is_retried_while_the_others_converge() -> Result<()> {
         .wait_for(&["cannot apply peer 192.0.2.9"], Duration::from_secs(5))?;
     std::thread::sleep(Duration::from_secs(2));
     lone.ensure_alive()?;
-    ensure!(!lone.has_route("10.1.2.0/24")?, "ROUTES points at a refused peer");
+    ensure!(
+        !lone.has_route("10.1.2.0/24")?,
+        "ROUTES points at a refused peer"
+    );
     let body = lone.metrics()?;
     ensure!(
         metric(&body, "mycni_peers_unapplied") == Some(1.0)
@@ -116,7 +119,9 @@ fn an_off_link_peer_is_retried_while_the_others_converge() -> Result<()> {
     // And a removal still works for everyone.
     peers.retain(|(name, _, _)| *name != "good-1");
     std::fs::write(&lone.nodes_file, nodes_text(&peers))?;
-    wait_for(Duration::from_secs(3), || Ok(!lone.has_route("10.1.1.0/24")?))?;
+    wait_for(Duration::from_secs(3), || {
+        Ok(!lone.has_route("10.1.1.0/24")?)
+    })?;
     lone.ensure_alive()
 }
 
@@ -158,7 +163,10 @@ fn a_full_routes_map_fails_one_peer_not_the_agent() -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     lone.ensure_alive()?;
     ensure!(!lone.has_route("10.1.2.0/24")?);
-    ensure!(lone.has_route("10.1.1.0/24")?, "a healthy peer lost its route");
+    ensure!(
+        lone.has_route("10.1.1.0/24")?,
+        "a healthy peer lost its route"
+    );
     let body = lone.metrics()?;
     ensure!(
         metric(&body, "mycni_peers_unapplied") == Some(1.0),
@@ -200,11 +208,16 @@ fn a_missing_or_unreadable_nodes_file_keeps_the_routes() -> Result<()> {
 
     // Unreadable: a directory where the file was.
     std::fs::create_dir(&lone.nodes_file)?;
-    lone.log
-        .wait_for(&["Is a directory", "keeping the current routes"], Duration::from_secs(3))?;
+    lone.log.wait_for(
+        &["Is a directory", "keeping the current routes"],
+        Duration::from_secs(3),
+    )?;
     std::thread::sleep(Duration::from_millis(1500));
     for (_, _, cidr) in peers {
-        ensure!(lone.has_route(cidr)?, "{cidr} withdrawn when the file became unreadable");
+        ensure!(
+            lone.has_route(cidr)?,
+            "{cidr} withdrawn when the file became unreadable"
+        );
     }
     let body = lone.metrics()?;
     ensure!(
@@ -215,7 +228,9 @@ fn a_missing_or_unreadable_nodes_file_keeps_the_routes() -> Result<()> {
     // A readable file again is applied as usual.
     std::fs::remove_dir(&lone.nodes_file)?;
     std::fs::write(&lone.nodes_file, nodes_text(&peers[..1]))?;
-    wait_for(Duration::from_secs(3), || Ok(!lone.has_route("10.1.2.0/24")?))?;
+    wait_for(Duration::from_secs(3), || {
+        Ok(!lone.has_route("10.1.2.0/24")?)
+    })?;
     ensure!(lone.has_route("10.1.1.0/24")?);
     lone.ensure_alive()
 }

@@ -29,7 +29,11 @@ fn the_demo_runs_where_none_of_its_directories_exist() -> Result<()> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "the demo failed:\n{stdout}\n{stderr}");
-    for row in ["pod11 -> pod12", "pod11 -> pod31", "pod21 -> external via SNAT"] {
+    for row in [
+        "pod11 -> pod12",
+        "pod11 -> pod31",
+        "pod21 -> external via SNAT",
+    ] {
         let line = stdout
             .lines()
             .find(|l| l.starts_with(row))
@@ -40,7 +44,11 @@ fn the_demo_runs_where_none_of_its_directories_exist() -> Result<()> {
         );
     }
     // It made what it needed where it was told, and took everything away again.
-    ensure!(run_dir.is_dir(), "the demo never used {}", run_dir.display());
+    ensure!(
+        run_dir.is_dir(),
+        "the demo never used {}",
+        run_dir.display()
+    );
     let left: Vec<_> = std::fs::read_dir(&run_dir)?.collect();
     ensure!(left.is_empty(), "the demo left {left:?}");
     Ok(())

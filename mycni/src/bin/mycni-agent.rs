@@ -396,8 +396,7 @@ fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
                             tokio::time::interval(interval.max(Duration::from_millis(100)));
                         loop {
                             tick.tick().await;
-                            match upkeep::collect_garbage(&data_dir, &network, &root, grace).await
-                            {
+                            match upkeep::collect_garbage(&data_dir, &network, &root, grace).await {
                                 Ok(freed) => {
                                     counters
                                         .garbage_collected
