@@ -464,6 +464,12 @@ impl Agent {
         counters
             .peers_unapplied
             .store(self.retries.len() as u64, Ordering::Relaxed);
+        let direct = self
+            .applied
+            .values()
+            .filter(|r| r.path == PeerPath::Direct)
+            .count();
+        counters.publish_routes(direct, self.applied.len() - direct);
         self.retries.len()
     }
 

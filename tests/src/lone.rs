@@ -332,7 +332,10 @@ pub fn bench(quick: bool) -> Result<(String, serde_json::Value)> {
     for &count in sizes {
         eprintln!("agent scale: {count} nodes ...");
         let start = Instant::now();
-        let mut lone = LoneNode::start(&format!("scale{count}"), &cluster_text(count, None), &[])?;
+        // The previous size's node goes first (test prefixes keep 8 characters, so the
+        // names must differ within them).
+        drop(largest.take());
+        let mut lone = LoneNode::start(&format!("sc{count}"), &cluster_text(count, None), &[])?;
         loop {
             lone.ensure_alive()?;
             if lone.remote_routes()? == count as usize {
@@ -388,8 +391,8 @@ pub fn bench(quick: bool) -> Result<(String, serde_json::Value)> {
             &lone,
             count,
             3,
-            if quick { 8 } else { 20 },
-            Duration::from_millis(200),
+            if quick { 8 } else { 40 },
+            Duration::from_millis(150),
         )?;
         let cell = |v: &[f64]| format!("{:.1} / {:.1}", percentile(v, 50.0), percentile(v, 99.0));
         md += &format!(
