@@ -5,19 +5,25 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use mycni_common::{
-    NodeConfig, LAYOUT_VERSION, ROUTE_LOCAL_CIDR, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
+    NodeConfig, LAYOUT_VERSION, MAX_NO_MASQ, ROUTE_LOCAL_CIDR, ROUTE_REMOTE_NODE,
+    ROUTE_REMOTE_TUNNEL,
 };
+use tokio::sync::Notify;
 
 use crate::datapath::{self, DatapathError, Maps, NatTable};
 use crate::ipam::Pool;
 use crate::nat::{self, NatOccupancy, NatTimeouts};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::nodes::{
-    self, LocalNode, NodeEntry, NodesError, Path as PeerPath, PeerRoute, TunnelMode,
+    self, LocalNode, NodeEntry, NodesError, Path as PeerPath, PeerRetries, PeerRoute, RouteKey,
+    TunnelMode,
 };
+use crate::upkeep::AgentCounters;
 
 /// The VXLAN device the agent creates in the node.
 pub const TUNNEL_DEVICE: &str = "mycni_vxlan";
@@ -57,6 +63,26 @@ pub enum AgentError {
         #[source]
         source: NodesError,
     },
+    #[error("nodes file {path} cannot be read: {source}")]
+    NodesFileUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{given} --non-masquerade-cidr given; NO_MASQ holds at most {max} besides the cluster CIDR"
+    )]
+    TooManyNonMasquerade { given: usize, max: usize },
+}
+
+/// Refuses more configured non-masquerade CIDRs than `NO_MASQ` holds beside the cluster
+/// CIDR (see `write_no_masquerade`), before anything is loaded.
+pub fn check_non_masquerade_fits(given: usize) -> Result<(), AgentError> {
+    let max = MAX_NO_MASQ as usize - 1;
+    if given > max {
+        return Err(AgentError::TooManyNonMasquerade { given, max });
+    }
+    Ok(())
 }
 
 /// This node's identity and the cluster-wide settings.
@@ -74,36 +100,92 @@ pub struct NodeSettings {
     pub nat_timeouts: NatTimeouts,
 }
 
-/// Where the agent learns the other nodes. The static file here; the Kubernetes API later.
+/// Where the agent learns the other nodes.
 pub trait NodeSource {
     /// The current node list when it changed since the last call, `None` when it did not.
+    /// An error leaves the agent's routes as they are.
     fn poll(&mut self) -> Result<Option<Vec<NodeEntry>>, AgentError>;
+
+    /// Notified when the source may have news, so the agent polls at once instead of at
+    /// its next tick. `None`: the tick alone.
+    fn wakeup(&self) -> Option<Arc<Notify>> {
+        None
+    }
 }
 
 /// A nodes file (see [`nodes::parse_nodes_file`]), re-read when its modification time or
-/// size changes. A missing file means no peers yet.
+/// size changes, at once when inotify reports a write to its directory. A file that goes
+/// missing or cannot be read is an error (the routes stay), not an empty cluster.
 pub struct NodesFile {
     path: PathBuf,
     seen: Option<(Option<SystemTime>, u64)>,
+    wakeup: Option<Arc<Notify>>,
+    /// Events inotify reported so far, and how many the last poll had seen.
+    events: Arc<AtomicU64>,
+    seen_events: u64,
 }
+
+/// Without an inotify event (a writer still busy), a changed file is read by the tick only
+/// once it has been quiet this long: a half-written file must not withdraw routes.
+const QUIET_BEFORE_READ: Duration = Duration::from_secs(1);
 
 impl NodesFile {
     pub fn new(path: PathBuf) -> NodesFile {
-        NodesFile { path, seen: None }
+        let wakeup = Arc::new(Notify::new());
+        let events = Arc::new(AtomicU64::new(0));
+        let directory = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let wakeup = match watch_directory(&directory, wakeup.clone(), events.clone()) {
+            Ok(()) => Some(wakeup),
+            Err(e) => {
+                eprintln!(
+                    "mycni-agent: cannot watch {} ({e}); polling {} every 200 ms",
+                    directory.display(),
+                    path.display()
+                );
+                None
+            }
+        };
+        NodesFile {
+            path,
+            seen: None,
+            wakeup,
+            events,
+            seen_events: 0,
+        }
     }
 }
 
 impl NodeSource for NodesFile {
     fn poll(&mut self) -> Result<Option<Vec<NodeEntry>>, AgentError> {
-        let stamp = match std::fs::metadata(&self.path) {
+        let unreadable = |source| AgentError::NodesFileUnreadable {
+            path: self.path.clone(),
+            source,
+        };
+        let meta = std::fs::metadata(&self.path);
+        let stamp = match &meta {
             Ok(meta) => (meta.modified().ok(), meta.len()),
             Err(_) => (None, u64::MAX),
         };
+        // Reported once per change of state: a file that stays missing is not re-logged.
         if self.seen == Some(stamp) {
             return Ok(None);
         }
+        let events = self.events.load(Ordering::Acquire);
+        let closed_since = events != self.seen_events;
+        let quiet = stamp
+            .0
+            .and_then(|modified| modified.elapsed().ok())
+            .is_none_or(|age| age >= QUIET_BEFORE_READ);
+        if self.wakeup.is_some() && self.seen.is_some() && !closed_since && !quiet {
+            return Ok(None);
+        }
+        self.seen_events = events;
         self.seen = Some(stamp);
-        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        meta.map_err(unreadable)?;
+        let text = std::fs::read_to_string(&self.path).map_err(unreadable)?;
         nodes::parse_nodes_file(&text)
             .map(Some)
             .map_err(|source| AgentError::NodesFile {
@@ -111,6 +193,50 @@ impl NodeSource for NodesFile {
                 source,
             })
     }
+
+    fn wakeup(&self) -> Option<Arc<Notify>> {
+        self.wakeup.clone()
+    }
+}
+
+/// Notifies `wakeup` (and counts in `events`) whenever a file in `dir` is closed after
+/// writing, renamed, deleted or changes mode (inotify, read by a thread that lives as long
+/// as the process).
+fn watch_directory(dir: &Path, wakeup: Arc<Notify>, events: Arc<AtomicU64>) -> std::io::Result<()> {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    // SAFETY: inotify_init1 takes flags only; a non-negative result is a new fd we own.
+    let raw = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is an open descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // Not IN_CREATE or IN_MODIFY: a file being written would be read half-way.
+    let mask = libc::IN_CLOSE_WRITE
+        | libc::IN_MOVED_TO
+        | libc::IN_MOVED_FROM
+        | libc::IN_DELETE
+        | libc::IN_ATTRIB
+        | libc::IN_DELETE_SELF
+        | libc::IN_MOVE_SELF;
+    // SAFETY: `fd` is an inotify descriptor and `c_dir` a NUL-terminated path.
+    if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c_dir.as_ptr(), mask) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::thread::Builder::new()
+        .name("nodes-file-watch".into())
+        .spawn(move || {
+            let mut inotify = std::fs::File::from(fd);
+            let mut buf = [0u8; 4096];
+            while matches!(inotify.read(&mut buf), Ok(n) if n > 0) {
+                events.fetch_add(1, Ordering::Release);
+                wakeup.notify_one();
+            }
+        })?;
+    Ok(())
 }
 
 /// The agent, once the datapath is loaded and hooked to the node's devices.
@@ -122,15 +248,25 @@ pub struct Agent {
     uplink_ifindex: u32,
     uplink_mtu: u32,
     tunnel_ifindex: u32,
-    applied: BTreeMap<(Ipv4Addr, u8), PeerRoute>,
     /// This node's pod CIDR as installed by this run (unreachable route and `ROUTES` entry).
     own_cidr: Option<(Ipv4Addr, u8)>,
+    /// What `ROUTES` and the kernel hold for each peer, as last applied successfully.
+    applied: BTreeMap<RouteKey, PeerRoute>,
+    /// Peers whose last apply failed, with their backoff.
+    retries: PeerRetries,
+    /// The last node list the source gave, re-applied while peers are pending.
+    nodes: Option<Vec<NodeEntry>>,
+    /// Failure lines still allowed in this pass (a cluster's worth of failing peers is
+    /// summarised, not logged peer by peer).
+    failure_lines: usize,
+    failures_unlogged: usize,
 }
 
 impl Agent {
     /// Loads and pins the datapath, creates the VXLAN device, writes `CONFIG` and
     /// `NO_MASQ`, and attaches the uplink and tunnel programs. Needs a tokio runtime.
     pub async fn start(root: &Path, settings: NodeSettings) -> Result<Agent, AgentError> {
+        check_non_masquerade_fits(settings.non_masquerade.len())?;
         datapath::load_and_pin(root)?;
         let netlink = Netlink::current()?;
         let uplink = netlink
@@ -188,6 +324,10 @@ impl Agent {
             tunnel_ifindex,
             applied: BTreeMap::new(),
             own_cidr: None,
+            retries: PeerRetries::default(),
+            nodes: None,
+            failure_lines: 0,
+            failures_unlogged: 0,
         };
         agent.applied = agent.routes_in_map()?;
         agent.write_no_masquerade()?;
@@ -210,6 +350,10 @@ impl Agent {
         Ok(datapath::write_no_masquerade(&self.root, &prefixes)?)
     }
 
+    pub fn nat_timeouts(&self) -> NatTimeouts {
+        self.settings.nat_timeouts
+    }
+
     /// The MTU pods should get: the uplink's, less VXLAN's overhead unless every peer is
     /// reached directly.
     pub fn pod_mtu(&self) -> u32 {
@@ -221,7 +365,7 @@ impl Agent {
 
     /// Remote-node routes already in `ROUTES` (left by a previous run), so a restart
     /// removes the stale ones instead of forgetting them.
-    fn routes_in_map(&self) -> Result<BTreeMap<(Ipv4Addr, u8), PeerRoute>, AgentError> {
+    fn routes_in_map(&self) -> Result<BTreeMap<RouteKey, PeerRoute>, AgentError> {
         let maps = Maps::open(&self.root)?;
         Ok(maps
             .routes()?
@@ -243,57 +387,118 @@ impl Agent {
             .collect())
     }
 
-    /// Brings `ROUTES` and the kernel routes to what `nodes` implies.
-    pub async fn apply_nodes(&mut self, nodes: &[NodeEntry]) -> Result<(), AgentError> {
-        datapath::write_peers(&self.root, &nodes::peer_ips(&self.local, nodes))?;
+    /// Brings `ROUTES` and the kernel routes to what `nodes` implies, peer by peer: a peer
+    /// that fails (a full map, a route the kernel refuses) is logged, counted and left for
+    /// a retry with backoff, and every other peer is still applied. Peers still backing off
+    /// are skipped. Returns how many peers are not applied.
+    pub async fn apply_nodes(&mut self, nodes: &[NodeEntry], counters: &AgentCounters) -> usize {
+        // The VXLAN senders the programs accept, and this node's own pod CIDR: failures are
+        // counted and retried with the next pass like a peer's.
+        if let Err(e) = datapath::write_peers(&self.root, &nodes::peer_ips(&self.local, nodes)) {
+            counters.peer_errors.fetch_add(1, Ordering::Relaxed);
+            eprintln!("mycni-agent: cannot write the VXLAN peers: {e}");
+        }
         if let Some(cidr) = nodes::own_pod_cidr(&self.local, nodes) {
-            self.apply_own_cidr(cidr).await?;
+            if let Err(e) = self.apply_own_cidr(cidr).await {
+                counters.peer_errors.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "mycni-agent: cannot install the own pod CIDR {}/{}: {e}",
+                    cidr.0, cidr.1
+                );
+            }
         }
         let desired = nodes::peer_routes(&self.local, self.settings.tunnel_mode, nodes);
         let (removed, changed) = nodes::diff_routes(&self.applied, &desired);
-        let mut maps = Maps::open(&self.root)?;
-        for route in &removed {
-            maps.remove_route(route.cidr, route.prefix_len)?;
-            self.netlink
-                .delete_route(route.cidr, route.prefix_len)
-                .await?;
-            self.applied.remove(&(route.cidr, route.prefix_len));
-            eprintln!(
-                "mycni-agent: removed route {}/{} via {}",
-                route.cidr, route.prefix_len, route.node_ip
-            );
-        }
-        for route in &changed {
-            let (kind, ifindex) = match route.path {
-                PeerPath::Direct => (ROUTE_REMOTE_NODE, self.uplink_ifindex),
-                PeerPath::Tunnel => (ROUTE_REMOTE_TUNNEL, self.tunnel_ifindex),
-            };
-            maps.write_remote_route(route.cidr, route.prefix_len, kind, ifindex, route.node_ip)?;
-            match route.path {
-                PeerPath::Direct => {
-                    self.netlink
-                        .replace_route_via(route.cidr, route.prefix_len, route.node_ip, ifindex)
-                        .await?
+        // A peer that left the cluster, or came back to what is applied, needs no retry.
+        let pending: std::collections::BTreeSet<RouteKey> = removed
+            .iter()
+            .chain(&changed)
+            .map(|r| (r.cidr, r.prefix_len))
+            .collect();
+        self.retries.retain(|key| pending.contains(key));
+        let now = Instant::now();
+        // One line per route for small changes; a summary for a cluster's worth.
+        let verbose = removed.len() + changed.len() <= 20;
+        let (mut done_removed, mut done_changed) = (0, 0);
+        self.failure_lines = 10;
+        self.failures_unlogged = 0;
+        match Maps::open(&self.root) {
+            Ok(mut maps) => {
+                for route in &removed {
+                    let key = (route.cidr, route.prefix_len);
+                    if !self.retries.due(&key, now) {
+                        continue;
+                    }
+                    let result = self.remove_peer(&mut maps, route).await;
+                    if result.is_ok() {
+                        done_removed += 1;
+                        if verbose {
+                            eprintln!(
+                                "mycni-agent: removed route {}/{} via {}",
+                                route.cidr, route.prefix_len, route.node_ip
+                            );
+                        }
+                    }
+                    self.settle(route, "remove", result, now, counters);
                 }
-                PeerPath::Tunnel => {
-                    self.netlink
-                        .replace_tunnel_route(
-                            route.cidr,
-                            route.prefix_len,
-                            ifindex,
-                            self.settings.vni,
-                            route.node_ip,
-                        )
-                        .await?
+                for route in &changed {
+                    let key = (route.cidr, route.prefix_len);
+                    if !self.retries.due(&key, now) {
+                        continue;
+                    }
+                    let result = self.add_peer(&mut maps, route).await;
+                    if result.is_ok() {
+                        done_changed += 1;
+                        if verbose {
+                            eprintln!(
+                                "mycni-agent: route {}/{} via {} ({:?})",
+                                route.cidr, route.prefix_len, route.node_ip, route.path
+                            );
+                        }
+                    }
+                    self.settle(route, "apply", result, now, counters);
                 }
             }
-            self.applied
-                .insert((route.cidr, route.prefix_len), route.clone());
+            Err(e) => {
+                counters.peer_errors.fetch_add(1, Ordering::Relaxed);
+                eprintln!("mycni-agent: cannot open the maps to apply routes: {e}");
+                for route in removed.iter().chain(&changed) {
+                    self.retries.failed((route.cidr, route.prefix_len), now);
+                }
+            }
+        }
+        if self.failures_unlogged > 0 {
             eprintln!(
-                "mycni-agent: route {}/{} via {} ({:?})",
-                route.cidr, route.prefix_len, route.node_ip, route.path
+                "mycni-agent: {} more peers failed in this pass (not logged one by one)",
+                self.failures_unlogged
             );
         }
+        if !verbose {
+            eprintln!(
+                "mycni-agent: {done_changed} routes added or changed, {done_removed} removed; {} peers routed, {} not applied",
+                self.applied.len(),
+                self.retries.len()
+            );
+        }
+        counters
+            .peers_unapplied
+            .store(self.retries.len() as u64, Ordering::Relaxed);
+        let direct = self
+            .applied
+            .values()
+            .filter(|r| r.path == PeerPath::Direct)
+            .count();
+        counters.publish_routes(direct, self.applied.len() - direct);
+        self.retries.len()
+    }
+
+    /// Withdraws a peer that left: its `ROUTES` entry, then its kernel route.
+    async fn remove_peer(&mut self, maps: &mut Maps, route: &PeerRoute) -> Result<(), AgentError> {
+        maps.remove_route(route.cidr, route.prefix_len)?;
+        self.netlink
+            .delete_route(route.cidr, route.prefix_len)
+            .await?;
+        self.applied.remove(&(route.cidr, route.prefix_len));
         Ok(())
     }
 
@@ -328,59 +533,196 @@ impl Agent {
         Ok(())
     }
 
-    /// Deletes idle SNAT entries and reports how full the table is.
-    pub fn expire_nat(&self) -> Result<NatOccupancy, AgentError> {
-        let mut table = NatTable::open(&self.root)?;
-        let entries = table.entries()?;
-        let now = monotonic_ns();
-        for key in nat::expired(&entries, now, &self.settings.nat_timeouts) {
-            table.remove(&key.0)?;
+    /// Routes a new or changed peer: the kernel route first (the stack's path, and the
+    /// check that the next hop is reachable at all), then `ROUTES`, so the datapath never
+    /// points at a peer the kernel refused.
+    async fn add_peer(&mut self, maps: &mut Maps, route: &PeerRoute) -> Result<(), AgentError> {
+        let (kind, ifindex) = match route.path {
+            PeerPath::Direct => (ROUTE_REMOTE_NODE, self.uplink_ifindex),
+            PeerPath::Tunnel => (ROUTE_REMOTE_TUNNEL, self.tunnel_ifindex),
+        };
+        match route.path {
+            PeerPath::Direct => {
+                self.netlink
+                    .replace_route_via(route.cidr, route.prefix_len, route.node_ip, ifindex)
+                    .await?
+            }
+            PeerPath::Tunnel => {
+                self.netlink
+                    .replace_tunnel_route(
+                        route.cidr,
+                        route.prefix_len,
+                        ifindex,
+                        self.settings.vni,
+                        route.node_ip,
+                    )
+                    .await?
+            }
         }
-        Ok(nat::occupancy(&table.entries()?))
+        maps.write_remote_route(route.cidr, route.prefix_len, kind, ifindex, route.node_ip)?;
+        self.applied
+            .insert((route.cidr, route.prefix_len), route.clone());
+        Ok(())
     }
 
-    /// Runs until `shutdown` resolves: polls the node source every 200 ms (so a change is
-    /// applied well within a second) and expires NAT entries every second. The programs
-    /// and maps stay pinned and attached when it returns.
+    /// Books the outcome of one peer: a failure is counted and logged (at the first
+    /// attempt, then at every power of two, so a peer failing for hours stays readable).
+    fn settle(
+        &mut self,
+        route: &PeerRoute,
+        what: &str,
+        result: Result<(), AgentError>,
+        now: Instant,
+        counters: &AgentCounters,
+    ) {
+        let key = (route.cidr, route.prefix_len);
+        match result {
+            Ok(()) => {
+                let attempts = self.retries.succeeded(&key);
+                if attempts > 0 {
+                    eprintln!(
+                        "mycni-agent: peer {} ({}/{}) applied after {attempts} failed attempts",
+                        route.node_ip, route.cidr, route.prefix_len
+                    );
+                }
+            }
+            Err(e) => {
+                counters.peer_errors.fetch_add(1, Ordering::Relaxed);
+                let attempts = self.retries.failed(key, now);
+                if attempts.is_power_of_two() && self.failure_lines == 0 {
+                    self.failures_unlogged += 1;
+                } else if attempts.is_power_of_two() {
+                    self.failure_lines -= 1;
+                    eprintln!(
+                        "mycni-agent: cannot {what} peer {} ({}/{} via {:?}): {e}; attempt {attempts}, retrying in {:?}",
+                        route.node_ip,
+                        route.cidr,
+                        route.prefix_len,
+                        route.path,
+                        nodes::retry_delay(attempts)
+                    );
+                }
+            }
+        }
+    }
+
+    /// Runs until `shutdown` resolves: applies node changes as soon as the source reports
+    /// them (polling it every 200 ms besides), and retries failed peers when their backoff
+    /// ends. NAT expiry runs on its own thread ([`spawn_nat_upkeep`]), so nothing here
+    /// waits for a walk of the NAT table. The programs and maps stay pinned and attached
+    /// when it returns; no error ends it.
     pub async fn run(
         &mut self,
         source: &mut dyn NodeSource,
-        counters: &crate::upkeep::AgentCounters,
+        counters: &AgentCounters,
         shutdown: impl std::future::Future<Output = ()>,
-    ) -> Result<(), AgentError> {
+    ) {
         tokio::pin!(shutdown);
+        let wakeup = source.wakeup();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
-        let mut ticks: u64 = 0;
-        let mut last_occupancy = None;
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let retry_at = self.retries.next_due();
             tokio::select! {
-                _ = &mut shutdown => return Ok(()),
+                _ = &mut shutdown => return,
                 _ = tick.tick() => {}
+                _ = async {
+                    match &wakeup {
+                        Some(notify) => notify.notified().await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                _ = async {
+                    match retry_at {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
             }
-            match source.poll() {
-                Ok(Some(nodes)) => self.apply_nodes(&nodes).await?,
-                Ok(None) => {}
-                // Keep the last good routes: a half-edited file must not flap them.
-                Err(e) => {
-                    counters
-                        .node_source_errors
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    eprintln!("mycni-agent: {e}; keeping the current routes")
+            let news = match source.poll() {
+                Ok(Some(nodes)) => {
+                    self.nodes = Some(nodes);
+                    true
                 }
-            }
-            ticks += 1;
-            if ticks.is_multiple_of(5) {
-                let occupancy = self.expire_nat()?;
-                if last_occupancy != Some(occupancy) {
-                    eprintln!(
-                        "mycni-agent: NAT flows tcp={} udp={} icmp={} (entries {})",
-                        occupancy.tcp, occupancy.udp, occupancy.icmp, occupancy.entries
-                    );
-                    last_occupancy = Some(occupancy);
+                Ok(None) => false,
+                // Keep the last good routes: a half-edited file, a vanished file or an API
+                // server away must not flap them.
+                Err(e) => {
+                    counters.node_source_errors.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("mycni-agent: {e}; keeping the current routes");
+                    false
+                }
+            };
+            let retry_due = self
+                .retries
+                .next_due()
+                .is_some_and(|at| at <= Instant::now());
+            if news || retry_due {
+                if let Some(nodes) = self.nodes.take() {
+                    self.apply_nodes(&nodes, counters).await;
+                    self.nodes = Some(nodes);
                 }
             }
         }
     }
+}
+
+/// Expires idle SNAT entries and publishes the table's occupancy into `counters`, on a
+/// thread of its own: a walk of a full table (hundreds of thousands of syscalls) must not
+/// delay route changes or `/healthz`. Stops when `stop` is set.
+pub fn spawn_nat_upkeep(
+    root: PathBuf,
+    timeouts: NatTimeouts,
+    counters: Arc<AgentCounters>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("nat-expiry".into())
+        .spawn(move || {
+            let interval = nat::expiry_interval(&timeouts);
+            let mut last_occupancy = None;
+            let mut last_error = None;
+            while !stop.load(Ordering::Relaxed) {
+                match expire_nat(&root, &timeouts) {
+                    Ok(occupancy) => {
+                        counters.publish_nat(&occupancy);
+                        if last_occupancy != Some(occupancy) {
+                            eprintln!(
+                                "mycni-agent: NAT flows tcp={} udp={} icmp={} (entries {})",
+                                occupancy.tcp, occupancy.udp, occupancy.icmp, occupancy.entries
+                            );
+                            last_occupancy = Some(occupancy);
+                        }
+                        last_error = None;
+                    }
+                    Err(e) => {
+                        let text = e.to_string();
+                        if last_error.as_ref() != Some(&text) {
+                            eprintln!("mycni-agent: NAT expiry failed: {text}");
+                            last_error = Some(text);
+                        }
+                    }
+                }
+                // Sleep in short steps so a stop is noticed quickly.
+                let until = Instant::now() + interval;
+                while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })
+}
+
+/// Deletes idle SNAT entries and reports how full the table is, from one walk.
+pub fn expire_nat(root: &Path, timeouts: &NatTimeouts) -> Result<NatOccupancy, AgentError> {
+    let mut table = NatTable::open(root)?;
+    let mut entries = table.entries()?;
+    let now = monotonic_ns();
+    let doomed = nat::expired(&entries, now, timeouts);
+    for key in &doomed {
+        table.remove(&key.0)?;
+    }
+    entries.retain(|(key, _)| !doomed.contains(&nat::FlowKeyOrd(*key)));
+    Ok(nat::occupancy(&entries))
 }
 
 /// The device that holds `ip`: the node's uplink when the operator did not name it.
@@ -448,4 +790,20 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes into the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_masquerade_cidrs_must_fit_beside_the_cluster_cidr() {
+        let room = MAX_NO_MASQ as usize - 1;
+        assert!(check_non_masquerade_fits(0).is_ok());
+        assert!(check_non_masquerade_fits(room).is_ok());
+        let refused = check_non_masquerade_fits(room + 1)
+            .expect_err("one too many")
+            .to_string();
+        assert!(refused.contains(&format!("at most {room}")), "{refused}");
+    }
 }

@@ -17,13 +17,15 @@ use aya::programs::ProgramError;
 use aya::{EbpfError, EbpfLoader};
 use mycni_common::{
     verdict, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, NatEntry, NodeConfig, Route,
+    LAYOUT_VERSION,
     MAP_CONFIG, MAP_ENDPOINTS, MAP_FRAGMENTS, MAP_NAMES, MAP_NAT, MAP_NO_MASQ, MAP_PEERS,
     MAP_ROUTES, MAP_STACK_FLOWS, MAP_STATS, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_NAT, MAX_NO_MASQ,
     MAX_PEERS, MAX_ROUTES, MAX_STACK_FLOWS, PEER_KNOWN, PROGRAM_NAMES, PROG_FROM_NETDEV,
     PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD, ROUTE_LOCAL_CIDR, ROUTE_LOCAL_ENDPOINT,
 };
 
-/// The TC programs, built by `cargo xtask build-ebpf` and embedded at compile time.
+/// The TC programs, built by `cargo xtask build-ebpf` and embedded at compile time (empty
+/// when the build ran before `build-ebpf`: `cargo check` works, loading says what to do).
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mycni.bpf.o"));
 
@@ -44,6 +46,14 @@ pub enum DatapathError {
         found: String,
         expected: String,
     },
+    #[error("the pins under {root} were written by mycni layout version {found}; this build uses {expected}. Its maps may hold entries of another shape: remove the pins (mycni-agent unload, which keeps attached programs running until the agent reloads) or run the matching mycni version")]
+    LayoutVersion {
+        root: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("mycni was built without the eBPF object: run `cargo xtask build-ebpf`, then rebuild (cargo build)")]
+    NoObject,
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -133,6 +143,8 @@ fn layout_of(info: &MapInfo) -> (String, u32, u32, u32) {
 }
 
 /// Refuses pins left by a build with another map layout: aya would reuse them silently.
+/// The shapes are compared map by map, and the layout version the last agent stamped in
+/// `CONFIG` against this build's (a layout change that keeps every size shows only there).
 fn check_pinned_layouts(root: &Path) -> Result<(), DatapathError> {
     for name in MAP_NAMES {
         let path = root.join(name);
@@ -153,6 +165,34 @@ fn check_pinned_layouts(root: &Path) -> Result<(), DatapathError> {
             });
         }
     }
+    if root.join(MAP_CONFIG).exists() {
+        let found = read_config(root)?.layout_version;
+        check_layout_version(root, found)?;
+    }
+    Ok(())
+}
+
+/// Zero means never stamped (pins made before the stamp existed, or by an agent that was
+/// stopped before writing it): accepted, since the shapes matched.
+fn check_layout_version(root: &Path, found: u32) -> Result<(), DatapathError> {
+    if found != 0 && found != LAYOUT_VERSION {
+        return Err(DatapathError::LayoutVersion {
+            root: root.to_path_buf(),
+            found,
+            expected: LAYOUT_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Records this build's layout version in `CONFIG`, keeping the rest of it, so the next
+/// build to load these pins can tell whether it may reuse them.
+fn stamp_layout_version(root: &Path) -> Result<(), DatapathError> {
+    let mut config = read_config(root)?;
+    if config.layout_version != LAYOUT_VERSION {
+        config.layout_version = LAYOUT_VERSION;
+        write_config(root, &config)?;
+    }
     Ok(())
 }
 
@@ -163,6 +203,9 @@ fn check_pinned_layouts(root: &Path) -> Result<(), DatapathError> {
 /// The programs log at the level [`crate::ebpf_log::init`] set (nothing if it was never
 /// called), and when it was called their messages are forwarded to stderr from here on.
 pub fn load_and_pin(root: &Path) -> Result<(), DatapathError> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(DatapathError::NoObject);
+    }
     std::fs::create_dir_all(root).map_err(|source| DatapathError::Io {
         what: "cannot create pin directory",
         path: root.to_path_buf(),
@@ -209,6 +252,7 @@ pub fn load_and_pin(root: &Path) -> Result<(), DatapathError> {
             source,
         })?;
     }
+    stamp_layout_version(root)?;
     // The datapath works without its log: a reader that cannot start is only reported.
     if let Err(e) = crate::ebpf_log::forward(&mut ebpf) {
         eprintln!("mycni-agent: the programs' log messages are lost: {e}");
@@ -320,6 +364,16 @@ impl Maps {
         let route = found_or_none(self.routes.get(&Key::new(32, ip.octets()), 0))
             .map_err(map_error(MAP_ROUTES))?;
         Ok(route.filter(|r| r.kind == ROUTE_LOCAL_ENDPOINT))
+    }
+
+    /// The route `ROUTES` answers for `ip/prefix_len`: the longest prefix covering it, no
+    /// longer than `prefix_len` (one lookup, not a walk).
+    pub fn route(&self, ip: Ipv4Addr, prefix_len: u8) -> Result<Option<Route>, DatapathError> {
+        found_or_none(
+            self.routes
+                .get(&Key::new(prefix_len as u32, ip.octets()), 0),
+        )
+        .map_err(map_error(MAP_ROUTES))
     }
 
     pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError> {
@@ -489,6 +543,11 @@ impl NatTable {
     pub fn remove(&mut self, key: &FlowKey) -> Result<(), DatapathError> {
         ignore_missing(self.map.remove(key)).map_err(map_error(MAP_NAT))
     }
+
+    /// Writes an entry as the programs would (benchmarks fill the table with it).
+    pub fn insert(&mut self, key: &FlowKey, entry: &NatEntry) -> Result<(), DatapathError> {
+        self.map.insert(key, entry, 0).map_err(map_error(MAP_NAT))
+    }
 }
 
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
@@ -600,4 +659,21 @@ pub fn read_stats(root: &Path) -> Result<Vec<Counter>, DatapathError> {
             }))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_layout_version_is_refused_with_what_to_do() {
+        let root = Path::new("/sys/fs/bpf/mycni");
+        assert!(check_layout_version(root, LAYOUT_VERSION).is_ok());
+        assert!(check_layout_version(root, 0).is_ok(), "never stamped");
+        let refused = check_layout_version(root, LAYOUT_VERSION + 1)
+            .expect_err("another version")
+            .to_string();
+        assert!(refused.contains(&format!("layout version {}", LAYOUT_VERSION + 1)));
+        assert!(refused.contains("mycni-agent unload"), "{refused}");
+    }
 }

@@ -125,6 +125,14 @@ impl NatTimeouts {
     }
 }
 
+/// How often the agent walks the NAT table: a tenth of the shortest timeout, between 1 and
+/// 10 seconds. An entry outlives its timeout by at most this much, and a full table (a
+/// walk of hundreds of thousands of entries) is not walked every second.
+pub fn expiry_interval(timeouts: &NatTimeouts) -> Duration {
+    let shortest = timeouts.tcp.min(timeouts.udp).min(timeouts.icmp);
+    (shortest / 10).clamp(Duration::from_secs(1), Duration::from_secs(10))
+}
+
 /// The entry for the other direction of the same translated flow.
 pub fn partner_key(key: &FlowKey, entry: &NatEntry) -> FlowKey {
     let icmp = key.proto == IPPROTO_ICMP;
@@ -532,5 +540,25 @@ mod tests {
             (2, 1, 0, 6)
         );
         assert_eq!(counts.tcp_states, [1, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn expiry_interval_follows_the_shortest_timeout_within_bounds() {
+        assert_eq!(
+            expiry_interval(&NatTimeouts::default()),
+            Duration::from_secs(3)
+        );
+        let short = NatTimeouts {
+            icmp: Duration::from_secs(2),
+            ..NatTimeouts::default()
+        };
+        assert_eq!(expiry_interval(&short), Duration::from_secs(1));
+        let long = NatTimeouts {
+            tcp: Duration::from_secs(7200),
+            udp: Duration::from_secs(600),
+            icmp: Duration::from_secs(300),
+            ..NatTimeouts::default()
+        };
+        assert_eq!(expiry_interval(&long), Duration::from_secs(10));
     }
 }

@@ -97,8 +97,7 @@ impl Cluster {
         // The outside knows the nodes, never the pods: replies can only come back via SNAT.
         external.exec(&["ip", "route", "add", "192.168.0.0/16", "via", "203.0.113.1"])?;
 
-        std::fs::create_dir_all("/run/mycni-tests")?;
-        let nodes_file = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-nodes"));
+        let nodes_file = crate::run_dir().join(format!("{prefix}-nodes"));
         let mut cluster = Cluster {
             prefix: prefix.to_string(),
             nodes: Vec::new(),

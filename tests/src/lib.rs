@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod kubelab;
 pub mod kubeproxy;
 pub mod raw;
+pub mod lone;
 
 /// Where the binaries under test live (`cargo xtask test` sets it; defaults to target/debug).
 pub fn bin_dir() -> PathBuf {
@@ -48,6 +49,46 @@ pub fn cnitool_bin() -> PathBuf {
     std::env::var_os("MYCNI_CNITOOL")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/cnitool"))
+}
+
+/// Where tests, the demo and the benchmark keep their files and bpffs mounts:
+/// `$MYCNI_TEST_RUN_DIR`, else `/run/mycni-tests`. Created on first use, so a machine that
+/// never ran anything works (the demo test points it at a path that does not exist yet).
+pub fn run_dir() -> PathBuf {
+    let dir = std::env::var_os("MYCNI_TEST_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/mycni-tests"));
+    // Failing here would only move the error: the caller's own write reports it.
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// Whether this process may run root-only tests. Without root, says once per test binary
+/// that they are skipped (the unit tests still run) and returns false.
+pub fn have_root() -> bool {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        // Straight to the stream, not eprintln!: the test harness would capture that.
+        SAID.call_once(|| {
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped: the integration tests in this binary need root (network namespaces, bpf); run `sudo cargo xtask test`"
+            );
+        });
+    }
+    root
+}
+
+/// Returns `Ok(())` from a root-only test when not root (see [`have_root`]).
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::have_root() {
+            return Ok(());
+        }
+    };
 }
 
 /// A short prefix unique to this test and process: every name a test makes starts with it.
@@ -180,7 +221,7 @@ pub struct Bpffs {
 
 impl Bpffs {
     pub fn new(prefix: &str) -> Result<Bpffs> {
-        let mount_point = PathBuf::from("/run/mycni-tests").join(prefix);
+        let mount_point = run_dir().join(prefix);
         std::fs::create_dir_all(&mount_point)?;
         let _ = Command::new("umount").arg(&mount_point).output();
         run(Command::new("mount")
@@ -273,7 +314,7 @@ impl Node {
     pub fn bare(prefix: &str, name: &str, pod_cidr: &str) -> Result<Node> {
         let netns = Netns::new(&format!("{prefix}-{name}"))?;
         let bpffs = Bpffs::new(&format!("{prefix}-{name}"))?;
-        let data_dir = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-{name}-data"));
+        let data_dir = run_dir().join(format!("{prefix}-{name}-data"));
         let _ = std::fs::remove_dir_all(&data_dir);
         std::fs::create_dir_all(&data_dir)?;
         Ok(Node {
@@ -338,6 +379,13 @@ impl Node {
     /// read when the agent dies while starting).
     pub fn take_agent_stderr(&mut self) -> Option<std::process::ChildStderr> {
         self.agent.as_mut()?.stderr.take()
+    }
+
+    /// Whether the agent started last is still running.
+    pub fn agent_alive(&mut self) -> bool {
+        self.agent
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
     pub fn agent_pid(&self) -> Option<u32> {
@@ -688,4 +736,60 @@ pub fn http_get(netns: &Netns, addr: &str, path: &str) -> Result<(String, String
 pub fn metric(body: &str, series: &str) -> Option<f64> {
     body.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A running agent's stderr, drained by a thread as it comes (an agent logging thousands
+/// of routes would otherwise block on a full pipe), kept for the test to search.
+pub struct AgentLog {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl AgentLog {
+    pub fn follow(node: &mut Node) -> Result<AgentLog> {
+        use std::io::BufRead;
+        let stderr = node.take_agent_stderr().context("the agent's stderr")?;
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(mut all) = sink.lock() {
+                    all.push(line);
+                }
+            }
+        });
+        Ok(AgentLog { lines })
+    }
+
+    /// The first line holding every needle, if the agent wrote one yet.
+    pub fn find(&self, needles: &[&str]) -> Option<String> {
+        let all = self.lines.lock().ok()?;
+        all.iter()
+            .find(|line| needles.iter().all(|n| line.contains(n)))
+            .cloned()
+    }
+
+    /// Waits up to `limit` for a line holding every needle.
+    pub fn wait_for(&self, needles: &[&str], limit: Duration) -> Result<String> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(line) = self.find(needles) {
+                return Ok(line);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "no line with {needles:?} in the agent's log within {limit:?}:\n{}",
+                    self.text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything the agent wrote so far (the last 200 lines).
+    pub fn text(&self) -> String {
+        let all = self.lines.lock().map(|l| l.clone()).unwrap_or_default();
+        let skip = all.len().saturating_sub(200);
+        all[skip..].join("\n")
+    }
 }

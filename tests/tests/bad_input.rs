@@ -9,6 +9,7 @@ type Env = Vec<(String, String)>;
 
 #[test]
 fn bad_inputs_get_the_right_code_and_leave_nothing() -> Result<()> {
+    mycni_tests::require_root!();
     let node = Node::new(&prefix("badinput"), "10.244.9.0/30")?;
     let pod_ns = Netns::new(&format!("{}-pod", node.prefix))?;
     let path = pod_ns.path().display().to_string();
@@ -174,6 +175,7 @@ fn bad_inputs_get_the_right_code_and_leave_nothing() -> Result<()> {
 
 #[test]
 fn version_lists_every_supported_version() -> Result<()> {
+    mycni_tests::require_root!();
     let node = Node::new(&prefix("version"), "10.244.10.0/24")?;
     let call = node.cni(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"0.4.0"}"#)?;
     ensure!(call.exit_ok, "{}", call.stderr);
@@ -185,6 +187,7 @@ fn version_lists_every_supported_version() -> Result<()> {
 
 #[test]
 fn results_are_shaped_per_requested_version() -> Result<()> {
+    mycni_tests::require_root!();
     let node = Node::new(&prefix("shapes"), "10.244.11.0/24")?;
     for (i, version) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
         .iter()

@@ -135,6 +135,7 @@ fn expire(node: &Node, from: &Pod, to: &Pod) -> Result<String> {
 
 #[test]
 fn program_messages_reach_the_agent_log_at_its_level() -> Result<()> {
+    mycni_tests::require_root!();
     let mut node = Node::bare(&prefix("bpflog"), "node", "10.244.1.0/24")?;
     node.netns
         .exec(&["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;

@@ -43,6 +43,7 @@ fn check_pair(
 
 #[test]
 fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("matrix"), &ALL, &[])?;
     cluster.wait_for_full_mesh()?;
     let (n1, n2, n3) = (
@@ -146,6 +147,7 @@ fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<(
 
 #[test]
 fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("svc"), &ALL, &[])?;
     cluster.wait_for_full_mesh()?;
     let (n1, n2, n3) = (
@@ -277,6 +279,7 @@ fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> 
 
 #[test]
 fn a_thousand_egress_connections_get_distinct_translated_ports() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("snat1k"), &["node-1"], &[])?;
     let n1 = cluster.node("node-1");
     let pods = (0..10)
@@ -357,6 +360,7 @@ fn a_thousand_egress_connections_get_distinct_translated_ports() -> Result<()> {
 
 #[test]
 fn nodes_file_changes_add_and_remove_routes() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("nodesfile"), &["node-1", "node-2"], &[])?;
     let (n1, n3) = (cluster.node("node-1"), cluster.node("node-3"));
     let a1 = n1.add_pod("a1")?;
@@ -398,6 +402,7 @@ fn nodes_file_changes_add_and_remove_routes() -> Result<()> {
 
 #[test]
 fn ten_megabytes_cross_vxlan_without_a_pmtu_black_hole() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("bulk"), &ALL, &[])?;
     cluster.wait_for_full_mesh()?;
     let a1 = cluster.node("node-1").add_pod("a1")?;
@@ -447,6 +452,7 @@ fn ten_megabytes_cross_vxlan_without_a_pmtu_black_hole() -> Result<()> {
 
 #[test]
 fn forced_vxlan_mode_tunnels_even_on_link_peers() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("forcevx"), &ALL, &["--tunnel-mode", "vxlan"])?;
     cluster.wait_for_full_mesh()?;
     let (n1, n2) = (cluster.node("node-1"), cluster.node("node-2"));
@@ -481,6 +487,7 @@ fn forced_vxlan_mode_tunnels_even_on_link_peers() -> Result<()> {
 
 #[test]
 fn the_agent_expires_idle_nat_entries_per_protocol() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(
         &prefix("natexp"),
         &["node-1"],
@@ -536,6 +543,7 @@ fn the_agent_expires_idle_nat_entries_per_protocol() -> Result<()> {
 
 #[test]
 fn killing_and_restarting_the_agent_drops_no_flow() -> Result<()> {
+    mycni_tests::require_root!();
     let mut cluster = Cluster::new(&prefix("restart"), &ALL, &[])?;
     cluster.wait_for_full_mesh()?;
     let a1 = cluster.node("node-1").add_pod("a1")?;

@@ -12,7 +12,7 @@ struct PluginDir(PathBuf);
 
 impl PluginDir {
     fn new(prefix: &str) -> Result<PluginDir> {
-        let dir = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-bin"));
+        let dir = mycni_tests::run_dir().join(format!("{prefix}-bin"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         std::os::unix::fs::symlink(mycni_tests::mycni_bin(), dir.join("mycni"))?;
@@ -48,6 +48,7 @@ impl Drop for PluginDir {
 
 #[test]
 fn cnitool_adds_checks_and_deletes_mycni_with_portmap() -> Result<()> {
+    mycni_tests::require_root!();
     ensure!(
         cnitool_bin().exists(),
         "{} is missing: run cargo xtask setup",

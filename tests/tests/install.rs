@@ -18,9 +18,10 @@ impl Drop for InstallTree {
 
 #[test]
 fn xtask_install_lays_out_a_node_that_adds_pods() -> Result<()> {
+    mycni_tests::require_root!();
     let prefix = prefix("install");
     let node = Node::new(&prefix, "10.244.21.0/24")?;
-    let tree = InstallTree(PathBuf::from("/run/mycni-tests").join(format!("{prefix}-dest")));
+    let tree = InstallTree(mycni_tests::run_dir().join(format!("{prefix}-dest")));
     let _ = std::fs::remove_dir_all(&tree.0);
     // The release binaries `cargo xtask test` built; --no-build so the test never compiles.
     run(Command::new(bin_dir().join("xtask"))

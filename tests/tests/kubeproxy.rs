@@ -93,6 +93,7 @@ fn sysctl(netns: &Netns, key: &str) -> Result<String> {
 
 #[test]
 fn nodes_reach_pods_on_other_nodes_over_tcp_through_kube_proxys_forward_chain() -> Result<()> {
+    mycni_tests::require_root!();
     // The lab starts every node with net.ipv4.ip_forward=0; the agents start after that.
     let mut cluster = Cluster::new(&prefix("kpnode"), &ALL, &[])?;
     let agent_log = cluster.nodes[0]
@@ -177,6 +178,7 @@ fn nodes_reach_pods_on_other_nodes_over_tcp_through_kube_proxys_forward_chain() 
 
 #[test]
 fn pods_reach_the_outside_and_node_ips_over_tcp_masqueraded_under_kube_proxy() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("kpegress"), &ALL, &["--nat-timeout-udp", "1"])?;
     cluster.install_kube_proxy(&[])?;
     cluster.wait_for_full_mesh()?;
@@ -295,6 +297,7 @@ fn pods_reach_the_outside_and_node_ips_over_tcp_masqueraded_under_kube_proxy() -
 
 #[test]
 fn pods_reach_cluster_ips_whose_backends_are_node_ips_outside_hosts_and_pods() -> Result<()> {
+    mycni_tests::require_root!();
     let cluster = Cluster::new(&prefix("kpsvc"), &ALL, &[])?;
     cluster.wait_for_full_mesh()?;
     let (n1, n2, n3) = (

@@ -353,6 +353,7 @@ fn leftovers(lab: &KubeLab, node: &str) -> Result<Vec<String>> {
 
 #[test]
 fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
+    mycni_tests::require_root!();
     let images = [
         image_archive("MYCNI_TEST_IMAGE", "mycni-test.oci.tar")?,
         image_archive("MYCNI_TEST_UPGRADE_IMAGE", "mycni-upgrade.oci.tar")?,

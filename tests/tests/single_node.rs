@@ -15,6 +15,7 @@ fn counters(node: &Node) -> Result<Vec<u64>> {
 
 #[test]
 fn three_pods_reach_each_other_through_ebpf_with_forwarding_off() -> Result<()> {
+    mycni_tests::require_root!();
     let node = Node::new(&prefix("threepods"), "10.244.1.0/24")?;
     // Kernel forwarding off: anything that crosses between pods was moved by from_pod.
     node.netns.sysctl("net.ipv4.ip_forward", "0")?;
@@ -89,6 +90,7 @@ fn three_pods_reach_each_other_through_ebpf_with_forwarding_off() -> Result<()> 
 
 #[test]
 fn thirty_two_concurrent_adds_get_distinct_addresses() -> Result<()> {
+    mycni_tests::require_root!();
     let node = Node::new(&prefix("concurrent"), "10.244.2.0/24")?;
     let pods: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..32)
@@ -141,6 +143,7 @@ fn thirty_two_concurrent_adds_get_distinct_addresses() -> Result<()> {
 
 #[test]
 fn two_hundred_add_del_cycles_leave_nothing() -> Result<()> {
+    mycni_tests::require_root!();
     let node = Node::new(&prefix("cycles"), "10.244.3.0/28")?;
     let netns = mycni_tests::Netns::new(&format!("{}-pod", node.prefix))?;
     let path = netns.path().display().to_string();
@@ -168,6 +171,7 @@ fn two_hundred_add_del_cycles_leave_nothing() -> Result<()> {
 
 #[test]
 fn del_succeeds_without_netns_and_twice() -> Result<()> {
+    mycni_tests::require_root!();
     let node = Node::new(&prefix("delidem"), "10.244.4.0/24")?;
     let conf = node.conf("1.0.0").to_string();
     let pod = node.add_pod("gone")?;
@@ -190,6 +194,7 @@ fn del_succeeds_without_netns_and_twice() -> Result<()> {
 
 #[test]
 fn static_ip_through_cni_args_and_runtime_config() -> Result<()> {
+    mycni_tests::require_root!();
     let node = Node::new(&prefix("staticip"), "10.244.5.0/24")?;
     let a = mycni_tests::Netns::new(&format!("{}-a", node.prefix))?;
     let b = mycni_tests::Netns::new(&format!("{}-b", node.prefix))?;
@@ -237,6 +242,7 @@ fn static_ip_through_cni_args_and_runtime_config() -> Result<()> {
 
 #[test]
 fn check_passes_then_reports_what_differs() -> Result<()> {
+    mycni_tests::require_root!();
     let node = Node::new(&prefix("check"), "10.244.6.0/24")?;
     let pod = node.add_pod("p")?;
     let path = pod.netns.path().display().to_string();
@@ -278,6 +284,7 @@ fn check_passes_then_reports_what_differs() -> Result<()> {
 
 #[test]
 fn status_reports_whether_the_datapath_is_loaded() -> Result<()> {
+    mycni_tests::require_root!();
     let mut node = Node::new(&prefix("status"), "10.244.7.0/24")?;
     let env = [("CNI_COMMAND", "STATUS")];
     let conf = node.conf("1.1.0").to_string();
@@ -312,6 +319,7 @@ fn run_unload(node: &Node) -> Result<()> {
 
 #[test]
 fn gc_frees_attachments_not_listed_as_valid() -> Result<()> {
+    mycni_tests::require_root!();
     let node = Node::new(&prefix("gc"), "10.244.8.0/24")?;
     let keep = node.add_pod("keep")?;
     let drop_me = node.add_pod("drop")?;
@@ -345,6 +353,7 @@ fn gc_frees_attachments_not_listed_as_valid() -> Result<()> {
 
 #[test]
 fn pins_of_another_layout_are_refused_not_reused() -> Result<()> {
+    mycni_tests::require_root!();
     let prefix = prefix("layout");
     let bpffs = mycni_tests::Bpffs::new(&prefix)?;
     let root = bpffs.mount_point.join("mycni");
@@ -382,6 +391,7 @@ fn pins_of_another_layout_are_refused_not_reused() -> Result<()> {
 
 #[test]
 fn agent_writes_the_conflist_serves_metrics_and_collects_garbage() -> Result<()> {
+    mycni_tests::require_root!();
     let mut node = Node::bare(&prefix("upkeep"), "node", "10.244.13.0/24")?;
     node.netns
         .exec(&["ip", "addr", "add", "192.168.50.1/32", "dev", "lo"])?;

@@ -27,9 +27,9 @@ const USAGE: &str = "usage: cargo xtask <command>
   test         setup, build-ebpf, build every binary, then the whole test suite (unit and,
                as root, integration); extra arguments go to the test binaries (filters)
   bench        mycni against a bare veth, the reference bridge plugin and kernel VXLAN
-               [--quick] (under two minutes); results in target/bench/; SNAT connection
-               churn against kernel MASQUERADE (60 s each, 10 s with --quick), alone
-               with --churn-only";
+               [--quick] (under two minutes) [--scale-only] (the agent at 100, 1,000 and 5,000
+               nodes alone) [--churn-only] (SNAT connection churn against kernel MASQUERADE,
+               60 s each, 10 s with --quick); results in target/bench/";
 
 /// The workspace root: xtask lives one level below it.
 pub fn repo_root() -> PathBuf {

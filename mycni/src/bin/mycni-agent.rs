@@ -1,7 +1,7 @@
 //! The node agent: loads and pins the datapath, keeps routes to the other nodes in step,
 //! expires NAT entries, and prints what the maps hold.
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -380,20 +380,38 @@ fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
             let (root, network, counters) = (root.to_path_buf(), network.clone(), counters.clone());
             let interval = options.gc_interval.unwrap_or(Duration::from_secs(60));
             let grace = options.gc_grace.unwrap_or(Duration::from_secs(60));
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
-                loop {
-                    tick.tick().await;
-                    match upkeep::collect_garbage(&data_dir, &network, &root, grace).await {
-                        Ok(freed) => {
-                            counters
-                                .garbage_collected
-                                .fetch_add(freed as u64, Ordering::Relaxed);
+            // Its own thread and runtime: GC waits on the address store's file lock, which
+            // a slow ADD may hold, and must not stall route changes or /healthz meanwhile.
+            std::thread::Builder::new()
+                .name("garbage-collection".into())
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            eprintln!("mycni-agent: garbage collection cannot start: {e}");
+                            return;
                         }
-                        Err(e) => eprintln!("mycni-agent: garbage collection failed: {e}"),
-                    }
-                }
-            });
+                    };
+                    runtime.block_on(async move {
+                        let mut tick =
+                            tokio::time::interval(interval.max(Duration::from_millis(100)));
+                        loop {
+                            tick.tick().await;
+                            match upkeep::collect_garbage(&data_dir, &network, &root, grace).await {
+                                Ok(freed) => {
+                                    counters
+                                        .garbage_collected
+                                        .fetch_add(freed as u64, Ordering::Relaxed);
+                                }
+                                Err(e) => eprintln!("mycni-agent: garbage collection failed: {e}"),
+                            }
+                        }
+                    })
+                })
+                .context("start the garbage collection thread")?;
         }
         // Written last: its presence tells kubelet (and STATUS) the node can take pods.
         if let (Some(dir), Some(pod_cidr)) = (&options.cni_conf_dir, &pod_cidr) {
@@ -421,7 +439,17 @@ fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
                             .unwrap_or_else(|| PathBuf::from("/etc/mycni/nodes")),
                     )),
                 };
-                agent.run(source.as_mut(), &counters, shutdown).await?;
+                let stop_nat = Arc::new(AtomicBool::new(false));
+                let nat_upkeep = mycni::agent::spawn_nat_upkeep(
+                    root.to_path_buf(),
+                    agent.nat_timeouts(),
+                    counters.clone(),
+                    stop_nat.clone(),
+                )
+                .context("start the NAT expiry thread")?;
+                agent.run(source.as_mut(), &counters, shutdown).await;
+                stop_nat.store(true, Ordering::Relaxed);
+                let _ = nat_upkeep.join();
             }
         }
         anyhow::Ok(())

@@ -336,16 +336,21 @@ pub struct KubeNodeSource {
     shared: Arc<Mutex<Shared>>,
     stop: Arc<AtomicBool>,
     seen_generation: u64,
+    /// Notified by the watch thread on every change and error: the agent applies a
+    /// change as the event arrives, without polling.
+    wakeup: Arc<tokio::sync::Notify>,
 }
 
 impl KubeNodeSource {
     pub fn start(client: ApiClient) -> KubeNodeSource {
         let shared = Arc::new(Mutex::new(Shared::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (thread_shared, thread_stop) = (shared.clone(), stop.clone());
+        let wakeup = Arc::new(tokio::sync::Notify::new());
+        let (thread_shared, thread_stop, thread_wakeup) =
+            (shared.clone(), stop.clone(), wakeup.clone());
         std::thread::Builder::new()
             .name("node-watch".into())
-            .spawn(move || watch_loop(&client, &thread_shared, &thread_stop))
+            .spawn(move || watch_loop(&client, &thread_shared, &thread_stop, &thread_wakeup))
             .map(drop)
             .unwrap_or_else(|e| {
                 lock(&shared)
@@ -356,6 +361,7 @@ impl KubeNodeSource {
             shared,
             stop,
             seen_generation: 0,
+            wakeup,
         }
     }
 
@@ -396,14 +402,24 @@ impl NodeSource for KubeNodeSource {
         self.seen_generation = shared.generation;
         Ok(shared.cache.as_ref().map(NodeCache::entries))
     }
+
+    fn wakeup(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(self.wakeup.clone())
+    }
 }
 
-fn watch_loop(client: &ApiClient, shared: &Mutex<Shared>, stop: &AtomicBool) {
+fn watch_loop(
+    client: &ApiClient,
+    shared: &Mutex<Shared>,
+    stop: &AtomicBool,
+    wakeup: &tokio::sync::Notify,
+) {
     let publish = |cache: &NodeCache, changed: bool| {
         let mut shared = lock(shared);
         shared.cache = Some(cache.clone());
         if changed {
             shared.generation += 1;
+            wakeup.notify_one();
         }
     };
     let report = |error: String| {
@@ -412,6 +428,7 @@ fn watch_loop(client: &ApiClient, shared: &Mutex<Shared>, stop: &AtomicBool) {
         if shared.errors.len() < 16 {
             shared.errors.push(error);
         }
+        wakeup.notify_one();
     };
     let mut cache = NodeCache::default();
     let mut listed = false;

@@ -213,20 +213,29 @@ impl NodeCache {
     /// Applies one watch event. Returns whether the routable nodes changed; an `Error`
     /// event is returned to the caller, which must resume or re-list.
     pub fn apply(&mut self, event: WatchEvent) -> Result<bool, (u16, String)> {
-        let before = self.entries();
+        // Only the node the event names is compared: a heartbeat of one node among
+        // thousands must not cost a walk of them all.
         match event {
             WatchEvent::Added(node, version) | WatchEvent::Modified(node, version) => {
-                self.nodes.insert(node.name.clone(), node);
+                let after = node.entry();
+                let before = self
+                    .nodes
+                    .insert(node.name.clone(), node)
+                    .and_then(|old| old.entry());
                 self.resource_version = version;
+                Ok(before != after)
             }
             WatchEvent::Deleted(node, version) => {
-                self.nodes.remove(&node.name);
+                let before = self.nodes.remove(&node.name).and_then(|old| old.entry());
                 self.resource_version = version;
+                Ok(before.is_some())
             }
-            WatchEvent::Bookmark(version) => self.resource_version = version,
-            WatchEvent::Error { code, message } => return Err((code, message)),
+            WatchEvent::Bookmark(version) => {
+                self.resource_version = version;
+                Ok(false)
+            }
+            WatchEvent::Error { code, message } => Err((code, message)),
         }
-        Ok(before != self.entries())
     }
 }
 

@@ -169,7 +169,7 @@ fn bare_veth(prefix: &str) -> Result<Path2> {
 fn kubeadm_bridge(prefix: &str) -> Result<Path2> {
     let node = Netns::new(&format!("{prefix}-kb-node"))?;
     node.sysctl("net.ipv4.ip_forward", "1")?;
-    let data = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-kb-ipam"));
+    let data = mycni_tests::run_dir().join(format!("{prefix}-kb-ipam"));
     let conf = bridge_conf("bench-kb", "10.88.0.0/24", true, &data);
     let (client, _) = bridge_pod(&node, &format!("{prefix}-kb-a"), &conf)?;
     let (server, server_ip) = bridge_pod(&node, &format!("{prefix}-kb-b"), &conf)?;
@@ -203,7 +203,7 @@ fn bridge_two_nodes(prefix: &str, vxlan: bool) -> Result<Path2> {
     let n1 = Netns::new(&format!("{prefix}-{tag}-n1"))?;
     let n2 = Netns::new(&format!("{prefix}-{tag}-n2"))?;
     veth_between(&n1, "192.168.100.1/24", &n2, "192.168.100.2/24", "eth0")?;
-    let data = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-{tag}-ipam"));
+    let data = mycni_tests::run_dir().join(format!("{prefix}-{tag}-ipam"));
     let mut pods = Vec::new();
     for (i, node) in [&n1, &n2].iter().enumerate() {
         node.sysctl("net.ipv4.ip_forward", "1")?;
@@ -307,7 +307,7 @@ fn bridge_two_nodes(prefix: &str, vxlan: bool) -> Result<Path2> {
 /// Two mycni nodes on one veth link with agents, a pod on each.
 fn mycni_two_nodes(prefix: &str, mode: &str) -> Result<Path2> {
     let tag = format!("m{}", &mode[..2]);
-    let nodes_file = PathBuf::from("/run/mycni-tests").join(format!("{prefix}-{tag}-nodes"));
+    let nodes_file = mycni_tests::run_dir().join(format!("{prefix}-{tag}-nodes"));
     std::fs::write(
         &nodes_file,
         "n1 192.168.100.1 10.244.1.0/24\nn2 192.168.100.2 10.244.2.0/24\n",
@@ -835,6 +835,17 @@ fn main() -> Result<()> {
     let out_dir =
         PathBuf::from(std::env::var("MYCNI_BENCH_OUT").unwrap_or_else(|_| "target/bench".into()));
     std::fs::create_dir_all(&out_dir)?;
+    if std::env::args().any(|a| a == "--scale-only") {
+        // The agent's cluster-scale rows alone (a few minutes instead of the whole run).
+        let (md, report) = mycni_tests::lone::bench(settings.quick)?;
+        std::fs::write(out_dir.join("scale.md"), &md)?;
+        std::fs::write(
+            out_dir.join("scale.json"),
+            serde_json::to_string_pretty(&report)?,
+        )?;
+        println!("{md}");
+        return Ok(());
+    }
     let p = prefix("bench");
     let churn_seconds = if settings.quick { 10 } else { 60 };
     if std::env::args().any(|a| a == "--churn-only") {
@@ -902,7 +913,7 @@ fn main() -> Result<()> {
     let br_node = Netns::new(&format!("{p}-cnibr"))?;
     br_node.sysctl("net.ipv4.ip_forward", "1")?;
     kubeadm_style(&br_node, 200)?;
-    let br_data = RemoveDir(PathBuf::from("/run/mycni-tests").join(format!("{p}-cnibr-ipam")));
+    let br_data = RemoveDir(mycni_tests::run_dir().join(format!("{p}-cnibr-ipam")));
     let br_conf = bridge_conf("bench-cni", "10.246.0.0/23", true, &br_data.0);
     let bridge_ops = cni_ops(
         &br_node,
@@ -913,6 +924,8 @@ fn main() -> Result<()> {
     )?;
     drop(paths);
     let (churn_md, churn) = churn_section(&p, churn_seconds)?;
+    eprintln!("agent at cluster scale ...");
+    let (scale_md, scale_report) = mycni_tests::lone::bench(settings.quick)?;
 
     // Report.
     let groups: Vec<(&str, Vec<&'static str>)> = vec![
@@ -1022,6 +1035,7 @@ fn main() -> Result<()> {
         "\n## Memory\n\nagent RSS {} KiB; pinned maps {} bytes with 0 pods, {} bytes with 100 pods ({:.0} bytes per pod, as the kernel accounts it)\n",
         mycni_node_memory["agent_rss_kib"], mycni_node_memory["maps_bytes_at_0_pods"], mycni_node_memory["maps_bytes_at_100_pods"], mycni_node_memory["bytes_per_pod"].as_f64().unwrap_or(0.0)
     );
+    md += &scale_md;
     let cni_json = |s: &CniStats| {
         json!({
             "add_windows": s.add_windows.iter().map(|w| json!({"window": w.0, "p50_ms": w.1, "p99_ms": w.2})).collect::<Vec<_>>(),
@@ -1035,6 +1049,7 @@ fn main() -> Result<()> {
         "cni": {"mycni": cni_json(&mycni_ops), "bridge": cni_json(&bridge_ops)},
         "memory": mycni_node_memory,
         "snat_churn": churn,
+        "agent_scale": scale_report,
     });
     std::fs::write(out_dir.join("results.md"), &md)?;
     std::fs::write(
