@@ -23,121 +23,46 @@ pub struct Service {
     pub endpoints: Vec<SocketAddr>,
 }
 
-/// The jumps kube-proxy inserts at the top of the built-in chains: (table, chain, match).
-const JUMPS: [(&str, &str, &[&str]); 8] = [
-    (
-        "filter",
-        "INPUT",
-        &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes externally-visible service portals",
-            "-j",
-            "KUBE-EXTERNAL-SERVICES",
-        ],
-    ),
-    (
-        "filter",
-        "FORWARD",
-        &[
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes forwarding rules",
-            "-j",
-            "KUBE-FORWARD",
-        ],
-    ),
-    (
-        "filter",
-        "FORWARD",
-        &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes service portals",
-            "-j",
-            "KUBE-SERVICES",
-        ],
-    ),
-    (
-        "filter",
-        "FORWARD",
-        &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes externally-visible service portals",
-            "-j",
-            "KUBE-EXTERNAL-SERVICES",
-        ],
-    ),
-    (
-        "filter",
-        "OUTPUT",
-        &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes service portals",
-            "-j",
-            "KUBE-SERVICES",
-        ],
-    ),
-    (
-        "nat",
-        "OUTPUT",
-        &[
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes service portals",
-            "-j",
-            "KUBE-SERVICES",
-        ],
-    ),
-    (
-        "nat",
-        "PREROUTING",
-        &[
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes service portals",
-            "-j",
-            "KUBE-SERVICES",
-        ],
-    ),
-    (
-        "nat",
-        "POSTROUTING",
-        &[
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes postrouting rules",
-            "-j",
-            "KUBE-POSTROUTING",
-        ],
-    ),
+/// Which packets a jump takes.
+#[derive(Clone, Copy)]
+enum Packets {
+    /// Only those of new connections (`-m conntrack --ctstate NEW`).
+    New,
+    All,
+}
+
+/// Where a jump goes: (comment, target chain).
+type Destination = (&'static str, &'static str);
+
+const SERVICES: Destination = ("kubernetes service portals", "KUBE-SERVICES");
+const EXTERNAL_SERVICES: Destination = (
+    "kubernetes externally-visible service portals",
+    "KUBE-EXTERNAL-SERVICES",
+);
+const FORWARD: Destination = ("kubernetes forwarding rules", "KUBE-FORWARD");
+const POSTROUTING: Destination = ("kubernetes postrouting rules", "KUBE-POSTROUTING");
+
+/// The jumps kube-proxy inserts at the top of the built-in chains.
+const JUMPS: [(&str, &str, Packets, Destination); 8] = [
+    ("filter", "INPUT", Packets::New, EXTERNAL_SERVICES),
+    ("filter", "FORWARD", Packets::All, FORWARD),
+    ("filter", "FORWARD", Packets::New, SERVICES),
+    ("filter", "FORWARD", Packets::New, EXTERNAL_SERVICES),
+    ("filter", "OUTPUT", Packets::New, SERVICES),
+    ("nat", "OUTPUT", Packets::All, SERVICES),
+    ("nat", "PREROUTING", Packets::All, SERVICES),
+    ("nat", "POSTROUTING", Packets::All, POSTROUTING),
 ];
+
+/// A jump's match and target, as `iptables -C`/`-I` take them after the chain.
+fn jump_rule(packets: Packets, (comment, target): Destination) -> Vec<&'static str> {
+    let mut rule = Vec::new();
+    if let Packets::New = packets {
+        rule.extend(["-m", "conntrack", "--ctstate", "NEW"]);
+    }
+    rule.extend(["-m", "comment", "--comment", comment, "-j", target]);
+    rule
+}
 
 /// A chain name suffix like kube-proxy's (16 characters from a hash of what it names).
 fn chain_suffix(what: &str) -> String {
@@ -255,15 +180,44 @@ pub fn install(netns: &Netns, cluster_cidr: &str, services: &[Service]) -> Resul
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    for (table, chain, rule) in JUMPS {
+    for (table, chain, packets, destination) in JUMPS {
+        let rule = jump_rule(packets, destination);
         let mut check = vec!["iptables", "-w", "-t", table, "-C", chain];
-        check.extend_from_slice(rule);
+        check.extend_from_slice(&rule);
         if netns.exec(&check).is_err() {
             let mut insert = vec!["iptables", "-w", "-t", table, "-I", chain];
-            insert.extend_from_slice(rule);
+            insert.extend_from_slice(&rule);
             netns.exec(&insert)?;
         }
     }
+    Ok(())
+}
+
+/// A kube-proxy-style UDP ClusterIP in `netns`: `cluster_ip:port` DNATed in PREROUTING to
+/// `backend` (the one-rule shape, without kube-proxy's chains).
+pub fn add_udp_cluster_ip(
+    netns: &Netns,
+    cluster_ip: Ipv4Addr,
+    port: u16,
+    backend: SocketAddr,
+) -> Result<()> {
+    netns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        &format!("{cluster_ip}/32"),
+        "-p",
+        "udp",
+        "--dport",
+        &port.to_string(),
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &backend.to_string(),
+    ])?;
     Ok(())
 }
 
