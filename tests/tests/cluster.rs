@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use mycni_common::verdict;
 use mycni_tests::cluster::{has_route, wait_for, Cluster, EXTERNAL_IP};
-use mycni_tests::kubeproxy::Service;
+use mycni_tests::kubeproxy::{self, Service};
 use mycni_tests::{prefix, tcp_echo, udp_echo, Netns, Node, Pod};
 
 const ALL: [&str; 3] = ["node-1", "node-2", "node-3"];
@@ -659,6 +659,14 @@ fn killing_and_restarting_the_agent_drops_no_flow() -> Result<()> {
     Ok(())
 }
 
+/// A one-node cluster whose SNAT has only the ports `nat_ports` (`first-last`), with one
+/// pod, `a1`.
+fn one_pod_with_nat_ports(name: &str, nat_ports: &str) -> Result<(Cluster, Pod)> {
+    let cluster = Cluster::new(&prefix(name), &["node-1"], &["--nat-ports", nat_ports])?;
+    let a1 = cluster.node("node-1").add_pod("a1")?;
+    Ok((cluster, a1))
+}
+
 /// Connects, sends a byte, closes first and waits for the server's FIN.
 fn closed_connection(target: SocketAddr) -> Result<()> {
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
@@ -690,13 +698,8 @@ fn serve_closing(
 
 #[test]
 fn closed_connections_give_their_ports_back_at_once() -> Result<()> {
-    let cluster = Cluster::new(
-        &prefix("natclose"),
-        &["node-1"],
-        &["--nat-ports", "61000-61009"],
-    )?;
+    let (cluster, a1) = one_pod_with_nat_ports("natclose", "61000-61009")?;
     let n1 = cluster.node("node-1");
-    let a1 = n1.add_pod("a1")?;
     let target = SocketAddr::from((EXTERNAL_IP, 9400));
     let listener = cluster
         .external
@@ -780,13 +783,8 @@ fn a_pod_sustains_500_new_connections_per_second_to_one_peer() -> Result<()> {
 
 #[test]
 fn the_port_search_finds_the_last_free_port_and_refuses_beyond() -> Result<()> {
-    let cluster = Cluster::new(
-        &prefix("natfull"),
-        &["node-1"],
-        &["--nat-ports", "61000-61199"],
-    )?;
+    let (cluster, a1) = one_pod_with_nat_ports("natfull", "61000-61199")?;
     let n1 = cluster.node("node-1");
-    let a1 = n1.add_pod("a1")?;
     let target = SocketAddr::from((EXTERNAL_IP, 9500));
     let listener = cluster
         .external
@@ -1107,24 +1105,9 @@ fn large_udp_replies_through_a_cluster_ip_keep_their_fragments_together() -> Res
     let local = n1.add_pod("be1")?;
     let remote = n2.add_pod("be2")?;
     // kube-proxy-style UDP ClusterIPs (like DNS): one backend on this node, one on another.
-    for (vip, backend) in [("10.96.0.53", &local), ("10.96.0.54", &remote)] {
-        n1.netns.exec(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            vip,
-            "-p",
-            "udp",
-            "--dport",
-            "53",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &format!("{}:5353", backend.ip),
-        ])?;
+    for (vip, backend) in [([10, 96, 0, 53], &local), ([10, 96, 0, 54], &remote)] {
+        let backend = SocketAddr::from((backend.ip, 5353));
+        kubeproxy::add_udp_cluster_ip(&n1.netns, Ipv4Addr::from(vip), 53, backend)?;
     }
     // The echo answers 4000 bytes: three fragments at the pods' 1450-byte MTU, of which
     // only the first has ports; all must be un-DNATed by the stack.
@@ -1164,13 +1147,8 @@ fn large_udp_replies_through_a_cluster_ip_keep_their_fragments_together() -> Res
 
 #[test]
 fn a_new_udp_flow_without_a_free_port_is_told_at_once() -> Result<()> {
-    let cluster = Cluster::new(
-        &prefix("natudpfull"),
-        &["node-1"],
-        &["--nat-ports", "61000-61001"],
-    )?;
+    let (cluster, a1) = one_pod_with_nat_ports("natudpfull", "61000-61001")?;
     let n1 = cluster.node("node-1");
-    let a1 = n1.add_pod("a1")?;
     let target = SocketAddr::from((EXTERNAL_IP, 9550));
     let server = cluster
         .external

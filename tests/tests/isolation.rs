@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use mycni_common::verdict;
 use mycni_tests::cluster::{wait_for, Cluster, EXTERNAL_IP, NODES};
+use mycni_tests::kubeproxy;
 use mycni_tests::raw::{self, PacketSocket, ARP_REPLY, ARP_REQUEST, ETH_P_ARP, ETH_P_IP};
 use mycni_tests::{prefix, udp_echo, Netns, Node, Pod, NODE_IP};
 
@@ -111,23 +112,7 @@ fn a_pod_cannot_send_from_an_address_that_is_not_its_own() -> Result<()> {
     let (p21, p31) = (n2.add_pod("p21")?, n3.add_pod("p31")?);
     let service = Ipv4Addr::new(10, 96, 0, 10);
     // A kube-proxy-style UDP ClusterIP on node-1 whose backend is p21.
-    n1.netns.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-d",
-        &format!("{service}/32"),
-        "-p",
-        "udp",
-        "--dport",
-        "53",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        &format!("{}:7777", p21.ip),
-    ])?;
+    kubeproxy::add_udp_cluster_ip(&n1.netns, service, 53, SocketAddr::from((p21.ip, 7777)))?;
     let node_socket = n1.netns.run_inside(|| {
         let socket = UdpSocket::bind(("0.0.0.0", 7777))?;
         socket.set_read_timeout(Some(Duration::from_millis(300)))?;
