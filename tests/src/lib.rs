@@ -20,8 +20,8 @@ pub mod bench;
 pub mod cluster;
 pub mod kubelab;
 pub mod kubeproxy;
-pub mod raw;
 pub mod lone;
+pub mod raw;
 
 /// Where the binaries under test live (`cargo xtask test` sets it; defaults to target/debug).
 pub fn bin_dir() -> PathBuf {
