@@ -234,6 +234,18 @@ impl Netlink {
             .map_err(request(what))
     }
 
+    /// Deletes the route `message` matches; a route already gone is not an error.
+    async fn delete_route_if_present(
+        &self,
+        message: rtnetlink::packet_route::route::RouteMessage,
+        what: String,
+    ) -> Result<(), NetlinkError> {
+        match self.handle.route().del(message).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
+            other => other.map_err(request(what)),
+        }
+    }
+
     /// `dst/prefix_len dev oif scope link`: the node's way to a local pod.
     pub async fn add_link_route(
         &self,
@@ -371,12 +383,11 @@ impl Netlink {
             .kind(RouteType::Unreachable)
             .scope(RouteScope::NoWhere)
             .build();
-        match self.handle.route().del(message).execute().await {
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
-            other => other.map_err(request(format!(
-                "delete route unreachable {dst}/{prefix_len}"
-            ))),
-        }
+        self.delete_route_if_present(
+            message,
+            format!("delete route unreachable {dst}/{prefix_len}"),
+        )
+        .await
     }
 
     /// Deletes `dst/prefix_len` from the main table; a route already gone is not an error.
@@ -386,10 +397,8 @@ impl Netlink {
             .destination_prefix(dst, prefix_len)
             .scope(RouteScope::NoWhere)
             .build();
-        match self.handle.route().del(message).execute().await {
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
-            other => other.map_err(request(format!("delete route {dst}/{prefix_len}"))),
-        }
+        self.delete_route_if_present(message, format!("delete route {dst}/{prefix_len}"))
+            .await
     }
 
     /// The IPv4 routes of the main table.
