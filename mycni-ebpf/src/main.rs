@@ -1541,16 +1541,7 @@ fn refuse_tcp(ctx: &TcContext, packet: &Ipv4, tcp_flags: u8) -> Option<i32> {
             payload + (tcp_flags & TCP_SYN != 0) as u32 + (tcp_flags & TCP_FIN != 0) as u32;
         (0, seq.wrapping_add(occupied), TCP_RST | TCP_ACK)
     };
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[6] = 0x40; // DF
-    ip[8] = 64;
-    ip[9] = IPPROTO_TCP;
-    ip[12..16].copy_from_slice(&packet.dst);
-    ip[16..20].copy_from_slice(&packet.src);
-    let ip_csum = fold(sum_words(&ip));
-    ip[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+    let ip = ipv4_header(40, true, IPPROTO_TCP, &packet.dst, &packet.src);
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&packet.dport.to_be_bytes());
     tcp[2..4].copy_from_slice(&packet.sport.to_be_bytes());
@@ -1569,13 +1560,7 @@ fn refuse_tcp(ctx: &TcContext, packet: &Ipv4, tcp_flags: u8) -> Option<i32> {
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + 40) as u32, 0) } != 0 {
         return None;
     }
-    ctx.store(0, &pod_mac, 0).ok()?;
-    ctx.store(6, &host_mac, 0).ok()?;
-    ctx.store(ETH_HLEN, &ip, 0).ok()?;
-    ctx.store(ETH_HLEN + 20, &tcp, 0).ok()?;
-    // Out of the pod's host veth: it arrives on the pod's eth0.
-    // SAFETY: redirects the context's own skb.
-    Some(unsafe { bpf_redirect(veth, 0) } as i32)
+    send_answer_to_pod(ctx, veth, &pod_mac, &host_mac, &ip, &tcp)
 }
 
 /// Answers a pod's UDP datagram or ICMP echo with an ICMP "communication administratively
@@ -1593,15 +1578,13 @@ fn refuse_with_icmp(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Option<
     let endpoint = unsafe { ENDPOINTS.get(packet.src) }?;
     let (veth, pod_mac, host_mac) = (endpoint.ifindex, endpoint.pod_mac, endpoint.host_mac);
     let quote = ctx.load::<[u8; QUOTE]>(ETH_HLEN).ok()?;
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((20 + 8 + QUOTE) as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = IPPROTO_ICMP;
-    ip[12..16].copy_from_slice(&cfg.node_ip);
-    ip[16..20].copy_from_slice(&packet.src);
-    let ip_csum = fold(sum_words(&ip));
-    ip[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+    let ip = ipv4_header(
+        (20 + 8 + QUOTE) as u16,
+        false,
+        IPPROTO_ICMP,
+        &cfg.node_ip,
+        &packet.src,
+    );
     let mut icmp = [0u8; 8];
     icmp[0] = ICMP_DEST_UNREACH;
     icmp[1] = 13;
@@ -1614,10 +1597,50 @@ fn refuse_with_icmp(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Option<
         }
     }
     ctx.adjust_room(28, BPF_ADJ_ROOM_MAC, 0).ok()?;
-    ctx.store(0, &pod_mac, 0).ok()?;
-    ctx.store(6, &host_mac, 0).ok()?;
-    ctx.store(ETH_HLEN, &ip, 0).ok()?;
-    ctx.store(ETH_HLEN + 20, &icmp, 0).ok()?;
+    send_answer_to_pod(ctx, veth, &pod_mac, &host_mac, &ip, &icmp)
+}
+
+/// A 20-byte IPv4 header (no options, TTL 64) with its checksum, for an answer the
+/// datapath writes itself.
+#[inline(always)]
+fn ipv4_header(
+    total_len: u16,
+    dont_fragment: bool,
+    proto: u8,
+    src: &[u8; 4],
+    dst: &[u8; 4],
+) -> [u8; 20] {
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total_len.to_be_bytes());
+    if dont_fragment {
+        ip[6] = 0x40;
+    }
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(src);
+    ip[16..20].copy_from_slice(dst);
+    let ip_csum = fold(sum_words(&ip));
+    ip[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+    ip
+}
+
+/// Writes an answer's Ethernet (host veth to pod), IP and L4 headers over the start of
+/// the packet, already sized to hold them, and sends it out of the pod's host veth: it
+/// arrives on the pod's eth0.
+#[inline(always)]
+fn send_answer_to_pod<const L4_LEN: usize>(
+    ctx: &TcContext,
+    veth: u32,
+    pod_mac: &[u8; 6],
+    host_mac: &[u8; 6],
+    ip: &[u8; 20],
+    l4: &[u8; L4_LEN],
+) -> Option<i32> {
+    ctx.store(0, pod_mac, 0).ok()?;
+    ctx.store(6, host_mac, 0).ok()?;
+    ctx.store(ETH_HLEN, ip, 0).ok()?;
+    ctx.store(ETH_HLEN + 20, l4, 0).ok()?;
     // SAFETY: redirects the context's own skb.
     Some(unsafe { bpf_redirect(veth, 0) } as i32)
 }
