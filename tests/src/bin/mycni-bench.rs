@@ -304,6 +304,32 @@ fn bridge_two_nodes(prefix: &str, vxlan: bool) -> Result<Path2> {
     })
 }
 
+/// Turns on forwarding in `node` and starts its agent as `name` at `ip` on `eth0`, with
+/// the nodes file `nodes_file` and `extra` flags.
+fn start_forwarding_agent(
+    node: &mut Node,
+    name: &str,
+    ip: &str,
+    nodes_file: &str,
+    extra: &[&str],
+) -> Result<()> {
+    node.netns.sysctl("net.ipv4.ip_forward", "1")?;
+    let mut args = vec![
+        "--node-name",
+        name,
+        "--node-ip",
+        ip,
+        "--uplink",
+        "eth0",
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "--nodes-file",
+        nodes_file,
+    ];
+    args.extend_from_slice(extra);
+    node.start_agent(&args)
+}
+
 /// Two mycni nodes on one veth link with agents, a pod on each.
 fn mycni_two_nodes(prefix: &str, mode: &str) -> Result<Path2> {
     let tag = format!("m{}", &mode[..2]);
@@ -328,21 +354,7 @@ fn mycni_two_nodes(prefix: &str, mode: &str) -> Result<Path2> {
     ] {
         node.node_ip = ip.parse()?;
         node.mtu = if mode == "vxlan" { 1450 } else { 1500 };
-        node.netns.sysctl("net.ipv4.ip_forward", "1")?;
-        node.start_agent(&[
-            "--node-name",
-            name,
-            "--node-ip",
-            ip,
-            "--uplink",
-            "eth0",
-            "--cluster-cidr",
-            "10.244.0.0/16",
-            "--nodes-file",
-            &file,
-            "--tunnel-mode",
-            mode,
-        ])?;
+        start_forwarding_agent(node, name, ip, &file, &["--tunnel-mode", mode])?;
     }
     mycni_tests::cluster::wait_for(Duration::from_secs(5), || {
         let routes = mycni::datapath::Maps::open(&n1.pin_root())?.routes()?;
@@ -392,20 +404,8 @@ fn egress_path(prefix: &str, mycni: bool) -> Result<Egress> {
             "eth0",
         )?;
         node.node_ip = Ipv4Addr::new(192, 168, 200, 1);
-        node.netns.sysctl("net.ipv4.ip_forward", "1")?;
         let file = nodes_file.display().to_string();
-        node.start_agent(&[
-            "--node-name",
-            "n1",
-            "--node-ip",
-            "192.168.200.1",
-            "--uplink",
-            "eth0",
-            "--cluster-cidr",
-            "10.244.0.0/16",
-            "--nodes-file",
-            &file,
-        ])?;
+        start_forwarding_agent(&mut node, "n1", "192.168.200.1", &file, &[])?;
         let pod = node.add_pod("a")?;
         Ok(Egress {
             name: "mycni SNAT",
