@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use mycni_common::{Route, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL};
+use mycni_common::{Route, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL};
 
 use crate::{http_get, prefix, AgentLog, Node};
 
