@@ -20,7 +20,8 @@ const USAGE: &str = "usage: cargo xtask <command>
                [--bin-dir /usr/local/bin] --pod-cidr CIDR [--mtu 1500]
                [--data-dir /var/lib/cni/mycni] [--bpffs-root /sys/fs/bpf/mycni] [--no-build]
   image        an OCI image archive of mycni-agent and mycni for deploy/mycni.yaml
-               [--out FILE] [--no-build] [--bin-dir DIR]; import with `ctr -n k8s.io images import`
+               [--out FILE] [--no-build] [--bin-dir DIR] [--tag TAG (default: the version)];
+               import with `ctr -n k8s.io images import`
   k8s          build Kubernetes from Debian's source (cached in /var/cache/mycni/k8s) and
                the lab's pause and busybox images, for the end-to-end test
   demo         a simulated cluster in network namespaces, its connectivity, then cleanup
