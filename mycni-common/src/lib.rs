@@ -51,6 +51,11 @@ pub const MAX_STACK_FLOWS: u32 = 65536;
 /// `to_netdev` can tell them from packets the node stack routed.
 pub const MARK_FROM_POD: u32 = 0x0c00_0000;
 
+/// `skb->mark` bits set by `from_netdev` on a reply it translated back to a pod and handed
+/// to the node stack, so `to_pod` does not record it as a flow the stack delivered (the
+/// pod's next packets of that flow must still be masqueraded). kube-proxy uses 0xc000.
+pub const MARK_REVERSE_NAT: u32 = 0x0300_0000;
+
 /// The link-local gateway every pod routes through (as Calico does); its ARP requests are
 /// answered by `from_pod` with the host veth's MAC.
 pub const GATEWAY_IP: [u8; 4] = [169, 254, 1, 1];
@@ -161,16 +166,18 @@ pub mod verdict {
     pub const REMOTE_DIRECT: u32 = 5;
     /// Sent to another node through the VXLAN device.
     pub const REMOTE_TUNNEL: u32 = 6;
-    /// Arrived from another node and redirected straight into a local pod.
+    /// Arrived from another node's pod and redirected straight into a local pod.
     pub const DELIVERED_FROM_NETDEV: u32 = 7;
     /// Masqueraded to the node IP on the way out.
     pub const SNAT: u32 = 8;
-    /// A reply to a masqueraded flow, translated back to the pod.
+    /// A reply to a masqueraded flow, translated back to the pod and handed to the stack.
     pub const REVERSE_NAT: u32 = 9;
     /// Dropped: no free SNAT port for the flow.
     pub const DROP_NAT_EXHAUSTED: u32 = 10;
-    /// A reply of a flow the node stack translated (kube-proxy, hostPort): handed to the
-    /// stack so it can undo its translation.
+    /// A reply of a flow the node stack delivered or translated (kube-proxy, hostPort, a
+    /// node's probe): handed to the stack so it can undo its translation and its conntrack
+    /// sees both directions (`from_pod`, `from_netdev`), or left unmasqueraded
+    /// (`to_netdev`).
     pub const STACK_FLOW_REPLY: u32 = 11;
     /// Number of verdicts, the length of `STATS`.
     pub const COUNT: u32 = 12;

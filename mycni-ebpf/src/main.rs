@@ -5,13 +5,18 @@
 //!   (`bpf_redirect_peer`), sends packets for other nodes' pods to them (`bpf_redirect_neigh`
 //!   on the uplink, or the VXLAN device with the tunnel key set), and hands everything else
 //!   to the node stack (services, hostPorts, the node itself, the outside).
-//! - `to_pod` (host veth egress: packets the node stack sends to a pod) remembers flows the
-//!   stack routed from one pod to another, so their replies go back through the stack and it
-//!   can undo its own translations (kube-proxy DNAT).
-//! - `from_netdev` (uplink and VXLAN ingress) translates replies of masqueraded flows back
-//!   and delivers packets for local pods with `bpf_redirect_peer`.
+//! - `to_pod` (host veth egress: packets the node stack sends to a pod) remembers every flow
+//!   the stack delivered, so its replies go back through the stack too: it can undo its
+//!   own translations (kube-proxy DNAT) and its conntrack sees both directions.
+//! - `from_netdev` (uplink and VXLAN ingress) delivers packets from other nodes' pods to
+//!   local pods with `bpf_redirect_peer`, and hands everything else to the node stack,
+//!   replies of masqueraded flows after translating them back.
 //! - `to_netdev` (uplink and VXLAN egress) masquerades pod traffic leaving the cluster to
-//!   the node IP, and remembers pod-to-pod flows the stack sent to other nodes.
+//!   the node IP (except replies of flows the stack delivered to the pod), and remembers
+//!   pod-to-pod flows the stack sent to other nodes.
+//!
+//! The rule behind the split: a flow crosses the node's netfilter in both directions or in
+//! neither, because kube-proxy drops what conntrack saw only half of (`ctstate INVALID`).
 #![no_std]
 #![no_main]
 
@@ -30,9 +35,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::macro_support::{level_enabled, Level};
 use mycni_common::{
-    verdict, Counter, Endpoint, FlowKey, NatEntry, NodeConfig, Route, MARK_FROM_POD, MAX_ENDPOINTS,
-    MAX_NAT, MAX_NO_MASQ, MAX_ROUTES, MAX_STACK_FLOWS, NAT_EGRESS, NAT_INGRESS,
-    ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
+    verdict, Counter, Endpoint, FlowKey, NatEntry, NodeConfig, Route, MARK_FROM_POD,
+    MARK_REVERSE_NAT, MAX_ENDPOINTS, MAX_NAT, MAX_NO_MASQ, MAX_ROUTES, MAX_STACK_FLOWS, NAT_EGRESS,
+    NAT_INGRESS, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
 };
 
 #[btf_map]
@@ -54,7 +59,8 @@ static NAT: LruHashMap<FlowKey, NatEntry, { MAX_NAT as usize }> = LruHashMap::ne
 #[btf_map]
 static NO_MASQ: LpmTrie<[u8; 4], u32, { MAX_NO_MASQ as usize }> = LpmTrie::new();
 
-/// Reply tuples of pod-to-pod flows the node stack routed (and possibly translated).
+/// Reply tuples of flows the node stack delivered to a pod or routed from one pod to
+/// another (and possibly translated): their replies go back through the stack.
 #[btf_map]
 static STACK_FLOWS: LruHashMap<FlowKey, u64, { MAX_STACK_FLOWS as usize }> = LruHashMap::new();
 
@@ -486,9 +492,18 @@ fn arp_from_pod(ctx: &TcContext) -> (u32, i32) {
     (verdict::ARP_REPLY, action)
 }
 
-/// Packets `from_pod`'s redirects never produce: anything here was routed by the stack.
+/// Packets the redirects of `from_pod` and `from_netdev` never produce: anything here was
+/// delivered by the stack.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid skb for the length of its run.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark & MARK_REVERSE_NAT == MARK_REVERSE_NAT {
+        // A reply of the pod's own masqueraded flow: the pod started it, so its next packets
+        // must still be masqueraded; nothing to remember.
+        ctx.set_mark(mark & !MARK_REVERSE_NAT);
+        return TC_ACT_OK;
+    }
     if let Ok(ethertype) = ctx.load::<u16>(12) {
         if u16::from_be(ethertype) == ETH_P_IP {
             if let Some(packet) = parse_ipv4(&ctx) {
@@ -499,11 +514,12 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// Records the reply tuple of a pod-to-pod flow the stack routed, so the reply is handed
-/// back to the stack instead of short-cut past its translation.
+/// Records the reply tuple of a flow the stack delivered (from a node, the outside, or a
+/// pod through a translation), so the pod's replies go back through the stack instead of
+/// being short-cut past its conntrack and translations, and are not masqueraded.
 #[inline(always)]
 fn remember_stack_flow(packet: &Ipv4) {
-    if !packet.has_ports || ROUTES.get(&Key::new(32, packet.src)).is_none() {
+    if !packet.has_ports {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
@@ -562,17 +578,31 @@ fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
         }
         (verdict, TC_ACT_OK)
     };
+    if translated {
+        // The request went out through the stack (conntrack, kube-proxy's DNAT): the reply
+        // goes back the same way, marked so to_pod does not take it for a stack-delivered
+        // flow.
+        // SAFETY: the kernel hands the program a valid skb for the length of its run.
+        ctx.set_mark(unsafe { (*ctx.skb.skb).mark } | MARK_REVERSE_NAT);
+        return to_stack(verdict::REVERSE_NAT);
+    }
     let Some(route) = route_of(packet.dst) else {
         return to_stack(verdict::TO_STACK);
     };
     if route.kind != ROUTE_LOCAL_ENDPOINT {
         return to_stack(verdict::TO_STACK);
     }
-    if !translated && packet.has_ports && unsafe { STACK_FLOWS.get(packet.flow()) }.is_some() {
+    // Only other nodes' pods are delivered here; the node stack serves everything else
+    // (nodes, the outside), both ways, and its conntrack sees whole flows.
+    let from_remote_pod = route_of(packet.src)
+        .is_some_and(|src| src.kind == ROUTE_REMOTE_NODE || src.kind == ROUTE_REMOTE_TUNNEL);
+    if !from_remote_pod {
+        return to_stack(verdict::TO_STACK);
+    }
+    if packet.has_ports && unsafe { STACK_FLOWS.get(packet.flow()) }.is_some() {
         return to_stack(verdict::STACK_FLOW_REPLY);
     }
     match deliver_to_pod(ctx, route) {
-        Some(action) if translated => (verdict::REVERSE_NAT, action),
         Some(action) => (verdict::DELIVERED_FROM_NETDEV, action),
         None => {
             event!(
@@ -634,6 +664,12 @@ fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
         || (packet.proto == IPPROTO_ICMP && packet.icmp_type != ICMP_ECHO_REQUEST)
     {
         return (verdict::TO_STACK, TC_ACT_OK);
+    }
+    // A reply in a flow the stack delivered to the pod (a node's probe, NodePort with
+    // externalTrafficPolicy Local): the peer expects the pod's own address.
+    // SAFETY: only the entry's presence is read, never the value a CPU may be updating.
+    if unsafe { STACK_FLOWS.get(packet.flow()) }.is_some() {
+        return (verdict::STACK_FLOW_REPLY, TC_ACT_OK);
     }
     snat(ctx, &packet, cfg)
 }

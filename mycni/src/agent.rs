@@ -42,6 +42,13 @@ pub enum AgentError {
     NodeIpNotOnUplink { ip: Ipv4Addr, uplink: String },
     #[error("node watch: {0}")]
     NodeWatch(String),
+    #[error("cannot set {path} to {value}: {source}")]
+    Sysctl {
+        path: &'static str,
+        value: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("nodes file {path}: {source}")]
     NodesFile {
         path: PathBuf,
@@ -178,20 +185,22 @@ impl Agent {
             applied: BTreeMap::new(),
         };
         agent.applied = agent.routes_in_map()?;
-        agent.write_no_masquerade(&[])?;
-        loosen_reverse_path_filter(&agent.settings.uplink);
+        agent.write_no_masquerade()?;
+        enable_forwarding()?;
+        loosen_reverse_path_filter(&["all", &agent.settings.uplink, TUNNEL_DEVICE]);
         Ok(agent)
     }
 
-    /// Pod traffic keeps its source address inside the cluster: to the cluster CIDR, the
-    /// configured CIDRs and every node's IP (so a node's probes see the pod's address).
-    fn write_no_masquerade(&self, nodes: &[NodeEntry]) -> Result<(), AgentError> {
+    /// Pod traffic keeps its source address to the cluster CIDR and the configured CIDRs.
+    /// Node IPs are not among them: a pod's flow to another node is masqueraded like any
+    /// flow leaving the cluster (a router between nodes has no route back to pods), while
+    /// replies to a node's own probes keep the pod's address because `to_netdev` leaves
+    /// flows the node stack delivered alone. The own node IP never reaches `to_netdev`.
+    fn write_no_masquerade(&self) -> Result<(), AgentError> {
         let cluster = &self.settings.cluster_cidr;
         let prefixes: Vec<(Ipv4Addr, u8)> =
             std::iter::once((cluster.network(), cluster.prefix_len()))
                 .chain(self.settings.non_masquerade.iter().copied())
-                .chain(std::iter::once((self.settings.ip, 32)))
-                .chain(nodes.iter().map(|node| (node.ip, 32)))
                 .collect();
         Ok(datapath::write_no_masquerade(&self.root, &prefixes)?)
     }
@@ -231,7 +240,6 @@ impl Agent {
 
     /// Brings `ROUTES` and the kernel routes to what `nodes` implies.
     pub async fn apply_nodes(&mut self, nodes: &[NodeEntry]) -> Result<(), AgentError> {
-        self.write_no_masquerade(nodes)?;
         let desired = nodes::peer_routes(&self.local, self.settings.tunnel_mode, nodes);
         let (removed, changed) = nodes::diff_routes(&self.applied, &desired);
         let mut maps = Maps::open(&self.root)?;
@@ -351,15 +359,41 @@ pub async fn uplink_holding(ip: Ipv4Addr) -> Result<String, AgentError> {
     Err(AgentError::NoUplinkFor(ip))
 }
 
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// The node stack forwards node-to-pod flows, Service (ClusterIP, NodePort) flows and
+/// masqueraded pod flows, so IPv4 forwarding must be on in the agent's network namespace
+/// (kubeadm requires it too; flannel and Calico set it the same way).
+fn enable_forwarding() -> Result<(), AgentError> {
+    let sysctl_error = |source| AgentError::Sysctl {
+        path: IP_FORWARD,
+        value: "1",
+        source,
+    };
+    let was = std::fs::read_to_string(IP_FORWARD).map_err(sysctl_error)?;
+    if was.trim() == "1" {
+        eprintln!("mycni-agent: net.ipv4.ip_forward is already 1");
+        return Ok(());
+    }
+    std::fs::write(IP_FORWARD, "1").map_err(sysctl_error)?;
+    eprintln!(
+        "mycni-agent: set net.ipv4.ip_forward=1 (was {}): the node stack forwards node-to-pod, Service and masqueraded pod flows",
+        was.trim()
+    );
+    Ok(())
+}
+
 /// Pods' replies to the node stack arrive on the uplink from pod addresses routed through
-/// the tunnel; strict reverse-path filtering would drop them. Loose mode (2) keeps the
-/// spoofing check against having any route back.
-fn loosen_reverse_path_filter(uplink: &str) {
-    for device in ["all", uplink] {
+/// the tunnel, and other nodes' traffic for pods arrives on the tunnel from node addresses
+/// routed through the uplink; strict reverse-path filtering would drop both. Loose mode
+/// (2) keeps the spoofing check against having any route back.
+fn loosen_reverse_path_filter(devices: &[&str]) {
+    for device in devices {
         let path = format!("/proc/sys/net/ipv4/conf/{device}/rp_filter");
         if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
-            if let Err(e) = std::fs::write(&path, "2") {
-                eprintln!("mycni-agent: cannot set {path} to 2: {e}");
+            match std::fs::write(&path, "2") {
+                Ok(()) => eprintln!("mycni-agent: set {path} to 2 (loose, was strict)"),
+                Err(e) => eprintln!("mycni-agent: cannot set {path} to 2: {e}"),
             }
         }
     }

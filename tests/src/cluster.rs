@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::{Netns, Node};
 
@@ -142,8 +142,9 @@ impl Cluster {
                 "via",
                 &spec.gateway.to_string(),
             ])?;
-            // Real nodes forward: kube-proxy's ClusterIPs and hostPorts go through the stack.
-            netns.sysctl("net.ipv4.ip_forward", "1")?;
+            // Forwarding off until the agent turns it on (it must: node-to-pod, ClusterIP
+            // and SNAT flows are forwarded by the node stack), whatever the machine has.
+            netns.sysctl("net.ipv4.ip_forward", "0")?;
             let ip = spec.ip.to_string();
             let nodes_file = cluster.nodes_file.display().to_string();
             let mut args = vec![
@@ -170,6 +171,34 @@ impl Cluster {
         &self.nodes[index]
     }
 
+    /// kube-proxy's iptables rules (1.20's shape, see [`crate::kubeproxy`]) with
+    /// `services` on every node, as a kubeadm cluster has them.
+    pub fn install_kube_proxy(&self, services: &[crate::kubeproxy::Service]) -> Result<()> {
+        for node in &self.nodes {
+            crate::kubeproxy::install(&node.netns, CLUSTER_CIDR, services)?;
+        }
+        Ok(())
+    }
+
+    /// Packets kube-proxy's `ctstate INVALID` rule dropped, per node.
+    pub fn invalid_drops(&self) -> Result<Vec<u64>> {
+        self.nodes
+            .iter()
+            .map(|node| crate::kubeproxy::invalid_drops(&node.netns))
+            .collect()
+    }
+
+    /// Waits until every node's `ROUTES` holds every other node's pod CIDR.
+    pub fn wait_for_full_mesh(&self) -> Result<()> {
+        for (node, own) in self.nodes.iter().zip(NODES.iter()) {
+            for spec in NODES.iter().filter(|s| s.name != own.name) {
+                wait_for(Duration::from_secs(5), || has_route(node, spec.pod_cidr))
+                    .with_context(|| format!("{} never learned {}", own.name, spec.pod_cidr))?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn write_nodes_file(&self, listed: &[&str]) -> Result<()> {
         let text: String = NODES
             .iter()
@@ -186,39 +215,12 @@ impl Drop for Cluster {
     }
 }
 
-/// The rules kube-proxy's iptables mode writes for a TCP ClusterIP on port 80 with one
-/// backend: a KUBE-SERVICES chain hooked into PREROUTING and OUTPUT, and a DNAT.
-pub fn add_cluster_ip(node: &Node, cluster_ip: &str, backend: std::net::SocketAddr) -> Result<()> {
-    let chain = "KUBE-SERVICES";
-    let _ = node.netns.exec(&["iptables", "-t", "nat", "-N", chain]);
-    for hook in ["PREROUTING", "OUTPUT"] {
-        if node
-            .netns
-            .exec(&["iptables", "-t", "nat", "-C", hook, "-j", chain])
-            .is_err()
-        {
-            node.netns
-                .exec(&["iptables", "-t", "nat", "-A", hook, "-j", chain])?;
-        }
-    }
-    node.netns.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        chain,
-        "-d",
-        &format!("{cluster_ip}/32"),
-        "-p",
-        "tcp",
-        "--dport",
-        "80",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        &backend.to_string(),
-    ])?;
-    Ok(())
+/// Whether `node`'s `ROUTES` holds `cidr` (as `a.b.c.d/len`).
+pub fn has_route(node: &Node, cidr: &str) -> Result<bool> {
+    let routes = mycni::datapath::Maps::open(&node.pin_root())?.routes()?;
+    Ok(routes
+        .iter()
+        .any(|(ip, len, _)| format!("{ip}/{len}") == cidr))
 }
 
 /// Polls `check` every 50 ms until it holds or `limit` passes.

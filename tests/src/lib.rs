@@ -19,6 +19,7 @@ use serde_json::Value;
 pub mod bench;
 pub mod cluster;
 pub mod kubelab;
+pub mod kubeproxy;
 
 /// Where the binaries under test live (`cargo xtask test` sets it; defaults to target/debug).
 pub fn bin_dir() -> PathBuf {
@@ -550,6 +551,87 @@ pub fn tcp_echo(
         bail!("echo came back as {reply:?}");
     }
     Ok(peer)
+}
+
+/// What each end of a TCP conversation saw as its peer.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpPeers {
+    /// The client address the server accepted.
+    pub server_saw: SocketAddr,
+    /// The address the client's socket is connected to (a ClusterIP if the stack
+    /// translated the replies back).
+    pub client_saw: SocketAddr,
+}
+
+/// A TCP conversation past the handshake: the client connects from `client`'s namespace
+/// to `connect`, sends `rounds` messages and reads each echo back from a server listening
+/// on `listen` in `server`'s namespace, then both ends close. Half-tracked flows that a
+/// firewall drops after the handshake fail here (3 s per step).
+pub fn tcp_conversation(
+    server: &Netns,
+    listen: SocketAddr,
+    client: &Netns,
+    connect: SocketAddr,
+    rounds: usize,
+) -> Result<TcpPeers> {
+    let listener = server.run_inside(|| Ok(TcpListener::bind(listen)?))?;
+    listener.set_nonblocking(true)?;
+    let accept = std::thread::spawn(move || -> Result<SocketAddr> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(4);
+        let (mut conn, peer) = loop {
+            match listener.accept() {
+                Ok(accepted) => break accepted,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() > deadline {
+                        bail!("no connection arrived at {listen}");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => bail!("accept on {listen}: {e}"),
+            }
+        };
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut buf = [0u8; 256];
+        loop {
+            let n = conn.read(&mut buf)?;
+            if n == 0 {
+                return Ok(peer);
+            }
+            conn.write_all(&buf[..n])?;
+        }
+    });
+    let client_saw = client.run_inside(|| {
+        let mut stream = TcpStream::connect_timeout(&connect, Duration::from_secs(3))
+            .with_context(|| format!("connect to {connect}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        for round in 0..rounds {
+            let message = format!("round {round} of the conversation");
+            stream.write_all(message.as_bytes())?;
+            let mut got = vec![0u8; message.len()];
+            stream
+                .read_exact(&mut got)
+                .with_context(|| format!("echo of round {round} from {connect}"))?;
+            if got != message.as_bytes() {
+                bail!("round {round} came back as {got:?}");
+            }
+        }
+        let peer = stream.peer_addr()?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut rest = Vec::new();
+        stream
+            .read_to_end(&mut rest)
+            .context("the server's close")?;
+        Ok(peer)
+    });
+    let server_saw = accept
+        .join()
+        .map_err(|_| anyhow::anyhow!("tcp server panicked"))?;
+    let client_saw = client_saw?;
+    Ok(TcpPeers {
+        server_saw: server_saw?,
+        client_saw,
+    })
 }
 
 /// UDP echo: a server on `listen` in `server`'s namespace answers one datagram that

@@ -7,30 +7,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use mycni_common::verdict;
-use mycni_tests::cluster::{add_cluster_ip, wait_for, Cluster, EXTERNAL_IP, NODES};
+use mycni_tests::cluster::{has_route, wait_for, Cluster, EXTERNAL_IP};
+use mycni_tests::kubeproxy::Service;
 use mycni_tests::{prefix, tcp_echo, udp_echo, Netns, Node, Pod};
 
 const ALL: [&str; 3] = ["node-1", "node-2", "node-3"];
 
 fn packets(node: &Node, which: u32) -> Result<u64> {
     Ok(mycni::datapath::read_stats(&node.pin_root())?[which as usize].packets)
-}
-
-fn has_route(node: &Node, cidr: &str) -> Result<bool> {
-    let routes = mycni::datapath::Maps::open(&node.pin_root())?.routes()?;
-    Ok(routes
-        .iter()
-        .any(|(ip, len, _)| format!("{ip}/{len}") == cidr))
-}
-
-fn wait_for_full_mesh(cluster: &Cluster) -> Result<()> {
-    for (node, own) in cluster.nodes.iter().zip(NODES.iter()) {
-        for spec in NODES.iter().filter(|s| s.name != own.name) {
-            wait_for(Duration::from_secs(5), || has_route(node, spec.pod_cidr))
-                .with_context(|| format!("{} never learned {}", own.name, spec.pod_cidr))?;
-        }
-    }
-    Ok(())
 }
 
 /// ICMP, TCP and UDP from `from` to `to`; the server must see the client's own address.
@@ -60,7 +44,7 @@ fn check_pair(
 #[test]
 fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<()> {
     let cluster = Cluster::new(&prefix("matrix"), &ALL, &[])?;
-    wait_for_full_mesh(&cluster)?;
+    cluster.wait_for_full_mesh()?;
     let (n1, n2, n3) = (
         cluster.node("node-1"),
         cluster.node("node-2"),
@@ -101,7 +85,11 @@ fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<(
         "node-3 delivered nothing from the wire"
     );
 
-    // The nodes reach pods on every node through the kernel's fallback routes.
+    // The nodes reach pods on every node through the kernel's fallback routes, and the
+    // receiving node's stack forwards to the pod (from_netdev delivers only other nodes'
+    // pods itself), so its conntrack sees both directions.
+    let delivered = |node: &Node| packets(node, verdict::DELIVERED_FROM_NETDEV);
+    let delivered_before = [delivered(n1)?, delivered(n2)?, delivered(n3)?];
     for (node, pod, port) in [(n1, &b1, 7300), (n1, &c1, 7301), (n3, &a1, 7302)] {
         node.netns
             .ping(pod.ip)
@@ -113,6 +101,10 @@ fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<(
             "pod saw node traffic from {seen}"
         );
     }
+    ensure!(
+        [delivered(n1)?, delivered(n2)?, delivered(n3)?] == delivered_before,
+        "from_netdev delivered node traffic to a pod itself"
+    );
 
     // Pods reach the outside masqueraded to their node's IP; the outside has no pod routes.
     ensure!(
@@ -140,6 +132,8 @@ fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<(
             node.node_ip
         );
     }
+    // Replies are translated back and handed to the stack (reverse_nat), never delivered
+    // past it.
     ensure!(packets(n1, verdict::SNAT)? > 0 && packets(n1, verdict::REVERSE_NAT)? > 0);
     let nat = mycni::datapath::NatTable::open(&n1.pin_root())?.entries()?;
     let occupancy = mycni::nat::occupancy(&nat);
@@ -153,7 +147,7 @@ fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<(
 #[test]
 fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> {
     let cluster = Cluster::new(&prefix("svc"), &ALL, &[])?;
-    wait_for_full_mesh(&cluster)?;
+    cluster.wait_for_full_mesh()?;
     let (n1, n2, n3) = (
         cluster.node("node-1"),
         cluster.node("node-2"),
@@ -165,10 +159,17 @@ fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> 
     let client_3 = n3.add_pod("cl3")?;
     let local_svc = SocketAddr::from((backend_1.ip, 8080));
     let remote_svc = SocketAddr::from((backend_2.ip, 8080));
-    for node in [n1, n2, n3] {
-        add_cluster_ip(node, "10.96.0.10", local_svc)?;
-        add_cluster_ip(node, "10.96.0.11", remote_svc)?;
-    }
+    let service = |name: &str, ip: [u8; 4], endpoint: SocketAddr| Service {
+        name: name.to_string(),
+        cluster_ip: ip.into(),
+        port: 80,
+        endpoints: vec![endpoint],
+    };
+    cluster.install_kube_proxy(&[
+        service("default/local:http", [10, 96, 0, 10], local_svc),
+        service("default/remote:http", [10, 96, 0, 11], remote_svc),
+    ])?;
+    let invalid_before = cluster.invalid_drops()?;
     let vip_10: SocketAddr = "10.96.0.10:80".parse()?;
     let vip_11: SocketAddr = "10.96.0.11:80".parse()?;
     for (what, backend, listen, client, vip) in [
@@ -258,6 +259,12 @@ fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> 
         host_port,
     )
     .context("hostPort from a pod on node-3")?;
+    ensure!(
+        cluster.invalid_drops()? == invalid_before,
+        "kube-proxy's INVALID rule dropped packets: {:?} -> {:?}",
+        invalid_before,
+        cluster.invalid_drops()?
+    );
     let deleted = portmap("DEL")?;
     ensure!(
         deleted.exit_ok,
@@ -392,7 +399,7 @@ fn nodes_file_changes_add_and_remove_routes() -> Result<()> {
 #[test]
 fn ten_megabytes_cross_vxlan_without_a_pmtu_black_hole() -> Result<()> {
     let cluster = Cluster::new(&prefix("bulk"), &ALL, &[])?;
-    wait_for_full_mesh(&cluster)?;
+    cluster.wait_for_full_mesh()?;
     let a1 = cluster.node("node-1").add_pod("a1")?;
     let c1 = cluster.node("node-3").add_pod("c1")?;
     const SIZE: usize = 10 * 1024 * 1024;
@@ -441,7 +448,7 @@ fn ten_megabytes_cross_vxlan_without_a_pmtu_black_hole() -> Result<()> {
 #[test]
 fn forced_vxlan_mode_tunnels_even_on_link_peers() -> Result<()> {
     let cluster = Cluster::new(&prefix("forcevx"), &ALL, &["--tunnel-mode", "vxlan"])?;
-    wait_for_full_mesh(&cluster)?;
+    cluster.wait_for_full_mesh()?;
     let (n1, n2) = (cluster.node("node-1"), cluster.node("node-2"));
     let routes = mycni::datapath::Maps::open(&n1.pin_root())?.routes()?;
     let to_node_2 = routes
@@ -502,7 +509,7 @@ fn the_agent_expires_idle_nat_entries_per_protocol() -> Result<()> {
 #[test]
 fn killing_and_restarting_the_agent_drops_no_flow() -> Result<()> {
     let mut cluster = Cluster::new(&prefix("restart"), &ALL, &[])?;
-    wait_for_full_mesh(&cluster)?;
+    cluster.wait_for_full_mesh()?;
     let a1 = cluster.node("node-1").add_pod("a1")?;
     let b1 = cluster.node("node-2").add_pod("b1")?;
     let c1 = cluster.node("node-3").add_pod("c1")?;

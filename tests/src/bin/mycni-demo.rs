@@ -8,7 +8,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 use mycni_common::verdict;
-use mycni_tests::cluster::{add_cluster_ip, wait_for, Cluster, EXTERNAL_IP, NODES};
+use mycni_tests::cluster::{wait_for, Cluster, EXTERNAL_IP, NODES};
+use mycni_tests::kubeproxy::Service;
 use mycni_tests::{prefix, tcp_echo, udp_echo, Netns, Node, Pod};
 
 /// Per-verdict packet counts of every node.
@@ -47,6 +48,8 @@ struct Check<'a> {
     server: &'a Netns,
     listen: SocketAddr,
     connect: SocketAddr,
+    /// A ClusterIP: only its TCP port answers.
+    service: bool,
 }
 
 fn main() -> Result<()> {
@@ -81,12 +84,26 @@ fn main() -> Result<()> {
         }
     }
     let pod = |node: usize, n: usize| &pods[node * 2 + n].1;
-    // A kube-proxy-style ClusterIP on every node: 10.96.0.10:80 -> pod11:8080.
+    // kube-proxy's iptables rules on every node, with two ClusterIPs: 10.96.0.10:80 ->
+    // pod11:8080, and the `kubernetes` Service 10.96.0.1:443 -> an API server on node-2's IP.
     let backend = SocketAddr::from((pod(0, 0).ip, 8080));
-    for node in &cluster.nodes {
-        add_cluster_ip(node, "10.96.0.10", backend)?;
-    }
+    let api_server = SocketAddr::from((NODES[1].ip, 6443));
     let vip: SocketAddr = "10.96.0.10:80".parse()?;
+    let kubernetes: SocketAddr = "10.96.0.1:443".parse()?;
+    cluster.install_kube_proxy(&[
+        Service {
+            name: "default/web:http".into(),
+            cluster_ip: [10, 96, 0, 10].into(),
+            port: 80,
+            endpoints: vec![backend],
+        },
+        Service {
+            name: "default/kubernetes:https".into(),
+            cluster_ip: [10, 96, 0, 1].into(),
+            port: 443,
+            endpoints: vec![api_server],
+        },
+    ])?;
     let at = |ip, port| SocketAddr::from((ip, port));
     let external = SocketAddr::from((EXTERNAL_IP, 9999));
     let checks = [
@@ -97,6 +114,7 @@ fn main() -> Result<()> {
             server: &pod(0, 1).netns,
             listen: at(pod(0, 1).ip, 7001),
             connect: at(pod(0, 1).ip, 7001),
+            service: false,
         },
         Check {
             what: "pod11 -> pod21   cross node, direct",
@@ -105,6 +123,7 @@ fn main() -> Result<()> {
             server: &pod(1, 0).netns,
             listen: at(pod(1, 0).ip, 7002),
             connect: at(pod(1, 0).ip, 7002),
+            service: false,
         },
         Check {
             what: "pod22 -> pod12   cross node, direct",
@@ -113,6 +132,7 @@ fn main() -> Result<()> {
             server: &pod(0, 1).netns,
             listen: at(pod(0, 1).ip, 7003),
             connect: at(pod(0, 1).ip, 7003),
+            service: false,
         },
         Check {
             what: "pod11 -> pod31   cross node, VXLAN",
@@ -121,6 +141,7 @@ fn main() -> Result<()> {
             server: &pod(2, 0).netns,
             listen: at(pod(2, 0).ip, 7004),
             connect: at(pod(2, 0).ip, 7004),
+            service: false,
         },
         Check {
             what: "pod32 -> pod22   cross node, VXLAN",
@@ -129,6 +150,7 @@ fn main() -> Result<()> {
             server: &pod(1, 1).netns,
             listen: at(pod(1, 1).ip, 7005),
             connect: at(pod(1, 1).ip, 7005),
+            service: false,
         },
         Check {
             what: "node-1 -> pod31  node to pod",
@@ -137,6 +159,7 @@ fn main() -> Result<()> {
             server: &pod(2, 0).netns,
             listen: at(pod(2, 0).ip, 7006),
             connect: at(pod(2, 0).ip, 7006),
+            service: false,
         },
         Check {
             what: "pod21 -> external via SNAT",
@@ -145,6 +168,16 @@ fn main() -> Result<()> {
             server: &cluster.external,
             listen: external,
             connect: external,
+            service: false,
+        },
+        Check {
+            what: "pod11 -> node-3   node IP, masqueraded",
+            client: &pod(0, 0).netns,
+            client_node: 0,
+            server: &cluster.nodes[2].netns,
+            listen: at(NODES[2].ip, 7007),
+            connect: at(NODES[2].ip, 7007),
+            service: false,
         },
         Check {
             what: "pod12 -> ClusterIP (same node backend)",
@@ -153,6 +186,7 @@ fn main() -> Result<()> {
             server: &pod(0, 0).netns,
             listen: backend,
             connect: vip,
+            service: true,
         },
         Check {
             what: "pod31 -> ClusterIP (backend across VXLAN)",
@@ -161,6 +195,16 @@ fn main() -> Result<()> {
             server: &pod(0, 0).netns,
             listen: backend,
             connect: vip,
+            service: true,
+        },
+        Check {
+            what: "pod12 -> kubernetes Service (node-2 IP)",
+            client: &pod(0, 1).netns,
+            client_node: 0,
+            server: &cluster.nodes[1].netns,
+            listen: api_server,
+            connect: kubernetes,
+            service: true,
         },
     ];
     println!(
@@ -171,11 +215,11 @@ fn main() -> Result<()> {
     for check in &checks {
         let before = snapshot(&cluster)?;
         let icmp = match check.connect.ip() {
-            std::net::IpAddr::V4(ip) if check.connect != vip => check.client.ping(ip).is_ok(),
+            std::net::IpAddr::V4(ip) if !check.service => check.client.ping(ip).is_ok(),
             _ => true, // a ClusterIP only answers on its port
         };
         let tcp = tcp_echo(check.server, check.listen, check.client, check.connect);
-        let udp = if check.connect == vip {
+        let udp = if check.service {
             Ok(check.listen)
         } else {
             udp_echo(check.server, check.listen, check.client, check.connect)
@@ -195,7 +239,7 @@ fn main() -> Result<()> {
             check.what,
             mark(icmp),
             mark(tcp.is_ok()),
-            if check.connect == vip {
+            if check.service {
                 "-"
             } else {
                 mark(udp.is_ok())
