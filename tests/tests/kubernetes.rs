@@ -100,10 +100,12 @@ fn exec_in_pod(lab: &KubeLab, pod: &str, argv: &[&str]) -> Result<String> {
 }
 
 /// `GET path` over HTTP/1.0 from a pod to `ip:port` with busybox's nc (Debian's static
-/// busybox wget segfaults): the whole answer, empty when none came within 5 s.
+/// busybox wget segfaults): the whole answer, empty when none came within 5 s. nc's `-w`
+/// bounds only the connect; `timeout` ends a connection that stalls after the handshake.
 fn pod_http_get(lab: &KubeLab, pod: &str, ip: &str, port: u16, path: &str) -> Result<String> {
-    let request =
-        format!("printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 5 {ip} {port}");
+    let request = format!(
+        "printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | /bin/busybox timeout 10 /bin/busybox nc -w 5 {ip} {port}"
+    );
     exec_in_pod(lab, pod, &["sh", "-c", &request])
 }
 
