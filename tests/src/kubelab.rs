@@ -1,16 +1,25 @@
 //! A real Kubernetes in network namespaces: etcd, kube-apiserver, kube-controller-manager
 //! (allocating node pod CIDRs) and kube-scheduler in a control-plane namespace, and per node
-//! a namespace running containerd and kubelet, all on one bridge.
+//! a namespace running containerd, kubelet and kube-proxy (iptables mode), all on one
+//! bridge, as kubeadm builds a node: `net.ipv4.ip_forward=1`, a default route (to an outside
+//! host with an HTTP server on an address beyond the lab's subnet and no route to pods).
 //!
 //! ```text
 //!  control 192.168.1.2 ─┐
-//!  node-1 192.168.1.11 ─┼─ fabric (br0)
-//!  node-2 192.168.1.12 ─┘
+//!  node-1 192.168.1.11 ─┼─ fabric (br0) ─ outside 192.168.1.1 (the nodes' default route),
+//!  node-2 192.168.1.12 ─┘                 HTTP on 203.0.113.10:80
 //! ```
 //!
-//! Each node's containerd and kubelet share a private mount namespace (`unshare --mount
-//! --propagation slave` inside the node's network namespace) in which the paths a real node
-//! would use are the node's own: tmpfs on /var/lib, /var/log, /run/netns and
+//! kube-proxy runs with its own client certificate (`system:kube-proxy`, which the default
+//! `system:node-proxier` binding covers), `--conntrack-max-per-core=0` (the conntrack table
+//! size and hash size are the machine's, not the node's), and its default TCP timeouts, which
+//! it writes to the node namespace's own `/proc/sys/net/netfilter`. The API server advertises
+//! its address on the bridge, so the `kubernetes` Service's endpoint is reachable from the
+//! nodes and their pods.
+//!
+//! Each node's containerd, kubelet and kube-proxy share a private mount namespace (`unshare
+//! --mount --propagation slave` inside the node's network namespace) in which the paths a
+//! real node would use are the node's own: tmpfs on /var/lib, /var/log, /run/netns and
 //! /run/containerd, a bpffs on /sys/fs/bpf, per-node directories bound on /opt/cni/bin and
 //! /etc/cni/net.d, and files bound over the three sysctls kubelet insists on writing
 //! (vm.overcommit_memory, kernel.panic, kernel.panic_on_oops), already holding the values it
@@ -32,6 +41,15 @@ use crate::{run, Netns};
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 2);
+/// The `kubernetes` Service: the first address of the service CIDR.
+pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+/// The outside host's address on the bridge: the nodes' default gateway.
+pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
+/// Where the outside host serves HTTP (`outside` as the body): beyond the lab's subnet.
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const OUTSIDE_HTTP_PORT: u16 = 80;
+/// kube-proxy's healthz port, on each node's IP.
+pub const KUBE_PROXY_HEALTHZ_PORT: u16 = 10256;
 pub const NODES: [(&str, Ipv4Addr); 2] = [
     ("node-1", Ipv4Addr::new(192, 168, 1, 11)),
     ("node-2", Ipv4Addr::new(192, 168, 1, 12)),
@@ -62,7 +80,39 @@ pub fn k8s_bin_dir() -> Result<PathBuf> {
             cache.display()
         )
     })?;
-    Ok(cache.join(version.trim()).join("bin"))
+    let bin = cache.join(version.trim()).join("bin");
+    if !bin.join("kube-proxy").is_file() {
+        bail!(
+            "{} has no kube-proxy (a cache from before the lab ran it): run `cargo xtask k8s`",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// The conntrack settings of the namespace the caller runs in (every readable
+/// `/proc/sys/net/netfilter` value but the entry count) and the machine-wide hash size:
+/// kube-proxy must change none of them outside the node namespaces.
+pub fn conntrack_settings() -> Result<Vec<(String, String)>> {
+    let mut settings = Vec::new();
+    let dir = Path::new("/proc/sys/net/netfilter");
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name != "nf_conntrack_count")
+        .collect();
+    names.sort();
+    for name in names {
+        if let Ok(value) = std::fs::read_to_string(dir.join(&name)) {
+            settings.push((name, value.trim().to_string()));
+        }
+    }
+    let hashsize = "/sys/module/nf_conntrack/parameters/hashsize";
+    if let Ok(value) = std::fs::read_to_string(hashsize) {
+        settings.push((hashsize.to_string(), value.trim().to_string()));
+    }
+    Ok(settings)
 }
 
 /// A background process with its log file, killed on drop.
@@ -247,6 +297,7 @@ pub struct KubeLab {
     control_daemons: Vec<Daemon>,
     apiserver_args: Vec<String>,
     pub control: Netns,
+    pub outside: Netns,
     pub fabric: Netns,
 }
 
@@ -321,6 +372,7 @@ impl KubeLab {
         }
         let fabric = Netns::new(&format!("{prefix}-fabric"))?;
         let control = Netns::new(&format!("{prefix}-ctl"))?;
+        let outside = Netns::new(&format!("{prefix}-out"))?;
         let mut lab = KubeLab {
             prefix: prefix.to_string(),
             dir,
@@ -329,17 +381,30 @@ impl KubeLab {
             control_daemons: Vec::new(),
             apiserver_args: Vec::new(),
             control,
+            outside,
             fabric,
         };
         lab.fabric
             .exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
         lab.fabric.exec(&["ip", "link", "set", "br0", "up"])?;
         attach(&lab.fabric, &lab.control, "ctl", CONTROL_IP)?;
+        lab.start_outside()?;
         lab.make_pki()?;
         lab.start_control_plane()?;
         for (name, ip) in NODES {
             let netns = Netns::new(&format!("{prefix}-{name}"))?;
             attach(&lab.fabric, &netns, name, ip)?;
+            // What kubeadm's preflight requires of a node, and where its traffic to
+            // anything beyond the subnet goes.
+            netns.sysctl("net.ipv4.ip_forward", "1")?;
+            netns.exec(&[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &GATEWAY_IP.to_string(),
+            ])?;
             let node = LabNode {
                 name: name.to_string(),
                 ip,
@@ -354,6 +419,36 @@ impl KubeLab {
             lab.start_node(index, extra_images)?;
         }
         Ok(lab)
+    }
+
+    /// The outside host: the nodes' gateway on the bridge, holding `OUTSIDE_IP` (on its
+    /// loopback) where busybox httpd answers `outside`. It has no route to any pod CIDR, so
+    /// only a pod's traffic translated to its node's IP gets an answer.
+    fn start_outside(&mut self) -> Result<()> {
+        attach(&self.fabric, &self.outside, "out", GATEWAY_IP)?;
+        self.outside.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{OUTSIDE_IP}/32"),
+            "dev",
+            "lo",
+        ])?;
+        let www = self.dir.join("outside-www");
+        std::fs::create_dir_all(&www)?;
+        std::fs::write(www.join("index.html"), "outside\n")?;
+        let mut httpd = self.outside.command("/bin/busybox");
+        httpd
+            .args(["httpd", "-f", "-p"])
+            .arg(format!("{OUTSIDE_IP}:{OUTSIDE_HTTP_PORT}"))
+            .arg("-h")
+            .arg(&www);
+        self.control_daemons.push(Daemon::spawn(
+            "outside httpd",
+            httpd,
+            self.dir.join("outside-httpd.log"),
+        )?);
+        Ok(())
     }
 
     pub fn pki(&self) -> PathBuf {
@@ -403,6 +498,8 @@ impl KubeLab {
                 client,
             )?;
         }
+        // The user the default `system:node-proxier` ClusterRoleBinding names.
+        issue(&pki, "kube-proxy", "/CN=system:kube-proxy", client)?;
         run(Command::new("openssl")
             .args(["genrsa", "-out"])
             .arg(pki.join("sa.key"))
@@ -532,6 +629,15 @@ impl KubeLab {
                 &cert_credentials(&pki, &node.name),
             ),
         )?;
+        // Under the node's directory, so stop() finds kube-proxy by its command line.
+        std::fs::write(
+            dir.join("kube-proxy.kubeconfig"),
+            kubeconfig(
+                &pki.join("ca.crt"),
+                "kube-proxy",
+                &cert_credentials(&pki, "kube-proxy"),
+            ),
+        )?;
         for (file, value) in [
             ("overcommit_memory", "1"),
             ("panic", "10"),
@@ -612,7 +718,6 @@ state = "{state}"
             "--cgroup-driver=cgroupfs".into(),
             format!("--cgroup-root=/{}", node.cgroup_root),
             "--fail-swap-on=false".into(),
-            "--make-iptables-util-chains=false".into(),
             format!("--client-ca-file={}", pki.join("ca.crt").display()),
             "--anonymous-auth=false".into(),
             "--authorization-mode=AlwaysAllow".into(),
@@ -628,6 +733,32 @@ state = "{state}"
             "--node-status-update-frequency=2s".into(),
             "--v=2".into(),
         ];
+        // As kubeadm runs it (iptables mode), on the node's IP. Conntrack: no table size
+        // (nf_conntrack_max and the hash size are the machine's); the TCP timeouts it sets
+        // by default are per network namespace, so they land in the node's.
+        let kube_proxy_args = [
+            format!(
+                "--kubeconfig={}",
+                dir.join("kube-proxy.kubeconfig").display()
+            ),
+            format!("--hostname-override={}", node.name),
+            "--proxy-mode=iptables".into(),
+            format!("--cluster-cidr={CLUSTER_CIDR}"),
+            format!("--bind-address={}", node.ip),
+            format!(
+                "--healthz-bind-address={}:{KUBE_PROXY_HEALTHZ_PORT}",
+                node.ip
+            ),
+            format!("--metrics-bind-address={}:10249", node.ip),
+            "--conntrack-max-per-core=0".into(),
+            "--v=2".into(),
+        ];
+        let quoted = |args: &[String]| -> String {
+            args.iter()
+                .map(|a| format!("'{a}'"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         let sys = dir.join("sys");
         let script = format!(
             r#"set -e
@@ -645,17 +776,16 @@ mount --bind {sys}/panic /proc/sys/kernel/panic
 mount --bind {sys}/panic_on_oops /proc/sys/kernel/panic_on_oops
 containerd --config {dir}/containerd.toml > {dir}/containerd.log 2>&1 &
 i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; done
-{import_lines}exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
+{import_lines}{kube_proxy} {kube_proxy_args} > {dir}/kube-proxy.log 2>&1 &
+exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
 "#,
             dir = dir.display(),
             sys = sys.display(),
             sock = node.containerd_socket().display(),
             kubelet = bin.join("kubelet").display(),
-            kubelet_args = kubelet_args
-                .iter()
-                .map(|a| format!("'{a}'"))
-                .collect::<Vec<_>>()
-                .join(" "),
+            kubelet_args = quoted(&kubelet_args),
+            kube_proxy = bin.join("kube-proxy").display(),
+            kube_proxy_args = quoted(&kube_proxy_args),
         );
         std::fs::write(dir.join("node.sh"), &script)?;
         let mut cmd = node.netns.command("unshare");

@@ -721,7 +721,12 @@ pub fn http_get(netns: &Netns, addr: &str, path: &str) -> Result<(String, String
     let addr: SocketAddr = addr.parse()?;
     netns.run_inside(|| {
         let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n").as_bytes())?;
+        // A server that keeps connections alive (Go's: kube-proxy's healthz) must close
+        // this one, and a silent one must not hang the test.
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        conn.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").as_bytes(),
+        )?;
         let mut text = String::new();
         conn.read_to_string(&mut text)?;
         let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mycni::ipam::Pool;
-use mycni_tests::kubelab::{KubeLab, LabNode, CONTROL_IP};
+use mycni_tests::kubelab::{
+    conntrack_settings, KubeLab, LabNode, CONTROL_IP, KUBERNETES_SERVICE_IP,
+    KUBE_PROXY_HEALTHZ_PORT, OUTSIDE_HTTP_PORT, OUTSIDE_IP,
+};
 use mycni_tests::{agent_bin, http_get, metric, mycni_bin, prefix, run, CniCall};
 use serde_json::Value;
 
@@ -45,6 +48,7 @@ kind: Pod
 metadata:
   name: {name}
   namespace: default
+  labels: {{pod: {name}}}
 spec:
   nodeName: {node}
   terminationGracePeriodSeconds: 1
@@ -55,6 +59,14 @@ spec:
     imagePullPolicy: Never
     command: ["/bin/busybox", "sh", "-c", "mkdir -p /www && echo {name} > /www/index.html && exec /bin/busybox httpd -f -p 8080 -h /www"]
 "#
+    )
+}
+
+/// A ClusterIP Service on port 80 whose one backend is the test pod `backend` (its httpd).
+fn service_manifest(name: &str, backend: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec:\n  selector: {{pod: {backend}}}\n  ports:\n  - {{protocol: TCP, port: 80, targetPort: 8080}}\n"
     )
 }
 
@@ -85,6 +97,300 @@ fn exec_in_pod(lab: &KubeLab, pod: &str, argv: &[&str]) -> Result<String> {
     let mut args = vec!["exec", pod, "--", "/bin/busybox"];
     args.extend_from_slice(argv);
     lab.kubectl(&args)
+}
+
+/// `GET path` over HTTP/1.0 from a pod to `ip:port` with busybox's nc (Debian's static
+/// busybox wget segfaults): the whole answer, empty when none came within 5 s. nc's `-w`
+/// bounds only the connect; `timeout` ends a connection that stalls after the handshake.
+fn pod_http_get(lab: &KubeLab, pod: &str, ip: &str, port: u16, path: &str) -> Result<String> {
+    let request = format!(
+        "printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | /bin/busybox timeout 10 /bin/busybox nc -w 5 {ip} {port}"
+    );
+    exec_in_pod(lab, pod, &["sh", "-c", &request])
+}
+
+/// `GET /` from a node (its network namespace) with curl: the body.
+fn node_http_get(node: &LabNode, ip: &str, port: u16) -> Result<String> {
+    node.exec(&["curl", "-sS", "-m", "5", &format!("http://{ip}:{port}/")])
+}
+
+/// Ok when `answer` holds `wanted`; else an error carrying what came instead.
+fn answered(answer: Result<String>, wanted: &str) -> Result<()> {
+    let answer = answer?;
+    if !answer.contains(wanted) {
+        bail!("expected {wanted:?} in the answer, got {answer:?}");
+    }
+    Ok(())
+}
+
+/// The packets kube-proxy's `KUBE-FORWARD` rule has dropped as conntrack INVALID on a node:
+/// what a flow crossing the node's netfilter in one direction only runs into.
+fn forward_invalid_drops(node: &LabNode) -> Result<u64> {
+    let chain = node.exec(&[
+        "iptables",
+        "-t",
+        "filter",
+        "-L",
+        "KUBE-FORWARD",
+        "-v",
+        "-n",
+        "-x",
+    ])?;
+    chain
+        .lines()
+        .find(|line| line.contains("DROP") && line.contains("INVALID"))
+        .and_then(|line| line.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("{}: no INVALID drop in KUBE-FORWARD:\n{chain}", node.name))
+}
+
+/// kube-proxy, as a kubeadm node runs it, is up on every node: healthy on the node's IP,
+/// the `kubernetes` Service's endpoint is the API server's address on the bridge, the node
+/// forwards, kube-proxy's conntrack timeouts landed in the node's namespace, and nothing of
+/// the machine's conntrack settings changed.
+fn check_kube_proxy_nodes(lab: &mut KubeLab, machine_before: &[(String, String)]) -> Result<()> {
+    lab.wait(
+        "kube-proxy healthy on both nodes",
+        Duration::from_secs(60),
+        |lab| {
+            for node in &lab.nodes {
+                let address = format!("{}:{KUBE_PROXY_HEALTHZ_PORT}", node.ip);
+                let (status, _) = http_get(&node.netns, &address, "/healthz")?;
+                if !status.contains(" 200 ") {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+    .map_err(|e| {
+        e.context(format!(
+            "kube-proxy log on node-1:\n{}",
+            lab.node("node-1").log("kube-proxy")
+        ))
+    })?;
+    let endpoint = lab.kubectl(&[
+        "get",
+        "endpoints",
+        "kubernetes",
+        "-o",
+        "jsonpath={.subsets[*].addresses[*].ip}:{.subsets[*].ports[*].port}",
+    ])?;
+    assert_eq!(
+        endpoint,
+        format!("{CONTROL_IP}:6443"),
+        "the `kubernetes` Service's endpoint"
+    );
+    for node in &lab.nodes {
+        let forwarding = node.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"])?;
+        assert_eq!(forwarding.trim(), "1", "{}: ip_forward", node.name);
+        // kube-proxy 1.20's default (24 h) where it belongs: the node's own namespace.
+        let established = node.exec(&[
+            "cat",
+            "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established",
+        ])?;
+        assert_eq!(
+            established.trim(),
+            "86400",
+            "{}: kube-proxy's conntrack TCP timeout is not in the node's namespace",
+            node.name
+        );
+    }
+    let machine_after = conntrack_settings()?;
+    let changed: Vec<String> = machine_before
+        .iter()
+        .filter(|setting| !machine_after.contains(setting))
+        .map(|(name, before)| {
+            let after = machine_after
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+                .unwrap_or("(gone)");
+            format!("{name}: {before} -> {after}")
+        })
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "kube-proxy changed the machine's conntrack settings: {changed:?}"
+    );
+    Ok(())
+}
+
+/// The flows a kubeadm node carries through its own netfilter, with kube-proxy's rules in
+/// place (issue 11): node -> pods, pods -> the other node's IP, pods -> the `kubernetes`
+/// Service and the API server, pods -> ClusterIP Services with a same-node and a cross-node
+/// backend, pods -> the outside host; and the nodes' `KUBE-FORWARD` INVALID drops must not
+/// rise meanwhile. Every flow is tried and the failures are reported together.
+fn check_kubeadm_node_flows(lab: &mut KubeLab, ips: &[(String, String, Ipv4Addr)]) -> Result<()> {
+    let ip_of = |name: &str| -> Result<String> {
+        ips.iter()
+            .find(|(p, _, _)| p == name)
+            .map(|(_, _, ip)| ip.to_string())
+            .with_context(|| format!("{name}'s IP"))
+    };
+    // The Services, programmed by kube-proxy on both nodes before anything is tried.
+    lab.apply(&format!(
+        "{}---\n{}",
+        service_manifest("web-1", "pod-1a"),
+        service_manifest("web-2", "pod-2a")
+    ))?;
+    let mut cluster_ips = Vec::new();
+    lab.wait(
+        "kube-proxy to program the Services on both nodes",
+        Duration::from_secs(60),
+        |lab| {
+            cluster_ips.clear();
+            for service in ["web-1", "web-2"] {
+                let ip = lab.kubectl(&[
+                    "get",
+                    "service",
+                    service,
+                    "-o",
+                    "jsonpath={.spec.clusterIP}",
+                ])?;
+                cluster_ips.push((service, ip));
+            }
+            for node in &lab.nodes {
+                let rules = node.exec(&["iptables", "-t", "nat", "-S", "KUBE-SERVICES"])?;
+                // A Service's rule appears once it has an endpoint (else it rejects).
+                let programmed = |ip: &str| {
+                    rules
+                        .lines()
+                        .any(|l| l.contains(&format!("{ip}/32")) && l.contains("KUBE-SVC-"))
+                };
+                if !programmed(&KUBERNETES_SERVICE_IP.to_string())
+                    || !cluster_ips.iter().all(|(_, ip)| programmed(ip))
+                {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )?;
+    let service_ip = |name: &str| -> String {
+        cluster_ips
+            .iter()
+            .find(|(s, _)| *s == name)
+            .map(|(_, ip)| ip.clone())
+            .unwrap_or_default()
+    };
+    // The outside host answers the nodes themselves (the lab, not mycni).
+    for node in &lab.nodes {
+        answered(
+            node_http_get(node, &OUTSIDE_IP.to_string(), OUTSIDE_HTTP_PORT),
+            "outside",
+        )
+        .with_context(|| format!("{} -> the outside host", node.name))?;
+    }
+
+    let invalid_before: Vec<u64> = lab
+        .nodes
+        .iter()
+        .map(forward_invalid_drops)
+        .collect::<Result<_>>()?;
+    let node_ip = |name: &str| lab.node(name).ip.to_string();
+    let mut results: Vec<(String, Result<()>)> = Vec::new();
+    // Node -> pod over TCP, on its own node and the other one (upstream's "Granular Checks:
+    // Pods should function for node-pod communication: http").
+    for (node, pod) in [
+        ("node-1", "pod-1a"),
+        ("node-1", "pod-2a"),
+        ("node-2", "pod-2a"),
+        ("node-2", "pod-1a"),
+    ] {
+        results.push((
+            format!("{node} -> {pod} (HTTP)"),
+            answered(node_http_get(lab.node(node), &ip_of(pod)?, 8080), pod),
+        ));
+    }
+    for (pod, node) in [("pod-1a", "node-2"), ("pod-2a", "node-1")] {
+        // The other node's IP: kube-proxy's healthz answers there (200 or 503, JSON).
+        results.push((
+            format!("{pod} -> {node}'s IP (kube-proxy healthz, TCP)"),
+            answered(
+                pod_http_get(
+                    lab,
+                    pod,
+                    &node_ip(node),
+                    KUBE_PROXY_HEALTHZ_PORT,
+                    "/healthz",
+                ),
+                "lastUpdated",
+            ),
+        ));
+    }
+    // Go's TLS server answers a plain HTTP request with this: a full round trip.
+    let https_answer = "Client sent an HTTP request to an HTTPS server";
+    for pod in ["pod-1a", "pod-2a"] {
+        results.push((
+            format!("{pod} -> the `kubernetes` Service {KUBERNETES_SERVICE_IP}:443"),
+            answered(
+                pod_http_get(lab, pod, &KUBERNETES_SERVICE_IP.to_string(), 443, "/"),
+                https_answer,
+            ),
+        ));
+        results.push((
+            format!("{pod} -> the API server {CONTROL_IP}:6443"),
+            answered(
+                pod_http_get(lab, pod, &CONTROL_IP.to_string(), 6443, "/"),
+                https_answer,
+            ),
+        ));
+    }
+    for (client, service, backend, placement) in [
+        ("pod-1b", "web-1", "pod-1a", "same-node"),
+        ("pod-1b", "web-2", "pod-2a", "cross-node"),
+        ("pod-2b", "web-2", "pod-2a", "same-node"),
+        ("pod-2b", "web-1", "pod-1a", "cross-node"),
+    ] {
+        let ip = service_ip(service);
+        results.push((
+            format!("{client} -> Service {service} {ip}:80 ({placement} backend {backend})"),
+            answered(pod_http_get(lab, client, &ip, 80, "/"), backend),
+        ));
+    }
+    for pod in ["pod-1b", "pod-2b"] {
+        results.push((
+            format!("{pod} -> the outside host {OUTSIDE_IP}:{OUTSIDE_HTTP_PORT} (SNAT)"),
+            answered(
+                pod_http_get(lab, pod, &OUTSIDE_IP.to_string(), OUTSIDE_HTTP_PORT, "/"),
+                "outside",
+            ),
+        ));
+    }
+    for (node, before) in lab.nodes.iter().zip(&invalid_before) {
+        let after = forward_invalid_drops(node)?;
+        let outcome = if after == *before {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
+                "rose from {before} to {after} during the flows above"
+            ))
+        };
+        results.push((
+            format!("{}: KUBE-FORWARD INVALID drops unchanged", node.name),
+            outcome,
+        ));
+    }
+
+    let mut failed = Vec::new();
+    for (what, outcome) in &results {
+        match outcome {
+            Ok(()) => eprintln!("kubeadm node flow ok: {what}"),
+            Err(e) => {
+                eprintln!("kubeadm node flow FAILED: {what}: {e:#}");
+                failed.push(format!("{what}: {e:#}"));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} kubeadm node flows failed:\n{}",
+            failed.len(),
+            results.len(),
+            failed.join("\n")
+        );
+    }
+    Ok(())
 }
 
 /// A node's routes to `cidr`: the `mycni-agent routes` lines (ROUTES) that name it, and
@@ -358,6 +664,8 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
         image_archive("MYCNI_TEST_IMAGE", "mycni-test.oci.tar")?,
         image_archive("MYCNI_TEST_UPGRADE_IMAGE", "mycni-upgrade.oci.tar")?,
     ];
+    // The machine's conntrack settings before any kube-proxy runs.
+    let machine_conntrack = conntrack_settings()?;
     let mut lab = KubeLab::new(&prefix("k8s"), &images)?;
 
     // Nodes register and get pod CIDRs, but stay NotReady: no CNI config yet.
@@ -519,10 +827,7 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
             let ip = to_ip.to_string();
             exec_in_pod(&lab, from, &["ping", "-c", "1", "-W", "3", &ip])
                 .with_context(|| format!("{from} pings {to}"))?;
-            // busybox's nc, not its wget: Debian's static wget segfaults.
-            let request =
-                format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 5 {ip} 8080");
-            let response = exec_in_pod(&lab, from, &["sh", "-c", &request])
+            let response = pod_http_get(&lab, from, &ip, 8080, "/")
                 .with_context(|| format!("{from} fetches from {to}"))?;
             let body = response.lines().last().unwrap_or("").to_string();
             assert_eq!(body.trim(), to, "{from} -> {to} answered by the wrong pod");
@@ -551,6 +856,11 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
             node.name
         );
     }
+
+    // What a kubeadm node runs and carries besides pod-to-pod traffic: kube-proxy's rules
+    // in every node, and the flows that cross the node's netfilter.
+    check_kube_proxy_nodes(&mut lab, &machine_conntrack)?;
+    check_kubeadm_node_flows(&mut lab, &ips)?;
 
     // An upgrade to a new build: the DaemonSet moved to the release image (every agent
     // replaced, one node at a time, the plugin re-installed) while a TCP stream and a ping

@@ -18,6 +18,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut build = true;
     let mut out: Option<PathBuf> = None;
     let mut bin_dir: Option<PathBuf> = None;
+    let mut tag = env!("CARGO_PKG_VERSION").to_string();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -30,6 +31,8 @@ pub fn run(args: &[String]) -> Result<()> {
                 ));
                 build = false;
             }
+            // Another tag than the version, e.g. the end-to-end test's upgrade target.
+            "--tag" => tag = args.next().context("--tag needs a tag")?.clone(),
             other => bail!("image: unexpected argument {other:?}"),
         }
     }
@@ -38,11 +41,12 @@ pub fn run(args: &[String]) -> Result<()> {
         ebpf::build()?;
         build_release_binaries()?;
     }
-    let version = env!("CARGO_PKG_VERSION");
-    let out = out.unwrap_or_else(|| root.join(format!("target/image/mycni-{version}.oci.tar")));
+    let out = out.unwrap_or_else(|| root.join(format!("target/image/mycni-{tag}.oci.tar")));
     let bin_dir = bin_dir.unwrap_or_else(|| root.join("target/release"));
-    build_image(&mycni_spec(&bin_dir), &out)?;
-    println!("image {IMAGE_NAME}:{version}: {}", out.display());
+    let mut spec = mycni_spec(&bin_dir);
+    spec.reference = format!("{IMAGE_NAME}:{tag}");
+    build_image(&spec, &out)?;
+    println!("image {IMAGE_NAME}:{tag}: {}", out.display());
     Ok(())
 }
 

@@ -1,12 +1,14 @@
 //! `cargo xtask k8s`: what the Kubernetes end-to-end test needs and no package provides:
-//! kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kubectl built from
+//! kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy and kubectl
+//! built from
 //! Debian's `kubernetes` source package (GOPATH mode with Debian's Go; its `vendor/` makes
 //! the build offline), and local OCI images (a pause image and busybox) built from
 //! `busybox-static`, since no registry can be reached.
 //!
 //! The binaries are cached under `<cache>/<source version>/bin` (`<cache>` is
 //! `$MYCNI_K8S_CACHE` or /var/cache/mycni/k8s) and `<cache>/current` names the version, so
-//! the ~10 minute build happens once per machine.
+//! the ~10 minute build happens once per machine. A cache of this version missing some of
+//! the binaries (one made before kube-proxy joined the list) gets only the missing ones.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -28,6 +30,7 @@ pub const BINARIES: &[&str] = &[
     "kube-controller-manager",
     "kube-scheduler",
     "kubelet",
+    "kube-proxy",
     "kubectl",
 ];
 
@@ -47,16 +50,21 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn all_built(bin: &Path) -> bool {
-    BINARIES.iter().all(|name| bin.join(name).is_file())
+/// The binaries of [`BINARIES`] that `bin` lacks.
+fn missing(bin: &Path) -> Vec<&'static str> {
+    BINARIES
+        .iter()
+        .copied()
+        .filter(|name| !bin.join(name).is_file())
+        .collect()
 }
 
-/// The cached binaries' directory, building them first when the cache is empty.
+/// The cached binaries' directory, building first whichever of them the cache lacks.
 pub fn binaries() -> Result<PathBuf> {
     let cache = cache_dir();
     if let Ok(version) = std::fs::read_to_string(cache.join("current")) {
         let bin = cache.join(version.trim()).join("bin");
-        if version.trim().ends_with(&format!("-{RECIPE}")) && all_built(&bin) {
+        if version.trim().ends_with(&format!("-{RECIPE}")) && missing(&bin).is_empty() {
             return Ok(bin);
         }
     }
@@ -78,6 +86,8 @@ pub fn binaries() -> Result<PathBuf> {
         .context("no kubernetes_*.dsc after apt-get source")?;
     let version = format!("{version}-{RECIPE}");
     let bin = cache.join(&version).join("bin");
+    // All of them for a new source version or recipe; the new ones for a cache of this one.
+    let to_build = missing(&bin);
     let vendored = tree.join("vendor/github.com/modern-go/reflect2");
     if !Path::new(REFLECT2_SOURCE).join("reflect2.go").is_file() {
         bail!("{REFLECT2_SOURCE} is missing: install golang-github-modern-go-reflect2-dev (cargo xtask setup)");
@@ -89,7 +99,14 @@ pub fn binaries() -> Result<PathBuf> {
             .arg(REFLECT2_SOURCE)
             .arg(&vendored),
     )?;
-    println!("building Kubernetes {version} ({GIT_VERSION}) from Debian's source: about 10 minutes on 2 cores");
+    if to_build.len() == BINARIES.len() {
+        println!("building Kubernetes {version} ({GIT_VERSION}) from Debian's source: about 10 minutes on 2 cores");
+    } else {
+        println!(
+            "building {} of Kubernetes {version} ({GIT_VERSION}) from Debian's source; the cache has the others",
+            to_build.join(", ")
+        );
+    }
     // `make generated_files` writes the generated code (openapi, deepcopy) the build needs.
     cmd::run(cmd::clean("make").current_dir(&tree).arg("generated_files"))?;
     let gopath = work.join("gopath");
@@ -98,7 +115,7 @@ pub fn binaries() -> Result<PathBuf> {
     std::os::unix::fs::symlink(&tree, &package_dir)?;
     let ldflags = version_ldflags();
     std::fs::create_dir_all(&bin)?;
-    for name in BINARIES {
+    for name in to_build {
         println!("go build ./cmd/{name}");
         cmd::run(
             cmd::clean("go")
@@ -209,4 +226,25 @@ pub fn images() -> Result<()> {
         println!("ok image {} in {}", spec.reference, out.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{missing, BINARIES};
+
+    #[test]
+    fn builds_only_what_the_cache_lacks() -> anyhow::Result<()> {
+        let bin = std::env::temp_dir().join(format!("xtask-k8s-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&bin)?;
+        assert_eq!(missing(&bin), BINARIES, "an empty cache lacks everything");
+        // A cache from before kube-proxy joined the list.
+        for name in BINARIES.iter().filter(|name| **name != "kube-proxy") {
+            std::fs::write(bin.join(name), "")?;
+        }
+        assert_eq!(missing(&bin), ["kube-proxy"]);
+        std::fs::write(bin.join("kube-proxy"), "")?;
+        assert!(missing(&bin).is_empty());
+        std::fs::remove_dir_all(&bin)?;
+        Ok(())
+    }
 }

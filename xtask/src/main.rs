@@ -20,10 +20,13 @@ const USAGE: &str = "usage: cargo xtask <command>
                [--bin-dir /usr/local/bin] --pod-cidr CIDR [--mtu 1500]
                [--data-dir /var/lib/cni/mycni] [--bpffs-root /sys/fs/bpf/mycni] [--no-build]
   image        an OCI image archive of mycni-agent and mycni for deploy/mycni.yaml
-               [--out FILE] [--no-build] [--bin-dir DIR]; import with `ctr -n k8s.io images import`
+               [--out FILE] [--no-build] [--bin-dir DIR] [--tag TAG (default: the version)];
+               import with `ctr -n k8s.io images import`
   k8s          build Kubernetes from Debian's source (cached in /var/cache/mycni/k8s) and
                the lab's pause and busybox images, for the end-to-end test
   demo         a simulated cluster in network namespaces, its connectivity, then cleanup
+  e2e          build what the Kubernetes end-to-end test needs (not setup) and run it alone;
+               extra arguments go to the test binary
   test         setup, build-ebpf, build every binary, then the whole test suite (unit and,
                as root, integration); extra arguments go to the test binaries (filters)
   bench        mycni against a bare veth, the reference bridge plugin and kernel VXLAN
@@ -75,6 +78,7 @@ fn dispatch() -> anyhow::Result<()> {
             demo::run()
         }
         "test" => test::run(rest),
+        "e2e" => test::e2e(rest),
         "bench" => bench::run(rest),
         "image" => image::run(rest),
         "k8s" => kubelab::run(rest),

@@ -37,6 +37,8 @@ const PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "busybox-static",
+    // kube-proxy clears stale UDP conntrack entries with it (kubeadm requires it too).
+    "conntrack",
     // reflect2 1.0.2, patched into the Kubernetes source (see kubelab.rs).
     "golang-github-modern-go-reflect2-dev",
 ];

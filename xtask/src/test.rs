@@ -1,5 +1,6 @@
 //! `cargo xtask test`: set up what is missing, build everything, run every test.
 use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
 use std::process::Stdio;
 
 use anyhow::{bail, Context, Result};
@@ -9,11 +10,60 @@ use crate::{cmd, ebpf, image, kubelab, repo_root, setup};
 /// Everything the tests and the demo run: the machine's tools, the eBPF object, every binary.
 pub fn prepare() -> Result<()> {
     setup::run()?;
+    build()
+}
+
+/// The eBPF object and every binary (debug), the ones the tests run.
+fn build() -> Result<()> {
     ebpf::build()?;
     cmd::run(
         cmd::clean("cargo")
             .current_dir(repo_root())
             .args(["build", "--workspace", "--bins"]),
+    )
+}
+
+/// What the Kubernetes end-to-end test runs besides the debug binaries: the cluster's
+/// binaries and images, the mycni image of the binaries under test (what deploy/mycni.yaml
+/// runs) and the one the test upgrades to (a release build of the same source, under another
+/// tag). Returns the two mycni image archives.
+fn e2e_images() -> Result<(PathBuf, PathBuf)> {
+    let root = repo_root();
+    kubelab::binaries()?;
+    kubelab::images()?;
+    let test_image = root.join("target/image/mycni-test.oci.tar");
+    image::build_image(&image::mycni_spec(&root.join("target/debug")), &test_image)?;
+    let upgrade_image = root.join("target/image/mycni-upgrade.oci.tar");
+    let mut spec = image::mycni_spec(&image::build_release_binaries()?);
+    spec.reference = format!(
+        "{}:{}-upgrade",
+        image::IMAGE_NAME,
+        env!("CARGO_PKG_VERSION")
+    );
+    image::build_image(&spec, &upgrade_image)?;
+    Ok((test_image, upgrade_image))
+}
+
+/// `cargo xtask e2e`: builds what the Kubernetes end-to-end test needs (not the machine
+/// setup) and runs that test alone, its progress on the terminal.
+pub fn e2e(args: &[String]) -> Result<()> {
+    if !cmd::is_root() {
+        bail!("the Kubernetes end-to-end test needs root");
+    }
+    build()?;
+    let (test_image, upgrade_image) = e2e_images()?;
+    let root = repo_root();
+    cmd::run(
+        cmd::clean("cargo")
+            .current_dir(&root)
+            .args(["test", "-p", "mycni-tests", "--test", "kubernetes"])
+            .args(["--", "--nocapture"])
+            .args(args)
+            .env("MYCNI_BIN_DIR", root.join("target/debug"))
+            .env("MYCNI_CNI_PLUGIN_DIR", "/usr/lib/cni")
+            .env("MYCNI_TEST_IMAGE", &test_image)
+            .env("MYCNI_TEST_UPGRADE_IMAGE", &upgrade_image)
+            .env("RUST_BACKTRACE", "0"),
     )
 }
 
@@ -26,26 +76,15 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     prepare()?;
     let root = repo_root();
-    // The Kubernetes end-to-end test: the cluster's binaries and images, and the mycni
-    // image of the binaries under test (what deploy/mycni.yaml runs).
-    if cmd::is_root() {
-        kubelab::binaries()?;
-        kubelab::images()?;
-    }
-    let test_image = root.join("target/image/mycni-test.oci.tar");
-    image::build_image(&image::mycni_spec(&root.join("target/debug")), &test_image)?;
-    // What the end-to-end test upgrades to: a new build (release) of the same source,
-    // under another tag.
-    let upgrade_image = root.join("target/image/mycni-upgrade.oci.tar");
-    if cmd::is_root() {
-        let mut spec = image::mycni_spec(&image::build_release_binaries()?);
-        spec.reference = format!(
-            "{}:{}-upgrade",
-            image::IMAGE_NAME,
-            env!("CARGO_PKG_VERSION")
-        );
-        image::build_image(&spec, &upgrade_image)?;
-    }
+    // Without root the end-to-end test cannot run (it says where its images should be).
+    let (test_image, upgrade_image) = if cmd::is_root() {
+        e2e_images()?
+    } else {
+        (
+            root.join("target/image/mycni-test.oci.tar"),
+            root.join("target/image/mycni-upgrade.oci.tar"),
+        )
+    };
     let mut child = cmd::clean("cargo")
         .current_dir(&root)
         .args(["test", "--workspace", "--no-fail-fast"])
