@@ -87,22 +87,16 @@ impl BpfLogLevel {
 /// The level of programs loaded from now on; off until [`init`].
 static LEVEL: AtomicU8 = AtomicU8::new(BpfLogLevel::Off as u8);
 
-/// Where the DaemonSet puts the ConfigMap's `bpf-log-level`; the flag wins.
+/// Where the DaemonSet puts the ConfigMap's `bpf-log-level`; the flag wins (see
+/// [`crate::agent_cli`]).
 pub const LEVEL_ENV: &str = "MYCNI_BPF_LOG_LEVEL";
 
-/// Called by the agent before it loads the programs: they will log at `flag`, else at
-/// `$MYCNI_BPF_LOG_LEVEL`, else at `warn`, and [`crate::datapath::load_and_pin`] forwards
-/// their messages to stderr. Without it (`mycni-agent load`, tests) programs load silent.
-pub fn init(flag: Option<BpfLogLevel>) -> Result<BpfLogLevel, ParseLevelError> {
-    let level = match flag {
-        Some(level) => level,
-        None => match std::env::var(LEVEL_ENV) {
-            Ok(text) if !text.trim().is_empty() => text.parse()?,
-            _ => BpfLogLevel::default(),
-        },
-    };
+/// Called by the agent before it loads the programs: they will log at `level` (the
+/// `--bpf-log-level` flag, else `$MYCNI_BPF_LOG_LEVEL`, else `warn`), and
+/// [`crate::datapath::load_and_pin`] forwards their messages to stderr. Without it
+/// (`mycni-agent load`, tests) programs load silent.
+pub fn init(level: BpfLogLevel) {
     LEVEL.store(level as u8, Ordering::Relaxed);
-    Ok(level)
 }
 
 /// The level programs are loaded with.

@@ -5,6 +5,7 @@
 //! (links, addresses, routes), [`datapath`] (pinned bpf maps and programs), [`ipam::store`]
 //! (the on-disk allocation records), [`kube::client`] (the API server over TLS). [`plugin`] drives the CNI commands with them.
 pub mod agent;
+pub mod agent_cli;
 pub mod cni;
 pub mod datapath;
 pub mod ebpf_log;

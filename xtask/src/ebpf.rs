@@ -61,15 +61,23 @@ pub fn cargo_bin_dir() -> Option<PathBuf> {
         .map(|home| home.join("bin"))
 }
 
-pub fn parse_and_build(args: &[String]) -> Result<()> {
-    let mut profile = Profile::Release;
-    for arg in args {
-        match arg.as_str() {
-            "--debug" => profile = Profile::Debug,
-            "--release" => profile = Profile::Release,
-            other => bail!("build-ebpf: unexpected argument {other:?} (only --debug)"),
-        }
-    }
+#[derive(Debug, clap::Args)]
+pub struct BuildOptions {
+    /// The debug profile (mycni embeds the release object unless MYCNI_EBPF_OBJECT names
+    /// another).
+    #[arg(long, conflicts_with = "release")]
+    debug: bool,
+    /// The release profile (the default).
+    #[arg(long)]
+    release: bool,
+}
+
+pub fn build_and_print(options: &BuildOptions) -> Result<()> {
+    let profile = if options.debug {
+        Profile::Debug
+    } else {
+        Profile::Release
+    };
     let object = build_profile(profile)?;
     println!("{}", object.display());
     if profile == Profile::Debug {

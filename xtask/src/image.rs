@@ -6,7 +6,7 @@
 //! (containerd) or `podman load -i ...`.
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::{cmd, ebpf, repo_root};
@@ -14,35 +14,37 @@ use crate::{cmd, ebpf, repo_root};
 /// The name deploy/mycni.yaml refers to.
 pub const IMAGE_NAME: &str = "docker.io/library/mycni";
 
-pub fn run(args: &[String]) -> Result<()> {
-    let mut build = true;
-    let mut out: Option<PathBuf> = None;
-    let mut bin_dir: Option<PathBuf> = None;
-    let mut tag = env!("CARGO_PKG_VERSION").to_string();
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--no-build" => build = false,
-            "--out" => out = Some(PathBuf::from(args.next().context("--out needs a path")?)),
-            // Package already-built binaries (e.g. target/debug); implies --no-build.
-            "--bin-dir" => {
-                bin_dir = Some(PathBuf::from(
-                    args.next().context("--bin-dir needs a path")?,
-                ));
-                build = false;
-            }
-            // Another tag than the version, e.g. the end-to-end test's upgrade target.
-            "--tag" => tag = args.next().context("--tag needs a tag")?.clone(),
-            other => bail!("image: unexpected argument {other:?}"),
-        }
-    }
+#[derive(Debug, clap::Args)]
+pub struct ImageOptions {
+    /// The archive to write [default: target/image/mycni-TAG.oci.tar].
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Package the release binaries already built.
+    #[arg(long)]
+    no_build: bool,
+    /// Package already-built binaries from DIR (e.g. target/debug); implies --no-build.
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Another tag than the version, e.g. the end-to-end test's upgrade target.
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+    tag: String,
+}
+
+pub fn run(options: &ImageOptions) -> Result<()> {
+    let tag = &options.tag;
     let root = repo_root();
-    if build {
+    if !options.no_build && options.bin_dir.is_none() {
         ebpf::build()?;
         build_release_binaries()?;
     }
-    let out = out.unwrap_or_else(|| root.join(format!("target/image/mycni-{tag}.oci.tar")));
-    let bin_dir = bin_dir.unwrap_or_else(|| root.join("target/release"));
+    let out = options
+        .out
+        .clone()
+        .unwrap_or_else(|| root.join(format!("target/image/mycni-{tag}.oci.tar")));
+    let bin_dir = options
+        .bin_dir
+        .clone()
+        .unwrap_or_else(|| root.join("target/release"));
     let mut spec = mycni_spec(&bin_dir);
     spec.reference = format!("{IMAGE_NAME}:{tag}");
     build_image(&spec, &out)?;

@@ -7,67 +7,35 @@ use anyhow::{bail, Context, Result};
 
 use crate::{ebpf, image, repo_root};
 
-struct Options {
+#[derive(Debug, clap::Args)]
+pub struct InstallOptions {
+    /// Install under this root instead of / (packaging).
+    #[arg(long, value_name = "DIR", default_value = "/")]
     destdir: PathBuf,
+    /// Where the runtime looks for CNI plugins.
+    #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
     cni_bin_dir: PathBuf,
+    /// Where the runtime looks for CNI network configurations.
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
+    /// Where mycni-agent goes.
+    #[arg(long, value_name = "DIR", default_value = "/usr/local/bin")]
     bin_dir: PathBuf,
-    pod_cidr: Option<String>,
+    /// This node's pod CIDR, for the conflist.
+    #[arg(long, value_name = "CIDR", value_parser = check_cidr)]
+    pod_cidr: String,
+    /// The pods' MTU (68-65535).
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u32).range(68..=65535))]
     mtu: u32,
+    /// The plugin's address store.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/cni/mycni")]
     data_dir: String,
+    /// Where the agent pins the datapath.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/mycni")]
     bpffs_root: String,
-    build: bool,
-}
-
-fn parse(args: &[String]) -> Result<Options> {
-    let mut options = Options {
-        destdir: PathBuf::from("/"),
-        cni_bin_dir: PathBuf::from("/opt/cni/bin"),
-        cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
-        bin_dir: PathBuf::from("/usr/local/bin"),
-        pod_cidr: None,
-        mtu: 1500,
-        data_dir: "/var/lib/cni/mycni".into(),
-        bpffs_root: "/sys/fs/bpf/mycni".into(),
-        build: true,
-    };
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        // `--flag value` and `--flag=value` alike.
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = || -> Result<String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => args
-                    .next()
-                    .cloned()
-                    .with_context(|| format!("install: {flag} needs a value")),
-            }
-        };
-        match flag {
-            "--destdir" => options.destdir = PathBuf::from(value()?),
-            "--cni-bin-dir" => options.cni_bin_dir = PathBuf::from(value()?),
-            "--cni-conf-dir" => options.cni_conf_dir = PathBuf::from(value()?),
-            "--bin-dir" => options.bin_dir = PathBuf::from(value()?),
-            "--pod-cidr" => options.pod_cidr = Some(check_cidr(&value()?)?),
-            "--mtu" => {
-                let text = value()?;
-                options.mtu = text
-                    .parse()
-                    .ok()
-                    .filter(|mtu| (68..=65535).contains(mtu))
-                    .with_context(|| format!("install: --mtu {text:?} is not an MTU (68-65535)"))?;
-            }
-            "--data-dir" => options.data_dir = value()?,
-            "--bpffs-root" => options.bpffs_root = value()?,
-            "--no-build" if inline.is_none() => options.build = false,
-            _ => bail!("install: unexpected argument {arg:?}"),
-        }
-    }
-    Ok(options)
+    /// Install the release binaries already built.
+    #[arg(long)]
+    no_build: bool,
 }
 
 /// An IPv4 prefix `a.b.c.d/n` with no host bits set.
@@ -146,13 +114,8 @@ fn copy_executable(from: &Path, dir: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let options = parse(args)?;
-    let pod_cidr = options
-        .pod_cidr
-        .clone()
-        .context("install: --pod-cidr is required (this node's pod CIDR)")?;
-    if options.build {
+pub fn run(options: &InstallOptions) -> Result<()> {
+    if !options.no_build {
         ebpf::build()?;
         image::build_release_binaries()?;
     }
@@ -168,7 +131,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "mycni-agent",
     )?;
     let text = conflist(
-        &pod_cidr,
+        &options.pod_cidr,
         options.mtu,
         &options.data_dir,
         &options.bpffs_root,
@@ -188,10 +151,6 @@ pub fn run(args: &[String]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
-    }
 
     #[test]
     fn cidrs() {
@@ -232,26 +191,40 @@ mod tests {
         assert_eq!(value, expected);
     }
 
+    /// `cargo xtask install ...` as clap parses it.
+    fn parse(args: &[&str]) -> Result<InstallOptions, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Install {
+            #[command(flatten)]
+            options: InstallOptions,
+        }
+        let args = std::iter::once("install").chain(args.iter().copied());
+        <Install as clap::Parser>::try_parse_from(args).map(|install| install.options)
+    }
+
     #[test]
     fn options() {
-        let o = parse(&args(&[
+        let o = parse(&[
             "--destdir",
             "/tmp/d",
             "--pod-cidr=10.244.2.0/24",
             "--mtu",
             "1450",
             "--no-build",
-        ]))
+        ])
         .unwrap();
-        assert_eq!(o.pod_cidr.as_deref(), Some("10.244.2.0/24"));
+        assert_eq!(o.pod_cidr, "10.244.2.0/24");
         assert_eq!(o.mtu, 1450);
-        assert!(!o.build);
+        assert!(o.no_build);
         assert_eq!(
             under(&o.destdir, &o.cni_bin_dir),
             PathBuf::from("/tmp/d/opt/cni/bin")
         );
-        assert!(parse(&args(&["--mtu", "9"])).is_err());
-        assert!(parse(&args(&["--pod-cidr"])).is_err());
-        assert!(parse(&args(&["--frobnicate"])).is_err());
+        assert_eq!(o.data_dir, "/var/lib/cni/mycni");
+        assert!(parse(&["--pod-cidr=10.244.2.0/24", "--mtu", "9"]).is_err());
+        assert!(parse(&["--pod-cidr"]).is_err());
+        assert!(parse(&["--mtu", "1450"]).is_err(), "--pod-cidr is required");
+        assert!(parse(&["--pod-cidr=10.244.2.0/24", "--frobnicate"]).is_err());
+        assert!(parse(&["--pod-cidr=10.244.2.0/24", "--no-build=yes"]).is_err());
     }
 }

@@ -40,10 +40,7 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/mycni/k8s"))
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    if let Some(arg) = args.first() {
-        bail!("k8s: unexpected argument {arg:?}");
-    }
+pub fn run() -> Result<()> {
     let bin = binaries()?;
     println!("ok Kubernetes binaries in {}", bin.display());
     images()?;

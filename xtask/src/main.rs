@@ -11,28 +11,45 @@ mod test;
 
 use std::path::PathBuf;
 
-const USAGE: &str = "usage: cargo xtask <command>
-  setup        install what this machine lacks: Debian packages, bpf-linker, cnitool
-  build-ebpf   build the TC programs (mycni-ebpf) for bpfel-unknown-none [--debug];
-               prints the object's path
-  install      build and install mycni, mycni-agent and the CNI conflist
-               [--destdir D] [--cni-bin-dir /opt/cni/bin] [--cni-conf-dir /etc/cni/net.d]
-               [--bin-dir /usr/local/bin] --pod-cidr CIDR [--mtu 1500]
-               [--data-dir /var/lib/cni/mycni] [--bpffs-root /sys/fs/bpf/mycni] [--no-build]
-  image        an OCI image archive of mycni-agent and mycni for deploy/mycni.yaml
-               [--out FILE] [--no-build] [--bin-dir DIR] [--tag TAG (default: the version)];
-               import with `ctr -n k8s.io images import`
-  k8s          build Kubernetes from Debian's source (cached in /var/cache/mycni/k8s) and
-               the lab's pause and busybox images, for the end-to-end test
-  demo         a simulated cluster in network namespaces, its connectivity, then cleanup
-  e2e          build what the Kubernetes end-to-end test needs (not setup) and run it alone;
-               extra arguments go to the test binary
-  test         setup, build-ebpf, build every binary, then the whole test suite (unit and,
-               as root, integration); extra arguments go to the test binaries (filters)
-  bench        mycni against a bare veth, the reference bridge plugin and kernel VXLAN
-               [--quick] (under two minutes) [--scale-only] (the agent at 100, 1,000 and 5,000
-               nodes alone) [--churn-only] (SNAT connection churn against kernel MASQUERADE,
-               60 s each, 10 s with --quick); results in target/bench/";
+use clap::{Parser, Subcommand};
+
+/// Developer and operator tasks for mycni.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    arg_required_else_help = true
+)]
+struct Xtask {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what this machine lacks: Debian packages, bpf-linker, cnitool.
+    Setup,
+    /// Build the TC programs (mycni-ebpf) for bpfel-unknown-none; prints the object's path.
+    BuildEbpf(ebpf::BuildOptions),
+    /// Build and install mycni, mycni-agent and the CNI conflist.
+    Install(install::InstallOptions),
+    /// An OCI image archive of mycni-agent and mycni for deploy/mycni.yaml; import with
+    /// `ctr -n k8s.io images import`.
+    Image(image::ImageOptions),
+    /// Build Kubernetes from Debian's source (cached in /var/cache/mycni/k8s) and the lab's
+    /// pause and busybox images, for the end-to-end test.
+    K8s,
+    /// A simulated cluster in network namespaces, its connectivity, then cleanup.
+    Demo,
+    /// Build what the Kubernetes end-to-end test needs (not setup) and run it alone.
+    E2e(test::TestArguments),
+    /// Setup, build-ebpf, build every binary, then the whole test suite (unit and, as root,
+    /// integration).
+    Test(test::TestArguments),
+    /// mycni against a bare veth, the reference bridge plugin and kernel VXLAN; results in
+    /// target/bench/.
+    Bench(bench::BenchOptions),
+}
 
 /// The workspace root: xtask lives one level below it.
 pub fn repo_root() -> PathBuf {
@@ -42,15 +59,9 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-fn no_arguments(command: &str, rest: &[String]) -> anyhow::Result<()> {
-    if let Some(arg) = rest.first() {
-        anyhow::bail!("{command}: unexpected argument {arg:?}\n{USAGE}");
-    }
-    Ok(())
-}
-
 fn main() {
-    if let Err(error) = dispatch() {
+    let xtask = Xtask::parse();
+    if let Err(error) = dispatch(xtask.command) {
         // The message and its causes, without the backtrace anyhow adds under RUST_BACKTRACE.
         eprintln!("error: {error}");
         for cause in error.chain().skip(1) {
@@ -60,32 +71,63 @@ fn main() {
     }
 }
 
-fn dispatch() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some((command, rest)) = args.split_first() else {
-        println!("{USAGE}");
-        return Ok(());
-    };
-    match command.as_str() {
-        "setup" => {
-            no_arguments(command, rest)?;
-            setup::run()
+fn dispatch(task: Task) -> anyhow::Result<()> {
+    match task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf(options) => ebpf::build_and_print(&options),
+        Task::Install(options) => install::run(&options),
+        Task::Image(options) => image::run(&options),
+        Task::K8s => kubelab::run(),
+        Task::Demo => demo::run(),
+        Task::E2e(arguments) => test::e2e(&arguments.args),
+        Task::Test(arguments) => test::run(&arguments.args),
+        Task::Bench(options) => bench::run(&options),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Xtask, clap::Error> {
+        Xtask::try_parse_from(std::iter::once("xtask").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Xtask::command().debug_assert();
+    }
+
+    #[test]
+    fn every_task_has_help() {
+        for sub in Xtask::command().get_subcommands() {
+            let name = sub.get_name().to_string();
+            let err = parse(&[&name, "--help"]).expect_err("help exits");
+            assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp, "{name}");
         }
-        "build-ebpf" => ebpf::parse_and_build(rest),
-        "install" => install::run(rest),
-        "demo" => {
-            no_arguments(command, rest)?;
-            demo::run()
+    }
+
+    #[test]
+    fn test_arguments_pass_through_hyphens_and_all() {
+        let Task::Test(arguments) = parse(&["test", "isolation", "--exact", "--nocapture"])
+            .unwrap()
+            .command
+        else {
+            panic!("not test");
+        };
+        assert_eq!(arguments.args, ["isolation", "--exact", "--nocapture"]);
+        let Task::E2e(arguments) = parse(&["e2e", "--", "--nocapture"]).unwrap().command else {
+            panic!("not e2e");
+        };
+        assert_eq!(arguments.args, ["--nocapture"]);
+    }
+
+    #[test]
+    fn tasks_without_options_refuse_arguments() {
+        for task in ["setup", "demo", "k8s"] {
+            assert!(parse(&[task, "extra"]).is_err(), "{task}");
         }
-        "test" => test::run(rest),
-        "e2e" => test::e2e(rest),
-        "bench" => bench::run(rest),
-        "image" => image::run(rest),
-        "k8s" => kubelab::run(rest),
-        "help" | "-h" | "--help" => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        other => anyhow::bail!("unknown command {other:?}\n{USAGE}"),
+        assert!(parse(&["frobnicate"]).is_err());
     }
 }

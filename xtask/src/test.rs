@@ -44,6 +44,17 @@ fn e2e_images() -> Result<(PathBuf, PathBuf)> {
     Ok((test_image, upgrade_image))
 }
 
+#[derive(Debug, clap::Args)]
+pub struct TestArguments {
+    /// Passed to the test binaries (filters, --exact, --nocapture ...).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "TEST ARGS"
+    )]
+    pub args: Vec<String>,
+}
+
 /// `cargo xtask e2e`: builds what the Kubernetes end-to-end test needs (not the machine
 /// setup) and runs that test alone, its progress on the terminal.
 pub fn e2e(args: &[String]) -> Result<()> {

@@ -6,12 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use clap::Parser;
 use mycni::agent::{Agent, NodeSettings, NodeSource, NodesFile};
-use mycni::cni::result::parse_cidr;
+use mycni::agent_cli::{AgentCli, AgentCommand, RunOptions};
 use mycni::datapath::{self, Maps, NatTable};
-use mycni::ipam::Pool;
 use mycni::kube::{self, client::ApiClient, client::KubeNodeSource};
-use mycni::nat::NatTimeouts;
 use mycni::netlink::format_mac;
 use mycni::upkeep::{self, AgentCounters};
 use mycni_common::{
@@ -19,218 +18,49 @@ use mycni_common::{
     ROUTE_REMOTE_TUNNEL,
 };
 
-const USAGE: &str = "usage: mycni-agent [--bpffs-root DIR] <command> [options]
-commands:
-  run        load and pin programs and maps, then stay up until SIGTERM/SIGINT.
-             With --node-ip, also hook the uplink and keep routes to the other nodes:
-               --node-name NAME --node-ip IP [--uplink IFNAME] --cluster-cidr CIDR
-               [--nodes-file PATH] [--tunnel-mode auto|vxlan|direct] [--vni N]
-             or learn the nodes from Kubernetes (this node's IP and pod CIDR come from
-             its Node object, the uplink is the device holding that IP):
-               --node-name NAME --cluster-cidr CIDR (--kubeconfig FILE | --in-cluster)
-               [--non-masquerade-cidr CIDR]... [--nat-ports MIN-MAX]
-               [--nat-timeout-tcp SECS] [--nat-timeout-udp SECS] [--nat-timeout-icmp SECS]
-                   idle lifetimes of established TCP (432000, 5 days), answered UDP
-                   (120) and ICMP echo (30); handshakes, closing and closed TCP and
-                   unanswered UDP follow conntrack (120/60/120/5/30 s), capped by these
-             In every mode:
-               --cni-conf-dir DIR --pod-cidr CIDR [--pod-mtu N] [--network-name mycni]
-                   write DIR/10-mycni.conflist once the datapath is ready
-               --data-dir DIR [--gc-interval 60] [--gc-grace 60]
-                   free addresses and map entries of pods that vanished without DEL
-               --metrics-address ADDR:PORT   serve /metrics and /healthz
-               --bpf-log-level off|error|warn|info|debug|trace   the programs' messages
-                   in this log (warn: spoofing pods, SNAT out of ports; debug: also
-                   malformed packets, new SNAT flows); $MYCNI_BPF_LOG_LEVEL, else warn
-  install-cni-plugin DIR
-             copy the `mycni` plugin that sits beside this binary into DIR (atomically:
-             a runtime may be executing the old one); the DaemonSet's init step
-  load       load and pin, then exit (pins keep everything loaded)
-  unload     remove the pins (attached programs stay until their links go)
-  endpoints  print the ENDPOINTS map       (--json for JSON)
-  routes     print the ROUTES map          (--json)
-  nat        print the NAT map             (--json)
-  stats      print the per-verdict counters (--json)";
-
-#[derive(Default, Clone)]
-struct Options {
-    kubeconfig: Option<PathBuf>,
-    in_cluster: bool,
-    /// A subcommand's positional argument.
-    operand: Option<String>,
-    root: Option<PathBuf>,
-    command: Option<String>,
-    json: bool,
-    node_name: Option<String>,
-    node_ip: Option<String>,
-    uplink: Option<String>,
-    cluster_cidr: Option<String>,
-    nodes_file: Option<PathBuf>,
-    tunnel_mode: Option<String>,
-    vni: Option<u32>,
-    non_masquerade: Vec<String>,
-    nat_ports: Option<String>,
-    nat_timeouts: NatTimeouts,
-    cni_conf_dir: Option<PathBuf>,
-    pod_cidr: Option<String>,
-    pod_mtu: Option<u32>,
-    network_name: Option<String>,
-    data_dir: Option<PathBuf>,
-    gc_interval: Option<Duration>,
-    gc_grace: Option<Duration>,
-    metrics_address: Option<String>,
-    bpf_log_level: Option<mycni::ebpf_log::BpfLogLevel>,
-}
-
-fn parse_options() -> anyhow::Result<Options> {
-    let mut args = std::env::args().skip(1);
-    let mut options = Options::default();
-    while let Some(raw) = args.next() {
-        // `--flag value` and `--flag=value` alike (manifests tend to use the latter).
-        let (arg, mut inline) = match raw.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_string(), Some(value.to_string()))
-            }
-            _ => (raw, None),
-        };
-        let mut value = |name: &str| {
-            inline
-                .take()
-                .or_else(|| args.next())
-                .with_context(|| format!("{name} needs a value"))
-        };
-        match arg.as_str() {
-            "--bpffs-root" => options.root = Some(PathBuf::from(value(&arg)?)),
-            "--json" => options.json = true,
-            "--kubeconfig" => options.kubeconfig = Some(PathBuf::from(value(&arg)?)),
-            "--in-cluster" => options.in_cluster = true,
-            "--node-name" => options.node_name = Some(value(&arg)?),
-            "--node-ip" => options.node_ip = Some(value(&arg)?),
-            "--uplink" => options.uplink = Some(value(&arg)?),
-            "--cluster-cidr" => options.cluster_cidr = Some(value(&arg)?),
-            "--nodes-file" => options.nodes_file = Some(PathBuf::from(value(&arg)?)),
-            "--tunnel-mode" => options.tunnel_mode = Some(value(&arg)?),
-            "--vni" => options.vni = Some(value(&arg)?.parse().context("--vni")?),
-            "--non-masquerade-cidr" => options.non_masquerade.push(value(&arg)?),
-            "--nat-ports" => options.nat_ports = Some(value(&arg)?),
-            "--nat-timeout-tcp" => options.nat_timeouts.tcp = seconds(&value(&arg)?)?,
-            "--nat-timeout-udp" => options.nat_timeouts.udp = seconds(&value(&arg)?)?,
-            "--nat-timeout-icmp" => options.nat_timeouts.icmp = seconds(&value(&arg)?)?,
-            "--cni-conf-dir" => options.cni_conf_dir = Some(PathBuf::from(value(&arg)?)),
-            "--pod-cidr" => options.pod_cidr = Some(value(&arg)?),
-            "--pod-mtu" => options.pod_mtu = Some(value(&arg)?.parse().context("--pod-mtu")?),
-            "--network-name" => options.network_name = Some(value(&arg)?),
-            "--data-dir" => options.data_dir = Some(PathBuf::from(value(&arg)?)),
-            "--gc-interval" => options.gc_interval = Some(seconds(&value(&arg)?)?),
-            "--gc-grace" => options.gc_grace = Some(seconds(&value(&arg)?)?),
-            "--metrics-address" => options.metrics_address = Some(value(&arg)?),
-            "--bpf-log-level" => options.bpf_log_level = Some(value(&arg)?.parse()?),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other if options.command.is_none() && !other.starts_with('-') => {
-                options.command = Some(other.to_string())
-            }
-            other if options.operand.is_none() && !other.starts_with('-') => {
-                options.operand = Some(other.to_string())
-            }
-            other => bail!("unexpected argument {other:?}\n{USAGE}"),
-        }
-        if let Some(unused) = inline {
-            bail!("{arg} takes no value (got {unused:?})");
-        }
-    }
-    // The DaemonSet passes ConfigMap values through the environment; flags win.
-    if options.non_masquerade.is_empty() {
-        if let Ok(list) = std::env::var("MYCNI_NON_MASQUERADE_CIDRS") {
-            options.non_masquerade = list
-                .split([' ', ',', '\n'])
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect();
-        }
-    }
-    Ok(options)
-}
-
-fn seconds(text: &str) -> anyhow::Result<Duration> {
-    Ok(Duration::from_secs(text.parse().with_context(|| {
-        format!("{text:?} is not a number of seconds")
-    })?))
-}
-
 fn main() -> anyhow::Result<()> {
-    let options = parse_options()?;
-    let root = options
-        .root
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(mycni::cni::config::DEFAULT_BPFFS_ROOT));
-    match options.command.as_deref() {
-        Some("run") => run(&root, &options),
-        Some("load") => {
-            datapath::load_and_pin(&root)?;
+    let cli = AgentCli::parse();
+    let root = cli.bpffs_root.as_path();
+    match cli.command {
+        AgentCommand::Run(options) => run(root, &options),
+        AgentCommand::Load => {
+            datapath::load_and_pin(root)?;
             println!("datapath pinned under {}", root.display());
             Ok(())
         }
-        Some("unload") => Ok(datapath::unpin_all(&root)?),
-        Some("install-cni-plugin") => install_cni_plugin(options.operand.as_deref()),
-        Some("endpoints") => print_endpoints(&root, options.json),
-        Some("routes") => print_routes(&root, options.json),
-        Some("nat") => print_nat(&root, options.json),
-        Some("stats") => print_stats(&root, options.json),
-        _ => bail!("{USAGE}"),
+        AgentCommand::Unload => Ok(datapath::unpin_all(root)?),
+        AgentCommand::InstallCniPlugin { dir } => install_cni_plugin(&dir),
+        AgentCommand::Endpoints(format) => print_endpoints(root, format.json),
+        AgentCommand::Routes(format) => print_routes(root, format.json),
+        AgentCommand::Nat(format) => print_nat(root, format.json),
+        AgentCommand::Stats(format) => print_stats(root, format.json),
     }
 }
 
-fn node_settings(options: &Options) -> anyhow::Result<Option<NodeSettings>> {
-    let Some(ip) = &options.node_ip else {
+fn node_settings(options: &RunOptions) -> anyhow::Result<Option<NodeSettings>> {
+    let Some(ip) = options.node_ip else {
         return Ok(None);
-    };
-    let nat_ports = match &options.nat_ports {
-        None => (61000, 65535),
-        Some(text) => {
-            let (min, max) = text.split_once('-').context("--nat-ports wants MIN-MAX")?;
-            let (min, max): (u16, u16) = (min.parse()?, max.parse()?);
-            anyhow::ensure!(min > 0 && min <= max, "--nat-ports {text}: empty range");
-            (min, max)
-        }
     };
     Ok(Some(NodeSettings {
         name: options
             .node_name
             .clone()
             .context("--node-name is required with --node-ip")?,
-        ip: ip.parse().with_context(|| format!("--node-ip {ip:?}"))?,
+        ip,
         uplink: options.uplink.clone().unwrap_or_default(),
-        cluster_cidr: Pool::parse(
-            options
-                .cluster_cidr
-                .as_deref()
-                .context("--cluster-cidr is required")?,
-        )?,
-        non_masquerade: options
-            .non_masquerade
-            .iter()
-            .map(|text| parse_cidr(text).with_context(|| format!("--non-masquerade-cidr {text:?}")))
-            .collect::<anyhow::Result<_>>()?,
-        tunnel_mode: options
-            .tunnel_mode
-            .as_deref()
-            .unwrap_or("auto")
-            .parse()
-            .map_err(anyhow::Error::msg)?,
-        vni: options.vni.unwrap_or(1),
-        nat_ports,
-        nat_timeouts: options.nat_timeouts,
+        cluster_cidr: options.cluster_cidr.context("--cluster-cidr is required")?,
+        non_masquerade: options.non_masquerade_cidrs(),
+        tunnel_mode: options.tunnel_mode,
+        vni: options.vni,
+        nat_ports: (options.nat_ports.min, options.nat_ports.max),
+        nat_timeouts: options.nat_timeouts(),
     }))
 }
 
 /// The Kubernetes node source the options ask for, if any.
-fn kube_source(options: &Options) -> anyhow::Result<Option<KubeNodeSource>> {
+fn kube_source(options: &RunOptions) -> anyhow::Result<Option<KubeNodeSource>> {
     let access = match (&options.kubeconfig, options.in_cluster) {
-        (Some(_), true) => bail!("--kubeconfig and --in-cluster exclude each other"),
-        (Some(path), false) => {
+        (Some(path), _) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("--kubeconfig {}", path.display()))?;
             let dir = path.parent().unwrap_or(std::path::Path::new("."));
@@ -238,31 +68,27 @@ fn kube_source(options: &Options) -> anyhow::Result<Option<KubeNodeSource>> {
                 .with_context(|| format!("--kubeconfig {}", path.display()))?
         }
         (None, true) => kube::config::in_cluster(
-            env_override("MYCNI_API_SERVER_HOST", "KUBERNETES_SERVICE_HOST").as_deref(),
-            env_override("MYCNI_API_SERVER_PORT", "KUBERNETES_SERVICE_PORT").as_deref(),
+            or_env(&options.api_server_host, "KUBERNETES_SERVICE_HOST").as_deref(),
+            or_env(&options.api_server_port, "KUBERNETES_SERVICE_PORT").as_deref(),
             std::path::Path::new(kube::config::SERVICE_ACCOUNT_DIR),
         )?,
         (None, false) => return Ok(None),
     };
-    if options.nodes_file.is_some() {
-        bail!("--nodes-file and the Kubernetes API are two node sources; pick one");
-    }
     Ok(Some(KubeNodeSource::start(ApiClient::new(access)?)))
 }
 
-/// `preferred` when set and not empty, else `fallback`.
-fn env_override(preferred: &str, fallback: &str) -> Option<String> {
-    std::env::var(preferred)
-        .ok()
+/// `value` when given and not empty, else `$fallback`.
+fn or_env(value: &Option<String>, fallback: &str) -> Option<String> {
+    value
+        .clone()
         .filter(|v| !v.is_empty())
         .or_else(|| std::env::var(fallback).ok())
 }
 
 /// Copies the plugin beside this binary into `dir` under a temporary name and renames it
 /// into place, so a runtime never executes a half-written file.
-fn install_cni_plugin(dir: Option<&str>) -> anyhow::Result<()> {
+fn install_cni_plugin(dir: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let dir = PathBuf::from(dir.context("install-cni-plugin needs the CNI bin directory")?);
     let exe = std::env::current_exe().context("locating mycni-agent")?;
     let source = exe.with_file_name("mycni");
     let staged = dir.join(".mycni.installing");
@@ -279,7 +105,7 @@ fn install_cni_plugin(dir: Option<&str>) -> anyhow::Result<()> {
 /// Waits until this node's Node object has an InternalIP and a pod CIDR (the controller
 /// manager assigns the CIDR shortly after kubelet registers the node), then fills in the
 /// options the operator left out.
-async fn learn_local_node(source: &KubeNodeSource, options: &mut Options) -> anyhow::Result<()> {
+async fn learn_local_node(source: &KubeNodeSource, options: &mut RunOptions) -> anyhow::Result<()> {
     let name = options
         .node_name
         .clone()
@@ -310,13 +136,13 @@ async fn learn_local_node(source: &KubeNodeSource, options: &mut Options) -> any
         unreachable!("checked above");
     };
     eprintln!("mycni-agent: node {name} has IP {ip} and pod CIDR {cidr}");
-    options.node_ip.get_or_insert(ip.to_string());
-    options.pod_cidr.get_or_insert(cidr.to_string());
+    options.node_ip.get_or_insert(ip);
+    options.pod_cidr.get_or_insert(cidr);
     Ok(())
 }
 
-fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
-    mycni::ebpf_log::init(options.bpf_log_level)?;
+fn run(root: &std::path::Path, options: &RunOptions) -> anyhow::Result<()> {
+    mycni::ebpf_log::init(options.bpf_log_level);
     let mut options = options.clone();
     let kube_source = kube_source(&options)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -327,12 +153,7 @@ fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
     }
     let options = &options;
     let mut settings = node_settings(options)?;
-    let pod_cidr = options
-        .pod_cidr
-        .as_deref()
-        .map(Pool::parse)
-        .transpose()
-        .context("--pod-cidr")?;
+    let pod_cidr = options.pod_cidr;
     if options.cni_conf_dir.is_some() && pod_cidr.is_none() {
         bail!("--cni-conf-dir needs --pod-cidr (this node's pod CIDR)");
     }
@@ -372,14 +193,11 @@ fn run(root: &std::path::Path, options: &Options) -> anyhow::Result<()> {
                 counters.clone(),
             ));
         }
-        let network = options
-            .network_name
-            .clone()
-            .unwrap_or_else(|| "mycni".into());
+        let network = options.network_name.clone();
         if let Some(data_dir) = options.data_dir.clone() {
             let (root, network, counters) = (root.to_path_buf(), network.clone(), counters.clone());
-            let interval = options.gc_interval.unwrap_or(Duration::from_secs(60));
-            let grace = options.gc_grace.unwrap_or(Duration::from_secs(60));
+            let interval = Duration::from_secs(options.gc_interval);
+            let grace = Duration::from_secs(options.gc_grace);
             // Its own thread and runtime: GC waits on the address store's file lock, which
             // a slow ADD may hold, and must not stall route changes or /healthz meanwhile.
             std::thread::Builder::new()

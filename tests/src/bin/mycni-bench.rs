@@ -811,8 +811,33 @@ fn svg(samples: &Samples, groups: &[(&str, Vec<&'static str>)]) -> String {
     out + "</svg>\n"
 }
 
+/// mycni against a bare veth, the reference bridge plugin and kernel VXLAN (run as root;
+/// `cargo xtask bench` builds and runs it).
+#[derive(Debug, clap::Parser)]
+#[command(name = "mycni-bench")]
+struct BenchCli {
+    /// Under two minutes: fewer rounds, shorter runs.
+    #[arg(long)]
+    quick: bool,
+    /// The agent at 100, 1,000 and 5,000 nodes alone.
+    #[arg(long, conflicts_with = "churn_only")]
+    scale_only: bool,
+    /// SNAT connection churn against kernel MASQUERADE alone.
+    #[arg(long)]
+    churn_only: bool,
+    /// Where the results go.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MYCNI_BENCH_OUT",
+        default_value = "target/bench"
+    )]
+    out: PathBuf,
+}
+
 fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let cli = <BenchCli as clap::Parser>::parse();
+    let quick = cli.quick;
     let settings = if quick {
         Settings {
             quick,
@@ -832,10 +857,9 @@ fn main() -> Result<()> {
             cni_pods: 250,
         }
     };
-    let out_dir =
-        PathBuf::from(std::env::var("MYCNI_BENCH_OUT").unwrap_or_else(|_| "target/bench".into()));
+    let out_dir = cli.out;
     std::fs::create_dir_all(&out_dir)?;
-    if std::env::args().any(|a| a == "--scale-only") {
+    if cli.scale_only {
         // The agent's cluster-scale rows alone (a few minutes instead of the whole run).
         let (md, report) = mycni_tests::lone::bench(settings.quick)?;
         std::fs::write(out_dir.join("scale.md"), &md)?;
@@ -848,7 +872,7 @@ fn main() -> Result<()> {
     }
     let p = prefix("bench");
     let churn_seconds = if settings.quick { 10 } else { 60 };
-    if std::env::args().any(|a| a == "--churn-only") {
+    if cli.churn_only {
         let (md, churn) = churn_section(&p, churn_seconds)?;
         std::fs::write(
             out_dir.join("churn.json"),
