@@ -17,13 +17,13 @@ use tokio::sync::Notify;
 
 use crate::datapath::{self, DatapathError, Maps, NatTable};
 use crate::ipam::Pool;
+use crate::metrics::AgentCounters;
 use crate::nat::{self, NatOccupancy, NatTimeouts};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::nodes::{
     self, LocalNode, NodeEntry, NodesError, Path as PeerPath, PeerRetries, PeerRoute, RouteKey,
     TunnelMode,
 };
-use crate::upkeep::AgentCounters;
 
 /// The VXLAN device the agent creates in the node.
 pub const TUNNEL_DEVICE: &str = "mycni_vxlan";
@@ -38,10 +38,6 @@ pub enum AgentError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
-    #[error("address store: {0}")]
-    Store(#[source] crate::ipam::store::StoreError),
-    #[error("garbage collection: {0}")]
-    Garbage(String),
     #[error("uplink {0} does not exist")]
     NoUplink(String),
     #[error("no device holds the node IP {0}")]

@@ -87,8 +87,8 @@ impl BpfLogLevel {
 /// The level of programs loaded from now on; off until [`init`].
 static LEVEL: AtomicU8 = AtomicU8::new(BpfLogLevel::Off as u8);
 
-/// Where the DaemonSet puts the ConfigMap's `bpf-log-level`; the flag wins (see
-/// [`crate::agent_cli`]).
+/// Where the DaemonSet puts the ConfigMap's `bpf-log-level`; the `--bpf-log-level` flag
+/// wins.
 pub const LEVEL_ENV: &str = "MYCNI_BPF_LOG_LEVEL";
 
 /// Called by the agent before it loads the programs: they will log at `level` (the

@@ -3,16 +3,29 @@
 //! Pure logic (no I/O, unit-tested without root): [`cni`] (config, versions, results,
 //! errors), [`ipam`] (address allocation). Thin adapters around the kernel: [`netlink`]
 //! (links, addresses, routes), [`datapath`] (pinned bpf maps and programs), [`ipam::store`]
-//! (the on-disk allocation records), [`kube::client`] (the API server over TLS). [`plugin`] drives the CNI commands with them.
+//! (the on-disk allocation records), [`kube::client`] (the API server over TLS). [`plugin`]
+//! drives the CNI commands with them.
+//!
+//! The agent: [`agent_cli`] (its command line), [`daemon`] (`mycni-agent run`, wiring the
+//! rest), [`agent`] (the datapath on the node's devices, routes to the other nodes),
+//! [`nodes`] and [`nat`] (their pure decisions), [`metrics`] (`/metrics`, `/healthz`),
+//! [`garbage_collection`] (what a lost DEL leaves), [`conflist`] (the readiness signal),
+//! [`map_tables`] (the maps printed), [`plugin_install`] (the DaemonSet's init step). The
+//! binaries in `src/bin` only parse arguments and call these.
 pub mod agent;
 pub mod agent_cli;
 pub mod cni;
+pub mod conflist;
+pub mod daemon;
 pub mod datapath;
 pub mod ebpf_log;
+pub mod garbage_collection;
 pub mod ipam;
 pub mod kube;
+pub mod map_tables;
+pub mod metrics;
 pub mod nat;
 pub mod netlink;
 pub mod nodes;
 pub mod plugin;
-pub mod upkeep;
+pub mod plugin_install;

@@ -163,7 +163,7 @@ fn string_field<'a>(
 /// `cniVersion`, or the newest of a conflist's `cniVersions` that mycni speaks.
 fn version_of(root: &Map<String, Value>) -> Result<CniVersion, CniError> {
     if let Some(text) = string_field(root, "cniVersion")? {
-        return CniVersion::parse(text);
+        return Ok(CniVersion::parse(text)?);
     }
     match root.get("cniVersions") {
         Some(Value::Array(list)) => {
@@ -172,7 +172,7 @@ fn version_of(root: &Map<String, Value>) -> Result<CniVersion, CniError> {
                 .filter_map(Value::as_str)
                 .map(String::from)
                 .collect();
-            CniVersion::negotiate(&offered)
+            Ok(CniVersion::negotiate(&offered)?)
         }
         _ => Err(invalid("\"cniVersion\" is required")),
     }

@@ -2,7 +2,7 @@
 //! spec's error JSON.
 use serde_json::{json, Value};
 
-use super::version::CniVersion;
+use super::version::{supported_list, CniVersion, VersionError};
 
 /// Error codes. 1–11 and 50–51 are the spec's; 100+ are mycni's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,9 +72,25 @@ impl CniError {
     }
 }
 
+/// An unsupported version is the spec's code 1, with the versions mycni speaks.
+impl From<VersionError> for CniError {
+    fn from(err: VersionError) -> CniError {
+        CniError::new(ErrorCode::IncompatibleVersion, err.to_string())
+            .with_details(format!("supported: {}", supported_list()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unsupported_versions_are_code_1_with_the_supported_list() {
+        let err = CniError::from(CniVersion::parse("0.2.0").unwrap_err());
+        assert_eq!(err.code, ErrorCode::IncompatibleVersion);
+        assert_eq!(err.msg, "incompatible CNI version \"0.2.0\"");
+        assert_eq!(err.details, "supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0");
+    }
 
     #[test]
     fn renders_spec_error_shape() {

@@ -1,7 +1,6 @@
-//! CNI specification versions mycni speaks, and how one is chosen.
+//! CNI specification versions mycni speaks, and how one is chosen. Its errors become the
+//! spec's code 1 (incompatible version) where they become `CniError`s.
 use std::fmt;
-
-use super::error::{CniError, ErrorCode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum CniVersion {
@@ -32,32 +31,20 @@ impl CniVersion {
         }
     }
 
-    pub fn parse(text: &str) -> Result<CniVersion, CniError> {
+    pub fn parse(text: &str) -> Result<CniVersion, VersionError> {
         CniVersion::ALL
             .into_iter()
             .find(|v| v.as_str() == text)
-            .ok_or_else(|| {
-                CniError::new(
-                    ErrorCode::IncompatibleVersion,
-                    format!("incompatible CNI version {text:?}"),
-                )
-                .with_details(format!("supported: {}", supported_list()))
-            })
+            .ok_or_else(|| VersionError::Unsupported(text.to_string()))
     }
 
     /// Picks the newest version both sides speak from a conflist's `cniVersions` array.
-    pub fn negotiate(offered: &[String]) -> Result<CniVersion, CniError> {
+    pub fn negotiate(offered: &[String]) -> Result<CniVersion, VersionError> {
         offered
             .iter()
             .filter_map(|text| CniVersion::parse(text).ok())
             .max()
-            .ok_or_else(|| {
-                CniError::new(
-                    ErrorCode::IncompatibleVersion,
-                    format!("none of the offered CNI versions {offered:?} is supported"),
-                )
-                .with_details(format!("supported: {}", supported_list()))
-            })
+            .ok_or_else(|| VersionError::NoneSupported(offered.to_vec()))
     }
 
     /// CHECK exists from 0.4.0 on.
@@ -77,7 +64,17 @@ impl fmt::Display for CniVersion {
     }
 }
 
-fn supported_list() -> String {
+/// A version mycni does not speak.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VersionError {
+    #[error("incompatible CNI version {0:?}")]
+    Unsupported(String),
+    #[error("none of the offered CNI versions {0:?} is supported")]
+    NoneSupported(Vec<String>),
+}
+
+/// The versions mycni speaks, for an error's details.
+pub fn supported_list() -> String {
     CniVersion::ALL.map(CniVersion::as_str).join(", ")
 }
 
@@ -101,10 +98,10 @@ mod tests {
     }
 
     #[test]
-    fn rejects_unknown_versions_with_code_1() {
+    fn rejects_unknown_versions() {
         for text in ["0.2.0", "1.2.0", "", "v1.0.0"] {
             let err = CniVersion::parse(text).unwrap_err();
-            assert_eq!(err.code, ErrorCode::IncompatibleVersion, "{text}");
+            assert_eq!(err, VersionError::Unsupported(text.into()));
         }
     }
 
@@ -114,8 +111,8 @@ mod tests {
         assert_eq!(CniVersion::negotiate(&offered), Ok(CniVersion::V1_0_0));
         let none = ["0.1.0", "2.0.0"].map(String::from);
         assert_eq!(
-            CniVersion::negotiate(&none).unwrap_err().code,
-            ErrorCode::IncompatibleVersion
+            CniVersion::negotiate(&none),
+            Err(VersionError::NoneSupported(none.to_vec()))
         );
     }
 

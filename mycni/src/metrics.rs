@@ -1,10 +1,7 @@
-//! What the agent does besides routing, in every mode: announce readiness by writing the
-//! CNI conflist, collect the garbage a crashed ADD or a lost DEL leaves, and serve
-//! Prometheus metrics and a health check. Decisions are pure functions; I/O stays in the
-//! `async` functions around them.
-use std::collections::BTreeSet;
+//! Prometheus metrics and the health check: `/metrics` from the pinned maps and the
+//! counters the agent keeps ([`AgentCounters`]), `/healthz` from the pins. Rendering is a
+//! pure function of a [`Snapshot`]; the server and the map reads are the I/O around it.
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,130 +10,10 @@ use std::time::Duration;
 use mycni_common::{
     verdict, Counter, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
 };
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::datapath::{self, Maps, NatTable};
-use crate::ipam::store::{IpStore, Owner};
 use crate::nat::{self, NatOccupancy};
-use crate::netlink::Netlink;
-use crate::plugin::{host_veth_name, release_attachment};
-
-const CONFLIST_NAME: &str = "10-mycni.conflist";
-
-/// Writes the conflist beside and renames it into place: kubelet never reads half a file,
-/// and finds none at all until the datapath is loaded (so the node stays NotReady).
-pub fn write_conflist(conf_dir: &Path, conflist: &Value) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(conf_dir)?;
-    let target = conf_dir.join(CONFLIST_NAME);
-    // Not ending in .conf/.conflist: a runtime scanning the directory skips the staging file.
-    let staging = conf_dir.join(format!(".{CONFLIST_NAME}.tmp"));
-    let text = serde_json::to_string_pretty(conflist).map_err(std::io::Error::other)? + "\n";
-    std::fs::write(&staging, text)?;
-    std::fs::rename(&staging, &target)?;
-    Ok(target)
-}
-
-/// An allocation as garbage collection sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Allocation {
-    pub ip: Ipv4Addr,
-    pub owner: Owner,
-    pub age: Duration,
-    pub host_veth_exists: bool,
-}
-
-/// Allocations whose pod is gone: no host veth, and older than `grace` (an ADD in flight
-/// holds its address a moment before its veth exists).
-pub fn stale_allocations(allocations: &[Allocation], grace: Duration) -> Vec<&Allocation> {
-    allocations
-        .iter()
-        .filter(|a| !a.host_veth_exists && a.age >= grace)
-        .collect()
-}
-
-/// Frees every stale allocation of the network's store (address, map entries, a leftover
-/// route), and endpoint map entries that no allocation backs and whose veth is gone.
-/// Returns how many things it freed.
-pub async fn collect_garbage(
-    data_dir: &Path,
-    network: &str,
-    root: &Path,
-    grace: Duration,
-) -> Result<usize, crate::agent::AgentError> {
-    let store = IpStore::open(data_dir, network).map_err(crate::agent::AgentError::Store)?;
-    let netlink = Netlink::current()?;
-    let records = store
-        .lock()
-        .and_then(|lock| {
-            let list = lock.list()?;
-            Ok(list
-                .into_iter()
-                .map(|(ip, owner)| {
-                    let age = lock.age_of(ip).unwrap_or_default();
-                    (ip, owner, age)
-                })
-                .collect::<Vec<_>>())
-        })
-        .map_err(crate::agent::AgentError::Store)?;
-    let mut allocations = Vec::new();
-    for (ip, owner, age) in records {
-        let veth = host_veth_name(&owner.container_id, &owner.ifname);
-        let host_veth_exists = netlink.link_by_name(&veth).await?.is_some();
-        allocations.push(Allocation {
-            ip,
-            owner,
-            age,
-            host_veth_exists,
-        });
-    }
-    let mut freed = 0;
-    for stale in stale_allocations(&allocations, grace) {
-        eprintln!(
-            "mycni-agent: freeing {} of container {} ({}): its pod is gone",
-            stale.ip, stale.owner.container_id, stale.owner.ifname
-        );
-        release_attachment(&store, &stale.owner, root, &netlink)
-            .await
-            .map_err(|e| crate::agent::AgentError::Garbage(e.to_string()))?;
-        freed += 1;
-    }
-    let backed: BTreeSet<Ipv4Addr> = allocations.iter().map(|a| a.ip).collect();
-    let mut maps = Maps::open(root)?;
-    let links = netlink.links().await?;
-    for (ip, endpoint) in maps.endpoints()? {
-        if backed.contains(&ip) {
-            continue;
-        }
-        let veth_alive = links
-            .iter()
-            .any(|link| link.index == endpoint.ifindex && link.name.starts_with("lxc"));
-        if !veth_alive {
-            eprintln!("mycni-agent: removing endpoint {ip}: no allocation and no veth");
-            maps.remove_endpoint(ip)?;
-            freed += 1;
-        }
-    }
-    Ok(freed)
-}
-
-/// Re-attaches the pinned (just loaded) `from_pod`/`to_pod` to every pod's host veth, in
-/// place: after an upgrade, existing pods run the new programs too, without a gap.
-pub async fn refresh_pod_programs(root: &Path) -> Result<usize, crate::agent::AgentError> {
-    let netlink = Netlink::current()?;
-    let links = netlink.links().await?;
-    let mut refreshed = 0;
-    for (_, endpoint) in Maps::open(root)?.endpoints()? {
-        if let Some(link) = links
-            .iter()
-            .find(|l| l.index == endpoint.ifindex && l.name.starts_with("lxc"))
-        {
-            datapath::attach_to_host_veth(root, &link.name)?;
-            refreshed += 1;
-        }
-    }
-    Ok(refreshed)
-}
 
 /// What `/metrics` reports, gathered from the pinned maps.
 #[derive(Debug, Clone, Default)]
@@ -431,32 +308,6 @@ pub async fn serve_http(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn allocation(ip: u8, age_s: u64, veth: bool) -> Allocation {
-        Allocation {
-            ip: Ipv4Addr::new(10, 0, 0, ip),
-            owner: Owner {
-                container_id: format!("c{ip}"),
-                ifname: "eth0".into(),
-            },
-            age: Duration::from_secs(age_s),
-            host_veth_exists: veth,
-        }
-    }
-
-    #[test]
-    fn only_old_allocations_without_a_veth_are_stale() {
-        let all = [
-            allocation(2, 600, true),
-            allocation(3, 600, false),
-            allocation(4, 5, false),
-        ];
-        let stale = stale_allocations(&all, Duration::from_secs(60));
-        assert_eq!(
-            stale.iter().map(|a| a.ip.octets()[3]).collect::<Vec<_>>(),
-            [3]
-        );
-    }
 
     #[test]
     fn renders_prometheus_text() {

@@ -1,0 +1,294 @@
+//! What `mycni-agent endpoints|routes|nat|stats` print: the pinned maps as tables for a
+//! person or JSON for a script. The renderers are pure (rows in, text out) and unit-tested;
+//! the `print_*` functions read the maps and write stdout.
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use mycni_common::{
+    verdict, Counter, Endpoint, FlowKey, NatEntry, Route, NAT_EGRESS, ROUTE_LOCAL_CIDR,
+    ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
+};
+use serde_json::{json, Value};
+
+use crate::datapath::{self, DatapathError, Maps, NatTable};
+use crate::nat;
+use crate::netlink::format_mac;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapTablesError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("cannot write stdout: {0}")]
+    Stdout(#[from] std::io::Error),
+}
+
+/// Writes a rendered table or JSON document to stdout.
+fn print(text: &str) -> Result<(), MapTablesError> {
+    use std::io::Write;
+    Ok(std::io::stdout().lock().write_all(text.as_bytes())?)
+}
+
+/// `mycni-agent endpoints`.
+pub fn print_endpoints(root: &Path, json: bool) -> Result<(), MapTablesError> {
+    print(&render_endpoints(&Maps::open(root)?.endpoints()?, json))
+}
+
+/// `mycni-agent routes`.
+pub fn print_routes(root: &Path, json: bool) -> Result<(), MapTablesError> {
+    print(&render_routes(&Maps::open(root)?.routes()?, json))
+}
+
+/// `mycni-agent nat`: idle times are counted from now.
+pub fn print_nat(root: &Path, json: bool) -> Result<(), MapTablesError> {
+    let entries = NatTable::open(root)?.entries()?;
+    print(&render_nat(&entries, crate::agent::monotonic_ns(), json))
+}
+
+/// `mycni-agent stats`.
+pub fn print_stats(root: &Path, json: bool) -> Result<(), MapTablesError> {
+    print(&render_stats(&datapath::read_stats(root)?, json))
+}
+
+/// A pretty-printed JSON document and its newline.
+fn json_text(value: &Value) -> String {
+    // A `Value` always serializes; the fallback is never taken.
+    serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
+}
+
+pub fn render_endpoints(endpoints: &[(Ipv4Addr, Endpoint)], json: bool) -> String {
+    if json {
+        let rows: Vec<Value> = endpoints
+            .iter()
+            .map(|(ip, ep)| {
+                json!({
+                    "ip": ip.to_string(), "ifindex": ep.ifindex,
+                    "podMac": format_mac(&ep.pod_mac), "hostMac": format_mac(&ep.host_mac),
+                    "containerIdHash": format!("{:016x}", ep.container_id_hash),
+                })
+            })
+            .collect();
+        return json_text(&Value::Array(rows));
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:>8} {:<18} {:<18} CONTAINER-HASH",
+        "IP", "IFINDEX", "POD-MAC", "HOST-MAC"
+    );
+    for (ip, ep) in endpoints {
+        let _ = writeln!(
+            out,
+            "{:<16} {:>8} {:<18} {:<18} {:016x}",
+            ip.to_string(),
+            ep.ifindex,
+            format_mac(&ep.pod_mac),
+            format_mac(&ep.host_mac),
+            ep.container_id_hash
+        );
+    }
+    out
+}
+
+fn route_kind(kind: u32) -> &'static str {
+    match kind {
+        ROUTE_LOCAL_ENDPOINT => "local",
+        ROUTE_REMOTE_NODE => "direct",
+        ROUTE_REMOTE_TUNNEL => "vxlan",
+        ROUTE_LOCAL_CIDR => "own-cidr",
+        _ => "unknown",
+    }
+}
+
+pub fn render_routes(routes: &[(Ipv4Addr, u8, Route)], json: bool) -> String {
+    if json {
+        let rows: Vec<Value> = routes
+            .iter()
+            .map(|(ip, len, r)| {
+                json!({
+                    "prefix": format!("{ip}/{len}"), "kind": route_kind(r.kind), "ifindex": r.ifindex,
+                    "nextHop": Ipv4Addr::from(r.next_hop).to_string(),
+                    "podMac": format_mac(&r.pod_mac), "hostMac": format_mac(&r.host_mac),
+                })
+            })
+            .collect();
+        return json_text(&Value::Array(rows));
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<20} {:<7} {:>8} {:<16} POD-MAC",
+        "PREFIX", "KIND", "IFINDEX", "NEXT-HOP"
+    );
+    for (ip, len, r) in routes {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<7} {:>8} {:<16} {}",
+            format!("{ip}/{len}"),
+            route_kind(r.kind),
+            r.ifindex,
+            Ipv4Addr::from(r.next_hop).to_string(),
+            format_mac(&r.pod_mac)
+        );
+    }
+    out
+}
+
+/// The NAT table at monotonic time `now_ns`.
+pub fn render_nat(entries: &[(FlowKey, NatEntry)], now_ns: u64, json: bool) -> String {
+    let proto = |p: u8| match p {
+        1 => "icmp",
+        6 => "tcp",
+        17 => "udp",
+        _ => "other",
+    };
+    let rows: Vec<Value> = nat::flow_states(entries)
+        .iter()
+        .map(|(key, entry, state)| {
+            json!({
+                "proto": proto(key.proto),
+                "direction": if entry.direction == NAT_EGRESS { "egress" } else { "ingress" },
+                "state": state.name(),
+                "from": format!("{}:{}", Ipv4Addr::from(key.saddr), key.sport),
+                "to": format!("{}:{}", Ipv4Addr::from(key.daddr), key.dport),
+                "translatedTo": format!("{}:{}", Ipv4Addr::from(entry.addr), entry.port),
+                "idleSeconds": now_ns.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
+            })
+        })
+        .collect();
+    let occupancy = nat::occupancy(entries);
+    if json {
+        return json_text(&json!({
+            "occupancy": {"tcp": occupancy.tcp, "udp": occupancy.udp, "icmp": occupancy.icmp,
+                          "entries": occupancy.entries, "capacity": mycni_common::MAX_NAT},
+            "entries": rows,
+        }));
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "flows: tcp {} udp {} icmp {}; entries {} of {}",
+        occupancy.tcp,
+        occupancy.udp,
+        occupancy.icmp,
+        occupancy.entries,
+        mycni_common::MAX_NAT
+    );
+    let _ = writeln!(
+        out,
+        "{:<5} {:<8} {:<12} {:<22} {:<22} {:<22} IDLE",
+        "PROTO", "DIR", "STATE", "FROM", "TO", "REWRITTEN"
+    );
+    for row in rows {
+        let text = |key: &str| row[key].as_str().unwrap_or("").to_string();
+        let _ = writeln!(
+            out,
+            "{:<5} {:<8} {:<12} {:<22} {:<22} {:<22} {}s",
+            text("proto"),
+            text("direction"),
+            text("state"),
+            text("from"),
+            text("to"),
+            text("translatedTo"),
+            row["idleSeconds"]
+        );
+    }
+    out
+}
+
+pub fn render_stats(stats: &[Counter], json: bool) -> String {
+    if json {
+        let rows: serde_json::Map<String, Value> = stats
+            .iter()
+            .zip(verdict::NAMES)
+            .map(|(c, name)| {
+                (
+                    name.to_string(),
+                    json!({"packets": c.packets, "bytes": c.bytes}),
+                )
+            })
+            .collect();
+        return json_text(&Value::Object(rows));
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<22} {:>12} {:>14}", "VERDICT", "PACKETS", "BYTES");
+    for (c, name) in stats.iter().zip(verdict::NAMES) {
+        let _ = writeln!(out, "{:<22} {:>12} {:>14}", name, c.packets, c.bytes);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint() -> Endpoint {
+        Endpoint {
+            ifindex: 7,
+            pod_mac: [2, 0, 0, 0, 0, 1],
+            host_mac: [2, 0, 0, 0, 0, 2],
+            container_id_hash: 0xabc,
+        }
+    }
+
+    #[test]
+    fn endpoints_render_as_a_table_and_as_json() {
+        let rows = [(Ipv4Addr::new(10, 244, 1, 2), endpoint())];
+        assert_eq!(
+            render_endpoints(&rows, false),
+            "IP                IFINDEX POD-MAC            HOST-MAC           CONTAINER-HASH\n\
+             10.244.1.2              7 02:00:00:00:00:01  02:00:00:00:00:02  0000000000000abc\n"
+        );
+        assert_eq!(
+            render_endpoints(&rows, true),
+            "[\n  {\n    \"containerIdHash\": \"0000000000000abc\",\n    \"hostMac\": \"02:00:00:00:00:02\",\n    \"ifindex\": 7,\n    \"ip\": \"10.244.1.2\",\n    \"podMac\": \"02:00:00:00:00:01\"\n  }\n]\n"
+        );
+    }
+
+    #[test]
+    fn routes_name_their_kind_and_prefix() {
+        let route = Route {
+            kind: ROUTE_REMOTE_TUNNEL,
+            ifindex: 9,
+            next_hop: [192, 168, 1, 12],
+            pod_mac: [0; 6],
+            host_mac: [0; 6],
+        };
+        let rows = [(Ipv4Addr::new(10, 244, 2, 0), 24, route)];
+        let table = render_routes(&rows, false);
+        assert!(
+            table.starts_with("PREFIX               KIND     IFINDEX NEXT-HOP         POD-MAC\n")
+        );
+        assert!(
+            table.contains(
+                "10.244.2.0/24        vxlan          9 192.168.1.12     00:00:00:00:00:00\n"
+            ),
+            "{table}"
+        );
+        let json: Value = serde_json::from_str(&render_routes(&rows, true)).unwrap();
+        assert_eq!(json[0]["prefix"], "10.244.2.0/24");
+        assert_eq!(json[0]["kind"], "vxlan");
+        assert_eq!(json[0]["nextHop"], "192.168.1.12");
+    }
+
+    #[test]
+    fn stats_list_every_verdict() {
+        let mut stats = vec![Counter::default(); verdict::COUNT as usize];
+        stats[verdict::SNAT as usize] = Counter {
+            packets: 3,
+            bytes: 300,
+        };
+        let table = render_stats(&stats, false);
+        assert_eq!(table.lines().count(), 1 + verdict::COUNT as usize);
+        let json: Value = serde_json::from_str(&render_stats(&stats, true)).unwrap();
+        assert_eq!(json["snat"], json!({"packets": 3, "bytes": 300}));
+    }
+
+    #[test]
+    fn an_empty_nat_table_reports_its_capacity() {
+        let json: Value = serde_json::from_str(&render_nat(&[], 0, true)).unwrap();
+        assert_eq!(json["occupancy"]["capacity"], mycni_common::MAX_NAT);
+        assert_eq!(json["entries"], json!([]));
+        assert!(render_nat(&[], 0, false).starts_with("flows: tcp 0 udp 0 icmp 0; entries 0 of "));
+    }
+}
