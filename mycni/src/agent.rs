@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use ipnetwork::Ipv4Network;
 use mycni_common::{
     NodeConfig, LAYOUT_VERSION, MAX_NO_MASQ, ROUTE_LOCAL_CIDR, ROUTE_REMOTE_NODE,
     ROUTE_REMOTE_TUNNEL,
@@ -89,7 +90,7 @@ pub struct NodeSettings {
     pub uplink: String,
     pub cluster_cidr: Pool,
     /// Destinations besides the cluster CIDR that keep pod source addresses.
-    pub non_masquerade: Vec<(Ipv4Addr, u8)>,
+    pub non_masquerade: Vec<Ipv4Network>,
     pub tunnel_mode: TunnelMode,
     pub vni: u32,
     pub nat_ports: (u16, u16),
@@ -245,7 +246,7 @@ pub struct Agent {
     uplink_mtu: u32,
     tunnel_ifindex: u32,
     /// This node's pod CIDR as installed by this run (unreachable route and `ROUTES` entry).
-    own_cidr: Option<(Ipv4Addr, u8)>,
+    own_cidr: Option<Ipv4Network>,
     /// What `ROUTES` and the kernel hold for each peer, as last applied successfully.
     applied: BTreeMap<RouteKey, PeerRoute>,
     /// Peers whose last apply failed, with their backoff.
@@ -278,16 +279,13 @@ impl Agent {
                 ip: settings.ip,
                 uplink: settings.uplink.clone(),
             })?;
-        let mask = if uplink_prefix_len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - uplink_prefix_len as u32)
-        };
+        // The kernel reports prefix lengths of at most 32.
+        let uplink_subnet = Ipv4Network::new(settings.ip, uplink_prefix_len.min(32))
+            .unwrap_or_else(|_| Ipv4Network::from(settings.ip));
         let local = LocalNode {
             name: settings.name.clone(),
             ip: settings.ip,
-            uplink_network: Ipv4Addr::from(u32::from(settings.ip) & mask),
-            uplink_prefix_len,
+            uplink_subnet,
         };
         let tunnel_ifindex = netlink
             .create_vxlan(
@@ -339,10 +337,10 @@ impl Agent {
     /// flows the node stack delivered alone. The own node IP never reaches `to_netdev`.
     fn write_no_masquerade(&self) -> Result<(), AgentError> {
         let cluster = &self.settings.cluster_cidr;
-        let prefixes: Vec<(Ipv4Addr, u8)> =
-            std::iter::once((cluster.network(), cluster.prefix_len()))
-                .chain(self.settings.non_masquerade.iter().copied())
-                .collect();
+        let prefixes: Vec<(Ipv4Addr, u8)> = std::iter::once(cluster.cidr())
+            .chain(self.settings.non_masquerade.iter().copied())
+            .map(|cidr| (cidr.network(), cidr.prefix()))
+            .collect();
         Ok(datapath::write_no_masquerade(&self.root, &prefixes)?)
     }
 
@@ -366,19 +364,18 @@ impl Agent {
         Ok(maps
             .routes()?
             .into_iter()
-            .filter_map(|(cidr, prefix_len, route)| {
+            .filter_map(|(network, prefix_len, route)| {
                 let path = match route.kind {
                     ROUTE_REMOTE_NODE => PeerPath::Direct,
                     ROUTE_REMOTE_TUNNEL => PeerPath::Tunnel,
                     _ => return None,
                 };
                 let peer = PeerRoute {
-                    cidr,
-                    prefix_len,
+                    cidr: Ipv4Network::new(network, prefix_len).ok()?,
                     node_ip: Ipv4Addr::from(route.next_hop),
                     path,
                 };
-                Some(((cidr, prefix_len), peer))
+                Some((peer.cidr, peer))
             })
             .collect())
     }
@@ -397,20 +394,14 @@ impl Agent {
         if let Some(cidr) = nodes::own_pod_cidr(&self.local, nodes) {
             if let Err(e) = self.apply_own_cidr(cidr).await {
                 counters.peer_errors.fetch_add(1, Ordering::Relaxed);
-                eprintln!(
-                    "mycni-agent: cannot install the own pod CIDR {}/{}: {e}",
-                    cidr.0, cidr.1
-                );
+                eprintln!("mycni-agent: cannot install the own pod CIDR {cidr}: {e}");
             }
         }
         let desired = nodes::peer_routes(&self.local, self.settings.tunnel_mode, nodes);
         let (removed, changed) = nodes::diff_routes(&self.applied, &desired);
         // A peer that left the cluster, or came back to what is applied, needs no retry.
-        let pending: std::collections::BTreeSet<RouteKey> = removed
-            .iter()
-            .chain(&changed)
-            .map(|r| (r.cidr, r.prefix_len))
-            .collect();
+        let pending: std::collections::BTreeSet<RouteKey> =
+            removed.iter().chain(&changed).map(|r| r.cidr).collect();
         self.retries.retain(|key| pending.contains(key));
         let now = Instant::now();
         // One line per route for small changes; a summary for a cluster's worth.
@@ -421,7 +412,7 @@ impl Agent {
         match Maps::open(&self.root) {
             Ok(mut maps) => {
                 for route in &removed {
-                    let key = (route.cidr, route.prefix_len);
+                    let key = route.cidr;
                     if !self.retries.due(&key, now) {
                         continue;
                     }
@@ -430,15 +421,15 @@ impl Agent {
                         done_removed += 1;
                         if verbose {
                             eprintln!(
-                                "mycni-agent: removed route {}/{} via {}",
-                                route.cidr, route.prefix_len, route.node_ip
+                                "mycni-agent: removed route {} via {}",
+                                route.cidr, route.node_ip
                             );
                         }
                     }
                     self.settle(route, "remove", result, now, counters);
                 }
                 for route in &changed {
-                    let key = (route.cidr, route.prefix_len);
+                    let key = route.cidr;
                     if !self.retries.due(&key, now) {
                         continue;
                     }
@@ -447,8 +438,8 @@ impl Agent {
                         done_changed += 1;
                         if verbose {
                             eprintln!(
-                                "mycni-agent: route {}/{} via {} ({:?})",
-                                route.cidr, route.prefix_len, route.node_ip, route.path
+                                "mycni-agent: route {} via {} ({:?})",
+                                route.cidr, route.node_ip, route.path
                             );
                         }
                     }
@@ -459,7 +450,7 @@ impl Agent {
                 counters.peer_errors.fetch_add(1, Ordering::Relaxed);
                 eprintln!("mycni-agent: cannot open the maps to apply routes: {e}");
                 for route in removed.iter().chain(&changed) {
-                    self.retries.failed((route.cidr, route.prefix_len), now);
+                    self.retries.failed(route.cidr, now);
                 }
             }
         }
@@ -490,11 +481,10 @@ impl Agent {
 
     /// Withdraws a peer that left: its `ROUTES` entry, then its kernel route.
     async fn remove_peer(&mut self, maps: &mut Maps, route: &PeerRoute) -> Result<(), AgentError> {
-        maps.remove_route(route.cidr, route.prefix_len)?;
-        self.netlink
-            .delete_route(route.cidr, route.prefix_len)
-            .await?;
-        self.applied.remove(&(route.cidr, route.prefix_len));
+        let (network, prefix_len) = (route.cidr.network(), route.cidr.prefix());
+        maps.remove_route(network, prefix_len)?;
+        self.netlink.delete_route(network, prefix_len).await?;
+        self.applied.remove(&route.cidr);
         Ok(())
     }
 
@@ -502,19 +492,18 @@ impl Agent {
     /// pods' /32 routes (so the stack answers ICMP host unreachable instead of sending the
     /// packet to the default gateway) and a `ROUTE_LOCAL_CIDR` entry, so the programs count
     /// such packets. A CIDR left by an earlier run or assignment is removed.
-    async fn apply_own_cidr(&mut self, cidr: (Ipv4Addr, u8)) -> Result<(), AgentError> {
+    async fn apply_own_cidr(&mut self, cidr: Ipv4Network) -> Result<(), AgentError> {
         if self.own_cidr == Some(cidr) {
             return Ok(());
         }
-        self.netlink
-            .replace_unreachable_route(cidr.0, cidr.1)
-            .await?;
+        let own = (cidr.network(), cidr.prefix());
+        self.netlink.replace_unreachable_route(own.0, own.1).await?;
         let mut maps = Maps::open(&self.root)?;
-        maps.write_local_cidr(cidr.0, cidr.1)?;
+        maps.write_local_cidr(own.0, own.1)?;
         let stale: Vec<(Ipv4Addr, u8)> = maps
             .routes()?
             .into_iter()
-            .filter(|(ip, len, route)| route.kind == ROUTE_LOCAL_CIDR && (*ip, *len) != cidr)
+            .filter(|(ip, len, route)| route.kind == ROUTE_LOCAL_CIDR && (*ip, *len) != own)
             .map(|(ip, len, _)| (ip, len))
             .collect();
         for (ip, len) in stale {
@@ -523,8 +512,7 @@ impl Agent {
         }
         self.own_cidr = Some(cidr);
         eprintln!(
-            "mycni-agent: own pod CIDR {}/{}: addresses no pod holds are answered unreachable",
-            cidr.0, cidr.1
+            "mycni-agent: own pod CIDR {cidr}: addresses no pod holds are answered unreachable"
         );
         Ok(())
     }
@@ -537,17 +525,18 @@ impl Agent {
             PeerPath::Direct => (ROUTE_REMOTE_NODE, self.uplink_ifindex),
             PeerPath::Tunnel => (ROUTE_REMOTE_TUNNEL, self.tunnel_ifindex),
         };
+        let (network, prefix_len) = (route.cidr.network(), route.cidr.prefix());
         match route.path {
             PeerPath::Direct => {
                 self.netlink
-                    .replace_route_via(route.cidr, route.prefix_len, route.node_ip, ifindex)
+                    .replace_route_via(network, prefix_len, route.node_ip, ifindex)
                     .await?
             }
             PeerPath::Tunnel => {
                 self.netlink
                     .replace_tunnel_route(
-                        route.cidr,
-                        route.prefix_len,
+                        network,
+                        prefix_len,
                         ifindex,
                         self.settings.vni,
                         route.node_ip,
@@ -555,9 +544,8 @@ impl Agent {
                     .await?
             }
         }
-        maps.write_remote_route(route.cidr, route.prefix_len, kind, ifindex, route.node_ip)?;
-        self.applied
-            .insert((route.cidr, route.prefix_len), route.clone());
+        maps.write_remote_route(network, prefix_len, kind, ifindex, route.node_ip)?;
+        self.applied.insert(route.cidr, route.clone());
         Ok(())
     }
 
@@ -571,14 +559,14 @@ impl Agent {
         now: Instant,
         counters: &AgentCounters,
     ) {
-        let key = (route.cidr, route.prefix_len);
+        let key = route.cidr;
         match result {
             Ok(()) => {
                 let attempts = self.retries.succeeded(&key);
                 if attempts > 0 {
                     eprintln!(
-                        "mycni-agent: peer {} ({}/{}) applied after {attempts} failed attempts",
-                        route.node_ip, route.cidr, route.prefix_len
+                        "mycni-agent: peer {} ({}) applied after {attempts} failed attempts",
+                        route.node_ip, route.cidr
                     );
                 }
             }
@@ -590,10 +578,9 @@ impl Agent {
                 } else if attempts.is_power_of_two() {
                     self.failure_lines -= 1;
                     eprintln!(
-                        "mycni-agent: cannot {what} peer {} ({}/{} via {:?}): {e}; attempt {attempts}, retrying in {:?}",
+                        "mycni-agent: cannot {what} peer {} ({} via {:?}): {e}; attempt {attempts}, retrying in {:?}",
                         route.node_ip,
                         route.cidr,
-                        route.prefix_len,
                         route.path,
                         nodes::retry_delay(attempts)
                     );

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ipnetwork::Ipv4Network;
 
 use crate::ebpf_log::BpfLogLevel;
 use crate::ipam::Pool;
@@ -195,7 +196,7 @@ impl RunOptions {
     }
 
     /// Every --non-masquerade-cidr, lists flattened.
-    pub fn non_masquerade_cidrs(&self) -> Vec<(Ipv4Addr, u8)> {
+    pub fn non_masquerade_cidrs(&self) -> Vec<Ipv4Network> {
         self.non_masquerade
             .iter()
             .flat_map(|list| list.0.iter().copied())
@@ -205,7 +206,7 @@ impl RunOptions {
 
 /// The CIDRs of one --non-masquerade-cidr (or of the whole variable).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CidrList(pub Vec<(Ipv4Addr, u8)>);
+pub struct CidrList(pub Vec<Ipv4Network>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliValueError {
@@ -215,13 +216,16 @@ pub enum CliValueError {
     PortRange(String),
 }
 
-/// Space-, comma- or newline-separated CIDRs; an empty text is an empty list (the
-/// ConfigMap's default).
+/// Space-, comma- or newline-separated CIDRs, host bits cleared (a bare address is a /32);
+/// an empty text is an empty list (the ConfigMap's default).
 fn parse_cidr_list(text: &str) -> Result<CidrList, CliValueError> {
     text.split([' ', ',', '\n'])
         .filter(|s| !s.is_empty())
-        .map(|cidr| {
-            crate::cni::result::parse_cidr(cidr).ok_or_else(|| CliValueError::Cidr(cidr.into()))
+        .map(|text| {
+            text.parse::<Ipv4Network>()
+                .ok()
+                .and_then(|cidr| Ipv4Network::new(cidr.network(), cidr.prefix()).ok())
+                .ok_or_else(|| CliValueError::Cidr(text.into()))
         })
         .collect::<Result<_, _>>()
         .map(CidrList)
@@ -341,13 +345,18 @@ mod tests {
             "10.0.0.0/8",
             "--non-masquerade-cidr=192.168.0.0/16, 172.16.0.0/12",
         ]);
+        let cidr = |text: &str| text.parse::<Ipv4Network>().unwrap();
         assert_eq!(
             o.non_masquerade_cidrs(),
             [
-                (Ipv4Addr::new(10, 0, 0, 0), 8),
-                (Ipv4Addr::new(192, 168, 0, 0), 16),
-                (Ipv4Addr::new(172, 16, 0, 0), 12)
+                cidr("10.0.0.0/8"),
+                cidr("192.168.0.0/16"),
+                cidr("172.16.0.0/12")
             ]
+        );
+        assert_eq!(
+            parse_cidr_list("10.1.2.3/8 192.0.2.1").unwrap(),
+            CidrList(vec![cidr("10.0.0.0/8"), cidr("192.0.2.1/32")])
         );
         assert_eq!(parse_cidr_list("").unwrap(), CidrList(vec![]));
         assert_eq!(parse_cidr_list(" \n").unwrap(), CidrList(vec![]));

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use ipnetwork::Ipv4Network;
+
 use crate::ipam::Pool;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,7 +74,7 @@ pub fn parse_nodes_file(text: &str) -> Result<Vec<NodeEntry>, NodesError> {
 /// thousands is checked in one pass (a pairwise check took a second at 5,000 nodes).
 fn check_overlaps(nodes: &[NodeEntry]) -> Result<(), NodesError> {
     let mut order: Vec<usize> = (0..nodes.len()).collect();
-    order.sort_by_key(|&i| (nodes[i].pod_cidr.network(), nodes[i].pod_cidr.prefix_len()));
+    order.sort_by_key(|&i| nodes[i].pod_cidr.cidr());
     // The node reaching furthest so far, and where it ends.
     let mut furthest: Option<(usize, Ipv4Addr)> = None;
     for i in order {
@@ -133,26 +135,20 @@ pub struct LocalNode {
     pub name: String,
     pub ip: Ipv4Addr,
     /// The uplink's subnet: peers inside it are on-link.
-    pub uplink_network: Ipv4Addr,
-    pub uplink_prefix_len: u8,
+    pub uplink_subnet: Ipv4Network,
 }
 
 impl LocalNode {
     fn on_link(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.uplink_prefix_len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.uplink_prefix_len as u32)
-        };
-        u32::from(ip) & mask == u32::from(self.uplink_network) & mask
+        self.uplink_subnet.contains(ip)
     }
 }
 
 /// A peer node's pod CIDR and how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PeerRoute {
-    pub cidr: Ipv4Addr,
-    pub prefix_len: u8,
+    /// The peer's pod CIDR.
+    pub cidr: Ipv4Network,
     pub node_ip: Ipv4Addr,
     pub path: Path,
 }
@@ -162,7 +158,7 @@ pub fn peer_routes(
     local: &LocalNode,
     mode: TunnelMode,
     nodes: &[NodeEntry],
-) -> BTreeMap<(Ipv4Addr, u8), PeerRoute> {
+) -> BTreeMap<RouteKey, PeerRoute> {
     nodes
         .iter()
         .filter(|node| node.name != local.name && node.ip != local.ip)
@@ -173,14 +169,12 @@ pub fn peer_routes(
                 TunnelMode::Auto if local.on_link(node.ip) => Path::Direct,
                 TunnelMode::Auto => Path::Tunnel,
             };
-            let key = (node.pod_cidr.network(), node.pod_cidr.prefix_len());
             let route = PeerRoute {
-                cidr: key.0,
-                prefix_len: key.1,
+                cidr: node.pod_cidr.cidr(),
                 node_ip: node.ip,
                 path,
             };
-            (key, route)
+            (route.cidr, route)
         })
         .collect()
 }
@@ -195,18 +189,18 @@ pub fn peer_ips(local: &LocalNode, nodes: &[NodeEntry]) -> Vec<Ipv4Addr> {
 }
 
 /// This node's own pod CIDR, when the node list names this node (by name, else by IP).
-pub fn own_pod_cidr(local: &LocalNode, nodes: &[NodeEntry]) -> Option<(Ipv4Addr, u8)> {
+pub fn own_pod_cidr(local: &LocalNode, nodes: &[NodeEntry]) -> Option<Ipv4Network> {
     nodes
         .iter()
         .find(|node| node.name == local.name)
         .or_else(|| nodes.iter().find(|node| node.ip == local.ip))
-        .map(|node| (node.pod_cidr.network(), node.pod_cidr.prefix_len()))
+        .map(|node| node.pod_cidr.cidr())
 }
 
 /// What changes between two route sets: routes to remove, routes to add or replace.
 pub fn diff_routes(
-    applied: &BTreeMap<(Ipv4Addr, u8), PeerRoute>,
-    desired: &BTreeMap<(Ipv4Addr, u8), PeerRoute>,
+    applied: &BTreeMap<RouteKey, PeerRoute>,
+    desired: &BTreeMap<RouteKey, PeerRoute>,
 ) -> (Vec<PeerRoute>, Vec<PeerRoute>) {
     let removed = applied
         .iter()
@@ -222,7 +216,7 @@ pub fn diff_routes(
 }
 
 /// A peer route's key in `ROUTES`: its pod CIDR.
-pub type RouteKey = (Ipv4Addr, u8);
+pub type RouteKey = Ipv4Network;
 
 /// The first retry of a peer that failed to apply, doubled per failure up to
 /// [`RETRY_MAX`]: a peer the kernel or a full map refuses is retried without hammering.
@@ -305,8 +299,7 @@ node-3 192.168.2.13 10.244.3.0/24
         LocalNode {
             name: "node-1".into(),
             ip: "192.168.1.11".parse().unwrap(),
-            uplink_network: "192.168.1.0".parse().unwrap(),
-            uplink_prefix_len: 24,
+            uplink_subnet: "192.168.1.0/24".parse().unwrap(),
         }
     }
 
@@ -357,15 +350,12 @@ node-3 192.168.2.13 10.244.3.0/24
     fn auto_mode_tunnels_only_to_off_link_peers() {
         let routes = peer_routes(&local(), TunnelMode::Auto, &parse_nodes_file(FILE).unwrap());
         assert_eq!(routes.len(), 2, "the local node gets no route");
-        let two = &routes[&("10.244.2.0".parse().unwrap(), 24)];
+        let two = &routes[&"10.244.2.0/24".parse().unwrap()];
         assert_eq!(
             (two.path, two.node_ip),
             (Path::Direct, "192.168.1.12".parse().unwrap())
         );
-        assert_eq!(
-            routes[&("10.244.3.0".parse().unwrap(), 24)].path,
-            Path::Tunnel
-        );
+        assert_eq!(routes[&"10.244.3.0/24".parse().unwrap()].path, Path::Tunnel);
         let forced = peer_routes(
             &local(),
             TunnelMode::Vxlan,
@@ -384,14 +374,14 @@ node-3 192.168.2.13 10.244.3.0/24
         assert_eq!(peers, ["192.168.1.12", "192.168.2.13"]);
         assert_eq!(
             own_pod_cidr(&local(), &nodes),
-            Some(("10.244.1.0".parse().unwrap(), 24))
+            Some("10.244.1.0/24".parse().unwrap())
         );
         // Found by IP when listed under another name; absent when not listed at all.
         let mut renamed = nodes.clone();
         renamed[0].name = "node-one".into();
         assert_eq!(
             own_pod_cidr(&local(), &renamed),
-            Some(("10.244.1.0".parse().unwrap(), 24))
+            Some("10.244.1.0/24".parse().unwrap())
         );
         assert_eq!(peer_ips(&local(), &renamed).len(), 2);
         assert_eq!(own_pod_cidr(&local(), &nodes[1..]), None);
@@ -416,14 +406,14 @@ node-3 192.168.2.13 10.244.3.0/24
                 .iter()
                 .map(|r| r.cidr.to_string())
                 .collect::<Vec<_>>(),
-            ["10.244.3.0"]
+            ["10.244.3.0/24"]
         );
         assert_eq!(
             changed
                 .iter()
                 .map(|r| r.cidr.to_string())
                 .collect::<Vec<_>>(),
-            ["10.244.2.0", "10.244.4.0"]
+            ["10.244.2.0/24", "10.244.4.0/24"]
         );
         assert_eq!(diff_routes(&after, &after), (vec![], vec![]));
     }
@@ -440,8 +430,8 @@ node-3 192.168.2.13 10.244.3.0/24
     #[test]
     fn failed_peers_wait_their_backoff_and_others_do_not() {
         let start = Instant::now();
-        let bad: RouteKey = ("10.244.9.0".parse().unwrap(), 24);
-        let good: RouteKey = ("10.244.2.0".parse().unwrap(), 24);
+        let bad: RouteKey = "10.244.9.0/24".parse().unwrap();
+        let good: RouteKey = "10.244.2.0/24".parse().unwrap();
         let mut retries = PeerRetries::default();
         assert!(retries.due(&bad, start));
         assert_eq!(retries.failed(bad, start), 1);

@@ -6,6 +6,7 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
+use ipnetwork::Ipv4Network;
 use serde_json::Value;
 
 use crate::cni::config::{Attachment, NetConf};
@@ -17,6 +18,12 @@ use crate::ipam::store::{IpStore, Owner, StoreError};
 use crate::ipam::IpamError;
 use crate::netlink::{format_mac, open_netns, Netlink, NetlinkError};
 use mycni_common::{fnv1a64, Endpoint, GATEWAY_IP, PROG_FROM_POD};
+
+/// `0.0.0.0/0`, the pod's route via the gateway.
+const DEFAULT_ROUTE: Ipv4Network = match Ipv4Network::new_checked(Ipv4Addr::UNSPECIFIED, 0) {
+    Some(cidr) => cidr,
+    None => panic!("0.0.0.0/0 is a network"),
+};
 
 /// What the plugin prints on success (`None`: nothing, as DEL, CHECK, STATUS and GC).
 pub type Output = Option<Value>;
@@ -257,14 +264,12 @@ async fn setup_pod_network(
             },
         ],
         ips: vec![IpConfig {
-            address: ip,
-            prefix_len: 32,
+            address: Ipv4Network::from(ip),
             gateway: Some(gateway),
             interface: Some(1),
         }],
         routes: vec![RouteEntry {
-            dst: Ipv4Addr::UNSPECIFIED,
-            dst_prefix_len: 0,
+            dst: DEFAULT_ROUTE,
             gw: Some(gateway),
         }],
         dns: Value::Null,
@@ -402,7 +407,7 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         .ips
         .iter()
         .find(|ip| ip.interface == Some(pod_index))
-        .map(|ip| ip.address);
+        .map(|ip| ip.address.ip());
 
     let host_link = host.link_by_name(&host_name).await.map_err(netlink_error)?;
     match &host_link {
@@ -437,14 +442,14 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             let gateway = Ipv4Addr::from(GATEWAY_IP);
             for expected in &prev.routes {
                 let present = routes.iter().any(|r| {
-                    r.dst == expected.dst
-                        && r.prefix_len == expected.dst_prefix_len
+                    r.dst == expected.dst.ip()
+                        && r.prefix_len == expected.dst.prefix()
                         && (expected.gw.is_none() || r.gateway == expected.gw)
                 });
                 if !present {
                     differences.push(format!(
-                        "route {}/{} via {:?} is missing in the container",
-                        expected.dst, expected.dst_prefix_len, expected.gw
+                        "route {} via {:?} is missing in the container",
+                        expected.dst, expected.gw
                     ));
                 }
             }

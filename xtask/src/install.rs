@@ -1,9 +1,9 @@
 //! `cargo xtask install`: the binaries into their directories and the conflist into the
 //! CNI config dir, every path overridable (and `--destdir` for packaging).
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use ipnetwork::Ipv4Network;
 
 use crate::{ebpf, image, repo_root};
 
@@ -38,22 +38,22 @@ pub struct InstallOptions {
     no_build: bool,
 }
 
-/// An IPv4 prefix `a.b.c.d/n` with no host bits set.
+/// An IPv4 prefix `a.b.c.d/n` with no host bits set, as the text the conflist will hold.
 fn check_cidr(text: &str) -> Result<String> {
-    let parsed = text.split_once('/').and_then(|(addr, len)| {
-        let addr: Ipv4Addr = addr.parse().ok()?;
-        let len: u32 = len.parse().ok().filter(|len| *len <= 32)?;
-        Some((addr, len))
-    });
-    let Some((addr, len)) = parsed else {
-        bail!("install: --pod-cidr {text:?} is not an IPv4 CIDR like 10.244.1.0/24");
+    let Ok(cidr) = text.parse::<Ipv4Network>() else {
+        bail!("{text:?} is not an IPv4 CIDR like 10.244.1.0/24");
     };
-    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
-    let network = Ipv4Addr::from(u32::from(addr) & mask);
-    if network != addr {
-        bail!("install: --pod-cidr {text:?} has host bits set; did you mean {network}/{len}?");
+    if !text.contains('/') {
+        bail!("{text:?} has no prefix length (want a.b.c.d/len)");
     }
-    Ok(text.to_string())
+    if cidr.ip() != cidr.network() {
+        bail!(
+            "{text:?} has host bits set; did you mean {}/{}?",
+            cidr.network(),
+            cidr.prefix()
+        );
+    }
+    Ok(cidr.to_string())
 }
 
 /// The conflist, pretty-printed in the order a reader expects (serde_json's map would
@@ -159,6 +159,10 @@ mod tests {
         assert!(check_cidr("10.244.1.5/32").is_ok());
         let err = check_cidr("10.244.1.5/24").unwrap_err().to_string();
         assert!(err.contains("10.244.1.0/24"), "{err}");
+        assert_eq!(
+            check_cidr("10.244.1.0/255.255.255.0").unwrap(),
+            "10.244.1.0/24"
+        );
         for bad in ["10.244.1.0", "10.244.1.0/33", "fd00::/64", "x/24", ""] {
             assert!(check_cidr(bad).is_err(), "{bad}");
         }

@@ -193,9 +193,10 @@ fn runtime_ips(plugin: &Map<String, Value>) -> Result<Vec<Ipv4Addr>, CniError> {
                     format!("unsupported field \"runtimeConfig.ips\": {ip} (mycni is IPv4 only)"),
                 ));
             }
+            // An address, with or without its prefix length.
             ip.as_str()
-                .and_then(|text| text.split('/').next())
-                .and_then(|text| text.parse().ok())
+                .and_then(|text| text.parse::<ipnetwork::Ipv4Network>().ok())
+                .map(|cidr| cidr.ip())
                 .ok_or_else(|| {
                     invalid(format!(
                         "runtimeConfig.ips entry {ip} is not an IPv4 address"

@@ -2,6 +2,7 @@
 //! `prevResult` (CHECK compares against it).
 use std::net::Ipv4Addr;
 
+use ipnetwork::Ipv4Network;
 use serde_json::{json, Value};
 
 use super::error::{CniError, ErrorCode};
@@ -18,8 +19,8 @@ pub struct Interface {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpConfig {
-    pub address: Ipv4Addr,
-    pub prefix_len: u8,
+    /// The address with its prefix length, as the spec writes it (`10.244.1.2/32`).
+    pub address: Ipv4Network,
     pub gateway: Option<Ipv4Addr>,
     /// Index into `interfaces`.
     pub interface: Option<usize>,
@@ -27,8 +28,7 @@ pub struct IpConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteEntry {
-    pub dst: Ipv4Addr,
-    pub dst_prefix_len: u8,
+    pub dst: Ipv4Network,
     pub gw: Option<Ipv4Addr>,
 }
 
@@ -60,7 +60,7 @@ impl CniResult {
             .ips
             .iter()
             .map(|ip| {
-                let mut value = json!({ "address": format!("{}/{}", ip.address, ip.prefix_len) });
+                let mut value = json!({ "address": ip.address.to_string() });
                 // 0.3.x and 0.4.0 tag each address with its IP version; 1.0.0 dropped it.
                 if version < CniVersion::V1_0_0 {
                     value["version"] = json!("4");
@@ -78,7 +78,7 @@ impl CniResult {
             .routes
             .iter()
             .map(|route| {
-                let mut value = json!({ "dst": format!("{}/{}", route.dst, route.dst_prefix_len) });
+                let mut value = json!({ "dst": route.dst.to_string() });
                 if let Some(gw) = route.gw {
                     value["gw"] = json!(gw.to_string());
                 }
@@ -127,13 +127,12 @@ impl CniResult {
             .iter()
             .filter(|item| text(item, "version").as_deref() != Some("6"))
             .filter_map(|item| {
-                let address = text(item, "address")?;
                 // IPv6 entries of another plugin are carried, not checked.
-                parse_cidr(&address).map(|(address, prefix_len)| (item, address, prefix_len))
+                let address = text(item, "address")?.parse().ok()?;
+                Some((item, address))
             })
-            .map(|(item, address, prefix_len)| IpConfig {
+            .map(|(item, address)| IpConfig {
                 address,
-                prefix_len,
                 gateway: text(item, "gateway").and_then(|g| g.parse().ok()),
                 interface: item
                     .get("interface")
@@ -144,10 +143,8 @@ impl CniResult {
         let routes = list("routes")?
             .iter()
             .filter_map(|item| {
-                let (dst, dst_prefix_len) = parse_cidr(&text(item, "dst")?)?;
                 Some(RouteEntry {
-                    dst,
-                    dst_prefix_len,
+                    dst: text(item, "dst")?.parse().ok()?,
                     gw: text(item, "gw").and_then(|g| g.parse().ok()),
                 })
             })
@@ -159,13 +156,6 @@ impl CniResult {
             dns: value.get("dns").cloned().unwrap_or(Value::Null),
         })
     }
-}
-
-/// `a.b.c.d/len` for IPv4; `None` for anything else.
-pub fn parse_cidr(text: &str) -> Option<(Ipv4Addr, u8)> {
-    let (address, len) = text.split_once('/')?;
-    let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
-    Some((address.parse().ok()?, len))
 }
 
 #[cfg(test)]
@@ -189,14 +179,12 @@ mod tests {
                 },
             ],
             ips: vec![IpConfig {
-                address: Ipv4Addr::new(10, 244, 1, 2),
-                prefix_len: 32,
+                address: Ipv4Network::from(Ipv4Addr::new(10, 244, 1, 2)),
                 gateway: Some(Ipv4Addr::new(169, 254, 1, 1)),
                 interface: Some(1),
             }],
             routes: vec![RouteEntry {
-                dst: Ipv4Addr::UNSPECIFIED,
-                dst_prefix_len: 0,
+                dst: Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).unwrap(),
                 gw: Some(Ipv4Addr::new(169, 254, 1, 1)),
             }],
             dns: Value::Null,
@@ -235,6 +223,35 @@ mod tests {
             assert_eq!(back.routes, sample().routes);
             assert_eq!(back.interfaces[1].sandbox, sample().interfaces[1].sandbox);
         }
+    }
+
+    #[test]
+    fn cidrs_keep_their_text_through_a_round_trip() {
+        // Host bits stay (an address is not a network), prefixes as written.
+        let prev = json!({
+            "cniVersion": "1.0.0",
+            "ips": [{"address": "10.244.1.7/24", "gateway": "10.244.1.1"},
+                    {"address": "fd00::7/64"}],
+            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "192.168.0.0/16", "gw": "10.244.1.1"},
+                       {"dst": "fd00::/8"}],
+        });
+        let result = CniResult::from_json(&prev).unwrap();
+        assert_eq!(result.ips.len(), 1, "IPv6 entries are not ours to check");
+        assert_eq!(result.ips[0].address.ip(), Ipv4Addr::new(10, 244, 1, 7));
+        assert_eq!(result.ips[0].address.prefix(), 24);
+        let back = result.to_json(CniVersion::V1_0_0);
+        assert_eq!(back["ips"][0]["address"], "10.244.1.7/24");
+        assert_eq!(back["routes"][0]["dst"], "0.0.0.0/0");
+        assert_eq!(back["routes"][1]["dst"], "192.168.0.0/16");
+        assert_eq!(back["routes"].as_array().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn the_result_json_is_byte_for_byte_the_spec_shape() {
+        assert_eq!(
+            serde_json::to_string(&sample().to_json(CniVersion::V1_1_0)).unwrap(),
+            r#"{"cniVersion":"1.1.0","dns":{},"interfaces":[{"mac":"aa:bb:cc:dd:ee:01","mtu":1500,"name":"lxc1"},{"mac":"aa:bb:cc:dd:ee:02","mtu":1500,"name":"eth0","sandbox":"/var/run/netns/p"}],"ips":[{"address":"10.244.1.2/32","gateway":"169.254.1.1","interface":1}],"routes":[{"dst":"0.0.0.0/0","gw":"169.254.1.1"}]}"#
+        );
     }
 
     #[test]

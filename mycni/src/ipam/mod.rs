@@ -3,6 +3,8 @@
 use std::fmt;
 use std::net::Ipv4Addr;
 
+use ipnetwork::Ipv4Network;
+
 pub mod store;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -17,61 +19,66 @@ pub enum IpamError {
     Exhausted(String),
 }
 
-/// The node's pod CIDR. Network, broadcast and the first host (the gateway) are reserved.
+/// The node's pod CIDR as an address pool. Network, broadcast and the first host (the
+/// gateway) are reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pool {
-    network: u32,
-    prefix_len: u8,
+    /// Host bits clear, prefix 8..=30.
+    cidr: Ipv4Network,
 }
 
 impl Pool {
-    /// `a.b.c.d/len` with len 8..=30; host bits are cleared, so `10.244.1.7/24` is
-    /// `10.244.1.0/24` (operators paste a node address as often as a network). Shorter
-    /// prefixes are refused as a likely typo; /31 and /32 leave no room for a pod.
-    pub fn parse(cidr: &str) -> Result<Pool, IpamError> {
-        let invalid = || IpamError::InvalidCidr(cidr.to_string());
-        let (address, len) = cidr.split_once('/').ok_or_else(invalid)?;
-        let address: Ipv4Addr = address.parse().map_err(|_| invalid())?;
-        // Plain decimal only: `u8::from_str` would also take "+24".
-        if len.is_empty() || len.len() > 2 || !len.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(invalid());
+    /// A CIDR (`a.b.c.d/len`, or any form [`Ipv4Network`] reads) with len 8..=30; host
+    /// bits are cleared, so `10.244.1.7/24` is `10.244.1.0/24` (operators paste a node
+    /// address as often as a network). Shorter prefixes are refused as a likely typo; /31
+    /// and /32 leave no room for a pod.
+    pub fn parse(text: &str) -> Result<Pool, IpamError> {
+        let cidr: Ipv4Network = text
+            .parse()
+            .map_err(|_| IpamError::InvalidCidr(text.to_string()))?;
+        Pool::new(cidr).ok_or_else(|| IpamError::InvalidCidr(text.to_string()))
+    }
+
+    /// The pool of `cidr`'s network; `None` outside 8..=30.
+    pub fn new(cidr: Ipv4Network) -> Option<Pool> {
+        if !(8..=30).contains(&cidr.prefix()) {
+            return None;
         }
-        let prefix_len: u8 = len.parse().map_err(|_| invalid())?;
-        if !(8..=30).contains(&prefix_len) {
-            return Err(invalid());
-        }
-        let mask = u32::MAX << (32 - prefix_len);
-        Ok(Pool {
-            network: u32::from(address) & mask,
-            prefix_len,
-        })
+        let cidr = Ipv4Network::new(cidr.network(), cidr.prefix()).ok()?;
+        Some(Pool { cidr })
+    }
+
+    /// The pool's CIDR.
+    pub fn cidr(&self) -> Ipv4Network {
+        self.cidr
     }
 
     pub fn network(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.network)
+        self.cidr.network()
     }
 
     pub fn prefix_len(&self) -> u8 {
-        self.prefix_len
+        self.cidr.prefix()
     }
 
-    /// Addresses in the subnet, reserved ones included.
+    /// Addresses in the subnet, reserved ones included (at most 2^24: the prefix is 8 or
+    /// longer).
     fn size(&self) -> u32 {
-        1u32 << (32 - self.prefix_len)
+        self.cidr.size()
     }
 
     pub fn broadcast(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.network + self.size() - 1)
+        self.cidr.broadcast()
     }
 
     /// The first host address, never given to a pod (as host-local reserves it). Pods route
     /// via a link-local gateway, so this keeps `.1` free for the node should it want one.
     pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.network + 1)
+        Ipv4Addr::from(u32::from(self.network()) + 1)
     }
 
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip).wrapping_sub(self.network) < self.size()
+        self.cidr.contains(ip)
     }
 
     /// How many addresses pods can get.
@@ -107,7 +114,7 @@ impl Pool {
         let count = self.capacity();
         let start = match last_reserved.filter(|ip| self.contains(*ip)) {
             Some(ip) => {
-                let offset = u32::from(ip) - self.network;
+                let offset = u32::from(ip) - u32::from(self.network());
                 if offset >= first && offset < first + count {
                     (offset - first + 1) % count
                 } else {
@@ -117,7 +124,7 @@ impl Pool {
             None => 0,
         };
         (0..count)
-            .map(|step| Ipv4Addr::from(self.network + first + (start + step) % count))
+            .map(|step| Ipv4Addr::from(u32::from(self.network()) + first + (start + step) % count))
             .find(|ip| !is_used(*ip))
             .ok_or_else(|| IpamError::Exhausted(self.to_string()))
     }
@@ -125,7 +132,7 @@ impl Pool {
 
 impl fmt::Display for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network(), self.prefix_len)
+        self.cidr.fmt(f)
     }
 }
 
@@ -154,8 +161,8 @@ mod tests {
             "10.244.1.0/7",
             "10.244.1.0/33",
             "10.244.1.0/",
-            "10.244.1.0/+24",
-            "10.244.1.0/024",
+            "10.244.1.0/24/24",
+            "10.244.1.0/255.0.255.0",
             "10.244.1.0/24 ",
             " 10.244.1.0/24",
             "10.244.1.256/24",
@@ -169,6 +176,13 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn netmask_notation_is_a_prefix_too() {
+        let pool = Pool::parse("10.244.1.9/255.255.255.0").unwrap();
+        assert_eq!(pool.to_string(), "10.244.1.0/24");
+        assert_eq!(pool.cidr(), "10.244.1.0/24".parse::<Ipv4Network>().unwrap());
     }
 
     #[test]
