@@ -137,8 +137,8 @@ impl NodesFile {
         let wakeup = match watch_directory(&directory, wakeup.clone(), events.clone()) {
             Ok(()) => Some(wakeup),
             Err(e) => {
-                eprintln!(
-                    "mycni-agent: cannot watch {} ({e}); polling {} every 200 ms",
+                log::warn!(
+                    "cannot watch {} ({e}); polling {} every 200 ms",
                     directory.display(),
                     path.display()
                 );
@@ -389,12 +389,12 @@ impl Agent {
         // counted and retried with the next pass like a peer's.
         if let Err(e) = datapath::write_peers(&self.root, &nodes::peer_ips(&self.local, nodes)) {
             counters.peer_errors.fetch_add(1, Ordering::Relaxed);
-            eprintln!("mycni-agent: cannot write the VXLAN peers: {e}");
+            log::warn!("cannot write the VXLAN peers: {e}");
         }
         if let Some(cidr) = nodes::own_pod_cidr(&self.local, nodes) {
             if let Err(e) = self.apply_own_cidr(cidr).await {
                 counters.peer_errors.fetch_add(1, Ordering::Relaxed);
-                eprintln!("mycni-agent: cannot install the own pod CIDR {cidr}: {e}");
+                log::warn!("cannot install the own pod CIDR {cidr}: {e}");
             }
         }
         let desired = nodes::peer_routes(&self.local, self.settings.tunnel_mode, nodes);
@@ -420,10 +420,7 @@ impl Agent {
                     if result.is_ok() {
                         done_removed += 1;
                         if verbose {
-                            eprintln!(
-                                "mycni-agent: removed route {} via {}",
-                                route.cidr, route.node_ip
-                            );
+                            log::info!("removed route {} via {}", route.cidr, route.node_ip);
                         }
                     }
                     self.settle(route, "remove", result, now, counters);
@@ -437,9 +434,11 @@ impl Agent {
                     if result.is_ok() {
                         done_changed += 1;
                         if verbose {
-                            eprintln!(
-                                "mycni-agent: route {} via {} ({:?})",
-                                route.cidr, route.node_ip, route.path
+                            log::info!(
+                                "route {} via {} ({:?})",
+                                route.cidr,
+                                route.node_ip,
+                                route.path
                             );
                         }
                     }
@@ -448,21 +447,21 @@ impl Agent {
             }
             Err(e) => {
                 counters.peer_errors.fetch_add(1, Ordering::Relaxed);
-                eprintln!("mycni-agent: cannot open the maps to apply routes: {e}");
+                log::warn!("cannot open the maps to apply routes: {e}");
                 for route in removed.iter().chain(&changed) {
                     self.retries.failed(route.cidr, now);
                 }
             }
         }
         if self.failures_unlogged > 0 {
-            eprintln!(
-                "mycni-agent: {} more peers failed in this pass (not logged one by one)",
+            log::warn!(
+                "{} more peers failed in this pass (not logged one by one)",
                 self.failures_unlogged
             );
         }
         if !verbose {
-            eprintln!(
-                "mycni-agent: {done_changed} routes added or changed, {done_removed} removed; {} peers routed, {} not applied",
+            log::info!(
+                "{done_changed} routes added or changed, {done_removed} removed; {} peers routed, {} not applied",
                 self.applied.len(),
                 self.retries.len()
             );
@@ -511,9 +510,7 @@ impl Agent {
             self.netlink.delete_unreachable_route(ip, len).await?;
         }
         self.own_cidr = Some(cidr);
-        eprintln!(
-            "mycni-agent: own pod CIDR {cidr}: addresses no pod holds are answered unreachable"
-        );
+        log::info!("own pod CIDR {cidr}: addresses no pod holds are answered unreachable");
         Ok(())
     }
 
@@ -564,9 +561,10 @@ impl Agent {
             Ok(()) => {
                 let attempts = self.retries.succeeded(&key);
                 if attempts > 0 {
-                    eprintln!(
-                        "mycni-agent: peer {} ({}) applied after {attempts} failed attempts",
-                        route.node_ip, route.cidr
+                    log::info!(
+                        "peer {} ({}) applied after {attempts} failed attempts",
+                        route.node_ip,
+                        route.cidr
                     );
                 }
             }
@@ -577,8 +575,8 @@ impl Agent {
                     self.failures_unlogged += 1;
                 } else if attempts.is_power_of_two() {
                     self.failure_lines -= 1;
-                    eprintln!(
-                        "mycni-agent: cannot {what} peer {} ({} via {:?}): {e}; attempt {attempts}, retrying in {:?}",
+                    log::warn!(
+                        "cannot {what} peer {} ({} via {:?}): {e}; attempt {attempts}, retrying in {:?}",
                         route.node_ip,
                         route.cidr,
                         route.path,
@@ -632,7 +630,7 @@ impl Agent {
                 // server away must not flap them.
                 Err(e) => {
                     counters.node_source_errors.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("mycni-agent: {e}; keeping the current routes");
+                    log::warn!("{e}; keeping the current routes");
                     false
                 }
             };
@@ -670,9 +668,12 @@ pub fn spawn_nat_upkeep(
                     Ok(occupancy) => {
                         counters.publish_nat(&occupancy);
                         if last_occupancy != Some(occupancy) {
-                            eprintln!(
-                                "mycni-agent: NAT flows tcp={} udp={} icmp={} (entries {})",
-                                occupancy.tcp, occupancy.udp, occupancy.icmp, occupancy.entries
+                            log::info!(
+                                "NAT flows tcp={} udp={} icmp={} (entries {})",
+                                occupancy.tcp,
+                                occupancy.udp,
+                                occupancy.icmp,
+                                occupancy.entries
                             );
                             last_occupancy = Some(occupancy);
                         }
@@ -681,7 +682,7 @@ pub fn spawn_nat_upkeep(
                     Err(e) => {
                         let text = e.to_string();
                         if last_error.as_ref() != Some(&text) {
-                            eprintln!("mycni-agent: NAT expiry failed: {text}");
+                            log::warn!("NAT expiry failed: {text}");
                             last_error = Some(text);
                         }
                     }
@@ -737,12 +738,12 @@ fn enable_forwarding() -> Result<(), AgentError> {
     };
     let was = std::fs::read_to_string(IP_FORWARD).map_err(sysctl_error)?;
     if was.trim() == "1" {
-        eprintln!("mycni-agent: net.ipv4.ip_forward is already 1");
+        log::info!("net.ipv4.ip_forward is already 1");
         return Ok(());
     }
     std::fs::write(IP_FORWARD, "1").map_err(sysctl_error)?;
-    eprintln!(
-        "mycni-agent: set net.ipv4.ip_forward=1 (was {}): the node stack forwards node-to-pod, Service and masqueraded pod flows",
+    log::info!(
+        "set net.ipv4.ip_forward=1 (was {}): the node stack forwards node-to-pod, Service and masqueraded pod flows",
         was.trim()
     );
     Ok(())
@@ -757,8 +758,8 @@ fn loosen_reverse_path_filter(devices: &[&str]) {
         let path = format!("/proc/sys/net/ipv4/conf/{device}/rp_filter");
         if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
             match std::fs::write(&path, "2") {
-                Ok(()) => eprintln!("mycni-agent: set {path} to 2 (loose, was strict)"),
-                Err(e) => eprintln!("mycni-agent: cannot set {path} to 2: {e}"),
+                Ok(()) => log::info!("set {path} to 2 (loose, was strict)"),
+                Err(e) => log::warn!("cannot set {path} to 2: {e}"),
             }
         }
     }

@@ -25,6 +25,17 @@ pub struct AgentCli {
     pub command: AgentCommand,
 }
 
+impl AgentCli {
+    /// The level the programs' messages are kept at: `run`'s --bpf-log-level (the other
+    /// commands load the programs silent).
+    pub fn bpf_log_filter(&self) -> log::LevelFilter {
+        match &self.command {
+            AgentCommand::Run(options) => options.bpf_log_level.filter(),
+            _ => log::LevelFilter::Off,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {
     /// Load and pin programs and maps, then stay up until SIGTERM/SIGINT. With --node-ip

@@ -99,7 +99,7 @@ pub fn run(root: &Path, options: RunOptions) -> Result<(), DaemonError> {
             .map_err(DaemonError::Uplink)?;
     }
     runtime.block_on(serve(root, options, settings, kube_source))?;
-    eprintln!("mycni-agent: stopping; programs and maps stay pinned");
+    log::info!("stopping; programs and maps stay pinned");
     Ok(())
 }
 
@@ -128,8 +128,8 @@ async fn serve(
         Some(settings) => Some(Agent::start(root, settings).await?),
     };
     let refreshed = refresh_pod_programs(root).await?;
-    eprintln!(
-        "mycni-agent: datapath pinned under {}; programs of {refreshed} existing pods replaced",
+    log::info!(
+        "datapath pinned under {}; programs of {refreshed} existing pods replaced",
         root.display()
     );
     if let Some(address) = &options.metrics_address {
@@ -174,7 +174,7 @@ async fn serve(
                 source,
             }
         })?;
-        eprintln!("mycni-agent: wrote {} (pod MTU {mtu})", path.display());
+        log::info!("wrote {} (pod MTU {mtu})", path.display());
     }
     let Some(agent) = agent.as_mut() else {
         shutdown.await;
@@ -278,7 +278,7 @@ async fn learn_local_node(
     let step = Duration::from_millis(100);
     let (ip, cidr) = loop {
         for error in source.take_errors() {
-            eprintln!("mycni-agent: {error}");
+            log::warn!("{error}");
         }
         let seen = source.node(&name);
         if let Some((Some(ip), Some(cidr))) = seen.as_ref().map(|n| (n.internal_ip, n.pod_cidr)) {
@@ -290,12 +290,12 @@ async fn learn_local_node(
                 Some(n) if n.internal_ip.is_none() => "to report an InternalIP",
                 Some(_) => "to be given a pod CIDR",
             };
-            eprintln!("mycni-agent: waiting for node {name} {why}");
+            log::info!("waiting for node {name} {why}");
         }
         tokio::time::sleep(step).await;
         waited += step;
     };
-    eprintln!("mycni-agent: node {name} has IP {ip} and pod CIDR {cidr}");
+    log::info!("node {name} has IP {ip} and pod CIDR {cidr}");
     options.node_ip.get_or_insert(ip);
     options.pod_cidr.get_or_insert(cidr);
     Ok(())
@@ -331,7 +331,7 @@ fn spawn_garbage_collection(
                                 .garbage_collected
                                 .fetch_add(freed as u64, Ordering::Relaxed);
                         }
-                        Err(e) => eprintln!("mycni-agent: garbage collection failed: {e}"),
+                        Err(e) => log::warn!("garbage collection failed: {e}"),
                     }
                 }
             })

@@ -255,7 +255,7 @@ pub fn load_and_pin(root: &Path) -> Result<(), DatapathError> {
     stamp_layout_version(root)?;
     // The datapath works without its log: a reader that cannot start is only reported.
     if let Err(e) = crate::ebpf_log::forward(&mut ebpf) {
-        eprintln!("mycni-agent: the programs' log messages are lost: {e}");
+        log::warn!("the programs' log messages are lost: {e}");
     }
     Ok(())
 }

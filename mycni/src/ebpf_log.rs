@@ -20,7 +20,6 @@
 //! (size and record format of the old build; aya-log's reader panics on records it cannot
 //! parse) and would replay stale messages; the old programs' records during the swap are
 //! not worth that.
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -72,7 +71,8 @@ impl BpfLogLevel {
         }
     }
 
-    fn filter(self) -> LevelFilter {
+    /// The log filter that keeps what programs loaded at this level write.
+    pub fn filter(self) -> LevelFilter {
         match self {
             BpfLogLevel::Off => LevelFilter::Off,
             BpfLogLevel::Error => LevelFilter::Error,
@@ -93,7 +93,7 @@ pub const LEVEL_ENV: &str = "MYCNI_BPF_LOG_LEVEL";
 
 /// Called by the agent before it loads the programs: they will log at `level` (the
 /// `--bpf-log-level` flag, else `$MYCNI_BPF_LOG_LEVEL`, else `warn`), and
-/// [`crate::datapath::load_and_pin`] forwards their messages to stderr. Without it
+/// [`crate::datapath::load_and_pin`] forwards their messages to the log. Without it
 /// (`mycni-agent load`, tests) programs load silent.
 pub fn init(level: BpfLogLevel) {
     LEVEL.store(level as u8, Ordering::Relaxed);
@@ -112,8 +112,8 @@ pub enum EbpfLogError {
     Thread(#[source] std::io::Error),
 }
 
-/// Starts a thread that writes the messages of the programs just loaded from `ebpf` to
-/// stderr, for the life of the process. Nothing when the level is off.
+/// Starts a thread that passes the messages of the programs just loaded from `ebpf` to the
+/// process's logger, for the life of the process. Nothing when the level is off.
 ///
 /// A thread rather than a task: the agent's runtime is single-threaded and busy with
 /// netlink and the API server at times; log output must neither wait for it nor stall it.
@@ -122,7 +122,7 @@ pub fn forward(ebpf: &mut Ebpf) -> Result<(), EbpfLogError> {
     if level == BpfLogLevel::Off {
         return Ok(());
     }
-    let mut reader = EbpfLogger::init_with_logger(ebpf, StderrLog::new(level))?;
+    let mut reader = EbpfLogger::init_with_logger(ebpf, ToProcessLogger::new(level))?;
     std::thread::Builder::new()
         .name("bpf-log".into())
         .spawn(move || loop {
@@ -137,7 +137,7 @@ pub fn forward(ebpf: &mut Ebpf) -> Result<(), EbpfLogError> {
                 if error.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                eprintln!("mycni-agent: stopped reading the programs' log: {error}");
+                log::warn!("stopped reading the programs' log: {error}");
                 return;
             }
             reader.flush();
@@ -146,41 +146,41 @@ pub fn forward(ebpf: &mut Ebpf) -> Result<(), EbpfLogError> {
     Ok(())
 }
 
-/// Writes each record as one line on stderr, like the agent's own messages.
-struct StderrLog {
+/// Hands each record on to the process's logger under the target
+/// [`crate::logging::BPF_TARGET`], so the programs' messages are lines of the agent's log
+/// like its own (same timestamps, same `RUST_LOG` filtering).
+struct ToProcessLogger {
     max: LevelFilter,
 }
 
-impl StderrLog {
-    fn new(level: BpfLogLevel) -> StderrLog {
-        StderrLog {
+impl ToProcessLogger {
+    fn new(level: BpfLogLevel) -> ToProcessLogger {
+        ToProcessLogger {
             max: level.filter(),
         }
     }
 }
 
-/// `mycni-agent: bpf: warn from_pod: dropped ...`
-fn format_line(level: log::Level, message: &std::fmt::Arguments) -> String {
-    format!(
-        "mycni-agent: bpf: {} {message}\n",
-        level.as_str().to_ascii_lowercase()
-    )
-}
-
-impl Log for StderrLog {
+impl Log for ToProcessLogger {
     fn enabled(&self, metadata: &Metadata) -> bool {
         metadata.level() <= self.max
     }
 
     fn log(&self, record: &Record) {
         if self.enabled(record.metadata()) {
-            // One write per line: lines from the agent's other threads never interleave.
-            let line = format_line(record.level(), record.args());
-            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            log::logger().log(
+                &Record::builder()
+                    .level(record.level())
+                    .target(crate::logging::BPF_TARGET)
+                    .args(*record.args())
+                    .build(),
+            );
         }
     }
 
-    fn flush(&self) {}
+    fn flush(&self) {
+        log::logger().flush();
+    }
 }
 
 #[cfg(test)]
@@ -220,16 +220,19 @@ mod tests {
     }
 
     #[test]
-    fn filters_and_formats() {
-        let log = StderrLog::new(BpfLogLevel::Warn);
+    fn forwards_only_up_to_the_loaded_level() {
+        let log = ToProcessLogger::new(BpfLogLevel::Warn);
         let at = |level| Metadata::builder().level(level).build();
         assert!(log.enabled(&at(log::Level::Error)));
         assert!(log.enabled(&at(log::Level::Warn)));
         assert!(!log.enabled(&at(log::Level::Info)));
-        assert!(!StderrLog::new(BpfLogLevel::Off).enabled(&at(log::Level::Error)));
-        assert_eq!(
-            format_line(log::Level::Warn, &format_args!("from_pod: dropped {}", 1)),
-            "mycni-agent: bpf: warn from_pod: dropped 1\n"
-        );
+        assert!(!ToProcessLogger::new(BpfLogLevel::Off).enabled(&at(log::Level::Error)));
+    }
+
+    #[test]
+    fn levels_map_to_log_filters() {
+        assert_eq!(BpfLogLevel::Off.filter(), LevelFilter::Off);
+        assert_eq!(BpfLogLevel::Warn.filter(), LevelFilter::Warn);
+        assert_eq!(BpfLogLevel::Trace.filter(), LevelFilter::Trace);
     }
 }

@@ -78,9 +78,11 @@ pub async fn collect_garbage(
     }
     let mut freed = 0;
     for stale in stale_allocations(&allocations, grace) {
-        eprintln!(
-            "mycni-agent: freeing {} of container {} ({}): its pod is gone",
-            stale.ip, stale.owner.container_id, stale.owner.ifname
+        log::info!(
+            "freeing {} of container {} ({}): its pod is gone",
+            stale.ip,
+            stale.owner.container_id,
+            stale.owner.ifname
         );
         release_attachment(&store, &stale.owner, root, &netlink)
             .await
@@ -98,7 +100,7 @@ pub async fn collect_garbage(
             .iter()
             .any(|link| link.index == endpoint.ifindex && link.name.starts_with("lxc"));
         if !veth_alive {
-            eprintln!("mycni-agent: removing endpoint {ip}: no allocation and no veth");
+            log::info!("removing endpoint {ip}: no allocation and no veth");
             maps.remove_endpoint(ip)?;
             freed += 1;
         }

@@ -22,6 +22,7 @@ pub mod ebpf_log;
 pub mod garbage_collection;
 pub mod ipam;
 pub mod kube;
+pub mod logging;
 pub mod map_tables;
 pub mod metrics;
 pub mod nat;

@@ -298,6 +298,8 @@ pub struct Node {
     pub mtu: u32,
     agent: Option<Child>,
     agent_args: Vec<String>,
+    /// Variables set for the agent (the DaemonSet's way of passing flags).
+    agent_env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -327,6 +329,7 @@ impl Node {
             mtu: 1500,
             agent: None,
             agent_args: Vec::new(),
+            agent_env: Vec::new(),
         })
     }
 
@@ -340,6 +343,21 @@ impl Node {
         if !args.is_empty() {
             self.agent_args = args.iter().map(|a| a.to_string()).collect();
         }
+        self.spawn_agent()
+    }
+
+    /// Starts `mycni-agent run` with exactly `args` and the variables `env` (kept for
+    /// restarts), as [`Node::start_agent`] does.
+    pub fn start_agent_with_env(&mut self, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+        self.agent_args = args.iter().map(|a| a.to_string()).collect();
+        self.agent_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.spawn_agent()
+    }
+
+    fn spawn_agent(&mut self) -> Result<()> {
         let child = self
             .netns
             .command(agent_bin())
@@ -347,6 +365,7 @@ impl Node {
             .arg(self.pin_root())
             .arg("run")
             .args(&self.agent_args)
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -743,6 +762,45 @@ pub fn metric(body: &str, series: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// One line of the agent's log, as its logger writes it:
+/// `[2026-12-02T09:48:28.123Z WARN  bpf] from_pod: dropped ...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// `ERROR`, `WARN`, `INFO`, `DEBUG` or `TRACE`.
+    pub level: String,
+    /// The module (`mycni::agent`), or `bpf` for the programs' messages.
+    pub target: String,
+    pub message: String,
+}
+
+impl LogLine {
+    /// `None` unless the line has the logger's shape, a UTC timestamp with milliseconds
+    /// included.
+    pub fn parse(line: &str) -> Option<LogLine> {
+        let rest = line.strip_prefix('[')?;
+        let (stamp, rest) = rest.split_once(' ')?;
+        let shaped = stamp.len() == 24
+            && stamp.ends_with('Z')
+            && stamp.as_bytes()[10] == b'T'
+            && stamp.as_bytes()[19] == b'.';
+        if !shaped {
+            return None;
+        }
+        let (head, message) = rest.split_once("] ")?;
+        let mut words = head.split_whitespace();
+        let level = words.next()?;
+        let target = words.next()?;
+        if words.next().is_some() || !["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&level) {
+            return None;
+        }
+        Some(LogLine {
+            level: level.to_string(),
+            target: target.to_string(),
+            message: message.to_string(),
+        })
+    }
+}
+
 /// A running agent's stderr, drained by a thread as it comes (an agent logging thousands
 /// of routes would otherwise block on a full pipe), kept for the test to search.
 pub struct AgentLog {
@@ -796,5 +854,31 @@ impl AgentLog {
         let all = self.lines.lock().map(|l| l.clone()).unwrap_or_default();
         let skip = all.len().saturating_sub(200);
         all[skip..].join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogLine;
+
+    #[test]
+    fn log_lines_are_read_in_the_loggers_shape_only() {
+        let line = "[2026-12-02T09:48:28.123Z WARN  bpf] from_pod: dropped spoofed IPv4";
+        assert_eq!(
+            LogLine::parse(line),
+            Some(LogLine {
+                level: "WARN".into(),
+                target: "bpf".into(),
+                message: "from_pod: dropped spoofed IPv4".into(),
+            })
+        );
+        for other in [
+            "mycni-agent: bpf: warn from_pod: dropped",
+            "[2026-12-02T09:48:28Z WARN  bpf] no milliseconds",
+            "[2026-12-02T09:48:28.123Z LOUD  bpf] unknown level",
+            "[2026-12-02T09:48:28.123Z WARN] no target",
+        ] {
+            assert_eq!(LogLine::parse(other), None, "{other}");
+        }
     }
 }

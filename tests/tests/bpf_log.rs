@@ -1,6 +1,7 @@
-//! The programs' aya-log messages reach the agent's stderr at the level it was started with,
-//! also after a restart (which loads new programs and swaps them onto existing pods).
-//! Needs root.
+//! The programs' aya-log messages reach the agent's log (its stderr, through its logger,
+//! under the target `bpf`) at the level it was started with (`--bpf-log-level` or
+//! `MYCNI_BPF_LOG_LEVEL`), also after a restart (which loads new programs and swaps them
+//! onto existing pods). Needs root.
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::sync::mpsc;
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use mycni_common::verdict;
-use mycni_tests::{prefix, Node, Pod, NODE_IP};
+use mycni_tests::{prefix, LogLine, Node, Pod, NODE_IP};
 
 /// The agent's stderr, line by line, read on a thread as it comes.
 struct AgentLog {
@@ -89,11 +90,23 @@ fn wait_counted(node: &Node, which: u32, before: u64) -> Result<()> {
     bail!("verdict {which} stayed at {before}")
 }
 
+/// How the agent is told the programs' level.
+enum Level<'a> {
+    Flag(&'a str),
+    /// The DaemonSet's way: `MYCNI_BPF_LOG_LEVEL`.
+    Variable(&'a str),
+}
+
 /// (Re)starts the agent at `level`, follows its log, and waits until it swapped its new
 /// programs onto the pods that exist.
-fn start_agent(node: &mut Node, level: &str, pods: usize) -> Result<AgentLog> {
+fn start_agent(node: &mut Node, level: Level, pods: usize) -> Result<AgentLog> {
     node.stop_agent();
-    node.start_agent(&["--bpf-log-level", level])?;
+    match level {
+        Level::Flag(level) => node.start_agent_with_env(&["--bpf-log-level", level], &[])?,
+        Level::Variable(level) => {
+            node.start_agent_with_env(&[], &[(mycni::ebpf_log::LEVEL_ENV, level)])?
+        }
+    }
     let mut log = AgentLog::follow(node)?;
     log.wait_for(&[&format!("programs of {pods} existing pods replaced")])?;
     Ok(log)
@@ -166,8 +179,11 @@ fn program_messages_reach_the_agent_log_at_its_level() -> Result<()> {
     // debug: the drop (warn) and the decision (debug).
     let dropped = spoof(&node, &a, b.ip)?;
     let line = log.wait_for(&[&dropped])?;
+    let record = LogLine::parse(&line).with_context(|| format!("not a log line: {line}"))?;
     ensure!(
-        line.starts_with("mycni-agent: bpf: warn from_pod: dropped spoofed IPv4"),
+        record.level == "WARN"
+            && record.target == "bpf"
+            && record.message.starts_with("from_pod: dropped spoofed IPv4"),
         "unexpected format: {line}"
     );
     ensure!(
@@ -176,26 +192,27 @@ fn program_messages_reach_the_agent_log_at_its_level() -> Result<()> {
     );
     let expired = expire(&node, &a, &c)?;
     let line = log.wait_for(&[&expired])?;
+    let record = LogLine::parse(&line).with_context(|| format!("not a log line: {line}"))?;
     ensure!(
-        line.starts_with("mycni-agent: bpf: debug "),
+        record.level == "DEBUG" && record.target == "bpf" && record.message.starts_with(&expired),
         "unexpected format: {line}"
     );
 
-    // error, after a restart: the programs the pods now run log neither.
-    let mut log = start_agent(&mut node, "error", 3)?;
+    // error, after a restart, from the variable: the programs the pods now run log neither.
+    let mut log = start_agent(&mut node, Level::Variable("error"), 3)?;
     let dropped = spoof(&node, &a, b.ip)?;
     let expired = expire(&node, &a, &c)?;
     let seen = log.settle(Duration::from_secs(1));
     ensure!(
-        !seen
-            .iter()
-            .any(|l| l.contains(&dropped) || l.contains(&expired) || l.contains(": bpf: ")),
+        !seen.iter().any(|l| l.contains(&dropped)
+            || l.contains(&expired)
+            || LogLine::parse(l).is_some_and(|r| r.target == "bpf")),
         "messages above the level error were logged:\n{}",
         seen.join("\n")
     );
 
     // warn, after another restart: the drop, not the decision.
-    let mut log = start_agent(&mut node, "warn", 3)?;
+    let mut log = start_agent(&mut node, Level::Flag("warn"), 3)?;
     let dropped = spoof(&node, &a, b.ip)?;
     log.wait_for(&[&dropped])?;
     let expired = expire(&node, &a, &c)?;

@@ -81,8 +81,8 @@ pub fn build_and_print(options: &BuildOptions) -> Result<()> {
     let object = build_profile(profile)?;
     println!("{}", object.display());
     if profile == Profile::Debug {
-        eprintln!(
-            "note: mycni embeds the release object unless MYCNI_EBPF_OBJECT={} is set",
+        log::info!(
+            "mycni embeds the release object unless MYCNI_EBPF_OBJECT={} is set",
             object.display()
         );
     }

@@ -42,7 +42,7 @@ pub fn cache_dir() -> PathBuf {
 
 pub fn run() -> Result<()> {
     let bin = binaries()?;
-    println!("ok Kubernetes binaries in {}", bin.display());
+    log::info!("ok Kubernetes binaries in {}", bin.display());
     images()?;
     Ok(())
 }
@@ -97,9 +97,9 @@ pub fn binaries() -> Result<PathBuf> {
             .arg(&vendored),
     )?;
     if to_build.len() == BINARIES.len() {
-        println!("building Kubernetes {version} ({GIT_VERSION}) from Debian's source: about 10 minutes on 2 cores");
+        log::info!("building Kubernetes {version} ({GIT_VERSION}) from Debian's source: about 10 minutes on 2 cores");
     } else {
-        println!(
+        log::info!(
             "building {} of Kubernetes {version} ({GIT_VERSION}) from Debian's source; the cache has the others",
             to_build.join(", ")
         );
@@ -113,7 +113,7 @@ pub fn binaries() -> Result<PathBuf> {
     let ldflags = version_ldflags();
     std::fs::create_dir_all(&bin)?;
     for name in to_build {
-        println!("go build ./cmd/{name}");
+        log::info!("go build ./cmd/{name}");
         cmd::run(
             cmd::clean("go")
                 .current_dir(&package_dir)
@@ -220,7 +220,7 @@ pub fn images() -> Result<()> {
         };
         let out = dir.join(format!("{name}.oci.tar"));
         build_image(&spec, &out)?;
-        println!("ok image {} in {}", spec.reference, out.display());
+        log::info!("ok image {} in {}", spec.reference, out.display());
     }
     Ok(())
 }

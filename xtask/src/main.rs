@@ -61,12 +61,20 @@ pub fn repo_root() -> PathBuf {
 
 fn main() {
     let xtask = Xtask::parse();
+    // Messages at info and up (RUST_LOG adjusts); what a task produces goes to stdout.
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Info)
+        .parse_env(env_logger::Env::default())
+        .format_timestamp_secs()
+        .init();
     if let Err(error) = dispatch(xtask.command) {
         // The message and its causes, without the backtrace anyhow adds under RUST_BACKTRACE.
-        eprintln!("error: {error}");
-        for cause in error.chain().skip(1) {
-            eprintln!("  caused by: {cause}");
-        }
+        let causes: String = error
+            .chain()
+            .skip(1)
+            .map(|cause| format!("\n  caused by: {cause}"))
+            .collect();
+        log::error!("{error}{causes}");
         std::process::exit(1);
     }
 }

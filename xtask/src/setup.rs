@@ -98,7 +98,7 @@ fn packages() -> Result<()> {
     let mut missing = Vec::new();
     for &package in PACKAGES {
         if installed(package) {
-            println!("ok package {package} (already present)");
+            log::info!("ok package {package} (already present)");
         } else {
             missing.push(package);
         }
@@ -122,7 +122,7 @@ fn packages() -> Result<()> {
         if !installed(package) {
             bail!("apt-get install finished but {package} is still not installed");
         }
-        println!("installed package {package}");
+        log::info!("installed package {package}");
     }
     Ok(())
 }
@@ -130,7 +130,7 @@ fn packages() -> Result<()> {
 fn bpf_linker() -> Result<()> {
     if let Some(path) = ebpf::bpf_linker() {
         if cmd::works(&path, &["--version"]) {
-            println!("ok bpf-linker {} (already present)", path.display());
+            log::info!("ok bpf-linker {} (already present)", path.display());
             return Ok(());
         }
     }
@@ -159,12 +159,12 @@ fn bpf_linker() -> Result<()> {
         .args(["--locked", "--no-default-features", "--features", "llvm-22"])
         .env("LLVM_PREFIX", LLVM_PREFIX)
         .stdin(std::process::Stdio::null());
-    println!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    log::info!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
     cmd::run(&mut install)?;
     let Some(path) = ebpf::bpf_linker().filter(|p| cmd::works(p, &["--version"])) else {
         bail!("cargo install bpf-linker finished but no working bpf-linker is on PATH or in ~/.cargo/bin");
     };
-    println!(
+    log::info!(
         "installed bpf-linker {BPF_LINKER_VERSION} {}",
         path.display()
     );
@@ -193,13 +193,13 @@ fn cnitool_runs(path: &Path) -> bool {
 fn cnitool() -> Result<()> {
     let target = cnitool_path();
     if target.is_file() && cnitool_runs(&target) {
-        println!("ok cnitool {} (already present)", target.display());
+        log::info!("ok cnitool {} (already present)", target.display());
         return Ok(());
     }
     let tools = repo_root().join("target/tools");
     let apt_dir = tools.join("apt");
     let source = apt_source(SUITE)?;
-    println!(
+    log::info!(
         "building cnitool from Debian's {CNI_SOURCE_PACKAGE} source ({}, private apt dir {})",
         source.uri,
         apt_dir.display()
@@ -274,7 +274,7 @@ fn cnitool() -> Result<()> {
     for dir in ["lists", "cache"] {
         let _ = std::fs::remove_dir_all(apt_dir.join(dir));
     }
-    println!("installed cnitool {}", target.display());
+    log::info!("installed cnitool {}", target.display());
     Ok(())
 }
 

@@ -80,8 +80,8 @@ pub fn e2e(args: &[String]) -> Result<()> {
 
 pub fn run(args: &[String]) -> Result<()> {
     if !cmd::is_root() {
-        eprintln!(
-            "warning: not running as root: the integration tests (network namespaces, bpf \
+        log::warn!(
+            "not running as root: the integration tests (network namespaces, bpf \
              syscalls) need root and will fail; only the unit tests can pass"
         );
     }

@@ -6,6 +6,7 @@ use mycni::{daemon, datapath, map_tables, plugin_install};
 
 fn main() -> anyhow::Result<()> {
     let cli = AgentCli::parse();
+    mycni::logging::init(log::LevelFilter::Info, cli.bpf_log_filter());
     let root = cli.bpffs_root.as_path();
     match cli.command {
         AgentCommand::Run(options) => daemon::run(root, *options)?,

@@ -1,10 +1,13 @@
-//! The CNI plugin binary: environment and stdin in, result or error JSON out.
+//! The CNI plugin binary: environment and stdin in, result or error JSON out. Stdout holds
+//! nothing else; diagnostics go to stderr through the logger (warn and up unless
+//! `RUST_LOG` says otherwise), where runtimes keep a plugin's stderr.
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
 use mycni::cni::{CniError, ErrorCode, NetConf};
 
 fn main() -> ExitCode {
+    mycni::logging::init(log::LevelFilter::Warn, log::LevelFilter::Off);
     let mut stdin = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
         let err = CniError::new(ErrorCode::IoFailure, "cannot read stdin").with_details(e);
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
 }
 
 fn report_error(err: &CniError, version: mycni::cni::CniVersion) -> ExitCode {
+    log::warn!("error {}: {err}", err.code.code());
     let mut out = std::io::stdout().lock();
     let _ = serde_json::to_writer(&mut out, &err.to_json(version));
     let _ = writeln!(out);

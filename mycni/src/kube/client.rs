@@ -445,8 +445,8 @@ fn watch_loop(
                     // The first list always counts as news, even an empty one.
                     publish(&cache, changed || first_list);
                     if failures > 0 {
-                        eprintln!(
-                            "mycni-agent: node watch resumed after {failures} failed attempts: {count} nodes listed, {}",
+                        log::info!(
+                            "node watch resumed after {failures} failed attempts: {count} nodes listed, {}",
                             if changed { "routes updated" } else { "no change" }
                         );
                     }
