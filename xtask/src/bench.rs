@@ -6,24 +6,18 @@ use crate::{cmd, ebpf, repo_root, setup};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchOptions {
-    /// Under two minutes: fewer rounds, shorter runs.
-    #[arg(long)]
-    quick: bool,
-    /// The agent at 100, 1,000 and 5,000 nodes alone.
-    #[arg(long, conflicts_with = "churn_only")]
-    scale_only: bool,
-    /// SNAT connection churn against kernel MASQUERADE alone (60 s each, 10 s with --quick).
-    #[arg(long)]
-    churn_only: bool,
+    /// Passed to mycni-bench (declared there): --quick (under two minutes), --scale-only (the
+    /// agent at 100, 1,000 and 5,000 nodes alone), --churn-only (SNAT connection churn
+    /// against kernel MASQUERADE alone, 60 s each, 10 s with --quick).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "BENCH ARGS"
+    )]
+    pub args: Vec<String>,
 }
 
 pub fn run(options: &BenchOptions) -> Result<()> {
-    let flags = [
-        (options.quick, "--quick"),
-        (options.scale_only, "--scale-only"),
-        (options.churn_only, "--churn-only"),
-    ];
-    let args = flags.iter().filter(|(on, _)| *on).map(|(_, flag)| *flag);
     if !cmd::is_root() {
         bail!("the benchmark makes network namespaces and loads eBPF programs: run it as root");
     }
@@ -40,7 +34,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     cmd::run(
         cmd::clean(root.join("target/release/mycni-bench"))
             .current_dir(&root)
-            .args(args)
+            .args(&options.args)
             .env("MYCNI_BIN_DIR", root.join("target/release"))
             .env("MYCNI_BENCH_OUT", root.join("target/bench"))
             .env("RUST_BACKTRACE", "0"),

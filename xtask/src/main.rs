@@ -132,6 +132,21 @@ mod tests {
     }
 
     #[test]
+    fn bench_arguments_go_to_the_benchmark_binary() {
+        let Task::Bench(options) = parse(&["bench", "--quick", "--scale-only"])
+            .unwrap()
+            .command
+        else {
+            panic!("not bench");
+        };
+        assert_eq!(options.args, ["--quick", "--scale-only"]);
+        let Task::Test(arguments) = parse(&["test", "--exact", "x"]).unwrap().command else {
+            panic!("not test");
+        };
+        assert_eq!(arguments.args, ["--exact", "x"]);
+    }
+
+    #[test]
     fn tasks_without_options_refuse_arguments() {
         for task in ["setup", "demo", "k8s"] {
             assert!(parse(&[task, "extra"]).is_err(), "{task}");
