@@ -413,6 +413,109 @@ mod tests {
         assert!(parse(&[]).is_err());
     }
 
+    /// The DaemonSet's agent container, as kubelet would start it: the ConfigMap's values
+    /// in its variables, `$(VAR)`s in its arguments expanded.
+    fn daemonset_agent() -> (Vec<String>, Vec<(String, String)>) {
+        use serde::Deserialize;
+        use serde_yaml_ng::Value;
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/mycni.yaml");
+        let text = std::fs::read_to_string(path).expect("deploy/mycni.yaml");
+        let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
+            .map(|doc| Value::deserialize(doc).expect("YAML"))
+            .collect();
+        let kind = |kind: &str| {
+            docs.iter()
+                .find(|d| d["kind"].as_str() == Some(kind))
+                .unwrap_or_else(|| panic!("no {kind}"))
+        };
+        let config = &kind("ConfigMap")["data"];
+        let containers = kind("DaemonSet")["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .expect("containers");
+        let agent = containers
+            .iter()
+            .find(|c| c["name"].as_str() == Some("agent"))
+            .expect("the agent container");
+        let vars: Vec<(String, String)> = agent["env"]
+            .as_sequence()
+            .expect("env")
+            .iter()
+            .map(|var| {
+                let name = var["name"].as_str().expect("name").to_string();
+                let from = &var["valueFrom"];
+                let value = match from["configMapKeyRef"]["key"].as_str() {
+                    Some(key) => config[key].as_str().expect("a ConfigMap value"),
+                    None => match from["fieldRef"]["fieldPath"].as_str() {
+                        Some("spec.nodeName") => "node-1",
+                        Some("status.hostIP") => "192.168.1.11",
+                        other => panic!("{name}: unexpected source {other:?}"),
+                    },
+                };
+                (name, value.to_string())
+            })
+            .collect();
+        let args = agent["args"]
+            .as_sequence()
+            .expect("args")
+            .iter()
+            .map(|arg| {
+                let mut arg = arg.as_str().expect("a string").to_string();
+                for (name, value) in &vars {
+                    arg = arg.replace(&format!("$({name})"), value);
+                }
+                arg
+            })
+            .collect();
+        (args, vars)
+    }
+
+    #[test]
+    fn the_daemonsets_arguments_and_variables_parse() {
+        let (args, vars) = daemonset_agent();
+        // Each MYCNI_* variable must be a `run` flag's variable; given here as that flag
+        // (clap reads variables from the process environment, which a test must not set).
+        let command = AgentCli::command();
+        let run = command.find_subcommand("run").expect("run");
+        let mut flags = Vec::new();
+        for (name, value) in &vars {
+            let flag = run
+                .get_arguments()
+                .find(|arg| arg.get_env() == Some(std::ffi::OsStr::new(name)));
+            match flag.and_then(|arg| arg.get_long()) {
+                Some(long) => flags.push(format!("--{long}={value}")),
+                None => assert!(!name.starts_with("MYCNI_"), "{name} is no flag's variable"),
+            }
+        }
+        let cli = AgentCli::try_parse_from(
+            std::iter::once("mycni-agent".to_string())
+                .chain(args)
+                .chain(flags),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cli.bpffs_root, PathBuf::from("/sys/fs/bpf/mycni"));
+        let AgentCommand::Run(o) = cli.command else {
+            panic!("not run");
+        };
+        assert!(o.in_cluster);
+        assert_eq!(o.node_name.as_deref(), Some("node-1"));
+        assert_eq!(
+            o.cluster_cidr.map(|c| c.to_string()).as_deref(),
+            Some("10.244.0.0/16")
+        );
+        assert_eq!(o.metrics_address.as_deref(), Some("192.168.1.11:9964"));
+        assert_eq!(
+            o.nat_ports,
+            PortRange {
+                min: 61000,
+                max: 65535
+            }
+        );
+        assert_eq!((o.tunnel_mode, o.vni), (TunnelMode::Auto, 1));
+        assert_eq!(o.bpf_log_level, BpfLogLevel::Warn);
+        assert!(o.non_masquerade_cidrs().is_empty());
+        assert_eq!(o.api_server_port.as_deref(), Some("6443"));
+    }
+
     #[test]
     fn every_subcommand_has_help() {
         for sub in AgentCli::command().get_subcommands() {
