@@ -1,0 +1,119 @@
+//! Parsing: the parts of an IPv4 packet the programs decide on, and the context's fields.
+use crate::headers::{
+    ETH_HLEN, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    IP_DST_OFF, IP_MF, IP_OFFSET, IP_SRC_OFF,
+};
+use aya_ebpf::programs::TcContext;
+use mycni_common::{FlowKey, FragmentKey};
+
+/// The parts of an IPv4 packet the programs decide on.
+pub(crate) struct Ipv4 {
+    pub(crate) src: [u8; 4],
+    pub(crate) dst: [u8; 4],
+    pub(crate) proto: u8,
+    /// Offset of the L4 header.
+    pub(crate) l4: usize,
+    /// Ports in host order; ICMP echo: the identifier as both. Zero when not parsed.
+    pub(crate) sport: u16,
+    pub(crate) dport: u16,
+    /// TCP/UDP, or an ICMP echo, of a first (or only) fragment: translatable.
+    pub(crate) has_ports: bool,
+    pub(crate) icmp_type: u8,
+    /// The IP identification (host order), which ties fragments together.
+    pub(crate) id: u16,
+    /// Part of a fragmented datagram (more fragments follow, or a later one).
+    pub(crate) fragmented: bool,
+    /// A fragment after the first: no L4 header.
+    pub(crate) later_fragment: bool,
+}
+
+impl Ipv4 {
+    pub(crate) fn flow(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.src,
+            daddr: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
+
+    pub(crate) fn fragment(&self) -> FragmentKey {
+        FragmentKey {
+            saddr: self.src,
+            daddr: self.dst,
+            id: self.id,
+            proto: self.proto,
+            pad: 0,
+        }
+    }
+
+    pub(crate) fn reply_flow(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.dst,
+            daddr: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+#[inline(always)]
+pub(crate) fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4> {
+    let version_ihl = ctx.load::<u8>(ETH_HLEN).ok()?;
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    // Identification and flags + fragment offset share one 32-bit word.
+    let id_frag = ctx.load::<[u16; 2]>(ETH_HLEN + 4).ok()?;
+    let frag = u16::from_be(id_frag[1]);
+    let proto = ctx.load::<u8>(ETH_HLEN + 9).ok()?;
+    let src = ctx.load::<[u8; 4]>(IP_SRC_OFF).ok()?;
+    let dst = ctx.load::<[u8; 4]>(IP_DST_OFF).ok()?;
+    let l4 = ETH_HLEN + ihl;
+    let mut packet = Ipv4 {
+        src,
+        dst,
+        proto,
+        l4,
+        sport: 0,
+        dport: 0,
+        has_ports: false,
+        icmp_type: 0,
+        id: u16::from_be(id_frag[0]),
+        fragmented: frag & (IP_MF | IP_OFFSET) != 0,
+        later_fragment: frag & IP_OFFSET != 0,
+    };
+    // Later fragments carry no L4 header.
+    if packet.later_fragment {
+        return Some(packet);
+    }
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let ports = ctx.load::<[u16; 2]>(l4).ok()?;
+            packet.sport = u16::from_be(ports[0]);
+            packet.dport = u16::from_be(ports[1]);
+            packet.has_ports = true;
+        }
+        IPPROTO_ICMP => {
+            packet.icmp_type = ctx.load::<u8>(l4).ok()?;
+            if packet.icmp_type == ICMP_ECHO_REQUEST || packet.icmp_type == ICMP_ECHO_REPLY {
+                let id = u16::from_be(ctx.load::<u16>(l4 + 4).ok()?);
+                packet.sport = id;
+                packet.dport = id;
+                packet.has_ports = true;
+            }
+        }
+        _ => {}
+    }
+    Some(packet)
+}
+
+#[inline(always)]
+pub(crate) fn ifindex(ctx: &TcContext) -> u32 {
+    unsafe { (*ctx.skb.skb).ifindex }
+}
