@@ -1,6 +1,7 @@
 //! ARP: a pod's requests answered with the host veth's MAC, anything spoofed dropped.
 use crate::headers::{
     ARP_OP_OFF, ARP_OP_REPLY, ARP_OP_REQUEST, ARP_SHA_OFF, ARP_SPA_OFF, ARP_THA_OFF, ARP_TPA_OFF,
+    ETH_DST_OFF, ETH_SRC_OFF,
 };
 use crate::maps::ENDPOINTS;
 use crate::packet::ifindex;
@@ -67,8 +68,8 @@ pub(crate) fn arp_from_pod(ctx: &TcContext) -> (u32, i32) {
     }
     let host_mac = endpoint.host_mac;
     let reply = ARP_OP_REPLY.to_be();
-    let stored = ctx.store(0, &sha, 0).is_ok()
-        && ctx.store(6, &host_mac, 0).is_ok()
+    let stored = ctx.store(ETH_DST_OFF, &sha, 0).is_ok()
+        && ctx.store(ETH_SRC_OFF, &host_mac, 0).is_ok()
         && ctx.store(ARP_OP_OFF, &reply, 0).is_ok()
         && ctx.store(ARP_SHA_OFF, &host_mac, 0).is_ok()
         && ctx.store(ARP_SPA_OFF, &tpa, 0).is_ok()

@@ -1,6 +1,6 @@
 //! Redirects: straight into a local pod, to another node (direct or through VXLAN), and
 //! the TTL of a routed hop.
-use crate::headers::{AF_INET, IP_CSUM_OFF, IP_TTL_OFF};
+use crate::headers::{AF_INET, ETH_DST_OFF, ETH_SRC_OFF, IP_CSUM_OFF, IP_TTL_OFF};
 use crate::maps::config;
 use aya_ebpf::bindings::{bpf_redir_neigh, bpf_tunnel_key, TC_ACT_SHOT};
 use aya_ebpf::helpers::{
@@ -14,8 +14,8 @@ use mycni_common::{verdict, Route, MARK_FROM_POD, ROUTE_REMOTE_TUNNEL};
 pub(crate) fn deliver_to_pod(ctx: &TcContext, route: &Route) -> Option<i32> {
     let (target, pod_mac, host_mac) = (route.ifindex, route.pod_mac, route.host_mac);
     // The destination pod drops frames not addressed to its own MAC.
-    ctx.store(0, &pod_mac, 0).ok()?;
-    ctx.store(6, &host_mac, 0).ok()?;
+    ctx.store(ETH_DST_OFF, &pod_mac, 0).ok()?;
+    ctx.store(ETH_SRC_OFF, &host_mac, 0).ok()?;
     Some(unsafe { bpf_redirect_peer(target, 0) } as i32)
 }
 

@@ -2,8 +2,8 @@
 //! and `to_netdev` with leaving ones.
 use crate::forward::deliver_to_pod;
 use crate::headers::{
-    ETH_P_IP, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED,
-    IPPROTO_ICMP, PACKET_HOST,
+    ETH_P_IP, ETH_TYPE_OFF, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM,
+    ICMP_TIME_EXCEEDED, IPPROTO_ICMP, PACKET_HOST,
 };
 use crate::maps::{config, route_of, ENDPOINTS, NO_MASQ, ROUTES, STACK_FLOWS};
 use crate::nat::icmp_error::icmp_error_from_pod;
@@ -34,7 +34,7 @@ pub(crate) fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
             return drop;
         }
     }
-    let Ok(ethertype) = ctx.load::<u16>(12) else {
+    let Ok(ethertype) = ctx.load::<u16>(ETH_TYPE_OFF) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
     if u16::from_be(ethertype) != ETH_P_IP {
@@ -117,7 +117,7 @@ pub(crate) fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
         ctx.set_mark(mark & !MARK_FROM_POD);
         return (verdict::TO_STACK, TC_ACT_OK);
     }
-    let Ok(ethertype) = ctx.load::<u16>(12) else {
+    let Ok(ethertype) = ctx.load::<u16>(ETH_TYPE_OFF) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
     if u16::from_be(ethertype) != ETH_P_IP {

@@ -1,7 +1,8 @@
 //! Parsing: the parts of an IPv4 packet the programs decide on, and the context's fields.
 use crate::headers::{
-    ETH_HLEN, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    IP_DST_OFF, IP_MF, IP_OFFSET, IP_SRC_OFF,
+    ETH_HLEN, ICMP_ECHO_ID, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_TYPE, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IP_DST_OFF, IP_ID_OFF, IP_MF, IP_OFFSET, IP_PROTO_OFF,
+    IP_SRC_OFF, IP_VIHL_OFF, L4_SPORT,
 };
 use aya_ebpf::programs::TcContext;
 use mycni_common::{FlowKey, FragmentKey};
@@ -63,15 +64,15 @@ impl Ipv4 {
 
 #[inline(always)]
 pub(crate) fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4> {
-    let version_ihl = ctx.load::<u8>(ETH_HLEN).ok()?;
+    let version_ihl = ctx.load::<u8>(IP_VIHL_OFF).ok()?;
     let ihl = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || ihl < 20 {
+    if version_ihl >> 4 != 4 || ihl < IPV4_HLEN {
         return None;
     }
     // Identification and flags + fragment offset share one 32-bit word.
-    let id_frag = ctx.load::<[u16; 2]>(ETH_HLEN + 4).ok()?;
+    let id_frag = ctx.load::<[u16; 2]>(IP_ID_OFF).ok()?;
     let frag = u16::from_be(id_frag[1]);
-    let proto = ctx.load::<u8>(ETH_HLEN + 9).ok()?;
+    let proto = ctx.load::<u8>(IP_PROTO_OFF).ok()?;
     let src = ctx.load::<[u8; 4]>(IP_SRC_OFF).ok()?;
     let dst = ctx.load::<[u8; 4]>(IP_DST_OFF).ok()?;
     let l4 = ETH_HLEN + ihl;
@@ -94,15 +95,15 @@ pub(crate) fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4> {
     }
     match proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let ports = ctx.load::<[u16; 2]>(l4).ok()?;
+            let ports = ctx.load::<[u16; 2]>(l4 + L4_SPORT).ok()?;
             packet.sport = u16::from_be(ports[0]);
             packet.dport = u16::from_be(ports[1]);
             packet.has_ports = true;
         }
         IPPROTO_ICMP => {
-            packet.icmp_type = ctx.load::<u8>(l4).ok()?;
+            packet.icmp_type = ctx.load::<u8>(l4 + ICMP_TYPE).ok()?;
             if packet.icmp_type == ICMP_ECHO_REQUEST || packet.icmp_type == ICMP_ECHO_REPLY {
-                let id = u16::from_be(ctx.load::<u16>(l4 + 4).ok()?);
+                let id = u16::from_be(ctx.load::<u16>(l4 + ICMP_ECHO_ID).ok()?);
                 packet.sport = id;
                 packet.dport = id;
                 packet.has_ports = true;

@@ -2,7 +2,7 @@
 //! remembers of the packets the node stack delivers to a pod.
 use crate::arp::arp_from_pod;
 use crate::forward::{decrement_ttl, deliver_to_pod, send_to_node};
-use crate::headers::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6};
+use crate::headers::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF};
 use crate::maps::{ENDPOINTS, ROUTES};
 use crate::packet::{ifindex, parse_ipv4};
 use crate::stack_flows::{remember_stack_flow, stack_flow_reply};
@@ -16,7 +16,7 @@ use mycni_common::{
 
 #[inline(always)]
 pub(crate) fn classify_from_pod(ctx: &TcContext) -> (u32, i32) {
-    let Ok(ethertype) = ctx.load::<u16>(12) else {
+    let Ok(ethertype) = ctx.load::<u16>(ETH_TYPE_OFF) else {
         event!(
             ctx,
             Debug,
@@ -155,7 +155,7 @@ pub(crate) fn classify_to_pod(ctx: &TcContext) -> i32 {
         ctx.set_mark(mark & !MARK_REVERSE_NAT);
         return TC_ACT_OK;
     }
-    if let Ok(ethertype) = ctx.load::<u16>(12) {
+    if let Ok(ethertype) = ctx.load::<u16>(ETH_TYPE_OFF) {
         if u16::from_be(ethertype) == ETH_P_IP {
             if let Some(packet) = parse_ipv4(ctx) {
                 remember_stack_flow(&packet);

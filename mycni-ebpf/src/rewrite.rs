@@ -1,5 +1,8 @@
 //! Address and port rewrites with their IP and L4 checksum updates.
-use crate::headers::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF};
+use crate::headers::{
+    ICMP_CHECK, ICMP_ECHO_ID, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IP_CSUM_OFF, IP_DST_OFF,
+    IP_SRC_OFF, L4_DPORT, L4_SPORT, TCP_CHECK, UDP_CHECK,
+};
 use crate::packet::Ipv4;
 use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
 use aya_ebpf::programs::TcContext;
@@ -8,10 +11,10 @@ use aya_ebpf::programs::TcContext;
 #[inline(always)]
 pub(crate) fn l4_checksum(packet: &Ipv4) -> (usize, u64) {
     match packet.proto {
-        IPPROTO_TCP => (packet.l4 + 16, 0),
+        IPPROTO_TCP => (packet.l4 + TCP_CHECK, 0),
         // A zero UDP checksum means "none" and must stay zero.
-        IPPROTO_UDP => (packet.l4 + 6, BPF_F_MARK_MANGLED_0 as u64),
-        _ => (packet.l4 + 2, 0),
+        IPPROTO_UDP => (packet.l4 + UDP_CHECK, BPF_F_MARK_MANGLED_0 as u64),
+        _ => (packet.l4 + ICMP_CHECK, 0),
     }
 }
 
@@ -42,9 +45,9 @@ pub(crate) fn rewrite_source(
     port: u16,
 ) -> Option<()> {
     let port_off = if packet.proto == IPPROTO_ICMP {
-        packet.l4 + 4
+        packet.l4 + ICMP_ECHO_ID
     } else {
-        packet.l4
+        packet.l4 + L4_SPORT
     };
     rewrite(
         ctx,
@@ -66,9 +69,9 @@ pub(crate) fn rewrite_destination(
     port: u16,
 ) -> Option<()> {
     let port_off = if packet.proto == IPPROTO_ICMP {
-        packet.l4 + 4
+        packet.l4 + ICMP_ECHO_ID
     } else {
-        packet.l4 + 2
+        packet.l4 + L4_DPORT
     };
     rewrite(
         ctx,

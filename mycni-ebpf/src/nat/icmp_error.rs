@@ -1,7 +1,9 @@
 //! ICMP errors about masqueraded flows: translated to the pod on the way in, to the node IP
 //! on the way out, quote included.
 use crate::headers::{
-    ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IP_DST_OFF, IP_SRC_OFF,
+    ICMP_CHECK, ICMP_ECHO_ID, ICMP_ECHO_REQUEST, ICMP_HLEN, ICMP_TYPE, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP, IPV4_CHECK, IPV4_DST, IPV4_HLEN, IPV4_PROTO, IPV4_SRC, IPV4_VIHL, IP_DST_OFF,
+    IP_SRC_OFF, L4_DPORT, L4_SPORT,
 };
 use crate::maps::{NAT, STACK_FLOWS};
 use crate::packet::Ipv4;
@@ -20,18 +22,18 @@ pub(crate) fn icmp_error_to_pod(
     packet: &Ipv4,
     cfg: &NodeConfig,
 ) -> Result<Option<u32>, ()> {
-    let inner = packet.l4 + 8;
-    let Ok(version_ihl) = ctx.load::<u8>(inner) else {
+    let inner = packet.l4 + ICMP_HLEN;
+    let Ok(version_ihl) = ctx.load::<u8>(inner + IPV4_VIHL) else {
         return Ok(None);
     };
     let ihl = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || ihl < 20 {
+    if version_ihl >> 4 != 4 || ihl < IPV4_HLEN {
         return Ok(None);
     }
     let (Ok(proto), Ok(inner_src), Ok(inner_dst)) = (
-        ctx.load::<u8>(inner + 9),
-        ctx.load::<[u8; 4]>(inner + 12),
-        ctx.load::<[u8; 4]>(inner + 16),
+        ctx.load::<u8>(inner + IPV4_PROTO),
+        ctx.load::<[u8; 4]>(inner + IPV4_SRC),
+        ctx.load::<[u8; 4]>(inner + IPV4_DST),
     ) else {
         return Ok(None);
     };
@@ -41,22 +43,24 @@ pub(crate) fn icmp_error_to_pod(
     let inner_l4 = inner + ihl;
     let (port_off, key) = match proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let Ok(ports) = ctx.load::<[u16; 2]>(inner_l4) else {
+            let Ok(ports) = ctx.load::<[u16; 2]>(inner_l4 + L4_SPORT) else {
                 return Ok(None);
             };
             let (sport, dport) = (u16::from_be(ports[0]), u16::from_be(ports[1]));
-            (inner_l4, (dport, sport))
+            (inner_l4 + L4_SPORT, (dport, sport))
         }
         IPPROTO_ICMP => {
-            let (Ok(kind), Ok(id)) = (ctx.load::<u8>(inner_l4), ctx.load::<u16>(inner_l4 + 4))
-            else {
+            let (Ok(kind), Ok(id)) = (
+                ctx.load::<u8>(inner_l4 + ICMP_TYPE),
+                ctx.load::<u16>(inner_l4 + ICMP_ECHO_ID),
+            ) else {
                 return Ok(None);
             };
             if kind != ICMP_ECHO_REQUEST {
                 return Ok(None);
             }
             let id = u16::from_be(id);
-            (inner_l4 + 4, (id, id))
+            (inner_l4 + ICMP_ECHO_ID, (id, id))
         }
         _ => return Ok(None),
     };
@@ -77,7 +81,7 @@ pub(crate) fn icmp_error_to_pod(
     rewrite_quote(
         ctx,
         packet,
-        inner + 12,
+        inner + IPV4_SRC,
         cfg.node_ip,
         pod,
         port_off,
@@ -90,7 +94,7 @@ pub(crate) fn icmp_error_to_pod(
 }
 
 /// Rewrites an address and a port in the packet an ICMP error quotes (`addr_off` inside
-/// the quoted IP header at `packet.l4 + 8`), fixing the quoted IP header's checksum and
+/// the quoted IP header after the ICMP header), fixing the quoted IP header's checksum and
 /// the ICMP checksum, which covers the whole quote.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -104,17 +108,18 @@ pub(crate) fn rewrite_quote(
     old_port: u16,
     new_port: u16,
 ) -> Option<()> {
-    let inner = packet.l4 + 8;
-    let icmp_csum = packet.l4 + 2;
+    let inner = packet.l4 + ICMP_HLEN;
+    let icmp_csum = packet.l4 + ICMP_CHECK;
     let (old_a, new_a) = (
         u32::from_ne_bytes(old_addr) as u64,
         u32::from_ne_bytes(new_addr) as u64,
     );
     // The quoted IP header's checksum first, then the address; the ICMP checksum covers
     // both changes.
-    let old_csum = ctx.load::<u16>(inner + 10).ok()?;
-    ctx.l3_csum_replace(inner + 10, old_a, new_a, 4).ok()?;
-    let new_csum = ctx.load::<u16>(inner + 10).ok()?;
+    let old_csum = ctx.load::<u16>(inner + IPV4_CHECK).ok()?;
+    ctx.l3_csum_replace(inner + IPV4_CHECK, old_a, new_a, 4)
+        .ok()?;
+    let new_csum = ctx.load::<u16>(inner + IPV4_CHECK).ok()?;
     ctx.l4_csum_replace(icmp_csum, old_csum as u64, new_csum as u64, 2)
         .ok()?;
     ctx.l4_csum_replace(icmp_csum, old_a, new_a, 4).ok()?;
@@ -131,23 +136,23 @@ pub(crate) fn rewrite_quote(
 /// leaves untouched (`STACK_FLOW_REPLY`). `None`: about no flow we know.
 #[inline(always)]
 pub(crate) fn icmp_error_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<u32> {
-    let inner = packet.l4 + 8;
-    let version_ihl = ctx.load::<u8>(inner).ok()?;
+    let inner = packet.l4 + ICMP_HLEN;
+    let version_ihl = ctx.load::<u8>(inner + IPV4_VIHL).ok()?;
     let ihl = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || ihl < 20 {
+    if version_ihl >> 4 != 4 || ihl < IPV4_HLEN {
         return None;
     }
-    let proto = ctx.load::<u8>(inner + 9).ok()?;
+    let proto = ctx.load::<u8>(inner + IPV4_PROTO).ok()?;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }
-    let peer = ctx.load::<[u8; 4]>(inner + 12).ok()?;
-    let pod = ctx.load::<[u8; 4]>(inner + 16).ok()?;
+    let peer = ctx.load::<[u8; 4]>(inner + IPV4_SRC).ok()?;
+    let pod = ctx.load::<[u8; 4]>(inner + IPV4_DST).ok()?;
     if pod != packet.src {
         return None;
     }
     let inner_l4 = inner + ihl;
-    let ports = ctx.load::<[u16; 2]>(inner_l4).ok()?;
+    let ports = ctx.load::<[u16; 2]>(inner_l4 + L4_SPORT).ok()?;
     let (peer_port, pod_port) = (u16::from_be(ports[0]), u16::from_be(ports[1]));
     let forward = FlowKey {
         saddr: pod,
@@ -170,10 +175,10 @@ pub(crate) fn icmp_error_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<u32>
     rewrite_quote(
         ctx,
         packet,
-        inner + 16,
+        inner + IPV4_DST,
         pod,
         node_ip,
-        inner_l4 + 2,
+        inner_l4 + L4_DPORT,
         pod_port,
         nat_port,
     )?;

@@ -4,7 +4,7 @@ use super::icmp_error::icmp_error_to_pod;
 use crate::fragments::remember_fragment;
 use crate::headers::{
     ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IPPROTO_ICMP,
-    IPPROTO_TCP, IP_DST_OFF, TCP_FIN, TCP_RST,
+    IPPROTO_TCP, IP_DST_OFF, TCP_FIN, TCP_FLAGS, TCP_RST,
 };
 use crate::maps::{FRAGMENTS, NAT};
 use crate::packet::Ipv4;
@@ -67,7 +67,7 @@ pub(crate) fn reverse_nat(
 pub(crate) fn track_reply(ctx: &TcContext, packet: &Ipv4, entry: *mut NatEntry) {
     let mut events = nat_state::REPLIED;
     if packet.proto == IPPROTO_TCP {
-        let flags = ctx.load::<u8>(packet.l4 + 13).unwrap_or(0);
+        let flags = ctx.load::<u8>(packet.l4 + TCP_FLAGS).unwrap_or(0);
         if flags & TCP_FIN != 0 {
             events |= nat_state::TCP_FIN_IN;
         }

@@ -4,7 +4,7 @@ use super::flow::{pod_events, reply_key};
 use super::ports::{allocate_port, PortError};
 use super::refuse::{refuse_tcp, refuse_with_icmp};
 use crate::fragments::remember_fragment;
-use crate::headers::{IPPROTO_TCP, IP_SRC_OFF, TCP_ACK, TCP_SYN};
+use crate::headers::{IPPROTO_TCP, IP_SRC_OFF, TCP_ACK, TCP_FLAGS, TCP_SYN};
 use crate::maps::{FRAGMENTS, NAT};
 use crate::packet::Ipv4;
 use crate::rewrite::{rewrite_address, rewrite_source};
@@ -62,7 +62,7 @@ pub(crate) fn untranslatable(ctx: &TcContext, packet: &Ipv4) -> (u32, i32) {
 pub(crate) fn snat(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> (u32, i32) {
     let now = unsafe { bpf_ktime_get_ns() };
     let tcp_flags = if packet.proto == IPPROTO_TCP {
-        ctx.load::<u8>(packet.l4 + 13).unwrap_or(0)
+        ctx.load::<u8>(packet.l4 + TCP_FLAGS).unwrap_or(0)
     } else {
         0
     };
