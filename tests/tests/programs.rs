@@ -11,6 +11,7 @@
 //! ends. The tests' bodies run one at a time on that thread, each after the flow tables and
 //! counters are emptied.
 use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
@@ -84,11 +85,15 @@ struct Datapath {
     programs: Vec<(&'static str, SchedClassifier)>,
     dev: Devices,
     root: PathBuf,
+    /// Holds `from_netdev` for the tunnel shim's tail call.
+    _tail: OwnedFd,
 }
 
 /// Indexes of the `__sk_buff` fields a test sets or reads (u32 words).
 const SKB_MARK: usize = 2;
 const SKB_IFINDEX: usize = 10;
+/// `cb[0]` and `cb[1]`: what the tunnel shim puts in the tunnel key.
+const SKB_CB: usize = 12;
 /// Room for the whole `__sk_buff`: the kernel writes all of it back.
 const SKB_WORDS: usize = 64;
 
@@ -200,14 +205,22 @@ impl Datapath {
         };
         let root = PathBuf::from("/sys/fs/bpf/mycni");
         datapath::load_and_pin(&root)?;
-        let programs = [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_NETDEV, PROG_TO_NETDEV]
-            .into_iter()
-            .map(|name| Ok((name, SchedClassifier::from_pin(root.join(name))?)))
-            .collect::<Result<_>>()?;
+        let tail = tunnel_shim::load(&root.join(PROG_FROM_NETDEV), &root.join(TUNNEL_SHIM))?;
+        let programs = [
+            PROG_FROM_POD,
+            PROG_TO_POD,
+            PROG_FROM_NETDEV,
+            PROG_TO_NETDEV,
+            TUNNEL_SHIM,
+        ]
+        .into_iter()
+        .map(|name| Ok((name, SchedClassifier::from_pin(root.join(name))?)))
+        .collect::<Result<_>>()?;
         let datapath = Datapath {
             programs,
             dev,
             root,
+            _tail: tail,
         };
         datapath.fill_maps()?;
         Ok(datapath)
@@ -287,10 +300,24 @@ impl Datapath {
 
     /// Runs `program` once on `frame` as if it arrived on `ifindex` with `mark`.
     fn run_marked(&self, program: &str, ifindex: u32, mark: u32, frame: &[u8]) -> Result<Run> {
+        self.run_with(program, ifindex, mark, [0; 2], frame)
+    }
+
+    /// Runs `program` once on `frame` as if it arrived on `ifindex` with `mark` and
+    /// `cb[0..2]` set to `cb`.
+    fn run_with(
+        &self,
+        program: &str,
+        ifindex: u32,
+        mark: u32,
+        cb: [u32; 2],
+        frame: &[u8],
+    ) -> Result<Run> {
         let program = self.program(program)?;
         let mut ctx_in = [0u32; SKB_WORDS];
         ctx_in[SKB_MARK] = mark;
         ctx_in[SKB_IFINDEX] = ifindex;
+        ctx_in[SKB_CB..SKB_CB + 2].copy_from_slice(&cb);
         let ctx_in: Vec<u8> = ctx_in.iter().flat_map(|w| w.to_ne_bytes()).collect();
         let mut ctx_out = vec![0u8; SKB_WORDS * 4];
         let mut data_out = vec![0u8; 4096];
@@ -373,6 +400,190 @@ fn clear<K: Pod, V: Pod>(root: &Path, name: &str) -> Result<()> {
         map.remove(&key)?;
     }
     Ok(())
+}
+
+/// The pin of the tunnel shim, beside the datapath's programs.
+const TUNNEL_SHIM: &str = "tunnel_shim";
+/// What the tunnel shim returns when its tail call into `from_netdev` fails.
+const SHIM_TAIL_CALL_FAILED: u32 = 99;
+
+/// A packet the VXLAN device decapsulated carries its tunnel key as skb metadata, which
+/// `BPF_PROG_TEST_RUN` cannot supply. The shim, a few hand-assembled instructions, sets the
+/// key from `cb[0]` (VNI) and `cb[1]` (sender, host order) with `bpf_skb_set_tunnel_key`
+/// (the kernel reports the key's `local_ipv4` as the remote end to
+/// `bpf_skb_get_tunnel_key`) and tail-calls `from_netdev`, whose result is then the run's.
+/// A thin adapter over the `bpf()` syscall: aya loads programs only from objects.
+mod tunnel_shim {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::path::Path;
+
+    use anyhow::{bail, Context, Result};
+
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    const BPF_PSEUDO_MAP_FD: u8 = 1;
+    const HELPER_TAIL_CALL: i32 = 12;
+    const HELPER_SKB_SET_TUNNEL_KEY: i32 = 21;
+    /// `sizeof(struct bpf_tunnel_key)`, and where its `local_ipv4` sits.
+    const TUNNEL_KEY_LEN: i32 = 44;
+    const TUNNEL_KEY_LOCAL_IPV4: i16 = 28;
+    /// `offsetof(struct __sk_buff, cb)`.
+    const SKB_CB_OFF: i16 = 48;
+    /// Where the key sits on the shim's stack (below r10).
+    const KEY: i16 = -48;
+
+    /// A `bpf()` attribute block: the kernel reads the first fields of the command's
+    /// member of `union bpf_attr` and wants the rest zero.
+    #[repr(C, align(8))]
+    struct Attr([u8; 128]);
+
+    impl Attr {
+        fn new() -> Attr {
+            Attr([0; 128])
+        }
+
+        fn u32(&mut self, offset: usize, value: u32) -> &mut Attr {
+            self.0[offset..offset + 4].copy_from_slice(&value.to_ne_bytes());
+            self
+        }
+
+        fn u64(&mut self, offset: usize, value: u64) -> &mut Attr {
+            self.0[offset..offset + 8].copy_from_slice(&value.to_ne_bytes());
+            self
+        }
+    }
+
+    fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
+        // SAFETY: `attr` is a valid, writable 128-byte block that outlives the call; every
+        // pointer stored in it points to memory the caller keeps alive across the call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr.0.as_mut_ptr(),
+                attr.0.len() as libc::c_uint,
+            )
+        };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(ret)
+    }
+
+    /// Runs a `bpf()` command that returns a new fd.
+    fn bpf_fd(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<OwnedFd> {
+        let fd = bpf(cmd, attr)?;
+        // SAFETY: these commands return a new fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// One `struct bpf_insn`.
+    fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+        let mut raw = [0u8; 8];
+        raw[0] = code;
+        raw[1] = (src << 4) | dst;
+        raw[2..4].copy_from_slice(&off.to_le_bytes());
+        raw[4..8].copy_from_slice(&imm.to_le_bytes());
+        raw
+    }
+
+    /// The shim's instructions, tail-calling through the program array `array`.
+    fn program(array: i32) -> Vec<u8> {
+        const R0: u8 = 0;
+        const R1: u8 = 1;
+        const R2: u8 = 2;
+        const R3: u8 = 3;
+        const R4: u8 = 4;
+        const R6: u8 = 6;
+        const R10: u8 = 10;
+        let mut code = vec![insn(0xbf, R6, R1, 0, 0)]; // r6 = r1 (the context)
+        for off in (KEY..0).step_by(8) {
+            code.push(insn(0x7a, R10, 0, off, 0)); // *(u64 *)(r10 + off) = 0
+        }
+        code.extend([
+            insn(0x61, R2, R6, SKB_CB_OFF, 0),                   // r2 = cb[0]
+            insn(0x63, R10, R2, KEY, 0),                         // key.tunnel_id = r2
+            insn(0x61, R2, R6, SKB_CB_OFF + 4, 0),               // r2 = cb[1]
+            insn(0x63, R10, R2, KEY + TUNNEL_KEY_LOCAL_IPV4, 0), // key.local_ipv4 = r2
+            insn(0xbf, R1, R6, 0, 0),                            // r1 = ctx
+            insn(0xbf, R2, R10, 0, 0),                           // r2 = r10
+            insn(0x07, R2, 0, 0, KEY as i32),                    // r2 += KEY
+            insn(0xb7, R3, 0, 0, TUNNEL_KEY_LEN),                // r3 = sizeof key
+            insn(0xb7, R4, 0, 0, 0),                             // r4 = 0 (flags)
+            insn(0x85, 0, 0, 0, HELPER_SKB_SET_TUNNEL_KEY),      // call
+            insn(0xbf, R1, R6, 0, 0),                            // r1 = ctx
+            insn(0x18, R2, BPF_PSEUDO_MAP_FD, 0, array),         // r2 = the array
+            insn(0, 0, 0, 0, 0),                                 //   (its upper half)
+            insn(0xb7, R3, 0, 0, 0),                             // r3 = 0 (the slot)
+            insn(0x85, 0, 0, 0, HELPER_TAIL_CALL),               // call: no return
+            insn(0xb7, R0, 0, 0, super::SHIM_TAIL_CALL_FAILED as i32), // r0 = failed
+            insn(0x95, 0, 0, 0, 0),                              // exit
+        ]);
+        code.concat()
+    }
+
+    /// Loads the shim with a one-slot program array holding the program pinned at
+    /// `from_netdev`, and pins the shim at `pin`. Returns the array (keep it open).
+    pub fn load(from_netdev: &Path, pin: &Path) -> Result<OwnedFd> {
+        let array = bpf_fd(
+            BPF_MAP_CREATE,
+            Attr::new()
+                .u32(0, BPF_MAP_TYPE_PROG_ARRAY)
+                .u32(4, 4)
+                .u32(8, 4)
+                .u32(12, 1),
+        )
+        .context("creating the program array")?;
+        let code = program(array.as_raw_fd());
+        let license = CString::new("GPL")?;
+        let mut log = vec![0u8; 64 * 1024];
+        let mut attr = Attr::new();
+        attr.u32(0, BPF_PROG_TYPE_SCHED_CLS)
+            .u32(4, (code.len() / 8) as u32)
+            .u64(8, code.as_ptr() as u64)
+            .u64(16, license.as_ptr() as u64)
+            .u32(24, 1)
+            .u32(28, log.len() as u32)
+            .u64(32, log.as_mut_ptr() as u64);
+        let shim = match bpf_fd(BPF_PROG_LOAD, &mut attr) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let log = String::from_utf8_lossy(&log);
+                bail!(
+                    "loading the tunnel shim: {e}\n{}",
+                    log.trim_end_matches('\0')
+                );
+            }
+        };
+        let target_path = CString::new(from_netdev.as_os_str().as_encoded_bytes())?;
+        let target = bpf_fd(BPF_OBJ_GET, Attr::new().u64(0, target_path.as_ptr() as u64))
+            .context("opening from_netdev's pin")?;
+        let slot = 0u32;
+        let value = target.as_raw_fd() as u32;
+        bpf(
+            BPF_MAP_UPDATE_ELEM,
+            Attr::new()
+                .u32(0, array.as_raw_fd() as u32)
+                .u64(8, &slot as *const u32 as u64)
+                .u64(16, &value as *const u32 as u64),
+        )
+        .context("putting from_netdev in the program array")?;
+        let pin_path = CString::new(pin.as_os_str().as_encoded_bytes())?;
+        bpf(
+            BPF_OBJ_PIN,
+            Attr::new()
+                .u64(0, pin_path.as_ptr() as u64)
+                .u32(8, shim.as_raw_fd() as u32),
+        )
+        .context("pinning the tunnel shim")?;
+        Ok(array)
+    }
 }
 
 // ---- Crafted packets ----
@@ -1089,10 +1300,39 @@ fn a_packet_on_the_vxlan_device_without_tunnel_metadata_is_dropped() -> Result<(
 }
 
 #[test]
+fn vxlan_from_a_foreign_vni_or_sender_is_dropped_and_from_a_peer_delivered() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let frame = from_router(&ip(TUNNEL_POD, POD_A).udp(5000, 53, b"q"));
+        let cases = [
+            (VNI, TUNNEL_PEER, TC_ACT_REDIRECT),
+            (VNI + 1, TUNNEL_PEER, TC_ACT_SHOT),
+            (VNI, OUTSIDE, TC_ACT_SHOT),
+        ];
+        for (vni, sender, action) in cases {
+            let run = dp.run_with(TUNNEL_SHIM, dp.dev.tunnel, 0, [vni, sender.into()], &frame)?;
+            ensure!(
+                run.action != SHIM_TAIL_CALL_FAILED,
+                "the shim could not tail-call from_netdev"
+            );
+            ensure!(
+                run.action == action,
+                "VNI {vni} from {sender}: returned {}, expected {action}",
+                run.action
+            );
+        }
+        dp.expect_counts(&[
+            (verdict::DELIVERED_FROM_NETDEV, 1),
+            (verdict::DROP_TUNNEL_FOREIGN, 2),
+        ])
+    })
+}
+
+#[test]
 fn the_programs_pass_the_verifier_and_report_their_size() -> Result<()> {
     require_root!();
     with_datapath(|dp| {
-        for (name, program) in &dp.programs {
+        for (name, program) in dp.programs.iter().filter(|(n, _)| *n != TUNNEL_SHIM) {
             let info = program.info()?;
             let translated = info.size_translated().unwrap_or(0);
             eprintln!(
