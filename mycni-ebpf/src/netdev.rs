@@ -5,16 +5,15 @@ use crate::headers::{
     ETH_P_IP, ETH_TYPE_OFF, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM,
     ICMP_TIME_EXCEEDED, IPPROTO_ICMP, PACKET_HOST,
 };
-use crate::maps::{config, route_of, ENDPOINTS, NO_MASQ, ROUTES, STACK_FLOWS};
+use crate::maps::{config, route_of, ENDPOINTS, NO_MASQ, ROUTES};
 use crate::nat::icmp_error::icmp_error_from_pod;
 use crate::nat::reverse::reverse_nat;
 use crate::nat::snat::{snat, snat_later_fragment, untranslatable};
 use crate::packet::{ifindex, parse_ipv4};
-use crate::stack_flows::stack_flow_reply;
+use crate::stack_flows::{remember_stack_flow, stack_flow_reply};
 use crate::tunnel::foreign_tunnel_sender;
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
 use aya_ebpf::btf_maps::lpm_trie::Key;
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::programs::TcContext;
 use mycni_common::{
     verdict, MARK_FROM_POD, MARK_REVERSE_NAT, ROUTE_LOCAL_CIDR, ROUTE_LOCAL_ENDPOINT,
@@ -132,10 +131,7 @@ pub(crate) fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
     if ROUTES.get(&Key::new(32, packet.dst)).is_some() {
         // A local pod's flow to another pod that the stack routed (e.g. DNATed from a
         // ClusterIP): its replies must come back through the stack.
-        if packet.has_ports {
-            let now = unsafe { bpf_ktime_get_ns() };
-            let _ = STACK_FLOWS.insert(packet.reply_flow(), now, 0);
-        }
+        remember_stack_flow(&packet);
         return (verdict::TO_STACK, TC_ACT_OK);
     }
     let Some(cfg) = config() else {
