@@ -1,11 +1,15 @@
 //! Protocol numbers, flags and header offsets of the frames the programs read and write.
 //!
-//! Layouts come from `network-types`' `#[repr(C)]` headers through `offset_of!` and `LEN`:
-//! compile-time constants, so the programs still load each field with one
-//! `bpf_skb_load_bytes` at a fixed offset and the verifier sees the same code as with
-//! hand-kept offsets (the object was compared instruction by instruction). Reading whole
-//! header structs instead would change which bytes each load needs: a packet is accepted or
-//! dropped on exactly the bytes it has today.
+//! Layouts come from `network-types`' `#[repr(C)]` headers: through `offset_of!` and `LEN`,
+//! compile-time constants, wherever the programs read or write single fields (the same
+//! instructions as hand-kept offsets: the object was compared instruction by instruction),
+//! and as the struct itself where `parse_ipv4` reads the fixed IPv4 header, which every
+//! packet of every program goes through, in one `bpf_skb_load_bytes` instead of five (same
+//! bytes needed: the field loads already reached its last one). Measured with
+//! `BPF_PROG_TEST_RUN` (200,000 repeats, median of 7, three rounds interleaved): 25-35% less
+//! time per run for each program (`from_pod` local redirect about 205 ns instead of 285,
+//! reverse NAT 147 instead of 230), and the verifier walks 28% fewer instructions on
+//! `to_netdev`; the programs are 20 to 41 instructions longer.
 use core::mem::offset_of;
 
 use network_types::{
@@ -63,10 +67,7 @@ pub(crate) const IPV4_CHECK: usize = offset_of!(Ipv4Hdr, check);
 pub(crate) const IPV4_SRC: usize = offset_of!(Ipv4Hdr, src_addr);
 pub(crate) const IPV4_DST: usize = offset_of!(Ipv4Hdr, dst_addr);
 // Offsets inside an Ethernet + IPv4 frame.
-pub(crate) const IP_VIHL_OFF: usize = ETH_HLEN + IPV4_VIHL;
 pub(crate) const IP_TOT_LEN_OFF: usize = ETH_HLEN + IPV4_TOT_LEN;
-pub(crate) const IP_ID_OFF: usize = ETH_HLEN + IPV4_ID;
-pub(crate) const IP_PROTO_OFF: usize = ETH_HLEN + IPV4_PROTO;
 pub(crate) const IP_TTL_OFF: usize = ETH_HLEN + IPV4_TTL;
 pub(crate) const IP_CSUM_OFF: usize = ETH_HLEN + IPV4_CHECK;
 pub(crate) const IP_SRC_OFF: usize = ETH_HLEN + IPV4_SRC;

@@ -1,11 +1,11 @@
 //! Parsing: the parts of an IPv4 packet the programs decide on, and the context's fields.
 use crate::headers::{
     ETH_HLEN, ICMP_ECHO_ID, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_TYPE, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IP_DST_OFF, IP_ID_OFF, IP_MF, IP_OFFSET, IP_PROTO_OFF,
-    IP_SRC_OFF, IP_VIHL_OFF, L4_SPORT,
+    IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IP_MF, IP_OFFSET, L4_SPORT,
 };
 use aya_ebpf::programs::TcContext;
 use mycni_common::{FlowKey, FragmentKey};
+use network_types::ip::Ipv4Hdr;
 
 /// The parts of an IPv4 packet the programs decide on.
 pub(crate) struct Ipv4 {
@@ -64,28 +64,26 @@ impl Ipv4 {
 
 #[inline(always)]
 pub(crate) fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4> {
-    let version_ihl = ctx.load::<u8>(IP_VIHL_OFF).ok()?;
-    let ihl = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || ihl < IPV4_HLEN {
+    // The whole fixed header in one load: a packet shorter than that was refused before
+    // too (the fields read reach its last byte).
+    let header = ctx.load::<Ipv4Hdr>(ETH_HLEN).ok()?;
+    let ihl = header.ihl() as usize;
+    if header.version() != 4 || ihl < IPV4_HLEN {
         return None;
     }
-    // Identification and flags + fragment offset share one 32-bit word.
-    let id_frag = ctx.load::<[u16; 2]>(IP_ID_OFF).ok()?;
-    let frag = u16::from_be(id_frag[1]);
-    let proto = ctx.load::<u8>(IP_PROTO_OFF).ok()?;
-    let src = ctx.load::<[u8; 4]>(IP_SRC_OFF).ok()?;
-    let dst = ctx.load::<[u8; 4]>(IP_DST_OFF).ok()?;
+    let frag = u16::from_be_bytes(header.frags);
+    let proto = header.proto;
     let l4 = ETH_HLEN + ihl;
     let mut packet = Ipv4 {
-        src,
-        dst,
+        src: header.src_addr,
+        dst: header.dst_addr,
         proto,
         l4,
         sport: 0,
         dport: 0,
         has_ports: false,
         icmp_type: 0,
-        id: u16::from_be(id_frag[0]),
+        id: u16::from_be_bytes(header.id),
         fragmented: frag & (IP_MF | IP_OFFSET) != 0,
         later_fragment: frag & IP_OFFSET != 0,
     };
