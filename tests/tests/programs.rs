@@ -370,6 +370,13 @@ impl Datapath {
         let data = MapData::from_pin(self.root.join(MAP_FRAGMENTS))?;
         Ok(BpfHashMap::try_from(Map::LruHashMap(data))?)
     }
+
+    /// The reply tuples `STACK_FLOWS` holds.
+    fn stack_flows(&self) -> Result<Vec<FlowKey>> {
+        let data = MapData::from_pin(self.root.join(MAP_STACK_FLOWS))?;
+        let map: BpfHashMap<MapData, FlowKey, u64> = BpfHashMap::try_from(Map::LruHashMap(data))?;
+        Ok(map.keys().collect::<Result<_, _>>()?)
+    }
 }
 
 fn named(counts: &[u64]) -> Vec<(&'static str, u64)> {
@@ -1123,6 +1130,128 @@ fn a_new_tcp_flow_without_a_free_port_is_refused_with_a_reset() -> Result<()> {
         );
         checksums_verify(&run.frame)?;
         dp.expect_counts(&[(verdict::SNAT, 1), (verdict::DROP_NAT_EXHAUSTED, 1)])
+    })
+}
+
+#[test]
+fn a_new_udp_flow_without_a_free_port_is_refused_with_icmp_prohibited() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let first = from_router(&ip(POD_A, OUTSIDE).udp(5353, 53, b"first"));
+        expect_action(&dp.run(PROG_TO_NETDEV, dp.dev.uplink, &first)?, TC_ACT_OK)?;
+        let datagram = ip(POD_B, OUTSIDE).udp(5354, 53, b"second query");
+        let run = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &from_router(&datagram))?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        let out = seen(&run.frame)?;
+        ensure!(
+            (out.eth_dst, out.eth_src, out.src, out.dst, out.proto)
+                == (POD_B_MAC, HOST_B_MAC, NODE_IP, POD_B, IPPROTO_ICMP),
+            "not an ICMP error to pod B: {out:?}"
+        );
+        let icmp = &run.frame[14 + 20..];
+        ensure!(
+            icmp[..2] == [3, 13] && icmp[8..] == datagram[..28],
+            "not a \"communication administratively prohibited\" quoting the datagram: {icmp:02x?}"
+        );
+        checksums_verify(&run.frame)?;
+        dp.expect_counts(&[(verdict::SNAT, 1), (verdict::DROP_NAT_EXHAUSTED, 1)])
+    })
+}
+
+#[test]
+fn a_new_tcp_connection_takes_over_the_port_of_a_reset_one() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let syn = from_router(&ip(POD_A, OUTSIDE).tcp(40000, 443, TCP_SYN, 100, 0));
+        expect_action(&dp.run(PROG_TO_NETDEV, dp.dev.uplink, &syn)?, TC_ACT_OK)?;
+        let rst = from_router(&ip(POD_A, OUTSIDE).tcp(40000, 443, TCP_RST, 101, 0));
+        expect_action(&dp.run(PROG_TO_NETDEV, dp.dev.uplink, &rst)?, TC_ACT_OK)?;
+        // The only port is held by a closed connection: pod B's SYN gets it.
+        let other = from_router(&ip(POD_B, OUTSIDE).tcp(40001, 443, TCP_SYN, 555, 0));
+        let run = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &other)?;
+        expect_action(&run, TC_ACT_OK)?;
+        let leaving = seen(&run.frame)?;
+        ensure!(
+            (leaving.src, leaving.sport) == (NODE_IP, NAT_PORT),
+            "not masqueraded to the freed port: {leaving:?}"
+        );
+        let entries = NatTable::open(&dp.root)?.entries()?;
+        ensure!(
+            entries.len() == 2
+                && entries
+                    .iter()
+                    .all(|(k, e)| k.saddr == POD_B.octets() || e.addr == POD_B.octets()),
+            "the reset flow's entries are still there: {entries:?}"
+        );
+        dp.expect_counts(&[(verdict::SNAT, 3)])
+    })
+}
+
+#[test]
+fn a_pods_icmp_error_about_a_masqueraded_flow_leaves_from_the_node_ip() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let query = from_router(&ip(POD_A, OUTSIDE).udp(5353, 53, b"q"));
+        expect_action(&dp.run(PROG_TO_NETDEV, dp.dev.uplink, &query)?, TC_ACT_OK)?;
+        // The answer, translated back, reaches the pod, whose socket is gone by then.
+        let answer = ip(OUTSIDE, POD_A).udp(53, 5353, b"late answer");
+        let mut rest = vec![0; 4];
+        rest.extend_from_slice(&answer[..28]);
+        let unreachable = ip(POD_A, OUTSIDE).packet(IPPROTO_ICMP, &raw::icmp4(3, 3, &rest));
+        let run = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &from_router(&unreachable))?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(
+            seen(&run.frame)?.src == NODE_IP,
+            "the error leaks the pod's address"
+        );
+        let inner = &run.frame[14 + 20 + 8..];
+        ensure!(
+            inner[16..20] == NODE_IP.octets() && inner[22..24] == NAT_PORT.to_be_bytes(),
+            "the quote still names the pod: {inner:02x?}"
+        );
+        ensure!(
+            raw::checksum(0, &inner[..20]) == 0,
+            "quoted IP header checksum"
+        );
+        checksums_verify(&run.frame)?;
+        dp.expect_counts(&[(verdict::SNAT, 1), (verdict::ICMP_ERROR_TRANSLATED, 1)])
+    })
+}
+
+#[test]
+fn to_pod_remembers_what_the_stack_delivers_but_not_reverse_nat_replies() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let reply = raw::ethernet(
+            POD_A_MAC,
+            HOST_A_MAC,
+            ETH_P_IP,
+            &ip(OUTSIDE, POD_A).tcp(443, 40000, TCP_SYN | TCP_ACK, 7, 101),
+        );
+        let run = dp.run_marked(PROG_TO_POD, dp.dev.host_a, MARK_REVERSE_NAT, &reply)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(
+            run.mark & MARK_REVERSE_NAT == 0,
+            "mark {:#x} kept",
+            run.mark
+        );
+        ensure!(
+            dp.stack_flows()?.is_empty(),
+            "a reverse-NATed reply was remembered"
+        );
+        expect_action(&dp.run(PROG_TO_POD, dp.dev.host_a, &reply)?, TC_ACT_OK)?;
+        let remembered = dp.stack_flows()?;
+        let expected = FlowKey {
+            saddr: POD_A.octets(),
+            daddr: OUTSIDE.octets(),
+            sport: 40000,
+            dport: 443,
+            proto: IPPROTO_TCP,
+            pad: [0; 3],
+        };
+        ensure!(remembered == [expected], "remembered {remembered:?}");
+        // to_pod counts nothing.
+        dp.expect_counts(&[])
     })
 }
 
