@@ -19,18 +19,16 @@ pub const MAP_NO_MASQ: &str = "NO_MASQ";
 pub const MAP_STACK_FLOWS: &str = "STACK_FLOWS";
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 pub const MAP_PEERS: &str = "PEERS";
-/// Every map the datapath pins, in a stable order.
-pub const MAP_NAMES: [&str; 9] = [
-    MAP_ROUTES,
-    MAP_ENDPOINTS,
-    MAP_STATS,
-    MAP_CONFIG,
-    MAP_NAT,
-    MAP_NO_MASQ,
-    MAP_STACK_FLOWS,
-    MAP_FRAGMENTS,
-    MAP_PEERS,
-];
+/// Every map the datapath pins, in a stable order (the order of [`PINNED_MAPS`]).
+pub const MAP_NAMES: [&str; PINNED_MAPS.len()] = {
+    let mut names = [""; PINNED_MAPS.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = PINNED_MAPS[i].name;
+        i += 1;
+    }
+    names
+};
 
 /// Host veth TC ingress: packets a pod sends.
 pub const PROG_FROM_POD: &str = "from_pod";
@@ -58,6 +56,139 @@ pub const MAX_STACK_FLOWS: u32 = 65536;
 pub const MAX_FRAGMENTS: u32 = 8192;
 /// Capacity of `PEERS`: room for clusters of several thousand nodes.
 pub const MAX_PEERS: u32 = 16384;
+
+/// The kinds of map the datapath pins, numbered as the kernel's `BPF_MAP_TYPE_*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MapKind {
+    Hash = 1,
+    Array = 2,
+    PerCpuArray = 6,
+    LruHash = 9,
+    LpmTrie = 11,
+}
+
+impl MapKind {
+    /// The name bpftool prints for the kind.
+    pub const fn name(self) -> &'static str {
+        match self {
+            MapKind::Hash => "hash",
+            MapKind::Array => "array",
+            MapKind::PerCpuArray => "percpu_array",
+            MapKind::LruHash => "lru_hash",
+            MapKind::LpmTrie => "lpm_trie",
+        }
+    }
+}
+
+/// The shape of one pinned map, declared once: the programs' map definitions are checked
+/// against it at compile time, the agent refuses pins of another shape, and a test holds
+/// the README's limits table to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+/// The pinned maps' shapes.
+pub mod map_spec {
+    use super::*;
+    use core::mem::size_of;
+
+    /// An LPM trie key: the prefix length (u32) before the IPv4 address.
+    const LPM_IPV4_KEY: u32 = 4 + 4;
+    /// Array maps are indexed by a u32.
+    const ARRAY_INDEX: u32 = 4;
+    const IPV4: u32 = 4;
+
+    pub const ROUTES: MapSpec = MapSpec {
+        name: MAP_ROUTES,
+        kind: MapKind::LpmTrie,
+        key_size: LPM_IPV4_KEY,
+        value_size: size_of::<Route>() as u32,
+        max_entries: MAX_ROUTES,
+    };
+    pub const ENDPOINTS: MapSpec = MapSpec {
+        name: MAP_ENDPOINTS,
+        kind: MapKind::Hash,
+        key_size: IPV4,
+        value_size: size_of::<Endpoint>() as u32,
+        max_entries: MAX_ENDPOINTS,
+    };
+    pub const STATS: MapSpec = MapSpec {
+        name: MAP_STATS,
+        kind: MapKind::PerCpuArray,
+        key_size: ARRAY_INDEX,
+        value_size: size_of::<Counter>() as u32,
+        max_entries: verdict::COUNT,
+    };
+    pub const CONFIG: MapSpec = MapSpec {
+        name: MAP_CONFIG,
+        kind: MapKind::Array,
+        key_size: ARRAY_INDEX,
+        value_size: size_of::<NodeConfig>() as u32,
+        max_entries: 1,
+    };
+    pub const NAT: MapSpec = MapSpec {
+        name: MAP_NAT,
+        kind: MapKind::LruHash,
+        key_size: size_of::<FlowKey>() as u32,
+        value_size: size_of::<NatEntry>() as u32,
+        max_entries: MAX_NAT,
+    };
+    /// Value: unused (the prefix's presence is the answer).
+    pub const NO_MASQ: MapSpec = MapSpec {
+        name: MAP_NO_MASQ,
+        kind: MapKind::LpmTrie,
+        key_size: LPM_IPV4_KEY,
+        value_size: size_of::<u32>() as u32,
+        max_entries: MAX_NO_MASQ,
+    };
+    /// Value: when the flow was last seen (`bpf_ktime_get_ns`).
+    pub const STACK_FLOWS: MapSpec = MapSpec {
+        name: MAP_STACK_FLOWS,
+        kind: MapKind::LruHash,
+        key_size: size_of::<FlowKey>() as u32,
+        value_size: size_of::<u64>() as u32,
+        max_entries: MAX_STACK_FLOWS,
+    };
+    pub const FRAGMENTS: MapSpec = MapSpec {
+        name: MAP_FRAGMENTS,
+        kind: MapKind::LruHash,
+        key_size: size_of::<FragmentKey>() as u32,
+        value_size: size_of::<FragmentEntry>() as u32,
+        max_entries: MAX_FRAGMENTS,
+    };
+    /// Value: `PEER_KNOWN`.
+    pub const PEERS: MapSpec = MapSpec {
+        name: MAP_PEERS,
+        kind: MapKind::Hash,
+        key_size: IPV4,
+        value_size: size_of::<u32>() as u32,
+        max_entries: MAX_PEERS,
+    };
+}
+
+/// Every map the datapath pins, in a stable order.
+pub const PINNED_MAPS: [MapSpec; 9] = [
+    map_spec::ROUTES,
+    map_spec::ENDPOINTS,
+    map_spec::STATS,
+    map_spec::CONFIG,
+    map_spec::NAT,
+    map_spec::NO_MASQ,
+    map_spec::STACK_FLOWS,
+    map_spec::FRAGMENTS,
+    map_spec::PEERS,
+];
+
+/// The shape of the pinned map called `name`.
+pub fn pinned_map(name: &str) -> Option<&'static MapSpec> {
+    PINNED_MAPS.iter().find(|spec| spec.name == name)
+}
 
 /// Value of `PEERS` (keyed by a peer node's IP): the node is a known VXLAN peer.
 pub const PEER_KNOWN: u32 = 1;
@@ -324,6 +455,8 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+
     use super::*;
     use core::mem::size_of;
 
@@ -337,6 +470,80 @@ mod tests {
         assert_eq!(size_of::<NatEntry>(), 16);
         assert_eq!(size_of::<FragmentKey>(), 12);
         assert_eq!(size_of::<FragmentEntry>(), 8);
+    }
+
+    /// The README's limits table, as (map names, capacities) per row.
+    fn readme_limits() -> std::vec::Vec<(std::vec::Vec<std::string::String>, std::vec::Vec<u32>)> {
+        use std::string::ToString;
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("\n### Limits\n")
+            .nth(1)
+            .expect("the README has a Limits section");
+        section
+            .lines()
+            .skip_while(|line| !line.starts_with("| map |"))
+            .skip(2)
+            .take_while(|line| line.starts_with('|'))
+            .map(|row| {
+                let cells: std::vec::Vec<&str> = row.split('|').map(str::trim).collect();
+                let names = cells[1]
+                    .split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(ToString::to_string)
+                    .collect();
+                // "16,384 prefixes" is 16384; "19 verdicts, 1" is 19 and 1.
+                let capacities = cells[2]
+                    .split_whitespace()
+                    .map(|word| word.trim_end_matches(',').replace(',', ""))
+                    .filter_map(|word| word.parse().ok())
+                    .collect();
+                (names, capacities)
+            })
+            .collect()
+    }
+
+    /// The table is written by hand (its memory column is measured, the rest is prose);
+    /// this holds its capacities to the declarations the programs and the agent use.
+    #[test]
+    fn readme_limits_table_states_every_pinned_map_capacity() {
+        let rows = readme_limits();
+        assert!(!rows.is_empty(), "no rows in the README's limits table");
+        for spec in PINNED_MAPS {
+            let stated: std::vec::Vec<u32> = rows
+                .iter()
+                .filter_map(|(names, capacities)| {
+                    let column = names.iter().position(|name| name == spec.name)?;
+                    Some(*capacities.get(column).unwrap_or_else(|| {
+                        panic!("the README's limits row for {} has no capacity", spec.name)
+                    }))
+                })
+                .collect();
+            assert_eq!(
+                stated,
+                [spec.max_entries],
+                "README limits table: {} holds {} entries",
+                spec.name,
+                spec.max_entries
+            );
+        }
+        for (names, _) in &rows {
+            for name in names {
+                assert!(
+                    pinned_map(name).is_some(),
+                    "the README's limits table names {name}, which is not a pinned map"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn map_names_follow_the_pinned_maps() {
+        assert_eq!(MAP_NAMES.len(), PINNED_MAPS.len());
+        for (name, spec) in MAP_NAMES.iter().zip(PINNED_MAPS) {
+            assert_eq!(*name, spec.name);
+        }
     }
 
     #[test]

@@ -16,12 +16,10 @@ use aya::programs::tc::{
 use aya::programs::ProgramError;
 use aya::{EbpfError, EbpfLoader};
 use mycni_common::{
-    verdict, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, NatEntry, NodeConfig, Route,
-    LAYOUT_VERSION, MAP_CONFIG, MAP_ENDPOINTS, MAP_FRAGMENTS, MAP_NAMES, MAP_NAT, MAP_NO_MASQ,
-    MAP_PEERS, MAP_ROUTES, MAP_STACK_FLOWS, MAP_STATS, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_NAT,
-    MAX_NO_MASQ, MAX_PEERS, MAX_ROUTES, MAX_STACK_FLOWS, PEER_KNOWN, PROGRAM_NAMES,
-    PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD, ROUTE_LOCAL_CIDR,
-    ROUTE_LOCAL_ENDPOINT,
+    pinned_map, verdict, Counter, Endpoint, FlowKey, MapKind, NatEntry, NodeConfig, Route,
+    LAYOUT_VERSION, MAP_CONFIG, MAP_ENDPOINTS, MAP_NAMES, MAP_NAT, MAP_NO_MASQ, MAP_PEERS,
+    MAP_ROUTES, MAP_STATS, PEER_KNOWN, PROGRAM_NAMES, PROG_FROM_NETDEV, PROG_FROM_POD,
+    PROG_TO_NETDEV, PROG_TO_POD, ROUTE_LOCAL_CIDR, ROUTE_LOCAL_ENDPOINT,
 };
 
 /// The TC programs, built by `cargo xtask build-ebpf` and embedded at compile time (empty
@@ -97,47 +95,31 @@ fn program_error(name: &'static str) -> impl FnOnce(ProgramError) -> DatapathErr
     move |source| DatapathError::Program { name, source }
 }
 
-/// The shape every pinned map must have: (kind, key size, value size, max entries).
-fn expected_layout(name: &str) -> Option<(&'static str, u32, u32, u32)> {
-    use std::mem::size_of;
-    Some(match name {
-        MAP_ROUTES => ("lpm_trie", 8, size_of::<Route>() as u32, MAX_ROUTES),
-        MAP_ENDPOINTS => ("hash", 4, size_of::<Endpoint>() as u32, MAX_ENDPOINTS),
-        MAP_STATS => (
-            "percpu_array",
-            4,
-            size_of::<Counter>() as u32,
-            verdict::COUNT,
-        ),
-        MAP_CONFIG => ("array", 4, size_of::<NodeConfig>() as u32, 1),
-        MAP_NAT => (
-            "lru_hash",
-            size_of::<FlowKey>() as u32,
-            size_of::<NatEntry>() as u32,
-            MAX_NAT,
-        ),
-        MAP_NO_MASQ => ("lpm_trie", 8, 4, MAX_NO_MASQ),
-        MAP_STACK_FLOWS => ("lru_hash", size_of::<FlowKey>() as u32, 8, MAX_STACK_FLOWS),
-        MAP_FRAGMENTS => (
-            "lru_hash",
-            size_of::<FragmentKey>() as u32,
-            size_of::<FragmentEntry>() as u32,
-            MAX_FRAGMENTS,
-        ),
-        MAP_PEERS => ("hash", 4, 4, MAX_PEERS),
-        _ => return None,
+/// A pinned map's shape as the kernel reports it: (kind, key size, value size, max entries).
+type Layout = (&'static str, u32, u32, u32);
+
+/// The shape `mycni_common::map_spec` declares for the map pinned as `name`.
+fn expected_layout(name: &str) -> Option<Layout> {
+    pinned_map(name).map(|spec| {
+        (
+            spec.kind.name(),
+            spec.key_size,
+            spec.value_size,
+            spec.max_entries,
+        )
     })
 }
 
-fn layout_of(info: &MapInfo) -> (String, u32, u32, u32) {
+fn layout_of(info: &MapInfo) -> Layout {
     let kind = match info.map_type() {
-        Ok(aya::maps::MapType::LpmTrie) => "lpm_trie".to_string(),
-        Ok(aya::maps::MapType::Hash) => "hash".to_string(),
-        Ok(aya::maps::MapType::PerCpuArray) => "percpu_array".to_string(),
-        Ok(aya::maps::MapType::Array) => "array".to_string(),
-        Ok(aya::maps::MapType::LruHash) => "lru_hash".to_string(),
-        Ok(other) => format!("{other:?}"),
-        Err(_) => "unknown".to_string(),
+        Ok(aya::maps::MapType::LpmTrie) => MapKind::LpmTrie.name(),
+        Ok(aya::maps::MapType::Hash) => MapKind::Hash.name(),
+        Ok(aya::maps::MapType::PerCpuArray) => MapKind::PerCpuArray.name(),
+        Ok(aya::maps::MapType::Array) => MapKind::Array.name(),
+        Ok(aya::maps::MapType::LruHash) => MapKind::LruHash.name(),
+        // No pinned map has another kind: any other is a mismatch, whatever it is.
+        Ok(_) => "another kind",
+        Err(_) => "unknown",
     };
     (kind, info.key_size(), info.value_size(), info.max_entries())
 }
@@ -157,7 +139,7 @@ fn check_pinned_layouts(root: &Path) -> Result<(), DatapathError> {
         let Some(expected) = expected_layout(name) else {
             continue;
         };
-        if (found.0.as_str(), found.1, found.2, found.3) != expected {
+        if found != expected {
             return Err(DatapathError::IncompatiblePin {
                 path,
                 found: format!("{found:?}"),

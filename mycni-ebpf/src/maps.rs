@@ -1,0 +1,170 @@
+//! The maps, shared by all programs: the pinned ones the agent and the plugin fill and read,
+//! the log rate limit's, and their lookups.
+//!
+//! The pinned maps' shapes are declared once, in `mycni_common::map_spec`: capacities are
+//! taken from there, and the kind, key and value sizes and name of each definition below
+//! are checked against it at compile time (`check_spec!`).
+use core::mem::size_of;
+
+use aya_ebpf::btf_maps::lpm_trie::Key;
+use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
+use aya_ebpf::macros::btf_map;
+use mycni_common::{
+    map_spec, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, MapKind, MapSpec, NatEntry,
+    NodeConfig, Route,
+};
+
+#[btf_map]
+pub(crate) static ROUTES: LpmTrie<[u8; 4], Route, { map_spec::ROUTES.max_entries as usize }> =
+    LpmTrie::new();
+
+#[btf_map]
+pub(crate) static ENDPOINTS: HashMap<
+    [u8; 4],
+    Endpoint,
+    { map_spec::ENDPOINTS.max_entries as usize },
+> = HashMap::new();
+
+#[btf_map]
+pub(crate) static STATS: PerCpuArray<Counter, { map_spec::STATS.max_entries as usize }> =
+    PerCpuArray::new();
+
+#[btf_map]
+pub(crate) static CONFIG: Array<NodeConfig, { map_spec::CONFIG.max_entries as usize }> =
+    Array::new();
+
+#[btf_map]
+pub(crate) static NAT: LruHashMap<FlowKey, NatEntry, { map_spec::NAT.max_entries as usize }> =
+    LruHashMap::new();
+
+/// Destinations never masqueraded: the cluster CIDR and configured extra CIDRs.
+#[btf_map]
+pub(crate) static NO_MASQ: LpmTrie<[u8; 4], u32, { map_spec::NO_MASQ.max_entries as usize }> =
+    LpmTrie::new();
+
+/// Reply tuples of flows the node stack delivered to a pod or routed from one pod to
+/// another (and possibly translated): their replies go back through the stack.
+#[btf_map]
+pub(crate) static STACK_FLOWS: LruHashMap<
+    FlowKey,
+    u64,
+    { map_spec::STACK_FLOWS.max_entries as usize },
+> = LruHashMap::new();
+
+/// What was done to the first fragment of a fragmented datagram, so its later fragments
+/// (which carry no ports) get the same: keyed like the kernel's reassembly.
+#[btf_map]
+pub(crate) static FRAGMENTS: LruHashMap<
+    FragmentKey,
+    FragmentEntry,
+    { map_spec::FRAGMENTS.max_entries as usize },
+> = LruHashMap::new();
+
+/// The other nodes' IPs: the only senders whose VXLAN `from_netdev` decapsulates toward pods.
+#[btf_map]
+pub(crate) static PEERS: HashMap<[u8; 4], u32, { map_spec::PEERS.max_entries as usize }> =
+    HashMap::new();
+
+/// A map definition's shape as the kernel will see it.
+trait Shape {
+    const KIND: MapKind;
+    const KEY_SIZE: usize;
+    const VALUE_SIZE: usize;
+    const MAX_ENTRIES: usize;
+}
+
+impl<K, V, const N: usize, const F: usize> Shape for LpmTrie<K, V, N, F> {
+    const KIND: MapKind = MapKind::LpmTrie;
+    const KEY_SIZE: usize = size_of::<Key<K>>();
+    const VALUE_SIZE: usize = size_of::<V>();
+    const MAX_ENTRIES: usize = N;
+}
+
+impl<K, V, const N: usize, const F: usize> Shape for HashMap<K, V, N, F> {
+    const KIND: MapKind = MapKind::Hash;
+    const KEY_SIZE: usize = size_of::<K>();
+    const VALUE_SIZE: usize = size_of::<V>();
+    const MAX_ENTRIES: usize = N;
+}
+
+impl<K, V, const N: usize, const F: usize> Shape for LruHashMap<K, V, N, F> {
+    const KIND: MapKind = MapKind::LruHash;
+    const KEY_SIZE: usize = size_of::<K>();
+    const VALUE_SIZE: usize = size_of::<V>();
+    const MAX_ENTRIES: usize = N;
+}
+
+impl<T, const N: usize, const F: usize> Shape for Array<T, N, F> {
+    const KIND: MapKind = MapKind::Array;
+    const KEY_SIZE: usize = size_of::<u32>();
+    const VALUE_SIZE: usize = size_of::<T>();
+    const MAX_ENTRIES: usize = N;
+}
+
+impl<T, const N: usize, const F: usize> Shape for PerCpuArray<T, N, F> {
+    const KIND: MapKind = MapKind::PerCpuArray;
+    const KEY_SIZE: usize = size_of::<u32>();
+    const VALUE_SIZE: usize = size_of::<T>();
+    const MAX_ENTRIES: usize = N;
+}
+
+const fn same_name(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Whether the definition of `map`, named `name`, has the shape `spec` declares.
+const fn has_shape<M: Shape>(_map: &M, name: &str, spec: &MapSpec) -> bool {
+    same_name(name, spec.name)
+        && M::KIND as u32 == spec.kind as u32
+        && M::KEY_SIZE == spec.key_size as usize
+        && M::VALUE_SIZE == spec.value_size as usize
+        && M::MAX_ENTRIES == spec.max_entries as usize
+}
+
+/// Fails the build when a pinned map's definition and its `map_spec` entry disagree.
+macro_rules! check_spec {
+    ($($map:ident),+ $(,)?) => {
+        $(const _: () = assert!(
+            has_shape(&$map, stringify!($map), &map_spec::$map),
+            concat!("the definition of ", stringify!($map), " does not match map_spec::", stringify!($map)),
+        );)+
+    };
+}
+
+check_spec!(
+    ROUTES,
+    ENDPOINTS,
+    STATS,
+    CONFIG,
+    NAT,
+    NO_MASQ,
+    STACK_FLOWS,
+    FRAGMENTS,
+    PEERS
+);
+
+/// When the programs last logged at each level (indexed by `Level as u32`). Not pinned:
+/// each load starts afresh, like its log buffer (aya-log's `AYA_LOGS`).
+#[btf_map]
+pub(crate) static LOG_LAST_NS: Array<u64, 6> = Array::new();
+
+#[inline(always)]
+pub(crate) fn config() -> Option<&'static NodeConfig> {
+    CONFIG.get(0)
+}
+
+#[inline(always)]
+pub(crate) fn route_of(addr: [u8; 4]) -> Option<&'static Route> {
+    ROUTES.get(&Key::new(32, addr))
+}

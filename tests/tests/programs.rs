@@ -1,0 +1,1477 @@
+//! Each program run on crafted packets with `BPF_PROG_TEST_RUN`: the action it returns, the
+//! bytes that come out, the marks it sets and the verdicts it counts, without a packet
+//! leaving the test. Needs root.
+//!
+//! The datapath is loaded once per test binary (the verifier takes about half a second on
+//! `to_netdev`; each test then takes milliseconds), with the agent's loader, on a thread of
+//! its own in network and mount namespaces of its own: a veth pair or two give the ifindexes
+//! the programs compare against (the kernel resolves `__sk_buff.ifindex` in the caller's
+//! network namespace), and the pins go to a bpffs mounted in that private mount namespace.
+//! Both namespaces, the devices and the pins go away with the test process, however it
+//! ends. The tests' bodies run one at a time on that thread, each after the flow tables and
+//! counters are emptied.
+use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::Pod;
+use mycni::datapath::{self, Maps, NatTable};
+use mycni_common::{
+    nat_state, verdict, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, NatEntry,
+    NodeConfig, FRAGMENT_SNAT, MAP_FRAGMENTS, MAP_NAT, MAP_STACK_FLOWS, MAP_STATS, MARK_FROM_POD,
+    MARK_REVERSE_NAT, NAT_EGRESS, NAT_INGRESS, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV,
+    PROG_TO_POD, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
+};
+use mycni_tests::raw::{self, ARP_REPLY, ARP_REQUEST, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6};
+use mycni_tests::{require_root, run};
+
+// The TC actions the programs return.
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_GRE: u8 = 47;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+const UNASSIGNED: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 99);
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 5);
+const TUNNEL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 5);
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
+const PEER_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 11);
+const TUNNEL_PEER: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 12);
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+const POD_A_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x02];
+const HOST_A_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
+const POD_B_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x02];
+const HOST_B_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x01];
+const UPLINK_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x01];
+const ROUTER_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x02];
+const VNI: u32 = 7;
+/// SNAT gets a single port, so the port a flow leaves with is known.
+const NAT_PORT: u16 = 61000;
+
+/// The ifindexes of the devices in the test's namespace.
+#[derive(Clone, Copy)]
+struct Devices {
+    host_a: u32,
+    host_b: u32,
+    uplink: u32,
+    tunnel: u32,
+}
+
+/// What one program run did.
+struct Run {
+    action: u32,
+    frame: Vec<u8>,
+    mark: u32,
+}
+
+/// The datapath as the lab thread loaded it.
+struct Datapath {
+    programs: Vec<(&'static str, SchedClassifier)>,
+    dev: Devices,
+    root: PathBuf,
+    /// Holds `from_netdev` for the tunnel shim's tail call.
+    _tail: OwnedFd,
+}
+
+/// Indexes of the `__sk_buff` fields a test sets or reads (u32 words).
+const SKB_MARK: usize = 2;
+const SKB_IFINDEX: usize = 10;
+/// `cb[0]` and `cb[1]`: what the tunnel shim puts in the tunnel key.
+const SKB_CB: usize = 12;
+/// Room for the whole `__sk_buff`: the kernel writes all of it back.
+const SKB_WORDS: usize = 64;
+
+/// A test body, run on the lab thread.
+type Job = Box<dyn FnOnce(&Datapath) + Send>;
+
+/// The lab thread's queue, or why it could not start.
+static LAB: OnceLock<Result<mpsc::Sender<Job>, String>> = OnceLock::new();
+
+/// Runs `test` on the lab thread against the loaded datapath, with empty flow tables and
+/// counters, and returns its result (a panic in it becomes an error).
+fn with_datapath(test: impl FnOnce(&Datapath) -> Result<()> + Send + 'static) -> Result<()> {
+    let lab = LAB
+        .get_or_init(start_lab)
+        .as_ref()
+        .map_err(|e| anyhow!("the lab did not start: {e}"))?;
+    let (done, result) = mpsc::channel();
+    let job: Job = Box::new(move |dp| {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            dp.reset().context("emptying the maps")?;
+            test(dp)
+        }));
+        let _ = done.send(outcome.unwrap_or_else(|_| Err(anyhow!("the test panicked"))));
+    });
+    lab.send(job)
+        .map_err(|_| anyhow!("the lab thread is gone"))?;
+    result
+        .recv()
+        .map_err(|_| anyhow!("the lab thread is gone"))?
+}
+
+/// Starts the lab thread: private namespaces, devices, the datapath loaded and its maps
+/// filled; then it runs the jobs it is sent, one at a time, until the process ends.
+fn start_lab() -> Result<mpsc::Sender<Job>, String> {
+    let (jobs, queue) = mpsc::channel::<Job>();
+    let (ready, started) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("lab".into())
+        .spawn(
+            move || match enter_private_namespaces().and_then(|()| Datapath::load()) {
+                Ok(dp) => {
+                    let _ = ready.send(Ok(()));
+                    for job in queue {
+                        job(&dp);
+                    }
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(format!("{e:#}")));
+                }
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    started
+        .recv()
+        .map_err(|_| "the lab thread died starting".to_string())??;
+    Ok(jobs)
+}
+
+/// Moves this thread into new network and mount namespaces (a thread may: it gets its own
+/// filesystem context), keeps its mounts from propagating back, and mounts a fresh bpffs
+/// over /sys/fs/bpf there.
+fn enter_private_namespaces() -> Result<()> {
+    // SAFETY: unshare and mount change only this thread's namespaces and their mount table;
+    // the strings are NUL-terminated literals.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) != 0 {
+            bail!("unshare: {}", std::io::Error::last_os_error());
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            bail!("making / private: {}", std::io::Error::last_os_error());
+        }
+        if libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        ) != 0
+        {
+            bail!("mounting a bpffs: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+impl Datapath {
+    /// Devices in the lab's namespace, the datapath loaded (pinned on the lab's bpffs) and
+    /// the maps filled.
+    fn load() -> Result<Datapath> {
+        run(Command::new("ip").args(["link", "set", "lo", "up"]))?;
+        run(Command::new("ip").args([
+            "link", "add", "host-a", "type", "veth", "peer", "name", "host-b",
+        ]))?;
+        run(Command::new("ip").args([
+            "link", "add", "uplink", "type", "veth", "peer", "name", "tunnel",
+        ]))?;
+        let dev = Devices {
+            host_a: ifindex("host-a")?,
+            host_b: ifindex("host-b")?,
+            uplink: ifindex("uplink")?,
+            tunnel: ifindex("tunnel")?,
+        };
+        let root = PathBuf::from("/sys/fs/bpf/mycni");
+        datapath::load_and_pin(&root)?;
+        let tail = tunnel_shim::load(&root.join(PROG_FROM_NETDEV), &root.join(TUNNEL_SHIM))?;
+        let programs = [
+            PROG_FROM_POD,
+            PROG_TO_POD,
+            PROG_FROM_NETDEV,
+            PROG_TO_NETDEV,
+            TUNNEL_SHIM,
+        ]
+        .into_iter()
+        .map(|name| Ok((name, SchedClassifier::from_pin(root.join(name))?)))
+        .collect::<Result<_>>()?;
+        let datapath = Datapath {
+            programs,
+            dev,
+            root,
+            _tail: tail,
+        };
+        datapath.fill_maps()?;
+        Ok(datapath)
+    }
+
+    /// Empties what the programs write: the flow tables and the counters.
+    fn reset(&self) -> Result<()> {
+        clear::<FlowKey, NatEntry>(&self.root, MAP_NAT)?;
+        clear::<FlowKey, u64>(&self.root, MAP_STACK_FLOWS)?;
+        clear::<FragmentKey, FragmentEntry>(&self.root, MAP_FRAGMENTS)?;
+        let mut stats: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(Map::PerCpuArray(
+            MapData::from_pin(self.root.join(MAP_STATS))?,
+        ))?;
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        for index in 0..verdict::COUNT {
+            let zero = PerCpuValues::try_from(vec![Counter::default(); cpus])?;
+            stats.set(index, zero, 0)?;
+        }
+        Ok(())
+    }
+
+    /// A node with two pods (A and B), another node reached directly and one through
+    /// VXLAN, masquerading to `NODE_IP` on the uplink with a single SNAT port.
+    fn fill_maps(&self) -> Result<()> {
+        let mut maps = Maps::open(&self.root)?;
+        maps.write_local_cidr(Ipv4Addr::new(10, 244, 1, 0), 24)?;
+        for (ip, ifindex, pod_mac, host_mac) in [
+            (POD_A, self.dev.host_a, POD_A_MAC, HOST_A_MAC),
+            (POD_B, self.dev.host_b, POD_B_MAC, HOST_B_MAC),
+        ] {
+            let endpoint = Endpoint {
+                ifindex,
+                pod_mac,
+                host_mac,
+                container_id_hash: 1,
+            };
+            maps.write_endpoint(ip, &endpoint)?;
+        }
+        maps.write_remote_route(
+            Ipv4Addr::new(10, 244, 2, 0),
+            24,
+            ROUTE_REMOTE_NODE,
+            self.dev.uplink,
+            PEER_NODE,
+        )?;
+        maps.write_remote_route(
+            Ipv4Addr::new(10, 244, 3, 0),
+            24,
+            ROUTE_REMOTE_TUNNEL,
+            self.dev.tunnel,
+            TUNNEL_PEER,
+        )?;
+        datapath::write_config(
+            &self.root,
+            &NodeConfig {
+                node_ip: NODE_IP.octets(),
+                uplink_ifindex: self.dev.uplink,
+                tunnel_ifindex: self.dev.tunnel,
+                vni: VNI,
+                nat_port_min: NAT_PORT,
+                nat_port_max: NAT_PORT,
+                layout_version: mycni_common::LAYOUT_VERSION,
+            },
+        )?;
+        datapath::write_no_masquerade(&self.root, &[(Ipv4Addr::new(10, 244, 0, 0), 16)])?;
+        datapath::write_peers(&self.root, &[PEER_NODE, TUNNEL_PEER])?;
+        Ok(())
+    }
+
+    fn program(&self, name: &str) -> Result<&SchedClassifier> {
+        self.programs
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, p)| p)
+            .with_context(|| format!("program {name}"))
+    }
+
+    /// Runs `program` once on `frame` as if it arrived on `ifindex` with `mark`.
+    fn run_marked(&self, program: &str, ifindex: u32, mark: u32, frame: &[u8]) -> Result<Run> {
+        self.run_with(program, ifindex, mark, [0; 2], frame)
+    }
+
+    /// Runs `program` once on `frame` as if it arrived on `ifindex` with `mark` and
+    /// `cb[0..2]` set to `cb`.
+    fn run_with(
+        &self,
+        program: &str,
+        ifindex: u32,
+        mark: u32,
+        cb: [u32; 2],
+        frame: &[u8],
+    ) -> Result<Run> {
+        let program = self.program(program)?;
+        let mut ctx_in = [0u32; SKB_WORDS];
+        ctx_in[SKB_MARK] = mark;
+        ctx_in[SKB_IFINDEX] = ifindex;
+        ctx_in[SKB_CB..SKB_CB + 2].copy_from_slice(&cb);
+        let ctx_in: Vec<u8> = ctx_in.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut ctx_out = vec![0u8; SKB_WORDS * 4];
+        let mut data_out = vec![0u8; 4096];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut data_out),
+            ctx_in: Some(&ctx_in),
+            ctx_out: Some(&mut ctx_out),
+            ..TestRunOptions::default()
+        })?;
+        let word = |i: usize| u32::from_ne_bytes(ctx_out[i * 4..i * 4 + 4].try_into().unwrap());
+        Ok(Run {
+            action: result.return_value,
+            frame: data_out[..result.data_size_out as usize].to_vec(),
+            mark: word(SKB_MARK),
+        })
+    }
+
+    fn run(&self, program: &str, ifindex: u32, frame: &[u8]) -> Result<Run> {
+        self.run_marked(program, ifindex, 0, frame)
+    }
+
+    /// Packets counted under each verdict so far.
+    fn counts(&self) -> Result<Vec<u64>> {
+        Ok(datapath::read_stats(&self.root)?
+            .iter()
+            .map(|c| c.packets)
+            .collect())
+    }
+
+    /// Checks that exactly the verdicts in `expected` were counted, as often as listed.
+    fn expect_counts(&self, expected: &[(u32, u64)]) -> Result<()> {
+        let counts = self.counts()?;
+        for (index, count) in counts.iter().enumerate() {
+            let want = expected
+                .iter()
+                .find(|(v, _)| *v as usize == index)
+                .map_or(0, |(_, n)| *n);
+            ensure!(
+                *count == want,
+                "verdict {} counted {count} packets, expected {want} (all: {:?})",
+                verdict::NAMES[index],
+                named(&counts)
+            );
+        }
+        Ok(())
+    }
+
+    fn fragments(&self) -> Result<BpfHashMap<MapData, FragmentKey, FragmentEntry>> {
+        let data = MapData::from_pin(self.root.join(MAP_FRAGMENTS))?;
+        Ok(BpfHashMap::try_from(Map::LruHashMap(data))?)
+    }
+
+    /// The reply tuples `STACK_FLOWS` holds.
+    fn stack_flows(&self) -> Result<Vec<FlowKey>> {
+        let data = MapData::from_pin(self.root.join(MAP_STACK_FLOWS))?;
+        let map: BpfHashMap<MapData, FlowKey, u64> = BpfHashMap::try_from(Map::LruHashMap(data))?;
+        Ok(map.keys().collect::<Result<_, _>>()?)
+    }
+}
+
+fn named(counts: &[u64]) -> Vec<(&'static str, u64)> {
+    counts
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(i, n)| (verdict::NAMES[i], *n))
+        .collect()
+}
+
+/// The ifindex of a device in the lab's namespace.
+fn ifindex(name: &str) -> Result<u32> {
+    let out = run(Command::new("ip").args(["-o", "link", "show", "dev", name]))?;
+    let out = String::from_utf8_lossy(&out.stdout);
+    out.split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("ifindex of {name} in {out:?}"))
+}
+
+/// Removes every entry of the hash map pinned as `name`.
+fn clear<K: Pod, V: Pod>(root: &Path, name: &str) -> Result<()> {
+    let data = MapData::from_pin(root.join(name))?;
+    let mut map: BpfHashMap<MapData, K, V> = BpfHashMap::try_from(Map::LruHashMap(data))?;
+    let keys: Vec<K> = map.keys().collect::<Result<_, _>>()?;
+    for key in keys {
+        map.remove(&key)?;
+    }
+    Ok(())
+}
+
+/// The pin of the tunnel shim, beside the datapath's programs.
+const TUNNEL_SHIM: &str = "tunnel_shim";
+/// What the tunnel shim returns when its tail call into `from_netdev` fails.
+const SHIM_TAIL_CALL_FAILED: u32 = 99;
+
+/// A packet the VXLAN device decapsulated carries its tunnel key as skb metadata, which
+/// `BPF_PROG_TEST_RUN` cannot supply. The shim, a few hand-assembled instructions, sets the
+/// key from `cb[0]` (VNI) and `cb[1]` (sender, host order) with `bpf_skb_set_tunnel_key`
+/// (the kernel reports the key's `local_ipv4` as the remote end to
+/// `bpf_skb_get_tunnel_key`) and tail-calls `from_netdev`, whose result is then the run's.
+/// A thin adapter over the `bpf()` syscall: aya loads programs only from objects.
+mod tunnel_shim {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::path::Path;
+
+    use anyhow::{bail, Context, Result};
+
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    const BPF_PSEUDO_MAP_FD: u8 = 1;
+    const HELPER_TAIL_CALL: i32 = 12;
+    const HELPER_SKB_SET_TUNNEL_KEY: i32 = 21;
+    /// `sizeof(struct bpf_tunnel_key)`, and where its `local_ipv4` sits.
+    const TUNNEL_KEY_LEN: i32 = 44;
+    const TUNNEL_KEY_LOCAL_IPV4: i16 = 28;
+    /// `offsetof(struct __sk_buff, cb)`.
+    const SKB_CB_OFF: i16 = 48;
+    /// Where the key sits on the shim's stack (below r10).
+    const KEY: i16 = -48;
+
+    /// A `bpf()` attribute block: the kernel reads the first fields of the command's
+    /// member of `union bpf_attr` and wants the rest zero.
+    #[repr(C, align(8))]
+    struct Attr([u8; 128]);
+
+    impl Attr {
+        fn new() -> Attr {
+            Attr([0; 128])
+        }
+
+        fn u32(&mut self, offset: usize, value: u32) -> &mut Attr {
+            self.0[offset..offset + 4].copy_from_slice(&value.to_ne_bytes());
+            self
+        }
+
+        fn u64(&mut self, offset: usize, value: u64) -> &mut Attr {
+            self.0[offset..offset + 8].copy_from_slice(&value.to_ne_bytes());
+            self
+        }
+    }
+
+    fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
+        // SAFETY: `attr` is a valid, writable 128-byte block that outlives the call; every
+        // pointer stored in it points to memory the caller keeps alive across the call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr.0.as_mut_ptr(),
+                attr.0.len() as libc::c_uint,
+            )
+        };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(ret)
+    }
+
+    /// Runs a `bpf()` command that returns a new fd.
+    fn bpf_fd(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<OwnedFd> {
+        let fd = bpf(cmd, attr)?;
+        // SAFETY: these commands return a new fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// One `struct bpf_insn`.
+    fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+        let mut raw = [0u8; 8];
+        raw[0] = code;
+        raw[1] = (src << 4) | dst;
+        raw[2..4].copy_from_slice(&off.to_le_bytes());
+        raw[4..8].copy_from_slice(&imm.to_le_bytes());
+        raw
+    }
+
+    /// The shim's instructions, tail-calling through the program array `array`.
+    fn program(array: i32) -> Vec<u8> {
+        const R0: u8 = 0;
+        const R1: u8 = 1;
+        const R2: u8 = 2;
+        const R3: u8 = 3;
+        const R4: u8 = 4;
+        const R6: u8 = 6;
+        const R10: u8 = 10;
+        let mut code = vec![insn(0xbf, R6, R1, 0, 0)]; // r6 = r1 (the context)
+        for off in (KEY..0).step_by(8) {
+            code.push(insn(0x7a, R10, 0, off, 0)); // *(u64 *)(r10 + off) = 0
+        }
+        code.extend([
+            insn(0x61, R2, R6, SKB_CB_OFF, 0),                   // r2 = cb[0]
+            insn(0x63, R10, R2, KEY, 0),                         // key.tunnel_id = r2
+            insn(0x61, R2, R6, SKB_CB_OFF + 4, 0),               // r2 = cb[1]
+            insn(0x63, R10, R2, KEY + TUNNEL_KEY_LOCAL_IPV4, 0), // key.local_ipv4 = r2
+            insn(0xbf, R1, R6, 0, 0),                            // r1 = ctx
+            insn(0xbf, R2, R10, 0, 0),                           // r2 = r10
+            insn(0x07, R2, 0, 0, KEY as i32),                    // r2 += KEY
+            insn(0xb7, R3, 0, 0, TUNNEL_KEY_LEN),                // r3 = sizeof key
+            insn(0xb7, R4, 0, 0, 0),                             // r4 = 0 (flags)
+            insn(0x85, 0, 0, 0, HELPER_SKB_SET_TUNNEL_KEY),      // call
+            insn(0xbf, R1, R6, 0, 0),                            // r1 = ctx
+            insn(0x18, R2, BPF_PSEUDO_MAP_FD, 0, array),         // r2 = the array
+            insn(0, 0, 0, 0, 0),                                 //   (its upper half)
+            insn(0xb7, R3, 0, 0, 0),                             // r3 = 0 (the slot)
+            insn(0x85, 0, 0, 0, HELPER_TAIL_CALL),               // call: no return
+            insn(0xb7, R0, 0, 0, super::SHIM_TAIL_CALL_FAILED as i32), // r0 = failed
+            insn(0x95, 0, 0, 0, 0),                              // exit
+        ]);
+        code.concat()
+    }
+
+    /// Loads the shim with a one-slot program array holding the program pinned at
+    /// `from_netdev`, and pins the shim at `pin`. Returns the array (keep it open).
+    pub fn load(from_netdev: &Path, pin: &Path) -> Result<OwnedFd> {
+        let array = bpf_fd(
+            BPF_MAP_CREATE,
+            Attr::new()
+                .u32(0, BPF_MAP_TYPE_PROG_ARRAY)
+                .u32(4, 4)
+                .u32(8, 4)
+                .u32(12, 1),
+        )
+        .context("creating the program array")?;
+        let code = program(array.as_raw_fd());
+        let license = CString::new("GPL")?;
+        let mut log = vec![0u8; 64 * 1024];
+        let mut attr = Attr::new();
+        attr.u32(0, BPF_PROG_TYPE_SCHED_CLS)
+            .u32(4, (code.len() / 8) as u32)
+            .u64(8, code.as_ptr() as u64)
+            .u64(16, license.as_ptr() as u64)
+            .u32(24, 1)
+            .u32(28, log.len() as u32)
+            .u64(32, log.as_mut_ptr() as u64);
+        let shim = match bpf_fd(BPF_PROG_LOAD, &mut attr) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let log = String::from_utf8_lossy(&log);
+                bail!(
+                    "loading the tunnel shim: {e}\n{}",
+                    log.trim_end_matches('\0')
+                );
+            }
+        };
+        let target_path = CString::new(from_netdev.as_os_str().as_encoded_bytes())?;
+        let target = bpf_fd(BPF_OBJ_GET, Attr::new().u64(0, target_path.as_ptr() as u64))
+            .context("opening from_netdev's pin")?;
+        let slot = 0u32;
+        let value = target.as_raw_fd() as u32;
+        bpf(
+            BPF_MAP_UPDATE_ELEM,
+            Attr::new()
+                .u32(0, array.as_raw_fd() as u32)
+                .u64(8, &slot as *const u32 as u64)
+                .u64(16, &value as *const u32 as u64),
+        )
+        .context("putting from_netdev in the program array")?;
+        let pin_path = CString::new(pin.as_os_str().as_encoded_bytes())?;
+        bpf(
+            BPF_OBJ_PIN,
+            Attr::new()
+                .u64(0, pin_path.as_ptr() as u64)
+                .u32(8, shim.as_raw_fd() as u32),
+        )
+        .context("pinning the tunnel shim")?;
+        Ok(array)
+    }
+}
+
+// ---- Crafted packets ----
+
+/// An IPv4 header's variable parts; the rest is fixed (no options, no DF).
+#[derive(Clone, Copy)]
+struct Ip {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    id: u16,
+    /// Flags and fragment offset (in 8-byte units), as on the wire.
+    frag: u16,
+}
+
+const MORE_FRAGMENTS: u16 = 0x2000;
+
+fn ip(src: Ipv4Addr, dst: Ipv4Addr) -> Ip {
+    Ip {
+        src,
+        dst,
+        ttl: 64,
+        id: 0x4242,
+        frag: 0,
+    }
+}
+
+impl Ip {
+    fn packet(self, proto: u8, payload: &[u8]) -> Vec<u8> {
+        let total = (20 + payload.len()) as u16;
+        let mut header = vec![0x45, 0];
+        header.extend_from_slice(&total.to_be_bytes());
+        header.extend_from_slice(&self.id.to_be_bytes());
+        header.extend_from_slice(&self.frag.to_be_bytes());
+        header.extend_from_slice(&[self.ttl, proto, 0, 0]);
+        header.extend_from_slice(&self.src.octets());
+        header.extend_from_slice(&self.dst.octets());
+        let sum = raw::checksum(0, &header);
+        header[10..12].copy_from_slice(&sum.to_be_bytes());
+        header.extend_from_slice(payload);
+        header
+    }
+
+    fn tcp(self, sport: u16, dport: u16, flags: u8, seq: u32, ack: u32) -> Vec<u8> {
+        let mut tcp = Vec::new();
+        tcp.extend_from_slice(&sport.to_be_bytes());
+        tcp.extend_from_slice(&dport.to_be_bytes());
+        tcp.extend_from_slice(&seq.to_be_bytes());
+        tcp.extend_from_slice(&ack.to_be_bytes());
+        tcp.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        let sum = raw::checksum(pseudo_sum(self.src, self.dst, IPPROTO_TCP, tcp.len()), &tcp);
+        tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+        self.packet(IPPROTO_TCP, &tcp)
+    }
+
+    /// UDP with its checksum (over the whole datagram, as a first fragment carries it).
+    fn udp(self, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&sport.to_be_bytes());
+        udp.extend_from_slice(&dport.to_be_bytes());
+        udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(payload);
+        let sum = raw::checksum(pseudo_sum(self.src, self.dst, IPPROTO_UDP, udp.len()), &udp);
+        udp[6..8].copy_from_slice(&sum.to_be_bytes());
+        self.packet(IPPROTO_UDP, &udp)
+    }
+
+    fn echo_request(self, id: u16) -> Vec<u8> {
+        let mut rest = id.to_be_bytes().to_vec();
+        rest.extend_from_slice(&[0, 1, b'p', b'i', b'n', b'g']);
+        self.packet(IPPROTO_ICMP, &raw::icmp4(8, 0, &rest))
+    }
+}
+
+fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(len as u16).to_be_bytes());
+    pseudo
+        .chunks(2)
+        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
+        .sum()
+}
+
+/// A pod's frame to its gateway MAC (the host veth).
+fn from_pod_a(packet: &[u8]) -> Vec<u8> {
+    raw::ethernet(HOST_A_MAC, POD_A_MAC, ETH_P_IP, packet)
+}
+
+/// A frame arriving on the uplink from the router.
+fn from_router(packet: &[u8]) -> Vec<u8> {
+    raw::ethernet(UPLINK_MAC, ROUTER_MAC, ETH_P_IP, packet)
+}
+
+/// The fields of an Ethernet + IPv4 frame a test checks.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    eth_dst: [u8; 6],
+    eth_src: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    proto: u8,
+    /// TCP/UDP ports or the ICMP echo identifier (as both).
+    sport: u16,
+    dport: u16,
+}
+
+fn seen(frame: &[u8]) -> Result<Seen> {
+    ensure!(frame.len() >= 14 + 20 + 8, "frame too short: {frame:02x?}");
+    let ip = &frame[14..];
+    let l4 = &ip[((ip[0] & 0x0f) as usize) * 4..];
+    let (sport, dport) = match ip[9] {
+        IPPROTO_ICMP => {
+            let id = u16::from_be_bytes([l4[4], l4[5]]);
+            (id, id)
+        }
+        _ => (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        ),
+    };
+    Ok(Seen {
+        eth_dst: frame[0..6].try_into()?,
+        eth_src: frame[6..12].try_into()?,
+        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        ttl: ip[8],
+        proto: ip[9],
+        sport,
+        dport,
+    })
+}
+
+/// Fails unless the IPv4 header checksum and (for a packet that carries its whole L4
+/// header and is not a later fragment) the TCP, UDP or ICMP checksum verify.
+fn checksums_verify(frame: &[u8]) -> Result<()> {
+    let ip = &frame[14..];
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    ensure!(
+        raw::checksum(0, &ip[..ihl]) == 0,
+        "IPv4 header checksum does not verify: {:02x?}",
+        &ip[..ihl]
+    );
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    if frag & 0x3fff != 0 {
+        return Ok(());
+    }
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let l4 = &ip[ihl..total];
+    let sum = match ip[9] {
+        IPPROTO_TCP | IPPROTO_UDP => raw::checksum(pseudo_sum(src, dst, ip[9], l4.len()), l4),
+        IPPROTO_ICMP => raw::checksum(0, l4),
+        _ => 0,
+    };
+    ensure!(
+        sum == 0,
+        "proto {} checksum does not verify: {l4:02x?}",
+        ip[9]
+    );
+    Ok(())
+}
+
+fn expect_action(run: &Run, action: u32) -> Result<()> {
+    ensure!(
+        run.action == action,
+        "returned {} where {action} was expected",
+        run.action
+    );
+    Ok(())
+}
+
+// ---- from_pod ----
+
+#[test]
+fn a_pod_sending_from_another_pods_address_is_dropped_as_spoofed() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        // Pod B's address, sent from pod A's veth; then an address no pod holds.
+        for src in [POD_B, Ipv4Addr::new(10, 9, 9, 9)] {
+            let frame = from_pod_a(&ip(src, OUTSIDE).udp(1000, 53, b"q"));
+            let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &frame)?;
+            expect_action(&run, TC_ACT_SHOT)?;
+        }
+        dp.expect_counts(&[(verdict::DROP_SPOOFED, 2)])?;
+        // The same packet from the pod's own address passes (to the stack: no route).
+        let frame = from_pod_a(&ip(POD_A, OUTSIDE).udp(1000, 53, b"q"));
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &frame)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(
+            run.frame == frame,
+            "a packet to the stack must leave untouched"
+        );
+        dp.expect_counts(&[(verdict::DROP_SPOOFED, 2), (verdict::TO_STACK, 1)])
+    })
+}
+
+#[test]
+fn a_pods_arp_request_is_answered_with_its_host_veth_mac() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let request = raw::ethernet(
+            [0xff; 6],
+            POD_A_MAC,
+            ETH_P_ARP,
+            &raw::arp(ARP_REQUEST, POD_A_MAC, POD_A, [0; 6], GATEWAY),
+        );
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &request)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        let reply = raw::ethernet(
+            POD_A_MAC,
+            HOST_A_MAC,
+            ETH_P_ARP,
+            &raw::arp(ARP_REPLY, HOST_A_MAC, GATEWAY, POD_A_MAC, POD_A),
+        );
+        ensure!(
+            run.frame == reply,
+            "not the expected ARP reply:\n{:02x?}\n{reply:02x?}",
+            run.frame
+        );
+        dp.expect_counts(&[(verdict::ARP_REPLY, 1)])
+    })
+}
+
+#[test]
+fn a_pods_arp_with_another_mac_or_address_is_dropped_as_spoofed() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let foreign_mac = [0x02, 0xde, 0xad, 0, 0, 1];
+        for (sha, spa) in [(foreign_mac, POD_A), (POD_A_MAC, POD_B)] {
+            let request = raw::ethernet(
+                [0xff; 6],
+                sha,
+                ETH_P_ARP,
+                &raw::arp(ARP_REQUEST, sha, spa, [0; 6], GATEWAY),
+            );
+            let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &request)?;
+            expect_action(&run, TC_ACT_SHOT)?;
+        }
+        dp.expect_counts(&[(verdict::DROP_SPOOFED, 2)])
+    })
+}
+
+#[test]
+fn a_packet_for_a_local_pod_is_redirected_with_its_ttl_decremented() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let frame = from_pod_a(&ip(POD_A, POD_B).tcp(40000, 80, TCP_SYN, 1, 0));
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &frame)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        let out = seen(&run.frame)?;
+        ensure!(
+            (out.eth_dst, out.eth_src, out.ttl) == (POD_B_MAC, HOST_B_MAC, 63),
+            "MACs or TTL not rewritten: {out:?}"
+        );
+        checksums_verify(&run.frame)?;
+        dp.expect_counts(&[(verdict::LOCAL_REDIRECT, 1)])
+    })
+}
+
+#[test]
+fn a_packet_whose_ttl_expires_goes_to_the_stack_untouched() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let expiring = Ip {
+            ttl: 1,
+            ..ip(POD_A, POD_B)
+        };
+        let frame = from_pod_a(&expiring.tcp(40000, 80, TCP_SYN, 1, 0));
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &frame)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(run.frame == frame, "the expiring packet was changed");
+        dp.expect_counts(&[(verdict::TO_STACK, 1)])
+    })
+}
+
+#[test]
+fn a_packet_for_another_nodes_pod_goes_out_directly_or_through_vxlan() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let direct = dp.run(
+            PROG_FROM_POD,
+            dp.dev.host_a,
+            &from_pod_a(&ip(POD_A, REMOTE_POD).udp(5000, 53, b"q")),
+        )?;
+        expect_action(&direct, TC_ACT_REDIRECT)?;
+        let tunnel = dp.run(
+            PROG_FROM_POD,
+            dp.dev.host_a,
+            &from_pod_a(&ip(POD_A, TUNNEL_POD).udp(5000, 53, b"q")),
+        )?;
+        expect_action(&tunnel, TC_ACT_REDIRECT)?;
+        for run in [&direct, &tunnel] {
+            // Marked so to_netdev leaves them untranslated.
+            ensure!(
+                run.mark & MARK_FROM_POD == MARK_FROM_POD,
+                "mark {:#x}",
+                run.mark
+            );
+            ensure!(seen(&run.frame)?.ttl == 63, "TTL not decremented");
+            checksums_verify(&run.frame)?;
+        }
+        dp.expect_counts(&[(verdict::REMOTE_DIRECT, 1), (verdict::REMOTE_TUNNEL, 1)])
+    })
+}
+
+#[test]
+fn an_address_of_the_pod_cidr_no_pod_holds_goes_to_the_stack_as_unassigned() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let frame = from_pod_a(&ip(POD_A, UNASSIGNED).udp(5000, 53, b"q"));
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &frame)?;
+        expect_action(&run, TC_ACT_OK)?;
+        dp.expect_counts(&[(verdict::TO_UNASSIGNED, 1)])
+    })
+}
+
+#[test]
+fn a_pods_ipv6_and_malformed_ipv4_are_dropped() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let ipv6 = raw::ethernet(HOST_A_MAC, POD_A_MAC, ETH_P_IPV6, &[0x60; 40]);
+        expect_action(&dp.run(PROG_FROM_POD, dp.dev.host_a, &ipv6)?, TC_ACT_SHOT)?;
+        // Version 5 in an IPv4 frame.
+        let mut bad = ip(POD_A, OUTSIDE).udp(1, 2, b"x");
+        bad[0] = 0x55;
+        expect_action(
+            &dp.run(PROG_FROM_POD, dp.dev.host_a, &from_pod_a(&bad))?,
+            TC_ACT_SHOT,
+        )?;
+        dp.expect_counts(&[(verdict::DROP_IPV6, 1), (verdict::DROP_MALFORMED, 1)])
+    })
+}
+
+#[test]
+fn a_reply_in_a_flow_the_stack_delivered_goes_back_through_the_stack() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        // The stack (say, after kube-proxy's DNAT) delivers pod B's connection to pod A.
+        let delivered = raw::ethernet(
+            POD_A_MAC,
+            HOST_A_MAC,
+            ETH_P_IP,
+            &ip(POD_B, POD_A).tcp(5000, 80, TCP_SYN, 1, 0),
+        );
+        expect_action(&dp.run(PROG_TO_POD, dp.dev.host_a, &delivered)?, TC_ACT_OK)?;
+        // Pod A's answer is not short-cut into pod B.
+        let reply = from_pod_a(&ip(POD_A, POD_B).tcp(80, 5000, TCP_SYN | TCP_ACK, 9, 2));
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &reply)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(
+            run.frame == reply,
+            "a stack flow's reply must reach the stack untouched"
+        );
+        // Another flow between the same pods is still redirected.
+        let other = from_pod_a(&ip(POD_A, POD_B).tcp(81, 5000, TCP_SYN, 9, 0));
+        expect_action(
+            &dp.run(PROG_FROM_POD, dp.dev.host_a, &other)?,
+            TC_ACT_REDIRECT,
+        )?;
+        dp.expect_counts(&[(verdict::STACK_FLOW_REPLY, 1), (verdict::LOCAL_REDIRECT, 1)])
+    })
+}
+
+// ---- to_netdev and from_netdev: SNAT and reverse NAT ----
+
+#[test]
+fn tcp_leaving_the_cluster_is_masqueraded_and_its_reply_translated_back() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let syn = from_router(&ip(POD_A, OUTSIDE).tcp(40000, 443, TCP_SYN, 100, 0));
+        let out = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &syn)?;
+        expect_action(&out, TC_ACT_OK)?;
+        let leaving = seen(&out.frame)?;
+        ensure!(
+            (leaving.src, leaving.sport, leaving.dst, leaving.dport)
+                == (NODE_IP, NAT_PORT, OUTSIDE, 443),
+            "not masqueraded: {leaving:?}"
+        );
+        checksums_verify(&out.frame)?;
+        // Both halves of the flow are recorded, with the SYN seen.
+        let entries = NatTable::open(&dp.root)?.entries()?;
+        let forward = entries
+            .iter()
+            .find(|(k, e)| e.direction == NAT_EGRESS && k.saddr == POD_A.octets())
+            .context("no egress NAT entry")?;
+        ensure!(forward.1.port == NAT_PORT && forward.1.state & nat_state::TCP_SYN != 0);
+        ensure!(
+            entries.iter().any(|(_, e)| e.direction == NAT_INGRESS),
+            "no ingress entry"
+        );
+
+        let syn_ack =
+            from_router(&ip(OUTSIDE, NODE_IP).tcp(443, NAT_PORT, TCP_SYN | TCP_ACK, 7, 101));
+        let back = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &syn_ack)?;
+        expect_action(&back, TC_ACT_OK)?;
+        let arriving = seen(&back.frame)?;
+        ensure!(
+            (arriving.src, arriving.sport, arriving.dst, arriving.dport)
+                == (OUTSIDE, 443, POD_A, 40000),
+            "not translated back: {arriving:?}"
+        );
+        checksums_verify(&back.frame)?;
+        ensure!(
+            back.mark & MARK_REVERSE_NAT == MARK_REVERSE_NAT,
+            "reverse-NATed packets are marked for to_pod, mark {:#x}",
+            back.mark
+        );
+        let replied = NatTable::open(&dp.root)?
+            .entries()?
+            .into_iter()
+            .all(|(_, e)| e.state & nat_state::REPLIED != 0);
+        ensure!(replied, "the reply is not recorded in both entries");
+        dp.expect_counts(&[(verdict::SNAT, 1), (verdict::REVERSE_NAT, 1)])
+    })
+}
+
+#[test]
+fn udp_and_icmp_echo_are_masqueraded_and_translated_back() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let udp = from_router(&ip(POD_A, OUTSIDE).udp(5353, 53, b"query"));
+        let out = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &udp)?;
+        expect_action(&out, TC_ACT_OK)?;
+        ensure!(
+            seen(&out.frame)?.src == NODE_IP && seen(&out.frame)?.sport == NAT_PORT,
+            "UDP not masqueraded: {:?}",
+            seen(&out.frame)?
+        );
+        checksums_verify(&out.frame)?;
+        let answer = from_router(&ip(OUTSIDE, NODE_IP).udp(53, NAT_PORT, b"answer"));
+        let back = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &answer)?;
+        expect_action(&back, TC_ACT_OK)?;
+        let arriving = seen(&back.frame)?;
+        ensure!(
+            (arriving.dst, arriving.dport) == (POD_A, 5353),
+            "{arriving:?}"
+        );
+        checksums_verify(&back.frame)?;
+
+        // An echo request: its identifier is the "port" (the same single port: another proto).
+        let ping = from_router(&ip(POD_A, OUTSIDE).echo_request(0x77));
+        let out = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &ping)?;
+        expect_action(&out, TC_ACT_OK)?;
+        let leaving = seen(&out.frame)?;
+        ensure!(
+            (leaving.src, leaving.sport) == (NODE_IP, NAT_PORT),
+            "{leaving:?}"
+        );
+        checksums_verify(&out.frame)?;
+        let mut rest = NAT_PORT.to_be_bytes().to_vec();
+        rest.extend_from_slice(&[0, 1, b'p', b'i', b'n', b'g']);
+        let pong =
+            from_router(&ip(OUTSIDE, NODE_IP).packet(IPPROTO_ICMP, &raw::icmp4(0, 0, &rest)));
+        let back = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &pong)?;
+        expect_action(&back, TC_ACT_OK)?;
+        let arriving = seen(&back.frame)?;
+        ensure!(
+            (arriving.dst, arriving.dport) == (POD_A, 0x77),
+            "{arriving:?}"
+        );
+        checksums_verify(&back.frame)?;
+        dp.expect_counts(&[(verdict::SNAT, 2), (verdict::REVERSE_NAT, 2)])
+    })
+}
+
+#[test]
+fn traffic_to_the_cluster_or_from_the_node_is_not_masqueraded() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        // A pod's packet to another node's pod that the stack routed (NO_MASQ, and a route).
+        let to_cluster = from_router(&ip(POD_A, REMOTE_POD).udp(5000, 53, b"q"));
+        let run = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &to_cluster)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(run.frame == to_cluster, "cluster traffic was changed");
+        // The node's own packet.
+        let own = from_router(&ip(NODE_IP, OUTSIDE).udp(5000, 53, b"q"));
+        let run = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &own)?;
+        ensure!(run.frame == own, "the node's own traffic was changed");
+        // What from_pod sent to another node itself.
+        let marked = from_router(&ip(POD_A, OUTSIDE).udp(5000, 53, b"q"));
+        let run = dp.run_marked(PROG_TO_NETDEV, dp.dev.uplink, MARK_FROM_POD, &marked)?;
+        ensure!(
+            run.frame == marked && run.mark & MARK_FROM_POD == 0,
+            "mark {:#x}",
+            run.mark
+        );
+        // to_netdev counts only what it does (the uncounted verdict is to_stack).
+        dp.expect_counts(&[])
+    })
+}
+
+#[test]
+fn what_snat_cannot_translate_is_dropped_not_leaked() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let gre = from_router(&ip(POD_A, OUTSIDE).packet(IPPROTO_GRE, &[0; 24]));
+        expect_action(&dp.run(PROG_TO_NETDEV, dp.dev.uplink, &gre)?, TC_ACT_SHOT)?;
+        dp.expect_counts(&[(verdict::DROP_UNTRANSLATABLE, 1)])
+    })
+}
+
+#[test]
+fn a_new_tcp_flow_without_a_free_port_is_refused_with_a_reset() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        // The single port goes to the first flow (still open).
+        let first = from_router(&ip(POD_A, OUTSIDE).tcp(40000, 443, TCP_SYN, 100, 0));
+        expect_action(&dp.run(PROG_TO_NETDEV, dp.dev.uplink, &first)?, TC_ACT_OK)?;
+        // A second connection to the same peer and port: pod B is told at once.
+        let second = from_router(&ip(POD_B, OUTSIDE).tcp(40001, 443, TCP_SYN, 555, 0));
+        let run = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &second)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        let rst = seen(&run.frame)?;
+        ensure!(
+            (
+                rst.eth_dst,
+                rst.eth_src,
+                rst.src,
+                rst.dst,
+                rst.sport,
+                rst.dport
+            ) == (POD_B_MAC, HOST_B_MAC, OUTSIDE, POD_B, 443, 40001),
+            "not a reset to pod B: {rst:?}"
+        );
+        let tcp = &run.frame[14 + 20..];
+        ensure!(
+            tcp[13] == TCP_RST | TCP_ACK && tcp[8..12] == 556u32.to_be_bytes(),
+            "flags {:#x}, ack {:02x?}",
+            tcp[13],
+            &tcp[8..12]
+        );
+        checksums_verify(&run.frame)?;
+        dp.expect_counts(&[(verdict::SNAT, 1), (verdict::DROP_NAT_EXHAUSTED, 1)])
+    })
+}
+
+#[test]
+fn a_new_udp_flow_without_a_free_port_is_refused_with_icmp_prohibited() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let first = from_router(&ip(POD_A, OUTSIDE).udp(5353, 53, b"first"));
+        expect_action(&dp.run(PROG_TO_NETDEV, dp.dev.uplink, &first)?, TC_ACT_OK)?;
+        let datagram = ip(POD_B, OUTSIDE).udp(5354, 53, b"second query");
+        let run = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &from_router(&datagram))?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        let out = seen(&run.frame)?;
+        ensure!(
+            (out.eth_dst, out.eth_src, out.src, out.dst, out.proto)
+                == (POD_B_MAC, HOST_B_MAC, NODE_IP, POD_B, IPPROTO_ICMP),
+            "not an ICMP error to pod B: {out:?}"
+        );
+        let icmp = &run.frame[14 + 20..];
+        ensure!(
+            icmp[..2] == [3, 13] && icmp[8..] == datagram[..28],
+            "not a \"communication administratively prohibited\" quoting the datagram: {icmp:02x?}"
+        );
+        checksums_verify(&run.frame)?;
+        dp.expect_counts(&[(verdict::SNAT, 1), (verdict::DROP_NAT_EXHAUSTED, 1)])
+    })
+}
+
+#[test]
+fn a_new_tcp_connection_takes_over_the_port_of_a_reset_one() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let syn = from_router(&ip(POD_A, OUTSIDE).tcp(40000, 443, TCP_SYN, 100, 0));
+        expect_action(&dp.run(PROG_TO_NETDEV, dp.dev.uplink, &syn)?, TC_ACT_OK)?;
+        let rst = from_router(&ip(POD_A, OUTSIDE).tcp(40000, 443, TCP_RST, 101, 0));
+        expect_action(&dp.run(PROG_TO_NETDEV, dp.dev.uplink, &rst)?, TC_ACT_OK)?;
+        // The only port is held by a closed connection: pod B's SYN gets it.
+        let other = from_router(&ip(POD_B, OUTSIDE).tcp(40001, 443, TCP_SYN, 555, 0));
+        let run = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &other)?;
+        expect_action(&run, TC_ACT_OK)?;
+        let leaving = seen(&run.frame)?;
+        ensure!(
+            (leaving.src, leaving.sport) == (NODE_IP, NAT_PORT),
+            "not masqueraded to the freed port: {leaving:?}"
+        );
+        let entries = NatTable::open(&dp.root)?.entries()?;
+        ensure!(
+            entries.len() == 2
+                && entries
+                    .iter()
+                    .all(|(k, e)| k.saddr == POD_B.octets() || e.addr == POD_B.octets()),
+            "the reset flow's entries are still there: {entries:?}"
+        );
+        dp.expect_counts(&[(verdict::SNAT, 3)])
+    })
+}
+
+#[test]
+fn a_pods_icmp_error_about_a_masqueraded_flow_leaves_from_the_node_ip() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let query = from_router(&ip(POD_A, OUTSIDE).udp(5353, 53, b"q"));
+        expect_action(&dp.run(PROG_TO_NETDEV, dp.dev.uplink, &query)?, TC_ACT_OK)?;
+        // The answer, translated back, reaches the pod, whose socket is gone by then.
+        let answer = ip(OUTSIDE, POD_A).udp(53, 5353, b"late answer");
+        let mut rest = vec![0; 4];
+        rest.extend_from_slice(&answer[..28]);
+        let unreachable = ip(POD_A, OUTSIDE).packet(IPPROTO_ICMP, &raw::icmp4(3, 3, &rest));
+        let run = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &from_router(&unreachable))?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(
+            seen(&run.frame)?.src == NODE_IP,
+            "the error leaks the pod's address"
+        );
+        let inner = &run.frame[14 + 20 + 8..];
+        ensure!(
+            inner[16..20] == NODE_IP.octets() && inner[22..24] == NAT_PORT.to_be_bytes(),
+            "the quote still names the pod: {inner:02x?}"
+        );
+        ensure!(
+            raw::checksum(0, &inner[..20]) == 0,
+            "quoted IP header checksum"
+        );
+        checksums_verify(&run.frame)?;
+        dp.expect_counts(&[(verdict::SNAT, 1), (verdict::ICMP_ERROR_TRANSLATED, 1)])
+    })
+}
+
+#[test]
+fn to_pod_remembers_what_the_stack_delivers_but_not_reverse_nat_replies() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let reply = raw::ethernet(
+            POD_A_MAC,
+            HOST_A_MAC,
+            ETH_P_IP,
+            &ip(OUTSIDE, POD_A).tcp(443, 40000, TCP_SYN | TCP_ACK, 7, 101),
+        );
+        let run = dp.run_marked(PROG_TO_POD, dp.dev.host_a, MARK_REVERSE_NAT, &reply)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(
+            run.mark & MARK_REVERSE_NAT == 0,
+            "mark {:#x} kept",
+            run.mark
+        );
+        ensure!(
+            dp.stack_flows()?.is_empty(),
+            "a reverse-NATed reply was remembered"
+        );
+        expect_action(&dp.run(PROG_TO_POD, dp.dev.host_a, &reply)?, TC_ACT_OK)?;
+        let remembered = dp.stack_flows()?;
+        let expected = FlowKey {
+            saddr: POD_A.octets(),
+            daddr: OUTSIDE.octets(),
+            sport: 40000,
+            dport: 443,
+            proto: IPPROTO_TCP,
+            pad: [0; 3],
+        };
+        ensure!(remembered == [expected], "remembered {remembered:?}");
+        // to_pod counts nothing.
+        dp.expect_counts(&[])
+    })
+}
+
+// ---- Fragments ----
+
+#[test]
+fn a_later_fragment_follows_its_first_and_an_untracked_one_is_dropped() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let first = Ip {
+            frag: MORE_FRAGMENTS,
+            id: 0x1111,
+            ..ip(POD_A, OUTSIDE)
+        };
+        // The first fragment carries the UDP header (its checksum covers the whole datagram).
+        let run = dp.run(
+            PROG_TO_NETDEV,
+            dp.dev.uplink,
+            &from_router(&first.udp(5353, 53, &[0xab; 16])),
+        )?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(
+            seen(&run.frame)?.src == NODE_IP,
+            "first fragment not masqueraded"
+        );
+        let key = FragmentKey {
+            saddr: POD_A.octets(),
+            daddr: OUTSIDE.octets(),
+            id: 0x1111,
+            proto: IPPROTO_UDP,
+            pad: 0,
+        };
+        let tracked = dp.fragments()?.get(&key, 0)?;
+        ensure!(
+            tracked.action == FRAGMENT_SNAT && tracked.addr == NODE_IP.octets(),
+            "first fragment recorded as {tracked:?}"
+        );
+        // Offset 24 bytes (3 units), no more fragments: no L4 header.
+        let later = Ip { frag: 3, ..first };
+        let run = dp.run(
+            PROG_TO_NETDEV,
+            dp.dev.uplink,
+            &from_router(&later.packet(IPPROTO_UDP, &[0xcd; 16])),
+        )?;
+        expect_action(&run, TC_ACT_OK)?;
+        let ip_out = &run.frame[14..];
+        ensure!(
+            ip_out[12..16] == NODE_IP.octets() && ip_out[20..] == [0xcd; 16],
+            "later fragment not given the node IP: {ip_out:02x?}"
+        );
+        checksums_verify(&run.frame)?;
+        // A later fragment of a datagram whose first fragment never passed.
+        let stray = Ip {
+            id: 0x2222,
+            ..later
+        };
+        let run = dp.run(
+            PROG_TO_NETDEV,
+            dp.dev.uplink,
+            &from_router(&stray.packet(IPPROTO_UDP, &[0xcd; 16])),
+        )?;
+        expect_action(&run, TC_ACT_SHOT)?;
+        dp.expect_counts(&[
+            (verdict::SNAT, 1),
+            (verdict::FRAGMENT_TRANSLATED, 1),
+            (verdict::DROP_FRAGMENT_UNTRACKED, 1),
+        ])
+    })
+}
+
+#[test]
+fn a_later_fragment_of_a_reply_is_translated_back_like_its_first() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let query = from_router(&ip(POD_A, OUTSIDE).udp(5353, 53, b"q"));
+        expect_action(&dp.run(PROG_TO_NETDEV, dp.dev.uplink, &query)?, TC_ACT_OK)?;
+        let first = Ip {
+            frag: MORE_FRAGMENTS,
+            id: 0x3333,
+            ..ip(OUTSIDE, NODE_IP)
+        };
+        let run = dp.run(
+            PROG_FROM_NETDEV,
+            dp.dev.uplink,
+            &from_router(&first.udp(53, NAT_PORT, &[1; 16])),
+        )?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(seen(&run.frame)?.dst == POD_A);
+        let later = Ip { frag: 3, ..first };
+        let run = dp.run(
+            PROG_FROM_NETDEV,
+            dp.dev.uplink,
+            &from_router(&later.packet(IPPROTO_UDP, &[2; 16])),
+        )?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(
+            run.frame[14 + 16..14 + 20] == POD_A.octets(),
+            "later fragment not translated"
+        );
+        checksums_verify(&run.frame)?;
+        dp.expect_counts(&[
+            (verdict::SNAT, 1),
+            (verdict::REVERSE_NAT, 1),
+            (verdict::FRAGMENT_TRANSLATED, 1),
+        ])
+    })
+}
+
+// ---- ICMP errors ----
+
+#[test]
+fn an_icmp_error_about_a_masqueraded_flow_is_translated_to_the_pod() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let syn = ip(POD_A, OUTSIDE).tcp(40000, 443, TCP_SYN, 100, 0);
+        let out = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &from_router(&syn))?;
+        expect_action(&out, TC_ACT_OK)?;
+        // The router's "port unreachable" quotes the packet as it left: IP header + 8 bytes.
+        let quoted = &out.frame[14..14 + 28];
+        let mut rest = vec![0; 4];
+        rest.extend_from_slice(quoted);
+        let error =
+            from_router(&ip(OUTSIDE, NODE_IP).packet(IPPROTO_ICMP, &raw::icmp4(3, 3, &rest)));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &error)?;
+        expect_action(&run, TC_ACT_OK)?;
+        let outer = seen(&run.frame)?;
+        ensure!(outer.dst == POD_A, "outer destination: {outer:?}");
+        // The quote now shows the packet as the pod sent it.
+        let inner = &run.frame[14 + 20 + 8..];
+        ensure!(
+            inner[12..16] == POD_A.octets() && inner[20..22] == 40000u16.to_be_bytes(),
+            "quote not translated: {inner:02x?}"
+        );
+        ensure!(
+            raw::checksum(0, &inner[..20]) == 0,
+            "quoted IP header checksum"
+        );
+        checksums_verify(&run.frame)?;
+        dp.expect_counts(&[(verdict::SNAT, 1), (verdict::ICMP_ERROR_TRANSLATED, 1)])
+    })
+}
+
+// ---- from_netdev: other nodes and VXLAN ----
+
+#[test]
+fn a_packet_from_another_nodes_pod_is_delivered_into_the_local_pod() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let frame = from_router(&ip(REMOTE_POD, POD_A).udp(5000, 53, b"q"));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &frame)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        let out = seen(&run.frame)?;
+        ensure!(
+            (out.eth_dst, out.eth_src) == (POD_A_MAC, HOST_A_MAC),
+            "MACs not rewritten: {out:?}"
+        );
+        // From outside the cluster: the node stack handles it.
+        let outside = from_router(&ip(OUTSIDE, POD_A).udp(5000, 53, b"q"));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &outside)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(run.frame == outside);
+        dp.expect_counts(&[(verdict::DELIVERED_FROM_NETDEV, 1), (verdict::TO_STACK, 1)])
+    })
+}
+
+#[test]
+fn a_packet_on_the_vxlan_device_without_tunnel_metadata_is_dropped() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let frame = from_router(&ip(TUNNEL_POD, POD_A).udp(5000, 53, b"q"));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.tunnel, &frame)?;
+        expect_action(&run, TC_ACT_SHOT)?;
+        dp.expect_counts(&[(verdict::DROP_TUNNEL_FOREIGN, 1)])
+    })
+}
+
+#[test]
+fn vxlan_from_a_foreign_vni_or_sender_is_dropped_and_from_a_peer_delivered() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let frame = from_router(&ip(TUNNEL_POD, POD_A).udp(5000, 53, b"q"));
+        let cases = [
+            (VNI, TUNNEL_PEER, TC_ACT_REDIRECT),
+            (VNI + 1, TUNNEL_PEER, TC_ACT_SHOT),
+            (VNI, OUTSIDE, TC_ACT_SHOT),
+        ];
+        for (vni, sender, action) in cases {
+            let run = dp.run_with(TUNNEL_SHIM, dp.dev.tunnel, 0, [vni, sender.into()], &frame)?;
+            ensure!(
+                run.action != SHIM_TAIL_CALL_FAILED,
+                "the shim could not tail-call from_netdev"
+            );
+            ensure!(
+                run.action == action,
+                "VNI {vni} from {sender}: returned {}, expected {action}",
+                run.action
+            );
+        }
+        dp.expect_counts(&[
+            (verdict::DELIVERED_FROM_NETDEV, 1),
+            (verdict::DROP_TUNNEL_FOREIGN, 2),
+        ])
+    })
+}
+
+#[test]
+fn the_programs_pass_the_verifier_and_report_their_size() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        for (name, program) in dp.programs.iter().filter(|(n, _)| *n != TUNNEL_SHIM) {
+            let info = program.info()?;
+            let translated = info.size_translated().unwrap_or(0);
+            eprintln!(
+                "{name}: {translated} bytes translated, {} instructions verified",
+                info.verified_instruction_count().unwrap_or(0),
+            );
+            if translated == 0 {
+                bail!("{name} has no translated instructions");
+            }
+        }
+        Ok(())
+    })
+}
