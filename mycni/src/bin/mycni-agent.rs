@@ -49,6 +49,7 @@ commands:
   unload     remove the pins (attached programs stay until their links go)
   endpoints  print the ENDPOINTS map       (--json for JSON)
   routes     print the ROUTES map          (--json)
+  peers      print the PEERS map: node IPs whose VXLAN is accepted (--json)
   nat        print the NAT map             (--json)
   stats      print the per-verdict counters (--json)";
 
@@ -177,6 +178,7 @@ fn main() -> anyhow::Result<()> {
         Some("install-cni-plugin") => install_cni_plugin(options.operand.as_deref()),
         Some("endpoints") => print_endpoints(&root, options.json),
         Some("routes") => print_routes(&root, options.json),
+        Some("peers") => print_peers(&root, options.json),
         Some("nat") => print_nat(&root, options.json),
         Some("stats") => print_stats(&root, options.json),
         _ => bail!("{USAGE}"),
@@ -530,6 +532,21 @@ fn print_routes(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
                 std::net::Ipv4Addr::from(r.next_hop).to_string(),
                 format_mac(&r.pod_mac)
             );
+        }
+    }
+    Ok(())
+}
+
+fn print_peers(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let mut peers = datapath::read_peers(root)?;
+    peers.sort();
+    if json {
+        let rows: Vec<String> = peers.iter().map(|ip| ip.to_string()).collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("NODE-IP");
+        for ip in peers {
+            println!("{ip}");
         }
     }
     Ok(())
