@@ -854,14 +854,35 @@ fn wait_agents_report(
     vxlan: u32,
 ) -> Result<Vec<(String, Duration)>> {
     let mut done: Vec<(String, Duration)> = Vec::new();
-    lab.wait(what, Duration::from_secs(180), |lab| {
+    let waited = lab.wait(what, Duration::from_secs(180), |lab| {
         for node in &lab.nodes {
             if !done.iter().any(|(n, _)| *n == node.name) && agent_reports(node, direct, vxlan)? {
                 done.push((node.name.clone(), since.elapsed()));
             }
         }
         Ok(done.len() == lab.nodes.len())
-    })?;
+    });
+    if let Err(e) = waited {
+        // What each agent reports instead.
+        let mut reports = Vec::new();
+        for node in &lab.nodes {
+            let figures = agent_health(node).map(|(_, _, metrics)| {
+                [
+                    "mycni_routes{kind=\"direct\"}",
+                    "mycni_routes{kind=\"vxlan\"}",
+                    "mycni_peers_unapplied",
+                    "mycni_peer_errors_total",
+                ]
+                .map(|series| format!("{series} {:?}", metric(&metrics, series)))
+                .join(", ")
+            });
+            reports.push(format!("{}: {figures:?}", node.name));
+        }
+        bail!(
+            "{e:#}: {direct} direct and {vxlan} VXLAN routes wanted; the agents report\n{}",
+            reports.join("\n")
+        );
+    }
     Ok(done)
 }
 
