@@ -94,6 +94,14 @@ fn pod_ip(pod: &Value) -> Option<Ipv4Addr> {
     pod["status"]["podIP"].as_str()?.parse().ok()
 }
 
+/// The IP of the test pod `name` among (pod, node, IP) rows.
+fn pod_ip_of(ips: &[(String, String, Ipv4Addr)], name: &str) -> Result<String> {
+    ips.iter()
+        .find(|(pod, _, _)| pod == name)
+        .map(|(_, _, ip)| ip.to_string())
+        .with_context(|| format!("{name}'s IP"))
+}
+
 fn exec_in_pod(lab: &KubeLab, pod: &str, argv: &[&str]) -> Result<String> {
     let mut args = vec!["exec", pod, "--", "/bin/busybox"];
     args.extend_from_slice(argv);
@@ -222,12 +230,7 @@ fn check_kube_proxy_nodes(lab: &mut KubeLab, machine_before: &[(String, String)]
 /// backend, pods -> the outside host; and the nodes' `KUBE-FORWARD` INVALID drops must not
 /// rise meanwhile. Every flow is tried and the failures are reported together.
 fn check_kubeadm_node_flows(lab: &mut KubeLab, ips: &[(String, String, Ipv4Addr)]) -> Result<()> {
-    let ip_of = |name: &str| -> Result<String> {
-        ips.iter()
-            .find(|(p, _, _)| p == name)
-            .map(|(_, _, ip)| ip.to_string())
-            .with_context(|| format!("{name}'s IP"))
-    };
+    let ip_of = |name: &str| pod_ip_of(ips, name);
     // The Services, programmed by kube-proxy on both nodes before anything is tried.
     lab.apply(&format!(
         "{}---\n{}",
@@ -894,15 +897,66 @@ fn pods_reach_across(lab: &KubeLab, ips: &[(String, String, Ipv4Addr)], when: &s
         ("pod-1b", "pod-2b"),
         ("pod-2b", "pod-1b"),
     ] {
-        let ip = ips
-            .iter()
-            .find(|(p, _, _)| p == to)
-            .map(|(_, _, ip)| ip.to_string())
-            .with_context(|| format!("{to}'s IP"))?;
+        let ip = pod_ip_of(ips, to)?;
         answered(pod_http_get(lab, from, &ip, 8080, "/"), to)
             .with_context(|| format!("{from} -> {to} {when}"))?;
     }
     Ok(())
+}
+
+/// Sends `requests` (creating the scale nodes when `present`, else deleting them), 8 at a
+/// time, then waits until both agents report the routes that leaves and checks their maps
+/// and kernel routes. Returns how long the requests took, and when each agent converged,
+/// both from the first request.
+fn apply_scale_change(
+    lab: &mut KubeLab,
+    requests: &[ApiRequest],
+    present: bool,
+) -> Result<(Duration, Vec<(String, Duration)>)> {
+    let started = std::time::Instant::now();
+    let answers = lab.api_requests(requests, 8)?;
+    let sent = started.elapsed();
+    let wanted_status = if present { 201 } else { 200 };
+    if let Some((answer, request)) = answers
+        .iter()
+        .zip(requests)
+        .find(|(answer, _)| answer.status != wanted_status)
+    {
+        bail!(
+            "{} {}: {} {}",
+            request.method,
+            request.path,
+            answer.status,
+            answer.body
+        );
+    }
+    let (what, direct, vxlan) = if present {
+        let half = SCALE_NODES / 2;
+        ("both agents to route the 5,000 scale nodes", half + 1, half)
+    } else {
+        ("both agents to withdraw the 5,000 scale nodes", 1, 0)
+    };
+    let converged = wait_agents_report(lab, what, started, direct, vxlan)?;
+    for node in &lab.nodes {
+        let wrong = scale_mismatches(lab, node, present)?;
+        if !wrong.is_empty() {
+            bail!(
+                "{}: the agent reports {direct} direct and {vxlan} VXLAN routes, but:\n{}",
+                node.name,
+                wrong.join("\n")
+            );
+        }
+    }
+    Ok((sent, converged))
+}
+
+/// `node-1 1.2s, node-2 1.3s`.
+fn per_node(times: &[(String, Duration)]) -> String {
+    times
+        .iter()
+        .map(|(node, took)| format!("{node} {took:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Issue 12's scale test on a real control plane: 5,000 Node objects (no kubelet behind
@@ -911,12 +965,7 @@ fn pods_reach_across(lab: &KubeLab, ips: &[(String, String, Ipv4Addr)], when: &s
 /// healthy, while a TCP stream and a ping run between pods on the two nodes; then the
 /// Nodes are deleted and every entry and route must go. Prints the times to converge.
 fn check_five_thousand_nodes(lab: &mut KubeLab, ips: &[(String, String, Ipv4Addr)]) -> Result<()> {
-    let ip_of = |name: &str| -> Result<String> {
-        ips.iter()
-            .find(|(p, _, _)| p == name)
-            .map(|(_, _, ip)| ip.to_string())
-            .with_context(|| format!("{name}'s IP"))
-    };
+    let ip_of = |name: &str| pod_ip_of(ips, name);
     let before: Vec<(u32, String, String)> =
         lab.nodes.iter().map(agent_health).collect::<Result<_>>()?;
     let restarts_before = agent_pods(lab, "status.containerStatuses[0].restartCount")?;
@@ -930,38 +979,11 @@ fn check_five_thousand_nodes(lab: &mut KubeLab, ips: &[(String, String, Ipv4Addr
             body: Some(("application/json", scale_node_json(i))),
         })
         .collect();
-    let started = std::time::Instant::now();
-    let answers = lab.api_requests(&creates, 8)?;
-    let created = started.elapsed();
-    if let Some((i, answer)) = answers.iter().enumerate().find(|(_, a)| a.status != 201) {
-        bail!("creating scale node {i}: {} {}", answer.status, answer.body);
-    }
-    let half = SCALE_NODES / 2;
-    let converged = wait_agents_report(
-        lab,
-        "both agents to route the 5,000 scale nodes",
-        started,
-        half + 1,
-        half,
-    )?;
-    for node in &lab.nodes {
-        let wrong = scale_mismatches(lab, node, true)?;
-        if !wrong.is_empty() {
-            bail!(
-                "{}: the agent reports 5,000 scale nodes routed, but:\n{}",
-                node.name,
-                wrong.join("\n")
-            );
-        }
-    }
+    let (created, converged) = apply_scale_change(lab, &creates, true)?;
     eprintln!(
         "{SCALE_NODES} Nodes created through the API in {created:?} (8 parallel POSTs); \
          every one in ROUTES, PEERS and the kernel on {}",
-        converged
-            .iter()
-            .map(|(node, took)| format!("{node} {took:?}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        per_node(&converged)
     );
     eprintln!("  (times from the first POST; convergence polled every 250 ms)");
     // The controller manager kept every CIDR we set (it marks them used, never reassigns).
@@ -1010,37 +1032,11 @@ fn check_five_thousand_nodes(lab: &mut KubeLab, ips: &[(String, String, Ipv4Addr
             body: None,
         })
         .collect();
-    let started = std::time::Instant::now();
-    let answers = lab.api_requests(&deletes, 8)?;
-    let deleted = started.elapsed();
-    if let Some((i, answer)) = answers.iter().enumerate().find(|(_, a)| a.status != 200) {
-        bail!("deleting scale node {i}: {} {}", answer.status, answer.body);
-    }
-    let withdrawn = wait_agents_report(
-        lab,
-        "both agents to withdraw the 5,000 scale nodes",
-        started,
-        1,
-        0,
-    )?;
-    for node in &lab.nodes {
-        let wrong = scale_mismatches(lab, node, false)?;
-        if !wrong.is_empty() {
-            bail!(
-                "{}: the agent reports the scale nodes gone, but:\n{}",
-                node.name,
-                wrong.join("\n")
-            );
-        }
-    }
+    let (deleted, withdrawn) = apply_scale_change(lab, &deletes, false)?;
     eprintln!(
         "{SCALE_NODES} Nodes deleted through the API in {deleted:?} (8 parallel DELETEs); \
          every entry and route gone on {}",
-        withdrawn
-            .iter()
-            .map(|(node, took)| format!("{node} {took:?}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        per_node(&withdrawn)
     );
     let (lines, echoes) = traffic.finish(lab, "5,000 Nodes added and deleted")?;
     eprintln!("  meanwhile {lines} stream lines and {echoes} echoes across the nodes, none lost");
