@@ -474,7 +474,7 @@ impl Agent {
             .values()
             .filter(|r| r.path == PeerPath::Direct)
             .count();
-        counters.publish_routes(direct, self.applied.len() - direct);
+        counters.publish_routes(direct, self.applied.len() - direct, self.own_cidr.is_some());
         self.retries.len()
     }
 

@@ -55,6 +55,8 @@ pub enum AgentCommand {
     Endpoints(TableFormat),
     /// Print the ROUTES map.
     Routes(TableFormat),
+    /// Print the PEERS map: the node IPs whose VXLAN traffic is accepted.
+    Peers(TableFormat),
     /// Print the NAT map: translated flows, both directions, with idle time.
     Nat(TableFormat),
     /// Print the per-verdict packet and byte counters.

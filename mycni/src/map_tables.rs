@@ -1,4 +1,4 @@
-//! What `mycni-agent endpoints|routes|nat|stats` print: the pinned maps as tables for a
+//! What `mycni-agent endpoints|routes|peers|nat|stats` print: the pinned maps as tables for a
 //! person or JSON for a script. The renderers are pure (rows in, text out) and unit-tested;
 //! the `print_*` functions read the maps and write stdout.
 use std::fmt::Write as _;
@@ -37,6 +37,11 @@ pub fn print_endpoints(root: &Path, json: bool) -> Result<(), MapTablesError> {
 /// `mycni-agent routes`.
 pub fn print_routes(root: &Path, json: bool) -> Result<(), MapTablesError> {
     print(&render_routes(&Maps::open(root)?.routes()?, json))
+}
+
+/// `mycni-agent peers`.
+pub fn print_peers(root: &Path, json: bool) -> Result<(), MapTablesError> {
+    print(&render_peers(&datapath::read_peers(root)?, json))
 }
 
 /// `mycni-agent nat`: idle times are counted from now.
@@ -134,6 +139,21 @@ pub fn render_routes(routes: &[(Ipv4Addr, u8, Route)], json: bool) -> String {
     out
 }
 
+/// The peer node IPs, sorted: one per line under a heading, or a JSON array of strings.
+pub fn render_peers(peers: &[Ipv4Addr], json: bool) -> String {
+    let mut sorted = peers.to_vec();
+    sorted.sort();
+    if json {
+        let rows: Vec<Value> = sorted.iter().map(|ip| json!(ip.to_string())).collect();
+        return json_text(&Value::Array(rows));
+    }
+    let mut out = String::from("NODE-IP\n");
+    for ip in sorted {
+        let _ = writeln!(out, "{ip}");
+    }
+    out
+}
+
 /// The NAT table at monotonic time `now_ns`.
 pub fn render_nat(entries: &[(FlowKey, NatEntry)], now_ns: u64, json: bool) -> String {
     let proto = |p: u8| match p {
@@ -221,6 +241,16 @@ pub fn render_stats(stats: &[Counter], json: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peers_are_listed_sorted_as_text_and_json() {
+        let peers = [Ipv4Addr::new(192, 168, 1, 3), Ipv4Addr::new(10, 0, 0, 9)];
+        assert_eq!(render_peers(&peers, false), "NODE-IP\n10.0.0.9\n192.168.1.3\n");
+        assert_eq!(
+            serde_json::from_str::<Value>(&render_peers(&peers, true)).ok(),
+            Some(json!(["10.0.0.9", "192.168.1.3"]))
+        );
+    }
 
     fn endpoint() -> Endpoint {
         Endpoint {

@@ -8,12 +8,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mycni_common::{
-    verdict, Counter, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
+    verdict, Counter, ROUTE_LOCAL_CIDR, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE,
+    ROUTE_REMOTE_TUNNEL,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::datapath::{self, Maps, NatTable};
 use crate::nat::{self, NatOccupancy};
+
+/// `ROUTES` entries by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteCounts {
+    /// One /32 per pod on this node.
+    pub local: u64,
+    pub direct: u64,
+    pub vxlan: u64,
+    /// This node's own pod CIDR (0 until the agent knows it).
+    pub own_cidr: u64,
+}
 
 /// What `/metrics` reports, gathered from the pinned maps.
 #[derive(Debug, Clone, Default)]
@@ -22,8 +34,7 @@ pub struct Snapshot {
     pub nat: NatOccupancy,
     pub nat_capacity: u32,
     pub endpoints: usize,
-    /// (local, direct, vxlan) entries of `ROUTES`.
-    pub routes: (usize, usize, usize),
+    pub routes: RouteCounts,
     pub node_source_errors: u64,
     pub garbage_collected: u64,
     pub peer_errors: u64,
@@ -43,14 +54,18 @@ pub fn snapshot(
     // a full descent per key, tens of milliseconds at 5,000 nodes. Each endpoint has one
     // local /32 route.
     let routes = match counters.routes() {
-        Some((direct, tunnel)) => (endpoints, direct as usize, tunnel as usize),
+        Some(applied) => RouteCounts {
+            local: endpoints as u64,
+            ..applied
+        },
         None => {
-            let mut routes = (0, 0, 0);
+            let mut routes = RouteCounts::default();
             for (_, _, route) in maps.routes()? {
                 match route.kind {
-                    ROUTE_LOCAL_ENDPOINT => routes.0 += 1,
-                    ROUTE_REMOTE_NODE => routes.1 += 1,
-                    ROUTE_REMOTE_TUNNEL => routes.2 += 1,
+                    ROUTE_LOCAL_ENDPOINT => routes.local += 1,
+                    ROUTE_REMOTE_NODE => routes.direct += 1,
+                    ROUTE_REMOTE_TUNNEL => routes.vxlan += 1,
+                    ROUTE_LOCAL_CIDR => routes.own_cidr += 1,
                     _ => {}
                 }
             }
@@ -150,9 +165,10 @@ pub fn render_metrics(s: &Snapshot) -> String {
         &[(String::new(), s.endpoints.to_string())],
     );
     let routes = [
-        ("local", s.routes.0),
-        ("direct", s.routes.1),
-        ("vxlan", s.routes.2),
+        ("local", s.routes.local),
+        ("direct", s.routes.direct),
+        ("vxlan", s.routes.vxlan),
+        ("own-cidr", s.routes.own_cidr),
     ]
     .map(|(k, n)| (format!("{{kind=\"{k}\"}}"), n.to_string()));
     family("mycni_routes", "gauge", "ROUTES entries by kind.", &routes);
@@ -197,10 +213,12 @@ pub struct AgentCounters {
     nat_icmp: AtomicU64,
     nat_entries: AtomicU64,
     nat_tcp_states: [AtomicU64; 5],
-    /// Remote routes the agent applied, by path; `routes_published` once it did.
+    /// Routes the agent applied (remote ones by path, its own pod CIDR);
+    /// `routes_published` once it did.
     routes_published: AtomicBool,
     routes_direct: AtomicU64,
     routes_tunnel: AtomicU64,
+    routes_own_cidr: AtomicU64,
 }
 
 impl AgentCounters {
@@ -217,21 +235,25 @@ impl AgentCounters {
         self.nat_published.store(true, Ordering::Release);
     }
 
-    pub fn publish_routes(&self, direct: usize, tunnel: usize) {
+    pub fn publish_routes(&self, direct: usize, tunnel: usize, own_cidr: bool) {
         self.routes_direct.store(direct as u64, Ordering::Relaxed);
         self.routes_tunnel.store(tunnel as u64, Ordering::Relaxed);
+        self.routes_own_cidr
+            .store(u64::from(own_cidr), Ordering::Relaxed);
         self.routes_published.store(true, Ordering::Release);
     }
 
-    /// Remote routes (direct, VXLAN) as the agent last applied them.
-    pub fn routes(&self) -> Option<(u64, u64)> {
+    /// The routes the agent last applied (`local` is the caller's: one per endpoint).
+    pub fn routes(&self) -> Option<RouteCounts> {
         if !self.routes_published.load(Ordering::Acquire) {
             return None;
         }
-        Some((
-            self.routes_direct.load(Ordering::Relaxed),
-            self.routes_tunnel.load(Ordering::Relaxed),
-        ))
+        Some(RouteCounts {
+            local: 0,
+            direct: self.routes_direct.load(Ordering::Relaxed),
+            vxlan: self.routes_tunnel.load(Ordering::Relaxed),
+            own_cidr: self.routes_own_cidr.load(Ordering::Relaxed),
+        })
     }
 
     /// The last published NAT occupancy, if the expiry thread has counted once.
@@ -327,7 +349,12 @@ mod tests {
             },
             nat_capacity: 100,
             endpoints: 3,
-            routes: (3, 1, 1),
+            routes: RouteCounts {
+                local: 3,
+                direct: 1,
+                vxlan: 1,
+                own_cidr: 1,
+            },
             node_source_errors: 4,
             garbage_collected: 0,
             peer_errors: 3,
@@ -340,6 +367,7 @@ mod tests {
         assert!(text.contains("mycni_nat_flows{proto=\"tcp\"} 2\n"));
         assert!(text.contains("mycni_nat_tcp_flows{state=\"closed\"} 1\n"));
         assert!(text.contains("mycni_routes{kind=\"vxlan\"} 1\n"));
+        assert!(text.contains("mycni_routes{kind=\"own-cidr\"} 1\n"));
         assert!(text.contains("mycni_node_source_errors_total 4\n"));
         assert!(text.contains("# TYPE mycni_endpoints gauge\n"));
     }

@@ -10,6 +10,10 @@
 //!  node-2 192.168.1.12 ─┘                 HTTP on 203.0.113.10:80
 //! ```
 //!
+//! The bridge's subnet is a /16 and the cluster CIDR a /11, so Node objects without a
+//! kubelet (the scale step of tests/tests/kubernetes.rs adds 5,000) can take addresses on
+//! the nodes' subnet and pod CIDRs the controller manager accepts.
+//!
 //! kube-proxy runs with its own client certificate (`system:kube-proxy`, which the default
 //! `system:node-proxier` binding covers), `--conntrack-max-per-core=0` (the conntrack table
 //! size and hash size are the machine's, not the node's), and its default TCP timeouts, which
@@ -38,8 +42,12 @@ use serde_json::Value;
 
 use crate::{run, Netns};
 
-pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// 8,192 /24s (a /12 holds 4,096, fewer than 5,002 nodes): room for the scale step's Nodes.
+/// The controller manager allocates from its start (10.224.0.0/24 for the first node).
+pub const CLUSTER_CIDR: &str = "10.224.0.0/11";
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// The prefix length of every address on the bridge: 192.168.0.0/16 is one segment.
+pub const FABRIC_PREFIX_LEN: u8 = 16;
 pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 2);
 /// The `kubernetes` Service: the first address of the service CIDR.
 pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
@@ -877,45 +885,73 @@ exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
-    /// A merge patch to a status subresource (kubectl 1.20 cannot), through `kubectl
-    /// proxy` on the control-plane namespace's loopback.
+    /// A merge patch to a status subresource (kubectl 1.20 cannot).
     pub fn patch_status(&self, path: &str, patch: &str) -> Result<()> {
-        let mut proxy = self
-            .control
-            .command(self.bin.join("kubectl"))
-            .arg(format!(
-                "--kubeconfig={}",
-                self.admin_kubeconfig().display()
-            ))
-            .args(["proxy", "--port=8001", "--address=127.0.0.1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let mut result = Err(anyhow::anyhow!("kubectl proxy never answered"));
-        for _ in 0..50 {
-            std::thread::sleep(Duration::from_millis(100));
-            result = run(self
-                .control
-                .command("curl")
-                .args(["-sS", "-X", "PATCH", "-H"])
-                .arg("Content-Type: application/merge-patch+json")
-                .args(["-w", "\n%{http_code}"])
-                .arg(format!("http://127.0.0.1:8001{path}"))
-                .args(["-d", patch]))
-            .and_then(|out| {
-                let text = String::from_utf8_lossy(&out.stdout).to_string();
-                match text.lines().last() {
-                    Some(code) if code.starts_with('2') => Ok(()),
-                    _ => bail!("PATCH {path}: {text}"),
-                }
-            });
-            if result.is_ok() {
-                break;
-            }
+        let request = ApiRequest {
+            method: "PATCH",
+            path: path.to_string(),
+            body: Some(("application/merge-patch+json", patch.to_string())),
+        };
+        let responses = self.api_requests(std::slice::from_ref(&request), 1)?;
+        match responses.first() {
+            Some(response) if (200..300).contains(&response.status) => Ok(()),
+            Some(response) => bail!("PATCH {path}: {} {}", response.status, response.body),
+            None => bail!("PATCH {path}: no answer"),
         }
-        let _ = proxy.kill();
-        let _ = proxy.wait();
-        result
+    }
+
+    /// Sends `requests` to the API server as cluster admin, `parallel` at a time, through a
+    /// `kubectl proxy` in the control-plane namespace; the answers come back in order.
+    /// kubectl itself sends at most 5 requests a second (client-go's default rate limit,
+    /// which `kubectl proxy` does not apply): 5,000 objects would take 17 minutes.
+    pub fn api_requests(
+        &self,
+        requests: &[ApiRequest],
+        parallel: usize,
+    ) -> Result<Vec<ApiResponse>> {
+        let _proxy = ApiProxy::start(self)?;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let answers: Vec<std::sync::Mutex<Option<ApiResponse>>> = requests
+            .iter()
+            .map(|_| std::sync::Mutex::new(None))
+            .collect();
+        std::thread::scope(|scope| -> Result<()> {
+            let workers: Vec<_> = (0..parallel.max(1))
+                .map(|_| {
+                    scope.spawn(|| {
+                        self.control.run_inside(|| {
+                            let mut connection = None;
+                            loop {
+                                let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let Some(request) = requests.get(index) else {
+                                    return Ok(());
+                                };
+                                let answer = request.send(&mut connection)?;
+                                if let Ok(mut slot) = answers[index].lock() {
+                                    *slot = Some(answer);
+                                }
+                            }
+                        })
+                    })
+                })
+                .collect();
+            for worker in workers {
+                worker
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("an API request thread panicked"))??;
+            }
+            Ok(())
+        })?;
+        answers
+            .into_iter()
+            .zip(requests)
+            .map(|(slot, request)| {
+                slot.into_inner()
+                    .ok()
+                    .flatten()
+                    .with_context(|| format!("{} {}: no answer", request.method, request.path))
+            })
+            .collect()
     }
 
     pub fn get_json(&self, args: &[&str]) -> Result<Value> {
@@ -999,17 +1035,186 @@ exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
     }
 }
 
+/// Where [`ApiProxy`] listens, in the control-plane namespace.
+const API_PROXY_ADDRESS: &str = "127.0.0.1:8001";
+
+/// `kubectl proxy` in the control-plane namespace: plain HTTP on its loopback to the API
+/// server as cluster admin. Killed on drop.
+struct ApiProxy {
+    child: Child,
+}
+
+impl ApiProxy {
+    fn start(lab: &KubeLab) -> Result<ApiProxy> {
+        let (_, port) = API_PROXY_ADDRESS
+            .rsplit_once(':')
+            .context("proxy address")?;
+        let child = lab
+            .control
+            .command(lab.bin.join("kubectl"))
+            .arg(format!("--kubeconfig={}", lab.admin_kubeconfig().display()))
+            .args(["proxy", "--address=127.0.0.1"])
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn kubectl proxy")?;
+        let proxy = ApiProxy { child };
+        let address: std::net::SocketAddr = API_PROXY_ADDRESS.parse()?;
+        for _ in 0..100 {
+            let listening = lab.control.run_inside(|| {
+                Ok(std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)).is_ok())
+            })?;
+            if listening {
+                return Ok(proxy);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("kubectl proxy never listened on {API_PROXY_ADDRESS}")
+    }
+}
+
+impl Drop for ApiProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request to the API server (see [`KubeLab::api_requests`]).
+#[derive(Debug, Clone)]
+pub struct ApiRequest {
+    pub method: &'static str,
+    /// The path and query, e.g. `/api/v1/nodes`.
+    pub path: String,
+    /// The content type and the body.
+    pub body: Option<(&'static str, String)>,
+}
+
+/// What the API server answered.
+#[derive(Debug, Clone)]
+pub struct ApiResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+impl ApiRequest {
+    /// Sends this request on `connection` (opened to the proxy when `None`, kept open for the
+    /// next request when the proxy allows). A kept connection the proxy closed meanwhile
+    /// is replaced once, when nothing of an answer came on it.
+    fn send(&self, connection: &mut Option<std::net::TcpStream>) -> Result<ApiResponse> {
+        for attempt in 0..2 {
+            let reused = connection.is_some();
+            let stream = match connection {
+                Some(stream) => stream,
+                None => {
+                    let stream = std::net::TcpStream::connect(API_PROXY_ADDRESS)
+                        .context("connect to kubectl proxy")?;
+                    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+                    connection.insert(stream)
+                }
+            };
+            match self.exchange(stream) {
+                Ok(Some((answer, keep))) => {
+                    if !keep {
+                        *connection = None;
+                    }
+                    return Ok(answer);
+                }
+                // Closed before any answer: the proxy dropped an idle kept connection.
+                Ok(None) if reused && attempt == 0 => *connection = None,
+                Ok(None) => bail!("{} {}: connection closed", self.method, self.path),
+                Err(e) => {
+                    *connection = None;
+                    return Err(e.context(format!("{} {}", self.method, self.path)));
+                }
+            }
+        }
+        bail!("{} {}: connection closed twice", self.method, self.path)
+    }
+
+    /// One request and its answer on `stream`: `None` when the stream closed before any
+    /// byte of an answer; else the answer and whether the stream can carry another.
+    fn exchange(&self, stream: &mut std::net::TcpStream) -> Result<Option<(ApiResponse, bool)>> {
+        use mycni::kube::http::{parse_head, BodyDecoder};
+        use std::io::{Read, Write};
+        let mut request = format!(
+            "{} {} HTTP/1.1\r\nHost: {API_PROXY_ADDRESS}\r\nAccept: application/json\r\n",
+            self.method, self.path
+        );
+        let body = match &self.body {
+            Some((content_type, body)) => {
+                request.push_str(&format!(
+                    "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
+                    body.len()
+                ));
+                body.as_str()
+            }
+            None => "",
+        };
+        request.push_str("\r\n");
+        request.push_str(body);
+        if stream.write_all(request.as_bytes()).is_err() {
+            return Ok(None);
+        }
+        let mut received = Vec::new();
+        let mut buffer = [0u8; 16384];
+        let (head, used) = loop {
+            let n = stream.read(&mut buffer)?;
+            if n == 0 {
+                if received.is_empty() {
+                    return Ok(None);
+                }
+                bail!("connection closed inside the response head");
+            }
+            received.extend_from_slice(&buffer[..n]);
+            if let Some(parsed) = parse_head(&received)? {
+                break parsed;
+            }
+        };
+        let mut decoder = head.body;
+        let mut body = Vec::new();
+        decoder.feed(&received[used..], &mut body)?;
+        while !decoder.is_done() {
+            let n = stream.read(&mut buffer)?;
+            if n == 0 {
+                if matches!(decoder, BodyDecoder::UntilClose) {
+                    let answer = ApiResponse {
+                        status: head.status,
+                        body: String::from_utf8_lossy(&body).into_owned(),
+                    };
+                    return Ok(Some((answer, false)));
+                }
+                bail!("connection closed inside the response body");
+            }
+            decoder.feed(&buffer[..n], &mut body)?;
+        }
+        let answer = ApiResponse {
+            status: head.status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        };
+        Ok(Some((answer, true)))
+    }
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// A veth from `ns`'s `eth0` to the fabric bridge, with `ip/24`.
+/// A veth from `ns`'s `eth0` to the fabric bridge, with `ip/FABRIC_PREFIX_LEN`.
 fn attach(fabric: &Netns, ns: &Netns, short: &str, ip: Ipv4Addr) -> Result<()> {
     let bridge_end = format!("{short}-br");
     fabric.add_veth(&bridge_end, ns, "eth0")?;
     fabric.exec(&["ip", "link", "set", &bridge_end, "master", "br0", "up"])?;
-    ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    ns.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{ip}/{FABRIC_PREFIX_LEN}"),
+        "dev",
+        "eth0",
+    ])?;
     ns.exec(&["ip", "link", "set", "eth0", "up"])?;
     Ok(())
 }

@@ -5,10 +5,11 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use mycni_common::{LAYOUT_VERSION, ROUTE_REMOTE_NODE};
+use mycni_common::{LAYOUT_VERSION, ROUTE_LOCAL_CIDR, ROUTE_REMOTE_NODE};
 use mycni_tests::cluster::wait_for;
 use mycni_tests::lone::{
-    cluster_text, nodes_text, peer, wait_next_hop, LoneNode as Lone, CLUSTER_CIDR, NODE_IP,
+    cluster_text, nodes_text, peer, wait_next_hop, LoneNode as Lone, CLUSTER_CIDR, LOCAL_POD_CIDR,
+    NODE_IP,
 };
 use mycni_tests::{metric, prefix, Node};
 
@@ -232,6 +233,65 @@ fn a_missing_or_unreadable_nodes_file_keeps_the_routes() -> Result<()> {
         Ok(!lone.has_route("10.1.2.0/24")?)
     })?;
     ensure!(lone.has_route("10.1.1.0/24")?);
+    lone.ensure_alive()
+}
+
+/// This node's own pod CIDR as the datapath and the kernel hold it: the `own-cidr` entries
+/// of `ROUTES`, and the kernel's `unreachable` routes.
+fn own_cidr_state(lone: &Lone) -> Result<(Vec<String>, Vec<String>)> {
+    let in_map = lone
+        .routes()?
+        .into_iter()
+        .filter(|(_, _, route)| route.kind == ROUTE_LOCAL_CIDR)
+        .map(|(ip, len, _)| format!("{ip}/{len}"))
+        .collect();
+    let kernel = lone
+        .node
+        .netns
+        .exec(&["ip", "-4", "route", "show", "type", "unreachable"])?
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1).map(String::from))
+        .collect();
+    Ok((in_map, kernel))
+}
+
+#[test]
+fn a_new_own_pod_cidr_replaces_the_old_one_in_routes_and_the_kernel() -> Result<()> {
+    mycni_tests::require_root!();
+    let peers = [("good-1", "172.16.0.2", "10.1.1.0/24")];
+    let mut lone = Lone::start("owncidr", &nodes_text(&peers), &[])?;
+    let first = vec![LOCAL_POD_CIDR.to_string()];
+    wait_for(Duration::from_secs(5), || {
+        Ok(own_cidr_state(&lone)? == (first.clone(), first.clone()))
+    })
+    .with_context(|| format!("own CIDR never installed:\n{}", lone.log.text()))?;
+    let own_cidr_routes = |lone: &Lone| -> Result<Option<f64>> {
+        Ok(metric(&lone.metrics()?, "mycni_routes{kind=\"own-cidr\"}"))
+    };
+    ensure!(own_cidr_routes(&lone)? == Some(1.0), "{}", lone.metrics()?);
+
+    // The controller manager gave this node another CIDR (its Node was re-created): the
+    // old one leaves ROUTES and the kernel, the new one takes its place.
+    let moved = "10.254.0.0/24";
+    let text = nodes_text(&peers).replace(LOCAL_POD_CIDR, moved);
+    std::fs::write(&lone.nodes_file, text)?;
+    let second = vec![moved.to_string()];
+    let took = wait_for(Duration::from_secs(5), || {
+        Ok(own_cidr_state(&lone)? == (second.clone(), second.clone()))
+    })
+    .with_context(|| {
+        format!(
+            "own CIDR not moved ({:?}):\n{}",
+            own_cidr_state(&lone).ok(),
+            lone.log.text()
+        )
+    })?;
+    eprintln!("own pod CIDR moved in ROUTES and the kernel {took:?} after the file changed");
+    ensure!(own_cidr_routes(&lone)? == Some(1.0), "{}", lone.metrics()?);
+    ensure!(
+        lone.has_route("10.1.1.0/24")?,
+        "the peer lost its route meanwhile"
+    );
     lone.ensure_alive()
 }
 

@@ -1,7 +1,8 @@
 //! mycni on a real Kubernetes: the API server, controller manager and scheduler from
 //! Debian's source, containerd and kubelet per node, and mycni installed by applying
-//! deploy/mycni.yaml unchanged except for the API server address in its ConfigMap. See
-//! tests/src/kubelab.rs for how the lab keeps to its namespaces.
+//! deploy/mycni.yaml unchanged except for the API server address and the cluster CIDR in
+//! its ConfigMap. See tests/src/kubelab.rs for how the lab keeps to its namespaces.
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
@@ -10,8 +11,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use mycni::ipam::Pool;
 use mycni_tests::kubelab::{
-    conntrack_settings, KubeLab, LabNode, CONTROL_IP, KUBERNETES_SERVICE_IP,
-    KUBE_PROXY_HEALTHZ_PORT, OUTSIDE_HTTP_PORT, OUTSIDE_IP,
+    conntrack_settings, ApiRequest, KubeLab, LabNode, CLUSTER_CIDR, CONTROL_IP,
+    KUBERNETES_SERVICE_IP, KUBE_PROXY_HEALTHZ_PORT, OUTSIDE_HTTP_PORT, OUTSIDE_IP,
 };
 use mycni_tests::{agent_bin, http_get, metric, mycni_bin, prefix, run, CniCall};
 use serde_json::Value;
@@ -91,6 +92,14 @@ fn wait_child(
 
 fn pod_ip(pod: &Value) -> Option<Ipv4Addr> {
     pod["status"]["podIP"].as_str()?.parse().ok()
+}
+
+/// The IP of the test pod `name` among (pod, node, IP) rows.
+fn pod_ip_of(ips: &[(String, String, Ipv4Addr)], name: &str) -> Result<String> {
+    ips.iter()
+        .find(|(pod, _, _)| pod == name)
+        .map(|(_, _, ip)| ip.to_string())
+        .with_context(|| format!("{name}'s IP"))
 }
 
 fn exec_in_pod(lab: &KubeLab, pod: &str, argv: &[&str]) -> Result<String> {
@@ -221,12 +230,7 @@ fn check_kube_proxy_nodes(lab: &mut KubeLab, machine_before: &[(String, String)]
 /// backend, pods -> the outside host; and the nodes' `KUBE-FORWARD` INVALID drops must not
 /// rise meanwhile. Every flow is tried and the failures are reported together.
 fn check_kubeadm_node_flows(lab: &mut KubeLab, ips: &[(String, String, Ipv4Addr)]) -> Result<()> {
-    let ip_of = |name: &str| -> Result<String> {
-        ips.iter()
-            .find(|(p, _, _)| p == name)
-            .map(|(_, _, ip)| ip.to_string())
-            .with_context(|| format!("{name}'s IP"))
-    };
+    let ip_of = |name: &str| pod_ip_of(ips, name);
     // The Services, programmed by kube-proxy on both nodes before anything is tried.
     lab.apply(&format!(
         "{}---\n{}",
@@ -657,6 +661,404 @@ fn leftovers(lab: &KubeLab, node: &str) -> Result<Vec<String>> {
     Ok(left)
 }
 
+/// How many Node objects the scale step adds: the largest cluster mycni claims, less the
+/// two real nodes.
+const SCALE_NODES: u32 = 5000;
+
+/// Scale node `i`: its name, InternalIP and pod CIDR. The first half sit on the lab's
+/// subnet (192.168.100.1 onward: the agents route them directly under `tunnel-mode: auto`),
+/// the second half beyond it (172.16.0.1 onward: VXLAN). Pod CIDRs are the /24s from
+/// 10.225.0.0 on (to 10.244.135.0): inside the cluster CIDR, after the controller
+/// manager's own allocations (10.224.0.0/24 onward) and before node-ghost's 10.244.200.0/24.
+fn scale_node(i: u32) -> (String, Ipv4Addr, Ipv4Addr) {
+    let half = SCALE_NODES / 2;
+    let ip = if i < half {
+        Ipv4Addr::new(192, 168, (100 + i / 250) as u8, (i % 250 + 1) as u8)
+    } else {
+        let j = i - half;
+        Ipv4Addr::new(172, 16, (j / 250) as u8, (j % 250 + 1) as u8)
+    };
+    let cidr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 225, 0, 0)) + (i << 8));
+    (format!("scale-{i:04}"), ip, cidr)
+}
+
+/// The Node object the API server gets for scale node `i`: its pod CIDR set by us (the
+/// controller manager, which allocates only to Nodes without one, marks it used and leaves
+/// it), its InternalIP in the status (which a create keeps), a label to find them by, and
+/// no `kubernetes.io/os` label, so the mycni DaemonSet does not schedule onto it.
+fn scale_node_json(i: u32) -> String {
+    let (name, ip, cidr) = scale_node(i);
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"mycni.test/scale": "true"}},
+        "spec": {"podCIDR": format!("{cidr}/24"), "podCIDRs": [format!("{cidr}/24")]},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip.to_string()}]},
+    })
+    .to_string()
+}
+
+/// What one lab node's datapath and kernel hold for the other nodes.
+struct PeerState {
+    /// `ROUTES`' remote entries: prefix -> (kind, next hop).
+    routes: BTreeMap<String, (String, String)>,
+    /// `PEERS`: the node IPs whose VXLAN is accepted.
+    peers: BTreeSet<String>,
+    /// The kernel's IPv4 routes: prefix -> the whole line.
+    kernel: BTreeMap<String, String>,
+}
+
+fn peer_state(node: &LabNode) -> Result<PeerState> {
+    let agent = agent_bin().display().to_string();
+    let dump = |what: &str| -> Result<Value> {
+        let text = node.exec(&[&agent, "--bpffs-root", "/sys/fs/bpf/mycni", what, "--json"])?;
+        serde_json::from_str(&text).with_context(|| format!("mycni-agent {what} --json"))
+    };
+    let routes = dump("routes")?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["kind"] == "direct" || r["kind"] == "vxlan")
+        .filter_map(|r| {
+            Some((
+                r["prefix"].as_str()?.to_string(),
+                (
+                    r["kind"].as_str()?.to_string(),
+                    r["nextHop"].as_str()?.to_string(),
+                ),
+            ))
+        })
+        .collect();
+    let peers = dump("peers")?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| Some(ip.as_str()?.to_string()))
+        .collect();
+    let kernel = node
+        .exec(&["ip", "-4", "route", "show"])?
+        .lines()
+        .filter_map(|line| {
+            let prefix = line.split_whitespace().next()?;
+            Some((prefix.to_string(), line.to_string()))
+        })
+        .collect();
+    Ok(PeerState {
+        routes,
+        peers,
+        kernel,
+    })
+}
+
+/// The differences between what `node` holds and the scale nodes `0..present` (all of them,
+/// or none) plus the other real node: an empty list when everything matches. At most a
+/// few examples of each kind of difference are listed, with the counts.
+fn scale_mismatches(lab: &KubeLab, node: &LabNode, present: bool) -> Result<Vec<String>> {
+    let state = peer_state(node)?;
+    let other = lab
+        .nodes
+        .iter()
+        .find(|n| n.name != node.name)
+        .context("the other lab node")?;
+    let mut wanted_peers = BTreeSet::from([other.ip.to_string()]);
+    let mut wrong = Vec::new();
+    let mut note = |what: String| {
+        if wrong.len() < 10 {
+            wrong.push(what);
+        }
+    };
+    let mut bad = 0usize;
+    for i in 0..SCALE_NODES {
+        let (name, ip, cidr) = scale_node(i);
+        let prefix = format!("{cidr}/24");
+        let kernel = state.kernel.get(&prefix);
+        if !present {
+            if state.routes.contains_key(&prefix) || kernel.is_some() {
+                bad += 1;
+                note(format!("{name} ({prefix}) still routed: {kernel:?}"));
+            }
+            continue;
+        }
+        wanted_peers.insert(ip.to_string());
+        let direct = i < SCALE_NODES / 2;
+        let (kind, kernel_ok) = if direct {
+            (
+                "direct",
+                kernel.is_some_and(|l| l.contains(&format!("via {ip} dev eth0"))),
+            )
+        } else {
+            (
+                "vxlan",
+                kernel.is_some_and(|l| {
+                    l.contains(&format!("dst {ip} ")) && l.contains("dev mycni_vxlan")
+                }),
+            )
+        };
+        let in_map = state.routes.get(&prefix);
+        if in_map != Some(&(kind.to_string(), ip.to_string())) || !kernel_ok {
+            bad += 1;
+            note(format!(
+                "{name} {prefix} via {ip}: ROUTES {in_map:?}, kernel {kernel:?}"
+            ));
+        }
+    }
+    if bad > 0 {
+        wrong.push(format!("{bad} of {SCALE_NODES} scale nodes wrong"));
+    }
+    // The scale nodes and the other lab node, nothing else.
+    let wanted_routes = if present { SCALE_NODES as usize + 1 } else { 1 };
+    if state.routes.len() != wanted_routes {
+        wrong.push(format!(
+            "ROUTES holds {} remote entries, not {wanted_routes}",
+            state.routes.len()
+        ));
+    }
+    if state.peers != wanted_peers {
+        let missing = wanted_peers.difference(&state.peers).count();
+        let unwanted: Vec<&String> = state.peers.difference(&wanted_peers).take(5).collect();
+        wrong.push(format!(
+            "PEERS holds {} IPs: {missing} missing, unwanted {unwanted:?}",
+            state.peers.len()
+        ));
+    }
+    Ok(wrong)
+}
+
+/// A lab node's agent as the scale step watches it: its process and what it serves.
+fn agent_health(node: &LabNode) -> Result<(u32, String, String)> {
+    let address = format!("{}:9964", node.ip);
+    let (health, _) = http_get(&node.netns, &address, "/healthz")?;
+    let (_, metrics) = http_get(&node.netns, &address, "/metrics")?;
+    Ok((agent_pid(node)?, health, metrics))
+}
+
+/// Whether the agent on `node` reports `direct` and `vxlan` remote routes and no peer left
+/// to apply (its own figures; [`scale_mismatches`] then checks the maps and the kernel).
+fn agent_reports(node: &LabNode, direct: u32, vxlan: u32) -> Result<bool> {
+    let (_, health, metrics) = agent_health(node)?;
+    if !health.contains(" 200 ") {
+        bail!("{}: /healthz answered {health}", node.name);
+    }
+    let value = |series: &str| metric(&metrics, series);
+    Ok(
+        value("mycni_routes{kind=\"direct\"}") == Some(f64::from(direct))
+            && value("mycni_routes{kind=\"vxlan\"}") == Some(f64::from(vxlan))
+            && value("mycni_peers_unapplied") == Some(0.0),
+    )
+}
+
+/// Waits until both agents report the routes `direct` and `vxlan`; returns when each did,
+/// from `since`.
+fn wait_agents_report(
+    lab: &mut KubeLab,
+    what: &str,
+    since: std::time::Instant,
+    direct: u32,
+    vxlan: u32,
+) -> Result<Vec<(String, Duration)>> {
+    let mut done: Vec<(String, Duration)> = Vec::new();
+    let waited = lab.wait(what, Duration::from_secs(180), |lab| {
+        for node in &lab.nodes {
+            if !done.iter().any(|(n, _)| *n == node.name) && agent_reports(node, direct, vxlan)? {
+                done.push((node.name.clone(), since.elapsed()));
+            }
+        }
+        Ok(done.len() == lab.nodes.len())
+    });
+    if let Err(e) = waited {
+        // What each agent reports instead.
+        let mut reports = Vec::new();
+        for node in &lab.nodes {
+            let figures = agent_health(node).map(|(_, _, metrics)| {
+                [
+                    "mycni_routes{kind=\"direct\"}",
+                    "mycni_routes{kind=\"vxlan\"}",
+                    "mycni_peers_unapplied",
+                    "mycni_peer_errors_total",
+                ]
+                .map(|series| format!("{series} {:?}", metric(&metrics, series)))
+                .join(", ")
+            });
+            reports.push(format!("{}: {figures:?}", node.name));
+        }
+        bail!(
+            "{e:#}: {direct} direct and {vxlan} VXLAN routes wanted; the agents report\n{}",
+            reports.join("\n")
+        );
+    }
+    Ok(done)
+}
+
+/// Cross-node HTTP between the pods, both ways: each answer must come from the pod asked.
+fn pods_reach_across(lab: &KubeLab, ips: &[(String, String, Ipv4Addr)], when: &str) -> Result<()> {
+    for (from, to) in [
+        ("pod-1a", "pod-2a"),
+        ("pod-2a", "pod-1a"),
+        ("pod-1b", "pod-2b"),
+        ("pod-2b", "pod-1b"),
+    ] {
+        let ip = pod_ip_of(ips, to)?;
+        answered(pod_http_get(lab, from, &ip, 8080, "/"), to)
+            .with_context(|| format!("{from} -> {to} {when}"))?;
+    }
+    Ok(())
+}
+
+/// Sends `requests` (creating the scale nodes when `present`, else deleting them), 8 at a
+/// time, then waits until both agents report the routes that leaves and checks their maps
+/// and kernel routes. Returns how long the requests took, and when each agent converged,
+/// both from the first request.
+fn apply_scale_change(
+    lab: &mut KubeLab,
+    requests: &[ApiRequest],
+    present: bool,
+) -> Result<(Duration, Vec<(String, Duration)>)> {
+    let started = std::time::Instant::now();
+    let answers = lab.api_requests(requests, 8)?;
+    let sent = started.elapsed();
+    let wanted_status = if present { 201 } else { 200 };
+    if let Some((answer, request)) = answers
+        .iter()
+        .zip(requests)
+        .find(|(answer, _)| answer.status != wanted_status)
+    {
+        bail!(
+            "{} {}: {} {}",
+            request.method,
+            request.path,
+            answer.status,
+            answer.body
+        );
+    }
+    let (what, direct, vxlan) = if present {
+        let half = SCALE_NODES / 2;
+        ("both agents to route the 5,000 scale nodes", half + 1, half)
+    } else {
+        ("both agents to withdraw the 5,000 scale nodes", 1, 0)
+    };
+    let converged = wait_agents_report(lab, what, started, direct, vxlan)?;
+    for node in &lab.nodes {
+        let wrong = scale_mismatches(lab, node, present)?;
+        if !wrong.is_empty() {
+            bail!(
+                "{}: the agent reports {direct} direct and {vxlan} VXLAN routes, but:\n{}",
+                node.name,
+                wrong.join("\n")
+            );
+        }
+    }
+    Ok((sent, converged))
+}
+
+/// `node-1 1.2s, node-2 1.3s`.
+fn per_node(times: &[(String, Duration)]) -> String {
+    times
+        .iter()
+        .map(|(node, took)| format!("{node} {took:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Issue 12's scale test on a real control plane: 5,000 Node objects (no kubelet behind
+/// them) created through the API in parallel, half reached directly and half over VXLAN.
+/// Both agents must route every one (`ROUTES`, `PEERS`, the kernel) and stay up and
+/// healthy, while a TCP stream and a ping run between pods on the two nodes; then the
+/// Nodes are deleted and every entry and route must go. Prints the times to converge.
+fn check_five_thousand_nodes(lab: &mut KubeLab, ips: &[(String, String, Ipv4Addr)]) -> Result<()> {
+    let ip_of = |name: &str| pod_ip_of(ips, name);
+    let before: Vec<(u32, String, String)> =
+        lab.nodes.iter().map(agent_health).collect::<Result<_>>()?;
+    let restarts_before = agent_pods(lab, "status.containerStatuses[0].restartCount")?;
+    let peer_errors = |metrics: &str| metric(metrics, "mycni_peer_errors_total").unwrap_or(-1.0);
+    let traffic = CrossNodeTraffic::start(lab, &ip_of("pod-2a")?, 9002, &ip_of("pod-2b")?)?;
+
+    let creates: Vec<ApiRequest> = (0..SCALE_NODES)
+        .map(|i| ApiRequest {
+            method: "POST",
+            path: "/api/v1/nodes".into(),
+            body: Some(("application/json", scale_node_json(i))),
+        })
+        .collect();
+    let (created, converged) = apply_scale_change(lab, &creates, true)?;
+    eprintln!(
+        "{SCALE_NODES} Nodes created through the API in {created:?} (8 parallel POSTs); \
+         every one in ROUTES, PEERS and the kernel on {}",
+        per_node(&converged)
+    );
+    eprintln!("  (times from the first POST; convergence polled every 250 ms)");
+    // The controller manager kept every CIDR we set (it marks them used, never reassigns).
+    let listed = lab.kubectl(&[
+        "get",
+        "nodes",
+        "-l",
+        "mycni.test/scale=true",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.spec.podCIDR}{\"\\n\"}{end}",
+    ])?;
+    let kept = listed
+        .lines()
+        .filter(|line| {
+            let mut words = line.split_whitespace();
+            let (Some(name), Some(cidr)) = (words.next(), words.next()) else {
+                return false;
+            };
+            name.strip_prefix("scale-")
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|i| format!("{}/24", scale_node(i).2) == cidr)
+        })
+        .count();
+    assert_eq!(
+        kept, SCALE_NODES as usize,
+        "scale nodes whose pod CIDR is still the one set"
+    );
+    let manager_log =
+        std::fs::read_to_string(lab.dir.join("control").join("kube-controller-manager.log"))?;
+    let refused: Vec<&str> = manager_log
+        .lines()
+        .filter(|l| l.contains("scale-") && (l.contains("cidr") || l.contains("CIDR")))
+        .take(5)
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the controller manager complained about the scale nodes' CIDRs:\n{}",
+        refused.join("\n")
+    );
+    pods_reach_across(lab, ips, "with 5,002 nodes")?;
+
+    let deletes: Vec<ApiRequest> = (0..SCALE_NODES)
+        .map(|i| ApiRequest {
+            method: "DELETE",
+            path: format!("/api/v1/nodes/{}", scale_node(i).0),
+            body: None,
+        })
+        .collect();
+    let (deleted, withdrawn) = apply_scale_change(lab, &deletes, false)?;
+    eprintln!(
+        "{SCALE_NODES} Nodes deleted through the API in {deleted:?} (8 parallel DELETEs); \
+         every entry and route gone on {}",
+        per_node(&withdrawn)
+    );
+    let (lines, echoes) = traffic.finish(lab, "5,000 Nodes added and deleted")?;
+    eprintln!("  meanwhile {lines} stream lines and {echoes} echoes across the nodes, none lost");
+    pods_reach_across(lab, ips, "after the scale nodes left")?;
+
+    // The same agents throughout, healthy, and no peer ever failed.
+    for (node, (pid, _, metrics)) in lab.nodes.iter().zip(&before) {
+        let (pid_now, health, metrics_now) = agent_health(node)?;
+        assert_eq!(pid_now, *pid, "{}: the agent process changed", node.name);
+        assert!(health.contains(" 200 "), "{}: /healthz {health}", node.name);
+        assert_eq!(
+            peer_errors(&metrics_now),
+            peer_errors(metrics),
+            "{}: peers failed to apply",
+            node.name
+        );
+    }
+    let restarts_after = agent_pods(lab, "status.containerStatuses[0].restartCount")?;
+    assert_eq!(restarts_after, restarts_before, "agent restarts");
+    Ok(())
+}
+
 #[test]
 fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
     mycni_tests::require_root!();
@@ -687,7 +1089,7 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
             Ok(cidrs.len() == 2)
         },
     )?;
-    let cluster = Pool::parse(mycni_tests::kubelab::CLUSTER_CIDR)?;
+    let cluster = Pool::parse(CLUSTER_CIDR)?;
     for (name, cidr) in &cidrs {
         assert!(
             cluster.contains(cidr.network()),
@@ -716,11 +1118,17 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
     let manifest = std::fs::read_to_string(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/mycni.yaml"),
     )?;
-    let manifest = manifest.replace(
-        "api-server-host: \"\"",
-        &format!("api-server-host: \"{CONTROL_IP}\""),
-    );
+    let manifest = manifest
+        .replace(
+            "api-server-host: \"\"",
+            &format!("api-server-host: \"{CONTROL_IP}\""),
+        )
+        .replace(
+            "cluster-cidr: \"10.244.0.0/16\"",
+            &format!("cluster-cidr: \"{CLUSTER_CIDR}\""),
+        );
     assert!(manifest.contains(&format!("api-server-host: \"{CONTROL_IP}\"")));
+    assert!(manifest.contains(&format!("cluster-cidr: \"{CLUSTER_CIDR}\"")));
     lab.apply(&manifest)?;
     let took = lab.wait(
         "the mycni DaemonSet to be ready on both nodes",
@@ -861,6 +1269,11 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
     // in every node, and the flows that cross the node's netfilter.
     check_kube_proxy_nodes(&mut lab, &machine_conntrack)?;
     check_kubeadm_node_flows(&mut lab, &ips)?;
+
+    // 5,000 more Nodes, without kubelets, created and then deleted through the API while
+    // the pods talk across the nodes: both agents route every one and withdraw them all.
+    // (The upgrade and the restarts below then run on agents that went through it.)
+    check_five_thousand_nodes(&mut lab, &ips)?;
 
     // An upgrade to a new build: the DaemonSet moved to the release image (every agent
     // replaced, one node at a time, the plugin re-installed) while a TCP stream and a ping
@@ -1081,7 +1494,8 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
         assert!(
             value("mycni_node_source_errors_total") >= 1.0
                 && value("mycni_endpoints") == 0.0
-                && value("mycni_routes{kind=\"direct\"}") == 1.0,
+                && value("mycni_routes{kind=\"direct\"}") == 1.0
+                && value("mycni_routes{kind=\"own-cidr\"}") == 1.0,
             "{}: metrics after the API server restart:\n{metrics}",
             node.name
         );

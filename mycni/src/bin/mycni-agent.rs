@@ -21,6 +21,7 @@ fn main() -> anyhow::Result<()> {
         }
         AgentCommand::Endpoints(format) => map_tables::print_endpoints(root, format.json)?,
         AgentCommand::Routes(format) => map_tables::print_routes(root, format.json)?,
+        AgentCommand::Peers(format) => map_tables::print_peers(root, format.json)?,
         AgentCommand::Nat(format) => map_tables::print_nat(root, format.json)?,
         AgentCommand::Stats(format) => map_tables::print_stats(root, format.json)?,
     }
