@@ -22,11 +22,14 @@ const USAGE: &str = "usage: cargo xtask <command>
   image        an OCI image archive of mycni-agent and mycni for deploy/mycni.yaml
                [--out FILE] [--no-build] [--bin-dir DIR] [--tag TAG (default: the version)];
                import with `ctr -n k8s.io images import`
-  k8s          build Kubernetes from Debian's source (cached in /var/cache/mycni/k8s) and
-               the lab's pause and busybox images, for the end-to-end test
+  k8s          build Kubernetes and its e2e.test from Debian's source (cached in
+               /var/cache/mycni/k8s) and the lab's images, for the end-to-end and
+               conformance tests
   demo         a simulated cluster in network namespaces, its connectivity, then cleanup
   e2e          build what the Kubernetes end-to-end test needs (not setup) and run it alone;
                extra arguments go to the test binary
+  conformance  upstream's e2e.test specs for network plugins against mycni in the lab;
+               report and summary in target/conformance/
   test         setup, build-ebpf, build every binary, then the whole test suite (unit and,
                as root, integration); extra arguments go to the test binaries (filters)
   bench        mycni against a bare veth, the reference bridge plugin and kernel VXLAN
@@ -79,6 +82,7 @@ fn dispatch() -> anyhow::Result<()> {
         }
         "test" => test::run(rest),
         "e2e" => test::e2e(rest),
+        "conformance" => test::conformance(rest),
         "bench" => bench::run(rest),
         "image" => image::run(rest),
         "k8s" => kubelab::run(rest),
