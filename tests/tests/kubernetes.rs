@@ -10,30 +10,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use mycni::ipam::Pool;
 use mycni_tests::kubelab::{
-    conntrack_settings, KubeLab, LabNode, CONTROL_IP, KUBERNETES_SERVICE_IP,
+    conntrack_settings, image_archive, KubeLab, LabNode, CONTROL_IP, KUBERNETES_SERVICE_IP,
     KUBE_PROXY_HEALTHZ_PORT, OUTSIDE_HTTP_PORT, OUTSIDE_IP,
 };
 use mycni_tests::{agent_bin, http_get, metric, mycni_bin, prefix, run, CniCall};
 use serde_json::Value;
-
-/// The image archive named by `variable`, else `target/image/<default_name>`: `cargo xtask
-/// test` builds both (see xtask/src/test.rs).
-fn image_archive(variable: &str, default_name: &str) -> Result<PathBuf> {
-    let image = std::env::var_os(variable)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/image")
-                .join(default_name)
-        });
-    if !image.is_file() {
-        bail!(
-            "{} is missing: run the suite with `cargo xtask test`, which builds it",
-            image.display()
-        );
-    }
-    Ok(image)
-}
 
 /// What the upgrade moves the DaemonSet to: the release build of the same source, under
 /// another tag (the installed image is the debug build, `mycni:0.1.0`).
