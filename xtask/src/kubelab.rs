@@ -142,25 +142,13 @@ pub fn binaries() -> Result<PathBuf> {
     std::fs::create_dir_all(&bin)?;
     for (name, build) in to_build {
         let started = std::time::Instant::now();
-        let mut go = cmd::clean("go");
-        let package = match build {
-            Build::Command(package) => {
-                go.arg("build");
-                package
-            }
-            Build::TestBinary(package) => {
-                go.args(["test", "-c", "-vet=off"]);
-                package
-            }
+        let (subcommand, package): (&[&str], &str) = match build {
+            Build::Command(package) => (&["build"], package),
+            Build::TestBinary(package) => (&["test", "-c", "-vet=off"], package),
         };
-        println!(
-            "{name}: go {} {package}",
-            if matches!(build, Build::Command(_)) {
-                "build"
-            } else {
-                "test -c -vet=off"
-            }
-        );
+        println!("{name}: go {} {package}", subcommand.join(" "));
+        let mut go = cmd::clean("go");
+        go.args(subcommand);
         cmd::run(
             go.current_dir(&package_dir)
                 .args(["-ldflags", &ldflags, "-o"])
