@@ -433,11 +433,26 @@ impl Report {
     }
 }
 
-/// A failure message on one line, shortened for a table cell.
+/// A failure message on one line without ginkgo's code locations (`/path/x.go:629` lines),
+/// shortened for a table cell.
 fn one_line(message: &str) -> String {
-    let joined = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    let joined = message
+        .lines()
+        .filter(|line| !is_code_location(line.trim()))
+        .flat_map(str::split_whitespace)
+        .collect::<Vec<_>>()
+        .join(" ");
     let short: String = joined.chars().take(300).collect();
     cell(&short)
+}
+
+/// `/go/src/k8s.io/kubernetes/test/e2e/framework/framework.go:629`.
+fn is_code_location(line: &str) -> bool {
+    line.starts_with('/')
+        && !line.contains(' ')
+        && line
+            .rsplit_once(".go:")
+            .is_some_and(|(_, n)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// Text safe in a markdown table cell.
@@ -556,7 +571,10 @@ failed dialing endpoint
             .skip(3)
             .map(|spec| result(spec.name, Outcome::Passed))
             .collect();
-        run.push(result(LISTED[0].name, Outcome::Failed("no | route".into())));
+        run.push(result(
+            LISTED[0].name,
+            Outcome::Failed("/go/src/framework.go:629\nno | route\n/go/src/runner.go:113".into()),
+        ));
         run.push(result(LISTED[1].name, Outcome::Skipped));
         run.push(result(
             "BeforeSuite",
@@ -569,7 +587,10 @@ failed dialing endpoint
         assert_eq!(report.not_run(Why::CannotRunHere), 1);
         assert!(!report.ok());
         let markdown = report.markdown("v1.20.2", Duration::from_secs(90));
-        assert!(markdown.contains("**failed**: no \\| route"));
+        assert!(
+            markdown.contains("**failed**: no \\| route |"),
+            "the message without code locations:\n{markdown}"
+        );
         assert!(markdown.contains("**skipped at run time**"));
         assert!(markdown.contains("**no result**"));
         assert!(markdown.contains("BeforeSuite: nodes not Ready"));
