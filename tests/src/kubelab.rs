@@ -98,6 +98,45 @@ pub fn k8s_bin_dir() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// The image archive named by `variable`, else `target/image/<default_name>`: `cargo xtask
+/// test` builds both mycni images (see xtask/src/test.rs).
+pub fn image_archive(variable: &str, default_name: &str) -> Result<PathBuf> {
+    let image = std::env::var_os(variable)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/image")
+                .join(default_name)
+        });
+    if !image.is_file() {
+        bail!(
+            "{} is missing: run the suite with `cargo xtask test`, which builds it",
+            image.display()
+        );
+    }
+    Ok(image)
+}
+
+/// Upstream's conformance suite and the images its specs run (agnhost, pause 3.2), from the
+/// cache `cargo xtask k8s` fills.
+pub fn conformance_inputs() -> Result<(PathBuf, Vec<PathBuf>)> {
+    let e2e = k8s_bin_dir()?.join("e2e.test");
+    let images = cache_dir().join("images");
+    let archives = vec![
+        images.join("agnhost.oci.tar"),
+        images.join("e2e-pause.oci.tar"),
+    ];
+    for file in std::iter::once(&e2e).chain(&archives) {
+        if !file.is_file() {
+            bail!(
+                "{} is missing (a cache from before the conformance run): run `cargo xtask k8s`",
+                file.display()
+            );
+        }
+    }
+    Ok((e2e, archives))
+}
+
 /// The conntrack settings of the namespace the caller runs in (every readable
 /// `/proc/sys/net/netfilter` value but the entry count) and the machine-wide hash size:
 /// kube-proxy must change none of them outside the node namespaces.
@@ -741,7 +780,9 @@ state = "{state}"
             "--node-status-update-frequency=2s".into(),
             "--v=2".into(),
         ];
-        // As kubeadm runs it (iptables mode), on the node's IP. Conntrack: no table size
+        // As kubeadm runs it (iptables mode), on the node's IP but for metrics, which stay on
+        // the node's loopback as kubeadm leaves them (e2e's Services specs ask a hostNetwork
+        // pod for localhost:10249/proxyMode). Conntrack: no table size
         // (nf_conntrack_max and the hash size are the machine's); the TCP timeouts it sets
         // by default are per network namespace, so they land in the node's.
         let kube_proxy_args = [
@@ -757,7 +798,7 @@ state = "{state}"
                 "--healthz-bind-address={}:{KUBE_PROXY_HEALTHZ_PORT}",
                 node.ip
             ),
-            format!("--metrics-bind-address={}:10249", node.ip),
+            "--metrics-bind-address=127.0.0.1:10249".into(),
             "--conntrack-max-per-core=0".into(),
             "--v=2".into(),
         ];
@@ -1010,6 +1051,45 @@ exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
             .unwrap_or_else(|| panic!("no node {name}"))
     }
 
+    /// Installs mycni as an operator does: [`lab_manifest`], deploy/mycni.yaml filled in for
+    /// this lab; waits until the DaemonSet is ready on every node
+    /// and the nodes are Ready (the error carries the agents' pods and logs).
+    pub fn install_mycni(&mut self) -> Result<()> {
+        self.apply(&lab_manifest()?)?;
+        let nodes = self.nodes.len();
+        let ready = self
+            .wait(
+                "the mycni DaemonSet to be ready on every node",
+                Duration::from_secs(120),
+                |lab| {
+                    let ds = lab.get_json(&["-n", "kube-system", "get", "daemonset", "mycni"])?;
+                    Ok(ds["status"]["numberReady"] == nodes)
+                },
+            )
+            .and_then(|_| {
+                self.wait("every node Ready", Duration::from_secs(60), |lab| {
+                    Ok(lab.nodes_ready()?.iter().all(|(_, ready)| *ready))
+                })
+            });
+        if let Err(e) = ready {
+            let pods = self
+                .kubectl(&["-n", "kube-system", "get", "pods", "-o", "wide"])
+                .unwrap_or_default();
+            let logs = self
+                .kubectl(&[
+                    "-n",
+                    "kube-system",
+                    "logs",
+                    "-l",
+                    "app.kubernetes.io/name=mycni",
+                    "--tail=30",
+                ])
+                .unwrap_or_default();
+            bail!("{e:#}\npods:\n{pods}\nagent logs:\n{logs}");
+        }
+        Ok(())
+    }
+
     /// Whether every node reports Ready.
     pub fn nodes_ready(&self) -> Result<Vec<(String, bool)>> {
         let list = self.get_json(&["get", "nodes"])?;
@@ -1230,4 +1310,29 @@ impl Drop for KubeLab {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// deploy/mycni.yaml as an operator fills it in for this lab: the API server's address and the
+/// lab's cluster CIDR in the ConfigMap, nothing else changed.
+pub fn lab_manifest() -> Result<String> {
+    let shipped = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/mycni.yaml"),
+    )?;
+    let mut manifest = shipped.clone();
+    for (placeholder, value) in [
+        (
+            "api-server-host: \"\"",
+            format!("api-server-host: \"{CONTROL_IP}\""),
+        ),
+        (
+            "cluster-cidr: \"10.244.0.0/16\"",
+            format!("cluster-cidr: \"{CLUSTER_CIDR}\""),
+        ),
+    ] {
+        if !shipped.contains(placeholder) {
+            bail!("deploy/mycni.yaml has no `{placeholder}` to fill in");
+        }
+        manifest = manifest.replace(placeholder, &value);
+    }
+    Ok(manifest)
 }

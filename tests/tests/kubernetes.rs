@@ -4,37 +4,17 @@
 //! its ConfigMap. See tests/src/kubelab.rs for how the lab keeps to its namespaces.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mycni::ipam::Pool;
 use mycni_tests::kubelab::{
-    conntrack_settings, ApiRequest, KubeLab, LabNode, CLUSTER_CIDR, CONTROL_IP,
-    KUBERNETES_SERVICE_IP, KUBE_PROXY_HEALTHZ_PORT, OUTSIDE_HTTP_PORT, OUTSIDE_IP,
+    conntrack_settings, image_archive, lab_manifest, ApiRequest, KubeLab, LabNode, CLUSTER_CIDR,
+    CONTROL_IP, KUBERNETES_SERVICE_IP, KUBE_PROXY_HEALTHZ_PORT, OUTSIDE_HTTP_PORT, OUTSIDE_IP,
 };
 use mycni_tests::{agent_bin, http_get, metric, mycni_bin, prefix, run, CniCall};
 use serde_json::Value;
-
-/// The image archive named by `variable`, else `target/image/<default_name>`: `cargo xtask
-/// test` builds both (see xtask/src/test.rs).
-fn image_archive(variable: &str, default_name: &str) -> Result<PathBuf> {
-    let image = std::env::var_os(variable)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/image")
-                .join(default_name)
-        });
-    if !image.is_file() {
-        bail!(
-            "{} is missing: run the suite with `cargo xtask test`, which builds it",
-            image.display()
-        );
-    }
-    Ok(image)
-}
 
 /// What the upgrade moves the DaemonSet to: the release build of the same source, under
 /// another tag (the installed image is the debug build, `mycni:0.1.0`).
@@ -1115,18 +1095,7 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
     }
 
     // Install: the manifest as shipped, with the API server's address filled in.
-    let manifest = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/mycni.yaml"),
-    )?;
-    let manifest = manifest
-        .replace(
-            "api-server-host: \"\"",
-            &format!("api-server-host: \"{CONTROL_IP}\""),
-        )
-        .replace(
-            "cluster-cidr: \"10.244.0.0/16\"",
-            &format!("cluster-cidr: \"{CLUSTER_CIDR}\""),
-        );
+    let manifest = lab_manifest()?;
     assert!(manifest.contains(&format!("api-server-host: \"{CONTROL_IP}\"")));
     assert!(manifest.contains(&format!("cluster-cidr: \"{CLUSTER_CIDR}\"")));
     lab.apply(&manifest)?;

@@ -78,6 +78,7 @@ pub fn mycni_spec(bin_dir: &Path) -> ImageSpec {
             .collect(),
         links: Vec::new(),
         entrypoint: vec!["/usr/local/bin/mycni-agent".into()],
+        cmd: Vec::new(),
         reference: format!("{IMAGE_NAME}:{}", env!("CARGO_PKG_VERSION")),
     }
 }
@@ -90,6 +91,8 @@ pub struct ImageSpec {
     /// (absolute path in the image, symlink target).
     pub links: Vec<(PathBuf, String)>,
     pub entrypoint: Vec<String>,
+    /// The default arguments (a pod's `args` replace them); empty for none.
+    pub cmd: Vec<String>,
     /// `registry/name:tag`, the name containerd imports it under.
     pub reference: String,
 }
@@ -152,7 +155,7 @@ pub fn build_image(spec: &ImageSpec, out: &Path) -> Result<()> {
             .arg("."),
     )?;
     let (layer_digest, layer_size) = add_blob(&blobs, &std::fs::read(&layer)?)?;
-    let config = json!({
+    let mut config = json!({
         "architecture": "amd64",
         "os": "linux",
         "config": {
@@ -161,6 +164,9 @@ pub fn build_image(spec: &ImageSpec, out: &Path) -> Result<()> {
         },
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     });
+    if !spec.cmd.is_empty() {
+        config["config"]["Cmd"] = json!(spec.cmd);
+    }
     let (config_digest, config_size) = add_blob(&blobs, &serde_json::to_vec(&config)?)?;
     let manifest = json!({
         "schemaVersion": 2,

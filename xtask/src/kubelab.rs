@@ -1,14 +1,16 @@
-//! `cargo xtask k8s`: what the Kubernetes end-to-end test needs and no package provides:
-//! kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy and kubectl
-//! built from
-//! Debian's `kubernetes` source package (GOPATH mode with Debian's Go; its `vendor/` makes
-//! the build offline), and local OCI images (a pause image and busybox) built from
-//! `busybox-static`, since no registry can be reached.
+//! `cargo xtask k8s`: what the Kubernetes end-to-end and conformance tests need and no
+//! package provides: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
+//! kube-proxy and kubectl, upstream's conformance suite `e2e.test` and its test server
+//! `agnhost`, built from Debian's `kubernetes` source package (GOPATH mode with Debian's Go;
+//! its `vendor/` makes the build offline), and local OCI images (pause and busybox from
+//! `busybox-static`, agnhost with the Debian tools the specs exec in it), since no registry
+//! can be reached.
 //!
 //! The binaries are cached under `<cache>/<source version>/bin` (`<cache>` is
 //! `$MYCNI_K8S_CACHE` or /var/cache/mycni/k8s) and `<cache>/current` names the version, so
 //! the ~10 minute build happens once per machine. A cache of this version missing some of
-//! the binaries (one made before kube-proxy joined the list) gets only the missing ones.
+//! the binaries (one made before kube-proxy or e2e.test joined the list) gets only the
+//! missing ones, from a fresh source tree (the tree is deleted after every build).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -25,13 +27,33 @@ const RECIPE: &str = "r2";
 const REFLECT2_SOURCE: &str = "/usr/share/gocode/src/github.com/modern-go/reflect2";
 /// What upstream's tree is: Debian's version is `1.20.5+really1.20.2`.
 const GIT_VERSION: &str = "v1.20.2";
-pub const BINARIES: &[&str] = &[
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kubelet",
-    "kube-proxy",
-    "kubectl",
+/// The tags Kubernetes 1.20's e2e suite names its images by (test/utils/image/manifest.go):
+/// pods asking for these find them imported and pull nothing.
+pub const AGNHOST_IMAGE: &str = "k8s.gcr.io/e2e-test-images/agnhost:2.21";
+pub const E2E_PAUSE_IMAGE: &str = "k8s.gcr.io/pause:3.2";
+
+/// How a binary is built from the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Build {
+    /// `go build <package>`.
+    Command(&'static str),
+    /// `go test -c <package>`: a test binary (vet off: it would walk ~1,900 packages).
+    TestBinary(&'static str),
+}
+
+/// Every cached binary and how it is built.
+const BINARIES: &[(&str, Build)] = &[
+    ("kube-apiserver", Build::Command("./cmd/kube-apiserver")),
+    (
+        "kube-controller-manager",
+        Build::Command("./cmd/kube-controller-manager"),
+    ),
+    ("kube-scheduler", Build::Command("./cmd/kube-scheduler")),
+    ("kubelet", Build::Command("./cmd/kubelet")),
+    ("kube-proxy", Build::Command("./cmd/kube-proxy")),
+    ("kubectl", Build::Command("./cmd/kubectl")),
+    ("e2e.test", Build::TestBinary("./test/e2e")),
+    ("agnhost", Build::Command("./test/images/agnhost")),
 ];
 
 pub fn cache_dir() -> PathBuf {
@@ -43,16 +65,16 @@ pub fn cache_dir() -> PathBuf {
 pub fn run() -> Result<()> {
     let bin = binaries()?;
     log::info!("ok Kubernetes binaries in {}", bin.display());
-    images()?;
+    images(&bin)?;
     Ok(())
 }
 
-/// The binaries of [`BINARIES`] that `bin` lacks.
-fn missing(bin: &Path) -> Vec<&'static str> {
+/// The binaries of [`BINARIES`] that `bin` lacks, with how to build them.
+fn missing(bin: &Path) -> Vec<(&'static str, Build)> {
     BINARIES
         .iter()
         .copied()
-        .filter(|name| !bin.join(name).is_file())
+        .filter(|(name, _)| !bin.join(name).is_file())
         .collect()
 }
 
@@ -99,27 +121,36 @@ pub fn binaries() -> Result<PathBuf> {
     if to_build.len() == BINARIES.len() {
         log::info!("building Kubernetes {version} ({GIT_VERSION}) from Debian's source: about 10 minutes on 2 cores");
     } else {
+        let names: Vec<&str> = to_build.iter().map(|(name, _)| *name).collect();
         log::info!(
             "building {} of Kubernetes {version} ({GIT_VERSION}) from Debian's source; the cache has the others",
-            to_build.join(", ")
+            names.join(", ")
         );
     }
     // `make generated_files` writes the generated code (openapi, deepcopy) the build needs.
+    let started = std::time::Instant::now();
     cmd::run(cmd::clean("make").current_dir(&tree).arg("generated_files"))?;
+    log::info!("make generated_files took {:.0?}", started.elapsed());
     let gopath = work.join("gopath");
     let package_dir = gopath.join("src/k8s.io/kubernetes");
     std::fs::create_dir_all(gopath.join("src/k8s.io"))?;
     std::os::unix::fs::symlink(&tree, &package_dir)?;
     let ldflags = version_ldflags();
     std::fs::create_dir_all(&bin)?;
-    for name in to_build {
-        log::info!("go build ./cmd/{name}");
+    for (name, build) in to_build {
+        let started = std::time::Instant::now();
+        let (subcommand, package): (&[&str], &str) = match build {
+            Build::Command(package) => (&["build"], package),
+            Build::TestBinary(package) => (&["test", "-c", "-vet=off"], package),
+        };
+        log::info!("{name}: go {} {package}", subcommand.join(" "));
+        let mut go = cmd::clean("go");
+        go.args(subcommand);
         cmd::run(
-            cmd::clean("go")
-                .current_dir(&package_dir)
-                .args(["build", "-ldflags", &ldflags, "-o"])
+            go.current_dir(&package_dir)
+                .args(["-ldflags", &ldflags, "-o"])
                 .arg(bin.join(name))
-                .arg(format!("./cmd/{name}"))
+                .arg(package)
                 // Go takes the package's import path from $PWD; without it, the symlink
                 // resolves outside GOPATH and vendor/ is ignored.
                 .env("PWD", &package_dir)
@@ -129,6 +160,7 @@ pub fn binaries() -> Result<PathBuf> {
                 .env("GOFLAGS", "")
                 .env("GOCACHE", work.join("gocache")),
         )?;
+        log::info!("built {name} in {:.0?}", started.elapsed());
     }
     std::fs::write(cache.join("current"), &version)?;
     // The tree and Go's build cache are ~3 GB; the binaries are what is kept.
@@ -188,58 +220,120 @@ fn fetch_source(work: &Path) -> Result<PathBuf> {
 }
 
 /// The images the lab's pods run: `pause` (a sandbox process that exits on SIGTERM) and
-/// `busybox`, both from Debian's static busybox.
-pub fn images() -> Result<()> {
+/// `busybox`, both from Debian's static busybox; and for the conformance suite, the same
+/// pause under the name its specs use and agnhost (see [`agnhost_spec`]). `bin` holds the
+/// cached binaries ([`binaries`]).
+pub fn images(bin: &Path) -> Result<()> {
     let busybox = PathBuf::from("/bin/busybox");
     if !busybox.is_file() {
         bail!("/bin/busybox is missing: install busybox-static (cargo xtask setup)");
     }
     let dir = cache_dir().join("images");
-    let links: Vec<(PathBuf, String)> =
-        ["sh", "sleep", "ping", "wget", "nc", "ip", "cat", "hostname"]
-            .iter()
-            .map(|applet| (PathBuf::from("/bin").join(applet), "busybox".to_string()))
-            .collect();
-    for (name, entrypoint) in [
+    let links = busybox_links(&["sh", "sleep", "ping", "wget", "nc", "ip", "cat", "hostname"]);
+    let pause = vec![
+        "/bin/busybox".to_string(),
+        "sh".into(),
+        "-c".into(),
+        "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done".into(),
+    ];
+    let busybox_image = |entrypoint: Vec<String>, reference: &str| ImageSpec {
+        files: vec![(busybox.clone(), PathBuf::from("/bin/busybox"))],
+        links: links.clone(),
+        entrypoint,
+        cmd: Vec::new(),
+        reference: reference.to_string(),
+    };
+    for (file, spec) in [
+        ("pause", busybox_image(pause.clone(), "mycni.test/pause:1")),
         (
-            "pause",
-            vec![
-                "/bin/busybox".to_string(),
-                "sh".into(),
-                "-c".into(),
-                "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done".into(),
-            ],
+            "busybox",
+            busybox_image(vec!["/bin/sh".to_string()], "mycni.test/busybox:1"),
         ),
-        ("busybox", vec!["/bin/sh".to_string()]),
+        ("e2e-pause", busybox_image(pause, E2E_PAUSE_IMAGE)),
+        ("agnhost", agnhost_spec(bin)?),
     ] {
-        let spec = ImageSpec {
-            files: vec![(busybox.clone(), PathBuf::from("/bin/busybox"))],
-            links: links.clone(),
-            entrypoint,
-            reference: format!("mycni.test/{name}:1"),
-        };
-        let out = dir.join(format!("{name}.oci.tar"));
+        let out = dir.join(format!("{file}.oci.tar"));
         build_image(&spec, &out)?;
         log::info!("ok image {} in {}", spec.reference, out.display());
     }
     Ok(())
 }
 
+/// `/bin/<applet>` -> busybox, for each applet.
+fn busybox_links(applets: &[&str]) -> Vec<(PathBuf, String)> {
+    applets
+        .iter()
+        .map(|applet| (PathBuf::from("/bin").join(applet), "busybox".to_string()))
+        .collect()
+}
+
+/// Upstream's agnhost image (entrypoint `/agnhost`, default argument `pause`) with what the
+/// specs exec in it from Debian's packages instead of Alpine's: dash as `/bin/sh` (busybox's
+/// shell would run its own `nc` applet, which has no `-u`), curl, netcat-openbsd's `nc` and
+/// grep; busybox for the small tools a shell session expects.
+fn agnhost_spec(bin: &Path) -> Result<ImageSpec> {
+    let files = [
+        (bin.join("agnhost"), "/agnhost", "cargo xtask k8s"),
+        (PathBuf::from("/bin/dash"), "/bin/sh", "dash"),
+        (PathBuf::from("/usr/bin/curl"), "/usr/bin/curl", "curl"),
+        (
+            PathBuf::from("/bin/nc.openbsd"),
+            "/bin/nc",
+            "netcat-openbsd",
+        ),
+        (PathBuf::from("/bin/grep"), "/bin/grep", "grep"),
+        (
+            PathBuf::from("/bin/busybox"),
+            "/bin/busybox",
+            "busybox-static",
+        ),
+    ];
+    let mut spec = ImageSpec {
+        files: Vec::new(),
+        links: busybox_links(&[
+            "cat", "ls", "sleep", "hostname", "ps", "env", "mkdir", "rm", "timeout",
+        ]),
+        entrypoint: vec!["/agnhost".to_string()],
+        cmd: vec!["pause".to_string()],
+        reference: AGNHOST_IMAGE.to_string(),
+    };
+    for (source, target, from) in files {
+        if !source.is_file() {
+            bail!("{} is missing (from {from})", source.display());
+        }
+        spec.files.push((source, PathBuf::from(target)));
+    }
+    // As upstream's image has it: some specs run the same binary under another name.
+    spec.links
+        .push((PathBuf::from("/agnhost-2"), "agnhost".to_string()));
+    Ok(spec)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{missing, BINARIES};
+    use super::{missing, Build, BINARIES};
 
     #[test]
     fn builds_only_what_the_cache_lacks() -> anyhow::Result<()> {
         let bin = std::env::temp_dir().join(format!("xtask-k8s-cache-{}", std::process::id()));
         std::fs::create_dir_all(&bin)?;
         assert_eq!(missing(&bin), BINARIES, "an empty cache lacks everything");
-        // A cache from before kube-proxy joined the list.
-        for name in BINARIES.iter().filter(|name| **name != "kube-proxy") {
+        // A cache from before the conformance suite joined the list.
+        for (name, _) in BINARIES
+            .iter()
+            .filter(|(name, _)| !["e2e.test", "agnhost"].contains(name))
+        {
             std::fs::write(bin.join(name), "")?;
         }
-        assert_eq!(missing(&bin), ["kube-proxy"]);
-        std::fs::write(bin.join("kube-proxy"), "")?;
+        let names: Vec<&str> = missing(&bin).iter().map(|(name, _)| *name).collect();
+        assert_eq!(names, ["e2e.test", "agnhost"]);
+        assert_eq!(
+            missing(&bin)[0].1,
+            Build::TestBinary("./test/e2e"),
+            "e2e.test is a test binary"
+        );
+        std::fs::write(bin.join("e2e.test"), "")?;
+        std::fs::write(bin.join("agnhost"), "")?;
         assert!(missing(&bin).is_empty());
         std::fs::remove_dir_all(&bin)?;
         Ok(())

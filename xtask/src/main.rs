@@ -36,13 +36,16 @@ enum Task {
     /// An OCI image archive of mycni-agent and mycni for deploy/mycni.yaml; import with
     /// `ctr -n k8s.io images import`.
     Image(image::ImageOptions),
-    /// Build Kubernetes from Debian's source (cached in /var/cache/mycni/k8s) and the lab's
-    /// pause and busybox images, for the end-to-end test.
+    /// Build Kubernetes and its e2e.test from Debian's source (cached in /var/cache/mycni/k8s)
+    /// and the lab's images, for the end-to-end and conformance tests.
     K8s,
     /// A simulated cluster in network namespaces, its connectivity, then cleanup.
     Demo,
     /// Build what the Kubernetes end-to-end test needs (not setup) and run it alone.
     E2e(test::TestArguments),
+    /// Upstream's e2e.test specs for network plugins against mycni in the lab; report and
+    /// summary in target/conformance/.
+    Conformance(test::TestArguments),
     /// Setup, build-ebpf, build every binary, then the whole test suite (unit and, as root,
     /// integration).
     Test(test::TestArguments),
@@ -88,6 +91,7 @@ fn dispatch(task: Task) -> anyhow::Result<()> {
         Task::K8s => kubelab::run(),
         Task::Demo => demo::run(),
         Task::E2e(arguments) => test::e2e(&arguments.args),
+        Task::Conformance(arguments) => test::conformance(&arguments.args),
         Task::Test(arguments) => test::run(&arguments.args),
         Task::Bench(options) => bench::run(&options),
     }

@@ -39,6 +39,9 @@ const PACKAGES: &[&str] = &[
     "busybox-static",
     // kube-proxy clears stale UDP conntrack entries with it (kubeadm requires it too).
     "conntrack",
+    // What the conformance specs exec in the agnhost image (cargo xtask k8s copies them in).
+    "curl",
+    "netcat-openbsd",
     // reflect2 1.0.2, patched into the Kubernetes source (see kubelab.rs).
     "golang-github-modern-go-reflect2-dev",
 ];

@@ -29,10 +29,7 @@ fn build() -> Result<()> {
 /// tag). Returns the two mycni image archives.
 fn e2e_images() -> Result<(PathBuf, PathBuf)> {
     let root = repo_root();
-    kubelab::binaries()?;
-    kubelab::images()?;
-    let test_image = root.join("target/image/mycni-test.oci.tar");
-    image::build_image(&image::mycni_spec(&root.join("target/debug")), &test_image)?;
+    let test_image = lab_images()?;
     let upgrade_image = root.join("target/image/mycni-upgrade.oci.tar");
     let mut spec = image::mycni_spec(&image::build_release_binaries()?);
     spec.reference = format!(
@@ -53,6 +50,40 @@ pub struct TestArguments {
         value_name = "TEST ARGS"
     )]
     pub args: Vec<String>,
+}
+
+/// The cluster's binaries and images (the conformance suite's among them) and the mycni
+/// image of the debug binaries under test; returns that image's archive.
+fn lab_images() -> Result<PathBuf> {
+    let root = repo_root();
+    let bin = kubelab::binaries()?;
+    kubelab::images(&bin)?;
+    let test_image = root.join("target/image/mycni-test.oci.tar");
+    image::build_image(&image::mycni_spec(&root.join("target/debug")), &test_image)?;
+    Ok(test_image)
+}
+
+/// `cargo xtask conformance`: builds what the upstream conformance run needs (not the
+/// machine setup) and runs `tests/tests/conformance.rs` alone, its progress on the terminal;
+/// the report lands in target/conformance/.
+pub fn conformance(args: &[String]) -> Result<()> {
+    if !cmd::is_root() {
+        bail!("the conformance run needs root (it brings up the Kubernetes lab)");
+    }
+    build()?;
+    let test_image = lab_images()?;
+    let root = repo_root();
+    cmd::run(
+        cmd::clean("cargo")
+            .current_dir(&root)
+            .args(["test", "-p", "mycni-tests", "--test", "conformance"])
+            .args(["--", "--nocapture"])
+            .args(args)
+            .env("MYCNI_BIN_DIR", root.join("target/debug"))
+            .env("MYCNI_CNI_PLUGIN_DIR", "/usr/lib/cni")
+            .env("MYCNI_TEST_IMAGE", &test_image)
+            .env("RUST_BACKTRACE", "0"),
+    )
 }
 
 /// `cargo xtask e2e`: builds what the Kubernetes end-to-end test needs (not the machine

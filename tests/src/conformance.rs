@@ -1,0 +1,613 @@
+//! Upstream conformance in the lab: which of Kubernetes 1.20's own e2e specs run against mycni,
+//! why each other spec of the same areas does not, and the report of a run. Pure: focus
+//! expressions, the JUnit report e2e.test writes, the accounting and the markdown summary,
+//! without I/O (tests/tests/conformance.rs runs e2e.test in the lab).
+//!
+//! Nothing in an area is dropped silently: a dry run of e2e.test lists every spec of
+//! [`AREAS`], and [`plan`] fails unless each is either [`LISTED`] (and then run) or matched by
+//! a [`NOT_RUN`] entry that says why not.
+use std::time::Duration;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConformanceError {
+    #[error("the JUnit report is not XML: {0}")]
+    Junit(#[from] roxmltree::Error),
+    #[error("listed specs that e2e.test does not have (or has more than once): {0:?}")]
+    ListedNotFound(Vec<String>),
+    #[error("specs in the covered areas that are neither listed nor given a reason: {0:?}")]
+    Unaccounted(Vec<String>),
+}
+
+/// A spec the lab runs, by its full name (as e2e.test's JUnit report spells it).
+#[derive(Debug)]
+pub struct ListedSpec {
+    pub name: &'static str,
+    /// What it checks, for the summary.
+    pub checks: &'static str,
+}
+
+/// The specs run against mycni.
+pub const LISTED: &[ListedSpec] = &[
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Pods should function for intra-pod communication: http [NodeConformance] [Conformance]",
+        checks: "a pod reaches a server pod on every node over HTTP (TCP)",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Pods should function for intra-pod communication: udp [NodeConformance] [Conformance]",
+        checks: "a pod reaches a server pod on every node over UDP",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Pods should function for node-pod communication: http [LinuxOnly] [NodeConformance] [Conformance]",
+        checks: "a hostNetwork pod (the node) reaches a server pod on every node over HTTP",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Pods should function for node-pod communication: udp [LinuxOnly] [NodeConformance] [Conformance]",
+        checks: "a hostNetwork pod (the node) reaches a server pod on every node over UDP",
+    },
+    ListedSpec {
+        name: "[sig-network] NoSNAT [Feature:NoSNAT] [Slow] Should be able to send traffic between Pods without SNAT",
+        checks: "pods on each node see every other pod's own IP as the source",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should preserve source pod IP for traffic thru service cluster IP [LinuxOnly]",
+        checks: "pods on both nodes reach a ClusterIP (kube-proxy, iptables) and the backend sees their pod IPs",
+    },
+    ListedSpec {
+        name: "[sig-scheduling] SchedulerPredicates [Serial] validates that there is no conflict between pods with same hostPort but different hostIP and protocol [Conformance]",
+        checks: "three pods on one node share hostPort 54321 (127.0.0.1/TCP, node IP/TCP, node IP/UDP), each reachable (portmap)",
+    },
+];
+
+/// Spec-name prefixes whose every spec is accounted for: run, or not run with a reason.
+pub const AREAS: &[&str] = &[
+    "[sig-network] Networking ",
+    "[sig-network] NoSNAT ",
+    "[sig-network] DNS ",
+    "[sig-network] ClusterDns ",
+    "[sig-network] [Feature:PerformanceDNS]",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// Needs what these machines do not have (the internet, a cloud provider, SSH to nodes,
+    /// a DNS server image, a kernel module the lab may not load).
+    CannotRunHere,
+    /// Could run, but is not in the list yet (another issue extends it).
+    NotListedYet,
+}
+
+/// Why the specs whose names contain `name_contains` are not run. The first match counts.
+#[derive(Debug)]
+pub struct NotRun {
+    pub name_contains: &'static str,
+    pub why: Why,
+    pub reason: &'static str,
+}
+
+pub const NOT_RUN: &[NotRun] = &[
+    NotRun {
+        name_contains: "[Feature:Networking-IPv4]",
+        why: Why::CannotRunHere,
+        reason: "needs the internet (dials 8.8.8.8:53); the lab's nodes reach only the lab",
+    },
+    NotRun {
+        name_contains: "[Feature:Networking-IPv6]",
+        why: Why::CannotRunHere,
+        reason: "needs the internet over IPv6; mycni is IPv4-only (pods' IPv6 is dropped)",
+    },
+    NotRun {
+        name_contains: ": sctp [",
+        why: Why::CannotRunHere,
+        reason: "[Disruptive]: an SCTP socket in a pod loads the sctp module into the machine's \
+                 kernel, a host change the lab does not make",
+    },
+    NotRun {
+        name_contains: "should recreate its iptables rules if they are deleted [Disruptive]",
+        why: Why::CannotRunHere,
+        reason: "[Disruptive]: deletes the nodes' iptables rules and restarts kubelet over SSH; \
+                 the skeleton provider has no SSH to the nodes",
+    },
+    NotRun {
+        name_contains: "[sig-network] Networking IPerf",
+        why: Why::CannotRunHere,
+        reason: "a throughput benchmark with iperf, which the agnhost image here lacks; \
+                 `cargo xtask bench` measures mycni's throughput",
+    },
+    NotRun {
+        name_contains: "[Provider:GCE]",
+        why: Why::CannotRunHere,
+        reason: "needs the GCE cloud provider",
+    },
+    NotRun {
+        name_contains: "DNS should support configurable pod DNS nameservers",
+        why: Why::NotListedYet,
+        reason: "checks the resolv.conf kubelet writes for dnsPolicy None, not the network plugin",
+    },
+    NotRun {
+        name_contains: "DNS should provide /etc/hosts entries for the cluster",
+        why: Why::CannotRunHere,
+        reason: "probes from the jessie-dnsutils image (not built here) and reads the results \
+                 through the API server's proxy to the pod, which the lab's control plane \
+                 (no pod network in its namespace) cannot reach",
+    },
+    NotRun {
+        name_contains: "[sig-network] DNS ",
+        why: Why::CannotRunHere,
+        reason: "needs cluster DNS (a kube-dns Service backed by CoreDNS, which Debian does not \
+                 package; the lab runs none) or CoreDNS in the test image, and dig from the \
+                 jessie-dnsutils image",
+    },
+    NotRun {
+        name_contains: "[sig-network] ClusterDns ",
+        why: Why::CannotRunHere,
+        reason: "needs a cluster DNS server; the lab runs none",
+    },
+    NotRun {
+        name_contains: "[Feature:PerformanceDNS]",
+        why: Why::CannotRunHere,
+        reason: "needs a cluster DNS server; the lab runs none",
+    },
+    NotRun {
+        name_contains: "[sig-network] Networking Granular Checks: Services ",
+        why: Why::NotListedYet,
+        reason: "Services through kube-proxy: the Services issue extends the list with these",
+    },
+    NotRun {
+        name_contains: "[sig-network] Networking should check kube-proxy urls",
+        why: Why::NotListedYet,
+        reason: "kube-proxy's own endpoints: the Services issue extends the list with it",
+    },
+    NotRun {
+        name_contains: "[sig-network] Networking should provide unchanging, static URL paths",
+        why: Why::NotListedYet,
+        reason: "API server paths only, no pod traffic",
+    },
+];
+
+/// `text` as an RE2 literal (ginkgo's focus is a Go regular expression).
+pub fn regex_literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// ginkgo v1 matches its focus against "<suite> [Top Level] <full name>": after "[Top Level] ",
+/// a name starts.
+const TOP_LEVEL: &str = "\\[Top Level\\] ";
+
+/// A focus matching exactly the listed specs.
+pub fn focus_listed() -> String {
+    LISTED
+        .iter()
+        .map(|spec| format!("{TOP_LEVEL}{}$", regex_literal(spec.name)))
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+/// A focus matching every spec of [`AREAS`] and the listed specs (for the dry run).
+pub fn focus_areas() -> String {
+    let areas = AREAS
+        .iter()
+        .map(|area| format!("{TOP_LEVEL}{}", regex_literal(area)));
+    let listed = LISTED
+        .iter()
+        .map(|spec| format!("{TOP_LEVEL}{}$", regex_literal(spec.name)));
+    areas.chain(listed).collect::<Vec<_>>().join("|")
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Passed,
+    /// With the failure's message (code location, message, location).
+    Failed(String),
+    /// Skipped: not selected by the focus, or skipped by the spec itself at run time.
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpecResult {
+    pub name: String,
+    pub outcome: Outcome,
+    pub seconds: f64,
+}
+
+/// The test cases of a ginkgo v1 JUnit report (`<testcase name=.. time=..>` holding
+/// `<failure>` or `<skipped>`, or nothing when it passed). A failed BeforeSuite appears
+/// as a test case of that name.
+pub fn parse_junit(xml: &str) -> Result<Vec<SpecResult>, ConformanceError> {
+    let document = roxmltree::Document::parse(xml)?;
+    let mut results = Vec::new();
+    for case in document
+        .descendants()
+        .filter(|node| node.has_tag_name("testcase"))
+    {
+        let name = case.attribute("name").unwrap_or_default().to_string();
+        let seconds = case
+            .attribute("time")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0.0);
+        let failure = case
+            .children()
+            .find(|child| child.has_tag_name("failure") || child.has_tag_name("error"));
+        let outcome = if let Some(failure) = failure {
+            let text = failure.text().unwrap_or_default().trim();
+            let message = if text.is_empty() {
+                failure.attribute("message").unwrap_or_default()
+            } else {
+                text
+            };
+            Outcome::Failed(message.to_string())
+        } else if case.children().any(|child| child.has_tag_name("skipped")) {
+            Outcome::Skipped
+        } else {
+            Outcome::Passed
+        };
+        results.push(SpecResult {
+            name,
+            outcome,
+            seconds,
+        });
+    }
+    Ok(results)
+}
+
+/// Every spec of the covered areas that is not run, with why.
+#[derive(Debug)]
+pub struct Plan {
+    pub not_run: Vec<(String, &'static NotRun)>,
+}
+
+/// From a dry run's report (the specs the focus of [`focus_areas`] selected pass, all others
+/// are skipped): checks that each listed spec exists once, and gives every other selected
+/// spec its [`NOT_RUN`] reason; a spec without one is an error.
+pub fn plan(dry_run: &[SpecResult]) -> Result<Plan, ConformanceError> {
+    let selected: Vec<&str> = dry_run
+        .iter()
+        .filter(|r| r.outcome == Outcome::Passed)
+        .map(|r| r.name.as_str())
+        .collect();
+    let not_found: Vec<String> = LISTED
+        .iter()
+        .filter(|spec| selected.iter().filter(|name| **name == spec.name).count() != 1)
+        .map(|spec| spec.name.to_string())
+        .collect();
+    if !not_found.is_empty() {
+        return Err(ConformanceError::ListedNotFound(not_found));
+    }
+    let mut not_run = Vec::new();
+    let mut unaccounted = Vec::new();
+    for name in selected {
+        if LISTED.iter().any(|spec| spec.name == name) {
+            continue;
+        }
+        match NOT_RUN.iter().find(|n| name.contains(n.name_contains)) {
+            Some(reason) => not_run.push((name.to_string(), reason)),
+            None => unaccounted.push(name.to_string()),
+        }
+    }
+    if !unaccounted.is_empty() {
+        return Err(ConformanceError::Unaccounted(unaccounted));
+    }
+    not_run.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Plan { not_run })
+}
+
+/// What became of a listed spec in the run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Passed,
+    Failed(String),
+    /// The spec skipped itself (the log says why): a listed spec must run, so this fails.
+    SkippedAtRunTime,
+    /// No test case in the report: e2e.test ended before reporting it.
+    NoResult,
+}
+
+#[derive(Debug)]
+pub struct Report {
+    pub listed: Vec<(&'static ListedSpec, Verdict, f64)>,
+    /// Failed test cases that are no listed spec (a failed BeforeSuite, say).
+    pub suite_failures: Vec<(String, String)>,
+    pub not_run: Vec<(String, &'static NotRun)>,
+}
+
+/// The verdict on every listed spec from the run's report.
+pub fn report(plan: Plan, run: &[SpecResult]) -> Report {
+    let listed = LISTED
+        .iter()
+        .map(|spec| match run.iter().find(|r| r.name == spec.name) {
+            Some(r) => {
+                let verdict = match &r.outcome {
+                    Outcome::Passed => Verdict::Passed,
+                    Outcome::Failed(message) => Verdict::Failed(message.clone()),
+                    Outcome::Skipped => Verdict::SkippedAtRunTime,
+                };
+                (spec, verdict, r.seconds)
+            }
+            None => (spec, Verdict::NoResult, 0.0),
+        })
+        .collect();
+    let suite_failures = run
+        .iter()
+        .filter(|r| !LISTED.iter().any(|spec| spec.name == r.name))
+        .filter_map(|r| match &r.outcome {
+            Outcome::Failed(message) => Some((r.name.clone(), message.clone())),
+            _ => None,
+        })
+        .collect();
+    Report {
+        listed,
+        suite_failures,
+        not_run: plan.not_run,
+    }
+}
+
+impl Report {
+    fn count(&self, f: impl Fn(&Verdict) -> bool) -> usize {
+        self.listed.iter().filter(|(_, v, _)| f(v)).count()
+    }
+
+    pub fn passed(&self) -> usize {
+        self.count(|v| *v == Verdict::Passed)
+    }
+
+    /// Failed, or without a result.
+    pub fn failed(&self) -> usize {
+        self.count(|v| matches!(v, Verdict::Failed(_) | Verdict::NoResult))
+    }
+
+    pub fn skipped_at_run_time(&self) -> usize {
+        self.count(|v| *v == Verdict::SkippedAtRunTime)
+    }
+
+    pub fn not_run(&self, why: Why) -> usize {
+        self.not_run.iter().filter(|(_, n)| n.why == why).count()
+    }
+
+    /// Every listed spec passed and the suite itself did not fail.
+    pub fn ok(&self) -> bool {
+        self.passed() == self.listed.len() && self.suite_failures.is_empty()
+    }
+
+    /// One line: the counts.
+    pub fn counts(&self) -> String {
+        format!(
+            "{} passed, {} failed, {} skipped at run time; not run: {} that cannot run here, {} not listed yet",
+            self.passed(),
+            self.failed(),
+            self.skipped_at_run_time(),
+            self.not_run(Why::CannotRunHere),
+            self.not_run(Why::NotListedYet),
+        )
+    }
+
+    /// The summary in markdown: counts, each listed spec's verdict, each spec not run with
+    /// its reason. `version` names the suite (e.g. "v1.20.2"); `took` is the run's time.
+    pub fn markdown(&self, version: &str, took: Duration) -> String {
+        let mut out = format!(
+            "# Upstream conformance: Kubernetes {version} `e2e.test` against mycni\n\n\
+             {} (run took {} s).\n\n## Run\n\n| Spec | Checks | Result | Time |\n|---|---|---|---|\n",
+            self.counts(),
+            took.as_secs()
+        );
+        for (spec, verdict, seconds) in &self.listed {
+            let result = match verdict {
+                Verdict::Passed => "passed".to_string(),
+                Verdict::Failed(message) => format!("**failed**: {}", one_line(message)),
+                Verdict::SkippedAtRunTime => {
+                    "**skipped at run time** (see e2e.log; a listed spec must run)".to_string()
+                }
+                Verdict::NoResult => {
+                    "**no result** (e2e.test ended before it; see e2e.log)".to_string()
+                }
+            };
+            out.push_str(&format!(
+                "| {} | {} | {result} | {seconds:.0} s |\n",
+                cell(spec.name),
+                spec.checks
+            ));
+        }
+        if !self.suite_failures.is_empty() {
+            out.push_str("\n## Suite failures\n\n");
+            for (name, message) in &self.suite_failures {
+                out.push_str(&format!("- {}: {}\n", cell(name), one_line(message)));
+            }
+        }
+        for (why, title) in [
+            (Why::CannotRunHere, "Not run: cannot run on these machines"),
+            (Why::NotListedYet, "Not run: not in the list yet"),
+        ] {
+            out.push_str(&format!("\n## {title}\n\n| Spec | Reason |\n|---|---|\n"));
+            for (name, reason) in self.not_run.iter().filter(|(_, n)| n.why == why) {
+                out.push_str(&format!("| {} | {} |\n", cell(name), reason.reason));
+            }
+        }
+        out
+    }
+}
+
+/// A failure message on one line without ginkgo's code locations (`/path/x.go:629` lines),
+/// shortened for a table cell.
+fn one_line(message: &str) -> String {
+    let joined = message
+        .lines()
+        .filter(|line| !is_code_location(line.trim()))
+        .flat_map(str::split_whitespace)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let short: String = joined.chars().take(300).collect();
+    cell(&short)
+}
+
+/// `/go/src/k8s.io/kubernetes/test/e2e/framework/framework.go:629`.
+fn is_code_location(line: &str) -> bool {
+    line.starts_with('/')
+        && !line.contains(' ')
+        && line
+            .rsplit_once(".go:")
+            .is_some_and(|(_, n)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Text safe in a markdown table cell.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(name: &str, outcome: Outcome) -> SpecResult {
+        SpecResult {
+            name: name.to_string(),
+            outcome,
+            seconds: 1.0,
+        }
+    }
+
+    const JUNIT: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<testsuite name="Kubernetes e2e suite" tests="3" failures="1" errors="0" time="42.1">
+  <testcase name="[sig-network] A passes" classname="Kubernetes e2e suite" time="12.5"></testcase>
+  <testcase name="[sig-network] B fails" classname="Kubernetes e2e suite" time="3">
+    <failure type="Failure">/go/src/x.go:10
+failed dialing endpoint
+/go/src/x.go:20</failure>
+  </testcase>
+  <testcase name="[sig-apps] C not focused" classname="Kubernetes e2e suite" time="0">
+    <skipped></skipped>
+  </testcase>
+</testsuite>"#;
+
+    #[test]
+    fn a_junit_report_gives_each_case_its_outcome() -> Result<(), ConformanceError> {
+        let results = parse_junit(JUNIT)?;
+        assert_eq!(results.len(), 3);
+        assert_eq!(results[0].outcome, Outcome::Passed);
+        assert_eq!(results[0].seconds, 12.5);
+        match &results[1].outcome {
+            Outcome::Failed(message) => assert!(message.contains("failed dialing endpoint")),
+            other => panic!("B: {other:?}"),
+        }
+        assert_eq!(results[2].outcome, Outcome::Skipped);
+        assert!(parse_junit("<testsuite").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn regex_literals_escape_the_brackets_of_spec_tags() {
+        assert_eq!(
+            regex_literal("[sig-network] a: b (c) [Conformance]"),
+            "\\[sig-network\\] a: b \\(c\\) \\[Conformance\\]"
+        );
+        let focus = focus_listed();
+        assert_eq!(focus.split('|').count(), LISTED.len());
+        assert!(focus.starts_with("\\[Top Level\\] \\[sig-network\\] Networking Granular"));
+        assert!(focus.ends_with("\\[Conformance\\]$"));
+        assert!(focus_areas().contains("|\\[Top Level\\] \\[sig-network\\] NoSNAT |"));
+    }
+
+    /// A dry run that selected every listed spec plus `others`.
+    fn dry_run(others: &[&str]) -> Vec<SpecResult> {
+        let mut run: Vec<SpecResult> = LISTED
+            .iter()
+            .map(|spec| result(spec.name, Outcome::Passed))
+            .collect();
+        run.extend(others.iter().map(|name| result(name, Outcome::Passed)));
+        run.push(result("[sig-apps] not in the focus", Outcome::Skipped));
+        run
+    }
+
+    #[test]
+    fn every_spec_of_the_areas_is_run_or_has_a_reason() -> Result<(), ConformanceError> {
+        let internet = "[sig-network] Networking should provide Internet connection for containers [Feature:Networking-IPv4]";
+        let dns = "[sig-network] DNS should provide DNS for the cluster  [Conformance]";
+        let plan = plan(&dry_run(&[internet, dns]))?;
+        let reasons: Vec<(&str, Why)> = plan
+            .not_run
+            .iter()
+            .map(|(name, n)| (name.as_str(), n.why))
+            .collect();
+        assert_eq!(
+            reasons,
+            [(dns, Why::CannotRunHere), (internet, Why::CannotRunHere)]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_spec_without_a_reason_fails_the_plan() {
+        let unknown = "[sig-network] Networking should do something new";
+        match plan(&dry_run(&[unknown])) {
+            Err(ConformanceError::Unaccounted(names)) => assert_eq!(names, [unknown]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_listed_spec_missing_from_the_suite_fails_the_plan() {
+        let mut run = dry_run(&[]);
+        run.remove(0);
+        match plan(&run) {
+            Err(ConformanceError::ListedNotFound(names)) => assert_eq!(names, [LISTED[0].name]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_report_counts_failures_runtime_skips_and_missing_results() -> Result<(), ConformanceError>
+    {
+        let plan = plan(&dry_run(&[
+            "[sig-network] Networking IPerf IPv4 [Experimental] should transfer",
+        ]))?;
+        let mut run: Vec<SpecResult> = LISTED
+            .iter()
+            .skip(3)
+            .map(|spec| result(spec.name, Outcome::Passed))
+            .collect();
+        run.push(result(
+            LISTED[0].name,
+            Outcome::Failed("/go/src/framework.go:629\nno | route\n/go/src/runner.go:113".into()),
+        ));
+        run.push(result(LISTED[1].name, Outcome::Skipped));
+        run.push(result(
+            "BeforeSuite",
+            Outcome::Failed("nodes not Ready".into()),
+        ));
+        let report = report(plan, &run);
+        assert_eq!(report.passed(), LISTED.len() - 3);
+        assert_eq!(report.failed(), 2, "one failed, one without a result");
+        assert_eq!(report.skipped_at_run_time(), 1);
+        assert_eq!(report.not_run(Why::CannotRunHere), 1);
+        assert!(!report.ok());
+        let markdown = report.markdown("v1.20.2", Duration::from_secs(90));
+        assert!(
+            markdown.contains("**failed**: no \\| route |"),
+            "the message without code locations:\n{markdown}"
+        );
+        assert!(markdown.contains("**skipped at run time**"));
+        assert!(markdown.contains("**no result**"));
+        assert!(markdown.contains("BeforeSuite: nodes not Ready"));
+        assert!(markdown.contains("| [sig-network] Networking IPerf IPv4 [Experimental] should transfer | a throughput benchmark"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_report_of_passes_is_ok() -> Result<(), ConformanceError> {
+        let plan = plan(&dry_run(&[]))?;
+        let run: Vec<SpecResult> = LISTED
+            .iter()
+            .map(|spec| result(spec.name, Outcome::Passed))
+            .collect();
+        let report = report(plan, &run);
+        assert!(report.ok());
+        assert_eq!(report.counts(), format!("{} passed, 0 failed, 0 skipped at run time; not run: 0 that cannot run here, 0 not listed yet", LISTED.len()));
+        Ok(())
+    }
+}
