@@ -256,6 +256,26 @@ impl LabNode {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// The newest error lines of this node's kubelet and containerd, for a failure message.
+    pub fn recent_errors(&self) -> String {
+        let newest = |log: String, is_error: fn(&str) -> bool| -> String {
+            let lines: Vec<String> = log
+                .lines()
+                .rev()
+                .filter(|l| is_error(l))
+                .take(15)
+                .map(|l| l.chars().take(400).collect())
+                .collect();
+            lines.join("\n")
+        };
+        format!(
+            "{}: kubelet errors (newest first):\n{}\ncontainerd errors (newest first):\n{}",
+            self.name,
+            newest(self.log("kubelet"), |l| l.starts_with('E')),
+            newest(self.log("containerd"), |l| l.contains("level=error"))
+        )
+    }
+
     /// Stops kubelet and containerd, then whatever they left: shims (which re-parent
     /// themselves away), container processes, and the pod cgroups.
     fn stop(&mut self) {
@@ -1085,7 +1105,11 @@ exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
                     "--tail=30",
                 ])
                 .unwrap_or_default();
-            bail!("{e:#}\npods:\n{pods}\nagent logs:\n{logs}");
+            let nodes: Vec<String> = self.nodes.iter().map(LabNode::recent_errors).collect();
+            bail!(
+                "{e:#}\npods:\n{pods}\nagent logs:\n{logs}\n{}",
+                nodes.join("\n")
+            );
         }
         Ok(())
     }

@@ -537,25 +537,6 @@ fn cni_status(node: &LabNode, plugin: &str, conf: &str) -> Result<CniCall> {
     )
 }
 
-/// The newest error lines of a node's kubelet and containerd (CNI failures show there).
-fn node_errors(node: &LabNode) -> String {
-    let newest = |log: String, is_error: fn(&str) -> bool| -> String {
-        let lines: Vec<String> = log
-            .lines()
-            .rev()
-            .filter(|l| is_error(l))
-            .take(15)
-            .map(|l| l.chars().take(400).collect())
-            .collect();
-        lines.join("\n")
-    };
-    format!(
-        "kubelet errors (newest first):\n{}\ncontainerd errors (newest first):\n{}",
-        newest(node.log("kubelet"), |l| l.starts_with('E')),
-        newest(node.log("containerd"), |l| l.contains("level=error"))
-    )
-}
-
 /// One field of every mycni agent pod, space-separated (a kubectl jsonpath under `.items[*]`).
 fn agent_pods(lab: &KubeLab, field: &str) -> Result<String> {
     lab.kubectl(&[
@@ -1094,41 +1075,12 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
         );
     }
 
-    // Install: the manifest as shipped, with the API server's address filled in.
+    // Install: the manifest as shipped, with the API server's address and the cluster CIDR
+    // filled in; both nodes turn Ready once their agents wrote the conflist.
     let manifest = lab_manifest()?;
     assert!(manifest.contains(&format!("api-server-host: \"{CONTROL_IP}\"")));
     assert!(manifest.contains(&format!("cluster-cidr: \"{CLUSTER_CIDR}\"")));
-    lab.apply(&manifest)?;
-    let took = lab.wait(
-        "the mycni DaemonSet to be ready on both nodes",
-        Duration::from_secs(120),
-        |lab| {
-            let ds = lab.get_json(&["-n", "kube-system", "get", "daemonset", "mycni"])?;
-            Ok(ds["status"]["numberReady"] == 2)
-        },
-    );
-    if let Err(e) = took {
-        let pods = lab
-            .kubectl(&["-n", "kube-system", "get", "pods", "-o", "wide"])
-            .unwrap_or_default();
-        let logs = lab
-            .kubectl(&[
-                "-n",
-                "kube-system",
-                "logs",
-                "-l",
-                "app.kubernetes.io/name=mycni",
-                "--tail=30",
-            ])
-            .unwrap_or_default();
-        bail!(
-            "{e:#}\npods:\n{pods}\nagent logs:\n{logs}\nnode-1 {}",
-            node_errors(&lab.nodes[0])
-        );
-    }
-    lab.wait("both nodes Ready", Duration::from_secs(60), |lab| {
-        Ok(lab.nodes_ready()?.iter().all(|(_, ready)| *ready))
-    })?;
+    lab.install_mycni()?;
     // The agent wrote the conflist into the node's CNI config dir, and installed the plugin.
     for node in &lab.nodes {
         let conflist = node.exec(&["cat", "/etc/cni/net.d/10-mycni.conflist"])?;
@@ -1377,8 +1329,8 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
             .unwrap_or_default();
         bail!(
             "{e:#}\npods:\n{pods}\nnode-1 {}\nnode-2 {}",
-            node_errors(lab.node("node-1")),
-            node_errors(lab.node("node-2"))
+            lab.node("node-1").recent_errors(),
+            lab.node("node-2").recent_errors()
         );
     }
     let mut left = Vec::new();
