@@ -1328,7 +1328,7 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
             .kubectl(&["get", "pods", "-o", "wide"])
             .unwrap_or_default();
         bail!(
-            "{e:#}\npods:\n{pods}\nnode-1 {}\nnode-2 {}",
+            "{e:#}\npods:\n{pods}\n{}\n{}",
             lab.node("node-1").recent_errors(),
             lab.node("node-2").recent_errors()
         );
