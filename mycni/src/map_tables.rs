@@ -245,7 +245,10 @@ mod tests {
     #[test]
     fn peers_are_listed_sorted_as_text_and_json() {
         let peers = [Ipv4Addr::new(192, 168, 1, 3), Ipv4Addr::new(10, 0, 0, 9)];
-        assert_eq!(render_peers(&peers, false), "NODE-IP\n10.0.0.9\n192.168.1.3\n");
+        assert_eq!(
+            render_peers(&peers, false),
+            "NODE-IP\n10.0.0.9\n192.168.1.3\n"
+        );
         assert_eq!(
             serde_json::from_str::<Value>(&render_peers(&peers, true)).ok(),
             Some(json!(["10.0.0.9", "192.168.1.3"]))
