@@ -62,6 +62,8 @@ async fn client_config(server: ApiServer) -> Result<Config, KubeClientError> {
                 .map_err(bad)
         }
         ApiServer::InCluster { server } => {
+            // The mounted account (token, CA, namespace); the URL kube would pick (the
+            // environment's, or kubernetes.default.svc here) gives way to the agent's.
             let mut config = Config::incluster_dns().map_err(KubeClientError::InCluster)?;
             config.cluster_url =
                 server
