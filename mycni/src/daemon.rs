@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::agent::{self, Agent, AgentError, NodeSettings, NodeSource, NodesFile};
 use crate::agent_cli::RunOptions;
 use crate::datapath::{self, DatapathError, Maps};
-use crate::kube::client::{ApiClient, KubeClientError, KubeNodeSource};
+use crate::kube::client::{ApiServer, KubeClientError, KubeNodeSource, KubeWatches};
 use crate::kube::config::KubeConfigError;
 use crate::metrics::AgentCounters;
 use crate::netlink::{Netlink, NetlinkError};
@@ -36,18 +36,6 @@ pub enum DaemonError {
     PodCidrMissing,
     #[error("finding the uplink (give --uplink): {0}")]
     Uplink(#[source] AgentError),
-    #[error("--kubeconfig {path}: {source}")]
-    KubeconfigUnreadable {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("--kubeconfig {path}: {source}")]
-    Kubeconfig {
-        path: PathBuf,
-        #[source]
-        source: KubeConfigError,
-    },
     #[error(transparent)]
     InCluster(KubeConfigError),
     #[error(transparent)]
@@ -228,31 +216,18 @@ fn node_settings(options: &RunOptions) -> Result<Option<NodeSettings>, DaemonErr
 
 /// The Kubernetes node source the options ask for, if any.
 fn kube_source(options: &RunOptions) -> Result<Option<KubeNodeSource>, DaemonError> {
-    let access = match (&options.kubeconfig, options.in_cluster) {
-        (Some(path), _) => {
-            let text = std::fs::read_to_string(path).map_err(|source| {
-                DaemonError::KubeconfigUnreadable {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
-            let dir = path.parent().unwrap_or(Path::new("."));
-            crate::kube::config::parse_kubeconfig(&text, dir).map_err(|source| {
-                DaemonError::Kubeconfig {
-                    path: path.clone(),
-                    source,
-                }
-            })?
-        }
-        (None, true) => crate::kube::config::in_cluster(
-            or_env(&options.api_server_host, "KUBERNETES_SERVICE_HOST").as_deref(),
-            or_env(&options.api_server_port, "KUBERNETES_SERVICE_PORT").as_deref(),
-            Path::new(crate::kube::config::SERVICE_ACCOUNT_DIR),
-        )
-        .map_err(DaemonError::InCluster)?,
+    let server = match (&options.kubeconfig, options.in_cluster) {
+        (Some(path), _) => ApiServer::Kubeconfig(path.clone()),
+        (None, true) => ApiServer::InCluster {
+            server: crate::kube::config::in_cluster_server(
+                or_env(&options.api_server_host, "KUBERNETES_SERVICE_HOST").as_deref(),
+                or_env(&options.api_server_port, "KUBERNETES_SERVICE_PORT").as_deref(),
+            )
+            .map_err(DaemonError::InCluster)?,
+        },
         (None, false) => return Ok(None),
     };
-    Ok(Some(KubeNodeSource::start(ApiClient::new(access)?)))
+    Ok(Some(KubeNodeSource::start(&KubeWatches::connect(server)?)))
 }
 
 /// `value` when given and not empty (a blank ConfigMap value), else `$fallback`.

@@ -3,7 +3,7 @@
 //! Pure logic (no I/O, unit-tested without root): [`cni`] (config, versions, results,
 //! errors), [`ipam`] (address allocation). Thin adapters around the kernel: [`netlink`]
 //! (links, addresses, routes), [`datapath`] (pinned bpf maps and programs), [`ipam::store`]
-//! (the on-disk allocation records), [`kube::client`] (the API server over TLS). [`plugin`]
+//! (the on-disk allocation records), [`kube::client`] (kube-rs watches of the API server). [`plugin`]
 //! drives the CNI commands with them.
 //!
 //! The agent: [`agent_cli`] (its command line), [`daemon`] (`mycni-agent run`, wiring the

@@ -1240,7 +1240,7 @@ impl ApiRequest {
     /// One request and its answer on `stream`: `None` when the stream closed before any
     /// byte of an answer; else the answer and whether the stream can carry another.
     fn exchange(&self, stream: &mut std::net::TcpStream) -> Result<Option<(ApiResponse, bool)>> {
-        use mycni::kube::http::{parse_head, BodyDecoder};
+        use crate::http::{parse_head, BodyDecoder};
         use std::io::{Read, Write};
         let mut request = format!(
             "{} {} HTTP/1.1\r\nHost: {API_PROXY_ADDRESS}\r\nAccept: application/json\r\n",

@@ -19,6 +19,7 @@ use serde_json::Value;
 pub mod bench;
 pub mod cluster;
 pub mod conformance;
+pub mod http;
 pub mod kubelab;
 pub mod kubeproxy;
 pub mod lone;

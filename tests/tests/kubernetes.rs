@@ -1020,6 +1020,52 @@ fn check_five_thousand_nodes(lab: &mut KubeLab, ips: &[(String, String, Ipv4Addr
     Ok(())
 }
 
+/// The agent's other Kubernetes mode, `--kubeconfig` with client-certificate files (the
+/// DaemonSet covers `--in-cluster`): its node source, run inside node-1's network namespace
+/// with that kubelet's kubeconfig (`system:node:node-1`, which may list and watch Nodes),
+/// reports both nodes with the InternalIPs and pod CIDRs the API server holds.
+fn check_kubeconfig_node_source(lab: &KubeLab, cidrs: &[(String, Pool)]) -> Result<()> {
+    use mycni::agent::NodeSource;
+    use mycni::kube::client::{ApiServer, KubeNodeSource, KubeWatches};
+    let node = &lab.nodes[0];
+    let kubeconfig = node.dir.join("kubelet.kubeconfig");
+    let entries = node.netns.run_inside(|| {
+        let watches = KubeWatches::connect(ApiServer::Kubeconfig(kubeconfig.clone()))?;
+        let mut source = KubeNodeSource::start(&watches);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut errors = Vec::new();
+        loop {
+            match source.poll() {
+                Ok(Some(entries)) => return Ok(entries),
+                Ok(None) => {}
+                Err(e) => errors.push(e.to_string()),
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("no node list within 30 s; errors: {errors:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })?;
+    let listed: BTreeMap<String, (Ipv4Addr, Pool)> = entries
+        .into_iter()
+        .map(|e| (e.name, (e.ip, e.pod_cidr)))
+        .collect();
+    let expected: BTreeMap<String, (Ipv4Addr, Pool)> = lab
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            let cidr = cidrs.iter().find(|(name, _)| *name == n.name)?.1;
+            Some((n.name.clone(), (n.ip, cidr)))
+        })
+        .collect();
+    assert_eq!(expected.len(), 2, "pod CIDRs known for both nodes");
+    assert_eq!(
+        listed, expected,
+        "nodes through --kubeconfig's client certificate"
+    );
+    Ok(())
+}
+
 #[test]
 fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
     mycni_tests::require_root!();
@@ -1074,6 +1120,8 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
             status.stdout
         );
     }
+
+    check_kubeconfig_node_source(&lab, &cidrs)?;
 
     // Install: the manifest as shipped, with the API server's address and the cluster CIDR
     // filled in; both nodes turn Ready once their agents wrote the conflist.

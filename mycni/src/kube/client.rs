@@ -1,516 +1,327 @@
-//! The I/O side of talking to the API server: TLS over TCP (rustls), one request per
-//! connection, and a thread that lists and watches Nodes and hands the agent the result
-//! through [`KubeNodeSource`].
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+//! The I/O side of Kubernetes: kube's client, built from a kubeconfig or the pod's service
+//! account, and kube's watchers (list, then watch from the last resource version; a re-list
+//! after 410 Gone; the default backoff while the API server is away), run on a thread and
+//! runtime of their own so a long list never stalls the agent's loop. Each watch feeds a
+//! pure [`WatchCache`] the agent reads through a mutex, woken by a [`Notify`].
+use std::fmt::Debug;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Config};
+use serde::de::DeserializeOwned;
+use tokio::sync::{oneshot, Notify};
 
-use super::config::{ApiAccess, Credentials, Material};
-use super::http::{self, BodyDecoder, HttpError, LineBuffer};
-use super::nodes::{self, KubeNode, NodeCache, NodeObjectError};
+use super::config::context_options;
+use super::nodes::{KubeNode, NodeCache};
+use super::WatchCache;
 use crate::agent::{AgentError, NodeSource};
 use crate::nodes::NodeEntry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeClientError {
-    #[error("read {path}: {source}")]
-    Read {
-        path: String,
+    #[error("--kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: kube::config::KubeconfigError,
     },
-    #[error("TLS setup: {0}")]
-    Tls(String),
-    #[error("connect to {address}: {source}")]
-    Connect {
-        address: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Http {
-        path: String,
-        #[source]
-        source: HttpError,
-    },
-    #[error("{path}: connection closed before the response ended")]
-    Truncated { path: String },
-    #[error("{path}: HTTP {status}: {body}")]
-    Status {
-        path: String,
-        status: u16,
-        body: String,
-    },
-    #[error(transparent)]
-    Object(#[from] NodeObjectError),
-    #[error("watch ended by the server: {code} {message}")]
-    WatchError { code: u16, message: String },
+    #[error("in-cluster: {0}")]
+    InCluster(#[source] kube::config::InClusterError),
+    #[error("API server URL {url:?}: {message}")]
+    Server { url: String, message: String },
+    #[error("Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    #[error("cannot start the Kubernetes thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
-/// How long a connection attempt may take, and how long a list may stay silent.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Watches are ended by the server after this long (then resumed), so a silently dead
-/// connection is noticed within this plus [`READ_TIMEOUT`].
-const WATCH_SECONDS: u64 = 240;
-/// Longest pause between attempts while the API server is unreachable.
-const MAX_BACKOFF: Duration = Duration::from_secs(4);
-
-/// A client for one API server.
-pub struct ApiClient {
-    access: ApiAccess,
-    tls: Arc<rustls::ClientConfig>,
+/// How to reach the API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiServer {
+    /// A kubeconfig file's current context (or its only one).
+    Kubeconfig(PathBuf),
+    /// The pod's service account (token and CA, re-read as they rotate), and the API
+    /// server at this URL (see [`super::config::in_cluster_server`]).
+    InCluster { server: String },
 }
 
-fn read_material(material: &Material) -> Result<Vec<u8>, KubeClientError> {
-    match material {
-        Material::Inline(bytes) => Ok(bytes.clone()),
-        Material::File(path) => std::fs::read(path).map_err(|source| KubeClientError::Read {
-            path: path.display().to_string(),
-            source,
-        }),
-    }
-}
-
-impl ApiClient {
-    pub fn new(access: ApiAccess) -> Result<ApiClient, KubeClientError> {
-        let tls_error = |e: &dyn std::fmt::Display| KubeClientError::Tls(e.to_string());
-        let mut roots = rustls::RootCertStore::empty();
-        let ca = read_material(&access.certificate_authority)?;
-        for cert in CertificateDer::pem_slice_iter(&ca) {
-            roots
-                .add(cert.map_err(|e| tls_error(&e))?)
-                .map_err(|e| tls_error(&e))?;
-        }
-        if roots.is_empty() {
-            return Err(KubeClientError::Tls(
-                "the certificate authority holds no PEM certificate".into(),
-            ));
-        }
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| tls_error(&e))?
-        .with_root_certificates(roots);
-        let config = match &access.credentials {
-            Credentials::ClientCertificate { cert, key } => {
-                let cert_pem = read_material(cert)?;
-                let chain = CertificateDer::pem_slice_iter(&cert_pem)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| tls_error(&e))?;
-                let key = PrivateKeyDer::from_pem_slice(&read_material(key)?)
-                    .map_err(|e| tls_error(&e))?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| tls_error(&e))?
-            }
-            _ => builder.with_no_client_auth(),
-        };
-        Ok(ApiClient {
-            access,
-            tls: Arc::new(config),
-        })
-    }
-
-    fn connect(
-        &self,
-        path: &str,
-        read_timeout: Duration,
-    ) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, KubeClientError> {
-        let address = self.access.authority();
-        let connect_error = |source| KubeClientError::Connect {
-            address: address.clone(),
-            source,
-        };
-        let target = (self.access.host.as_str(), self.access.port)
-            .to_socket_addrs()
-            .map_err(connect_error)?
-            .next()
-            .ok_or_else(|| connect_error(std::io::ErrorKind::NotFound.into()))?;
-        let tcp = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT).map_err(connect_error)?;
-        let io_error = |source| KubeClientError::Io {
-            path: path.to_string(),
-            source,
-        };
-        tcp.set_read_timeout(Some(read_timeout)).map_err(io_error)?;
-        tcp.set_nodelay(true).map_err(io_error)?;
-        let name = ServerName::try_from(self.access.host.clone())
-            .map_err(|e| KubeClientError::Tls(e.to_string()))?;
-        let connection = rustls::ClientConnection::new(self.tls.clone(), name)
-            .map_err(|e| KubeClientError::Tls(e.to_string()))?;
-        Ok(rustls::StreamOwned::new(connection, tcp))
-    }
-
-    fn bearer_token(&self) -> Result<Option<String>, KubeClientError> {
-        match &self.access.credentials {
-            Credentials::Token(material) => {
-                let bytes = read_material(material)?;
-                Ok(Some(String::from_utf8_lossy(&bytes).trim().to_string()))
-            }
-            _ => Ok(None),
-        }
-    }
-
-    /// Sends a GET and feeds the decoded body to `on_body` as it arrives; `on_body`
-    /// returns `false` to stop early. Non-2xx answers become [`KubeClientError::Status`].
-    fn get(
-        &self,
-        path: &str,
-        read_timeout: Duration,
-        mut on_body: impl FnMut(&[u8]) -> Result<bool, KubeClientError>,
-    ) -> Result<(), KubeClientError> {
-        let mut stream = self.connect(path, read_timeout)?;
-        let io_error = |source| KubeClientError::Io {
-            path: path.to_string(),
-            source,
-        };
-        let http_error = |source| KubeClientError::Http {
-            path: path.to_string(),
-            source,
-        };
-        let request = http::get_request(
-            &self.access.authority(),
-            path,
-            self.bearer_token()?.as_deref(),
-        );
-        stream.write_all(&request).map_err(io_error)?;
-        stream.flush().map_err(io_error)?;
-        let mut received = Vec::new();
-        let mut head: Option<(u16, BodyDecoder)> = None;
-        let mut body = Vec::new();
-        let mut error_body = Vec::new();
-        let mut buffer = vec![0u8; 32 * 1024];
-        loop {
-            let read = match stream.read(&mut buffer) {
-                Ok(n) => n,
-                // Servers often close without TLS close_notify once the body is complete.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
-                Err(e) => return Err(io_error(e)),
+async fn client_config(server: ApiServer) -> Result<Config, KubeClientError> {
+    match server {
+        ApiServer::Kubeconfig(path) => {
+            let bad = |source| KubeClientError::Kubeconfig {
+                path: path.clone(),
+                source,
             };
-            let mut input = &buffer[..read];
-            if head.is_none() {
-                received.extend_from_slice(input);
-                match http::parse_head(&received).map_err(http_error)? {
-                    None if read == 0 => {
-                        return Err(KubeClientError::Truncated {
-                            path: path.to_string(),
-                        })
+            let kubeconfig = kube::config::Kubeconfig::read_from(&path).map_err(bad)?;
+            let options = context_options(&kubeconfig);
+            Config::from_custom_kubeconfig(kubeconfig, &options)
+                .await
+                .map_err(bad)
+        }
+        ApiServer::InCluster { server } => {
+            // The mounted account (token, CA, namespace); the URL kube would pick (the
+            // environment's, or kubernetes.default.svc here) gives way to the agent's.
+            let mut config = Config::incluster_dns().map_err(KubeClientError::InCluster)?;
+            config.cluster_url =
+                server
+                    .parse::<http::Uri>()
+                    .map_err(|e| KubeClientError::Server {
+                        url: server.clone(),
+                        message: e.to_string(),
+                    })?;
+            Ok(config)
+        }
+    }
+}
+
+/// The thread and runtime the watches run on, and the client they share. The thread ends
+/// (and every watch with it) when the last clone is dropped.
+#[derive(Clone)]
+pub struct KubeWatches {
+    runtime: tokio::runtime::Handle,
+    client: Client,
+    _stop: Arc<oneshot::Sender<()>>,
+}
+
+impl KubeWatches {
+    /// Builds the client (reading the kubeconfig or the service account now, so a bad one
+    /// is an error at start) and the thread.
+    pub fn connect(server: ApiServer) -> Result<KubeWatches, KubeClientError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("kube-watch".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(KubeClientError::Thread(e)));
+                        return;
                     }
-                    None => continue,
-                    Some((parsed, used)) => {
-                        head = Some((parsed.status, parsed.body));
-                        received.drain(..used);
-                        input = &received;
-                    }
-                }
-            }
-            let Some((status, decoder)) = head.as_mut() else {
-                continue;
-            };
-            let ok = (200..300).contains(status);
-            body.clear();
-            decoder.feed(input, &mut body).map_err(http_error)?;
-            if ok {
-                if !body.is_empty() && !on_body(&body)? {
-                    return Ok(());
-                }
-            } else if error_body.len() < 4096 {
-                error_body.extend_from_slice(&body);
-            }
-            received.clear();
-            let finished = decoder.is_done() || read == 0;
-            if finished {
-                if !ok {
-                    return Err(KubeClientError::Status {
-                        path: path.to_string(),
-                        status: *status,
-                        body: String::from_utf8_lossy(&error_body).trim().to_string(),
+                };
+                // kube's client spawns its request buffer: build it inside the runtime.
+                let client = runtime.block_on(async {
+                    Client::try_from(client_config(server).await?).map_err(KubeClientError::Client)
+                });
+                let started = client.is_ok();
+                let _ = ready_tx.send(client.map(|client| (client, runtime.handle().clone())));
+                if started {
+                    // Runs the watches until every KubeWatches is dropped.
+                    runtime.block_on(async {
+                        let _ = stop_rx.await;
                     });
                 }
-                if read == 0 && !matches!(decoder, BodyDecoder::UntilClose) && !decoder.is_done() {
-                    return Err(KubeClientError::Truncated {
-                        path: path.to_string(),
-                    });
-                }
-                return Ok(());
-            }
-        }
-    }
-
-    /// Lists every Node (following `continue` pages) and the list's resource version.
-    pub fn list_nodes(&self) -> Result<(Vec<KubeNode>, String), KubeClientError> {
-        let mut all = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut path = String::from("/api/v1/nodes?limit=500");
-            if let Some(token) = &token {
-                path.push_str("&continue=");
-                path.push_str(&percent_encode(token));
-            }
-            let mut body = Vec::new();
-            self.get(&path, READ_TIMEOUT, |bytes| {
-                body.extend_from_slice(bytes);
-                Ok(true)
-            })?;
-            let page = nodes::parse_node_list(&body)?;
-            all.extend(page.nodes);
-            match page.continue_token {
-                Some(next) => token = Some(next),
-                None => return Ok((all, page.resource_version)),
-            }
-        }
-    }
-
-    /// Watches Nodes from `resource_version`, handing each event to `on_event` (an error
-    /// it returns ends the watch). Returns when the server ends the watch, or `stop` is set.
-    pub fn watch_nodes(
-        &self,
-        resource_version: &str,
-        stop: &AtomicBool,
-        mut on_event: impl FnMut(nodes::WatchEvent) -> Result<(), KubeClientError>,
-    ) -> Result<(), KubeClientError> {
-        let path = format!(
-            "/api/v1/nodes?watch=1&allowWatchBookmarks=true&timeoutSeconds={WATCH_SECONDS}&resourceVersion={}",
-            percent_encode(resource_version)
-        );
-        let mut lines = LineBuffer::default();
-        let read_timeout = Duration::from_secs(WATCH_SECONDS) + READ_TIMEOUT;
-        self.get(&path, read_timeout, |bytes| {
-            lines.push(bytes);
-            while let Some(line) = lines.next_line() {
-                if line.is_empty() {
-                    continue;
-                }
-                on_event(nodes::parse_watch_event(&line)?)?;
-            }
-            Ok(!stop.load(Ordering::Relaxed))
+            })
+            .map_err(KubeClientError::Thread)?;
+        let (client, runtime) = ready_rx.recv().map_err(|_| {
+            KubeClientError::Thread(std::io::Error::other("the Kubernetes thread ended"))
+        })??;
+        Ok(KubeWatches {
+            runtime,
+            client,
+            _stop: Arc::new(stop_tx),
         })
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Starts watching `api`'s objects into `cache`. `kind` names them in logs and errors
+    /// ("node": "listing nodes: ...", "node watch resumed ...").
+    pub fn watch<K, C>(&self, api: Api<K>, cache: C, kind: &'static str) -> Watched<C>
+    where
+        K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+        C: WatchCache<K>,
+    {
+        let shared = Arc::new(Mutex::new(Shared {
+            cache,
+            listed: false,
+            generation: 0,
+            errors: Vec::new(),
+        }));
+        let wakeup = Arc::new(Notify::new());
+        self.runtime
+            .spawn(run_watch(api, shared.clone(), wakeup.clone(), kind));
+        Watched {
+            shared,
+            wakeup,
+            _watches: self.clone(),
+        }
     }
 }
 
-/// Percent-encodes a query value (resource versions are digits; continue tokens base64).
-fn percent_encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// What the watch thread shares with the agent. The thread edits the cache in place, event
-/// by event: a copy per event would cost a walk of every node for each one (at 5,000
-/// nodes joining, 12.5 million node copies).
-#[derive(Default)]
-struct Shared {
-    /// `None` until the first list.
-    cache: Option<NodeCache>,
+/// What a watch shares with the agent.
+struct Shared<C> {
+    cache: C,
+    /// Set once the first list is complete.
+    listed: bool,
+    /// Bumped on every change the cache reports.
     generation: u64,
     errors: Vec<String>,
 }
 
-/// Nodes from the API server: a background thread lists, then watches; the server's own
-/// timeout resumes the watch from the last version, and a broken watch (or 410 Gone)
-/// re-lists. Routes change only when a node's name, InternalIP or pod CIDR does.
-pub struct KubeNodeSource {
-    shared: Arc<Mutex<Shared>>,
-    stop: Arc<AtomicBool>,
-    seen_generation: u64,
-    /// Notified by the watch thread on every change and error: the agent applies a
-    /// change as the event arrives, without polling.
-    wakeup: Arc<tokio::sync::Notify>,
+fn lock<C>(shared: &Mutex<Shared<C>>) -> MutexGuard<'_, Shared<C>> {
+    // A panic in the watch leaves plain data behind; keep using it.
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl KubeNodeSource {
-    pub fn start(client: ApiClient) -> KubeNodeSource {
-        let shared = Arc::new(Mutex::new(Shared::default()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let wakeup = Arc::new(tokio::sync::Notify::new());
-        let (thread_shared, thread_stop, thread_wakeup) =
-            (shared.clone(), stop.clone(), wakeup.clone());
-        std::thread::Builder::new()
-            .name("node-watch".into())
-            .spawn(move || watch_loop(&client, &thread_shared, &thread_stop, &thread_wakeup))
-            .map(drop)
-            .unwrap_or_else(|e| {
-                lock(&shared)
-                    .errors
-                    .push(format!("cannot start the node watch thread: {e}"))
-            });
-        KubeNodeSource {
-            shared,
-            stop,
-            seen_generation: 0,
-            wakeup,
-        }
+/// The agent's handle on one watch.
+pub struct Watched<C> {
+    shared: Arc<Mutex<Shared<C>>>,
+    wakeup: Arc<Notify>,
+    _watches: KubeWatches,
+}
+
+impl<C> Watched<C> {
+    /// `read` on the cache, once the first list is complete.
+    pub fn read<T>(&self, read: impl FnOnce(&C) -> T) -> Option<T> {
+        let shared = lock(&self.shared);
+        shared.listed.then(|| read(&shared.cache))
     }
 
-    /// The named node as last seen, once the first list has arrived.
-    pub fn node(&self, name: &str) -> Option<KubeNode> {
-        lock(&self.shared).cache.as_ref()?.get(name).cloned()
+    /// `read` on the cache when it changed since `seen` (which it moves on); errors the
+    /// watch met since the last call come first.
+    pub fn read_changed<T>(
+        &self,
+        seen: &mut u64,
+        read: impl FnOnce(&C) -> T,
+    ) -> Result<Option<T>, Vec<String>> {
+        let mut shared = lock(&self.shared);
+        if !shared.errors.is_empty() {
+            return Err(std::mem::take(&mut shared.errors));
+        }
+        if !shared.listed || shared.generation == *seen {
+            return Ok(None);
+        }
+        *seen = shared.generation;
+        Ok(Some(read(&shared.cache)))
     }
 
     /// Errors the watch met since the last call.
     pub fn take_errors(&self) -> Vec<String> {
         std::mem::take(&mut lock(&self.shared).errors)
     }
-}
 
-impl Drop for KubeNodeSource {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+    /// Notified on every change and error.
+    pub fn wakeup(&self) -> Arc<Notify> {
+        self.wakeup.clone()
     }
 }
 
-fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
-    // A panic in the watch thread leaves plain data behind; keep using it.
-    shared
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Runs one watcher into its cache until the runtime stops.
+async fn run_watch<K, C>(
+    api: Api<K>,
+    shared: Arc<Mutex<Shared<C>>>,
+    wakeup: Arc<Notify>,
+    kind: &'static str,
+) where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    C: WatchCache<K>,
+{
+    let events = watcher(api, watcher::Config::default()).default_backoff();
+    let mut events = std::pin::pin!(events);
+    let mut failures = 0u32;
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => {
+                failures += 1;
+                let error = match &e {
+                    watcher::Error::InitialListFailed(_) => format!("listing {kind}s: {e}"),
+                    _ => format!("watching {kind}s: {e}"),
+                };
+                let mut shared = lock(&shared);
+                // Keep the backlog bounded while nobody reads it.
+                if shared.errors.len() < 16 {
+                    shared.errors.push(error);
+                }
+                wakeup.notify_one();
+                continue;
+            }
+        };
+        let list_done = matches!(event, watcher::Event::InitDone);
+        // Events that prove the watch works again after failures; a watch resumed from
+        // the last resource version sends nothing until something changes.
+        let proves_recovery = matches!(
+            event,
+            watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_)
+        );
+        let mut guard = lock(&shared);
+        let mut changed = guard.cache.apply(event);
+        if list_done && !guard.listed {
+            // The first list is news, even an empty one.
+            guard.listed = true;
+            changed = true;
+        }
+        if changed {
+            guard.generation += 1;
+            wakeup.notify_one();
+        }
+        let count = guard.cache.len();
+        drop(guard);
+        if failures > 0 && proves_recovery {
+            if list_done {
+                log::info!(
+                    "{kind} watch resumed after {failures} failed attempts: {count} {kind}s listed, {}",
+                    if changed { "changes applied" } else { "no change" }
+                );
+            } else {
+                log::info!(
+                    "{kind} watch resumed after {failures} failed attempts, from the last resource version"
+                );
+            }
+            failures = 0;
+        }
+    }
+}
+
+/// Nodes from the API server; routes change only when a node's name, InternalIP or pod
+/// CIDR does.
+pub struct KubeNodeSource {
+    nodes: Watched<NodeCache>,
+    seen_generation: u64,
+}
+
+impl KubeNodeSource {
+    pub fn start(watches: &KubeWatches) -> KubeNodeSource {
+        KubeNodeSource {
+            nodes: watches.watch(
+                Api::<Node>::all(watches.client()),
+                NodeCache::default(),
+                "node",
+            ),
+            seen_generation: 0,
+        }
+    }
+
+    /// The named node as last seen, once the first list has arrived.
+    pub fn node(&self, name: &str) -> Option<KubeNode> {
+        self.nodes.read(|cache| cache.get(name).cloned()).flatten()
+    }
+
+    /// Errors the watch met since the last call.
+    pub fn take_errors(&self) -> Vec<String> {
+        self.nodes.take_errors()
+    }
 }
 
 impl NodeSource for KubeNodeSource {
     fn poll(&mut self) -> Result<Option<Vec<NodeEntry>>, AgentError> {
-        let mut shared = lock(&self.shared);
-        if !shared.errors.is_empty() {
-            let errors = std::mem::take(&mut shared.errors);
-            return Err(AgentError::NodeWatch(errors.join("; ")));
-        }
-        if shared.generation == self.seen_generation {
-            return Ok(None);
-        }
-        self.seen_generation = shared.generation;
-        Ok(shared.cache.as_ref().map(NodeCache::entries))
+        self.nodes
+            .read_changed(&mut self.seen_generation, NodeCache::entries)
+            .map_err(|errors| AgentError::NodeWatch(errors.join("; ")))
     }
 
-    fn wakeup(&self) -> Option<Arc<tokio::sync::Notify>> {
-        Some(self.wakeup.clone())
-    }
-}
-
-fn watch_loop(
-    client: &ApiClient,
-    shared: &Mutex<Shared>,
-    stop: &AtomicBool,
-    wakeup: &tokio::sync::Notify,
-) {
-    // A change to the routable nodes: the agent's next poll takes the new list.
-    let changed = |shared: &mut Shared| {
-        shared.generation += 1;
-        wakeup.notify_one();
-    };
-    let report = |error: String| {
-        let mut shared = lock(shared);
-        // Keep the backlog bounded while nobody polls.
-        if shared.errors.len() < 16 {
-            shared.errors.push(error);
-        }
-        wakeup.notify_one();
-    };
-    let mut listed = false;
-    let mut first_list = true;
-    let mut failures = 0u32;
-    let mut backoff = Duration::from_millis(250);
-    while !stop.load(Ordering::Relaxed) {
-        if !listed {
-            match client.list_nodes() {
-                Ok((nodes, version)) => {
-                    let count = nodes.len();
-                    let mut shared = lock(shared);
-                    // Same nodes as before the break: no route is touched.
-                    let replaced = shared
-                        .cache
-                        .get_or_insert_with(NodeCache::default)
-                        .replace(nodes, version);
-                    // The first list always counts as news, even an empty one.
-                    if replaced || first_list {
-                        changed(&mut shared);
-                    }
-                    drop(shared);
-                    if failures > 0 {
-                        log::info!(
-                            "node watch resumed after {failures} failed attempts: {count} nodes listed, {}",
-                            if replaced { "routes updated" } else { "no change" }
-                        );
-                    }
-                    first_list = false;
-                    listed = true;
-                    failures = 0;
-                    backoff = Duration::from_millis(250);
-                }
-                Err(e) => {
-                    report(format!("listing nodes: {e}"));
-                    failures += 1;
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    continue;
-                }
-            }
-        }
-        let started = Instant::now();
-        let version = lock(shared)
-            .cache
-            .as_ref()
-            .map(|cache| cache.resource_version().to_string())
-            .unwrap_or_default();
-        let watched = client.watch_nodes(&version, stop, |event| {
-            let mut shared = lock(shared);
-            let cache = shared.cache.get_or_insert_with(NodeCache::default);
-            match cache.apply(event) {
-                Ok(true) => {
-                    changed(&mut shared);
-                    Ok(())
-                }
-                Ok(false) => Ok(()),
-                Err((code, message)) => Err(KubeClientError::WatchError { code, message }),
-            }
-        });
-        match watched {
-            // The server's timeout: resume from the last version seen.
-            Ok(()) => {}
-            Err(KubeClientError::WatchError { code: 410, .. })
-            | Err(KubeClientError::Status { status: 410, .. }) => listed = false,
-            Err(e) => {
-                // Events may have been missed while the connection was down: re-list, and
-                // let the comparison keep unchanged routes as they are.
-                report(format!("watching nodes: {e}"));
-                failures += 1;
-                listed = false;
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
-        }
-        if started.elapsed() < Duration::from_secs(1) {
-            // A server that keeps ending watches at once must not be hammered.
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percent_encode;
-
-    #[test]
-    fn query_values_are_escaped() {
-        assert_eq!(percent_encode("12345"), "12345");
-        assert_eq!(percent_encode("ab+/="), "ab%2B%2F%3D");
+    fn wakeup(&self) -> Option<Arc<Notify>> {
+        Some(self.nodes.wakeup())
     }
 }

@@ -1,7 +1,25 @@
-//! Kubernetes as the source of nodes: kubeconfig and in-cluster credentials
-//! ([`config`]), a small HTTP/1.1 codec ([`http`]) and the Node cache ([`nodes`]), all
-//! pure; [`client`] is the TLS adapter and the watch thread.
+//! Kubernetes as a source of state, through kube-rs: [`config`] (where the API server is)
+//! and [`nodes`] (the Node cache) are pure; [`client`] is the adapter that connects, runs
+//! kube's watchers with their default backoff, and hands each event to a [`WatchCache`].
+//! A new kind (Pods, NetworkPolicies, Services) is a new cache plus one `watch` call.
 pub mod client;
 pub mod config;
-pub mod http;
 pub mod nodes;
+
+use kube::runtime::watcher::Event;
+
+/// The agent's own picture of one kind, edited by the watcher's events: `Init`, then
+/// `InitApply` for every listed object, then `InitDone` (a complete list, to be swapped in
+/// whole), and `Apply`/`Delete` as objects change. Pure: no I/O, unit-tested with objects
+/// built from JSON.
+pub trait WatchCache<K>: Send + 'static {
+    /// Applies one event; returns whether what the agent acts on changed.
+    fn apply(&mut self, event: Event<K>) -> bool;
+
+    /// How many objects the cache holds (for logs).
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

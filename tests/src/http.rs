@@ -1,6 +1,7 @@
-//! Just enough HTTP/1.1 for the API server's GET and watch responses, without I/O: a
-//! request writer, a response-head parser and a body decoder (fixed length, chunked or
-//! until close) fed with whatever bytes the connection produced.
+//! Just enough HTTP/1.1 to read `kubectl proxy`'s answers in [`crate::kubelab`], without
+//! I/O: a response-head parser and a body decoder (fixed length, chunked or until close)
+//! fed with whatever bytes the connection produced. (The agent itself talks to the API
+//! server through kube-rs.)
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HttpError {
@@ -14,20 +15,6 @@ pub enum HttpError {
 
 /// Heads past this are refused: the API server's are a few hundred bytes.
 const MAX_HEAD: usize = 64 * 1024;
-
-/// A GET request for `path` (with its query) on `host`. The connection closes after the
-/// response, so one request never waits on another.
-pub fn get_request(host: &str, path: &str, bearer_token: Option<&str>) -> Vec<u8> {
-    let mut request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: mycni-agent\r\n\
-         Accept: application/json\r\nConnection: close\r\n"
-    );
-    if let Some(token) = bearer_token {
-        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.into_bytes()
-}
 
 /// The parts of a response head the client acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,35 +196,6 @@ fn feed_chunked(
     Ok(at)
 }
 
-/// Splits a byte stream into newline-terminated lines (a watch sends one JSON event per
-/// line, but chunk and read boundaries fall anywhere).
-#[derive(Debug, Default)]
-pub struct LineBuffer {
-    pending: Vec<u8>,
-}
-
-impl LineBuffer {
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.pending.extend_from_slice(bytes);
-    }
-
-    /// The next complete line without its newline, if one has arrived.
-    pub fn next_line(&mut self) -> Option<Vec<u8>> {
-        let end = self.pending.iter().position(|&b| b == b'\n')?;
-        let mut line: Vec<u8> = self.pending.drain(..=end).collect();
-        line.pop();
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        Some(line)
-    }
-
-    /// Bytes after the last newline.
-    pub fn rest(&self) -> &[u8] {
-        &self.pending
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,17 +207,6 @@ mod tests {
             assert_eq!(used, piece.len());
         }
         out
-    }
-
-    #[test]
-    fn request_carries_host_path_and_token() {
-        let text = String::from_utf8(get_request("10.0.0.1:6443", "/api/v1/nodes", Some("abc")))
-            .expect("ASCII");
-        assert!(text.starts_with("GET /api/v1/nodes HTTP/1.1\r\nHost: 10.0.0.1:6443\r\n"));
-        assert!(text.contains("Authorization: Bearer abc\r\n"));
-        assert!(text.ends_with("\r\n\r\n"));
-        let anonymous = String::from_utf8(get_request("h", "/", None)).expect("ASCII");
-        assert!(!anonymous.contains("Authorization"));
     }
 
     #[test]
@@ -331,16 +278,5 @@ mod tests {
         assert!(decoder.feed(b"zz\r\n", &mut out).is_err());
         let mut decoder = BodyDecoder::Chunked(ChunkState::Size(Vec::new()));
         assert!(decoder.feed(b"2\r\nabXY", &mut out).is_err());
-    }
-
-    #[test]
-    fn lines_come_out_whole() {
-        let mut lines = LineBuffer::default();
-        lines.push(b"{\"a\":1}\n{\"b\"");
-        assert_eq!(lines.next_line(), Some(b"{\"a\":1}".to_vec()));
-        assert_eq!(lines.next_line(), None);
-        lines.push(b":2}\r\n");
-        assert_eq!(lines.next_line(), Some(b"{\"b\":2}".to_vec()));
-        assert!(lines.rest().is_empty());
     }
 }
