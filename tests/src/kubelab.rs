@@ -1095,16 +1095,7 @@ exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
             let pods = self
                 .kubectl(&["-n", "kube-system", "get", "pods", "-o", "wide"])
                 .unwrap_or_default();
-            let logs = self
-                .kubectl(&[
-                    "-n",
-                    "kube-system",
-                    "logs",
-                    "-l",
-                    "app.kubernetes.io/name=mycni",
-                    "--tail=30",
-                ])
-                .unwrap_or_default();
+            let logs = self.agent_logs(&["--tail=30"]).unwrap_or_default();
             let nodes: Vec<String> = self.nodes.iter().map(LabNode::recent_errors).collect();
             bail!(
                 "{e:#}\npods:\n{pods}\nagent logs:\n{logs}\n{}",
@@ -1112,6 +1103,20 @@ exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
             );
         }
         Ok(())
+    }
+
+    /// The mycni agents' logs (`kubectl logs` over the DaemonSet's pods), with `extra`
+    /// options such as `--tail=30` or `--prefix`.
+    pub fn agent_logs(&self, extra: &[&str]) -> Result<String> {
+        let mut args = vec![
+            "-n",
+            "kube-system",
+            "logs",
+            "-l",
+            "app.kubernetes.io/name=mycni",
+        ];
+        args.extend_from_slice(extra);
+        self.kubectl(&args)
     }
 
     /// Whether every node reports Ready.

@@ -122,15 +122,7 @@ fn keep_lab_logs(lab: &KubeLab, out: &Path) {
             let _ = std::fs::write(dir.join(format!("{name}.log")), node.log(name));
         }
     }
-    if let Ok(logs) = lab.kubectl(&[
-        "-n",
-        "kube-system",
-        "logs",
-        "-l",
-        "app.kubernetes.io/name=mycni",
-        "--tail=-1",
-        "--prefix",
-    ]) {
+    if let Ok(logs) = lab.agent_logs(&["--tail=-1", "--prefix"]) {
         let _ = std::fs::write(out.join("lab-logs").join("mycni-agents.log"), logs);
     }
 }

@@ -1418,16 +1418,7 @@ fn pods_on_two_nodes_with_mycni_installed_from_the_manifest() -> Result<()> {
         .map(|n| routes_of(&lab, n))
         .collect::<Result<_>>()?;
     lab.restart_apiserver(Duration::from_secs(5))?;
-    let agent_logs = |lab: &KubeLab| {
-        lab.kubectl(&[
-            "-n",
-            "kube-system",
-            "logs",
-            "-l",
-            "app.kubernetes.io/name=mycni",
-            "--tail=-1",
-        ])
-    };
+    let agent_logs = |lab: &KubeLab| lab.agent_logs(&["--tail=-1"]);
     lab.wait(
         "both agents to resume their node watch",
         Duration::from_secs(30),

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: set up what is missing, build everything, run every test.
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
-use std::process::Stdio;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
@@ -72,18 +72,7 @@ pub fn conformance(args: &[String]) -> Result<()> {
     }
     build()?;
     let test_image = lab_images()?;
-    let root = repo_root();
-    cmd::run(
-        cmd::clean("cargo")
-            .current_dir(&root)
-            .args(["test", "-p", "mycni-tests", "--test", "conformance"])
-            .args(["--", "--nocapture"])
-            .args(args)
-            .env("MYCNI_BIN_DIR", root.join("target/debug"))
-            .env("MYCNI_CNI_PLUGIN_DIR", "/usr/lib/cni")
-            .env("MYCNI_TEST_IMAGE", &test_image)
-            .env("RUST_BACKTRACE", "0"),
-    )
+    cmd::run(&mut lab_test("conformance", args, &test_image))
 }
 
 /// `cargo xtask e2e`: builds what the Kubernetes end-to-end test needs (not the machine
@@ -94,19 +83,26 @@ pub fn e2e(args: &[String]) -> Result<()> {
     }
     build()?;
     let (test_image, upgrade_image) = e2e_images()?;
-    let root = repo_root();
     cmd::run(
-        cmd::clean("cargo")
-            .current_dir(&root)
-            .args(["test", "-p", "mycni-tests", "--test", "kubernetes"])
-            .args(["--", "--nocapture"])
-            .args(args)
-            .env("MYCNI_BIN_DIR", root.join("target/debug"))
-            .env("MYCNI_CNI_PLUGIN_DIR", "/usr/lib/cni")
-            .env("MYCNI_TEST_IMAGE", &test_image)
-            .env("MYCNI_TEST_UPGRADE_IMAGE", &upgrade_image)
-            .env("RUST_BACKTRACE", "0"),
+        lab_test("kubernetes", args, &test_image).env("MYCNI_TEST_UPGRADE_IMAGE", &upgrade_image),
     )
+}
+
+/// `cargo test` of one lab test target alone, its output on the terminal, with the debug
+/// binaries and the mycni image under test.
+fn lab_test(target: &str, args: &[String], test_image: &Path) -> Command {
+    let root = repo_root();
+    let mut command = cmd::clean("cargo");
+    command
+        .current_dir(&root)
+        .args(["test", "-p", "mycni-tests", "--test", target])
+        .args(["--", "--nocapture"])
+        .args(args)
+        .env("MYCNI_BIN_DIR", root.join("target/debug"))
+        .env("MYCNI_CNI_PLUGIN_DIR", "/usr/lib/cni")
+        .env("MYCNI_TEST_IMAGE", test_image)
+        .env("RUST_BACKTRACE", "0");
+    command
 }
 
 pub fn run(args: &[String]) -> Result<()> {
