@@ -10,6 +10,9 @@
 /// refused by the loader instead of being silently reused.
 pub const LAYOUT_VERSION: u32 = 3;
 
+pub mod policy;
+pub mod service;
+
 pub const MAP_ROUTES: &str = "ROUTES";
 pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
 pub const MAP_STATS: &str = "STATS";
@@ -451,6 +454,17 @@ mod pod {
     unsafe impl aya::Pod for super::NatEntry {}
     unsafe impl aya::Pod for super::FragmentKey {}
     unsafe impl aya::Pod for super::FragmentEntry {}
+    unsafe impl aya::Pod for super::service::ServiceKey {}
+    unsafe impl aya::Pod for super::service::ServiceEntry {}
+    unsafe impl aya::Pod for super::service::BackendKey {}
+    unsafe impl aya::Pod for super::service::Backend {}
+    unsafe impl aya::Pod for super::service::AffinityKey {}
+    unsafe impl aya::Pod for super::service::AffinityEntry {}
+    unsafe impl aya::Pod for super::service::SockReverseKey {}
+    unsafe impl aya::Pod for super::service::SockReverseEntry {}
+    unsafe impl aya::Pod for super::policy::PolicyKey {}
+    unsafe impl aya::Pod for super::policy::PolicyEntry {}
+    unsafe impl aya::Pod for super::policy::PolicyEndpoint {}
 }
 
 #[cfg(test)]
@@ -468,6 +482,17 @@ mod tests {
         assert_eq!(size_of::<NodeConfig>(), 4 + 4 + 4 + 4 + 2 + 2 + 4);
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<NatEntry>(), 16);
+        assert_eq!(size_of::<service::ServiceKey>(), 8);
+        assert_eq!(size_of::<service::ServiceEntry>(), 16);
+        assert_eq!(size_of::<service::BackendKey>(), 8);
+        assert_eq!(size_of::<service::Backend>(), 8);
+        assert_eq!(size_of::<service::AffinityKey>(), 16);
+        assert_eq!(size_of::<service::AffinityEntry>(), 16);
+        assert_eq!(size_of::<service::SockReverseKey>(), 16);
+        assert_eq!(size_of::<service::SockReverseEntry>(), 8);
+        assert_eq!(size_of::<policy::PolicyKey>(), 12);
+        assert_eq!(size_of::<policy::PolicyEntry>(), 4);
+        assert_eq!(size_of::<policy::PolicyEndpoint>(), 8);
         assert_eq!(size_of::<FragmentKey>(), 12);
         assert_eq!(size_of::<FragmentEntry>(), 8);
     }

@@ -1,0 +1,106 @@
+//! Keys and values of the Services maps (socket-level load balancing at the cgroup
+//! `connect4`/`sendmsg4`/`recvmsg4`/`getpeername4` hooks, issue 15).
+//!
+//! Ports are in **host** byte order, so `bpftool map dump` prints them as numbers; the
+//! programs convert at the socket address. Addresses are `[u8; 4]` in network order.
+
+/// `ServiceKey::protocol` values are IP protocol numbers.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// `ServiceEntry::flags`: pick the client's previous backend while it is fresh
+/// (`sessionAffinity: ClientIP`, timeout in `affinity_timeout_s`).
+pub const SERVICE_AFFINITY_CLIENT_IP: u32 = 1;
+/// `ServiceEntry::flags`: the frontend is a NodePort on one of this node's addresses.
+pub const SERVICE_NODE_PORT: u32 = 2;
+/// `ServiceEntry::flags`: `externalTrafficPolicy: Local` (only this node's backends are
+/// listed for traffic from outside).
+pub const SERVICE_EXTERNAL_LOCAL: u32 = 4;
+/// `ServiceEntry::flags`: the frontend is a pod's hostPort.
+pub const SERVICE_HOST_PORT: u32 = 8;
+/// `ServiceEntry::flags`: the frontend is an externalIP.
+pub const SERVICE_EXTERNAL_IP: u32 = 16;
+
+/// Key of `SERVICES`: one frontend (ClusterIP, externalIP, node address for a NodePort,
+/// hostIP for a hostPort) and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub address: [u8; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub protocol: u8,
+    /// 0 for every frontend today; reserved to split in-cluster from outside traffic.
+    pub scope: u8,
+}
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Names this frontend's backend slots in `BACKENDS`.
+    pub service_id: u32,
+    /// Slots `0..backend_count` of `BACKENDS` are filled; zero refuses connections.
+    pub backend_count: u32,
+    /// `sessionAffinity: ClientIP`'s timeout, seconds (zero without affinity).
+    pub affinity_timeout_s: u32,
+    /// `SERVICE_*` bits.
+    pub flags: u32,
+}
+
+/// Key of `BACKENDS`: one slot of one frontend's backend list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// Value of `BACKENDS`, and the translated address kept for affinity and replies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub address: [u8; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// Key of `AFFINITY` (LRU): one client (its network namespace's cookie, so every socket of
+/// a pod shares it) of one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityKey {
+    pub netns_cookie: u64,
+    pub service_id: u32,
+    pub pad: u32,
+}
+
+/// Value of `AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityEntry {
+    pub backend: Backend,
+    /// `bpf_ktime_get_ns()` of the last connection that used it.
+    pub last_used_ns: u64,
+}
+
+/// Key of `SOCK_REVERSE` (LRU): a UDP socket that sent to a frontend and the backend it
+/// was sent to, so `recvmsg4`/`getpeername4` show the frontend as the peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockReverseKey {
+    pub socket_cookie: u64,
+    pub backend: Backend,
+}
+
+/// Value of `SOCK_REVERSE`: the frontend the application addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockReverseEntry {
+    pub address: [u8; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub pad: u16,
+}
