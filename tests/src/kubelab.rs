@@ -1080,7 +1080,9 @@ exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
         let ready = self
             .wait(
                 "the mycni DaemonSet to be ready on every node",
-                Duration::from_secs(120),
+                // Generous: on a loaded 2-core machine the nodes register, and the agents'
+                // image is imported and started, well after the manifest is applied.
+                Duration::from_secs(300),
                 |lab| {
                     let ds = lab.get_json(&["-n", "kube-system", "get", "daemonset", "mycni"])?;
                     Ok(ds["status"]["numberReady"] == nodes)
