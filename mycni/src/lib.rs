@@ -30,3 +30,4 @@ pub mod netlink;
 pub mod nodes;
 pub mod plugin;
 pub mod plugin_install;
+pub mod service_frontends;

@@ -216,6 +216,20 @@ impl Drop for Daemon {
     }
 }
 
+/// How a lab differs from a kubeadm cluster's defaults.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Run kube-proxy (iptables mode) on every node; without it, only a CNI that
+    /// balances Services itself makes them work.
+    pub kube_proxy: bool,
+}
+
+impl Default for LabOptions {
+    fn default() -> LabOptions {
+        LabOptions { kube_proxy: true }
+    }
+}
+
 /// One node: its namespace, directories, and the supervisor running containerd and
 /// kubelet in the node's private mount namespace.
 pub struct LabNode {
@@ -420,6 +434,15 @@ impl KubeLab {
     /// containerd and kubelet with the images imported. No CNI runs yet: that is the
     /// caller's (the DaemonSet, or an agent it starts).
     pub fn new(prefix: &str, extra_images: &[PathBuf]) -> Result<KubeLab> {
+        KubeLab::with_options(prefix, extra_images, LabOptions::default())
+    }
+
+    /// [`KubeLab::new`], shaped by `options`.
+    pub fn with_options(
+        prefix: &str,
+        extra_images: &[PathBuf],
+        options: LabOptions,
+    ) -> Result<KubeLab> {
         let bin = k8s_bin_dir()?;
         // kubelet 1.20's cgroupfs driver here runs on the v1 hierarchies.
         for hierarchy in V1_HIERARCHIES {
@@ -483,7 +506,7 @@ impl KubeLab {
             lab.nodes.push(node);
         }
         for index in 0..lab.nodes.len() {
-            lab.start_node(index, extra_images)?;
+            lab.start_node(index, extra_images, &options)?;
         }
         Ok(lab)
     }
@@ -679,7 +702,12 @@ impl KubeLab {
         Ok(())
     }
 
-    fn start_node(&mut self, index: usize, extra_images: &[PathBuf]) -> Result<()> {
+    fn start_node(
+        &mut self,
+        index: usize,
+        extra_images: &[PathBuf],
+        options: &LabOptions,
+    ) -> Result<()> {
         let pki = self.pki();
         let bin = self.bin.clone();
         let images = cache_dir().join("images");
@@ -829,6 +857,16 @@ state = "{state}"
                 .join(" ")
         };
         let sys = dir.join("sys");
+        let kube_proxy_line = if options.kube_proxy {
+            format!(
+                "{} {} > {}/kube-proxy.log 2>&1 &\n",
+                bin.join("kube-proxy").display(),
+                quoted(&kube_proxy_args),
+                dir.display()
+            )
+        } else {
+            String::new()
+        };
         let script = format!(
             r#"set -e
 mount -t tmpfs tmpfs /var/lib
@@ -845,16 +883,13 @@ mount --bind {sys}/panic /proc/sys/kernel/panic
 mount --bind {sys}/panic_on_oops /proc/sys/kernel/panic_on_oops
 containerd --config {dir}/containerd.toml > {dir}/containerd.log 2>&1 &
 i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; done
-{import_lines}{kube_proxy} {kube_proxy_args} > {dir}/kube-proxy.log 2>&1 &
-exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
+{import_lines}{kube_proxy_line}exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
 "#,
             dir = dir.display(),
             sys = sys.display(),
             sock = node.containerd_socket().display(),
             kubelet = bin.join("kubelet").display(),
             kubelet_args = quoted(&kubelet_args),
-            kube_proxy = bin.join("kube-proxy").display(),
-            kube_proxy_args = quoted(&kube_proxy_args),
         );
         std::fs::write(dir.join("node.sh"), &script)?;
         let mut cmd = node.netns.command("unshare");
