@@ -1,6 +1,7 @@
 //! A real Kubernetes in network namespaces: etcd, kube-apiserver, kube-controller-manager
 //! (allocating node pod CIDRs) and kube-scheduler in a control-plane namespace, and per node
-//! a namespace running containerd, kubelet and kube-proxy (iptables mode), all on one
+//! a namespace running containerd, kubelet and kube-proxy (iptables mode; or none, with
+//! [`LabOptions`], for a CNI that balances Services itself), all on one
 //! bridge, as kubeadm builds a node: `net.ipv4.ip_forward=1`, a default route (to an outside
 //! host with an HTTP server on an address beyond the lab's subnet and no route to pods).
 //!
@@ -740,6 +741,12 @@ impl KubeLab {
         ] {
             std::fs::write(dir.join("sys").join(file), format!("{value}\n"))?;
         }
+        // The node's cgroup v2 directory too (runc creates it with the first pod): an
+        // agent in Services' eBPF mode attaches to it, possibly before.
+        let unified = Path::new("/sys/fs/cgroup/unified");
+        if unified.join("cgroup.procs").exists() {
+            std::fs::create_dir_all(unified.join(&node.cgroup_root))?;
+        }
         for hierarchy in V1_HIERARCHIES {
             let parent = Path::new("/sys/fs/cgroup").join(hierarchy);
             let cgroup = parent.join(&node.cgroup_root);
@@ -1110,7 +1117,12 @@ i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; 
     /// this lab; waits until the DaemonSet is ready on every node
     /// and the nodes are Ready (the error carries the agents' pods and logs).
     pub fn install_mycni(&mut self) -> Result<()> {
-        self.apply(&lab_manifest()?)?;
+        self.install_mycni_manifest(&lab_manifest()?)
+    }
+
+    /// [`KubeLab::install_mycni`] with another filling-in of deploy/mycni.yaml.
+    pub fn install_mycni_manifest(&mut self, manifest: &str) -> Result<()> {
+        self.apply(manifest)?;
         let nodes = self.nodes.len();
         let ready = self
             .wait(
@@ -1400,3 +1412,28 @@ pub fn lab_manifest() -> Result<String> {
     }
     Ok(manifest)
 }
+
+/// [`lab_manifest`] with Services balanced by mycni (`service-mode: "ebpf"` in the
+/// ConfigMap) for a lab without kube-proxy. The lab's nodes share the machine's cgroup v2
+/// tree, each with its pods under its own `--cgroup-root`, so each agent attaches to its
+/// node's (`<prefix>-<node name>`, from the node name the DaemonSet already passes): the
+/// one value the ConfigMap cannot hold, as it differs per node.
+pub fn lab_manifest_ebpf_services(prefix: &str) -> Result<String> {
+    let manifest = lab_manifest()?;
+    let cgroup_variable = "            - name: MYCNI_CGROUP_PATH\n              valueFrom: {configMapKeyRef: {name: mycni-config, key: cgroup-path}}\n";
+    let per_node = format!(
+        "            - name: MYCNI_CGROUP_PATH\n              value: \"{HOST_CGROUP_MOUNT}/unified/{prefix}-$(MYCNI_NODE_NAME)\"\n"
+    );
+    let mode = "service-mode: \"kube-proxy\"";
+    for wanted in [cgroup_variable, mode] {
+        if !manifest.contains(wanted) {
+            bail!("deploy/mycni.yaml has no `{wanted}` to fill in");
+        }
+    }
+    Ok(manifest
+        .replace(mode, "service-mode: \"ebpf\"")
+        .replace(cgroup_variable, &per_node))
+}
+
+/// Where deploy/mycni.yaml mounts the host's /sys/fs/cgroup in the agent's container.
+pub const HOST_CGROUP_MOUNT: &str = "/host/sys/fs/cgroup";
