@@ -16,6 +16,8 @@ use crate::kube::client::{ApiServer, KubeClientError, KubeNodeSource, KubeWatche
 use crate::kube::config::KubeConfigError;
 use crate::metrics::AgentCounters;
 use crate::netlink::{Netlink, NetlinkError};
+use crate::socket_lb::cgroup::{self, CgroupAttachError};
+use crate::socket_lb::ServiceMode;
 
 /// The nodes file when neither it nor the Kubernetes API is named.
 pub const DEFAULT_NODES_FILE: &str = "/etc/mycni/nodes";
@@ -28,6 +30,8 @@ pub enum DaemonError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error("Services in eBPF mode: {0}")]
+    Services(#[from] CgroupAttachError),
     #[error("--node-name is required {0}")]
     NodeNameMissing(&'static str),
     #[error("--cluster-cidr is required with --node-ip")]
@@ -115,6 +119,7 @@ async fn serve(
         }
         Some(settings) => Some(Agent::start(root, settings).await?),
     };
+    apply_service_mode(root, options)?;
     let refreshed = refresh_pod_programs(root).await?;
     log::info!(
         "datapath pinned under {}; programs of {refreshed} existing pods replaced",
@@ -188,6 +193,30 @@ async fn serve(
     agent.run(source.as_mut(), &counters, shutdown).await;
     stop_nat.store(true, Ordering::Relaxed);
     let _ = nat_upkeep.join();
+    Ok(())
+}
+
+/// Attaches the Services programs in ebpf mode (replacing an earlier run's links), or
+/// detaches them when an earlier run attached them and the mode is back to kube-proxy.
+fn apply_service_mode(root: &Path, options: &RunOptions) -> Result<(), DaemonError> {
+    match options.service_mode {
+        ServiceMode::Ebpf => {
+            let cgroup = options
+                .cgroup_path
+                .clone()
+                .unwrap_or_else(cgroup::default_cgroup_path);
+            cgroup::attach_services(root, &cgroup)?;
+            log::info!(
+                "Services load-balanced in eBPF for cgroup {}",
+                cgroup.display()
+            );
+        }
+        ServiceMode::KubeProxy if cgroup::services_attached(root) => {
+            cgroup::detach_services(root)?;
+            log::info!("Services left to kube-proxy: the socket-level programs are detached");
+        }
+        ServiceMode::KubeProxy => {}
+    }
     Ok(())
 }
 
