@@ -62,6 +62,9 @@ pub enum AgentCommand {
     Nat(TableFormat),
     /// Print the per-verdict packet and byte counters.
     Stats(TableFormat),
+    /// Print the Services maps: each frontend (address:port/protocol, flags, affinity)
+    /// with its backends.
+    Services(TableFormat),
 }
 
 #[derive(Debug, Clone, Copy, Args)]
@@ -552,6 +555,9 @@ mod tests {
         assert_eq!(o.bpf_log_level, BpfLogLevel::Warn);
         assert!(o.non_masquerade_cidrs().is_empty());
         assert_eq!(o.api_server_port.as_deref(), Some("6443"));
+        // Services stay kube-proxy's until the operator switches.
+        assert_eq!(o.service_mode, crate::socket_lb::ServiceMode::KubeProxy);
+        assert_eq!(o.cgroup_path, Some(PathBuf::from("/host/sys/fs/cgroup")));
     }
 
     #[test]

@@ -19,11 +19,14 @@ use serde_json::{json, Value};
 use crate::datapath::{self, DatapathError, Maps, NatTable};
 use crate::nat;
 use crate::netlink::format_mac;
+use crate::socket_lb::{ServiceTables, ServiceTablesError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapTablesError {
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Services(#[from] ServiceTablesError),
     #[error("cannot write stdout: {0}")]
     Stdout(#[from] std::io::Error),
 }
@@ -58,6 +61,16 @@ pub fn print_nat(root: &Path, json: bool) -> Result<(), MapTablesError> {
 /// `mycni-agent stats`.
 pub fn print_stats(root: &Path, json: bool) -> Result<(), MapTablesError> {
     print(&render_stats(&datapath::read_stats(root)?, json))
+}
+
+/// `mycni-agent services`.
+pub fn print_services(root: &Path, json: bool) -> Result<(), MapTablesError> {
+    let rows: Vec<ServiceRow> = ServiceTables::open(root)?
+        .frontends()?
+        .into_iter()
+        .map(|(key, (entry, backends))| (key, entry, backends))
+        .collect();
+    print(&render_services(&rows, json))
 }
 
 /// A pretty-printed JSON document and its newline.

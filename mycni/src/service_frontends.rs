@@ -13,9 +13,7 @@ use mycni_common::service::{
 
 use crate::kube::services::{KubeEndpoints, KubeService, KubeServicePort, ObjectName};
 
-/// What `SERVICES` and `BACKENDS` should hold: each frontend's entry and its backends,
-/// slot by slot.
-pub type DesiredServices = BTreeMap<ServiceKey, (ServiceEntry, Vec<Backend>)>;
+pub use crate::socket_lb::DesiredServices;
 
 /// The node the agent runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
