@@ -259,34 +259,58 @@ fn api_frontends(lab: &KubeLab, node: &LabNode) -> Result<FrontendTable> {
     Ok(table)
 }
 
-/// Waits until every node's maps list `wanted` backends for the echo ClusterIP's HTTP
-/// port, and prints how long each node took from `since`.
+/// How many ready addresses echo's Endpoints list.
+fn endpoints_ready(lab: &KubeLab) -> Result<usize> {
+    let endpoints = lab.get_json(&["get", "endpoints", "echo"])?;
+    Ok(endpoints["subsets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s["addresses"].as_array().map_or(0, Vec::len))
+        .sum())
+}
+
+/// Polls every node's maps (round robin, no pause: one `mycni-agent services` takes tens
+/// of milliseconds) until each lists `wanted` backends for the echo ClusterIP's HTTP port;
+/// returns when each node was first seen so, by node name.
 fn wait_backends_on_every_node(
     lab: &mut KubeLab,
     cluster_ip: &str,
     wanted: usize,
-    since: Instant,
-    what: &str,
-) -> Result<()> {
+) -> Result<Vec<(String, Instant)>> {
     let frontend = format!("{cluster_ip}:80/tcp");
-    let mut times = Vec::new();
-    for index in 0..lab.nodes.len() {
-        let name = lab.nodes[index].name.clone();
-        lab.wait(
-            &format!("{name}'s maps to list {wanted} backends for {frontend}"),
-            Duration::from_secs(120),
-            |lab| {
-                let table = agent_frontends(&lab.nodes[index])?;
-                Ok(table.get(&frontend).map(Vec::len) == Some(wanted))
-            },
-        )?;
-        times.push(format!("{name} {:?}", since.elapsed()));
+    let start = Instant::now();
+    let mut seen: Vec<Option<Instant>> = vec![None; lab.nodes.len()];
+    while seen.iter().any(Option::is_none) {
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("the maps of some node never listed {wanted} backends for {frontend}: {seen:?}");
+        }
+        lab.check_alive()?;
+        for (index, node) in lab.nodes.iter().enumerate() {
+            if seen[index].is_none()
+                && agent_frontends(node)?.get(&frontend).map(Vec::len) == Some(wanted)
+            {
+                seen[index] = Some(Instant::now());
+            }
+        }
     }
-    println!(
-        "{what}: maps updated on {} (from the API call, polled)",
-        times.join(", ")
-    );
-    Ok(())
+    Ok(lab
+        .nodes
+        .iter()
+        .zip(seen)
+        .filter_map(|(node, at)| Some((node.name.clone(), at?)))
+        .collect())
+}
+
+/// Prints when each node's maps followed, after each of `since`'s moments.
+fn print_times(what: &str, times: &[(String, Instant)], since: &[(&str, Instant)]) {
+    for (label, from) in since {
+        let per_node: Vec<String> = times
+            .iter()
+            .map(|(node, at)| format!("{node} {:?}", at.saturating_duration_since(*from)))
+            .collect();
+        println!("{what}: maps updated {label}: {}", per_node.join(", "));
+    }
 }
 
 /// Every node's `mycni-agent services --json` equals what the API says.
@@ -415,7 +439,7 @@ fn services_are_balanced_by_mycni_without_kube_proxy() -> Result<()> {
         .filter_map(|p| p["spec"]["nodeName"].as_str())
         .collect();
     assert_eq!(nodes_used.len(), 2, "the servers spread over both nodes");
-    wait_backends_on_every_node(&mut lab, &cluster_ip, 4, Instant::now(), "start")?;
+    wait_backends_on_every_node(&mut lab, &cluster_ip, 4)?;
     check_agents_list_the_api(&mut lab)?;
 
     // TCP and UDP from a pod on each node reach every backend, on this node and the other.
@@ -435,7 +459,8 @@ fn services_are_balanced_by_mycni_without_kube_proxy() -> Result<()> {
     // No backend: connections are refused at once, not left to time out.
     let scaled = Instant::now();
     lab.kubectl(&["scale", "deployment", "echo", "--replicas=0"])?;
-    wait_backends_on_every_node(&mut lab, &cluster_ip, 0, scaled, "scale 4 -> 0")?;
+    let times = wait_backends_on_every_node(&mut lab, &cluster_ip, 0)?;
+    print_times("scale 4 -> 0", &times, &[("after the scale call", scaled)]);
     for (node_name, client_ip) in &clients {
         let node = lab.node(node_name);
         for (protocol, port) in [("http", 80), ("udp", 90)] {
@@ -461,12 +486,31 @@ fn services_are_balanced_by_mycni_without_kube_proxy() -> Result<()> {
     // New backends are used as soon as they are ready.
     let scaled = Instant::now();
     lab.kubectl(&["scale", "deployment", "echo", "--replicas=3"])?;
+    // Pods take seconds to start: time the agents from the Endpoints update the test sees
+    // too (polled, so the agents may have been quicker still).
+    let mut listed = Instant::now();
+    lab.wait(
+        "echo's Endpoints to list 3 ready pods",
+        Duration::from_secs(180),
+        |lab| {
+            listed = Instant::now();
+            Ok(endpoints_ready(lab)? == 3)
+        },
+    )?;
+    let times = wait_backends_on_every_node(&mut lab, &cluster_ip, 3)?;
+    print_times(
+        "scale 0 -> 3",
+        &times,
+        &[
+            ("after the scale call", scaled),
+            ("after the Endpoints listed 3 (as polled)", listed),
+        ],
+    );
     lab.wait(
         "three new echo pods Ready",
-        Duration::from_secs(180),
+        Duration::from_secs(60),
         |lab| Ok(ready_servers(lab)?.len() == 3),
     )?;
-    wait_backends_on_every_node(&mut lab, &cluster_ip, 3, scaled, "scale 0 -> 3")?;
     let new_servers = ready_servers(&lab)?;
     assert!(new_servers.is_disjoint(&servers), "new pods, new names");
     check_reaches_all(&lab, &clients, "http", |_| ip.clone(), 80, &new_servers)?;
