@@ -59,11 +59,9 @@ fn serve(port: u16, name: &str) -> Result<()> {
             let _ = udp.send_to(&udp_reply, peer);
         }
     });
-    for conn in listener.incoming() {
-        // A client that went away is its own problem.
-        if let Ok(mut conn) = conn {
-            let _ = conn.write_all(&reply);
-        }
+    // A client that went away is its own problem.
+    for mut conn in listener.incoming().flatten() {
+        let _ = conn.write_all(&reply);
     }
     Ok(())
 }
