@@ -6,7 +6,7 @@
 //! aya's `BPF_PROG_TEST_RUN` does not run `sock_addr` programs, so these are the programs'
 //! tests: each check below fails when the program or the map writes it relies on is broken.
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -93,6 +93,60 @@ impl Server {
 }
 
 impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A connected UDP probe in the cgroup that sends one datagram per [`SteppedProbe::next`]
+/// on the same socket.
+struct SteppedProbe {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl SteppedProbe {
+    fn start(
+        cgroup: &TestCgroup,
+        netns: &Netns,
+        target: SocketAddr,
+        count: usize,
+    ) -> Result<SteppedProbe> {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec /usr/bin/nsenter --net={} -- {} udp-connected {target} {count}",
+            cgroup.arg(),
+            netns.path().display(),
+            probe_bin().display()
+        );
+        let mut child = Command::new("sh")
+            .args(["-c", &script])
+            .env("MYCNI_PROBE_STEP", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("spawn the stepped probe")?;
+        let stdout = child.stdout.take().context("probe stdout")?;
+        Ok(SteppedProbe {
+            child,
+            lines: BufReader::new(stdout).lines(),
+        })
+    }
+
+    /// The answer to the next datagram (the first is sent at start; each read lets the
+    /// probe send the following one).
+    fn next(&mut self) -> Result<Seen> {
+        let line = self.lines.next().context("the probe ended")??;
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            // After its last datagram the probe exits without reading: a closed pipe is fine.
+            let _ = stdin.write_all(b"\n");
+            let _ = stdin.flush();
+        }
+        Seen::parse(&line)
+    }
+}
+
+impl Drop for SteppedProbe {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -426,18 +480,28 @@ fn an_agent_restart_keeps_services_and_kube_proxy_mode_detaches_them() -> Result
     let mut lab = ServiceLab::new("svcmode", "10.244.16.0/24", 1)?;
     let frontend = SocketAddr::from((NODE_IP, BACKEND_PORT));
     lab.apply(
-        &[(
-            frontend_key(NODE_IP, BACKEND_PORT, PROTO_TCP),
-            (entry(8, 0, 0), lab.all_backends()),
-        )]
+        &[
+            (
+                frontend_key(NODE_IP, BACKEND_PORT, PROTO_TCP),
+                (entry(8, 0, 0), lab.all_backends()),
+            ),
+            (
+                frontend_key(NODE_IP, BACKEND_PORT, PROTO_UDP),
+                (entry(8, 0, 0), lab.all_backends()),
+            ),
+        ]
         .into(),
     )?;
     let cgroup = lab.cgroup.arg();
     let old_link = link_id(&lab.node)?;
+    // A connected UDP socket kept across the restart: its replies keep showing the frontend.
+    let mut socket = SteppedProbe::start(&lab.cgroup, &lab.client.netns, frontend, 3)?;
+    let mut kept = vec![socket.next()?];
     lab.node.stop_agent();
     // While the agent is down the pinned links keep the programs attached.
     let down = servers_behind(frontend, &lab.probe("tcp", frontend, 3)?)?;
     ensure!(down == names(&["b0"]), "agent down: {down:?}");
+    kept.push(socket.next()?);
     restart_agent(
         &mut lab.node,
         &["--service-mode", "ebpf", "--cgroup-path", &cgroup],
@@ -451,6 +515,11 @@ fn an_agent_restart_keeps_services_and_kube_proxy_mode_detaches_them() -> Result
     ensure!(
         restarted == names(&["b0"]),
         "agent restarted: {restarted:?}"
+    );
+    kept.push(socket.next()?);
+    ensure!(
+        servers_behind(frontend, &kept)? == names(&["b0"]),
+        "the connected UDP socket across the restart: {kept:?}"
     );
 
     // Back to kube-proxy mode (given through the DaemonSet's variable): nothing translated.

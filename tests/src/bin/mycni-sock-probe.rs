@@ -8,6 +8,9 @@
 //! mycni-sock-probe udp ADDR:PORT [N]          N datagrams on one unconnected socket: "peer=SOURCE reply=NAME"
 //! mycni-sock-probe udp-connected ADDR:PORT [N]  one connected socket: "peer=GETPEERNAME reply=NAME"
 //! ```
+//!
+//! With `MYCNI_PROBE_STEP` set, the UDP modes wait for a line on stdin before each datagram
+//! after the first (a test does something between them, on the same socket).
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
@@ -88,7 +91,12 @@ fn udp(target: SocketAddr, count: usize, connected: bool) -> Result<()> {
         }
     }
     let mut buf = [0u8; 512];
-    for _ in 0..count {
+    let stepped = std::env::var_os("MYCNI_PROBE_STEP").is_some();
+    for index in 0..count {
+        if stepped && index > 0 {
+            let mut go = String::new();
+            std::io::stdin().read_line(&mut go)?;
+        }
         let line = if connected {
             socket
                 .send(b"probe")
@@ -109,6 +117,7 @@ fn udp(target: SocketAddr, count: usize, connected: bool) -> Result<()> {
                 })
         };
         println!("{}", line.unwrap_or_else(describe));
+        std::io::stdout().flush()?;
     }
     Ok(())
 }
