@@ -6,6 +6,7 @@
 //! are checked against it at compile time (`check_spec!`).
 use core::mem::size_of;
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::macros::btf_map;
@@ -69,20 +70,24 @@ pub(crate) static FRAGMENTS: LruHashMap<
 pub(crate) static PEERS: HashMap<[u8; 4], u32, { map_spec::PEERS.max_entries as usize }> =
     HashMap::new();
 
-/// Service frontends (address, port, protocol) and how many backends each has.
+/// Service frontends (address, port, protocol) and how many backends each has. Not
+/// preallocated (as Cilium's Services maps): only the agent inserts, so no program ever
+/// waits on an allocation, and a node with few Services does not hold 26 MB for 10,000.
 #[btf_map]
 pub(crate) static SERVICES: HashMap<
     ServiceKey,
     ServiceEntry,
     { map_spec::SERVICES.max_entries as usize },
+    { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
-/// Each frontend's backends, in slots `0..backend_count`.
+/// Each frontend's backends, in slots `0..backend_count`. Not preallocated, as `SERVICES`.
 #[btf_map]
 pub(crate) static BACKENDS: HashMap<
     BackendKey,
     Backend,
     { map_spec::BACKENDS.max_entries as usize },
+    { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
 /// The backend each client (network namespace) last used for a frontend with

@@ -2,7 +2,9 @@
 //! reading and writing the maps and attaching `from_pod` (the plugin).
 //!
 //! Pin layout under the bpffs root (default `/sys/fs/bpf/mycni`): one pin per map, named as
-//! in `mycni_common::MAP_NAMES`, and one per program, named as in `PROGRAM_NAMES`. The
+//! in `mycni_common::MAP_NAMES`, and one per program, named as in `PROGRAM_NAMES` and
+//! `SERVICE_PROGRAM_NAMES` (plus, in Services eBPF mode, the cgroup links'
+//! `<program>-link`, see [`crate::socket_lb::cgroup`]). The
 //! programs' log buffer (aya-log's `AYA_LOGS`) and its rate-limit map are not pinned: each
 //! load gets fresh ones, read by the agent that loaded it (see [`crate::ebpf_log`]).
 use std::net::Ipv4Addr;
