@@ -17,6 +17,8 @@ use serde_json::Value;
 
 const AGNHOST: &str = "k8s.gcr.io/e2e-test-images/agnhost:2.21";
 const NODE_PORT: u16 = 30080;
+/// The echo Service's externalIP: no host holds it; only the pods' sockets are translated.
+const EXTERNAL_IP: &str = "203.0.113.50";
 /// Dials per check: with four equally likely backends, one is missed in 40 tries with
 /// probability 4 × (3/4)^40, about 4 in 100,000.
 const TRIES: u32 = 40;
@@ -51,9 +53,19 @@ kind: Service
 metadata: {{name: echo, namespace: default}}
 spec:
   selector: {{app: echo}}
+  externalIPs: ["{EXTERNAL_IP}"]
   ports:
   - {{name: http, protocol: TCP, port: 80, targetPort: http}}
   - {{name: udp, protocol: UDP, port: 90, targetPort: udp}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo-sticky, namespace: default}}
+spec:
+  selector: {{app: echo}}
+  sessionAffinity: ClientIP
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: http}}
 ---
 apiVersion: v1
 kind: Service
@@ -455,6 +467,30 @@ fn services_are_balanced_by_mycni_without_kube_proxy() -> Result<()> {
         NODE_PORT,
         &servers,
     )?;
+
+    // The externalIP, from the pods.
+    check_reaches_all(
+        &lab,
+        &clients,
+        "http",
+        |_| EXTERNAL_IP.to_string(),
+        80,
+        &servers,
+    )?;
+    // ClientIP affinity: every try of one client lands on one backend.
+    let sticky = lab.get_json(&["get", "service", "echo-sticky"])?;
+    let sticky_ip = sticky["spec"]["clusterIP"]
+        .as_str()
+        .context("echo-sticky's ClusterIP")?
+        .to_string();
+    for (node_name, client_ip) in &clients {
+        let dialed = dial(lab.node(node_name), client_ip, "http", &sticky_ip, 80)?;
+        let seen: BTreeSet<&String> = dialed.responses.iter().collect();
+        if seen.len() != 1 || dialed.responses.len() != TRIES as usize {
+            bail!("{node_name}: {sticky_ip} with ClientIP affinity: {dialed:?}");
+        }
+        println!("{node_name}: {sticky_ip} (ClientIP affinity) always {seen:?}");
+    }
 
     // No backend: connections are refused at once, not left to time out.
     let scaled = Instant::now();
