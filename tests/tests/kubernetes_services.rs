@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use mycni_tests::kubelab::{
     cache_dir, image_archive, lab_manifest_ebpf_services, KubeLab, LabNode, LabOptions,
 };
-use mycni_tests::{agent_bin, prefix};
+use mycni_tests::{agent_bin, http_get, metric, prefix};
 use serde_json::Value;
 
 const AGNHOST: &str = "k8s.gcr.io/e2e-test-images/agnhost:2.21";
@@ -553,8 +553,30 @@ fn services_are_balanced_by_mycni_without_kube_proxy() -> Result<()> {
     check_reaches_all(&lab, &clients, "udp", |_| ip.clone(), 90, &new_servers)?;
     check_agents_list_the_api(&mut lab)?;
 
-    // The agents counted what they translated and refused.
+    // The agents counted what they translated and refused, and /metrics reports what the
+    // maps hold.
     for node in &lab.nodes {
+        let (_, metrics) = http_get(&node.netns, &format!("{}:9964", node.ip), "/metrics")?;
+        let table = agent_frontends(node)?;
+        let backends: usize = table.values().map(Vec::len).sum();
+        assert_eq!(
+            (
+                metric(&metrics, "mycni_service_frontends"),
+                metric(&metrics, "mycni_service_backends")
+            ),
+            (Some(table.len() as f64), Some(backends as f64)),
+            "{}: /metrics against services --json",
+            node.name
+        );
+        assert!(
+            metric(
+                &metrics,
+                "mycni_packets_total{verdict=\"service_translated\"}"
+            )
+            .is_some_and(|n| n > 0.0),
+            "{}: no service_translated in /metrics",
+            node.name
+        );
         let stats = node.exec(&[
             &agent_bin().display().to_string(),
             "--bpffs-root=/sys/fs/bpf/mycni",
