@@ -104,6 +104,7 @@ impl Drop for Server {
 struct SteppedProbe {
     child: Child,
     lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    answered: usize,
 }
 
 impl SteppedProbe {
@@ -130,18 +131,19 @@ impl SteppedProbe {
         Ok(SteppedProbe {
             child,
             lines: BufReader::new(stdout).lines(),
+            answered: 0,
         })
     }
 
-    /// The answer to the next datagram (the first is sent at start; each read lets the
-    /// probe send the following one).
+    /// Sends the next datagram (the first went at start) and returns its answer.
     fn next(&mut self) -> Result<Seen> {
-        let line = self.lines.next().context("the probe ended")??;
-        if let Some(stdin) = self.child.stdin.as_mut() {
-            // After its last datagram the probe exits without reading: a closed pipe is fine.
-            let _ = stdin.write_all(b"\n");
-            let _ = stdin.flush();
+        if self.answered > 0 {
+            let stdin = self.child.stdin.as_mut().context("probe stdin")?;
+            stdin.write_all(b"\n")?;
+            stdin.flush()?;
         }
+        let line = self.lines.next().context("the probe ended")??;
+        self.answered += 1;
         Seen::parse(&line)
     }
 }
