@@ -18,7 +18,7 @@ use mycni_common::service::{
     Backend, ServiceEntry, ServiceKey, PROTO_TCP, PROTO_UDP, SERVICE_AFFINITY_CLIENT_IP,
 };
 use mycni_common::verdict;
-use mycni_tests::cluster::{Cluster, CLUSTER_CIDR, NODES};
+use mycni_tests::cluster::Cluster;
 use mycni_tests::{bin_dir, prefix, AgentLog, Netns, Node, Pod, NODE_IP};
 
 const ECONNREFUSED: i32 = 111;
@@ -543,30 +543,10 @@ fn backends_on_other_nodes_direct_and_vxlan_are_reached() -> Result<()> {
     let cgroup = TestCgroup::new(&prefix)?;
     let mut cluster = Cluster::new(&prefix, &["node-1", "node-2", "node-3"], &[])?;
     cluster.wait_for_full_mesh()?;
-    let spec = &NODES[0];
-    let ip = spec.ip.to_string();
-    let nodes_file = cluster.nodes_file.display().to_string();
-    let cgroup_arg = cgroup.arg();
-    restart_agent(
-        &mut cluster.nodes[0],
-        &[
-            "--node-name",
-            spec.name,
-            "--node-ip",
-            &ip,
-            "--uplink",
-            "eth0",
-            "--cluster-cidr",
-            CLUSTER_CIDR,
-            "--nodes-file",
-            &nodes_file,
-            "--service-mode",
-            "ebpf",
-            "--cgroup-path",
-            &cgroup_arg,
-        ],
-        &[],
-    )?;
+    let mut args = cluster.agent_args(0);
+    args.extend(["--service-mode", "ebpf", "--cgroup-path", &cgroup.arg()].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    restart_agent(&mut cluster.nodes[0], &args, &[])?;
     let client = cluster.nodes[0].add_pod("client")?;
     let direct = cluster.nodes[1].add_pod("direct")?;
     let tunneled = cluster.nodes[2].add_pod("tunneled")?;
