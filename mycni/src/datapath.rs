@@ -15,8 +15,8 @@ use aya::maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray};
 use aya::programs::tc::{
     NlOptions, SchedClassifier, TcAttachOptions, TcAttachType, TcError, TcHandle,
 };
-use aya::programs::{CgroupSockAddr, ProgramError};
-use aya::{EbpfError, EbpfLoader};
+use aya::programs::{CgroupSockAddr, Program, ProgramError};
+use aya::{Ebpf, EbpfError, EbpfLoader};
 use mycni_common::{
     pinned_map, verdict, Counter, Endpoint, FlowKey, MapKind, NatEntry, NodeConfig, Route,
     LAYOUT_VERSION, MAP_CONFIG, MAP_ENDPOINTS, MAP_NAMES, MAP_NAT, MAP_NO_MASQ, MAP_PEERS,
@@ -214,28 +214,14 @@ pub fn load_and_pin(root: &Path) -> Result<(), DatapathError> {
         .load(EBPF_OBJECT)
         .map_err(|e| DatapathError::Load(Box::new(e)))?;
     for name in PROGRAM_NAMES {
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| DatapathError::Program {
-                name,
-                source: ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(program_error(name))?;
+        let program: &mut SchedClassifier = program_of(&mut ebpf, name)?;
         program.load().map_err(program_error(name))?;
         replace_pin(root, name, |staging| program.pin(staging))?;
     }
     // The Services programs are loaded (and verified) in every mode, attached only in
     // `--service-mode ebpf` (`crate::socket_lb::cgroup`).
     for name in SERVICE_PROGRAM_NAMES {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| DatapathError::Program {
-                name,
-                source: ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(program_error(name))?;
+        let program: &mut CgroupSockAddr = program_of(&mut ebpf, name)?;
         program.load().map_err(program_error(name))?;
         replace_pin(root, name, |staging| program.pin(staging))?;
     }
@@ -245,6 +231,20 @@ pub fn load_and_pin(root: &Path) -> Result<(), DatapathError> {
         log::warn!("the programs' log messages are lost: {e}");
     }
     Ok(())
+}
+
+/// The object's program `name`, as the kind of program it must be.
+fn program_of<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| DatapathError::Program {
+            name,
+            source: ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(program_error(name))
 }
 
 /// Pins something as `root/name` by pinning it beside and renaming it over the old pin,

@@ -18,7 +18,7 @@ use mycni_common::service::{
     Backend, ServiceEntry, ServiceKey, PROTO_TCP, PROTO_UDP, SERVICE_AFFINITY_CLIENT_IP,
 };
 use mycni_common::verdict;
-use mycni_tests::cluster::{Cluster, CLUSTER_CIDR, NODES};
+use mycni_tests::cluster::Cluster;
 use mycni_tests::{bin_dir, prefix, AgentLog, Netns, Node, Pod, NODE_IP};
 
 const ECONNREFUSED: i32 = 111;
@@ -104,6 +104,7 @@ impl Drop for Server {
 struct SteppedProbe {
     child: Child,
     lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    answered: usize,
 }
 
 impl SteppedProbe {
@@ -130,18 +131,19 @@ impl SteppedProbe {
         Ok(SteppedProbe {
             child,
             lines: BufReader::new(stdout).lines(),
+            answered: 0,
         })
     }
 
-    /// The answer to the next datagram (the first is sent at start; each read lets the
-    /// probe send the following one).
+    /// Sends the next datagram (the first went at start) and returns its answer.
     fn next(&mut self) -> Result<Seen> {
-        let line = self.lines.next().context("the probe ended")??;
-        if let Some(stdin) = self.child.stdin.as_mut() {
-            // After its last datagram the probe exits without reading: a closed pipe is fine.
-            let _ = stdin.write_all(b"\n");
-            let _ = stdin.flush();
+        if self.answered > 0 {
+            let stdin = self.child.stdin.as_mut().context("probe stdin")?;
+            stdin.write_all(b"\n")?;
+            stdin.flush()?;
         }
+        let line = self.lines.next().context("the probe ended")??;
+        self.answered += 1;
         Seen::parse(&line)
     }
 }
@@ -541,30 +543,10 @@ fn backends_on_other_nodes_direct_and_vxlan_are_reached() -> Result<()> {
     let cgroup = TestCgroup::new(&prefix)?;
     let mut cluster = Cluster::new(&prefix, &["node-1", "node-2", "node-3"], &[])?;
     cluster.wait_for_full_mesh()?;
-    let spec = &NODES[0];
-    let ip = spec.ip.to_string();
-    let nodes_file = cluster.nodes_file.display().to_string();
-    let cgroup_arg = cgroup.arg();
-    restart_agent(
-        &mut cluster.nodes[0],
-        &[
-            "--node-name",
-            spec.name,
-            "--node-ip",
-            &ip,
-            "--uplink",
-            "eth0",
-            "--cluster-cidr",
-            CLUSTER_CIDR,
-            "--nodes-file",
-            &nodes_file,
-            "--service-mode",
-            "ebpf",
-            "--cgroup-path",
-            &cgroup_arg,
-        ],
-        &[],
-    )?;
+    let mut args = cluster.agent_args(0);
+    args.extend(["--service-mode", "ebpf", "--cgroup-path", &cgroup.arg()].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    restart_agent(&mut cluster.nodes[0], &args, &[])?;
     let client = cluster.nodes[0].add_pod("client")?;
     let direct = cluster.nodes[1].add_pod("direct")?;
     let tunneled = cluster.nodes[2].add_pod("tunneled")?;
