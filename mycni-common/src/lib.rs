@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map's key or value layout changes; pinned maps of another layout are
 /// refused by the loader instead of being silently reused.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 pub mod policy;
 pub mod service;
@@ -22,6 +22,10 @@ pub const MAP_NO_MASQ: &str = "NO_MASQ";
 pub const MAP_STACK_FLOWS: &str = "STACK_FLOWS";
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 pub const MAP_PEERS: &str = "PEERS";
+pub const MAP_SERVICES: &str = "SERVICES";
+pub const MAP_BACKENDS: &str = "BACKENDS";
+pub const MAP_AFFINITY: &str = "AFFINITY";
+pub const MAP_SOCK_REVERSE: &str = "SOCK_REVERSE";
 /// Every map the datapath pins, in a stable order (the order of [`PINNED_MAPS`]).
 pub const MAP_NAMES: [&str; PINNED_MAPS.len()] = {
     let mut names = [""; PINNED_MAPS.len()];
@@ -41,8 +45,25 @@ pub const PROG_TO_POD: &str = "to_pod";
 pub const PROG_FROM_NETDEV: &str = "from_netdev";
 /// Uplink TC egress: packets leaving the node.
 pub const PROG_TO_NETDEV: &str = "to_netdev";
-/// Every program the datapath pins.
+/// Every TC program the datapath pins.
 pub const PROGRAM_NAMES: [&str; 4] = [PROG_FROM_POD, PROG_TO_POD, PROG_FROM_NETDEV, PROG_TO_NETDEV];
+
+/// cgroup `connect4`: TCP and connected UDP to a Service frontend get a backend.
+pub const PROG_SERVICE_CONNECT4: &str = "service_connect4";
+/// cgroup `sendmsg4`: unconnected UDP to a Service frontend gets a backend.
+pub const PROG_SERVICE_SENDMSG4: &str = "service_sendmsg4";
+/// cgroup `recvmsg4`: a UDP reply from a backend shows the frontend as its source.
+pub const PROG_SERVICE_RECVMSG4: &str = "service_recvmsg4";
+/// cgroup `getpeername4`: a connected socket's peer shows as the frontend.
+pub const PROG_SERVICE_GETPEERNAME4: &str = "service_getpeername4";
+/// Every cgroup program of the Services datapath (issue 15), loaded and pinned with the
+/// TC programs, attached to the cgroup only in `--service-mode ebpf`.
+pub const SERVICE_PROGRAM_NAMES: [&str; 4] = [
+    PROG_SERVICE_CONNECT4,
+    PROG_SERVICE_SENDMSG4,
+    PROG_SERVICE_RECVMSG4,
+    PROG_SERVICE_GETPEERNAME4,
+];
 
 /// Capacity of `ROUTES` and `ENDPOINTS`.
 pub const MAX_ROUTES: u32 = 16384;
@@ -59,6 +80,15 @@ pub const MAX_STACK_FLOWS: u32 = 65536;
 pub const MAX_FRAGMENTS: u32 = 8192;
 /// Capacity of `PEERS`: room for clusters of several thousand nodes.
 pub const MAX_PEERS: u32 = 16384;
+/// Capacity of `SERVICES`: frontends (a Service has one per port and address: ClusterIP,
+/// externalIPs, NodePort on each node address).
+pub const MAX_SERVICES: u32 = 65536;
+/// Capacity of `BACKENDS`: backend slots of all frontends together.
+pub const MAX_BACKENDS: u32 = 262144;
+/// Capacity of `AFFINITY`: (client, frontend) pairs with `sessionAffinity: ClientIP`.
+pub const MAX_AFFINITY: u32 = 65536;
+/// Capacity of `SOCK_REVERSE`: (UDP socket, backend) pairs in use.
+pub const MAX_SOCK_REVERSE: u32 = 65536;
 
 /// The kinds of map the datapath pins, numbered as the kernel's `BPF_MAP_TYPE_*`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,10 +203,38 @@ pub mod map_spec {
         value_size: size_of::<u32>() as u32,
         max_entries: MAX_PEERS,
     };
+    pub const SERVICES: MapSpec = MapSpec {
+        name: MAP_SERVICES,
+        kind: MapKind::Hash,
+        key_size: size_of::<service::ServiceKey>() as u32,
+        value_size: size_of::<service::ServiceEntry>() as u32,
+        max_entries: MAX_SERVICES,
+    };
+    pub const BACKENDS: MapSpec = MapSpec {
+        name: MAP_BACKENDS,
+        kind: MapKind::Hash,
+        key_size: size_of::<service::BackendKey>() as u32,
+        value_size: size_of::<service::Backend>() as u32,
+        max_entries: MAX_BACKENDS,
+    };
+    pub const AFFINITY: MapSpec = MapSpec {
+        name: MAP_AFFINITY,
+        kind: MapKind::LruHash,
+        key_size: size_of::<service::AffinityKey>() as u32,
+        value_size: size_of::<service::AffinityEntry>() as u32,
+        max_entries: MAX_AFFINITY,
+    };
+    pub const SOCK_REVERSE: MapSpec = MapSpec {
+        name: MAP_SOCK_REVERSE,
+        kind: MapKind::LruHash,
+        key_size: size_of::<service::SockReverseKey>() as u32,
+        value_size: size_of::<service::SockReverseEntry>() as u32,
+        max_entries: MAX_SOCK_REVERSE,
+    };
 }
 
 /// Every map the datapath pins, in a stable order.
-pub const PINNED_MAPS: [MapSpec; 9] = [
+pub const PINNED_MAPS: [MapSpec; 13] = [
     map_spec::ROUTES,
     map_spec::ENDPOINTS,
     map_spec::STATS,
@@ -186,6 +244,10 @@ pub const PINNED_MAPS: [MapSpec; 9] = [
     map_spec::STACK_FLOWS,
     map_spec::FRAGMENTS,
     map_spec::PEERS,
+    map_spec::SERVICES,
+    map_spec::BACKENDS,
+    map_spec::AFFINITY,
+    map_spec::SOCK_REVERSE,
 ];
 
 /// The shape of the pinned map called `name`.
@@ -405,8 +467,16 @@ pub mod verdict {
     /// To an address of this node's pod CIDR that no pod holds: handed to the stack, whose
     /// `unreachable` route answers ICMP host unreachable.
     pub const TO_UNASSIGNED: u32 = 18;
+    // The Services verdicts follow the last packet verdict; the policy work's two
+    // verdicts go in before them when both land (renumber here, nowhere else).
+    /// A connection or datagram to a Service frontend sent to one of its backends (cgroup
+    /// `connect4`/`sendmsg4`; counted per socket call, `bytes` stays zero).
+    pub const SERVICE_TRANSLATED: u32 = TO_UNASSIGNED + 1;
+    /// A connection or datagram to a Service frontend with no backend, refused with
+    /// `ECONNREFUSED`.
+    pub const SERVICE_NO_BACKEND: u32 = SERVICE_TRANSLATED + 1;
     /// Number of verdicts, the length of `STATS`.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = SERVICE_NO_BACKEND + 1;
     /// Display names, indexed by verdict.
     pub const NAMES: [&str; COUNT as usize] = [
         "local_redirect",
@@ -428,6 +498,8 @@ pub mod verdict {
         "drop_ipv6",
         "drop_untranslatable",
         "to_unassigned",
+        "service_translated",
+        "service_no_backend",
     ];
 }
 

@@ -21,6 +21,10 @@
 //!   flow's state (TCP handshake, FINs, RST; UDP answered or not) for the agent's expiry,
 //!   and remembers pod-to-pod flows the stack sent to other nodes.
 //!
+//! - `service_connect4`, `service_sendmsg4`, `service_recvmsg4`, `service_getpeername4`
+//!   (cgroup v2 `sock_addr` hooks, attached in `--service-mode ebpf`) translate Service
+//!   frontends to backends at the socket and back ([`service`]).
+//!
 //! The rule behind the split: a flow crosses the node's netfilter in both directions or in
 //! neither, because kube-proxy drops what conntrack saw only half of (`ctstate INVALID`).
 //!
@@ -46,10 +50,12 @@ mod netdev;
 mod packet;
 mod pod;
 mod rewrite;
+mod service;
 mod stack_flows;
 mod tunnel;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::macros::{cgroup_sock_addr, classifier};
+use aya_ebpf::programs::{SockAddrContext, TcContext};
 use mycni_common::verdict;
 
 #[classifier]
@@ -80,6 +86,26 @@ pub fn to_netdev(ctx: TcContext) -> i32 {
         counters::count(verdict, ctx.len());
     }
     action
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn service_connect4(ctx: SockAddrContext) -> i32 {
+    service::to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn service_sendmsg4(ctx: SockAddrContext) -> i32 {
+    service::to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn service_recvmsg4(ctx: SockAddrContext) -> i32 {
+    service::to_frontend(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn service_getpeername4(ctx: SockAddrContext) -> i32 {
+    service::to_frontend(&ctx)
 }
 
 #[cfg(not(test))]

@@ -6,9 +6,14 @@
 //! are checked against it at compile time (`check_spec!`).
 use core::mem::size_of;
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::macros::btf_map;
+use mycni_common::service::{
+    AffinityEntry, AffinityKey, Backend, BackendKey, ServiceEntry, ServiceKey, SockReverseEntry,
+    SockReverseKey,
+};
 use mycni_common::{
     map_spec, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, MapKind, MapSpec, NatEntry,
     NodeConfig, Route,
@@ -64,6 +69,44 @@ pub(crate) static FRAGMENTS: LruHashMap<
 #[btf_map]
 pub(crate) static PEERS: HashMap<[u8; 4], u32, { map_spec::PEERS.max_entries as usize }> =
     HashMap::new();
+
+/// Service frontends (address, port, protocol) and how many backends each has. Not
+/// preallocated (as Cilium's Services maps): only the agent inserts, so no program ever
+/// waits on an allocation, and a node with few Services does not hold 26 MB for 10,000.
+#[btf_map]
+pub(crate) static SERVICES: HashMap<
+    ServiceKey,
+    ServiceEntry,
+    { map_spec::SERVICES.max_entries as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Each frontend's backends, in slots `0..backend_count`. Not preallocated, as `SERVICES`.
+#[btf_map]
+pub(crate) static BACKENDS: HashMap<
+    BackendKey,
+    Backend,
+    { map_spec::BACKENDS.max_entries as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// The backend each client (network namespace) last used for a frontend with
+/// `sessionAffinity: ClientIP`.
+#[btf_map]
+pub(crate) static AFFINITY: LruHashMap<
+    AffinityKey,
+    AffinityEntry,
+    { map_spec::AFFINITY.max_entries as usize },
+> = LruHashMap::new();
+
+/// The frontend each socket addressed, by the backend it was given: replies and
+/// `getpeername` show the frontend.
+#[btf_map]
+pub(crate) static SOCK_REVERSE: LruHashMap<
+    SockReverseKey,
+    SockReverseEntry,
+    { map_spec::SOCK_REVERSE.max_entries as usize },
+> = LruHashMap::new();
 
 /// A map definition's shape as the kernel will see it.
 trait Shape {
@@ -151,7 +194,11 @@ check_spec!(
     NO_MASQ,
     STACK_FLOWS,
     FRAGMENTS,
-    PEERS
+    PEERS,
+    SERVICES,
+    BACKENDS,
+    AFFINITY,
+    SOCK_REVERSE
 );
 
 /// When the programs last logged at each level (indexed by `Level as u32`). Not pinned:

@@ -12,6 +12,7 @@ use crate::ebpf_log::BpfLogLevel;
 use crate::ipam::Pool;
 use crate::nat::NatTimeouts;
 use crate::nodes::TunnelMode;
+use crate::socket_lb::ServiceMode;
 
 /// The mycni node agent: loads and pins the datapath, keeps routes to the other nodes in
 /// step, expires NAT entries, and prints what the maps hold.
@@ -61,6 +62,9 @@ pub enum AgentCommand {
     Nat(TableFormat),
     /// Print the per-verdict packet and byte counters.
     Stats(TableFormat),
+    /// Print the Services maps: each frontend (address:port/protocol, flags, affinity)
+    /// with its backends.
+    Services(TableFormat),
 }
 
 #[derive(Debug, Clone, Copy, Args)]
@@ -188,6 +192,26 @@ pub struct RunOptions {
     /// How old an allocation without a veth must be to be collected.
     #[arg(long, value_name = "SECS", default_value_t = 60, help_heading = "CNI")]
     pub gc_grace: u64,
+
+    /// Who load-balances Services: kube-proxy (mycni attaches nothing), or ebpf (mycni's
+    /// socket-level programs on --cgroup-path translate ClusterIPs and other frontends).
+    #[arg(
+        long,
+        value_name = "kube-proxy|ebpf",
+        env = "MYCNI_SERVICE_MODE",
+        default_value = "kube-proxy",
+        help_heading = "Services"
+    )]
+    pub service_mode: ServiceMode,
+    /// The cgroup v2 directory whose processes (and their children's) get Services in
+    /// ebpf mode [default: the cgroup2 mount, /sys/fs/cgroup or /sys/fs/cgroup/unified].
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MYCNI_CGROUP_PATH",
+        help_heading = "Services"
+    )]
+    pub cgroup_path: Option<PathBuf>,
 
     /// Serve /metrics and /healthz here.
     #[arg(long, value_name = "ADDR:PORT", help_heading = "Observability")]
@@ -348,6 +372,21 @@ mod tests {
         assert_eq!((o.gc_interval, o.gc_grace), (60, 60));
         assert_eq!(o.bpf_log_level, BpfLogLevel::Warn);
         assert_eq!(o.nat_timeouts(), NatTimeouts::default());
+        assert_eq!(o.service_mode, ServiceMode::KubeProxy);
+        assert_eq!(o.cgroup_path, None);
+    }
+
+    #[test]
+    fn service_mode_and_cgroup_path_parse() {
+        let o = run_options(&[
+            "run",
+            "--service-mode=ebpf",
+            "--cgroup-path",
+            "/sys/fs/cgroup/x",
+        ]);
+        assert_eq!(o.service_mode, ServiceMode::Ebpf);
+        assert_eq!(o.cgroup_path, Some(PathBuf::from("/sys/fs/cgroup/x")));
+        assert!(parse(&["run", "--service-mode", "ipvs"]).is_err());
     }
 
     #[test]
@@ -516,6 +555,9 @@ mod tests {
         assert_eq!(o.bpf_log_level, BpfLogLevel::Warn);
         assert!(o.non_masquerade_cidrs().is_empty());
         assert_eq!(o.api_server_port.as_deref(), Some("6443"));
+        // Services stay kube-proxy's until the operator switches.
+        assert_eq!(o.service_mode, crate::socket_lb::ServiceMode::KubeProxy);
+        assert_eq!(o.cgroup_path, Some(PathBuf::from("/host/sys/fs/cgroup")));
     }
 
     #[test]

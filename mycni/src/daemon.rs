@@ -12,10 +12,15 @@ use std::time::Duration;
 use crate::agent::{self, Agent, AgentError, NodeSettings, NodeSource, NodesFile};
 use crate::agent_cli::RunOptions;
 use crate::datapath::{self, DatapathError, Maps};
-use crate::kube::client::{ApiServer, KubeClientError, KubeNodeSource, KubeWatches};
+use crate::kube::client::{
+    ApiServer, KubeClientError, KubeNodeSource, KubeServiceSource, KubeWatches,
+};
 use crate::kube::config::KubeConfigError;
 use crate::metrics::AgentCounters;
 use crate::netlink::{Netlink, NetlinkError};
+use crate::service_frontends::LocalNode;
+use crate::socket_lb::cgroup::{self, CgroupAttachError};
+use crate::socket_lb::ServiceMode;
 
 /// The nodes file when neither it nor the Kubernetes API is named.
 pub const DEFAULT_NODES_FILE: &str = "/etc/mycni/nodes";
@@ -28,6 +33,8 @@ pub enum DaemonError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error("Services in eBPF mode: {0}")]
+    Services(#[from] CgroupAttachError),
     #[error("--node-name is required {0}")]
     NodeNameMissing(&'static str),
     #[error("--cluster-cidr is required with --node-ip")]
@@ -65,7 +72,10 @@ pub enum DaemonError {
 pub fn run(root: &Path, options: RunOptions) -> Result<(), DaemonError> {
     crate::ebpf_log::init(options.bpf_log_level);
     let mut options = options;
-    let kube_source = kube_source(&options)?;
+    let (kube_source, service_source) = match kube_sources(&options)? {
+        Some((nodes, services)) => (Some(nodes), services),
+        None => (None, None),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -86,7 +96,7 @@ pub fn run(root: &Path, options: RunOptions) -> Result<(), DaemonError> {
             .block_on(agent::uplink_holding(settings.ip))
             .map_err(DaemonError::Uplink)?;
     }
-    runtime.block_on(serve(root, options, settings, kube_source))?;
+    runtime.block_on(serve(root, options, settings, kube_source, service_source))?;
     log::info!("stopping; programs and maps stay pinned");
     Ok(())
 }
@@ -97,6 +107,7 @@ async fn serve(
     options: &RunOptions,
     settings: Option<NodeSettings>,
     kube_source: Option<KubeNodeSource>,
+    service_source: Option<KubeServiceSource>,
 ) -> Result<(), DaemonError> {
     let start = |what| move |source| DaemonError::Start { what, source };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -115,6 +126,21 @@ async fn serve(
         }
         Some(settings) => Some(Agent::start(root, settings).await?),
     };
+    apply_service_mode(root, options)?;
+    if let Some(source) = service_source {
+        // The Kubernetes node source filled both in (learn_local_node).
+        let node = LocalNode {
+            name: options.node_name.clone().unwrap_or_default(),
+            addresses: options.node_ip.into_iter().collect(),
+        };
+        tokio::spawn(crate::service_sync::sync_services(
+            root.to_path_buf(),
+            source,
+            node,
+            counters.clone(),
+        ));
+        log::info!("Services: following the API's Services and Endpoints");
+    }
     let refreshed = refresh_pod_programs(root).await?;
     log::info!(
         "datapath pinned under {}; programs of {refreshed} existing pods replaced",
@@ -191,6 +217,30 @@ async fn serve(
     Ok(())
 }
 
+/// Attaches the Services programs in ebpf mode (replacing an earlier run's links), or
+/// detaches them when an earlier run attached them and the mode is back to kube-proxy.
+fn apply_service_mode(root: &Path, options: &RunOptions) -> Result<(), DaemonError> {
+    match options.service_mode {
+        ServiceMode::Ebpf => {
+            let cgroup = options
+                .cgroup_path
+                .clone()
+                .unwrap_or_else(cgroup::default_cgroup_path);
+            cgroup::attach_services(root, &cgroup)?;
+            log::info!(
+                "Services load-balanced in eBPF for cgroup {}",
+                cgroup.display()
+            );
+        }
+        ServiceMode::KubeProxy if cgroup::services_attached(root) => {
+            cgroup::detach_services(root)?;
+            log::info!("Services left to kube-proxy: the socket-level programs are detached");
+        }
+        ServiceMode::KubeProxy => {}
+    }
+    Ok(())
+}
+
 /// This node's routing settings, when it routes to others (`--node-ip`, or the Node's IP).
 fn node_settings(options: &RunOptions) -> Result<Option<NodeSettings>, DaemonError> {
     let Some(ip) = options.node_ip else {
@@ -214,8 +264,12 @@ fn node_settings(options: &RunOptions) -> Result<Option<NodeSettings>, DaemonErr
     }))
 }
 
-/// The Kubernetes node source the options ask for, if any.
-fn kube_source(options: &RunOptions) -> Result<Option<KubeNodeSource>, DaemonError> {
+/// The Kubernetes node source the options ask for, if any, and with it the Services and
+/// Endpoints source in `--service-mode ebpf` (without the Kubernetes API, the Services maps
+/// are left to whoever writes them).
+fn kube_sources(
+    options: &RunOptions,
+) -> Result<Option<(KubeNodeSource, Option<KubeServiceSource>)>, DaemonError> {
     let server = match (&options.kubeconfig, options.in_cluster) {
         (Some(path), _) => ApiServer::Kubeconfig(path.clone()),
         (None, true) => ApiServer::InCluster {
@@ -227,7 +281,10 @@ fn kube_source(options: &RunOptions) -> Result<Option<KubeNodeSource>, DaemonErr
         },
         (None, false) => return Ok(None),
     };
-    Ok(Some(KubeNodeSource::start(&KubeWatches::connect(server)?)))
+    let watches = KubeWatches::connect(server)?;
+    let services =
+        (options.service_mode == ServiceMode::Ebpf).then(|| KubeServiceSource::start(&watches));
+    Ok(Some((KubeNodeSource::start(&watches), services)))
 }
 
 /// `value` when given and not empty (a blank ConfigMap value), else `$fallback`.

@@ -2,7 +2,9 @@
 //! reading and writing the maps and attaching `from_pod` (the plugin).
 //!
 //! Pin layout under the bpffs root (default `/sys/fs/bpf/mycni`): one pin per map, named as
-//! in `mycni_common::MAP_NAMES`, and one per program, named as in `PROGRAM_NAMES`. The
+//! in `mycni_common::MAP_NAMES`, and one per program, named as in `PROGRAM_NAMES` and
+//! `SERVICE_PROGRAM_NAMES` (plus, in Services eBPF mode, the cgroup links'
+//! `<program>-link`, see [`crate::socket_lb::cgroup`]). The
 //! programs' log buffer (aya-log's `AYA_LOGS`) and its rate-limit map are not pinned: each
 //! load gets fresh ones, read by the agent that loaded it (see [`crate::ebpf_log`]).
 use std::net::Ipv4Addr;
@@ -13,13 +15,13 @@ use aya::maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray};
 use aya::programs::tc::{
     NlOptions, SchedClassifier, TcAttachOptions, TcAttachType, TcError, TcHandle,
 };
-use aya::programs::ProgramError;
-use aya::{EbpfError, EbpfLoader};
+use aya::programs::{CgroupSockAddr, Program, ProgramError};
+use aya::{Ebpf, EbpfError, EbpfLoader};
 use mycni_common::{
     pinned_map, verdict, Counter, Endpoint, FlowKey, MapKind, NatEntry, NodeConfig, Route,
     LAYOUT_VERSION, MAP_CONFIG, MAP_ENDPOINTS, MAP_NAMES, MAP_NAT, MAP_NO_MASQ, MAP_PEERS,
     MAP_ROUTES, MAP_STATS, PEER_KNOWN, PROGRAM_NAMES, PROG_FROM_NETDEV, PROG_FROM_POD,
-    PROG_TO_NETDEV, PROG_TO_POD, ROUTE_LOCAL_CIDR, ROUTE_LOCAL_ENDPOINT,
+    PROG_TO_NETDEV, PROG_TO_POD, ROUTE_LOCAL_CIDR, ROUTE_LOCAL_ENDPOINT, SERVICE_PROGRAM_NAMES,
 };
 
 /// The TC programs, built by `cargo xtask build-ebpf` and embedded at compile time (empty
@@ -212,27 +214,16 @@ pub fn load_and_pin(root: &Path) -> Result<(), DatapathError> {
         .load(EBPF_OBJECT)
         .map_err(|e| DatapathError::Load(Box::new(e)))?;
     for name in PROGRAM_NAMES {
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| DatapathError::Program {
-                name,
-                source: ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(program_error(name))?;
+        let program: &mut SchedClassifier = program_of(&mut ebpf, name)?;
         program.load().map_err(program_error(name))?;
-        let staging = root.join(format!("{name}-new"));
-        let _ = std::fs::remove_file(&staging);
-        program.pin(&staging).map_err(|source| DatapathError::Pin {
-            path: staging.clone(),
-            source,
-        })?;
-        let target = root.join(name);
-        std::fs::rename(&staging, &target).map_err(|source| DatapathError::Io {
-            what: "cannot replace program pin",
-            path: target,
-            source,
-        })?;
+        replace_pin(root, name, |staging| program.pin(staging))?;
+    }
+    // The Services programs are loaded (and verified) in every mode, attached only in
+    // `--service-mode ebpf` (`crate::socket_lb::cgroup`).
+    for name in SERVICE_PROGRAM_NAMES {
+        let program: &mut CgroupSockAddr = program_of(&mut ebpf, name)?;
+        program.load().map_err(program_error(name))?;
+        replace_pin(root, name, |staging| program.pin(staging))?;
     }
     stamp_layout_version(root)?;
     // The datapath works without its log: a reader that cannot start is only reported.
@@ -240,6 +231,41 @@ pub fn load_and_pin(root: &Path) -> Result<(), DatapathError> {
         log::warn!("the programs' log messages are lost: {e}");
     }
     Ok(())
+}
+
+/// The object's program `name`, as the kind of program it must be.
+fn program_of<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| DatapathError::Program {
+            name,
+            source: ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(program_error(name))
+}
+
+/// Pins something as `root/name` by pinning it beside and renaming it over the old pin,
+/// so whoever opens the pin never finds it missing.
+pub(crate) fn replace_pin(
+    root: &Path,
+    name: &str,
+    pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+) -> Result<(), DatapathError> {
+    let staging = root.join(format!("{name}-new"));
+    let _ = std::fs::remove_file(&staging);
+    pin(&staging).map_err(|source| DatapathError::Pin {
+        path: staging.clone(),
+        source,
+    })?;
+    let target = root.join(name);
+    std::fs::rename(&staging, &target).map_err(|source| DatapathError::Io {
+        what: "cannot replace pin",
+        path: target,
+        source,
+    })
 }
 
 /// Whether `path` lives on a bpffs, where pins can be made.
@@ -254,9 +280,18 @@ fn on_bpffs(path: &Path) -> bool {
     ok && stat.f_type as i64 == BPF_FS_MAGIC
 }
 
-/// Removes every pin under `root` (programs stay attached to existing veths until those go).
+/// Every map and program pin under the root.
+fn pin_names() -> impl Iterator<Item = &'static str> {
+    MAP_NAMES
+        .into_iter()
+        .chain(PROGRAM_NAMES)
+        .chain(SERVICE_PROGRAM_NAMES)
+}
+
+/// Removes every map and program pin under `root` (programs stay attached to existing
+/// veths until those go, and to the cgroup while their link pins stay).
 pub fn unpin_all(root: &Path) -> Result<(), DatapathError> {
-    for name in MAP_NAMES.iter().chain(PROGRAM_NAMES.iter()) {
+    for name in pin_names() {
         let path = root.join(name);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -275,7 +310,7 @@ pub fn unpin_all(root: &Path) -> Result<(), DatapathError> {
 
 /// Whether every program and map is pinned: what STATUS reports.
 pub fn check_loaded(root: &Path) -> Result<(), DatapathError> {
-    for name in MAP_NAMES.iter().chain(PROGRAM_NAMES.iter()) {
+    for name in pin_names() {
         let path = root.join(name);
         if !path.exists() {
             return Err(DatapathError::NotLoaded { path });
@@ -284,7 +319,7 @@ pub fn check_loaded(root: &Path) -> Result<(), DatapathError> {
     check_pinned_layouts(root)
 }
 
-fn open_pinned(root: &Path, name: &'static str) -> Result<MapData, DatapathError> {
+pub(crate) fn open_pinned(root: &Path, name: &'static str) -> Result<MapData, DatapathError> {
     let path = root.join(name);
     if !path.exists() {
         return Err(DatapathError::NotLoaded { path });
@@ -533,7 +568,7 @@ impl NatTable {
     }
 }
 
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+pub(crate) fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::ElementNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),

@@ -10,7 +10,10 @@
 //! rest), [`agent`] (the datapath on the node's devices, routes to the other nodes),
 //! [`nodes`] and [`nat`] (their pure decisions), [`metrics`] (`/metrics`, `/healthz`),
 //! [`garbage_collection`] (what a lost DEL leaves), [`conflist`] (the readiness signal),
-//! [`map_tables`] (the maps printed), [`plugin_install`] (the DaemonSet's init step). The
+//! [`map_tables`] (the maps printed), [`plugin_install`] (the DaemonSet's init step),
+//! [`socket_lb`] (Services in eBPF mode: the map writes and the cgroup attachment),
+//! [`service_frontends`] (their desired contents, pure) and [`service_sync`] (the loop from
+//! the Services and Endpoints watches to the maps). The
 //! binaries in `src/bin` only parse arguments and call these.
 pub mod agent;
 pub mod agent_cli;
@@ -30,3 +33,6 @@ pub mod netlink;
 pub mod nodes;
 pub mod plugin;
 pub mod plugin_install;
+pub mod service_frontends;
+pub mod service_sync;
+pub mod socket_lb;

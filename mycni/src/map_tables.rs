@@ -1,10 +1,15 @@
-//! What `mycni-agent endpoints|routes|peers|nat|stats` print: the pinned maps as tables for a
+//! What `mycni-agent endpoints|routes|peers|nat|stats|services` print: the pinned maps as tables for a
 //! person or JSON for a script. The renderers are pure (rows in, text out) and unit-tested;
 //! the `print_*` functions read the maps and write stdout.
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
+use mycni_common::service::{
+    Backend, ServiceEntry, ServiceKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    SERVICE_AFFINITY_CLIENT_IP, SERVICE_EXTERNAL_IP, SERVICE_EXTERNAL_LOCAL, SERVICE_HOST_PORT,
+    SERVICE_NODE_PORT,
+};
 use mycni_common::{
     verdict, Counter, Endpoint, FlowKey, NatEntry, Route, NAT_EGRESS, ROUTE_LOCAL_CIDR,
     ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
@@ -14,11 +19,14 @@ use serde_json::{json, Value};
 use crate::datapath::{self, DatapathError, Maps, NatTable};
 use crate::nat;
 use crate::netlink::format_mac;
+use crate::socket_lb::{ServiceTables, ServiceTablesError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapTablesError {
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Services(#[from] ServiceTablesError),
     #[error("cannot write stdout: {0}")]
     Stdout(#[from] std::io::Error),
 }
@@ -53,6 +61,16 @@ pub fn print_nat(root: &Path, json: bool) -> Result<(), MapTablesError> {
 /// `mycni-agent stats`.
 pub fn print_stats(root: &Path, json: bool) -> Result<(), MapTablesError> {
     print(&render_stats(&datapath::read_stats(root)?, json))
+}
+
+/// `mycni-agent services`.
+pub fn print_services(root: &Path, json: bool) -> Result<(), MapTablesError> {
+    let rows: Vec<ServiceRow> = ServiceTables::open(root)?
+        .frontends()?
+        .into_iter()
+        .map(|(key, (entry, backends))| (key, entry, backends))
+        .collect();
+    print(&render_services(&rows, json))
 }
 
 /// A pretty-printed JSON document and its newline.
@@ -238,6 +256,99 @@ pub fn render_stats(stats: &[Counter], json: bool) -> String {
     out
 }
 
+/// One frontend as the maps hold it: its key, its entry, and the backends in slots
+/// `0..backend_count`.
+pub type ServiceRow = (ServiceKey, ServiceEntry, Vec<Backend>);
+
+fn protocol_name(protocol: u8) -> &'static str {
+    match protocol {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        PROTO_SCTP => "sctp",
+        _ => "other",
+    }
+}
+
+/// The names of a frontend's `SERVICE_*` flags.
+fn service_flag_names(flags: u32) -> Vec<&'static str> {
+    [
+        (SERVICE_NODE_PORT, "node-port"),
+        (SERVICE_EXTERNAL_IP, "external-ip"),
+        (SERVICE_HOST_PORT, "host-port"),
+        (SERVICE_EXTERNAL_LOCAL, "local"),
+        (SERVICE_AFFINITY_CLIENT_IP, "affinity"),
+    ]
+    .iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| *name)
+    .collect()
+}
+
+fn address_port(address: [u8; 4], port: u16) -> String {
+    format!("{}:{port}", Ipv4Addr::from(address))
+}
+
+/// The frontends sorted by address, port and protocol, each with its backends: a table
+/// (backends space-separated, `refused` when there is none) or JSON.
+pub fn render_services(rows: &[ServiceRow], json: bool) -> String {
+    let mut sorted: Vec<&ServiceRow> = rows.iter().collect();
+    sorted.sort_by_key(|(key, _, _)| (key.address, key.port, key.protocol, key.scope));
+    if json {
+        let rows: Vec<Value> = sorted
+            .iter()
+            .map(|(key, entry, backends)| {
+                json!({
+                    "address": Ipv4Addr::from(key.address).to_string(),
+                    "port": key.port,
+                    "protocol": protocol_name(key.protocol),
+                    "serviceId": entry.service_id,
+                    "flags": service_flag_names(entry.flags),
+                    "affinityTimeoutSeconds": (entry.flags & SERVICE_AFFINITY_CLIENT_IP != 0)
+                        .then_some(entry.affinity_timeout_s),
+                    "backends": backends.iter().map(|b| address_port(b.address, b.port)).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        return json_text(&Value::Array(rows));
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<26} {:>6} {:<24} {:>9} BACKENDS",
+        "FRONTEND", "ID", "FLAGS", "AFFINITY"
+    );
+    for (key, entry, backends) in sorted {
+        let flags = service_flag_names(entry.flags).join(",");
+        let affinity = if entry.flags & SERVICE_AFFINITY_CLIENT_IP != 0 {
+            format!("{}s", entry.affinity_timeout_s)
+        } else {
+            "-".to_string()
+        };
+        let backends = if backends.is_empty() {
+            "refused".to_string()
+        } else {
+            let list: Vec<String> = backends
+                .iter()
+                .map(|b| address_port(b.address, b.port))
+                .collect();
+            list.join(" ")
+        };
+        let _ = writeln!(
+            out,
+            "{:<26} {:>6} {:<24} {:>9} {backends}",
+            format!(
+                "{}/{}",
+                address_port(key.address, key.port),
+                protocol_name(key.protocol)
+            ),
+            entry.service_id,
+            if flags.is_empty() { "-" } else { &flags },
+            affinity,
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,5 +434,82 @@ mod tests {
         assert_eq!(json["occupancy"]["capacity"], mycni_common::MAX_NAT);
         assert_eq!(json["entries"], json!([]));
         assert!(render_nat(&[], 0, false).starts_with("flows: tcp 0 udp 0 icmp 0; entries 0 of "));
+    }
+
+    fn service_rows() -> Vec<ServiceRow> {
+        let key = |address: [u8; 4], port, protocol| ServiceKey {
+            address,
+            port,
+            protocol,
+            scope: 0,
+        };
+        let backend = |address: [u8; 4], port| Backend {
+            address,
+            port,
+            pad: 0,
+        };
+        vec![
+            (
+                key([192, 168, 1, 11], 30080, PROTO_TCP),
+                ServiceEntry {
+                    service_id: 3,
+                    backend_count: 0,
+                    affinity_timeout_s: 0,
+                    flags: SERVICE_NODE_PORT | SERVICE_EXTERNAL_LOCAL,
+                },
+                vec![],
+            ),
+            (
+                key([10, 96, 0, 10], 80, PROTO_TCP),
+                ServiceEntry {
+                    service_id: 1,
+                    backend_count: 2,
+                    affinity_timeout_s: 10800,
+                    flags: SERVICE_AFFINITY_CLIENT_IP,
+                },
+                vec![
+                    backend([10, 224, 1, 5], 8080),
+                    backend([10, 224, 2, 5], 8080),
+                ],
+            ),
+            (
+                key([10, 96, 0, 10], 53, PROTO_UDP),
+                ServiceEntry {
+                    service_id: 2,
+                    backend_count: 1,
+                    affinity_timeout_s: 0,
+                    flags: 0,
+                },
+                vec![backend([10, 224, 2, 5], 5353)],
+            ),
+        ]
+    }
+
+    #[test]
+    fn services_list_each_frontend_with_its_backends() {
+        assert_eq!(
+            render_services(&service_rows(), false),
+            "FRONTEND                       ID FLAGS                     AFFINITY BACKENDS\n\
+             10.96.0.10:53/udp               2 -                                - 10.224.2.5:5353\n\
+             10.96.0.10:80/tcp               1 affinity                    10800s 10.224.1.5:8080 10.224.2.5:8080\n\
+             192.168.1.11:30080/tcp          3 node-port,local                  - refused\n"
+        );
+    }
+
+    #[test]
+    fn services_render_as_json() {
+        let json: Value = serde_json::from_str(&render_services(&service_rows(), true)).unwrap();
+        assert_eq!(
+            json,
+            json!([
+                {"address": "10.96.0.10", "port": 53, "protocol": "udp", "serviceId": 2,
+                 "flags": [], "affinityTimeoutSeconds": null, "backends": ["10.224.2.5:5353"]},
+                {"address": "10.96.0.10", "port": 80, "protocol": "tcp", "serviceId": 1,
+                 "flags": ["affinity"], "affinityTimeoutSeconds": 10800,
+                 "backends": ["10.224.1.5:8080", "10.224.2.5:8080"]},
+                {"address": "192.168.1.11", "port": 30080, "protocol": "tcp", "serviceId": 3,
+                 "flags": ["node-port", "local"], "affinityTimeoutSeconds": null, "backends": []},
+            ])
+        );
     }
 }

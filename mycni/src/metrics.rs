@@ -39,6 +39,17 @@ pub struct Snapshot {
     pub garbage_collected: u64,
     pub peer_errors: u64,
     pub peers_unapplied: u64,
+    /// What the Services control plane last wrote, when it runs (`--service-mode ebpf`
+    /// with the Kubernetes API).
+    pub services: Option<ServiceCounts>,
+    pub service_sync_errors: u64,
+}
+
+/// Frontends in `SERVICES` and backend slots in `BACKENDS` the agent last wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceCounts {
+    pub frontends: u64,
+    pub backends: u64,
 }
 
 /// Reads the maps for `/metrics`. The NAT figures are the ones the expiry thread last
@@ -85,6 +96,8 @@ pub fn snapshot(
         garbage_collected: counters.garbage_collected.load(Ordering::Relaxed),
         peer_errors: counters.peer_errors.load(Ordering::Relaxed),
         peers_unapplied: counters.peers_unapplied.load(Ordering::Relaxed),
+        services: counters.services(),
+        service_sync_errors: counters.service_sync_errors.load(Ordering::Relaxed),
     })
 }
 
@@ -190,6 +203,26 @@ pub fn render_metrics(s: &Snapshot) -> String {
         "Peer nodes whose routes are not applied yet (failing, waiting for a retry).",
         &[(String::new(), s.peers_unapplied.to_string())],
     );
+    if let Some(services) = s.services {
+        family(
+            "mycni_service_frontends",
+            "gauge",
+            "Service frontends in SERVICES (ClusterIP, externalIP, NodePort per port).",
+            &[(String::new(), services.frontends.to_string())],
+        );
+        family(
+            "mycni_service_backends",
+            "gauge",
+            "Backend slots in BACKENDS, over every frontend.",
+            &[(String::new(), services.backends.to_string())],
+        );
+        family(
+            "mycni_service_sync_errors_total",
+            "counter",
+            "Failed writes of the Services maps (each is retried).",
+            &[(String::new(), s.service_sync_errors.to_string())],
+        );
+    }
     family(
         "mycni_garbage_collected_total",
         "counter",
@@ -206,6 +239,11 @@ pub struct AgentCounters {
     pub garbage_collected: AtomicU64,
     pub peer_errors: AtomicU64,
     pub peers_unapplied: AtomicU64,
+    pub service_sync_errors: AtomicU64,
+    /// What the Services control plane last wrote; `services_published` once it did.
+    services_published: AtomicBool,
+    service_frontends: AtomicU64,
+    service_backends: AtomicU64,
     /// NAT occupancy as the expiry thread last counted it; `nat_published` once it did.
     nat_published: AtomicBool,
     nat_tcp: AtomicU64,
@@ -241,6 +279,25 @@ impl AgentCounters {
         self.routes_own_cidr
             .store(u64::from(own_cidr), Ordering::Relaxed);
         self.routes_published.store(true, Ordering::Release);
+    }
+
+    pub fn publish_services(&self, frontends: usize, backends: usize) {
+        self.service_frontends
+            .store(frontends as u64, Ordering::Relaxed);
+        self.service_backends
+            .store(backends as u64, Ordering::Relaxed);
+        self.services_published.store(true, Ordering::Release);
+    }
+
+    /// What the Services control plane last wrote, if it runs and wrote once.
+    pub fn services(&self) -> Option<ServiceCounts> {
+        if !self.services_published.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(ServiceCounts {
+            frontends: self.service_frontends.load(Ordering::Relaxed),
+            backends: self.service_backends.load(Ordering::Relaxed),
+        })
     }
 
     /// The routes the agent last applied (`local` is the caller's: one per endpoint).
@@ -359,7 +416,15 @@ mod tests {
             garbage_collected: 0,
             peer_errors: 3,
             peers_unapplied: 1,
+            services: Some(ServiceCounts {
+                frontends: 5,
+                backends: 9,
+            }),
+            service_sync_errors: 2,
         });
+        assert!(text.contains("mycni_service_frontends 5\n"));
+        assert!(text.contains("mycni_service_backends 9\n"));
+        assert!(text.contains("mycni_service_sync_errors_total 2\n"));
         assert!(text.contains("mycni_peer_errors_total 3\n"));
         assert!(text.contains("mycni_peers_unapplied 1\n"));
         assert!(text.contains("mycni_packets_total{verdict=\"snat\"} 7\n"));
@@ -370,5 +435,27 @@ mod tests {
         assert!(text.contains("mycni_routes{kind=\"own-cidr\"} 1\n"));
         assert!(text.contains("mycni_node_source_errors_total 4\n"));
         assert!(text.contains("# TYPE mycni_endpoints gauge\n"));
+    }
+}
+
+#[cfg(test)]
+mod service_metric_tests {
+    use super::*;
+
+    #[test]
+    fn service_gauges_appear_only_once_the_control_plane_wrote() {
+        let counters = AgentCounters::default();
+        let without = render_metrics(&Snapshot {
+            services: counters.services(),
+            ..Snapshot::default()
+        });
+        assert!(!without.contains("mycni_service_frontends"));
+        counters.publish_services(3, 7);
+        let with = render_metrics(&Snapshot {
+            services: counters.services(),
+            ..Snapshot::default()
+        });
+        assert!(with.contains("# TYPE mycni_service_frontends gauge\nmycni_service_frontends 3\n"));
+        assert!(with.contains("mycni_service_backends 7\n"));
     }
 }

@@ -145,25 +145,33 @@ impl Cluster {
             // Forwarding off until the agent turns it on (it must: node-to-pod, ClusterIP
             // and SNAT flows are forwarded by the node stack), whatever the machine has.
             netns.sysctl("net.ipv4.ip_forward", "0")?;
-            let ip = spec.ip.to_string();
-            let nodes_file = cluster.nodes_file.display().to_string();
-            let mut args = vec![
-                "--node-name",
-                spec.name,
-                "--node-ip",
-                &ip,
-                "--uplink",
-                "eth0",
-                "--cluster-cidr",
-                CLUSTER_CIDR,
-                "--nodes-file",
-                &nodes_file,
-            ];
-            args.extend_from_slice(extra_agent_args);
+            let mut args = cluster.agent_args(index);
+            args.extend(extra_agent_args.iter().map(|a| a.to_string()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             node.start_agent(&args)?;
             cluster.nodes.push(node);
         }
         Ok(cluster)
+    }
+
+    /// The arguments every node's agent runs with (this node, the uplink, the cluster CIDR,
+    /// the shared nodes file), before any extra ones.
+    pub fn agent_args(&self, index: usize) -> Vec<String> {
+        let spec = &NODES[index];
+        [
+            "--node-name",
+            spec.name,
+            "--node-ip",
+            &spec.ip.to_string(),
+            "--uplink",
+            "eth0",
+            "--cluster-cidr",
+            CLUSTER_CIDR,
+            "--nodes-file",
+            &self.nodes_file.display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     pub fn node(&self, name: &str) -> &Node {

@@ -1,6 +1,7 @@
 //! A real Kubernetes in network namespaces: etcd, kube-apiserver, kube-controller-manager
 //! (allocating node pod CIDRs) and kube-scheduler in a control-plane namespace, and per node
-//! a namespace running containerd, kubelet and kube-proxy (iptables mode), all on one
+//! a namespace running containerd, kubelet and kube-proxy (iptables mode; or none, with
+//! [`LabOptions`], for a CNI that balances Services itself), all on one
 //! bridge, as kubeadm builds a node: `net.ipv4.ip_forward=1`, a default route (to an outside
 //! host with an HTTP server on an address beyond the lab's subnet and no route to pods).
 //!
@@ -216,6 +217,20 @@ impl Drop for Daemon {
     }
 }
 
+/// How a lab differs from a kubeadm cluster's defaults.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Run kube-proxy (iptables mode) on every node; without it, only a CNI that
+    /// balances Services itself makes them work.
+    pub kube_proxy: bool,
+}
+
+impl Default for LabOptions {
+    fn default() -> LabOptions {
+        LabOptions { kube_proxy: true }
+    }
+}
+
 /// One node: its namespace, directories, and the supervisor running containerd and
 /// kubelet in the node's private mount namespace.
 pub struct LabNode {
@@ -420,6 +435,15 @@ impl KubeLab {
     /// containerd and kubelet with the images imported. No CNI runs yet: that is the
     /// caller's (the DaemonSet, or an agent it starts).
     pub fn new(prefix: &str, extra_images: &[PathBuf]) -> Result<KubeLab> {
+        KubeLab::with_options(prefix, extra_images, LabOptions::default())
+    }
+
+    /// [`KubeLab::new`], shaped by `options`.
+    pub fn with_options(
+        prefix: &str,
+        extra_images: &[PathBuf],
+        options: LabOptions,
+    ) -> Result<KubeLab> {
         let bin = k8s_bin_dir()?;
         // kubelet 1.20's cgroupfs driver here runs on the v1 hierarchies.
         for hierarchy in V1_HIERARCHIES {
@@ -483,7 +507,7 @@ impl KubeLab {
             lab.nodes.push(node);
         }
         for index in 0..lab.nodes.len() {
-            lab.start_node(index, extra_images)?;
+            lab.start_node(index, extra_images, &options)?;
         }
         Ok(lab)
     }
@@ -679,7 +703,12 @@ impl KubeLab {
         Ok(())
     }
 
-    fn start_node(&mut self, index: usize, extra_images: &[PathBuf]) -> Result<()> {
+    fn start_node(
+        &mut self,
+        index: usize,
+        extra_images: &[PathBuf],
+        options: &LabOptions,
+    ) -> Result<()> {
         let pki = self.pki();
         let bin = self.bin.clone();
         let images = cache_dir().join("images");
@@ -711,6 +740,12 @@ impl KubeLab {
             ("panic_on_oops", "1"),
         ] {
             std::fs::write(dir.join("sys").join(file), format!("{value}\n"))?;
+        }
+        // The node's cgroup v2 directory too (runc creates it with the first pod): an
+        // agent in Services' eBPF mode attaches to it, possibly before.
+        let unified = Path::new("/sys/fs/cgroup/unified");
+        if unified.join("cgroup.procs").exists() {
+            std::fs::create_dir_all(unified.join(&node.cgroup_root))?;
         }
         for hierarchy in V1_HIERARCHIES {
             let parent = Path::new("/sys/fs/cgroup").join(hierarchy);
@@ -829,6 +864,16 @@ state = "{state}"
                 .join(" ")
         };
         let sys = dir.join("sys");
+        let kube_proxy_line = if options.kube_proxy {
+            format!(
+                "{} {} > {}/kube-proxy.log 2>&1 &\n",
+                bin.join("kube-proxy").display(),
+                quoted(&kube_proxy_args),
+                dir.display()
+            )
+        } else {
+            String::new()
+        };
         let script = format!(
             r#"set -e
 mount -t tmpfs tmpfs /var/lib
@@ -845,16 +890,13 @@ mount --bind {sys}/panic /proc/sys/kernel/panic
 mount --bind {sys}/panic_on_oops /proc/sys/kernel/panic_on_oops
 containerd --config {dir}/containerd.toml > {dir}/containerd.log 2>&1 &
 i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; done
-{import_lines}{kube_proxy} {kube_proxy_args} > {dir}/kube-proxy.log 2>&1 &
-exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
+{import_lines}{kube_proxy_line}exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
 "#,
             dir = dir.display(),
             sys = sys.display(),
             sock = node.containerd_socket().display(),
             kubelet = bin.join("kubelet").display(),
             kubelet_args = quoted(&kubelet_args),
-            kube_proxy = bin.join("kube-proxy").display(),
-            kube_proxy_args = quoted(&kube_proxy_args),
         );
         std::fs::write(dir.join("node.sh"), &script)?;
         let mut cmd = node.netns.command("unshare");
@@ -1075,7 +1117,12 @@ exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
     /// this lab; waits until the DaemonSet is ready on every node
     /// and the nodes are Ready (the error carries the agents' pods and logs).
     pub fn install_mycni(&mut self) -> Result<()> {
-        self.apply(&lab_manifest()?)?;
+        self.install_mycni_manifest(&lab_manifest()?)
+    }
+
+    /// [`KubeLab::install_mycni`] with another filling-in of deploy/mycni.yaml.
+    pub fn install_mycni_manifest(&mut self, manifest: &str) -> Result<()> {
+        self.apply(manifest)?;
         let nodes = self.nodes.len();
         let ready = self
             .wait(
@@ -1367,3 +1414,28 @@ pub fn lab_manifest() -> Result<String> {
     }
     Ok(manifest)
 }
+
+/// [`lab_manifest`] with Services balanced by mycni (`service-mode: "ebpf"` in the
+/// ConfigMap) for a lab without kube-proxy. The lab's nodes share the machine's cgroup v2
+/// tree, each with its pods under its own `--cgroup-root`, so each agent attaches to its
+/// node's (`<prefix>-<node name>`, from the node name the DaemonSet already passes): the
+/// one value the ConfigMap cannot hold, as it differs per node.
+pub fn lab_manifest_ebpf_services(prefix: &str) -> Result<String> {
+    let manifest = lab_manifest()?;
+    let cgroup_variable = "            - name: MYCNI_CGROUP_PATH\n              valueFrom: {configMapKeyRef: {name: mycni-config, key: cgroup-path}}\n";
+    let per_node = format!(
+        "            - name: MYCNI_CGROUP_PATH\n              value: \"{HOST_CGROUP_MOUNT}/unified/{prefix}-$(MYCNI_NODE_NAME)\"\n"
+    );
+    let mode = "service-mode: \"kube-proxy\"";
+    for wanted in [cgroup_variable, mode] {
+        if !manifest.contains(wanted) {
+            bail!("deploy/mycni.yaml has no `{wanted}` to fill in");
+        }
+    }
+    Ok(manifest
+        .replace(mode, "service-mode: \"ebpf\"")
+        .replace(cgroup_variable, &per_node))
+}
+
+/// Where deploy/mycni.yaml mounts the host's /sys/fs/cgroup in the agent's container.
+pub const HOST_CGROUP_MOUNT: &str = "/host/sys/fs/cgroup";

@@ -43,6 +43,9 @@ enum Task {
     Demo,
     /// Build what the Kubernetes end-to-end test needs (not setup) and run it alone.
     E2e(test::TestArguments),
+    /// Build what the Services lab test needs (not setup) and run it alone: the lab without
+    /// kube-proxy, mycni balancing Services in eBPF.
+    ServicesE2e(test::TestArguments),
     /// Upstream's e2e.test specs for network plugins against mycni in the lab; report and
     /// summary in target/conformance/.
     Conformance(test::TestArguments),
@@ -92,6 +95,7 @@ fn dispatch(task: Task) -> anyhow::Result<()> {
         Task::Demo => demo::run(),
         Task::E2e(arguments) => test::e2e(&arguments.args),
         Task::Conformance(arguments) => test::conformance(&arguments.args),
+        Task::ServicesE2e(arguments) => test::services_e2e(&arguments.args),
         Task::Test(arguments) => test::run(&arguments.args),
         Task::Bench(options) => bench::run(&options),
     }

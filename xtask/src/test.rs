@@ -75,6 +75,17 @@ pub fn conformance(args: &[String]) -> Result<()> {
     cmd::run(&mut lab_test("conformance", args, &test_image))
 }
 
+/// `cargo xtask services-e2e`: builds what the Services lab test needs (not the machine
+/// setup) and runs `tests/tests/kubernetes_services.rs` alone.
+pub fn services_e2e(args: &[String]) -> Result<()> {
+    if !cmd::is_root() {
+        bail!("the Services lab test needs root (it brings up the Kubernetes lab)");
+    }
+    build()?;
+    let test_image = lab_images()?;
+    cmd::run(&mut lab_test("kubernetes_services", args, &test_image))
+}
+
 /// `cargo xtask e2e`: builds what the Kubernetes end-to-end test needs (not the machine
 /// setup) and runs that test alone, its progress on the terminal.
 pub fn e2e(args: &[String]) -> Result<()> {

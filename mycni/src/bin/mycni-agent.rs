@@ -24,6 +24,7 @@ fn main() -> anyhow::Result<()> {
         AgentCommand::Peers(format) => map_tables::print_peers(root, format.json)?,
         AgentCommand::Nat(format) => map_tables::print_nat(root, format.json)?,
         AgentCommand::Stats(format) => map_tables::print_stats(root, format.json)?,
+        AgentCommand::Services(format) => map_tables::print_services(root, format.json)?,
     }
     Ok(())
 }

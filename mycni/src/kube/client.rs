@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Config};
 use serde::de::DeserializeOwned;
@@ -16,9 +16,11 @@ use tokio::sync::{oneshot, Notify};
 
 use super::config::context_options;
 use super::nodes::{KubeNode, NodeCache};
+use super::services::{EndpointsCache, ServiceCache};
 use super::WatchCache;
 use crate::agent::{AgentError, NodeSource};
 use crate::nodes::NodeEntry;
+use crate::service_frontends::{self, Frontends, LocalNode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeClientError {
@@ -211,6 +213,12 @@ impl<C> Watched<C> {
         std::mem::take(&mut lock(&self.shared).errors)
     }
 
+    /// How many changes the cache has reported, once the first list is complete.
+    pub fn generation(&self) -> Option<u64> {
+        let shared = lock(&self.shared);
+        shared.listed.then_some(shared.generation)
+    }
+
     /// Notified on every change and error.
     pub fn wakeup(&self) -> Arc<Notify> {
         self.wakeup.clone()
@@ -323,5 +331,68 @@ impl NodeSource for KubeNodeSource {
 
     fn wakeup(&self) -> Option<Arc<Notify>> {
         Some(self.nodes.wakeup())
+    }
+}
+
+/// Services and Endpoints from the API server, for the Services datapath.
+pub struct KubeServiceSource {
+    services: Watched<ServiceCache>,
+    endpoints: Watched<EndpointsCache>,
+    /// The generations of both caches the frontends were last computed from.
+    seen: Option<(u64, u64)>,
+}
+
+impl KubeServiceSource {
+    pub fn start(watches: &KubeWatches) -> KubeServiceSource {
+        KubeServiceSource {
+            services: watches.watch(
+                Api::<Service>::all(watches.client()),
+                ServiceCache::default(),
+                "service",
+            ),
+            endpoints: watches.watch(
+                Api::<Endpoints>::all(watches.client()),
+                EndpointsCache::default(),
+                // Logs say "listing endpoints", "endpoint watch resumed".
+                "endpoint",
+            ),
+            seen: None,
+        }
+    }
+
+    /// The frontends on `node`, when both first lists are complete and either cache
+    /// changed since the last call (a partial picture would delete every frontend whose
+    /// kind has not arrived yet).
+    pub fn poll(&mut self, node: &LocalNode) -> Option<Frontends> {
+        let now = (self.services.generation()?, self.endpoints.generation()?);
+        if self.seen == Some(now) {
+            return None;
+        }
+        self.seen = Some(now);
+        self.services
+            .read(|services| {
+                self.endpoints.read(|endpoints| {
+                    service_frontends::frontends(services.objects(), endpoints.objects(), node)
+                })
+            })
+            .flatten()
+    }
+
+    /// Forgets what was computed last, so the next poll computes again (after a failed
+    /// write to the maps).
+    pub fn recompute(&mut self) {
+        self.seen = None;
+    }
+
+    /// Errors both watches met since the last call.
+    pub fn take_errors(&self) -> Vec<String> {
+        let mut errors = self.services.take_errors();
+        errors.extend(self.endpoints.take_errors());
+        errors
+    }
+
+    /// Notified on every change and error of either watch.
+    pub fn wakeups(&self) -> (Arc<Notify>, Arc<Notify>) {
+        (self.services.wakeup(), self.endpoints.wakeup())
     }
 }

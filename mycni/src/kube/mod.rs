@@ -1,10 +1,13 @@
-//! Kubernetes as a source of state, through kube-rs: [`config`] (where the API server is)
-//! and [`nodes`] (the Node cache) are pure; [`client`] is the adapter that connects, runs
-//! kube's watchers with their default backoff, and hands each event to a [`WatchCache`].
-//! A new kind (Pods, NetworkPolicies, Services) is a new cache plus one `watch` call.
+//! Kubernetes as a source of state, through kube-rs: [`config`] (where the API server is),
+//! [`nodes`] (the Node cache) and [`services`] (the Service and Endpoints caches) are pure;
+//! [`client`] is the adapter that connects, runs kube's watchers with their default
+//! backoff, and hands each event to a [`WatchCache`]. A new kind (Pods, NetworkPolicies) is
+//! a new cache plus one `watch` call; [`services::ProjectionCache`] serves any namespaced
+//! kind kept as a projection.
 pub mod client;
 pub mod config;
 pub mod nodes;
+pub mod services;
 
 use kube::runtime::watcher::Event;
 

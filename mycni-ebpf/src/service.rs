@@ -1,0 +1,164 @@
+//! Services, translated at the socket (cgroup v2 `sock_addr` hooks), as Cilium's socket LB
+//! does: a connection or datagram to a frontend gets a backend's address before the kernel
+//! routes it, so no packet of a Service flow is ever rewritten.
+//!
+//! - `connect4` (TCP, connected UDP, SCTP) and `sendmsg4` (unconnected UDP): a frontend with
+//!   backends gets one (the client's previous one under `sessionAffinity: ClientIP`, else a
+//!   random slot), and the socket remembers the frontend in `SOCK_REVERSE`; a frontend with
+//!   none refuses the call with `ECONNREFUSED`; any other address is left alone.
+//! - `recvmsg4` and `getpeername4`: a backend address the socket was given shows as the
+//!   frontend the application addressed.
+use aya_ebpf::helpers::{
+    bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    bpf_set_retval,
+};
+use aya_ebpf::programs::SockAddrContext;
+use aya_ebpf::EbpfContext;
+use mycni_common::service::{
+    AffinityEntry, AffinityKey, Backend, BackendKey, ServiceEntry, ServiceKey, SockReverseEntry,
+    SockReverseKey, SERVICE_AFFINITY_CLIENT_IP,
+};
+use mycni_common::verdict;
+
+use crate::counters;
+use crate::maps::{AFFINITY, BACKENDS, SERVICES, SOCK_REVERSE};
+
+/// What a `sock_addr` program returns to let the call go on.
+const PROCEED: i32 = 1;
+/// What it returns to fail the call (with `EPERM`, or the error `bpf_set_retval` set).
+const REFUSE: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// The destination the application gave: address in network order, port in host order.
+#[inline(always)]
+fn user_address(ctx: &SockAddrContext) -> ([u8; 4], u16) {
+    // SAFETY: the kernel hands every sock_addr program a valid context; the verifier
+    // checks each field access.
+    let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    // `user_port` holds `sin_port` (network order) in its low 16 bits.
+    (ip.to_ne_bytes(), u16::from_be(port as u16))
+}
+
+#[inline(always)]
+fn set_user_address(ctx: &SockAddrContext, address: [u8; 4], port: u16) {
+    // SAFETY: as in `user_address`; these hooks may write both fields.
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(address);
+        (*ctx.sock_addr).user_port = port.to_be() as u32;
+    }
+}
+
+/// `connect4` and `sendmsg4`: sends a call addressed to a frontend to one of its backends.
+#[inline(always)]
+pub(crate) fn to_backend(ctx: &SockAddrContext) -> i32 {
+    let (address, port) = user_address(ctx);
+    // SAFETY: as in `user_address`.
+    let protocol = unsafe { (*ctx.sock_addr).protocol };
+    let key = ServiceKey {
+        address,
+        port,
+        protocol: protocol as u8,
+        scope: 0,
+    };
+    // SAFETY: the entry is copied out at once; the agent replaces entries whole.
+    let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else {
+        return PROCEED;
+    };
+    let Some(backend) = pick_backend(ctx, &service) else {
+        counters::count(verdict::SERVICE_NO_BACKEND, 0);
+        // SAFETY: a helper call with no pointer; `connect4` and `sendmsg4` may set the
+        // error the refused call returns.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return REFUSE;
+    };
+    let reverse = SockReverseKey {
+        // SAFETY: the context pointer is the one the kernel passed.
+        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        backend,
+    };
+    let frontend = SockReverseEntry {
+        address,
+        port,
+        pad: 0,
+    };
+    // A full LRU evicts the oldest socket; failing here would only lose the reverse view.
+    let _ = SOCK_REVERSE.insert(&reverse, &frontend, 0);
+    set_user_address(ctx, backend.address, backend.port);
+    counters::count(verdict::SERVICE_TRANSLATED, 0);
+    PROCEED
+}
+
+/// The client's fresh affinity entry when the frontend asks for one, else a random slot
+/// (recorded for the client under affinity). `None`: no backend.
+#[inline(always)]
+fn pick_backend(ctx: &SockAddrContext, service: &ServiceEntry) -> Option<Backend> {
+    if service.backend_count == 0 {
+        return None;
+    }
+    if service.flags & SERVICE_AFFINITY_CLIENT_IP == 0 {
+        return random_backend(service);
+    }
+    let key = AffinityKey {
+        // SAFETY: the context pointer is the one the kernel passed.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        service_id: service.service_id,
+        pad: 0,
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = service.affinity_timeout_s as u64 * NS_PER_S;
+    if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: a pointer into the map's value, valid for this program run; a racing
+        // update of `last_used_ns` by another CPU only changes when the entry expires.
+        unsafe {
+            if now.wrapping_sub((*entry).last_used_ns) < timeout_ns {
+                (*entry).last_used_ns = now;
+                return Some((*entry).backend);
+            }
+        }
+    }
+    let backend = random_backend(service)?;
+    let entry = AffinityEntry {
+        backend,
+        last_used_ns: now,
+    };
+    let _ = AFFINITY.insert(&key, &entry, 0);
+    Some(backend)
+}
+
+#[inline(always)]
+fn random_backend(service: &ServiceEntry) -> Option<Backend> {
+    // SAFETY: helper without arguments.
+    let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
+    let key = BackendKey {
+        service_id: service.service_id,
+        slot,
+    };
+    // A slot missing under a count that says it is there is a torn update: refused, as if
+    // the frontend had no backend (the agent writes slots before the count that covers
+    // them, so this does not happen between its updates).
+    // SAFETY: the value is copied out at once.
+    unsafe { BACKENDS.get(&key) }.copied()
+}
+
+/// `recvmsg4` and `getpeername4`: a peer this socket was sent to in place of a frontend
+/// shows as that frontend. Always lets the call go on (these hooks cannot refuse).
+#[inline(always)]
+pub(crate) fn to_frontend(ctx: &SockAddrContext) -> i32 {
+    let (address, port) = user_address(ctx);
+    let key = SockReverseKey {
+        // SAFETY: the context pointer is the one the kernel passed.
+        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        backend: Backend {
+            address,
+            port,
+            pad: 0,
+        },
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(frontend) = unsafe { SOCK_REVERSE.get(&key) }.copied() {
+        set_user_address(ctx, frontend.address, frontend.port);
+    }
+    PROCEED
+}

@@ -1,0 +1,151 @@
+//! Thin adapter: reads `SERVICES` and `BACKENDS` from their pins and writes the
+//! [`super::plan`] to them; clears `AFFINITY` entries of services whose backends changed.
+//! The control plane builds a [`DesiredServices`] and calls [`ServiceTables::apply`].
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use mycni_common::service::{
+    AffinityEntry, AffinityKey, Backend, BackendKey, ServiceEntry, ServiceKey,
+};
+use mycni_common::{MAP_AFFINITY, MAP_BACKENDS, MAP_SERVICES};
+
+use super::plan::{plan, DesiredServices, PlanError, ServiceOp};
+use crate::datapath::{self, DatapathError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceTablesError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("the desired Services are inconsistent: {0}")]
+    Plan(#[from] PlanError),
+}
+
+fn map_error(name: &'static str) -> impl FnOnce(MapError) -> ServiceTablesError {
+    move |source| ServiceTablesError::Map { name, source }
+}
+
+/// The Services maps, opened from their pins.
+pub struct ServiceTables {
+    services: HashMap<MapData, ServiceKey, ServiceEntry>,
+    backends: HashMap<MapData, BackendKey, Backend>,
+    affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+}
+
+/// What one [`ServiceTables::apply`] wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplySummary {
+    pub writes: usize,
+    pub affinity_cleared: usize,
+}
+
+impl ServiceTables {
+    pub fn open(root: &Path) -> Result<ServiceTables, ServiceTablesError> {
+        datapath::check_loaded(root)?;
+        let services = HashMap::try_from(Map::HashMap(datapath::open_pinned(root, MAP_SERVICES)?))
+            .map_err(map_error(MAP_SERVICES))?;
+        let backends = HashMap::try_from(Map::HashMap(datapath::open_pinned(root, MAP_BACKENDS)?))
+            .map_err(map_error(MAP_BACKENDS))?;
+        let affinity =
+            HashMap::try_from(Map::LruHashMap(datapath::open_pinned(root, MAP_AFFINITY)?))
+                .map_err(map_error(MAP_AFFINITY))?;
+        Ok(ServiceTables {
+            services,
+            backends,
+            affinity,
+        })
+    }
+
+    /// The frontends as the maps hold them.
+    pub fn services(&self) -> Result<BTreeMap<ServiceKey, ServiceEntry>, ServiceTablesError> {
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(MAP_SERVICES))
+    }
+
+    /// Every filled backend slot.
+    pub fn backend_slots(&self) -> Result<BTreeMap<BackendKey, Backend>, ServiceTablesError> {
+        self.backends
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(MAP_BACKENDS))
+    }
+
+    /// Each frontend with its entry and the backends of its counted slots (for printing).
+    pub fn frontends(&self) -> Result<DesiredServices, ServiceTablesError> {
+        let slots = self.backend_slots()?;
+        Ok(self
+            .services()?
+            .into_iter()
+            .map(|(key, entry)| {
+                let backends = (0..entry.backend_count)
+                    .filter_map(|slot| {
+                        slots
+                            .get(&BackendKey {
+                                service_id: entry.service_id,
+                                slot,
+                            })
+                            .copied()
+                    })
+                    .collect();
+                (key, (entry, backends))
+            })
+            .collect())
+    }
+
+    /// Makes the maps hold `desired`, writing only the difference in an order that never
+    /// lets a connection pick an empty slot (see [`super::plan`]). A failed write leaves
+    /// the maps consistent up to that write; the next `apply` finishes the job.
+    pub fn apply(&mut self, desired: &DesiredServices) -> Result<ApplySummary, ServiceTablesError> {
+        let ops = plan(&self.services()?, &self.backend_slots()?, desired)?;
+        let mut summary = ApplySummary::default();
+        let mut clear = BTreeSet::new();
+        for op in &ops {
+            match op {
+                ServiceOp::PutBackend(key, backend) => self
+                    .backends
+                    .insert(key, backend, 0)
+                    .map_err(map_error(MAP_BACKENDS))?,
+                ServiceOp::PutService(key, entry) => self
+                    .services
+                    .insert(key, entry, 0)
+                    .map_err(map_error(MAP_SERVICES))?,
+                ServiceOp::DeleteService(key) => {
+                    datapath::ignore_missing(self.services.remove(key))
+                        .map_err(map_error(MAP_SERVICES))?
+                }
+                ServiceOp::DeleteBackend(key) => {
+                    datapath::ignore_missing(self.backends.remove(key))
+                        .map_err(map_error(MAP_BACKENDS))?
+                }
+                ServiceOp::ClearAffinity(service_id) => {
+                    clear.insert(*service_id);
+                    continue;
+                }
+            }
+            summary.writes += 1;
+        }
+        // One walk of the LRU for every service whose backends changed, after the slots.
+        if !clear.is_empty() {
+            let stale: Vec<AffinityKey> = self
+                .affinity
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|key| clear.contains(&key.service_id))
+                .collect();
+            for key in stale {
+                datapath::ignore_missing(self.affinity.remove(&key))
+                    .map_err(map_error(MAP_AFFINITY))?;
+                summary.affinity_cleared += 1;
+            }
+        }
+        Ok(summary)
+    }
+}

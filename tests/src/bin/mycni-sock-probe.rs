@@ -1,0 +1,123 @@
+//! A process for the Services tests to run inside a test cgroup (where the socket-level
+//! programs apply, which a thread of the test process cannot be): a server that names
+//! itself, and clients that print what each call saw, one line per try.
+//!
+//! ```text
+//! mycni-sock-probe serve PORT NAME            TCP and UDP on 0.0.0.0:PORT, answering NAME; prints "ready"
+//! mycni-sock-probe tcp ADDR:PORT [N]          N connections: "peer=ADDR reply=NAME" or "errno=E"
+//! mycni-sock-probe udp ADDR:PORT [N]          N datagrams on one unconnected socket: "peer=SOURCE reply=NAME"
+//! mycni-sock-probe udp-connected ADDR:PORT [N]  one connected socket: "peer=GETPEERNAME reply=NAME"
+//! ```
+//!
+//! With `MYCNI_PROBE_STEP` set, the UDP modes wait for a line on stdin before each datagram
+//! after the first (a test does something between them, on the same socket).
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| args.get(i).map(String::as_str);
+    match (arg(0), arg(1), arg(2)) {
+        (Some("serve"), Some(port), Some(name)) => serve(port.parse()?, name),
+        (Some(mode), Some(target), count) => {
+            let target: SocketAddr = target.parse().context("target ADDR:PORT")?;
+            let count: usize = count.unwrap_or("1").parse()?;
+            for _ in 0..count {
+                let line = match mode {
+                    "tcp" => tcp(target),
+                    "udp" | "udp-connected" => continue,
+                    _ => bail!("unknown mode {mode}"),
+                };
+                println!("{}", line.unwrap_or_else(describe));
+            }
+            match mode {
+                "udp" => udp(target, count, false),
+                "udp-connected" => udp(target, count, true),
+                _ => Ok(()),
+            }
+        }
+        _ => bail!("usage: mycni-sock-probe serve PORT NAME | tcp|udp|udp-connected ADDR:PORT [N]"),
+    }
+}
+
+fn describe(error: std::io::Error) -> String {
+    format!("errno={}", error.raw_os_error().unwrap_or(0))
+}
+
+fn serve(port: u16, name: &str) -> Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    let udp = UdpSocket::bind(("0.0.0.0", port))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let reply = name.as_bytes().to_vec();
+    let udp_reply = reply.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&udp_reply, peer);
+        }
+    });
+    // A client that went away is its own problem.
+    for mut conn in listener.incoming().flatten() {
+        let _ = conn.write_all(&reply);
+    }
+    Ok(())
+}
+
+fn tcp(target: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&target, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let peer = stream.peer_addr()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(format!("peer={peer} reply={reply}"))
+}
+
+fn udp(target: SocketAddr, count: usize, connected: bool) -> Result<()> {
+    let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    if connected {
+        if let Err(e) = socket.connect(target) {
+            let line = describe(e);
+            for _ in 0..count {
+                println!("{line}");
+            }
+            return Ok(());
+        }
+    }
+    let mut buf = [0u8; 512];
+    let stepped = std::env::var_os("MYCNI_PROBE_STEP").is_some();
+    for index in 0..count {
+        if stepped && index > 0 {
+            let mut go = String::new();
+            std::io::stdin().read_line(&mut go)?;
+        }
+        let line = if connected {
+            socket
+                .send(b"probe")
+                .and_then(|_| socket.recv(&mut buf))
+                .and_then(|n| {
+                    let peer = socket.peer_addr()?;
+                    Ok(format!(
+                        "peer={peer} reply={}",
+                        String::from_utf8_lossy(&buf[..n])
+                    ))
+                })
+        } else {
+            socket
+                .send_to(b"probe", target)
+                .and_then(|_| socket.recv_from(&mut buf))
+                .map(|(n, from)| {
+                    format!("peer={from} reply={}", String::from_utf8_lossy(&buf[..n]))
+                })
+        };
+        println!("{}", line.unwrap_or_else(describe));
+        std::io::stdout().flush()?;
+    }
+    Ok(())
+}

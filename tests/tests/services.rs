@@ -1,0 +1,583 @@
+//! Services in eBPF mode: the socket-level programs on a per-test cgroup, the agent run with
+//! `--service-mode ebpf --cgroup-path` at it, frontends and backends written through
+//! `mycni::socket_lb::ServiceTables`, and clients run as processes inside the cgroup
+//! (`mycni-sock-probe`). Needs root.
+//!
+//! aya's `BPF_PROG_TEST_RUN` does not run `sock_addr` programs, so these are the programs'
+//! tests: each check below fails when the program or the map writes it relies on is broken.
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use mycni::socket_lb::{DesiredServices, ServiceTables};
+use mycni_common::service::{
+    Backend, ServiceEntry, ServiceKey, PROTO_TCP, PROTO_UDP, SERVICE_AFFINITY_CLIENT_IP,
+};
+use mycni_common::verdict;
+use mycni_tests::cluster::Cluster;
+use mycni_tests::{bin_dir, prefix, AgentLog, Netns, Node, Pod, NODE_IP};
+
+const ECONNREFUSED: i32 = 111;
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const BACKEND_PORT: u16 = 8080;
+
+fn probe_bin() -> PathBuf {
+    bin_dir().join("mycni-sock-probe")
+}
+
+/// A cgroup v2 directory of this test's own, under the hybrid mount; removed on drop.
+struct TestCgroup {
+    path: PathBuf,
+}
+
+impl TestCgroup {
+    fn new(prefix: &str) -> Result<TestCgroup> {
+        let path = PathBuf::from("/sys/fs/cgroup/unified").join(prefix);
+        if path.exists() {
+            remove_cgroup(&path);
+        }
+        std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        Ok(TestCgroup { path })
+    }
+
+    fn arg(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+fn remove_cgroup(path: &std::path::Path) {
+    // Probes exit on their own; kill what a failed test may have left before removing.
+    let _ = std::fs::write(path.join("cgroup.kill"), "1");
+    for _ in 0..50 {
+        if std::fs::remove_dir(path).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        remove_cgroup(&self.path);
+    }
+}
+
+/// A `mycni-sock-probe serve` in a namespace (outside any test cgroup), killed on drop.
+struct Server {
+    child: Child,
+}
+
+impl Server {
+    fn start(netns: &Netns, port: u16, name: &str) -> Result<Server> {
+        let mut child = netns
+            .command(probe_bin())
+            .args(["serve", &port.to_string(), name])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawn the probe server")?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let server = Server { child };
+        ensure!(
+            line.trim() == "ready",
+            "server {name} did not start: {line:?}"
+        );
+        Ok(server)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A connected UDP probe in the cgroup that sends one datagram per [`SteppedProbe::next`]
+/// on the same socket.
+struct SteppedProbe {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    answered: usize,
+}
+
+impl SteppedProbe {
+    fn start(
+        cgroup: &TestCgroup,
+        netns: &Netns,
+        target: SocketAddr,
+        count: usize,
+    ) -> Result<SteppedProbe> {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec /usr/bin/nsenter --net={} -- {} udp-connected {target} {count}",
+            cgroup.arg(),
+            netns.path().display(),
+            probe_bin().display()
+        );
+        let mut child = Command::new("sh")
+            .args(["-c", &script])
+            .env("MYCNI_PROBE_STEP", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("spawn the stepped probe")?;
+        let stdout = child.stdout.take().context("probe stdout")?;
+        Ok(SteppedProbe {
+            child,
+            lines: BufReader::new(stdout).lines(),
+            answered: 0,
+        })
+    }
+
+    /// Sends the next datagram (the first went at start) and returns its answer.
+    fn next(&mut self) -> Result<Seen> {
+        if self.answered > 0 {
+            let stdin = self.child.stdin.as_mut().context("probe stdin")?;
+            stdin.write_all(b"\n")?;
+            stdin.flush()?;
+        }
+        let line = self.lines.next().context("the probe ended")??;
+        self.answered += 1;
+        Seen::parse(&line)
+    }
+}
+
+impl Drop for SteppedProbe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What one client call saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Reply { peer: SocketAddr, server: String },
+    Errno(i32),
+}
+
+impl Seen {
+    fn parse(line: &str) -> Result<Seen> {
+        if let Some(errno) = line.strip_prefix("errno=") {
+            return Ok(Seen::Errno(errno.trim().parse()?));
+        }
+        let rest = line.strip_prefix("peer=").context("a probe line")?;
+        let (peer, server) = rest.split_once(" reply=").context("a probe reply")?;
+        Ok(Seen::Reply {
+            peer: peer.parse()?,
+            server: server.trim().to_string(),
+        })
+    }
+}
+
+/// Runs the client `mode` (tcp, udp, udp-connected) `count` times to `target` from `netns`,
+/// inside `cgroup` (its pid written to `cgroup.procs` before it execs) or outside any.
+fn probe(
+    cgroup: Option<&TestCgroup>,
+    netns: &Netns,
+    mode: &str,
+    target: SocketAddr,
+    count: usize,
+) -> Result<Vec<Seen>> {
+    let client = format!(
+        "exec /usr/bin/nsenter --net={} -- {} {mode} {target} {count}",
+        netns.path().display(),
+        probe_bin().display()
+    );
+    let script = match cgroup {
+        Some(cgroup) => format!("echo $$ > {}/cgroup.procs && {client}", cgroup.arg()),
+        None => client,
+    };
+    let output = mycni_tests::run(Command::new("sh").args(["-c", &script]))?;
+    let lines: Vec<Seen> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(Seen::parse)
+        .collect::<Result<_>>()?;
+    ensure!(lines.len() == count, "{count} tries printed {lines:?}");
+    Ok(lines)
+}
+
+/// The servers that answered, each call having seen `frontend` as its peer.
+fn servers_behind(frontend: SocketAddr, seen: &[Seen]) -> Result<BTreeSet<String>> {
+    seen.iter()
+        .map(|s| match s {
+            Seen::Reply { peer, server } if *peer == frontend => Ok(server.clone()),
+            other => bail!("want a reply with {frontend} as the peer, got {other:?}"),
+        })
+        .collect()
+}
+
+fn frontend_key(address: Ipv4Addr, port: u16, protocol: u8) -> ServiceKey {
+    ServiceKey {
+        address: address.octets(),
+        port,
+        protocol,
+        scope: 0,
+    }
+}
+
+fn backend(pod: &Pod) -> Backend {
+    Backend {
+        address: pod.ip.octets(),
+        port: BACKEND_PORT,
+        pad: 0,
+    }
+}
+
+fn entry(service_id: u32, flags: u32, affinity_timeout_s: u32) -> ServiceEntry {
+    ServiceEntry {
+        service_id,
+        backend_count: 0,
+        affinity_timeout_s,
+        flags,
+    }
+}
+
+/// (Re)starts the node's agent with `args` and `env` and waits until it has applied its
+/// Services mode: the pins it waits for may be the last run's.
+fn restart_agent(node: &mut Node, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    node.stop_agent();
+    node.start_agent_with_env(args, env)?;
+    let log = AgentLog::follow(node)?;
+    log.wait_for(&["datapath pinned under"], Duration::from_secs(20))?;
+    Ok(())
+}
+
+fn packets(node: &Node, index: u32) -> Result<u64> {
+    Ok(mycni::datapath::read_stats(&node.pin_root())?[index as usize].packets)
+}
+
+/// One node in eBPF Services mode: a client pod, `backends` backend pods each serving
+/// `b<i>` on 8080 (TCP and UDP), and the node itself serving `node` on `NODE_IP:8080`.
+struct ServiceLab {
+    backends: Vec<Pod>,
+    client: Pod,
+    _servers: Vec<Server>,
+    // Dropped after the node (whose agent and pins go first), so the links are gone.
+    node: Node,
+    cgroup: TestCgroup,
+}
+
+impl ServiceLab {
+    fn new(test: &str, pod_cidr: &str, backends: usize) -> Result<ServiceLab> {
+        let prefix = prefix(test);
+        let cgroup = TestCgroup::new(&prefix)?;
+        let mut node = Node::bare(&prefix, "node", pod_cidr)?;
+        node.netns
+            .exec(&["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
+        restart_agent(
+            &mut node,
+            &["--service-mode", "ebpf", "--cgroup-path", &cgroup.arg()],
+            &[],
+        )?;
+        let mut servers = vec![Server::start(&node.netns, BACKEND_PORT, "node")?];
+        let pods = (0..backends)
+            .map(|i| node.add_pod(&format!("b{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        for (i, pod) in pods.iter().enumerate() {
+            servers.push(Server::start(&pod.netns, BACKEND_PORT, &format!("b{i}"))?);
+        }
+        let client = node.add_pod("client")?;
+        Ok(ServiceLab {
+            backends: pods,
+            client,
+            _servers: servers,
+            node,
+            cgroup,
+        })
+    }
+
+    fn apply(&self, desired: &DesiredServices) -> Result<()> {
+        ServiceTables::open(&self.node.pin_root())?.apply(desired)?;
+        Ok(())
+    }
+
+    fn probe(&self, mode: &str, target: SocketAddr, count: usize) -> Result<Vec<Seen>> {
+        probe(Some(&self.cgroup), &self.client.netns, mode, target, count)
+    }
+
+    fn all_backends(&self) -> Vec<Backend> {
+        self.backends.iter().map(backend).collect()
+    }
+}
+
+/// The kernel's id of the link pinned for `connect4`.
+fn link_id(node: &Node) -> Result<u32> {
+    let pin = node.pin_root().join("service_connect4-link");
+    let link = aya::programs::links::PinnedLink::from_pin(&pin)
+        .with_context(|| format!("open {}", pin.display()))?;
+    let link: aya::programs::links::FdLink = link.into();
+    Ok(link.info()?.id())
+}
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn tcp_to_a_cluster_ip_spreads_over_every_backend_and_sees_the_frontend_as_peer() -> Result<()> {
+    mycni_tests::require_root!();
+    let lab = ServiceLab::new("svctcp", "10.244.11.0/24", 3)?;
+    let frontend = SocketAddr::from((CLUSTER_IP, 80));
+    lab.apply(
+        &[(
+            frontend_key(CLUSTER_IP, 80, PROTO_TCP),
+            (entry(1, 0, 0), lab.all_backends()),
+        )]
+        .into(),
+    )?;
+    let before = packets(&lab.node, verdict::SERVICE_TRANSLATED)?;
+    let seen = lab.probe("tcp", frontend, 30)?;
+    // 30 random picks miss one of 3 backends with probability 3 * (2/3)^30, about 1e-5.
+    ensure!(
+        servers_behind(frontend, &seen)? == names(&["b0", "b1", "b2"]),
+        "connections did not reach every backend: {seen:?}"
+    );
+    let translated = packets(&lab.node, verdict::SERVICE_TRANSLATED)? - before;
+    ensure!(translated >= 30, "service_translated counted {translated}");
+    Ok(())
+}
+
+#[test]
+fn udp_replies_come_from_the_frontend_connected_or_not() -> Result<()> {
+    mycni_tests::require_root!();
+    let lab = ServiceLab::new("svcudp", "10.244.12.0/24", 2)?;
+    let frontend = SocketAddr::from((CLUSTER_IP, 53));
+    lab.apply(
+        &[(
+            frontend_key(CLUSTER_IP, 53, PROTO_UDP),
+            (entry(2, 0, 0), lab.all_backends()),
+        )]
+        .into(),
+    )?;
+    // One unconnected socket: each datagram picks anew, each reply shows the frontend.
+    let seen = lab.probe("udp", frontend, 20)?;
+    ensure!(
+        servers_behind(frontend, &seen)? == names(&["b0", "b1"]),
+        "{seen:?}"
+    );
+    // A connected socket: one backend for its life, getpeername shows the frontend.
+    let seen = lab.probe("udp-connected", frontend, 5)?;
+    ensure!(servers_behind(frontend, &seen)?.len() == 1, "{seen:?}");
+    Ok(())
+}
+
+#[test]
+fn a_frontend_without_backends_refuses_at_once_and_counts_it() -> Result<()> {
+    mycni_tests::require_root!();
+    let lab = ServiceLab::new("svcnone", "10.244.13.0/24", 1)?;
+    lab.apply(
+        &[
+            (
+                frontend_key(CLUSTER_IP, 80, PROTO_TCP),
+                (entry(3, 0, 0), vec![]),
+            ),
+            (
+                frontend_key(CLUSTER_IP, 53, PROTO_UDP),
+                (entry(4, 0, 0), vec![]),
+            ),
+        ]
+        .into(),
+    )?;
+    let before = packets(&lab.node, verdict::SERVICE_NO_BACKEND)?;
+    // ECONNREFUSED, not a timeout (ETIMEDOUT) nor EPERM: the program refused the call.
+    let seen = lab.probe("tcp", SocketAddr::from((CLUSTER_IP, 80)), 1)?;
+    ensure!(seen == [Seen::Errno(ECONNREFUSED)], "tcp: {seen:?}");
+    let seen = lab.probe("udp", SocketAddr::from((CLUSTER_IP, 53)), 1)?;
+    ensure!(seen == [Seen::Errno(ECONNREFUSED)], "udp: {seen:?}");
+    let refused = packets(&lab.node, verdict::SERVICE_NO_BACKEND)? - before;
+    ensure!(refused == 2, "service_no_backend counted {refused}");
+    Ok(())
+}
+
+#[test]
+fn affinity_pins_a_client_and_a_removed_backend_is_never_picked_again() -> Result<()> {
+    mycni_tests::require_root!();
+    let lab = ServiceLab::new("svcaff", "10.244.14.0/24", 3)?;
+    let sticky = SocketAddr::from((CLUSTER_IP, 81));
+    let spread = SocketAddr::from((CLUSTER_IP, 80));
+    let desired = |backends: Vec<Backend>| -> DesiredServices {
+        [
+            (
+                frontend_key(CLUSTER_IP, 81, PROTO_TCP),
+                (entry(5, SERVICE_AFFINITY_CLIENT_IP, 600), backends.clone()),
+            ),
+            (
+                frontend_key(CLUSTER_IP, 80, PROTO_TCP),
+                (entry(6, 0, 0), backends),
+            ),
+        ]
+        .into()
+    };
+    lab.apply(&desired(lab.all_backends()))?;
+    let pinned = servers_behind(sticky, &lab.probe("tcp", sticky, 20)?)?;
+    ensure!(
+        pinned.len() == 1,
+        "affinity let one client reach {pinned:?}"
+    );
+    // Separate processes of the same pod share the entry (it is keyed by network namespace).
+    ensure!(servers_behind(sticky, &lab.probe("tcp", sticky, 5)?)? == pinned);
+
+    // Take the pinned backend away: neither frontend ever picks it again, and the client
+    // is re-pinned to one of the others.
+    let gone = pinned.iter().next().context("one backend")?.clone();
+    let index: usize = gone.trim_start_matches('b').parse()?;
+    let kept: Vec<Backend> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != index)
+        .map(|(_, pod)| backend(pod))
+        .collect();
+    lab.apply(&desired(kept))?;
+    let repinned = servers_behind(sticky, &lab.probe("tcp", sticky, 20)?)?;
+    ensure!(
+        repinned.len() == 1 && !repinned.contains(&gone),
+        "after removing {gone}: {repinned:?}"
+    );
+    let spread_over = servers_behind(spread, &lab.probe("tcp", spread, 30)?)?;
+    ensure!(
+        spread_over.len() == 2 && !spread_over.contains(&gone),
+        "after removing {gone}: {spread_over:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_process_outside_the_cgroup_is_untouched() -> Result<()> {
+    mycni_tests::require_root!();
+    let lab = ServiceLab::new("svcout", "10.244.15.0/24", 1)?;
+    // The node's own address as a frontend (a NodePort or hostPort): the node answers as
+    // "node" to whoever is not translated.
+    let frontend = SocketAddr::from((NODE_IP, BACKEND_PORT));
+    lab.apply(
+        &[(
+            frontend_key(NODE_IP, BACKEND_PORT, PROTO_TCP),
+            (entry(7, 0, 0), lab.all_backends()),
+        )]
+        .into(),
+    )?;
+    let inside = servers_behind(frontend, &lab.probe("tcp", frontend, 3)?)?;
+    ensure!(inside == names(&["b0"]), "inside the cgroup: {inside:?}");
+    let outside = servers_behind(
+        frontend,
+        &probe(None, &lab.client.netns, "tcp", frontend, 3)?,
+    )?;
+    ensure!(
+        outside == names(&["node"]),
+        "outside the cgroup: {outside:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_agent_restart_keeps_services_and_kube_proxy_mode_detaches_them() -> Result<()> {
+    mycni_tests::require_root!();
+    let mut lab = ServiceLab::new("svcmode", "10.244.16.0/24", 1)?;
+    let frontend = SocketAddr::from((NODE_IP, BACKEND_PORT));
+    lab.apply(
+        &[
+            (
+                frontend_key(NODE_IP, BACKEND_PORT, PROTO_TCP),
+                (entry(8, 0, 0), lab.all_backends()),
+            ),
+            (
+                frontend_key(NODE_IP, BACKEND_PORT, PROTO_UDP),
+                (entry(8, 0, 0), lab.all_backends()),
+            ),
+        ]
+        .into(),
+    )?;
+    let cgroup = lab.cgroup.arg();
+    let old_link = link_id(&lab.node)?;
+    // A connected UDP socket kept across the restart: its replies keep showing the frontend.
+    let mut socket = SteppedProbe::start(&lab.cgroup, &lab.client.netns, frontend, 3)?;
+    let mut kept = vec![socket.next()?];
+    lab.node.stop_agent();
+    // While the agent is down the pinned links keep the programs attached.
+    let down = servers_behind(frontend, &lab.probe("tcp", frontend, 3)?)?;
+    ensure!(down == names(&["b0"]), "agent down: {down:?}");
+    kept.push(socket.next()?);
+    restart_agent(
+        &mut lab.node,
+        &["--service-mode", "ebpf", "--cgroup-path", &cgroup],
+        &[],
+    )?;
+    ensure!(
+        link_id(&lab.node)? != old_link,
+        "the restarted agent did not replace the link"
+    );
+    let restarted = servers_behind(frontend, &lab.probe("tcp", frontend, 3)?)?;
+    ensure!(
+        restarted == names(&["b0"]),
+        "agent restarted: {restarted:?}"
+    );
+    kept.push(socket.next()?);
+    ensure!(
+        servers_behind(frontend, &kept)? == names(&["b0"]),
+        "the connected UDP socket across the restart: {kept:?}"
+    );
+
+    // Back to kube-proxy mode (given through the DaemonSet's variable): nothing translated.
+    restart_agent(&mut lab.node, &[], &[("MYCNI_SERVICE_MODE", "kube-proxy")])?;
+    let detached = servers_behind(frontend, &lab.probe("tcp", frontend, 3)?)?;
+    ensure!(
+        detached == names(&["node"]),
+        "kube-proxy mode: {detached:?}"
+    );
+    Ok(())
+}
+
+/// A client on node-1, backends on node-2 (same segment: direct routing) and node-3 (in
+/// another subnet: VXLAN); only node-1's agent runs in eBPF Services mode.
+#[test]
+fn backends_on_other_nodes_direct_and_vxlan_are_reached() -> Result<()> {
+    mycni_tests::require_root!();
+    let prefix = prefix("svcnodes");
+    let cgroup = TestCgroup::new(&prefix)?;
+    let mut cluster = Cluster::new(&prefix, &["node-1", "node-2", "node-3"], &[])?;
+    cluster.wait_for_full_mesh()?;
+    let mut args = cluster.agent_args(0);
+    args.extend(["--service-mode", "ebpf", "--cgroup-path", &cgroup.arg()].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    restart_agent(&mut cluster.nodes[0], &args, &[])?;
+    let client = cluster.nodes[0].add_pod("client")?;
+    let direct = cluster.nodes[1].add_pod("direct")?;
+    let tunneled = cluster.nodes[2].add_pod("tunneled")?;
+    let _servers = [
+        Server::start(&direct.netns, BACKEND_PORT, "direct")?,
+        Server::start(&tunneled.netns, BACKEND_PORT, "vxlan")?,
+    ];
+    let frontend = SocketAddr::from((CLUSTER_IP, 80));
+    ServiceTables::open(&cluster.nodes[0].pin_root())?.apply(
+        &[
+            (
+                frontend_key(CLUSTER_IP, 80, PROTO_TCP),
+                (entry(9, 0, 0), vec![backend(&direct), backend(&tunneled)]),
+            ),
+            (
+                frontend_key(CLUSTER_IP, 53, PROTO_UDP),
+                (entry(10, 0, 0), vec![backend(&direct), backend(&tunneled)]),
+            ),
+        ]
+        .into(),
+    )?;
+    let tcp = probe(Some(&cgroup), &client.netns, "tcp", frontend, 20)?;
+    ensure!(
+        servers_behind(frontend, &tcp)? == names(&["direct", "vxlan"]),
+        "{tcp:?}"
+    );
+    let dns = SocketAddr::from((CLUSTER_IP, 53));
+    let udp = probe(Some(&cgroup), &client.netns, "udp", dns, 20)?;
+    ensure!(
+        servers_behind(dns, &udp)? == names(&["direct", "vxlan"]),
+        "{udp:?}"
+    );
+    Ok(())
+}
