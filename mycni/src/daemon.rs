@@ -12,10 +12,11 @@ use std::time::Duration;
 use crate::agent::{self, Agent, AgentError, NodeSettings, NodeSource, NodesFile};
 use crate::agent_cli::RunOptions;
 use crate::datapath::{self, DatapathError, Maps};
-use crate::kube::client::{ApiServer, KubeClientError, KubeNodeSource, KubeWatches};
+use crate::kube::client::{ApiServer, KubeClientError, KubeNodeSource, KubeWatches, PolicyWatches};
 use crate::kube::config::KubeConfigError;
 use crate::metrics::AgentCounters;
 use crate::netlink::{Netlink, NetlinkError};
+use crate::policy_sync::{PolicySync, SharedPolicyReport};
 
 /// The nodes file when neither it nor the Kubernetes API is named.
 pub const DEFAULT_NODES_FILE: &str = "/etc/mycni/nodes";
@@ -65,7 +66,11 @@ pub enum DaemonError {
 pub fn run(root: &Path, options: RunOptions) -> Result<(), DaemonError> {
     crate::ebpf_log::init(options.bpf_log_level);
     let mut options = options;
-    let kube_source = kube_source(&options)?;
+    let kube = kube_source(&options)?;
+    let (kube_source, kube_watches) = match kube {
+        Some((source, watches)) => (Some(source), Some(watches)),
+        None => (None, None),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -86,7 +91,15 @@ pub fn run(root: &Path, options: RunOptions) -> Result<(), DaemonError> {
             .block_on(agent::uplink_holding(settings.ip))
             .map_err(DaemonError::Uplink)?;
     }
-    runtime.block_on(serve(root, options, settings, kube_source))?;
+    let policy = match (&kube_watches, &kube_source) {
+        (Some(watches), Some(source)) => Some(runtime.block_on(start_policy(
+            watches,
+            source,
+            options.node_name.clone().unwrap_or_default(),
+        ))?),
+        _ => None,
+    };
+    runtime.block_on(serve(root, options, settings, kube_source, policy))?;
     log::info!("stopping; programs and maps stay pinned");
     Ok(())
 }
@@ -97,6 +110,7 @@ async fn serve(
     options: &RunOptions,
     settings: Option<NodeSettings>,
     kube_source: Option<KubeNodeSource>,
+    policy: Option<SharedPolicyReport>,
 ) -> Result<(), DaemonError> {
     let start = |what| move |source| DaemonError::Start { what, source };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -131,6 +145,7 @@ async fn serve(
             listener,
             root.to_path_buf(),
             counters.clone(),
+            policy,
         ));
     }
     if let Some(data_dir) = &options.data_dir {
@@ -214,8 +229,40 @@ fn node_settings(options: &RunOptions) -> Result<Option<NodeSettings>, DaemonErr
     }))
 }
 
-/// The Kubernetes node source the options ask for, if any.
-fn kube_source(options: &RunOptions) -> Result<Option<KubeNodeSource>, DaemonError> {
+/// Starts the NetworkPolicy watches and their loop ([`PolicySync`]) on a thread of its own;
+/// this node's addresses (its `HOST` identity) are read once, here.
+async fn start_policy(
+    watches: &KubeWatches,
+    nodes: &KubeNodeSource,
+    node_name: String,
+) -> Result<SharedPolicyReport, DaemonError> {
+    let netlink = Netlink::current()?;
+    let mut host_addresses = Vec::new();
+    for link in netlink.links().await? {
+        for (ip, _) in netlink.addresses(link.index).await? {
+            if !ip.is_loopback() {
+                host_addresses.push(ip);
+            }
+        }
+    }
+    let report = SharedPolicyReport::default();
+    PolicySync::new(
+        PolicyWatches::start(watches),
+        nodes.subscribe(),
+        node_name,
+        host_addresses,
+        report.clone(),
+    )
+    .spawn()
+    .map_err(|source| DaemonError::Start {
+        what: "the policy thread",
+        source,
+    })?;
+    Ok(report)
+}
+
+/// The Kubernetes node source the options ask for, if any, and the watches it runs on.
+fn kube_source(options: &RunOptions) -> Result<Option<(KubeNodeSource, KubeWatches)>, DaemonError> {
     let server = match (&options.kubeconfig, options.in_cluster) {
         (Some(path), _) => ApiServer::Kubeconfig(path.clone()),
         (None, true) => ApiServer::InCluster {
@@ -227,7 +274,8 @@ fn kube_source(options: &RunOptions) -> Result<Option<KubeNodeSource>, DaemonErr
         },
         (None, false) => return Ok(None),
     };
-    Ok(Some(KubeNodeSource::start(&KubeWatches::connect(server)?)))
+    let watches = KubeWatches::connect(server)?;
+    Ok(Some((KubeNodeSource::start(&watches), watches)))
 }
 
 /// `value` when given and not empty (a blank ConfigMap value), else `$fallback`.

@@ -30,3 +30,6 @@ pub mod netlink;
 pub mod nodes;
 pub mod plugin;
 pub mod plugin_install;
+pub mod policy;
+pub mod policy_client;
+pub mod policy_sync;

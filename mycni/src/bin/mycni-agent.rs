@@ -24,6 +24,9 @@ fn main() -> anyhow::Result<()> {
         AgentCommand::Peers(format) => map_tables::print_peers(root, format.json)?,
         AgentCommand::Nat(format) => map_tables::print_nat(root, format.json)?,
         AgentCommand::Stats(format) => map_tables::print_stats(root, format.json)?,
+        AgentCommand::Policy(args) => {
+            mycni::policy_client::print_policy(&args.metrics_address, args.json)?
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod config;
 pub mod nodes;
+pub mod policy_objects;
 
 use kube::runtime::watcher::Event;
 
