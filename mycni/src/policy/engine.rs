@@ -79,6 +79,48 @@ struct ResolvedPeers {
     host: bool,
 }
 
+/// The CIDRs the policies mention, looked up by prefix length: the ones containing an
+/// address cost one hash lookup per distinct length, not one test per CIDR.
+struct MentionedCidrs {
+    /// Sorted: the identity keys list them in this order.
+    cidrs: BTreeSet<Ipv4Network>,
+    /// Distinct prefix lengths, shortest first.
+    lengths: Vec<u8>,
+}
+
+impl MentionedCidrs {
+    fn new(cidrs: impl Iterator<Item = Ipv4Network>) -> MentionedCidrs {
+        let cidrs: BTreeSet<Ipv4Network> = cidrs.collect();
+        let lengths: BTreeSet<u8> = cidrs.iter().map(|c| c.prefix()).collect();
+        MentionedCidrs {
+            cidrs,
+            lengths: lengths.into_iter().collect(),
+        }
+    }
+
+    /// The mentioned CIDRs that contain `ip`, sorted.
+    fn containing(&self, ip: Ipv4Addr) -> Vec<Ipv4Network> {
+        let mut found: Vec<Ipv4Network> = self
+            .lengths
+            .iter()
+            .filter_map(|&len| {
+                let masked = Ipv4Network::new(ip, len).ok()?;
+                let network = Ipv4Network::new(masked.network(), len).ok()?;
+                self.cidrs.contains(&network).then_some(network)
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    /// The mentioned CIDRs that contain all of `inner` (itself included), sorted.
+    fn containing_cidr(&self, inner: Ipv4Network) -> Vec<Ipv4Network> {
+        let mut found = self.containing(inner.network());
+        found.retain(|outer| outer.prefix() <= inner.prefix());
+        found
+    }
+}
+
 /// Keeps the identity allocator between computations, so identities stay stable.
 #[derive(Debug, Default)]
 pub struct PolicyEngine {
@@ -133,21 +175,18 @@ impl<'w, 'a> Computation<'w, 'a> {
             })
             .collect();
         // Only the CIDRs of policies that matter here shape identities.
-        let mentioned: BTreeSet<Ipv4Network> = selected
-            .iter()
-            .flat_map(|(_, policies)| policies)
-            .flat_map(|policy| policy.cidrs())
-            .collect();
+        let mentioned = MentionedCidrs::new(
+            selected
+                .iter()
+                .flat_map(|(_, policies)| policies)
+                .flat_map(|policy| policy.cidrs()),
+        );
         let mut groups: Vec<Group<'a>> = Vec::new();
         let mut group_of: HashMap<(&'a str, &'a Labels, Vec<Ipv4Network>), usize> = HashMap::new();
         let mut pod_group = Vec::with_capacity(world.pods.len());
         let mut identities = BTreeMap::new();
         for &pod in &world.pods {
-            let cidrs: Vec<Ipv4Network> = mentioned
-                .iter()
-                .filter(|cidr| cidr.contains(pod.ip))
-                .copied()
-                .collect();
+            let cidrs = mentioned.containing(pod.ip);
             let lookup = (pod.namespace.as_str(), &pod.labels, cidrs);
             let index = match group_of.get(&lookup) {
                 Some(&index) => index,
@@ -174,12 +213,8 @@ impl<'w, 'a> Computation<'w, 'a> {
         }
         // Every mentioned CIDR: the addresses in it that no longer prefix covers are in
         // exactly the mentioned CIDRs that contain it (CIDRs nest or are disjoint).
-        for &cidr in &mentioned {
-            let containing: Vec<Ipv4Network> = mentioned
-                .iter()
-                .filter(|outer| cidr.is_subnet_of(**outer))
-                .copied()
-                .collect();
+        for &cidr in &mentioned.cidrs {
+            let containing = mentioned.containing_cidr(cidr);
             let key = IdentityKey::Cidrs(containing.clone());
             let id = allocator.get_or_allocate(&key);
             groups.push(Group {
@@ -197,7 +232,7 @@ impl<'w, 'a> Computation<'w, 'a> {
         // Another node's address inside a policy CIDR keeps that CIDR's identity, so an
         // ipBlock allows it; outside every one, it is a remote node.
         for &ip in &world.remote_node_addresses {
-            if !mentioned.iter().any(|cidr| cidr.contains(ip)) {
+            if mentioned.containing(ip).is_empty() {
                 identities.insert((ip, 32), identity::REMOTE_NODE);
             }
         }
@@ -322,9 +357,9 @@ impl<'w, 'a> Computation<'w, 'a> {
         keys
     }
 
-    fn finish(self) -> PolicyOutcome {
+    fn finish(mut self) -> PolicyOutcome {
         let mut desired = DesiredPolicy {
-            identities: self.identities.clone(),
+            identities: std::mem::take(&mut self.identities),
             ..DesiredPolicy::default()
         };
         let mut endpoints = Vec::new();
@@ -967,5 +1002,151 @@ mod tests {
         assert_eq!(before.desired.endpoints, after.desired.endpoints);
         // The unused label set's identity is released.
         assert_eq!(engine.identity_count(), 2);
+    }
+}
+
+/// Timings at the largest cluster the project claims, printed, not asserted (run with
+/// `cargo test -p mycni --lib --release -- --ignored --nocapture policy_at_cluster_scale`).
+#[cfg(test)]
+mod scale {
+    use super::*;
+    use crate::policy::model::{NamedPort, PortSpec, Selector, PROTO_TCP};
+    use std::time::Instant;
+
+    const NODES: usize = 5000;
+    const PODS_PER_NODE: usize = 30;
+    const NAMESPACES: usize = 500;
+    const POLICIES: usize = 1000;
+
+    fn labels(pairs: &[(&str, String)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    }
+
+    fn cluster() -> (Vec<PolicyPod>, Vec<(String, Labels)>, Vec<Policy>) {
+        let mut pods = Vec::with_capacity(NODES * PODS_PER_NODE);
+        for node in 0..NODES {
+            for slot in 0..PODS_PER_NODE {
+                let n = node * PODS_PER_NODE + slot;
+                // Deployments of 10 replicas spread over nodes: 15,000 label sets.
+                let app = n % 15_000;
+                pods.push(PolicyPod {
+                    namespace: format!("ns-{}", app % NAMESPACES),
+                    name: format!("pod-{n}"),
+                    labels: labels(&[
+                        ("app", format!("app-{app}")),
+                        ("pod-template-hash", format!("{app:08x}")),
+                    ]),
+                    ip: Ipv4Addr::from(0x0a00_0000u32 + (node as u32) * 256 + slot as u32 + 2),
+                    node: format!("node-{node}"),
+                    named_ports: vec![NamedPort {
+                        name: "http".into(),
+                        port: 8080,
+                        protocol: PROTO_TCP,
+                    }],
+                });
+            }
+        }
+        let namespaces = (0..NAMESPACES)
+            .map(|i| {
+                (
+                    format!("ns-{i}"),
+                    labels(&[("team", format!("t{}", i % 20))]),
+                )
+            })
+            .collect();
+        let policies = (0..POLICIES)
+            .map(|i| Policy {
+                namespace: format!("ns-{}", i % NAMESPACES),
+                name: format!("policy-{i}"),
+                pod_selector: Selector {
+                    match_labels: labels(&[("app", format!("app-{}", (i * 7) % 15_000))]),
+                    expressions: vec![],
+                },
+                enforce: ENFORCE_INGRESS | ENFORCE_EGRESS,
+                ingress: vec![Rule {
+                    peers: vec![
+                        Peer::Pods {
+                            namespaces: None,
+                            pods: Selector {
+                                match_labels: labels(&[("app", format!("app-{}", i % 15_000))]),
+                                expressions: vec![],
+                            },
+                        },
+                        Peer::Pods {
+                            namespaces: Some(Selector {
+                                match_labels: labels(&[("team", format!("t{}", i % 20))]),
+                                expressions: vec![],
+                            }),
+                            pods: Selector::default(),
+                        },
+                    ],
+                    ports: vec![PortSpec {
+                        protocol: PROTO_TCP,
+                        port: PortRef::Name("http".into()),
+                    }],
+                }],
+                egress: vec![Rule {
+                    peers: vec![Peer::Block {
+                        cidr: format!("172.{}.0.0/16", i % 200).parse().expect("cidr"),
+                        except: vec![],
+                    }],
+                    ports: vec![PortSpec {
+                        protocol: PROTO_TCP,
+                        port: PortRef::Number(443),
+                    }],
+                }],
+            })
+            .collect();
+        (pods, namespaces, policies)
+    }
+
+    #[test]
+    #[ignore = "a benchmark: prints timings at 150,000 pods"]
+    fn policy_at_cluster_scale() {
+        let (mut pods, namespaces, policies) = cluster();
+        let remote: Vec<Ipv4Addr> = (1..NODES as u32)
+            .map(|n| Ipv4Addr::from(0xc0a8_0000 + n))
+            .collect();
+        let mut engine = PolicyEngine::default();
+        let mut run = |pods: &[PolicyPod], what: &str| {
+            let started = Instant::now();
+            let world = PolicyWorld {
+                node_name: "node-0",
+                host_addresses: vec![Ipv4Addr::new(192, 168, 0, 0)],
+                remote_node_addresses: remote.clone(),
+                pods: pods.iter().collect(),
+                namespaces: namespaces.iter().map(|(n, l)| (n.as_str(), l)).collect(),
+                policies: policies.iter().collect(),
+            };
+            let outcome = engine.compute(&world);
+            println!(
+                "{what}: {:?} ({} pods, {} policies; here {} endpoints selected, {} rules, {} identity entries, {} identities)",
+                started.elapsed(),
+                pods.len(),
+                policies.len(),
+                outcome.desired.endpoints.len(),
+                outcome.desired.rules.len(),
+                outcome.desired.identities.len(),
+                engine.identity_count()
+            );
+            outcome
+        };
+        let first = run(&pods, "first computation");
+        let again = run(&pods, "nothing changed");
+        assert_eq!(first, again);
+        // One remote pod moves to another existing label set.
+        pods[1000].labels = pods[2000].labels.clone();
+        pods[1000].namespace = pods[2000].namespace.clone();
+        let moved = run(&pods, "one pod's labels changed");
+        let changed = moved
+            .desired
+            .identities
+            .iter()
+            .filter(|(prefix, id)| first.desired.identities.get(prefix) != Some(id))
+            .count();
+        println!("identity entries changed: {changed}");
     }
 }
