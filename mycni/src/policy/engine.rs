@@ -32,11 +32,11 @@ pub struct PolicyWorld<'a> {
     pub policies: Vec<&'a Policy>,
 }
 
-/// The desired map contents. `identities` is the LPM trie: (network, prefix length).
+/// The desired map contents. `identities` is the LPM trie's prefixes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredPolicy {
     pub endpoints: BTreeMap<Ipv4Addr, PolicyEndpoint>,
-    pub identities: BTreeMap<(Ipv4Addr, u8), u32>,
+    pub identities: BTreeMap<Ipv4Network, u32>,
     pub rules: BTreeMap<PolicyKey, PolicyEntry>,
 }
 
@@ -148,7 +148,7 @@ struct Computation<'w, 'a> {
     groups: Vec<Group<'a>>,
     /// The group of each pod of `world.pods`, by index.
     pod_group: Vec<usize>,
-    identities: BTreeMap<(Ipv4Addr, u8), u32>,
+    identities: BTreeMap<Ipv4Network, u32>,
 }
 
 impl<'w, 'a> Computation<'w, 'a> {
@@ -209,7 +209,7 @@ impl<'w, 'a> Computation<'w, 'a> {
             };
             groups[index].pods.push(pod);
             pod_group.push(index);
-            identities.insert((pod.ip, 32), groups[index].id);
+            identities.insert(Ipv4Network::from(pod.ip), groups[index].id);
         }
         // Every mentioned CIDR: the addresses in it that no longer prefix covers are in
         // exactly the mentioned CIDRs that contain it (CIDRs nest or are disjoint).
@@ -225,19 +225,17 @@ impl<'w, 'a> Computation<'w, 'a> {
                 pods: Vec::new(),
             });
             // A pod's /32 is more exact than a /32 policy CIDR on the same address.
-            identities
-                .entry((cidr.network(), cidr.prefix()))
-                .or_insert(id);
+            identities.entry(cidr).or_insert(id);
         }
         // Another node's address inside a policy CIDR keeps that CIDR's identity, so an
         // ipBlock allows it; outside every one, it is a remote node.
         for &ip in &world.remote_node_addresses {
             if mentioned.containing(ip).is_empty() {
-                identities.insert((ip, 32), identity::REMOTE_NODE);
+                identities.insert(Ipv4Network::from(ip), identity::REMOTE_NODE);
             }
         }
         for &ip in &world.host_addresses {
-            identities.insert((ip, 32), identity::HOST);
+            identities.insert(Ipv4Network::from(ip), identity::HOST);
         }
         Computation {
             world,
@@ -602,7 +600,7 @@ mod tests {
     }
 
     fn id_of(outcome: &PolicyOutcome, addr: &str) -> u32 {
-        outcome.desired.identities[&(ip(addr), 32)]
+        outcome.desired.identities[&Ipv4Network::from(ip(addr))]
     }
 
     /// The (identity, port, protocol, rules) the endpoint is allowed in `direction`.
@@ -781,8 +779,8 @@ mod tests {
             id_of(&outcome, "10.244.2.200"),
         );
         assert_ne!(inside, excepted, "their CIDR sets differ");
-        let block = outcome.desired.identities[&(ip("10.244.2.0"), 24)];
-        let except = outcome.desired.identities[&(ip("10.244.2.128"), 25)];
+        let block = outcome.desired.identities[&net("10.244.2.0/24")];
+        let except = outcome.desired.identities[&net("10.244.2.128/25")];
         assert_ne!(block, except);
         let mut expected = vec![(inside, 0, 0, 1), (block, 0, 0, 1)];
         expected.sort();
@@ -800,8 +798,14 @@ mod tests {
         let web = pod("default", "web", &[("app", "web")], "10.244.1.5", NODE);
         let deny = policy("default", "deny", Selector::default(), ENFORCE_INGRESS);
         let outcome = Cluster::new(vec![web.clone()], vec![deny]).compute();
-        assert_eq!(outcome.desired.identities[&(HOST_IP, 32)], HOST);
-        assert_eq!(outcome.desired.identities[&(REMOTE_IP, 32)], REMOTE_NODE);
+        assert_eq!(
+            outcome.desired.identities[&Ipv4Network::from(HOST_IP)],
+            HOST
+        );
+        assert_eq!(
+            outcome.desired.identities[&Ipv4Network::from(REMOTE_IP)],
+            REMOTE_NODE
+        );
         let mut nodes = policy("default", "nodes", Selector::default(), ENFORCE_INGRESS);
         nodes.ingress = vec![rule(
             vec![Peer::Block {
@@ -811,8 +815,11 @@ mod tests {
             vec![tcp(8080)],
         )];
         let outcome = Cluster::new(vec![web], vec![nodes]).compute();
-        let subnet = outcome.desired.identities[&(ip("192.168.1.0"), 24)];
-        assert!(!outcome.desired.identities.contains_key(&(REMOTE_IP, 32)));
+        let subnet = outcome.desired.identities[&net("192.168.1.0/24")];
+        assert!(!outcome
+            .desired
+            .identities
+            .contains_key(&Ipv4Network::from(REMOTE_IP)));
         assert_eq!(
             allowed(&outcome, "10.244.1.5", POLICY_INGRESS),
             [
@@ -823,9 +830,11 @@ mod tests {
         );
         // Anything else falls to WORLD: no entry covers it.
         let outside = ip("8.8.8.8");
-        assert!(!outcome.desired.identities.keys().any(|&(network, len)| {
-            Ipv4Network::new(network, len).is_ok_and(|cidr| cidr.contains(outside))
-        }));
+        assert!(!outcome
+            .desired
+            .identities
+            .keys()
+            .any(|cidr| cidr.contains(outside)));
     }
 
     #[test]
@@ -989,7 +998,7 @@ mod tests {
             .collect();
         assert_eq!(
             changed,
-            [(&(ip("10.244.2.8"), 32), &id_of(&before, "10.244.2.7"))]
+            [(&net("10.244.2.8/32"), &id_of(&before, "10.244.2.7"))]
         );
         assert_eq!(
             before.desired.identities.len(),
