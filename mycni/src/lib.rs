@@ -10,8 +10,10 @@
 //! rest), [`agent`] (the datapath on the node's devices, routes to the other nodes),
 //! [`nodes`] and [`nat`] (their pure decisions), [`metrics`] (`/metrics`, `/healthz`),
 //! [`garbage_collection`] (what a lost DEL leaves), [`conflist`] (the readiness signal),
-//! [`map_tables`] (the maps printed), [`plugin_install`] (the DaemonSet's init step). The
-//! binaries in `src/bin` only parse arguments and call these.
+//! [`map_tables`] (the maps printed), [`plugin_install`] (the DaemonSet's init step),
+//! [`policy`] (NetworkPolicy: identities and rules, pure), [`policy_sync`] (its loop in the
+//! agent) and [`policy_client`] (`mycni-agent policy`). The binaries in `src/bin` only parse
+//! arguments and call these.
 pub mod agent;
 pub mod agent_cli;
 pub mod cni;
