@@ -10,7 +10,9 @@
 //! rest), [`agent`] (the datapath on the node's devices, routes to the other nodes),
 //! [`nodes`] and [`nat`] (their pure decisions), [`metrics`] (`/metrics`, `/healthz`),
 //! [`garbage_collection`] (what a lost DEL leaves), [`conflist`] (the readiness signal),
-//! [`map_tables`] (the maps printed), [`plugin_install`] (the DaemonSet's init step). The
+//! [`map_tables`] (the maps printed), [`plugin_install`] (the DaemonSet's init step),
+//! [`policy_maps`] (the NetworkPolicy maps' desired contents, diffed purely, and their
+//! writer). The
 //! binaries in `src/bin` only parse arguments and call these.
 pub mod agent;
 pub mod agent_cli;
@@ -30,3 +32,4 @@ pub mod netlink;
 pub mod nodes;
 pub mod plugin;
 pub mod plugin_install;
+pub mod policy_maps;
