@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map's key or value layout changes; pinned maps of another layout are
 /// refused by the loader instead of being silently reused.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 pub mod policy;
 pub mod service;
@@ -22,6 +22,12 @@ pub const MAP_NO_MASQ: &str = "NO_MASQ";
 pub const MAP_STACK_FLOWS: &str = "STACK_FLOWS";
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 pub const MAP_PEERS: &str = "PEERS";
+pub const MAP_POLICY_ENDPOINTS: &str = "POLICY_ENDPOINTS";
+pub const MAP_POLICY_IDENTITIES: &str = "POLICY_IDENTITIES";
+pub const MAP_POLICY: &str = "POLICY";
+pub const MAP_POLICY_CT: &str = "POLICY_CT";
+pub const MAP_POLICY_STATE: &str = "POLICY_STATE";
+pub const MAP_POLICY_DROPS: &str = "POLICY_DROPS";
 /// Every map the datapath pins, in a stable order (the order of [`PINNED_MAPS`]).
 pub const MAP_NAMES: [&str; PINNED_MAPS.len()] = {
     let mut names = [""; PINNED_MAPS.len()];
@@ -59,6 +65,18 @@ pub const MAX_STACK_FLOWS: u32 = 65536;
 pub const MAX_FRAGMENTS: u32 = 8192;
 /// Capacity of `PEERS`: room for clusters of several thousand nodes.
 pub const MAX_PEERS: u32 = 16384;
+/// Capacity of `POLICY_ENDPOINTS` and `POLICY_DROPS`: one per pod on this node, like
+/// `ENDPOINTS`.
+pub const MAX_POLICY_ENDPOINTS: u32 = 16384;
+/// Capacity of `POLICY_IDENTITIES`: every pod IP of the largest cluster (5,000 nodes of 250
+/// pods: 1,250,000), the nodes and the policies' CIDRs. An LPM trie allocates per entry
+/// (`BPF_F_NO_PREALLOC`), so the cap costs nothing until it is used.
+pub const MAX_POLICY_IDENTITIES: u32 = 2_097_152;
+/// Capacity of `POLICY`: allowed (endpoint, peer identity, port, protocol, direction) keys
+/// of this node's pods; not preallocated either.
+pub const MAX_POLICY: u32 = 262144;
+/// Capacity of `POLICY_CT`: pod flows of this node while any policy is active (LRU).
+pub const MAX_POLICY_CT: u32 = 262144;
 
 /// The kinds of map the datapath pins, numbered as the kernel's `BPF_MAP_TYPE_*`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +84,7 @@ pub const MAX_PEERS: u32 = 16384;
 pub enum MapKind {
     Hash = 1,
     Array = 2,
+    PerCpuHash = 5,
     PerCpuArray = 6,
     LruHash = 9,
     LpmTrie = 11,
@@ -77,6 +96,7 @@ impl MapKind {
         match self {
             MapKind::Hash => "hash",
             MapKind::Array => "array",
+            MapKind::PerCpuHash => "percpu_hash",
             MapKind::PerCpuArray => "percpu_array",
             MapKind::LruHash => "lru_hash",
             MapKind::LpmTrie => "lpm_trie",
@@ -173,10 +193,53 @@ pub mod map_spec {
         value_size: size_of::<u32>() as u32,
         max_entries: MAX_PEERS,
     };
+    pub const POLICY_ENDPOINTS: MapSpec = MapSpec {
+        name: MAP_POLICY_ENDPOINTS,
+        kind: MapKind::Hash,
+        key_size: IPV4,
+        value_size: size_of::<policy::PolicyEndpoint>() as u32,
+        max_entries: MAX_POLICY_ENDPOINTS,
+    };
+    /// Value: the identity (`policy::identity`) of the addresses under the prefix.
+    pub const POLICY_IDENTITIES: MapSpec = MapSpec {
+        name: MAP_POLICY_IDENTITIES,
+        kind: MapKind::LpmTrie,
+        key_size: LPM_IPV4_KEY,
+        value_size: size_of::<u32>() as u32,
+        max_entries: MAX_POLICY_IDENTITIES,
+    };
+    pub const POLICY: MapSpec = MapSpec {
+        name: MAP_POLICY,
+        kind: MapKind::Hash,
+        key_size: size_of::<policy::PolicyKey>() as u32,
+        value_size: size_of::<policy::PolicyEntry>() as u32,
+        max_entries: MAX_POLICY,
+    };
+    pub const POLICY_CT: MapSpec = MapSpec {
+        name: MAP_POLICY_CT,
+        kind: MapKind::LruHash,
+        key_size: size_of::<FlowKey>() as u32,
+        value_size: size_of::<policy::PolicyCtEntry>() as u32,
+        max_entries: MAX_POLICY_CT,
+    };
+    pub const POLICY_STATE: MapSpec = MapSpec {
+        name: MAP_POLICY_STATE,
+        kind: MapKind::Array,
+        key_size: ARRAY_INDEX,
+        value_size: size_of::<policy::PolicyState>() as u32,
+        max_entries: 1,
+    };
+    pub const POLICY_DROPS: MapSpec = MapSpec {
+        name: MAP_POLICY_DROPS,
+        kind: MapKind::PerCpuHash,
+        key_size: IPV4,
+        value_size: size_of::<policy::PolicyDrops>() as u32,
+        max_entries: MAX_POLICY_ENDPOINTS,
+    };
 }
 
 /// Every map the datapath pins, in a stable order.
-pub const PINNED_MAPS: [MapSpec; 9] = [
+pub const PINNED_MAPS: [MapSpec; 15] = [
     map_spec::ROUTES,
     map_spec::ENDPOINTS,
     map_spec::STATS,
@@ -186,6 +249,12 @@ pub const PINNED_MAPS: [MapSpec; 9] = [
     map_spec::STACK_FLOWS,
     map_spec::FRAGMENTS,
     map_spec::PEERS,
+    map_spec::POLICY_ENDPOINTS,
+    map_spec::POLICY_IDENTITIES,
+    map_spec::POLICY,
+    map_spec::POLICY_CT,
+    map_spec::POLICY_STATE,
+    map_spec::POLICY_DROPS,
 ];
 
 /// The shape of the pinned map called `name`.
@@ -405,8 +474,12 @@ pub mod verdict {
     /// To an address of this node's pod CIDR that no pod holds: handed to the stack, whose
     /// `unreachable` route answers ICMP host unreachable.
     pub const TO_UNASSIGNED: u32 = 18;
+    /// Dropped: NetworkPolicy does not allow the flow into a pod of this node.
+    pub const DROP_POLICY_INGRESS: u32 = 19;
+    /// Dropped: NetworkPolicy does not allow the flow out of a pod of this node.
+    pub const DROP_POLICY_EGRESS: u32 = 20;
     /// Number of verdicts, the length of `STATS`.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 21;
     /// Display names, indexed by verdict.
     pub const NAMES: [&str; COUNT as usize] = [
         "local_redirect",
@@ -428,6 +501,8 @@ pub mod verdict {
         "drop_ipv6",
         "drop_untranslatable",
         "to_unassigned",
+        "drop_policy_ingress",
+        "drop_policy_egress",
     ];
 }
 
@@ -465,6 +540,9 @@ mod pod {
     unsafe impl aya::Pod for super::policy::PolicyKey {}
     unsafe impl aya::Pod for super::policy::PolicyEntry {}
     unsafe impl aya::Pod for super::policy::PolicyEndpoint {}
+    unsafe impl aya::Pod for super::policy::PolicyState {}
+    unsafe impl aya::Pod for super::policy::PolicyCtEntry {}
+    unsafe impl aya::Pod for super::policy::PolicyDrops {}
 }
 
 #[cfg(test)]
@@ -493,6 +571,9 @@ mod tests {
         assert_eq!(size_of::<policy::PolicyKey>(), 12);
         assert_eq!(size_of::<policy::PolicyEntry>(), 4);
         assert_eq!(size_of::<policy::PolicyEndpoint>(), 8);
+        assert_eq!(size_of::<policy::PolicyState>(), 8);
+        assert_eq!(size_of::<policy::PolicyCtEntry>(), 4 + 1 + 3 + 8);
+        assert_eq!(size_of::<policy::PolicyDrops>(), 16);
         assert_eq!(size_of::<FragmentKey>(), 12);
         assert_eq!(size_of::<FragmentEntry>(), 8);
     }

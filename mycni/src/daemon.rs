@@ -91,15 +91,7 @@ pub fn run(root: &Path, options: RunOptions) -> Result<(), DaemonError> {
             .block_on(agent::uplink_holding(settings.ip))
             .map_err(DaemonError::Uplink)?;
     }
-    let policy = match (&kube_watches, &kube_source) {
-        (Some(watches), Some(source)) => Some(runtime.block_on(start_policy(
-            watches,
-            source,
-            options.node_name.clone().unwrap_or_default(),
-        ))?),
-        _ => None,
-    };
-    runtime.block_on(serve(root, options, settings, kube_source, policy))?;
+    runtime.block_on(serve(root, options, settings, kube_source, kube_watches))?;
     log::info!("stopping; programs and maps stay pinned");
     Ok(())
 }
@@ -110,7 +102,7 @@ async fn serve(
     options: &RunOptions,
     settings: Option<NodeSettings>,
     kube_source: Option<KubeNodeSource>,
-    policy: Option<SharedPolicyReport>,
+    kube_watches: Option<KubeWatches>,
 ) -> Result<(), DaemonError> {
     let start = |what| move |source| DaemonError::Start { what, source };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -134,6 +126,19 @@ async fn serve(
         "datapath pinned under {}; programs of {refreshed} existing pods replaced",
         root.display()
     );
+    // NetworkPolicy needs the Kubernetes API: pods, namespaces and policies come from it.
+    let policy = match (&kube_watches, &kube_source) {
+        (Some(watches), Some(source)) => Some(
+            start_policy(
+                root,
+                watches,
+                source,
+                options.node_name.clone().unwrap_or_default(),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
     if let Some(address) = &options.metrics_address {
         let listener = tokio::net::TcpListener::bind(address)
             .await
@@ -232,6 +237,7 @@ fn node_settings(options: &RunOptions) -> Result<Option<NodeSettings>, DaemonErr
 /// Starts the NetworkPolicy watches and their loop ([`PolicySync`]) on a thread of its own;
 /// this node's addresses (its `HOST` identity) are read once, here.
 async fn start_policy(
+    root: &Path,
     watches: &KubeWatches,
     nodes: &KubeNodeSource,
     node_name: String,
@@ -247,6 +253,7 @@ async fn start_policy(
     }
     let report = SharedPolicyReport::default();
     PolicySync::new(
+        root.to_path_buf(),
         PolicyWatches::start(watches),
         nodes.subscribe(),
         node_name,

@@ -117,6 +117,7 @@ fn layout_of(info: &MapInfo) -> Layout {
         Ok(aya::maps::MapType::PerCpuArray) => MapKind::PerCpuArray.name(),
         Ok(aya::maps::MapType::Array) => MapKind::Array.name(),
         Ok(aya::maps::MapType::LruHash) => MapKind::LruHash.name(),
+        Ok(aya::maps::MapType::PerCpuHash) => MapKind::PerCpuHash.name(),
         // No pinned map has another kind: any other is a mismatch, whatever it is.
         Ok(_) => "another kind",
         Err(_) => "unknown",
@@ -284,7 +285,7 @@ pub fn check_loaded(root: &Path) -> Result<(), DatapathError> {
     check_pinned_layouts(root)
 }
 
-fn open_pinned(root: &Path, name: &'static str) -> Result<MapData, DatapathError> {
+pub(crate) fn open_pinned(root: &Path, name: &'static str) -> Result<MapData, DatapathError> {
     let path = root.join(name);
     if !path.exists() {
         return Err(DatapathError::NotLoaded { path });

@@ -11,8 +11,9 @@
 //! [`nodes`] and [`nat`] (their pure decisions), [`metrics`] (`/metrics`, `/healthz`),
 //! [`garbage_collection`] (what a lost DEL leaves), [`conflist`] (the readiness signal),
 //! [`map_tables`] (the maps printed), [`plugin_install`] (the DaemonSet's init step),
-//! [`policy`] (NetworkPolicy: identities and rules, pure), [`policy_sync`] (its loop in the
-//! agent) and [`policy_client`] (`mycni-agent policy`). The binaries in `src/bin` only parse
+//! [`policy`] (NetworkPolicy: identities and rules, pure), [`policy_maps`] (the policy maps'
+//! contents diffed purely, and their writer), [`policy_sync`] (the policy loop in the agent)
+//! and [`policy_client`] (`mycni-agent policy`). The binaries in `src/bin` only parse
 //! arguments and call these.
 pub mod agent;
 pub mod agent_cli;
@@ -34,4 +35,5 @@ pub mod plugin;
 pub mod plugin_install;
 pub mod policy;
 pub mod policy_client;
+pub mod policy_maps;
 pub mod policy_sync;

@@ -7,7 +7,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use crate::policy::report::PolicyReport;
+use std::path::Path;
+
+use crate::policy::report::{DroppedPackets, PolicyReport};
+use crate::policy_maps::PolicyTables;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyClientError {
@@ -31,9 +34,23 @@ pub enum PolicyClientError {
     Stdout(#[source] std::io::Error),
 }
 
-/// Fetches and prints the report, as a table or JSON.
-pub fn print_policy(address: &str, json: bool) -> Result<(), PolicyClientError> {
-    let report = fetch_report(address)?;
+/// Fetches and prints the report, as a table or JSON, with each pod's drop counters from
+/// the pinned `POLICY_DROPS` under `root` (left out, with a warning, when they cannot be
+/// read: the report is the agent's, the counters the node's).
+pub fn print_policy(root: &Path, address: &str, json: bool) -> Result<(), PolicyClientError> {
+    let mut report = fetch_report(address)?;
+    match PolicyTables::open(root).and_then(|tables| tables.drops()) {
+        Ok(drops) => {
+            for endpoint in &mut report.endpoints {
+                let counted = drops.get(&endpoint.ip).copied().unwrap_or_default();
+                endpoint.dropped = Some(DroppedPackets {
+                    ingress: counted.ingress_packets,
+                    egress: counted.egress_packets,
+                });
+            }
+        }
+        Err(e) => log::warn!("drop counters left out: {e}"),
+    }
     let text = if json {
         report.render_json()
     } else {

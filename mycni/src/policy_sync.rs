@@ -1,9 +1,12 @@
 //! The agent's NetworkPolicy loop, an adapter: it waits for the pod, namespace, policy and
 //! node watches to report a change, recomputes the desired maps with
-//! [`crate::policy::engine`], and publishes the [`PolicyReport`] that `/policy` serves.
+//! [`crate::policy::engine`], writes the difference with [`PolicyTables`] (which bumps the
+//! revision the programs re-check tracked connections against), and publishes the
+//! [`PolicyReport`] that `/policy` serves.
 //! It runs on a thread of its own: a computation over a large cluster's pods takes tens of
 //! milliseconds and must not delay route changes or `/healthz`.
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,6 +14,7 @@ use crate::kube::client::{PolicyWatches, Watched};
 use crate::kube::nodes::NodeCache;
 use crate::policy::engine::{PolicyEngine, PolicyOutcome, PolicyWorld};
 use crate::policy::report::PolicyReport;
+use crate::policy_maps::PolicyTables;
 
 /// The last report, shared with the metrics server; `None` until the first computation.
 pub type SharedPolicyReport = Arc<Mutex<Option<PolicyReport>>>;
@@ -20,6 +24,12 @@ pub type SharedPolicyReport = Arc<Mutex<Option<PolicyReport>>>;
 const COALESCE: Duration = Duration::from_millis(50);
 
 pub struct PolicySync {
+    root: PathBuf,
+    /// Opened at the first apply; dropped after a failed one (reopened, and re-read, at the
+    /// next).
+    tables: Option<PolicyTables>,
+    /// A computation not applied yet (the last apply failed): retried every second.
+    pending: Option<PolicyOutcome>,
     watches: PolicyWatches,
     nodes: Watched<NodeCache>,
     node_name: String,
@@ -34,6 +44,7 @@ pub struct PolicySync {
 
 impl PolicySync {
     pub fn new(
+        root: PathBuf,
         watches: PolicyWatches,
         nodes: Watched<NodeCache>,
         node_name: String,
@@ -41,6 +52,9 @@ impl PolicySync {
         report: SharedPolicyReport,
     ) -> PolicySync {
         PolicySync {
+            root,
+            tables: None,
+            pending: None,
             watches,
             nodes,
             node_name,
@@ -82,6 +96,9 @@ impl PolicySync {
             tokio::time::sleep(COALESCE).await;
             if self.changed() {
                 self.recompute();
+            }
+            if let Some(outcome) = self.pending.take() {
+                self.apply(outcome);
             }
         }
     }
@@ -143,21 +160,58 @@ impl PolicySync {
         let Some(Some(Some(outcome))) = outcome else {
             return;
         };
-        self.publish(&outcome, started);
-    }
-
-    fn publish(&mut self, outcome: &PolicyOutcome, started: Instant) {
-        self.revision += 1;
-        let report = PolicyReport::new(outcome, self.revision);
-        log::info!(
-            "policy revision {}: {} pods here selected, {} rules, {} identity entries, {} identities ({:?})",
-            self.revision,
+        log::debug!(
+            "policy computed in {:?}: {} pods here selected, {} rules, {} identity entries, {} identities",
+            started.elapsed(),
             outcome.desired.endpoints.len(),
             outcome.desired.rules.len(),
             outcome.desired.identities.len(),
             self.engine.identity_count(),
-            started.elapsed()
         );
+        self.pending = Some(outcome);
+    }
+
+    /// Writes the outcome's maps; on success publishes its report, on failure keeps it for
+    /// the next attempt (the maps then hold part of the difference, which the next apply,
+    /// diffing against what was written, completes).
+    fn apply(&mut self, outcome: PolicyOutcome) {
+        let tables = match self.tables.as_mut() {
+            Some(tables) => tables,
+            None => match PolicyTables::open(&self.root) {
+                Ok(tables) => self.tables.insert(tables),
+                Err(e) => {
+                    log::warn!("cannot open the policy maps: {e}; retrying");
+                    self.pending = Some(outcome);
+                    return;
+                }
+            },
+        };
+        match tables.apply(&outcome.desired) {
+            Ok(diff) if diff.is_empty() => {}
+            Ok(diff) => log::info!(
+                "policy applied: endpoints {} set {} removed, identities {} set {} removed, rules {} set {} removed ({} pods here selected, {} rules)",
+                diff.endpoints_set.len(),
+                diff.endpoints_removed.len(),
+                diff.identities_set.len(),
+                diff.identities_removed.len(),
+                diff.rules_set.len(),
+                diff.rules_removed.len(),
+                outcome.desired.endpoints.len(),
+                outcome.desired.rules.len(),
+            ),
+            Err(e) => {
+                log::warn!("cannot write the policy maps: {e}; retrying");
+                self.tables = None;
+                self.pending = Some(outcome);
+                return;
+            }
+        }
+        self.publish(&outcome);
+    }
+
+    fn publish(&mut self, outcome: &PolicyOutcome) {
+        self.revision += 1;
+        let report = PolicyReport::new(outcome, self.revision);
         *self
             .report
             .lock()

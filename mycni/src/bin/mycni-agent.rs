@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<()> {
         AgentCommand::Nat(format) => map_tables::print_nat(root, format.json)?,
         AgentCommand::Stats(format) => map_tables::print_stats(root, format.json)?,
         AgentCommand::Policy(args) => {
-            mycni::policy_client::print_policy(&args.metrics_address, args.json)?
+            mycni::policy_client::print_policy(root, &args.metrics_address, args.json)?
         }
     }
     Ok(())

@@ -11,12 +11,13 @@ use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 use mycni_common::policy::{
-    identity, PolicyEndpoint, PolicyEntry, PolicyKey, ENFORCE_EGRESS, ENFORCE_INGRESS,
-    POLICY_EGRESS, POLICY_INGRESS,
+    identity, PolicyEndpoint, PolicyKey, ENFORCE_EGRESS, ENFORCE_INGRESS, POLICY_EGRESS,
+    POLICY_INGRESS,
 };
 
 use super::identity::{IdentityAllocator, IdentityKey};
 use super::model::{Labels, Peer, Policy, PolicyPod, PortRef, Rule};
+use crate::policy_maps::PolicyDesired;
 
 /// What the engine reads. Pods are every pod of the cluster (peers are cluster-wide).
 #[derive(Debug, Clone, Default)]
@@ -30,14 +31,6 @@ pub struct PolicyWorld<'a> {
     /// Namespace labels by name; a namespace not listed has none.
     pub namespaces: HashMap<&'a str, &'a Labels>,
     pub policies: Vec<&'a Policy>,
-}
-
-/// The desired map contents. `identities` is the LPM trie's prefixes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DesiredPolicy {
-    pub endpoints: BTreeMap<Ipv4Addr, PolicyEndpoint>,
-    pub identities: BTreeMap<Ipv4Network, u32>,
-    pub rules: BTreeMap<PolicyKey, PolicyEntry>,
 }
 
 /// A local pod some policy selects.
@@ -55,7 +48,7 @@ pub struct SelectedEndpoint {
 /// A computation's result: the maps, and what `mycni-agent policy` explains them with.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyOutcome {
-    pub desired: DesiredPolicy,
+    pub desired: PolicyDesired,
     pub endpoints: Vec<SelectedEndpoint>,
     /// What each allocated identity the endpoints' rules and the endpoints name stands for.
     pub identities: BTreeMap<u32, IdentityKey>,
@@ -356,9 +349,9 @@ impl<'w, 'a> Computation<'w, 'a> {
     }
 
     fn finish(mut self) -> PolicyOutcome {
-        let mut desired = DesiredPolicy {
+        let mut desired = PolicyDesired {
             identities: std::mem::take(&mut self.identities),
-            ..DesiredPolicy::default()
+            ..PolicyDesired::default()
         };
         let mut endpoints = Vec::new();
         let group_by_pod: HashMap<(&str, &str), usize> = self

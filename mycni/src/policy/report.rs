@@ -37,6 +37,17 @@ pub struct EndpointReport {
     pub policies: Vec<String>,
     pub ingress: Vec<AllowedPeer>,
     pub egress: Vec<AllowedPeer>,
+    /// Packets policy dropped, from `POLICY_DROPS` (filled in by the command, which reads
+    /// the pinned map; the agent's report has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<DroppedPackets>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DroppedPackets {
+    pub ingress: u64,
+    pub egress: u64,
 }
 
 /// One peer identity an endpoint may talk with, and on which ports.
@@ -173,6 +184,7 @@ impl PolicyReport {
                 policies: e.policies.clone(),
                 ingress: peers(e.ip, POLICY_INGRESS),
                 egress: peers(e.ip, POLICY_EGRESS),
+                dropped: None,
             })
             .collect();
         PolicyReport {
@@ -199,6 +211,13 @@ impl PolicyReport {
                 e.enforce.join(",")
             );
             let _ = writeln!(out, "  policies: {}", e.policies.join(" "));
+            if let Some(dropped) = e.dropped {
+                let _ = writeln!(
+                    out,
+                    "  dropped: ingress {} egress {} packets",
+                    dropped.ingress, dropped.egress
+                );
+            }
             for (direction, enforced, peers) in [
                 ("ingress", "ingress", &e.ingress),
                 ("egress", "egress", &e.egress),
@@ -235,7 +254,8 @@ impl PolicyReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::engine::{DesiredPolicy, SelectedEndpoint};
+    use crate::policy::engine::SelectedEndpoint;
+    use crate::policy_maps::PolicyDesired;
     use mycni_common::policy::{PolicyEntry, PolicyKey};
 
     fn outcome() -> PolicyOutcome {
@@ -273,9 +293,9 @@ mod tests {
         ]
         .into();
         PolicyOutcome {
-            desired: DesiredPolicy {
+            desired: PolicyDesired {
                 rules,
-                ..DesiredPolicy::default()
+                ..PolicyDesired::default()
             },
             endpoints: vec![
                 SelectedEndpoint {
@@ -320,8 +340,28 @@ mod tests {
     }
 
     #[test]
+    fn drop_counts_show_when_the_command_read_them() {
+        let mut report = PolicyReport::new(&outcome(), 7);
+        report.endpoints[1].dropped = Some(DroppedPackets {
+            ingress: 0,
+            egress: 12,
+        });
+        let text = report.render_text();
+        assert!(
+            text.ends_with(
+                "  policies: default/deny-egress\n  dropped: ingress 0 egress 12 packets\n  egress   -      -                                        denied\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn the_json_round_trips_for_the_command() {
-        let report = PolicyReport::new(&outcome(), 7);
+        let mut report = PolicyReport::new(&outcome(), 7);
+        report.endpoints[0].dropped = Some(DroppedPackets {
+            ingress: 3,
+            egress: 0,
+        });
         let json = report.render_json();
         assert!(json.contains("\"kind\": \"pods\""), "{json}");
         let back: PolicyReport = serde_json::from_str(&json).expect("parses");
