@@ -6,7 +6,7 @@
 //! identity), one pass over the identities per peer of the policies that select a pod on
 //! this node, and the rules of those policies times this node's pods. Nothing is
 //! proportional to pods × policies.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
@@ -202,7 +202,6 @@ impl<'w, 'a> Computation<'w, 'a> {
             };
             groups[index].pods.push(pod);
             pod_group.push(index);
-            identities.insert(Ipv4Network::from(pod.ip), groups[index].id);
         }
         // Every mentioned CIDR: the addresses in it that no longer prefix covers are in
         // exactly the mentioned CIDRs that contain it (CIDRs nest or are disjoint).
@@ -217,8 +216,7 @@ impl<'w, 'a> Computation<'w, 'a> {
                 cidrs: containing,
                 pods: Vec::new(),
             });
-            // A pod's /32 is more exact than a /32 policy CIDR on the same address.
-            identities.entry(cidr).or_insert(id);
+            identities.insert(cidr, id);
         }
         // Another node's address inside a policy CIDR keeps that CIDR's identity, so an
         // ipBlock allows it; outside every one, it is a remote node.
@@ -348,6 +346,30 @@ impl<'w, 'a> Computation<'w, 'a> {
         keys
     }
 
+    /// The /32 of every pod whose identity a rule names. Any other pod is left to the CIDR
+    /// entries, which give it the identity of its CIDR set (or `WORLD`): no rule names its
+    /// pod identity, and a block allows that CIDR set exactly when it allows the pod's, so
+    /// the decision is the same and the trie holds only the pods policies here talk about
+    /// (none at all when no pod of this node is selected).
+    fn add_peer_pods(&self, desired: &mut PolicyDesired) {
+        if desired.endpoints.is_empty() {
+            desired.identities.clear();
+            return;
+        }
+        let named: HashSet<u32> = desired.rules.keys().map(|k| k.peer_identity).collect();
+        for group in self.groups.iter().filter(|g| named.contains(&g.id)) {
+            for pod in &group.pods {
+                // A pod's /32 is more exact than a /32 policy CIDR on the same address;
+                // never over the node's own (host-network pods are not in the list).
+                if !self.world.host_addresses.contains(&pod.ip) {
+                    desired
+                        .identities
+                        .insert(Ipv4Network::from(pod.ip), group.id);
+                }
+            }
+        }
+    }
+
     fn finish(mut self) -> PolicyOutcome {
         let mut desired = PolicyDesired {
             identities: std::mem::take(&mut self.identities),
@@ -438,6 +460,7 @@ impl<'w, 'a> Computation<'w, 'a> {
             });
         }
         endpoints.sort_by_key(|e| e.ip);
+        self.add_peer_pods(&mut desired);
         let named: BTreeSet<u32> = desired
             .rules
             .keys()
@@ -474,7 +497,7 @@ mod tests {
     use super::*;
     use crate::policy::model::NamedPort;
     use crate::policy::model::{PortSpec, Requirement, Selector, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
-    use identity::{ANY, HOST, REMOTE_NODE};
+    use identity::{ANY, HOST, REMOTE_NODE, WORLD};
 
     const NODE: &str = "n1";
     const HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
@@ -592,8 +615,16 @@ mod tests {
         }
     }
 
+    /// The identity the datapath finds for `addr`: the longest prefix holding it, else WORLD.
     fn id_of(outcome: &PolicyOutcome, addr: &str) -> u32 {
-        outcome.desired.identities[&Ipv4Network::from(ip(addr))]
+        let addr = ip(addr);
+        outcome
+            .desired
+            .identities
+            .iter()
+            .filter(|(cidr, _)| cidr.contains(addr))
+            .max_by_key(|(cidr, _)| cidr.prefix())
+            .map_or(WORLD, |(_, &id)| id)
     }
 
     /// The (identity, port, protocol, rules) the endpoint is allowed in `direction`.
@@ -634,7 +665,10 @@ mod tests {
         let outcome = cluster.compute();
         assert_eq!(enforce(&outcome, "10.244.1.5"), None);
         assert_eq!(enforce(&outcome, "10.244.1.6"), Some(ENFORCE_INGRESS));
-        assert!(id_of(&outcome, "10.244.1.5") >= identity::FIRST_ALLOCATED);
+        let db = outcome.desired.endpoints[&ip("10.244.1.6")].identity;
+        assert!(db >= identity::FIRST_ALLOCATED);
+        // No rule names web's identity: no entry of its own, it is WORLD to the datapath.
+        assert_eq!(id_of(&outcome, "10.244.1.5"), WORLD);
         assert_eq!(outcome.endpoints.len(), 1);
         assert_eq!(outcome.endpoints[0].policies, ["default/deny"]);
     }
@@ -775,6 +809,12 @@ mod tests {
         let block = outcome.desired.identities[&net("10.244.2.0/24")];
         let except = outcome.desired.identities[&net("10.244.2.128/25")];
         assert_ne!(block, except);
+        // The excepted pod's identity is named by no rule: it falls to the except's entry.
+        assert!(!outcome
+            .desired
+            .identities
+            .contains_key(&net("10.244.2.200/32")));
+        assert_eq!(excepted, except);
         let mut expected = vec![(inside, 0, 0, 1), (block, 0, 0, 1)];
         expected.sort();
         assert_eq!(allowed(&outcome, "10.244.1.5", POLICY_EGRESS), expected);
@@ -953,6 +993,16 @@ mod tests {
     }
 
     #[test]
+    fn no_pod_selected_here_means_no_identity_entries_at_all() {
+        let web = pod("default", "web", &[("app", "web")], "10.244.1.5", NODE);
+        let elsewhere = pod("default", "db", &[("app", "db")], "10.244.2.5", "n2");
+        let mut deny = policy("default", "deny", sel(&[("app", "db")]), ENFORCE_INGRESS);
+        deny.ingress = vec![rule(vec![pods_peer(&[("app", "web")])], vec![])];
+        let outcome = Cluster::new(vec![web, elsewhere], vec![deny]).compute();
+        assert_eq!(outcome.desired, PolicyDesired::default());
+    }
+
+    #[test]
     fn selector_expressions_select_endpoints() {
         let web = pod("default", "web", &[("app", "web")], "10.244.1.5", NODE);
         let selector = Selector {
@@ -993,8 +1043,9 @@ mod tests {
             changed,
             [(&net("10.244.2.8/32"), &id_of(&before, "10.244.2.7"))]
         );
+        // c2 had no entry (no rule named role=other): the change adds exactly its one.
         assert_eq!(
-            before.desired.identities.len(),
+            before.desired.identities.len() + 1,
             after.desired.identities.len()
         );
         assert_eq!(
