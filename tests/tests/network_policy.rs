@@ -71,7 +71,8 @@ fn wait_for_access(
     lab.wait(when, Duration::from_secs(60), |lab| {
         Ok(allowed.iter().all(|c| fetch(lab, c, server_ip).is_some())
             && denied.iter().all(|c| fetch(lab, c, server_ip).is_none()))
-    })
+    })?;
+    Ok(())
 }
 
 /// `mycni-agent policy --json` in the agent pod of `node`.
