@@ -62,9 +62,9 @@ pub(crate) fn enforce(ctx: &TcContext, packet: &Ipv4, site: Site) -> Result<(), 
     enforce_active(ctx, packet, site, state.revision)
 }
 
-/// The policy path proper, out of line: with no policy active only the lookup above runs,
-/// and the forwarding code around it stays as compact as before.
-#[inline(never)]
+/// The policy path proper: with no policy active only the lookup above runs. Inlined: as a
+/// BPF-to-BPF call its stack would add to `to_netdev`'s, past the verifier's 512 bytes.
+#[inline(always)]
 fn enforce_active(ctx: &TcContext, packet: &Ipv4, site: Site, revision: u32) -> Result<(), u32> {
     // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
     let src = unsafe { POLICY_ENDPOINTS.get(packet.src) };
