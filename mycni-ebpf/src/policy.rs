@@ -20,8 +20,7 @@ use crate::headers::{
     IPV4_PROTO, IPV4_SRC, IPV4_VIHL, L4_SPORT, TCP_ACK, TCP_FLAGS, TCP_SYN,
 };
 use crate::maps::{
-    FRAGMENTS, POLICY, POLICY_CT, POLICY_DROPS, POLICY_ENDPOINTS, POLICY_IDENTITIES,
-    POLICY_STATE,
+    FRAGMENTS, POLICY, POLICY_CT, POLICY_DROPS, POLICY_ENDPOINTS, POLICY_IDENTITIES, POLICY_STATE,
 };
 use crate::packet::Ipv4;
 use aya_ebpf::bindings::BPF_NOEXIST;
@@ -29,8 +28,8 @@ use aya_ebpf::btf_maps::lpm_trie::Key;
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::programs::TcContext;
 use mycni_common::policy::{
-    identity, PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyKey, CT_VIA_STACK,
-    ENFORCE_EGRESS, ENFORCE_INGRESS, POLICY_EGRESS, POLICY_INGRESS,
+    identity, PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyKey, CT_VIA_STACK, ENFORCE_EGRESS,
+    ENFORCE_INGRESS, POLICY_EGRESS, POLICY_INGRESS,
 };
 use mycni_common::{verdict, FlowKey, FragmentEntry, FRAGMENT_PASS};
 
@@ -250,8 +249,7 @@ fn icmp_error(ctx: &TcContext, packet: &Ipv4, site: Site) -> Result<(), u32> {
         return Ok(());
     }
     if let Some(quoted) = quoted_flow(ctx, packet) {
-        if POLICY_CT.get_ptr(quoted).is_some() || POLICY_CT.get_ptr(reversed(&quoted)).is_some()
-        {
+        if POLICY_CT.get_ptr(quoted).is_some() || POLICY_CT.get_ptr(reversed(&quoted)).is_some() {
             return Ok(());
         }
     }

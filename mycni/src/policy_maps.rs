@@ -95,8 +95,7 @@ fn diff_map<K: Ord + Copy, V: PartialEq + Copy>(
 /// The writes from `current` to `desired`.
 pub fn diff(current: &PolicyDesired, desired: &PolicyDesired) -> PolicyDiff {
     let (endpoints_set, endpoints_removed) = diff_map(&current.endpoints, &desired.endpoints);
-    let (identities_set, identities_removed) =
-        diff_map(&current.identities, &desired.identities);
+    let (identities_set, identities_removed) = diff_map(&current.identities, &desired.identities);
     let (rules_set, rules_removed) = diff_map(&current.rules, &desired.rules);
     PolicyDiff {
         endpoints_set,
@@ -128,8 +127,8 @@ impl PolicyTables {
             .map_err(map_error(MAP_POLICY_ENDPOINTS))?;
         let identities = LpmTrie::try_from(Map::LpmTrie(open(MAP_POLICY_IDENTITIES)?))
             .map_err(map_error(MAP_POLICY_IDENTITIES))?;
-        let rules = HashMap::try_from(Map::HashMap(open(MAP_POLICY)?))
-            .map_err(map_error(MAP_POLICY))?;
+        let rules =
+            HashMap::try_from(Map::HashMap(open(MAP_POLICY)?)).map_err(map_error(MAP_POLICY))?;
         let state = Array::try_from(Map::Array(open(MAP_POLICY_STATE)?))
             .map_err(map_error(MAP_POLICY_STATE))?;
         let drops = PerCpuHashMap::try_from(Map::PerCpuHashMap(open(MAP_POLICY_DROPS)?))
@@ -161,8 +160,7 @@ impl PolicyTables {
         for entry in self.identities.iter() {
             let (key, identity) = entry.map_err(map_error(MAP_POLICY_IDENTITIES))?;
             // The kernel only holds prefixes it accepted: at most 32 bits.
-            if let Ok(net) = Ipv4Network::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)
-            {
+            if let Ok(net) = Ipv4Network::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8) {
                 identities.insert(net, identity);
             }
         }
@@ -246,10 +244,12 @@ impl PolicyTables {
         let mut drops = BTreeMap::new();
         for entry in self.drops.iter() {
             let (ip, per_cpu) = entry.map_err(map_error(MAP_POLICY_DROPS))?;
-            let sum = per_cpu.iter().fold(PolicyDrops::default(), |sum, cpu| PolicyDrops {
-                ingress_packets: sum.ingress_packets + cpu.ingress_packets,
-                egress_packets: sum.egress_packets + cpu.egress_packets,
-            });
+            let sum = per_cpu
+                .iter()
+                .fold(PolicyDrops::default(), |sum, cpu| PolicyDrops {
+                    ingress_packets: sum.ingress_packets + cpu.ingress_packets,
+                    egress_packets: sum.egress_packets + cpu.egress_packets,
+                });
             drops.insert(Ipv4Addr::from(ip), sum);
         }
         Ok(drops)
@@ -351,7 +351,10 @@ mod tests {
         assert_eq!(
             writes.rules_set,
             vec![
-                (rule([10, 0, 0, 5], identity::HOST, 0), PolicyEntry { rules: 1 }),
+                (
+                    rule([10, 0, 0, 5], identity::HOST, 0),
+                    PolicyEntry { rules: 1 }
+                ),
                 (rule([10, 0, 0, 5], 300, 80), PolicyEntry { rules: 2 }),
             ]
         );
