@@ -15,6 +15,7 @@ use mycni_common::policy::{
 };
 use mycni_common::verdict;
 use mycni_tests::cluster::Cluster;
+use mycni_tests::kubeproxy::Service;
 use mycni_tests::{prefix, tcp_echo, udp_echo, Netns, Node, Pod};
 
 const ALL: [&str; 3] = ["node-1", "node-2", "node-3"];
@@ -217,6 +218,12 @@ fn default_deny_ingress_blocks_every_path_an_allow_admits_and_probes_pass() -> R
     tcp_echo(&a1.netns, target, &b1.netns, target).context("direct: the allowed port")?;
     // The node's probe (a kubelet's, from a node address) passes the default deny.
     tcp_echo(&a1.netns, target, &n1.netns, target).context("the node's probe")?;
+    // Another node's address is not the node: denied where the stack delivers it (to_pod).
+    let n2 = cluster.node("node-2");
+    ensure!(
+        !tcp_connects(&a1.netns, &n2.netns, a1.ip, 7501)?,
+        "node-2 not denied"
+    );
     // a2, which no policy selects, still takes anything.
     ensure!(
         tcp_connects(&a2.netns, &a1.netns, a2.ip, 7503)?,
@@ -295,5 +302,73 @@ fn replies_of_allowed_egress_return_and_a_new_deny_cuts_established_streams() ->
         "a1's drops: ingress {ingress}, egress {egress}"
     );
     ensure!(packets(n1, verdict::DROP_POLICY_EGRESS)? > 0);
+    Ok(())
+}
+
+#[test]
+fn clusterip_flows_are_decided_for_the_backend_pod_after_kube_proxys_dnat() -> Result<()> {
+    mycni_tests::require_root!();
+    let cluster = Cluster::new(&prefix("polsvc"), &ALL, &[])?;
+    cluster.wait_for_full_mesh()?;
+    let n1 = cluster.node("node-1");
+    let pods = Pods::new(&cluster)?;
+    let (a1, a2, b1, c1) = (&pods.a1, &pods.a2, &pods.b1, &pods.c1);
+    let on_a1 = SocketAddr::from((a1.ip, 8080));
+    let on_b1 = SocketAddr::from((b1.ip, 8080));
+    let service = |name: &str, ip: [u8; 4], endpoint: SocketAddr| Service {
+        name: name.to_string(),
+        cluster_ip: ip.into(),
+        port: 80,
+        endpoints: vec![endpoint],
+    };
+    cluster.install_kube_proxy(&[
+        service("default/a1:http", [10, 96, 0, 10], on_a1),
+        service("default/b1:http", [10, 96, 0, 11], on_b1),
+    ])?;
+    let vip_a1: SocketAddr = "10.96.0.10:80".parse()?;
+    let vip_b1: SocketAddr = "10.96.0.11:80".parse()?;
+
+    // a1 takes port 8080 from c1 only; a2 may only reach b1's 8080 and takes nothing in.
+    let mut desired = pods.policy(n1, ENFORCE_INGRESS)?;
+    allow(&mut desired, a1, identity::HOST, 0, 0, POLICY_INGRESS);
+    allow(&mut desired, a1, ID_C1, 8080, TCP, POLICY_INGRESS);
+    desired.endpoints.insert(
+        a2.ip,
+        PolicyEndpoint {
+            identity: ID_A2,
+            enforce: ENFORCE_INGRESS | ENFORCE_EGRESS,
+            pad: [0; 3],
+        },
+    );
+    allow(&mut desired, a2, identity::HOST, 0, 0, POLICY_INGRESS);
+    allow(&mut desired, a2, ID_B1, 8080, TCP, POLICY_EGRESS);
+    apply(n1, &desired)?;
+
+    // Through VXLAN to the ClusterIP: node-3's stack translates, node-1 checks a1's ingress.
+    tcp_echo(&a1.netns, on_a1, &c1.netns, vip_a1).context("c1 -> ClusterIP -> a1")?;
+    // From a2 to the same node's backend: a2's egress, checked after the DNAT.
+    let connects = |server: &Netns, listen: SocketAddr, client: &Netns, vip: SocketAddr| {
+        let _listener = server.run_inside(|| Ok(TcpListener::bind(listen)?))?;
+        client.run_inside(|| Ok(TcpStream::connect_timeout(&vip, Duration::from_secs(2)).is_ok()))
+    };
+    ensure!(
+        !connects(&a1.netns, on_a1, &a2.netns, vip_a1)?,
+        "a2 -> ClusterIP -> a1 not denied"
+    );
+    // From b1 (another node's stack translates): a1's ingress does not allow it.
+    ensure!(
+        !connects(&a1.netns, on_a1, &b1.netns, vip_a1)?,
+        "b1 -> ClusterIP -> a1 not denied"
+    );
+    // To the other node's backend a2 may reach: its replies come back from the ClusterIP,
+    // past a2's default-deny ingress.
+    let seen = tcp_echo(&b1.netns, on_b1, &a2.netns, vip_b1).context("a2 -> ClusterIP -> b1")?;
+    ensure!(seen.ip() == a2.ip, "b1 saw {seen}, not a2");
+    let (_, a2_egress) = drops(&n1.pin_root(), a2.ip)?;
+    let (a1_ingress, _) = drops(&n1.pin_root(), a1.ip)?;
+    ensure!(
+        a2_egress > 0 && a1_ingress > 0,
+        "drops: a2 egress {a2_egress}, a1 ingress {a1_ingress}"
+    );
     Ok(())
 }
