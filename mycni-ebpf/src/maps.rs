@@ -111,12 +111,15 @@ pub(crate) static POLICY_STATE: Array<
     { map_spec::POLICY_STATE.max_entries as usize },
 > = Array::new();
 
-/// Packets policy dropped, per local pod and direction, per CPU.
+/// Packets policy dropped, per local pod and direction, per CPU. Not preallocated: its
+/// per-CPU values would take 16 bytes per CPU for every possible pod; entries are made on a
+/// pod's first drop only.
 #[btf_map]
 pub(crate) static POLICY_DROPS: PerCpuHashMap<
     [u8; 4],
     PolicyDrops,
     { map_spec::POLICY_DROPS.max_entries as usize },
+    { BPF_F_NO_PREALLOC as usize },
 > = PerCpuHashMap::new();
 
 /// A map definition's shape as the kernel will see it.
