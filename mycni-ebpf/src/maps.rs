@@ -6,11 +6,13 @@
 //! are checked against it at compile time (`check_spec!`).
 use core::mem::size_of;
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap};
-use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::macros::btf_map;
-use mycni_common::policy::{PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyEntry, PolicyKey, PolicyState};
+use mycni_common::policy::{
+    PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyEntry, PolicyKey, PolicyState,
+};
 use mycni_common::{
     map_spec, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, MapKind, MapSpec, NatEntry,
     NodeConfig, Route,
@@ -109,12 +111,15 @@ pub(crate) static POLICY_STATE: Array<
     { map_spec::POLICY_STATE.max_entries as usize },
 > = Array::new();
 
-/// Packets policy dropped, per local pod and direction, per CPU.
+/// Packets policy dropped, per local pod and direction, per CPU. Not preallocated: its
+/// per-CPU values would take 16 bytes per CPU for every possible pod; entries are made on a
+/// pod's first drop only.
 #[btf_map]
 pub(crate) static POLICY_DROPS: PerCpuHashMap<
     [u8; 4],
     PolicyDrops,
     { map_spec::POLICY_DROPS.max_entries as usize },
+    { BPF_F_NO_PREALLOC as usize },
 > = PerCpuHashMap::new();
 
 /// A map definition's shape as the kernel will see it.

@@ -20,8 +20,7 @@ use crate::headers::{
     IPV4_PROTO, IPV4_SRC, IPV4_VIHL, L4_SPORT, TCP_ACK, TCP_FLAGS, TCP_SYN,
 };
 use crate::maps::{
-    FRAGMENTS, POLICY, POLICY_CT, POLICY_DROPS, POLICY_ENDPOINTS, POLICY_IDENTITIES,
-    POLICY_STATE,
+    FRAGMENTS, POLICY, POLICY_CT, POLICY_DROPS, POLICY_ENDPOINTS, POLICY_IDENTITIES, POLICY_STATE,
 };
 use crate::packet::Ipv4;
 use aya_ebpf::bindings::BPF_NOEXIST;
@@ -29,8 +28,8 @@ use aya_ebpf::btf_maps::lpm_trie::Key;
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::programs::TcContext;
 use mycni_common::policy::{
-    identity, PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyKey, CT_VIA_STACK,
-    ENFORCE_EGRESS, ENFORCE_INGRESS, POLICY_EGRESS, POLICY_INGRESS,
+    identity, PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyKey, CT_VIA_STACK, ENFORCE_EGRESS,
+    ENFORCE_INGRESS, POLICY_EGRESS, POLICY_INGRESS,
 };
 use mycni_common::{verdict, FlowKey, FragmentEntry, FRAGMENT_PASS};
 
@@ -62,9 +61,9 @@ pub(crate) fn enforce(ctx: &TcContext, packet: &Ipv4, site: Site) -> Result<(), 
     enforce_active(ctx, packet, site, state.revision)
 }
 
-/// The policy path proper, out of line: with no policy active only the lookup above runs,
-/// and the forwarding code around it stays as compact as before.
-#[inline(never)]
+/// The policy path proper: with no policy active only the lookup above runs. Inlined: as a
+/// BPF-to-BPF call its stack would add to `to_netdev`'s, past the verifier's 512 bytes.
+#[inline(always)]
 fn enforce_active(ctx: &TcContext, packet: &Ipv4, site: Site, revision: u32) -> Result<(), u32> {
     // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
     let src = unsafe { POLICY_ENDPOINTS.get(packet.src) };
@@ -250,8 +249,7 @@ fn icmp_error(ctx: &TcContext, packet: &Ipv4, site: Site) -> Result<(), u32> {
         return Ok(());
     }
     if let Some(quoted) = quoted_flow(ctx, packet) {
-        if POLICY_CT.get_ptr(quoted).is_some() || POLICY_CT.get_ptr(reversed(&quoted)).is_some()
-        {
+        if POLICY_CT.get_ptr(quoted).is_some() || POLICY_CT.get_ptr(reversed(&quoted)).is_some() {
             return Ok(());
         }
     }
