@@ -60,7 +60,8 @@ fn fetch(lab: &KubeLab, client: &str, server_ip: &str) -> Option<String> {
         .filter(|body| body.contains("server"))
 }
 
-/// Waits until each client in `allowed` reaches the server and each in `denied` does not.
+/// Waits until each client in `allowed` reaches the server and each in `denied` does not,
+/// and prints how long that took (an upper bound: a denied fetch takes 3 s to give up).
 fn wait_for_access(
     lab: &mut KubeLab,
     server_ip: &str,
@@ -68,10 +69,11 @@ fn wait_for_access(
     denied: &[&str],
     when: &str,
 ) -> Result<()> {
-    lab.wait(when, Duration::from_secs(60), |lab| {
+    let took = lab.wait(when, Duration::from_secs(60), |lab| {
         Ok(allowed.iter().all(|c| fetch(lab, c, server_ip).is_some())
             && denied.iter().all(|c| fetch(lab, c, server_ip).is_none()))
     })?;
+    println!("{when}: within {took:?}");
     Ok(())
 }
 
