@@ -5,7 +5,7 @@
 //! Cost of one computation: one pass over the pods (a hash lookup each, to find its
 //! identity), one pass over the identities per peer of the policies that select a pod on
 //! this node, and the rules of those policies times this node's pods. Nothing is
-//! proportional to pods × policies.
+//! proportional to pods × policies. Measured by `policy_at_cluster_scale` below.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
@@ -73,7 +73,7 @@ struct ResolvedPeers {
 }
 
 /// The CIDRs the policies mention, looked up by prefix length: the ones containing an
-/// address cost one hash lookup per distinct length, not one test per CIDR.
+/// address cost one set lookup per distinct length, not one test per CIDR.
 struct MentionedCidrs {
     /// Sorted: the identity keys list them in this order.
     cidrs: BTreeSet<Ipv4Network>,
