@@ -146,7 +146,7 @@ impl PolicySync {
                         node_name,
                         host_addresses: host.clone(),
                         remote_node_addresses: remote,
-                        pods: pods.values().collect(),
+                        pod_sets: pods.pod_sets(),
                         namespaces: namespaces
                             .iter()
                             .map(|(name, labels)| (name.as_str(), &labels.0))

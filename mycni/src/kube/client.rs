@@ -17,11 +17,11 @@ use tokio::sync::{oneshot, Notify};
 
 use super::config::context_options;
 use super::nodes::{KubeNode, NodeCache};
-use super::policy_objects::{NamespaceLabels, ProjectedCache};
+use super::policy_objects::{NamespaceLabels, PodCache, ProjectedCache};
 use super::WatchCache;
 use crate::agent::{AgentError, NodeSource};
 use crate::nodes::NodeEntry;
-use crate::policy::model::{Policy, PolicyPod};
+use crate::policy::model::Policy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeClientError {
@@ -357,7 +357,7 @@ impl KubeNodeSource {
 /// The watches the policy engine reads: every pod, namespace and NetworkPolicy of the
 /// cluster (peers are cluster-wide), each projected into a [`ProjectedCache`].
 pub struct PolicyWatches {
-    pub pods: Watched<ProjectedCache<PolicyPod>>,
+    pub pods: Watched<PodCache>,
     pub namespaces: Watched<ProjectedCache<NamespaceLabels>>,
     pub policies: Watched<ProjectedCache<Policy>>,
 }
@@ -366,11 +366,7 @@ impl PolicyWatches {
     pub fn start(watches: &KubeWatches) -> PolicyWatches {
         let client = watches.client();
         PolicyWatches {
-            pods: watches.watch(
-                Api::<Pod>::all(client.clone()),
-                ProjectedCache::default(),
-                "pod",
-            ),
+            pods: watches.watch(Api::<Pod>::all(client.clone()), PodCache::default(), "pod"),
             namespaces: watches.watch(
                 Api::<Namespace>::all(client.clone()),
                 ProjectedCache::default(),

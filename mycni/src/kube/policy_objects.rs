@@ -2,8 +2,9 @@
 //! ([`crate::policy::model`]), and the cache the watches keep them in; pure. Only the
 //! projections are kept, not the objects: a pod's status heartbeat that changes none of its
 //! labels, IP, node or named ports is no news.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -14,6 +15,7 @@ use kube::runtime::watcher::Event;
 use mycni_common::policy::{ENFORCE_EGRESS, ENFORCE_INGRESS};
 
 use super::WatchCache;
+use crate::policy::engine::PodSet;
 use crate::policy::model::{
     protocol_number, Labels, NamedPort, Peer, Policy, PolicyPod, PortRef, PortSpec, Requirement,
     Rule, Selector,
@@ -97,6 +99,121 @@ where
 
     fn len(&self) -> usize {
         self.objects.len()
+    }
+}
+
+/// The pods, grouped by (namespace, label set), which is how the engine reads them
+/// ([`PodSet`]): an event moves one pod between sets, and a computation walks the sets
+/// (a label set per Deployment, say) instead of hashing every pod's labels again. Sets are
+/// kept in order so identities are allocated in the same order on every node and run.
+#[derive(Debug, Default)]
+pub struct PodCache {
+    sets: BTreeMap<Arc<PodSetKey>, BTreeMap<String, PolicyPod>>,
+    /// Each pod's set, by the pod's key.
+    set_of: HashMap<String, Arc<PodSetKey>>,
+    relisting: Option<Vec<(String, PolicyPod)>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodSetKey {
+    namespace: String,
+    labels: Labels,
+}
+
+impl PodCache {
+    pub fn get(&self, key: &str) -> Option<&PolicyPod> {
+        self.sets.get(self.set_of.get(key)?)?.get(key)
+    }
+
+    /// The sets, as the engine reads them.
+    pub fn pod_sets(&self) -> Vec<PodSet<'_>> {
+        self.sets
+            .iter()
+            .map(|(set, pods)| PodSet {
+                namespace: &set.namespace,
+                labels: &set.labels,
+                pods: pods.values().collect(),
+            })
+            .collect()
+    }
+
+    /// Every pod by key (to compare a re-list with what is cached).
+    fn all(&self) -> BTreeMap<&str, &PolicyPod> {
+        self.sets
+            .values()
+            .flat_map(|pods| pods.iter().map(|(key, pod)| (key.as_str(), pod)))
+            .collect()
+    }
+
+    fn upsert(&mut self, key: String, pod: PolicyPod) -> bool {
+        if self.get(&key) == Some(&pod) {
+            return false;
+        }
+        self.remove(&key);
+        let wanted = PodSetKey {
+            namespace: pod.namespace.clone(),
+            labels: pod.labels.clone(),
+        };
+        let set = match self.sets.get_key_value(&wanted) {
+            Some((set, _)) => set.clone(),
+            None => Arc::new(wanted),
+        };
+        self.sets
+            .entry(set.clone())
+            .or_default()
+            .insert(key.clone(), pod);
+        self.set_of.insert(key, set);
+        true
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        let Some(set) = self.set_of.remove(key) else {
+            return false;
+        };
+        if let Some(pods) = self.sets.get_mut(&set) {
+            pods.remove(key);
+            if pods.is_empty() {
+                self.sets.remove(&set);
+            }
+        }
+        true
+    }
+}
+
+impl WatchCache<Pod> for PodCache {
+    fn apply(&mut self, event: Event<Pod>) -> bool {
+        match event {
+            Event::Init => {
+                self.relisting = Some(Vec::new());
+                false
+            }
+            Event::InitApply(pod) => {
+                if let Some(projected) = PolicyPod::project(&pod) {
+                    self.relisting
+                        .get_or_insert_with(Vec::new)
+                        .push((PolicyPod::key(&pod), projected));
+                }
+                false
+            }
+            Event::InitDone => {
+                let mut listed = PodCache::default();
+                for (key, pod) in self.relisting.take().unwrap_or_default() {
+                    listed.upsert(key, pod);
+                }
+                let changed = listed.all() != self.all();
+                *self = listed;
+                changed
+            }
+            Event::Apply(pod) => match PolicyPod::project(&pod) {
+                Some(projected) => self.upsert(PolicyPod::key(&pod), projected),
+                None => self.remove(&PolicyPod::key(&pod)),
+            },
+            Event::Delete(pod) => self.remove(&PolicyPod::key(&pod)),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.set_of.len()
     }
 }
 
@@ -345,7 +462,7 @@ mod tests {
 
     #[test]
     fn the_cache_reports_only_changes_the_engine_reads() {
-        let mut cache = ProjectedCache::<PolicyPod>::default();
+        let mut cache = PodCache::default();
         assert!(!cache.apply(Event::Init));
         assert!(!cache.apply(Event::InitDone));
         let pending = pod_json("a", "", r#"{"phase":"Pending"}"#);
@@ -382,6 +499,28 @@ mod tests {
             r#"{{"metadata":{{"namespace":"ns","name":"p"}},"spec":{spec}}}"#
         ));
         Policy::project(&object).expect("projected")
+    }
+
+    #[test]
+    fn pods_are_kept_in_sets_of_one_namespace_and_label_set() {
+        let mut cache = PodCache::default();
+        let running = r#"{"phase":"Running","podIP":"10.244.1.5"}"#;
+        assert!(cache.apply(Event::Apply(pod_json("a", "", running))));
+        assert!(cache.apply(Event::Apply(pod_json("b", "", running))));
+        let sets = cache.pod_sets();
+        assert_eq!(sets.len(), 1, "a and b share app=web in default");
+        assert_eq!(sets[0].pods.len(), 2);
+        // b is relabelled: it moves to a set of its own; back again, the set goes.
+        let mut relabelled = pod_json("b", "", running);
+        relabelled.metadata.labels = Some([("app".to_string(), "db".to_string())].into());
+        assert!(cache.apply(Event::Apply(relabelled)));
+        let sizes: Vec<usize> = cache.pod_sets().iter().map(|s| s.pods.len()).collect();
+        assert_eq!(sizes, [1, 1]);
+        assert!(cache.apply(Event::Apply(pod_json("b", "", running))));
+        assert_eq!(cache.pod_sets().len(), 1);
+        assert!(cache.apply(Event::Delete(pod_json("a", "", running))));
+        assert!(cache.apply(Event::Delete(pod_json("b", "", running))));
+        assert!(cache.pod_sets().is_empty() && cache.is_empty());
     }
 
     #[test]

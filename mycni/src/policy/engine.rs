@@ -2,10 +2,11 @@
 //! nodes' addresses to the desired contents of `POLICY_ENDPOINTS`, `POLICY_IDENTITIES` and
 //! `POLICY` on this node (see `mycni_common::policy` for how the datapath reads them).
 //!
-//! Cost of one computation: one pass over the pods (a hash lookup each, to find its
-//! identity), one pass over the identities per peer of the policies that select a pod on
-//! this node, and the rules of those policies times this node's pods. Nothing is
-//! proportional to pods × policies. Measured by `policy_at_cluster_scale` below.
+//! Cost of one computation: one pass over the (namespace, label set)s the pod cache keeps
+//! (an identity lookup each; when the policies here name CIDRs, a CIDR lookup per pod
+//! too), one pass over the identities per peer of the policies that select a pod on this
+//! node, and the rules of those policies times this node's pods. Nothing is proportional
+//! to pods × policies. Measured by `policy_at_cluster_scale` below.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
@@ -19,7 +20,18 @@ use super::identity::{IdentityAllocator, IdentityKey};
 use super::model::{Labels, Peer, Policy, PolicyPod, PortRef, Rule};
 use crate::policy_maps::PolicyDesired;
 
-/// What the engine reads. Pods are every pod of the cluster (peers are cluster-wide).
+/// Pods of one namespace and label set: the pod cache keeps them grouped so, and the engine
+/// walks these sets (thousands) rather than the pods (a hundred thousand) to find
+/// identities.
+#[derive(Debug, Clone)]
+pub struct PodSet<'a> {
+    pub namespace: &'a str,
+    pub labels: &'a Labels,
+    pub pods: Vec<&'a PolicyPod>,
+}
+
+/// What the engine reads. Pods are every pod of the cluster (peers are cluster-wide), in
+/// sets of one (namespace, label set) each.
 #[derive(Debug, Clone, Default)]
 pub struct PolicyWorld<'a> {
     pub node_name: &'a str,
@@ -27,7 +39,7 @@ pub struct PolicyWorld<'a> {
     pub host_addresses: Vec<Ipv4Addr>,
     /// The other nodes' addresses: `REMOTE_NODE` unless a policy CIDR covers them.
     pub remote_node_addresses: Vec<Ipv4Addr>,
-    pub pods: Vec<&'a PolicyPod>,
+    pub pod_sets: Vec<PodSet<'a>>,
     /// Namespace labels by name; a namespace not listed has none.
     pub namespaces: HashMap<&'a str, &'a Labels>,
     pub policies: Vec<&'a Policy>,
@@ -79,6 +91,12 @@ struct MentionedCidrs {
     cidrs: BTreeSet<Ipv4Network>,
     /// Distinct prefix lengths, shortest first.
     lengths: Vec<u8>,
+}
+
+impl MentionedCidrs {
+    fn is_empty(&self) -> bool {
+        self.cidrs.is_empty()
+    }
 }
 
 impl MentionedCidrs {
@@ -139,8 +157,8 @@ struct Computation<'w, 'a> {
     /// Local pods some policy selects, with those policies.
     selected: Vec<(&'a PolicyPod, Vec<&'a Policy>)>,
     groups: Vec<Group<'a>>,
-    /// The group of each pod of `world.pods`, by index.
-    pod_group: Vec<usize>,
+    /// The identity of each pod of this node, by IP.
+    local_identities: HashMap<Ipv4Addr, u32>,
     identities: BTreeMap<Ipv4Network, u32>,
 }
 
@@ -153,20 +171,27 @@ impl<'w, 'a> Computation<'w, 'a> {
                 .or_default()
                 .push(policy);
         }
-        let selected: Vec<(&'a PolicyPod, Vec<&'a Policy>)> = world
-            .pods
+        let is_local = |pod: &PolicyPod| pod.node == world.node_name;
+        let mut selected: Vec<(&'a PolicyPod, Vec<&'a Policy>)> = Vec::new();
+        for set in world
+            .pod_sets
             .iter()
-            .filter(|pod| pod.node == world.node_name)
-            .filter_map(|&pod| {
-                let policies: Vec<&'a Policy> = by_namespace
-                    .get(pod.namespace.as_str())?
-                    .iter()
-                    .copied()
-                    .filter(|policy| policy.pod_selector.matches(&pod.labels))
-                    .collect();
-                (!policies.is_empty()).then_some((pod, policies))
-            })
-            .collect();
+            .filter(|set| set.pods.iter().any(|p| is_local(p)))
+        {
+            // Selectors are evaluated once per label set, not per pod.
+            let policies: Vec<&'a Policy> = by_namespace
+                .get(set.namespace)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|policy| policy.pod_selector.matches(set.labels))
+                .collect();
+            if !policies.is_empty() {
+                for &pod in set.pods.iter().filter(|p| is_local(p)) {
+                    selected.push((pod, policies.clone()));
+                }
+            }
+        }
         // Only the CIDRs of policies that matter here shape identities.
         let mentioned = MentionedCidrs::new(
             selected
@@ -175,33 +200,39 @@ impl<'w, 'a> Computation<'w, 'a> {
                 .flat_map(|policy| policy.cidrs()),
         );
         let mut groups: Vec<Group<'a>> = Vec::new();
-        let mut group_of: HashMap<(&'a str, &'a Labels, Vec<Ipv4Network>), usize> = HashMap::new();
-        let mut pod_group = Vec::with_capacity(world.pods.len());
+        let mut local_identities = HashMap::new();
         let mut identities = BTreeMap::new();
-        for &pod in &world.pods {
-            let cidrs = mentioned.containing(pod.ip);
-            let lookup = (pod.namespace.as_str(), &pod.labels, cidrs);
-            let index = match group_of.get(&lookup) {
-                Some(&index) => index,
-                None => {
-                    let key = IdentityKey::Pods {
-                        namespace: pod.namespace.clone(),
-                        labels: pod.labels.clone(),
-                        cidrs: lookup.2.clone(),
-                    };
-                    groups.push(Group {
-                        id: allocator.get_or_allocate(&key),
-                        namespace: Some(pod.namespace.as_str()),
-                        labels: Some(&pod.labels),
-                        cidrs: lookup.2.clone(),
-                        pods: Vec::new(),
-                    });
-                    group_of.insert(lookup, groups.len() - 1);
-                    groups.len() - 1
+        for set in &world.pod_sets {
+            // A label set's pods share an identity, split by the policy CIDRs they are in.
+            let partitions: Vec<(Vec<Ipv4Network>, Vec<&'a PolicyPod>)> = if mentioned.is_empty() {
+                vec![(Vec::new(), set.pods.clone())]
+            } else {
+                let mut by_cidrs: BTreeMap<Vec<Ipv4Network>, Vec<&'a PolicyPod>> = BTreeMap::new();
+                for &pod in &set.pods {
+                    by_cidrs
+                        .entry(mentioned.containing(pod.ip))
+                        .or_default()
+                        .push(pod);
                 }
+                by_cidrs.into_iter().collect()
             };
-            groups[index].pods.push(pod);
-            pod_group.push(index);
+            for (cidrs, pods) in partitions {
+                let id = allocator.get_or_allocate(&IdentityKey::Pods {
+                    namespace: set.namespace.to_string(),
+                    labels: set.labels.clone(),
+                    cidrs: cidrs.clone(),
+                });
+                for pod in pods.iter().filter(|p| is_local(p)) {
+                    local_identities.insert(pod.ip, id);
+                }
+                groups.push(Group {
+                    id,
+                    namespace: Some(set.namespace),
+                    labels: Some(set.labels),
+                    cidrs,
+                    pods,
+                });
+            }
         }
         // Every mentioned CIDR: the addresses in it that no longer prefix covers are in
         // exactly the mentioned CIDRs that contain it (CIDRs nest or are disjoint).
@@ -232,7 +263,7 @@ impl<'w, 'a> Computation<'w, 'a> {
             world,
             selected,
             groups,
-            pod_group,
+            local_identities,
             identities,
         }
     }
@@ -376,21 +407,14 @@ impl<'w, 'a> Computation<'w, 'a> {
             ..PolicyDesired::default()
         };
         let mut endpoints = Vec::new();
-        let group_by_pod: HashMap<(&str, &str), usize> = self
-            .world
-            .pods
-            .iter()
-            .zip(&self.pod_group)
-            .filter(|(pod, _)| pod.node == self.world.node_name)
-            .map(|(pod, &g)| ((pod.namespace.as_str(), pod.name.as_str()), g))
-            .collect();
         // Rules resolved once per policy, whatever the number of pods it selects here.
         type BothDirections = (Vec<ResolvedPeers>, Vec<ResolvedPeers>);
         let mut resolved: HashMap<(&str, &str), BothDirections> = HashMap::new();
         for (pod, policies) in &self.selected {
-            let identity = group_by_pod
-                .get(&(pod.namespace.as_str(), pod.name.as_str()))
-                .map(|&g| self.groups[g].id)
+            let identity = self
+                .local_identities
+                .get(&pod.ip)
+                .copied()
                 .unwrap_or(identity::WORLD);
             let mut enforce = 0;
             for policy in policies {
@@ -580,6 +604,23 @@ mod tests {
         }
     }
 
+    /// Pods grouped by (namespace, labels), as the pod cache keeps them.
+    pub(super) fn pod_sets(pods: &[PolicyPod]) -> Vec<PodSet<'_>> {
+        let mut sets: BTreeMap<(&str, &Labels), Vec<&PolicyPod>> = BTreeMap::new();
+        for pod in pods {
+            sets.entry((pod.namespace.as_str(), &pod.labels))
+                .or_default()
+                .push(pod);
+        }
+        sets.into_iter()
+            .map(|((namespace, labels), pods)| PodSet {
+                namespace,
+                labels,
+                pods,
+            })
+            .collect()
+    }
+
     struct Cluster {
         pods: Vec<PolicyPod>,
         namespaces: Vec<(String, Labels)>,
@@ -600,7 +641,7 @@ mod tests {
                 node_name: NODE,
                 host_addresses: vec![HOST_IP],
                 remote_node_addresses: vec![REMOTE_IP],
-                pods: self.pods.iter().collect(),
+                pod_sets: pod_sets(&self.pods),
                 namespaces: self
                     .namespaces
                     .iter()
@@ -1165,12 +1206,14 @@ mod scale {
             .collect();
         let mut engine = PolicyEngine::default();
         let mut run = |pods: &[PolicyPod], what: &str| {
+            // The pod cache keeps the sets; grouping them here is not part of a computation.
+            let pod_sets = super::tests::pod_sets(pods);
             let started = Instant::now();
             let world = PolicyWorld {
                 node_name: "node-0",
                 host_addresses: vec![Ipv4Addr::new(192, 168, 0, 0)],
                 remote_node_addresses: remote.clone(),
-                pods: pods.iter().collect(),
+                pod_sets: pod_sets.clone(),
                 namespaces: namespaces.iter().map(|(n, l)| (n.as_str(), l)).collect(),
                 policies: policies.iter().collect(),
             };
