@@ -690,7 +690,7 @@ mod tests {
     const HOST_PROBES: (u32, u16, u8, u32) = (HOST, 0, 0, 0);
 
     #[test]
-    fn pods_no_policy_selects_have_no_endpoint_entry_but_an_identity() {
+    fn pods_no_policy_selects_have_no_endpoint_entry_and_unnamed_ones_no_trie_entry() {
         let cluster = Cluster::new(
             vec![
                 pod("default", "web", &[("app", "web")], "10.244.1.5", NODE),
