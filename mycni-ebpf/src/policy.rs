@@ -301,7 +301,10 @@ fn quoted_flow(ctx: &TcContext, packet: &Ipv4) -> Option<FlowKey> {
 
 /// Whether policy allows `flow` (its first packet's direction): the source's egress when
 /// `src` (its `POLICY_ENDPOINTS` entry) enforces it, the destination's ingress likewise.
-#[inline(always)]
+/// Out of line: called from several places, each inlined copy would carry its lookups and
+/// log messages (the programs tripled in size); its own stack is small enough to add to
+/// `to_netdev`'s.
+#[inline(never)]
 fn check_flow(
     ctx: &TcContext,
     flow: &FlowKey,

@@ -1687,6 +1687,51 @@ fn default_deny_egress_drops_a_pods_flows_on_every_path_out() -> Result<()> {
 }
 
 #[test]
+fn an_allowed_flow_out_of_the_cluster_is_masqueraded_and_its_reply_passes_ingress() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let mut desired = policy(ENFORCE_INGRESS | ENFORCE_EGRESS, 0);
+        allow(
+            &mut desired,
+            POD_A,
+            identity::WORLD,
+            443,
+            IPPROTO_TCP,
+            POLICY_EGRESS,
+        );
+        dp.apply_policy(&desired)?;
+        let out = ip(POD_A, OUTSIDE).tcp(40000, 443, TCP_SYN, 1, 0);
+        expect_action(
+            &dp.run(PROG_FROM_POD, dp.dev.host_a, &from_pod_a(&out))?,
+            TC_ACT_OK,
+        )?;
+        let run = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &from_pod_a(&out))?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(seen(&run.frame)?.src == NODE_IP, "not masqueraded");
+        // The answer, translated back by from_netdev and delivered by the stack.
+        let back = ip(OUTSIDE, NODE_IP).tcp(443, NAT_PORT, TCP_SYN | TCP_ACK, 9, 2);
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &from_router(&back))?;
+        expect_action(&run, TC_ACT_OK)?;
+        let mut delivered = run.frame.clone();
+        delivered[..6].copy_from_slice(&POD_A_MAC);
+        let run = dp.run_marked(PROG_TO_POD, dp.dev.host_a, run.mark, &delivered)?;
+        expect_action(&run, TC_ACT_OK)?;
+        // Another port of the same host stays denied.
+        let other = ip(POD_A, OUTSIDE).tcp(40001, 80, TCP_SYN, 1, 0);
+        expect_action(
+            &dp.run(PROG_TO_NETDEV, dp.dev.uplink, &from_pod_a(&other))?,
+            TC_ACT_SHOT,
+        )?;
+        dp.expect_counts(&[
+            (verdict::TO_STACK, 1),
+            (verdict::SNAT, 1),
+            (verdict::REVERSE_NAT, 1),
+            (verdict::DROP_POLICY_EGRESS, 1),
+        ])
+    })
+}
+
+#[test]
 fn each_key_of_the_lookup_order_allows_and_nothing_else_does() -> Result<()> {
     require_root!();
     with_datapath(|dp| {
