@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map's key or value layout changes; pinned maps of another layout are
 /// refused by the loader instead of being silently reused.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 pub mod policy;
 pub mod service;
@@ -26,6 +26,12 @@ pub const MAP_SERVICES: &str = "SERVICES";
 pub const MAP_BACKENDS: &str = "BACKENDS";
 pub const MAP_AFFINITY: &str = "AFFINITY";
 pub const MAP_SOCK_REVERSE: &str = "SOCK_REVERSE";
+pub const MAP_POLICY_ENDPOINTS: &str = "POLICY_ENDPOINTS";
+pub const MAP_POLICY_IDENTITIES: &str = "POLICY_IDENTITIES";
+pub const MAP_POLICY: &str = "POLICY";
+pub const MAP_POLICY_CT: &str = "POLICY_CT";
+pub const MAP_POLICY_STATE: &str = "POLICY_STATE";
+pub const MAP_POLICY_DROPS: &str = "POLICY_DROPS";
 /// Every map the datapath pins, in a stable order (the order of [`PINNED_MAPS`]).
 pub const MAP_NAMES: [&str; PINNED_MAPS.len()] = {
     let mut names = [""; PINNED_MAPS.len()];
@@ -89,6 +95,18 @@ pub const MAX_BACKENDS: u32 = 262144;
 pub const MAX_AFFINITY: u32 = 65536;
 /// Capacity of `SOCK_REVERSE`: (UDP socket, backend) pairs in use.
 pub const MAX_SOCK_REVERSE: u32 = 65536;
+/// Capacity of `POLICY_ENDPOINTS` and `POLICY_DROPS`: one per pod on this node, like
+/// `ENDPOINTS`.
+pub const MAX_POLICY_ENDPOINTS: u32 = 16384;
+/// Capacity of `POLICY_IDENTITIES`: every pod IP of the largest cluster (5,000 nodes of 250
+/// pods: 1,250,000), the nodes and the policies' CIDRs. An LPM trie allocates per entry
+/// (`BPF_F_NO_PREALLOC`), so the cap costs nothing until it is used.
+pub const MAX_POLICY_IDENTITIES: u32 = 2_097_152;
+/// Capacity of `POLICY`: allowed (endpoint, peer identity, port, protocol, direction) keys
+/// of this node's pods; not preallocated either.
+pub const MAX_POLICY: u32 = 262144;
+/// Capacity of `POLICY_CT`: pod flows of this node while any policy is active (LRU).
+pub const MAX_POLICY_CT: u32 = 262144;
 
 /// The kinds of map the datapath pins, numbered as the kernel's `BPF_MAP_TYPE_*`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +114,7 @@ pub const MAX_SOCK_REVERSE: u32 = 65536;
 pub enum MapKind {
     Hash = 1,
     Array = 2,
+    PerCpuHash = 5,
     PerCpuArray = 6,
     LruHash = 9,
     LpmTrie = 11,
@@ -107,6 +126,7 @@ impl MapKind {
         match self {
             MapKind::Hash => "hash",
             MapKind::Array => "array",
+            MapKind::PerCpuHash => "percpu_hash",
             MapKind::PerCpuArray => "percpu_array",
             MapKind::LruHash => "lru_hash",
             MapKind::LpmTrie => "lpm_trie",
@@ -230,11 +250,53 @@ pub mod map_spec {
         key_size: size_of::<service::SockReverseKey>() as u32,
         value_size: size_of::<service::SockReverseEntry>() as u32,
         max_entries: MAX_SOCK_REVERSE,
+    pub const POLICY_ENDPOINTS: MapSpec = MapSpec {
+        name: MAP_POLICY_ENDPOINTS,
+        kind: MapKind::Hash,
+        key_size: IPV4,
+        value_size: size_of::<policy::PolicyEndpoint>() as u32,
+        max_entries: MAX_POLICY_ENDPOINTS,
+    };
+    /// Value: the identity (`policy::identity`) of the addresses under the prefix.
+    pub const POLICY_IDENTITIES: MapSpec = MapSpec {
+        name: MAP_POLICY_IDENTITIES,
+        kind: MapKind::LpmTrie,
+        key_size: LPM_IPV4_KEY,
+        value_size: size_of::<u32>() as u32,
+        max_entries: MAX_POLICY_IDENTITIES,
+    };
+    pub const POLICY: MapSpec = MapSpec {
+        name: MAP_POLICY,
+        kind: MapKind::Hash,
+        key_size: size_of::<policy::PolicyKey>() as u32,
+        value_size: size_of::<policy::PolicyEntry>() as u32,
+        max_entries: MAX_POLICY,
+    };
+    pub const POLICY_CT: MapSpec = MapSpec {
+        name: MAP_POLICY_CT,
+        kind: MapKind::LruHash,
+        key_size: size_of::<FlowKey>() as u32,
+        value_size: size_of::<policy::PolicyCtEntry>() as u32,
+        max_entries: MAX_POLICY_CT,
+    };
+    pub const POLICY_STATE: MapSpec = MapSpec {
+        name: MAP_POLICY_STATE,
+        kind: MapKind::Array,
+        key_size: ARRAY_INDEX,
+        value_size: size_of::<policy::PolicyState>() as u32,
+        max_entries: 1,
+    };
+    pub const POLICY_DROPS: MapSpec = MapSpec {
+        name: MAP_POLICY_DROPS,
+        kind: MapKind::PerCpuHash,
+        key_size: IPV4,
+        value_size: size_of::<policy::PolicyDrops>() as u32,
+        max_entries: MAX_POLICY_ENDPOINTS,
     };
 }
 
 /// Every map the datapath pins, in a stable order.
-pub const PINNED_MAPS: [MapSpec; 13] = [
+pub const PINNED_MAPS: [MapSpec; 19] = [
     map_spec::ROUTES,
     map_spec::ENDPOINTS,
     map_spec::STATS,
@@ -248,6 +310,12 @@ pub const PINNED_MAPS: [MapSpec; 13] = [
     map_spec::BACKENDS,
     map_spec::AFFINITY,
     map_spec::SOCK_REVERSE,
+    map_spec::POLICY_ENDPOINTS,
+    map_spec::POLICY_IDENTITIES,
+    map_spec::POLICY,
+    map_spec::POLICY_CT,
+    map_spec::POLICY_STATE,
+    map_spec::POLICY_DROPS,
 ];
 
 /// The shape of the pinned map called `name`.
@@ -467,11 +535,13 @@ pub mod verdict {
     /// To an address of this node's pod CIDR that no pod holds: handed to the stack, whose
     /// `unreachable` route answers ICMP host unreachable.
     pub const TO_UNASSIGNED: u32 = 18;
-    // The Services verdicts follow the last packet verdict; the policy work's two
-    // verdicts go in before them when both land (renumber here, nowhere else).
+    /// Dropped: NetworkPolicy does not allow the flow into a pod of this node.
+    pub const DROP_POLICY_INGRESS: u32 = 19;
+    /// Dropped: NetworkPolicy does not allow the flow out of a pod of this node.
+    pub const DROP_POLICY_EGRESS: u32 = 20;
     /// A connection or datagram to a Service frontend sent to one of its backends (cgroup
     /// `connect4`/`sendmsg4`; counted per socket call, `bytes` stays zero).
-    pub const SERVICE_TRANSLATED: u32 = TO_UNASSIGNED + 1;
+    pub const SERVICE_TRANSLATED: u32 = DROP_POLICY_EGRESS + 1;
     /// A connection or datagram to a Service frontend with no backend, refused with
     /// `ECONNREFUSED`.
     pub const SERVICE_NO_BACKEND: u32 = SERVICE_TRANSLATED + 1;
@@ -498,6 +568,8 @@ pub mod verdict {
         "drop_ipv6",
         "drop_untranslatable",
         "to_unassigned",
+        "drop_policy_ingress",
+        "drop_policy_egress",
         "service_translated",
         "service_no_backend",
     ];
@@ -537,6 +609,9 @@ mod pod {
     unsafe impl aya::Pod for super::policy::PolicyKey {}
     unsafe impl aya::Pod for super::policy::PolicyEntry {}
     unsafe impl aya::Pod for super::policy::PolicyEndpoint {}
+    unsafe impl aya::Pod for super::policy::PolicyState {}
+    unsafe impl aya::Pod for super::policy::PolicyCtEntry {}
+    unsafe impl aya::Pod for super::policy::PolicyDrops {}
 }
 
 #[cfg(test)]
@@ -565,6 +640,9 @@ mod tests {
         assert_eq!(size_of::<policy::PolicyKey>(), 12);
         assert_eq!(size_of::<policy::PolicyEntry>(), 4);
         assert_eq!(size_of::<policy::PolicyEndpoint>(), 8);
+        assert_eq!(size_of::<policy::PolicyState>(), 8);
+        assert_eq!(size_of::<policy::PolicyCtEntry>(), 4 + 1 + 3 + 8);
+        assert_eq!(size_of::<policy::PolicyDrops>(), 16);
         assert_eq!(size_of::<FragmentKey>(), 12);
         assert_eq!(size_of::<FragmentEntry>(), 8);
     }

@@ -67,3 +67,44 @@ pub struct PolicyEndpoint {
     pub enforce: u8,
     pub pad: [u8; 3],
 }
+
+/// Value of `POLICY_STATE`, an array of one. The agent writes the maps, then bumps
+/// `revision`, so every connection-tracking entry made under an older revision is checked
+/// again on its next packet; `active` is zero while no endpoint enforces anything, and then
+/// the programs stop after this one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyState {
+    pub revision: u32,
+    pub active: u32,
+}
+
+/// `PolicyCtEntry::flags`: the flow was recorded where no decision could be made yet (a
+/// pod's packet handed to the node stack, e.g. to a ClusterIP before kube-proxy's DNAT): the
+/// entry only lets its replies back in; the translated flow is checked where the stack
+/// sends it (`to_pod`, `to_netdev`).
+pub const CT_VIA_STACK: u8 = 1;
+
+/// Value of `POLICY_CT`, an LRU hash keyed by the `FlowKey` of a flow's first packet (its
+/// original direction; a reply matches the reversed key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyCtEntry {
+    /// The `PolicyState::revision` the flow was last allowed under.
+    pub revision: u32,
+    /// `CT_*` bits.
+    pub flags: u8,
+    pub pad: [u8; 3],
+    /// When a packet of the flow was last seen (`bpf_ktime_get_ns`, CLOCK_MONOTONIC),
+    /// refreshed at most once a second.
+    pub last_seen_ns: u64,
+}
+
+/// Value of `POLICY_DROPS`, a per-CPU hash keyed by a local pod's IP: packets policy
+/// dropped, by the pod's direction (ingress: to the pod; egress: from it). Sum the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyDrops {
+    pub ingress_packets: u64,
+    pub egress_packets: u64,
+}

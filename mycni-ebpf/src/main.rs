@@ -49,6 +49,7 @@ mod nat;
 mod netdev;
 mod packet;
 mod pod;
+mod policy;
 mod rewrite;
 mod service;
 mod stack_flows;
@@ -69,7 +70,11 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 /// delivered by the stack.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    pod::classify_to_pod(&ctx)
+    let (verdict, action) = pod::classify_to_pod(&ctx);
+    if let Some(verdict) = verdict {
+        counters::count(verdict, ctx.len());
+    }
+    action
 }
 
 #[classifier]

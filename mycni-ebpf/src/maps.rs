@@ -8,11 +8,14 @@ use core::mem::size_of;
 
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::btf_maps::lpm_trie::Key;
-use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
+use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::macros::btf_map;
 use mycni_common::service::{
     AffinityEntry, AffinityKey, Backend, BackendKey, ServiceEntry, ServiceKey, SockReverseEntry,
     SockReverseKey,
+};
+use mycni_common::policy::{
+    PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyEntry, PolicyKey, PolicyState,
 };
 use mycni_common::{
     map_spec, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, MapKind, MapSpec, NatEntry,
@@ -107,6 +110,58 @@ pub(crate) static SOCK_REVERSE: LruHashMap<
     SockReverseEntry,
     { map_spec::SOCK_REVERSE.max_entries as usize },
 > = LruHashMap::new();
+/// The local pods some policy selects, and for which directions (`mycni_common::policy`).
+#[btf_map]
+pub(crate) static POLICY_ENDPOINTS: HashMap<
+    [u8; 4],
+    PolicyEndpoint,
+    { map_spec::POLICY_ENDPOINTS.max_entries as usize },
+> = HashMap::new();
+
+/// Address prefix -> the identity of the peers under it.
+#[btf_map]
+pub(crate) static POLICY_IDENTITIES: LpmTrie<
+    [u8; 4],
+    u32,
+    { map_spec::POLICY_IDENTITIES.max_entries as usize },
+> = LpmTrie::new();
+
+/// Allowed (endpoint, peer identity, port, protocol, direction). Written by the agent only,
+/// so not preallocated: memory grows with the rules, not with the capacity.
+#[btf_map]
+pub(crate) static POLICY: HashMap<
+    PolicyKey,
+    PolicyEntry,
+    { map_spec::POLICY.max_entries as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Connection tracking of pod flows while policy is active: the original tuple of each
+/// allowed flow and the policy revision it was allowed under.
+#[btf_map]
+pub(crate) static POLICY_CT: LruHashMap<
+    FlowKey,
+    PolicyCtEntry,
+    { map_spec::POLICY_CT.max_entries as usize },
+> = LruHashMap::new();
+
+/// `{revision, active}`: the one lookup every packet pays when no policy is active.
+#[btf_map]
+pub(crate) static POLICY_STATE: Array<
+    PolicyState,
+    { map_spec::POLICY_STATE.max_entries as usize },
+> = Array::new();
+
+/// Packets policy dropped, per local pod and direction, per CPU. Not preallocated: its
+/// per-CPU values would take 16 bytes per CPU for every possible pod; entries are made on a
+/// pod's first drop only.
+#[btf_map]
+pub(crate) static POLICY_DROPS: PerCpuHashMap<
+    [u8; 4],
+    PolicyDrops,
+    { map_spec::POLICY_DROPS.max_entries as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();
 
 /// A map definition's shape as the kernel will see it.
 trait Shape {
@@ -125,6 +180,13 @@ impl<K, V, const N: usize, const F: usize> Shape for LpmTrie<K, V, N, F> {
 
 impl<K, V, const N: usize, const F: usize> Shape for HashMap<K, V, N, F> {
     const KIND: MapKind = MapKind::Hash;
+    const KEY_SIZE: usize = size_of::<K>();
+    const VALUE_SIZE: usize = size_of::<V>();
+    const MAX_ENTRIES: usize = N;
+}
+
+impl<K, V, const N: usize, const F: usize> Shape for PerCpuHashMap<K, V, N, F> {
+    const KIND: MapKind = MapKind::PerCpuHash;
     const KEY_SIZE: usize = size_of::<K>();
     const VALUE_SIZE: usize = size_of::<V>();
     const MAX_ENTRIES: usize = N;
@@ -198,7 +260,13 @@ check_spec!(
     SERVICES,
     BACKENDS,
     AFFINITY,
-    SOCK_REVERSE
+    SOCK_REVERSE,
+    POLICY_ENDPOINTS,
+    POLICY_IDENTITIES,
+    POLICY,
+    POLICY_CT,
+    POLICY_STATE,
+    POLICY_DROPS,
 );
 
 /// When the programs last logged at each level (indexed by `Level as u32`). Not pinned:

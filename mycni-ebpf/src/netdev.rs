@@ -10,6 +10,7 @@ use crate::nat::icmp_error::icmp_error_from_pod;
 use crate::nat::reverse::reverse_nat;
 use crate::nat::snat::{snat, snat_later_fragment, untranslatable};
 use crate::packet::{ifindex, parse_ipv4};
+use crate::policy::{enforce, Site};
 use crate::stack_flows::{remember_stack_flow, stack_flow_reply};
 use crate::tunnel::foreign_tunnel_sender;
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
@@ -93,6 +94,10 @@ pub(crate) fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
     if stack_flow_reply(&packet) {
         return to_stack(verdict::STACK_FLOW_REPLY);
     }
+    // Delivered past the pod's veth hooks: its ingress policy is checked here.
+    if let Err(drop) = enforce(ctx, &packet, Site::Decide) {
+        return (drop, TC_ACT_SHOT);
+    }
     match deliver_to_pod(ctx, route) {
         Some(action) => (verdict::DELIVERED_FROM_NETDEV, action),
         None => {
@@ -127,6 +132,11 @@ pub(crate) fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
     };
     if unsafe { ENDPOINTS.get(packet.src) }.is_none() {
         return (verdict::TO_STACK, TC_ACT_OK);
+    }
+    // A local pod's packet the stack routed (after kube-proxy's DNAT, to its real
+    // destination): the pod's egress policy, which `from_pod` left to this point.
+    if let Err(drop) = enforce(ctx, &packet, Site::Decide) {
+        return (drop, TC_ACT_SHOT);
     }
     if ROUTES.get(&Key::new(32, packet.dst)).is_some() {
         // A local pod's flow to another pod that the stack routed (e.g. DNATed from a

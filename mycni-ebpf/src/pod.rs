@@ -5,6 +5,7 @@ use crate::forward::{decrement_ttl, deliver_to_pod, send_to_node};
 use crate::headers::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF};
 use crate::maps::{ENDPOINTS, ROUTES};
 use crate::packet::{ifindex, parse_ipv4};
+use crate::policy::{enforce, Site};
 use crate::stack_flows::{remember_stack_flow, stack_flow_reply};
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
 use aya_ebpf::btf_maps::lpm_trie::Key;
@@ -87,7 +88,26 @@ pub(crate) fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
             return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
         }
     }
-    let Some(route) = ROUTES.get(&Key::new(32, packet.dst)) else {
+    let route = ROUTES.get(&Key::new(32, packet.dst));
+    // Policy before any forwarding decision: on a redirect the packet reaches its
+    // destination pod without passing any other hook (`bpf_redirect_peer` skips the
+    // destination veth's), so both ends' policies are checked here; what goes to the
+    // stack is checked where the stack sends it, after its DNAT.
+    let site = match route {
+        Some(route)
+            if matches!(
+                route.kind,
+                ROUTE_LOCAL_ENDPOINT | ROUTE_REMOTE_NODE | ROUTE_REMOTE_TUNNEL
+            ) =>
+        {
+            Site::Decide
+        }
+        _ => Site::ToStack,
+    };
+    if let Err(drop) = enforce(ctx, &packet, site) {
+        return (drop, TC_ACT_SHOT);
+    }
+    let Some(route) = route else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
     // An address of this node's pod CIDR that no pod holds: the stack's unreachable route
@@ -144,23 +164,33 @@ pub(crate) fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
 }
 
 /// Packets the redirects of `from_pod` and `from_netdev` never produce: anything here was
-/// delivered by the stack.
+/// delivered by the stack. Checked against policy (the pod's ingress, and the sender's
+/// egress when it is a local pod whose packet the stack translated), then remembered.
+/// `None` when the packet passes uncounted, as every packet here did before policy.
 #[inline(always)]
-pub(crate) fn classify_to_pod(ctx: &TcContext) -> i32 {
+pub(crate) fn classify_to_pod(ctx: &TcContext) -> (Option<u32>, i32) {
     // SAFETY: the kernel hands the program a valid skb for the length of its run.
     let mark = unsafe { (*ctx.skb.skb).mark };
-    if mark & MARK_REVERSE_NAT == MARK_REVERSE_NAT {
-        // A reply of the pod's own masqueraded flow: the pod started it, so its next packets
-        // must still be masqueraded; nothing to remember.
+    let reverse_nat = mark & MARK_REVERSE_NAT == MARK_REVERSE_NAT;
+    if reverse_nat {
         ctx.set_mark(mark & !MARK_REVERSE_NAT);
-        return TC_ACT_OK;
     }
-    if let Ok(ethertype) = ctx.load::<u16>(ETH_TYPE_OFF) {
-        if u16::from_be(ethertype) == ETH_P_IP {
-            if let Some(packet) = parse_ipv4(ctx) {
-                remember_stack_flow(&packet);
-            }
-        }
+    let Ok(ethertype) = ctx.load::<u16>(ETH_TYPE_OFF) else {
+        return (None, TC_ACT_OK);
+    };
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return (None, TC_ACT_OK);
     }
-    TC_ACT_OK
+    let Some(packet) = parse_ipv4(ctx) else {
+        return (None, TC_ACT_OK);
+    };
+    if let Err(drop) = enforce(ctx, &packet, Site::Decide) {
+        return (Some(drop), TC_ACT_SHOT);
+    }
+    // A reply of the pod's own masqueraded flow: the pod started it, so its next packets
+    // must still be masqueraded; nothing to remember.
+    if !reverse_nat {
+        remember_stack_flow(&packet);
+    }
+    (None, TC_ACT_OK)
 }

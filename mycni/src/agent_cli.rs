@@ -65,6 +65,24 @@ pub enum AgentCommand {
     /// Print the Services maps: each frontend (address:port/protocol, flags, affinity)
     /// with its backends.
     Services(TableFormat),
+    /// Print the NetworkPolicy state the running agent computed: per pod on this node that
+    /// a policy selects, the policies, the enforced directions, and the allowed peers
+    /// (identity, namespace, labels, CIDRs) and ports. Asks the agent at its metrics
+    /// address.
+    Policy(PolicyArgs),
+}
+
+/// The variable both `run` and `policy` read the metrics address from.
+pub const METRICS_ADDRESS_ENV: &str = "MYCNI_METRICS_ADDRESS";
+
+#[derive(Debug, Clone, Args)]
+pub struct PolicyArgs {
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// The running agent's --metrics-address.
+    #[arg(long, value_name = "ADDR:PORT", env = METRICS_ADDRESS_ENV)]
+    pub metrics_address: String,
 }
 
 #[derive(Debug, Clone, Copy, Args)]
@@ -213,8 +231,8 @@ pub struct RunOptions {
     )]
     pub cgroup_path: Option<PathBuf>,
 
-    /// Serve /metrics and /healthz here.
-    #[arg(long, value_name = "ADDR:PORT", help_heading = "Observability")]
+    /// Serve /metrics, /healthz and /policy here.
+    #[arg(long, value_name = "ADDR:PORT", env = METRICS_ADDRESS_ENV, help_heading = "Observability")]
     pub metrics_address: Option<String>,
     /// The programs' messages in this log (warn: spoofing pods, SNAT out of ports; debug:
     /// also malformed packets, new SNAT flows).
@@ -484,9 +502,13 @@ mod tests {
             .map(|var| {
                 let name = var["name"].as_str().expect("name").to_string();
                 let from = &var["valueFrom"];
-                let value = match from["configMapKeyRef"]["key"].as_str() {
-                    Some(key) => config[key].as_str().expect("a ConfigMap value"),
-                    None => match from["fieldRef"]["fieldPath"].as_str() {
+                let value = match (
+                    var["value"].as_str(),
+                    from["configMapKeyRef"]["key"].as_str(),
+                ) {
+                    (Some(value), _) => value,
+                    (None, Some(key)) => config[key].as_str().expect("a ConfigMap value"),
+                    (None, None) => match from["fieldRef"]["fieldPath"].as_str() {
                         Some("spec.nodeName") => "node-1",
                         Some("status.hostIP") => "192.168.1.11",
                         other => panic!("{name}: unexpected source {other:?}"),
@@ -494,7 +516,16 @@ mod tests {
                 };
                 (name, value.to_string())
             })
-            .collect();
+            .collect::<Vec<(String, String)>>();
+        // kubelet expands `$(VAR)` in a value from the variables before it.
+        let mut expanded: Vec<(String, String)> = Vec::new();
+        for (name, mut value) in vars {
+            for (earlier, earlier_value) in &expanded {
+                value = value.replace(&format!("$({earlier})"), earlier_value);
+            }
+            expanded.push((name, value));
+        }
+        let vars = expanded;
         let args = agent["args"]
             .as_sequence()
             .expect("args")
@@ -558,6 +589,57 @@ mod tests {
         // Services stay kube-proxy's until the operator switches.
         assert_eq!(o.service_mode, crate::socket_lb::ServiceMode::KubeProxy);
         assert_eq!(o.cgroup_path, Some(PathBuf::from("/host/sys/fs/cgroup")));
+    }
+
+    #[test]
+    fn the_cluster_role_only_reads_what_the_agent_watches() {
+        use serde::Deserialize;
+        use serde_yaml_ng::Value;
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/mycni.yaml");
+        let text = std::fs::read_to_string(path).expect("deploy/mycni.yaml");
+        let role = serde_yaml_ng::Deserializer::from_str(&text)
+            .map(|doc| Value::deserialize(doc).expect("YAML"))
+            .find(|d| d["kind"].as_str() == Some("ClusterRole"))
+            .expect("a ClusterRole");
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_sequence()
+                .expect("a list")
+                .iter()
+                .map(|s| s.as_str().expect("a string").to_string())
+                .collect()
+        };
+        let mut granted: Vec<(String, String, Vec<String>)> = Vec::new();
+        for rule in role["rules"].as_sequence().expect("rules") {
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    granted.push((group.clone(), resource, strings(&rule["verbs"])));
+                }
+            }
+        }
+        granted.sort();
+        let read = vec!["get".to_string(), "list".into(), "watch".into()];
+        assert_eq!(
+            granted,
+            [
+                ("".into(), "endpoints".into(), read.clone()),
+                ("".into(), "namespaces".into(), read.clone()),
+                ("".into(), "nodes".into(), read.clone()),
+                ("".into(), "pods".into(), read.clone()),
+                ("".into(), "services".into(), read.clone()),
+                ("networking.k8s.io".into(), "networkpolicies".into(), read),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_policy_command_needs_the_agents_address() {
+        let cli =
+            parse(&["policy", "--metrics-address", "192.168.1.11:9964", "--json"]).expect("parses");
+        let AgentCommand::Policy(args) = cli.command else {
+            panic!("not policy");
+        };
+        assert_eq!(args.metrics_address, "192.168.1.11:9964");
+        assert!(args.json);
     }
 
     #[test]

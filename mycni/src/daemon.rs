@@ -13,14 +13,18 @@ use crate::agent::{self, Agent, AgentError, NodeSettings, NodeSource, NodesFile}
 use crate::agent_cli::RunOptions;
 use crate::datapath::{self, DatapathError, Maps};
 use crate::kube::client::{
-    ApiServer, KubeClientError, KubeNodeSource, KubeServiceSource, KubeWatches,
+    ApiServer, KubeClientError, KubeNodeSource, KubeServiceSource, KubeWatches, PolicyWatches,
 };
 use crate::kube::config::KubeConfigError;
 use crate::metrics::AgentCounters;
 use crate::netlink::{Netlink, NetlinkError};
+use crate::policy_sync::{PolicySync, SharedPolicyReport};
 use crate::service_frontends::LocalNode;
 use crate::socket_lb::cgroup::{self, CgroupAttachError};
 use crate::socket_lb::ServiceMode;
+
+/// The node source, the Services source (ebpf mode only) and the watches they share.
+type KubeSources = (KubeNodeSource, Option<KubeServiceSource>, KubeWatches);
 
 /// The nodes file when neither it nor the Kubernetes API is named.
 pub const DEFAULT_NODES_FILE: &str = "/etc/mycni/nodes";
@@ -72,9 +76,9 @@ pub enum DaemonError {
 pub fn run(root: &Path, options: RunOptions) -> Result<(), DaemonError> {
     crate::ebpf_log::init(options.bpf_log_level);
     let mut options = options;
-    let (kube_source, service_source) = match kube_sources(&options)? {
-        Some((nodes, services)) => (Some(nodes), services),
-        None => (None, None),
+    let (kube_source, service_source, kube_watches) = match kube_sources(&options)? {
+        Some((nodes, services, watches)) => (Some(nodes), services, Some(watches)),
+        None => (None, None, None),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -96,7 +100,14 @@ pub fn run(root: &Path, options: RunOptions) -> Result<(), DaemonError> {
             .block_on(agent::uplink_holding(settings.ip))
             .map_err(DaemonError::Uplink)?;
     }
-    runtime.block_on(serve(root, options, settings, kube_source, service_source))?;
+    runtime.block_on(serve(
+        root,
+        options,
+        settings,
+        kube_source,
+        service_source,
+        kube_watches,
+    ))?;
     log::info!("stopping; programs and maps stay pinned");
     Ok(())
 }
@@ -108,6 +119,7 @@ async fn serve(
     settings: Option<NodeSettings>,
     kube_source: Option<KubeNodeSource>,
     service_source: Option<KubeServiceSource>,
+    kube_watches: Option<KubeWatches>,
 ) -> Result<(), DaemonError> {
     let start = |what| move |source| DaemonError::Start { what, source };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -146,6 +158,19 @@ async fn serve(
         "datapath pinned under {}; programs of {refreshed} existing pods replaced",
         root.display()
     );
+    // NetworkPolicy needs the Kubernetes API: pods, namespaces and policies come from it.
+    let policy = match (&kube_watches, &kube_source) {
+        (Some(watches), Some(source)) => Some(
+            start_policy(
+                root,
+                watches,
+                source,
+                options.node_name.clone().unwrap_or_default(),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
     if let Some(address) = &options.metrics_address {
         let listener = tokio::net::TcpListener::bind(address)
             .await
@@ -157,6 +182,7 @@ async fn serve(
             listener,
             root.to_path_buf(),
             counters.clone(),
+            policy,
         ));
     }
     if let Some(data_dir) = &options.data_dir {
@@ -264,12 +290,44 @@ fn node_settings(options: &RunOptions) -> Result<Option<NodeSettings>, DaemonErr
     }))
 }
 
-/// The Kubernetes node source the options ask for, if any, and with it the Services and
-/// Endpoints source in `--service-mode ebpf` (without the Kubernetes API, the Services maps
-/// are left to whoever writes them).
-fn kube_sources(
-    options: &RunOptions,
-) -> Result<Option<(KubeNodeSource, Option<KubeServiceSource>)>, DaemonError> {
+/// Starts the NetworkPolicy watches and their loop ([`PolicySync`]) on a thread of its own;
+/// this node's addresses (its `HOST` identity) are read once, here.
+async fn start_policy(
+    root: &Path,
+    watches: &KubeWatches,
+    nodes: &KubeNodeSource,
+    node_name: String,
+) -> Result<SharedPolicyReport, DaemonError> {
+    let netlink = Netlink::current()?;
+    let mut host_addresses = Vec::new();
+    for link in netlink.links().await? {
+        for (ip, _) in netlink.addresses(link.index).await? {
+            if !ip.is_loopback() {
+                host_addresses.push(ip);
+            }
+        }
+    }
+    let report = SharedPolicyReport::default();
+    PolicySync::new(
+        root.to_path_buf(),
+        PolicyWatches::start(watches),
+        nodes.subscribe(),
+        node_name,
+        host_addresses,
+        report.clone(),
+    )
+    .spawn()
+    .map_err(|source| DaemonError::Start {
+        what: "the policy thread",
+        source,
+    })?;
+    Ok(report)
+}
+
+/// The Kubernetes node source the options ask for, if any, with the Services and Endpoints
+/// source in `--service-mode ebpf` (without the Kubernetes API, the Services maps are left to
+/// whoever writes them), and the watches they run on (the policy watches join them).
+fn kube_sources(options: &RunOptions) -> Result<Option<KubeSources>, DaemonError> {
     let server = match (&options.kubeconfig, options.in_cluster) {
         (Some(path), _) => ApiServer::Kubeconfig(path.clone()),
         (None, true) => ApiServer::InCluster {
@@ -284,7 +342,7 @@ fn kube_sources(
     let watches = KubeWatches::connect(server)?;
     let services =
         (options.service_mode == ServiceMode::Ebpf).then(|| KubeServiceSource::start(&watches));
-    Ok(Some((KubeNodeSource::start(&watches), services)))
+    Ok(Some((KubeNodeSource::start(&watches), services, watches)))
 }
 
 /// `value` when given and not empty (a blank ConfigMap value), else `$fallback`.

@@ -119,6 +119,7 @@ fn layout_of(info: &MapInfo) -> Layout {
         Ok(aya::maps::MapType::PerCpuArray) => MapKind::PerCpuArray.name(),
         Ok(aya::maps::MapType::Array) => MapKind::Array.name(),
         Ok(aya::maps::MapType::LruHash) => MapKind::LruHash.name(),
+        Ok(aya::maps::MapType::PerCpuHash) => MapKind::PerCpuHash.name(),
         // No pinned map has another kind: any other is a mismatch, whatever it is.
         Ok(_) => "another kind",
         Err(_) => "unknown",

@@ -13,8 +13,11 @@
 //! [`map_tables`] (the maps printed), [`plugin_install`] (the DaemonSet's init step),
 //! [`socket_lb`] (Services in eBPF mode: the map writes and the cgroup attachment),
 //! [`service_frontends`] (their desired contents, pure) and [`service_sync`] (the loop from
-//! the Services and Endpoints watches to the maps). The
-//! binaries in `src/bin` only parse arguments and call these.
+//! the Services and Endpoints watches to the maps),
+//! [`policy`] (NetworkPolicy: identities and rules, pure), [`policy_maps`] (the policy maps'
+//! contents diffed purely, and their writer), [`policy_sync`] (the policy loop in the agent)
+//! and [`policy_client`] (`mycni-agent policy`). The binaries in `src/bin` only parse
+//! arguments and call these.
 pub mod agent;
 pub mod agent_cli;
 pub mod cni;
@@ -36,3 +39,7 @@ pub mod plugin_install;
 pub mod service_frontends;
 pub mod service_sync;
 pub mod socket_lb;
+pub mod policy;
+pub mod policy_client;
+pub mod policy_maps;
+pub mod policy_sync;

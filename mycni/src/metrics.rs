@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::datapath::{self, Maps, NatTable};
 use crate::nat::{self, NatOccupancy};
+use crate::policy_sync::SharedPolicyReport;
 
 /// `ROUTES` entries by kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -331,17 +332,20 @@ impl AgentCounters {
     }
 }
 
-/// Serves `GET /metrics` and `GET /healthz` (200 while the datapath is pinned, 503 not).
+/// Serves `GET /metrics`, `GET /healthz` (200 while the datapath is pinned, 503 not) and
+/// `GET /policy` (the last [`crate::policy::report::PolicyReport`] as JSON; 503 before the
+/// first computation, 404 when the agent computes no policy).
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
     root: PathBuf,
     counters: Arc<AgentCounters>,
+    policy: Option<SharedPolicyReport>,
 ) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             continue;
         };
-        let (root, counters) = (root.clone(), counters.clone());
+        let (root, counters, policy) = (root.clone(), counters.clone(), policy.clone());
         tokio::spawn(async move {
             let mut request = Vec::with_capacity(1024);
             let mut buf = [0u8; 1024];
@@ -373,6 +377,7 @@ pub async fn serve_http(
                     Ok(()) => ("200 OK", "ok\n".to_string()),
                     Err(e) => ("503 Service Unavailable", format!("{e}\n")),
                 },
+                "/policy" => policy_response(policy.as_ref()),
                 _ => ("404 Not Found", "not found\n".to_string()),
             };
             let response = format!(
@@ -381,6 +386,24 @@ pub async fn serve_http(
             );
             let _ = conn.write_all(response.as_bytes()).await;
         });
+    }
+}
+
+/// The `/policy` answer: status line and body.
+fn policy_response(policy: Option<&SharedPolicyReport>) -> (&'static str, String) {
+    let Some(policy) = policy else {
+        return (
+            "404 Not Found",
+            "this agent enforces no NetworkPolicy (it needs the Kubernetes API)\n".into(),
+        );
+    };
+    let report = policy.lock().unwrap_or_else(|p| p.into_inner());
+    match report.as_ref() {
+        Some(report) => ("200 OK", report.render_json()),
+        None => (
+            "503 Service Unavailable",
+            "no policy computed yet (waiting for the first lists)\n".into(),
+        ),
     }
 }
 

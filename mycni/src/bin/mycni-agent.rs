@@ -25,6 +25,9 @@ fn main() -> anyhow::Result<()> {
         AgentCommand::Nat(format) => map_tables::print_nat(root, format.json)?,
         AgentCommand::Stats(format) => map_tables::print_stats(root, format.json)?,
         AgentCommand::Services(format) => map_tables::print_services(root, format.json)?,
+        AgentCommand::Policy(args) => {
+            mycni::policy_client::print_policy(root, &args.metrics_address, args.json)?
+        }
     }
     Ok(())
 }

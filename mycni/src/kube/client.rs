@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Config};
 use serde::de::DeserializeOwned;
@@ -16,10 +17,12 @@ use tokio::sync::{oneshot, Notify};
 
 use super::config::context_options;
 use super::nodes::{KubeNode, NodeCache};
+use super::policy_objects::{NamespaceLabels, ProjectedCache};
 use super::services::{EndpointsCache, ServiceCache};
 use super::WatchCache;
 use crate::agent::{AgentError, NodeSource};
 use crate::nodes::NodeEntry;
+use crate::policy::model::{Policy, PolicyPod};
 use crate::service_frontends::{self, Frontends, LocalNode};
 
 #[derive(Debug, thiserror::Error)]
@@ -142,15 +145,15 @@ impl KubeWatches {
         K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
         C: WatchCache<K>,
     {
+        let wakeup = Arc::new(Notify::new());
         let shared = Arc::new(Mutex::new(Shared {
             cache,
             listed: false,
             generation: 0,
             errors: Vec::new(),
+            wakeups: vec![wakeup.clone()],
         }));
-        let wakeup = Arc::new(Notify::new());
-        self.runtime
-            .spawn(run_watch(api, shared.clone(), wakeup.clone(), kind));
+        self.runtime.spawn(run_watch(api, shared.clone(), kind));
         Watched {
             shared,
             wakeup,
@@ -167,6 +170,16 @@ struct Shared<C> {
     /// Bumped on every change the cache reports.
     generation: u64,
     errors: Vec<String>,
+    /// One per reader ([`Watched::subscribe`]): a `Notify` wakes one waiter only.
+    wakeups: Vec<Arc<Notify>>,
+}
+
+impl<C> Shared<C> {
+    fn wake(&self) {
+        for wakeup in &self.wakeups {
+            wakeup.notify_one();
+        }
+    }
 }
 
 fn lock<C>(shared: &Mutex<Shared<C>>) -> MutexGuard<'_, Shared<C>> {
@@ -223,15 +236,30 @@ impl<C> Watched<C> {
     pub fn wakeup(&self) -> Arc<Notify> {
         self.wakeup.clone()
     }
+
+    /// A second reader of the same watch, with a wakeup of its own.
+    pub fn subscribe(&self) -> Watched<C> {
+        let wakeup = Arc::new(Notify::new());
+        lock(&self.shared).wakeups.push(wakeup.clone());
+        Watched {
+            shared: self.shared.clone(),
+            wakeup,
+            _watches: self._watches.clone(),
+        }
+    }
+}
+
+/// "node" → "nodes", "networkpolicy" → "networkpolicies".
+fn plural(kind: &str) -> String {
+    match kind.strip_suffix('y') {
+        Some(stem) => format!("{stem}ies"),
+        None => format!("{kind}s"),
+    }
 }
 
 /// Runs one watcher into its cache until the runtime stops.
-async fn run_watch<K, C>(
-    api: Api<K>,
-    shared: Arc<Mutex<Shared<C>>>,
-    wakeup: Arc<Notify>,
-    kind: &'static str,
-) where
+async fn run_watch<K, C>(api: Api<K>, shared: Arc<Mutex<Shared<C>>>, kind: &'static str)
+where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     C: WatchCache<K>,
 {
@@ -244,15 +272,17 @@ async fn run_watch<K, C>(
             Err(e) => {
                 failures += 1;
                 let error = match &e {
-                    watcher::Error::InitialListFailed(_) => format!("listing {kind}s: {e}"),
-                    _ => format!("watching {kind}s: {e}"),
+                    watcher::Error::InitialListFailed(_) => {
+                        format!("listing {}: {e}", plural(kind))
+                    }
+                    _ => format!("watching {}: {e}", plural(kind)),
                 };
                 let mut shared = lock(&shared);
                 // Keep the backlog bounded while nobody reads it.
                 if shared.errors.len() < 16 {
                     shared.errors.push(error);
                 }
-                wakeup.notify_one();
+                shared.wake();
                 continue;
             }
         };
@@ -272,15 +302,20 @@ async fn run_watch<K, C>(
         }
         if changed {
             guard.generation += 1;
-            wakeup.notify_one();
+            guard.wake();
         }
         let count = guard.cache.len();
         drop(guard);
         if failures > 0 && proves_recovery {
             if list_done {
                 log::info!(
-                    "{kind} watch resumed after {failures} failed attempts: {count} {kind}s listed, {}",
-                    if changed { "changes applied" } else { "no change" }
+                    "{kind} watch resumed after {failures} failed attempts: {count} {} listed, {}",
+                    plural(kind),
+                    if changed {
+                        "changes applied"
+                    } else {
+                        "no change"
+                    }
                 );
             } else {
                 log::info!(
@@ -319,6 +354,38 @@ impl KubeNodeSource {
     /// Errors the watch met since the last call.
     pub fn take_errors(&self) -> Vec<String> {
         self.nodes.take_errors()
+    }
+
+    /// Another reader of the node watch (the policy engine reads the nodes' addresses).
+    pub fn subscribe(&self) -> Watched<NodeCache> {
+        self.nodes.subscribe()
+    }
+}
+
+/// The watches the policy engine reads: every pod, namespace and NetworkPolicy of the
+/// cluster (peers are cluster-wide), each projected into a [`ProjectedCache`].
+pub struct PolicyWatches {
+    pub pods: Watched<PodCache>,
+    pub namespaces: Watched<ProjectedCache<NamespaceLabels>>,
+    pub policies: Watched<ProjectedCache<Policy>>,
+}
+
+impl PolicyWatches {
+    pub fn start(watches: &KubeWatches) -> PolicyWatches {
+        let client = watches.client();
+        PolicyWatches {
+            pods: watches.watch(Api::<Pod>::all(client.clone()), PodCache::default(), "pod"),
+            namespaces: watches.watch(
+                Api::<Namespace>::all(client.clone()),
+                ProjectedCache::default(),
+                "namespace",
+            ),
+            policies: watches.watch(
+                Api::<NetworkPolicy>::all(client),
+                ProjectedCache::default(),
+                "networkpolicy",
+            ),
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod nodes;
 pub mod services;
+pub mod policy_objects;
 
 use kube::runtime::watcher::Event;
 
