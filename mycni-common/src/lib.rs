@@ -250,6 +250,7 @@ pub mod map_spec {
         key_size: size_of::<service::SockReverseKey>() as u32,
         value_size: size_of::<service::SockReverseEntry>() as u32,
         max_entries: MAX_SOCK_REVERSE,
+    };
     pub const POLICY_ENDPOINTS: MapSpec = MapSpec {
         name: MAP_POLICY_ENDPOINTS,
         kind: MapKind::Hash,

@@ -17,12 +17,12 @@ use tokio::sync::{oneshot, Notify};
 
 use super::config::context_options;
 use super::nodes::{KubeNode, NodeCache};
-use super::policy_objects::{NamespaceLabels, ProjectedCache};
+use super::policy_objects::{NamespaceLabels, PodCache, ProjectedCache};
 use super::services::{EndpointsCache, ServiceCache};
 use super::WatchCache;
 use crate::agent::{AgentError, NodeSource};
 use crate::nodes::NodeEntry;
-use crate::policy::model::{Policy, PolicyPod};
+use crate::policy::model::Policy;
 use crate::service_frontends::{self, Frontends, LocalNode};
 
 #[derive(Debug, thiserror::Error)]
