@@ -7,8 +7,8 @@
 pub mod client;
 pub mod config;
 pub mod nodes;
-pub mod services;
 pub mod policy_objects;
+pub mod services;
 
 use kube::runtime::watcher::Event;
 
