@@ -3,9 +3,11 @@
 //! expressions, the JUnit report e2e.test writes, the accounting and the markdown summary,
 //! without I/O (tests/tests/conformance.rs runs e2e.test in the lab).
 //!
-//! Nothing in an area is dropped silently: a dry run of e2e.test lists every spec of
-//! [`AREAS`], and [`plan`] fails unless each is either [`LISTED`] (and then run) or matched by
-//! a [`NOT_RUN`] entry that says why not.
+//! Two runs, each a [`Suite`]: [`KUBE_PROXY`] (the network specs, kube-proxy balancing
+//! Services) and [`EBPF_SERVICES`] (the Services specs, kube-proxy absent, mycni balancing
+//! them at the sockets). Nothing in a suite's areas is dropped silently: a dry run of
+//! e2e.test lists every spec of them, and [`plan`] fails unless each is either listed (and
+//! then run) or matched by a not-run entry that says why not.
 use std::time::Duration;
 
 use thiserror::Error;
@@ -166,6 +168,251 @@ pub const NOT_RUN: &[NotRun] = &[
     },
 ];
 
+/// The specs run with kube-proxy absent and mycni balancing Services at the pods' sockets
+/// (`service-mode: "ebpf"`): the Services specs that need neither a cloud provider, cluster
+/// DNS, the internet nor SSH to the nodes.
+pub const EBPF_LISTED: &[ListedSpec] = &[
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for pod-Service: http",
+        checks: "a pod reaches a ClusterIP (and a NodePort) over HTTP; every backend answers",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for pod-Service: udp",
+        checks: "a pod reaches a ClusterIP (and a NodePort) over UDP; every backend answers",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for node-Service: http",
+        checks: "a hostNetwork pod (the node) reaches a ClusterIP and a NodePort over HTTP",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for node-Service: udp",
+        checks: "a hostNetwork pod (the node) reaches a ClusterIP and a NodePort over UDP",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for endpoint-Service: http",
+        checks: "a backend pod reaches its own Service's ClusterIP and NodePort over HTTP",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for endpoint-Service: udp",
+        checks: "a backend pod reaches its own Service's ClusterIP and NodePort over UDP",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for multiple endpoint-Services with same selector",
+        checks: "two Services over the same pods, one deleted: the other keeps working",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should update endpoints: http",
+        checks: "a deleted backend pod stops answering through the ClusterIP (HTTP)",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should update endpoints: udp",
+        checks: "a deleted backend pod stops answering through the ClusterIP (UDP)",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should update nodePort: http [Slow]",
+        checks: "a deleted Service's NodePort stops answering (HTTP)",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should update nodePort: udp [Slow]",
+        checks: "a deleted Service's NodePort stops answering (UDP)",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for client IP based session affinity: http [LinuxOnly]",
+        checks: "sessionAffinity ClientIP pins a pod to one backend (HTTP)",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for client IP based session affinity: udp [LinuxOnly]",
+        checks: "sessionAffinity ClientIP pins a pod to one backend (UDP)",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should be able to handle large requests: http",
+        checks: "a large HTTP request through a ClusterIP",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should be able to handle large requests: udp",
+        checks: "a large UDP datagram through a ClusterIP",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should support basic nodePort: udp functionality",
+        checks: "UDP to a NodePort from the node",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for pod-Service(hostNetwork): udp",
+        checks: "a pod reaches a ClusterIP whose backends are hostNetwork pods (UDP)",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for service endpoints using hostNetwork",
+        checks: "a ClusterIP whose backends are hostNetwork pods, from pods and nodes",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should provide secure master service  [Conformance]",
+        checks: "the `kubernetes` Service exists (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should serve a basic endpoint from pods  [Conformance]",
+        checks: "Endpoints follow the pods of a Service (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should serve multiport endpoints from pods  [Conformance]",
+        checks: "Endpoints of a multiport Service follow its pods (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should find a service from listing all namespaces [Conformance]",
+        checks: "Services listed across namespaces (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should test the lifecycle of an Endpoint [Conformance]",
+        checks: "create, patch, list and delete an Endpoints object (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should check NodePort out-of-range",
+        checks: "the API server refuses a NodePort outside its range (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should prevent NodePort collisions",
+        checks: "the API server refuses a NodePort already taken (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should release NodePorts on delete",
+        checks: "a deleted Service's NodePort is free again and nothing listens on it",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should be able to update service type to NodePort listening on same port number but different protocols",
+        checks: "a NodePort Service with TCP and UDP on one port",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should preserve source pod IP for traffic thru service cluster IP [LinuxOnly]",
+        checks: "pods on both nodes reach a ClusterIP and the backend sees their pod IPs",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should allow pods to hairpin back to themselves through services",
+        checks: "a backend pod reaches itself through its Service's ClusterIP",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should be rejected when no endpoints exist",
+        checks: "a connection to a ClusterIP without a backend is refused at once",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should be able to up and down services",
+        checks: "Services created and deleted: each reachable from nodes and pods while it exists, then not",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should implement service.kubernetes.io/service-proxy-name",
+        checks: "a Service labelled for another proxy is not balanced",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should implement service.kubernetes.io/headless",
+        checks: "a Service labelled headless is not balanced",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should create endpoints for unready pods",
+        checks: "publishNotReadyAddresses keeps an unready pod in the Endpoints",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should be able to create a functioning NodePort service [Conformance]",
+        checks: "a NodePort Service reached through its ClusterIP and every node's NodePort",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should have session affinity work for service with type clusterIP [LinuxOnly] [Conformance]",
+        checks: "ClientIP affinity on a ClusterIP: one backend for every request",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should be able to switch session affinity for service with type clusterIP [LinuxOnly] [Conformance]",
+        checks: "affinity switched on and off on a ClusterIP",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should have session affinity timeout work for service with type clusterIP [LinuxOnly] [Conformance]",
+        checks: "ClientIP affinity on a ClusterIP ends after its timeout",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should have session affinity work for NodePort service [LinuxOnly] [Conformance]",
+        checks: "ClientIP affinity on a NodePort",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should be able to switch session affinity for NodePort service [LinuxOnly] [Conformance]",
+        checks: "affinity switched on and off on a NodePort",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should have session affinity timeout work for NodePort service [LinuxOnly] [Conformance]",
+        checks: "ClientIP affinity on a NodePort ends after its timeout",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should be able to change the type from ExternalName to ClusterIP [Conformance]",
+        checks: "an ExternalName Service turned ClusterIP is reachable",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should be able to change the type from ExternalName to NodePort [Conformance]",
+        checks: "an ExternalName Service turned NodePort is reachable",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should be able to change the type from ClusterIP to ExternalName [Conformance]",
+        checks: "a ClusterIP Service turned ExternalName resolves",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should be able to change the type from NodePort to ExternalName [Conformance]",
+        checks: "a NodePort Service turned ExternalName resolves",
+    },
+];
+
+pub const EBPF_AREAS: &[&str] = &[
+    "[sig-network] Services ",
+    "[sig-network] Networking Granular Checks: Services ",
+];
+
+pub const EBPF_NOT_RUN: &[NotRun] = &[
+    NotRun {
+        name_contains: "[Feature:SCTPConnectivity]",
+        why: Why::CannotRunHere,
+        reason: "[Disruptive]: an SCTP socket in a pod loads the sctp module into the machine's \
+                 kernel, a host change the lab does not make",
+    },
+    NotRun {
+        name_contains: "oad balancer",
+        why: Why::CannotRunHere,
+        reason: "LoadBalancer: needs a cloud provider",
+    },
+    NotRun {
+        name_contains: "LoadBalancer service",
+        why: Why::CannotRunHere,
+        reason: "LoadBalancer: needs a cloud provider",
+    },
+    NotRun {
+        name_contains: "loadbalancer source ranges",
+        why: Why::CannotRunHere,
+        reason: "LoadBalancer: needs a cloud provider",
+    },
+    NotRun {
+        name_contains: "should reconcile LB health check interval",
+        why: Why::CannotRunHere,
+        reason: "LoadBalancer: needs the GCE cloud provider",
+    },
+    NotRun {
+        name_contains: "should be able to change the type and ports of a service",
+        why: Why::CannotRunHere,
+        reason: "turns the Services into LoadBalancers: needs a cloud provider",
+    },
+    NotRun {
+        name_contains: "should work after restarting kube-proxy [Disruptive]",
+        why: Why::CannotRunHere,
+        reason: "[Disruptive]: restarts kube-proxy over SSH; the lab runs no kube-proxy and the \
+                 skeleton provider has no SSH to the nodes",
+    },
+    NotRun {
+        name_contains: "should work after restarting apiserver [Disruptive]",
+        why: Why::CannotRunHere,
+        reason: "[Disruptive]: restarts the API server over SSH to the master; the skeleton \
+                 provider has none",
+    },
+];
+
+/// The run with kube-proxy absent: [`EBPF_LISTED`], [`EBPF_AREAS`], [`EBPF_NOT_RUN`].
+pub const EBPF_SERVICES: Suite = Suite {
+    services_by: "mycni's socket load balancing (eBPF), kube-proxy absent",
+    listed: EBPF_LISTED,
+    areas: EBPF_AREAS,
+    not_run: EBPF_NOT_RUN,
+};
+
 /// `text` as an RE2 literal (ginkgo's focus is a Go regular expression).
 pub fn regex_literal(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 16);
@@ -182,24 +429,66 @@ pub fn regex_literal(text: &str) -> String {
 /// a name starts.
 const TOP_LEVEL: &str = "\\[Top Level\\] ";
 
-/// A focus matching exactly the listed specs.
-pub fn focus_listed() -> String {
-    LISTED
-        .iter()
-        .map(|spec| format!("{TOP_LEVEL}{}$", regex_literal(spec.name)))
-        .collect::<Vec<_>>()
-        .join("|")
+/// One conformance run: the specs it runs, the areas it accounts for, and why each other spec
+/// of those areas is not run.
+#[derive(Debug)]
+pub struct Suite {
+    /// How the lab balances Services in this run, for the summary's title.
+    pub services_by: &'static str,
+    pub listed: &'static [ListedSpec],
+    /// Spec-name prefixes whose every spec is accounted for: run, or not run with a reason.
+    pub areas: &'static [&'static str],
+    /// The first entry whose text a spec's name contains gives its reason.
+    pub not_run: &'static [NotRun],
 }
 
-/// A focus matching every spec of [`AREAS`] and the listed specs (for the dry run).
-pub fn focus_areas() -> String {
-    let areas = AREAS
-        .iter()
-        .map(|area| format!("{TOP_LEVEL}{}", regex_literal(area)));
-    let listed = LISTED
-        .iter()
-        .map(|spec| format!("{TOP_LEVEL}{}$", regex_literal(spec.name)));
-    areas.chain(listed).collect::<Vec<_>>().join("|")
+/// The run with kube-proxy (iptables) on every node: [`LISTED`], [`AREAS`], [`NOT_RUN`].
+pub const KUBE_PROXY: Suite = Suite {
+    services_by: "kube-proxy (iptables)",
+    listed: LISTED,
+    areas: AREAS,
+    not_run: NOT_RUN,
+};
+
+impl Suite {
+    /// A focus matching exactly the listed specs.
+    pub fn focus_listed(&self) -> String {
+        self.focus_of(self.listed.iter())
+    }
+
+    /// A focus matching the listed specs `shard`, `shard + shards`, `shard + 2 × shards` ...:
+    /// `shards` e2e.test processes with shards `0..shards` run each listed spec once. `None`
+    /// when this shard has no spec (a focus matching nothing would run the whole suite's
+    /// skips, not nothing).
+    pub fn focus_shard(&self, shard: usize, shards: usize) -> Option<String> {
+        let specs: Vec<&ListedSpec> = self
+            .listed
+            .iter()
+            .skip(shard)
+            .step_by(shards.max(1))
+            .collect();
+        (!specs.is_empty()).then(|| self.focus_of(specs.into_iter()))
+    }
+
+    fn focus_of<'a>(&self, specs: impl Iterator<Item = &'a ListedSpec>) -> String {
+        specs
+            .map(|spec| format!("{TOP_LEVEL}{}$", regex_literal(spec.name)))
+            .collect::<Vec<_>>()
+            .join("|")
+    }
+
+    /// A focus matching every spec of the areas and the listed specs (for the dry run).
+    pub fn focus_areas(&self) -> String {
+        let areas = self
+            .areas
+            .iter()
+            .map(|area| format!("{TOP_LEVEL}{}", regex_literal(area)));
+        let listed = self
+            .listed
+            .iter()
+            .map(|spec| format!("{TOP_LEVEL}{}$", regex_literal(spec.name)));
+        areas.chain(listed).collect::<Vec<_>>().join("|")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -267,13 +556,14 @@ pub struct Plan {
 /// From a dry run's report (the specs the focus of [`focus_areas`] selected pass, all others
 /// are skipped): checks that each listed spec exists once, and gives every other selected
 /// spec its [`NOT_RUN`] reason; a spec without one is an error.
-pub fn plan(dry_run: &[SpecResult]) -> Result<Plan, ConformanceError> {
+pub fn plan(suite: &'static Suite, dry_run: &[SpecResult]) -> Result<Plan, ConformanceError> {
     let selected: Vec<&str> = dry_run
         .iter()
         .filter(|r| r.outcome == Outcome::Passed)
         .map(|r| r.name.as_str())
         .collect();
-    let not_found: Vec<String> = LISTED
+    let not_found: Vec<String> = suite
+        .listed
         .iter()
         .filter(|spec| selected.iter().filter(|name| **name == spec.name).count() != 1)
         .map(|spec| spec.name.to_string())
@@ -284,10 +574,10 @@ pub fn plan(dry_run: &[SpecResult]) -> Result<Plan, ConformanceError> {
     let mut not_run = Vec::new();
     let mut unaccounted = Vec::new();
     for name in selected {
-        if LISTED.iter().any(|spec| spec.name == name) {
+        if suite.listed.iter().any(|spec| spec.name == name) {
             continue;
         }
-        match NOT_RUN.iter().find(|n| name.contains(n.name_contains)) {
+        match suite.not_run.iter().find(|n| name.contains(n.name_contains)) {
             Some(reason) => not_run.push((name.to_string(), reason)),
             None => unaccounted.push(name.to_string()),
         }
@@ -312,6 +602,8 @@ pub enum Verdict {
 
 #[derive(Debug)]
 pub struct Report {
+    /// The suite's [`Suite::services_by`].
+    pub services_by: &'static str,
     pub listed: Vec<(&'static ListedSpec, Verdict, f64)>,
     /// Failed test cases that are no listed spec (a failed BeforeSuite, say).
     pub suite_failures: Vec<(String, String)>,
@@ -319,8 +611,9 @@ pub struct Report {
 }
 
 /// The verdict on every listed spec from the run's report.
-pub fn report(plan: Plan, run: &[SpecResult]) -> Report {
-    let listed = LISTED
+pub fn report(suite: &'static Suite, plan: Plan, run: &[SpecResult]) -> Report {
+    let listed = suite
+        .listed
         .iter()
         .map(|spec| match run.iter().find(|r| r.name == spec.name) {
             Some(r) => {
@@ -336,13 +629,14 @@ pub fn report(plan: Plan, run: &[SpecResult]) -> Report {
         .collect();
     let suite_failures = run
         .iter()
-        .filter(|r| !LISTED.iter().any(|spec| spec.name == r.name))
+        .filter(|r| !suite.listed.iter().any(|spec| spec.name == r.name))
         .filter_map(|r| match &r.outcome {
             Outcome::Failed(message) => Some((r.name.clone(), message.clone())),
             _ => None,
         })
         .collect();
     Report {
+        services_by: suite.services_by,
         listed,
         suite_failures,
         not_run: plan.not_run,
@@ -392,8 +686,9 @@ impl Report {
     /// its reason. `version` names the suite (e.g. "v1.20.2"); `took` is the run's time.
     pub fn markdown(&self, version: &str, took: Duration) -> String {
         let mut out = format!(
-            "# Upstream conformance: Kubernetes {version} `e2e.test` against mycni\n\n\
+            "# Upstream conformance: Kubernetes {version} `e2e.test` against mycni, Services by {}\n\n\
              {} (run took {} s).\n\n## Run\n\n| Spec | Checks | Result | Time |\n|---|---|---|---|\n",
+            self.services_by,
             self.counts(),
             took.as_secs()
         );
@@ -506,11 +801,11 @@ failed dialing endpoint
             regex_literal("[sig-network] a: b (c) [Conformance]"),
             "\\[sig-network\\] a: b \\(c\\) \\[Conformance\\]"
         );
-        let focus = focus_listed();
+        let focus = KUBE_PROXY.focus_listed();
         assert_eq!(focus.split('|').count(), LISTED.len());
         assert!(focus.starts_with("\\[Top Level\\] \\[sig-network\\] Networking Granular"));
         assert!(focus.ends_with("\\[Conformance\\]$"));
-        assert!(focus_areas().contains("|\\[Top Level\\] \\[sig-network\\] NoSNAT |"));
+        assert!(KUBE_PROXY.focus_areas().contains("|\\[Top Level\\] \\[sig-network\\] NoSNAT |"));
     }
 
     /// A dry run that selected every listed spec plus `others`.
@@ -528,7 +823,7 @@ failed dialing endpoint
     fn every_spec_of_the_areas_is_run_or_has_a_reason() -> Result<(), ConformanceError> {
         let internet = "[sig-network] Networking should provide Internet connection for containers [Feature:Networking-IPv4]";
         let dns = "[sig-network] DNS should provide DNS for the cluster  [Conformance]";
-        let plan = plan(&dry_run(&[internet, dns]))?;
+        let plan = plan(&KUBE_PROXY, &dry_run(&[internet, dns]))?;
         let reasons: Vec<(&str, Why)> = plan
             .not_run
             .iter()
@@ -544,7 +839,7 @@ failed dialing endpoint
     #[test]
     fn a_spec_without_a_reason_fails_the_plan() {
         let unknown = "[sig-network] Networking should do something new";
-        match plan(&dry_run(&[unknown])) {
+        match plan(&KUBE_PROXY, &dry_run(&[unknown])) {
             Err(ConformanceError::Unaccounted(names)) => assert_eq!(names, [unknown]),
             other => panic!("{other:?}"),
         }
@@ -554,7 +849,7 @@ failed dialing endpoint
     fn a_listed_spec_missing_from_the_suite_fails_the_plan() {
         let mut run = dry_run(&[]);
         run.remove(0);
-        match plan(&run) {
+        match plan(&KUBE_PROXY, &run) {
             Err(ConformanceError::ListedNotFound(names)) => assert_eq!(names, [LISTED[0].name]),
             other => panic!("{other:?}"),
         }
@@ -563,7 +858,7 @@ failed dialing endpoint
     #[test]
     fn a_report_counts_failures_runtime_skips_and_missing_results() -> Result<(), ConformanceError>
     {
-        let plan = plan(&dry_run(&[
+        let plan = plan(&KUBE_PROXY, &dry_run(&[
             "[sig-network] Networking IPerf IPv4 [Experimental] should transfer",
         ]))?;
         let mut run: Vec<SpecResult> = LISTED
@@ -580,7 +875,7 @@ failed dialing endpoint
             "BeforeSuite",
             Outcome::Failed("nodes not Ready".into()),
         ));
-        let report = report(plan, &run);
+        let report = report(&KUBE_PROXY, plan, &run);
         assert_eq!(report.passed(), LISTED.len() - 3);
         assert_eq!(report.failed(), 2, "one failed, one without a result");
         assert_eq!(report.skipped_at_run_time(), 1);
@@ -600,14 +895,64 @@ failed dialing endpoint
 
     #[test]
     fn a_report_of_passes_is_ok() -> Result<(), ConformanceError> {
-        let plan = plan(&dry_run(&[]))?;
+        let plan = plan(&KUBE_PROXY, &dry_run(&[]))?;
         let run: Vec<SpecResult> = LISTED
             .iter()
             .map(|spec| result(spec.name, Outcome::Passed))
             .collect();
-        let report = report(plan, &run);
+        let report = report(&KUBE_PROXY, plan, &run);
         assert!(report.ok());
         assert_eq!(report.counts(), format!("{} passed, 0 failed, 0 skipped at run time; not run: 0 that cannot run here, 0 not listed yet", LISTED.len()));
+        Ok(())
+    }
+
+    #[test]
+    fn shards_run_every_listed_spec_once() {
+        for shards in 1..=EBPF_LISTED.len() + 1 {
+            let mut seen: Vec<&str> = Vec::new();
+            for shard in 0..shards {
+                let Some(focus) = EBPF_SERVICES.focus_shard(shard, shards) else {
+                    assert!(shard >= EBPF_LISTED.len(), "shard {shard} of {shards} is empty");
+                    continue;
+                };
+                for spec in EBPF_LISTED {
+                    let pattern = format!("{TOP_LEVEL}{}$", regex_literal(spec.name));
+                    if focus.split('|').any(|part| part == pattern) {
+                        seen.push(spec.name);
+                    }
+                }
+            }
+            seen.sort_unstable();
+            let mut all: Vec<&str> = EBPF_LISTED.iter().map(|spec| spec.name).collect();
+            all.sort_unstable();
+            assert_eq!(seen, all, "{shards} shards");
+        }
+    }
+
+    #[test]
+    fn the_services_suite_accounts_for_load_balancers_and_sctp() -> Result<(), ConformanceError>
+    {
+        let load_balancer = "[sig-network] Services should be able to create an internal type load balancer [Slow]";
+        let sctp = "[sig-network] Networking Granular Checks: Services should function for node-Service: sctp [Feature:SCTPConnectivity][Disruptive]";
+        let unknown = "[sig-network] Services should do something new";
+        let mut run: Vec<SpecResult> = EBPF_LISTED
+            .iter()
+            .map(|spec| result(spec.name, Outcome::Passed))
+            .collect();
+        run.extend([load_balancer, sctp].map(|name| result(name, Outcome::Passed)));
+        let plan = plan(&EBPF_SERVICES, &run)?;
+        assert_eq!(plan.not_run.len(), 2);
+        assert!(plan.not_run.iter().all(|(_, n)| n.why == Why::CannotRunHere));
+        run.push(result(unknown, Outcome::Passed));
+        match super::plan(&EBPF_SERVICES, &run) {
+            Err(ConformanceError::Unaccounted(names)) => assert_eq!(names, [unknown]),
+            other => panic!("{other:?}"),
+        }
+        let report = report(&EBPF_SERVICES, plan, &run);
+        assert!(report.ok());
+        assert!(report
+            .markdown("v1.20.2", Duration::from_secs(1))
+            .contains("Services by mycni's socket load balancing"));
         Ok(())
     }
 }
