@@ -304,54 +304,6 @@ pub const EBPF_LISTED: &[ListedSpec] = &[
         name: "[sig-network] Services should implement service.kubernetes.io/headless",
         checks: "a Service labelled headless is not balanced",
     },
-    ListedSpec {
-        name: "[sig-network] Services should create endpoints for unready pods",
-        checks: "publishNotReadyAddresses keeps an unready pod in the Endpoints",
-    },
-    ListedSpec {
-        name: "[sig-network] Services should be able to create a functioning NodePort service [Conformance]",
-        checks: "a NodePort Service reached through its ClusterIP and every node's NodePort",
-    },
-    ListedSpec {
-        name: "[sig-network] Services should have session affinity work for service with type clusterIP [LinuxOnly] [Conformance]",
-        checks: "ClientIP affinity on a ClusterIP: one backend for every request",
-    },
-    ListedSpec {
-        name: "[sig-network] Services should be able to switch session affinity for service with type clusterIP [LinuxOnly] [Conformance]",
-        checks: "affinity switched on and off on a ClusterIP",
-    },
-    ListedSpec {
-        name: "[sig-network] Services should have session affinity timeout work for service with type clusterIP [LinuxOnly] [Conformance]",
-        checks: "ClientIP affinity on a ClusterIP ends after its timeout",
-    },
-    ListedSpec {
-        name: "[sig-network] Services should have session affinity work for NodePort service [LinuxOnly] [Conformance]",
-        checks: "ClientIP affinity on a NodePort",
-    },
-    ListedSpec {
-        name: "[sig-network] Services should be able to switch session affinity for NodePort service [LinuxOnly] [Conformance]",
-        checks: "affinity switched on and off on a NodePort",
-    },
-    ListedSpec {
-        name: "[sig-network] Services should have session affinity timeout work for NodePort service [LinuxOnly] [Conformance]",
-        checks: "ClientIP affinity on a NodePort ends after its timeout",
-    },
-    ListedSpec {
-        name: "[sig-network] Services should be able to change the type from ExternalName to ClusterIP [Conformance]",
-        checks: "an ExternalName Service turned ClusterIP is reachable",
-    },
-    ListedSpec {
-        name: "[sig-network] Services should be able to change the type from ExternalName to NodePort [Conformance]",
-        checks: "an ExternalName Service turned NodePort is reachable",
-    },
-    ListedSpec {
-        name: "[sig-network] Services should be able to change the type from ClusterIP to ExternalName [Conformance]",
-        checks: "a ClusterIP Service turned ExternalName resolves",
-    },
-    ListedSpec {
-        name: "[sig-network] Services should be able to change the type from NodePort to ExternalName [Conformance]",
-        checks: "a NodePort Service turned ExternalName resolves",
-    },
 ];
 
 pub const EBPF_AREAS: &[&str] = &[
@@ -402,6 +354,36 @@ pub const EBPF_NOT_RUN: &[NotRun] = &[
         why: Why::CannotRunHere,
         reason: "[Disruptive]: restarts the API server over SSH to the master; the skeleton \
                  provider has none",
+    },
+    NotRun {
+        name_contains: "ExternalName",
+        why: Why::CannotRunHere,
+        reason: "ExternalName needs cluster DNS: the spec resolves the Service's name (`nslookup`, \
+                 `nc <service name>`) in a pod; the lab runs no DNS server",
+    },
+    NotRun {
+        name_contains: "should be able to create a functioning NodePort service",
+        why: Why::CannotRunHere,
+        reason: "first dials the Service by its name (`nc -zv -t -w 2 nodeport-test 80`, \
+                 'service is not reachable ... on endpoint nodeport-test:80'): needs cluster DNS",
+    },
+    NotRun {
+        name_contains: "Services should have session affinity",
+        why: Why::CannotRunHere,
+        reason: "first dials the Service by its name (`nc -zv -t -w 2 affinity-nodeport 80`): needs \
+                 cluster DNS; ClientIP affinity itself is covered by tests/tests/kubernetes_services.rs",
+    },
+    NotRun {
+        name_contains: "Services should be able to switch session affinity",
+        why: Why::CannotRunHere,
+        reason: "first dials the Service by its name (`nc -zv -t -w 2 affinity-nodeport 80`): needs \
+                 cluster DNS; ClientIP affinity itself is covered by tests/tests/kubernetes_services.rs",
+    },
+    NotRun {
+        name_contains: "should create endpoints for unready pods",
+        why: Why::CannotRunHere,
+        reason: "dials each pod through the API server's proxy, which the lab's control plane \
+                 (no pod network in its namespace) cannot reach",
     },
 ];
 
@@ -577,7 +559,11 @@ pub fn plan(suite: &'static Suite, dry_run: &[SpecResult]) -> Result<Plan, Confo
         if suite.listed.iter().any(|spec| spec.name == name) {
             continue;
         }
-        match suite.not_run.iter().find(|n| name.contains(n.name_contains)) {
+        match suite
+            .not_run
+            .iter()
+            .find(|n| name.contains(n.name_contains))
+        {
             Some(reason) => not_run.push((name.to_string(), reason)),
             None => unaccounted.push(name.to_string()),
         }
@@ -805,7 +791,9 @@ failed dialing endpoint
         assert_eq!(focus.split('|').count(), LISTED.len());
         assert!(focus.starts_with("\\[Top Level\\] \\[sig-network\\] Networking Granular"));
         assert!(focus.ends_with("\\[Conformance\\]$"));
-        assert!(KUBE_PROXY.focus_areas().contains("|\\[Top Level\\] \\[sig-network\\] NoSNAT |"));
+        assert!(KUBE_PROXY
+            .focus_areas()
+            .contains("|\\[Top Level\\] \\[sig-network\\] NoSNAT |"));
     }
 
     /// A dry run that selected every listed spec plus `others`.
@@ -858,9 +846,10 @@ failed dialing endpoint
     #[test]
     fn a_report_counts_failures_runtime_skips_and_missing_results() -> Result<(), ConformanceError>
     {
-        let plan = plan(&KUBE_PROXY, &dry_run(&[
-            "[sig-network] Networking IPerf IPv4 [Experimental] should transfer",
-        ]))?;
+        let plan = plan(
+            &KUBE_PROXY,
+            &dry_run(&["[sig-network] Networking IPerf IPv4 [Experimental] should transfer"]),
+        )?;
         let mut run: Vec<SpecResult> = LISTED
             .iter()
             .skip(3)
@@ -912,7 +901,10 @@ failed dialing endpoint
             let mut seen: Vec<&str> = Vec::new();
             for shard in 0..shards {
                 let Some(focus) = EBPF_SERVICES.focus_shard(shard, shards) else {
-                    assert!(shard >= EBPF_LISTED.len(), "shard {shard} of {shards} is empty");
+                    assert!(
+                        shard >= EBPF_LISTED.len(),
+                        "shard {shard} of {shards} is empty"
+                    );
                     continue;
                 };
                 for spec in EBPF_LISTED {
@@ -930,19 +922,42 @@ failed dialing endpoint
     }
 
     #[test]
-    fn the_services_suite_accounts_for_load_balancers_and_sctp() -> Result<(), ConformanceError>
-    {
-        let load_balancer = "[sig-network] Services should be able to create an internal type load balancer [Slow]";
+    fn the_services_suite_accounts_for_load_balancers_and_sctp() -> Result<(), ConformanceError> {
+        let load_balancer =
+            "[sig-network] Services should be able to create an internal type load balancer [Slow]";
         let sctp = "[sig-network] Networking Granular Checks: Services should function for node-Service: sctp [Feature:SCTPConnectivity][Disruptive]";
         let unknown = "[sig-network] Services should do something new";
         let mut run: Vec<SpecResult> = EBPF_LISTED
             .iter()
             .map(|spec| result(spec.name, Outcome::Passed))
             .collect();
-        run.extend([load_balancer, sctp].map(|name| result(name, Outcome::Passed)));
+        // A LoadBalancer spec that also names session affinity gets the LoadBalancer reason.
+        let affinity_lb = "[sig-network] Services should have session affinity work for LoadBalancer service with ESIPP on [Slow] [DisabledForLargeClusters] [LinuxOnly]";
+        let affinity = "[sig-network] Services should have session affinity work for NodePort service [LinuxOnly] [Conformance]";
+        run.extend(
+            [load_balancer, sctp, affinity_lb, affinity].map(|name| result(name, Outcome::Passed)),
+        );
         let plan = plan(&EBPF_SERVICES, &run)?;
-        assert_eq!(plan.not_run.len(), 2);
-        assert!(plan.not_run.iter().all(|(_, n)| n.why == Why::CannotRunHere));
+        let reasons: Vec<(&str, &str)> = plan
+            .not_run
+            .iter()
+            .map(|(name, n)| (name.as_str(), n.reason))
+            .collect();
+        assert_eq!(reasons.len(), 4);
+        assert!(plan
+            .not_run
+            .iter()
+            .all(|(_, n)| n.why == Why::CannotRunHere));
+        for (name, reason) in reasons {
+            let wanted = if name == affinity {
+                "cluster DNS"
+            } else if name == sctp {
+                "sctp"
+            } else {
+                "LoadBalancer"
+            };
+            assert!(reason.contains(wanted), "{name}: {reason}");
+        }
         run.push(result(unknown, Outcome::Passed));
         match super::plan(&EBPF_SERVICES, &run) {
             Err(ConformanceError::Unaccounted(names)) => assert_eq!(names, [unknown]),

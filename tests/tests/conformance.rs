@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use mycni_tests::conformance::{self, parse_junit, Plan, Suite};
 use mycni_tests::kubelab::{
-    conformance_inputs, image_archive, lab_manifest_ebpf_services, KubeLab, LabOptions,
+    conformance_inputs, image_archive, lab_manifest_ebpf_services, KubeLab, LabOptions, GATEWAY_IP,
+    OUTSIDE_IP,
 };
 use mycni_tests::prefix;
 
@@ -148,6 +149,33 @@ fn keep_lab_logs(lab: &KubeLab, out: &Path) {
     }
 }
 
+/// `e2e.test` in the control-plane namespace, in a private mount namespace whose /etc/hosts
+/// names the lab's outside host `google.com`, with a route to it. Why: the `Networking
+/// Granular Checks: Services` specs first fetch http://google.com from e2e.test's own host
+/// (networking.go:149, "Unable to connect/talk to the internet"), a precondition on the
+/// test host, not on the cluster; the lab has no internet, and its outside host answers HTTP.
+fn with_google_com_at_the_outside_host(lab: &KubeLab, e2e: &Path) -> Result<Command> {
+    lab.control.exec(&[
+        "ip",
+        "route",
+        "replace",
+        &format!("{OUTSIDE_IP}/32"),
+        "via",
+        &GATEWAY_IP.to_string(),
+    ])?;
+    let hosts = lab.dir.join("e2e-hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n{OUTSIDE_IP} google.com www.google.com\n"),
+    )?;
+    let mut cmd = lab.control.command("/usr/bin/unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+        .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+        .arg(&hosts)
+        .arg(e2e);
+    Ok(cmd)
+}
+
 /// How one suite runs: the lab, mycni's manifest, where the report goes, and how many
 /// e2e.test processes share the listed specs.
 struct Run {
@@ -166,7 +194,9 @@ static LAB_SLOT: Mutex<()> = Mutex::new(());
 
 fn run_suite(run: Run) -> Result<()> {
     mycni_tests::require_root!();
-    let _slot = LAB_SLOT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _slot = LAB_SLOT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let (e2e, images) = conformance_inputs()?;
     let bin = e2e
         .parent()
@@ -206,7 +236,7 @@ fn run_suite(run: Run) -> Result<()> {
             out.join(format!("shard-{shard}"))
         };
         std::fs::create_dir_all(&dir)?;
-        let mut cmd = lab.control.command(&e2e);
+        let mut cmd = with_google_com_at_the_outside_host(&lab, &e2e)?;
         cmd.args(e2e_flags(
             &lab.admin_kubeconfig(),
             &bin.join("kubectl"),
