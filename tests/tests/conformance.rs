@@ -1,13 +1,19 @@
 //! Kubernetes' own conformance specs for network plugins against mycni: upstream's `e2e.test`
-//! (1.20.2, built from the same Debian source as the lab) runs the specs of
-//! `mycni_tests::conformance::LISTED` against the lab of tests/src/kubelab.rs with mycni
-//! installed from deploy/mycni.yaml and kube-proxy (iptables) on every node. A listed spec
-//! that fails, skips itself or leaves no result fails this test.
+//! (1.20.2, built from the same Debian source as the lab) runs the specs of a
+//! `mycni_tests::conformance::Suite` against the lab of tests/src/kubelab.rs with mycni
+//! installed from deploy/mycni.yaml, in two runs:
+//! - `KUBE_PROXY`: kube-proxy (iptables) on every node, the network plugin's specs;
+//! - `EBPF_SERVICES`: no kube-proxy, `service-mode: "ebpf"`, the Services specs, shared by
+//!   [`SERVICES_SHARDS`] e2e.test processes at once.
 //!
-//! Writes to target/conformance/ (`$MYCNI_CONFORMANCE_DIR`): `junit_01.xml` (e2e.test's
-//! report), `e2e.log` (its output), `summary.md` (counts, every listed spec's result, every
-//! other spec of the covered areas with the reason it does not run), `dry-run/` (the dry
-//! run that lists them) and, when something failed, the nodes' logs under `lab-logs/`.
+//! A listed spec that fails, skips itself or leaves no result fails its test.
+//!
+//! Writes to target/conformance/ (`$MYCNI_CONFORMANCE_DIR`; the Services run to the same
+//! path with `-ebpf` appended): `junit_01.xml` (e2e.test's report), `e2e.log` (its output;
+//! per shard under `shard-<n>/` when several), `summary.md` (counts, every listed spec's
+//! result, every other spec of the covered areas with the reason it does not run),
+//! `dry-run/` (the dry run that lists them) and, when something failed, the nodes' logs
+//! under `lab-logs/`.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
