@@ -468,13 +468,37 @@ impl Suite {
     /// when this shard has no spec (a focus matching nothing would run the whole suite's
     /// skips, not nothing).
     pub fn focus_shard(&self, shard: usize, shards: usize) -> Option<String> {
-        let specs: Vec<&ListedSpec> = self
-            .listed
+        let specs = self.shard_specs(shard, shards);
+        (!specs.is_empty()).then(|| self.focus_of(specs.into_iter()))
+    }
+
+    /// The listed specs of shard `shard` of `shards` (what [`Suite::focus_shard`] selects).
+    pub fn shard_specs(&self, shard: usize, shards: usize) -> Vec<&'static ListedSpec> {
+        self.listed
             .iter()
             .skip(shard)
             .step_by(shards.max(1))
-            .collect();
-        (!specs.is_empty()).then(|| self.focus_of(specs.into_iter()))
+            .collect()
+    }
+
+    /// What shard `shard` of `shards` reports about its own specs: every e2e.test report
+    /// also lists the specs outside its focus, as skipped, including the ones another shard
+    /// ran. Keeps the shard's listed specs and every spec that is not listed (a failed
+    /// BeforeSuite, say).
+    pub fn shard_results(
+        &self,
+        shard: usize,
+        shards: usize,
+        results: Vec<SpecResult>,
+    ) -> Vec<SpecResult> {
+        let own = self.shard_specs(shard, shards);
+        results
+            .into_iter()
+            .filter(|r| {
+                own.iter().any(|spec| spec.name == r.name)
+                    || !self.listed.iter().any(|spec| spec.name == r.name)
+            })
+            .collect()
     }
 
     fn focus_of<'a>(&self, specs: impl Iterator<Item = &'a ListedSpec>) -> String {
@@ -994,5 +1018,38 @@ failed dialing endpoint
             .markdown("v1.20.2", Duration::from_secs(1))
             .contains("Services by mycni's socket load balancing"));
         Ok(())
+    }
+
+    #[test]
+    fn merged_shard_reports_keep_each_spec_from_the_shard_that_ran_it() {
+        let shards = 2;
+        let shard_report = |shard: usize| -> Vec<SpecResult> {
+            let own = EBPF_SERVICES.shard_specs(shard, shards);
+            let mut report: Vec<SpecResult> = EBPF_LISTED
+                .iter()
+                .map(|spec| {
+                    if own.iter().any(|o| o.name == spec.name) {
+                        result(spec.name, Outcome::Passed)
+                    } else {
+                        result(spec.name, Outcome::Skipped)
+                    }
+                })
+                .collect();
+            if shard == 1 {
+                report.push(result("BeforeSuite", Outcome::Failed("nodes".into())));
+            }
+            report
+        };
+        let mut merged = Vec::new();
+        for shard in 0..shards {
+            merged.extend(EBPF_SERVICES.shard_results(shard, shards, shard_report(shard)));
+        }
+        let plan = Plan {
+            not_run: Vec::new(),
+        };
+        let report = report(&EBPF_SERVICES, plan, &merged);
+        assert_eq!(report.passed(), EBPF_LISTED.len());
+        assert_eq!(report.skipped_at_run_time(), 0);
+        assert_eq!(report.suite_failures.len(), 1);
     }
 }

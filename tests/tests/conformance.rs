@@ -252,18 +252,21 @@ fn run_suite(run: Run) -> Result<()> {
         .current_dir(&dir)
         .env("HOME", &lab.dir)
         .env("KUBECONFIG", lab.admin_kubeconfig());
-        shards.push((cmd, dir));
+        shards.push((cmd, shard, dir));
     }
-    let dirs: Vec<PathBuf> = shards.iter().map(|(_, dir)| dir.clone()).collect();
+    let dirs: Vec<(usize, PathBuf)> = shards
+        .iter()
+        .map(|(_, shard, dir)| (*shard, dir.clone()))
+        .collect();
     let cmds = shards
         .into_iter()
-        .map(|(cmd, dir)| (cmd, dir.join("e2e.log")))
+        .map(|(cmd, _, dir)| (cmd, dir.join("e2e.log")))
         .collect();
     println!(
         "conformance: running {} e2e.test, logs in {}",
         dirs.len(),
         dirs.iter()
-            .map(|dir| dir.join("e2e.log").display().to_string())
+            .map(|(_, dir)| dir.join("e2e.log").display().to_string())
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -272,10 +275,11 @@ fn run_suite(run: Run) -> Result<()> {
     let took = started.elapsed();
     // Each report is written when its e2e.test ends; without one, its specs have no result.
     let mut results = Vec::new();
-    for dir in &dirs {
+    for (shard, dir) in &dirs {
         let junit = std::fs::read_to_string(dir.join("junit_01.xml")).unwrap_or_default();
         if !junit.is_empty() {
-            results.extend(parse_junit(&junit)?);
+            let all = parse_junit(&junit)?;
+            results.extend(run.suite.shard_results(*shard, run.shards, all));
         }
     }
     let report = conformance::report(run.suite, plan, &results);
