@@ -154,7 +154,8 @@ pub const NOT_RUN: &[NotRun] = &[
     NotRun {
         name_contains: "[sig-network] Networking Granular Checks: Services ",
         why: Why::NotListedYet,
-        reason: "Services through kube-proxy: the Services issue extends the list with these",
+        reason: "Services through kube-proxy; the ones that can run here run without kube-proxy, \
+                 in EBPF_SERVICES",
     },
     NotRun {
         name_contains: "[sig-network] Networking should check kube-proxy urls",
