@@ -3,9 +3,11 @@
 //! expressions, the JUnit report e2e.test writes, the accounting and the markdown summary,
 //! without I/O (tests/tests/conformance.rs runs e2e.test in the lab).
 //!
-//! Nothing in an area is dropped silently: a dry run of e2e.test lists every spec of
-//! [`AREAS`], and [`plan`] fails unless each is either [`LISTED`] (and then run) or matched by
-//! a [`NOT_RUN`] entry that says why not.
+//! Two runs, each a [`Suite`]: [`KUBE_PROXY`] (the network specs, kube-proxy balancing
+//! Services) and [`EBPF_SERVICES`] (the Services specs, kube-proxy absent, mycni balancing
+//! them at the sockets). Nothing in a suite's areas is dropped silently: a dry run of
+//! e2e.test lists every spec of them, and [`plan`] fails unless each is either listed (and
+//! then run) or matched by a not-run entry that says why not.
 use std::time::Duration;
 
 use thiserror::Error;
@@ -152,7 +154,8 @@ pub const NOT_RUN: &[NotRun] = &[
     NotRun {
         name_contains: "[sig-network] Networking Granular Checks: Services ",
         why: Why::NotListedYet,
-        reason: "Services through kube-proxy: the Services issue extends the list with these",
+        reason: "Services through kube-proxy; the ones that can run here run without kube-proxy, \
+                 in EBPF_SERVICES",
     },
     NotRun {
         name_contains: "[sig-network] Networking should check kube-proxy urls",
@@ -165,6 +168,258 @@ pub const NOT_RUN: &[NotRun] = &[
         reason: "API server paths only, no pod traffic",
     },
 ];
+
+/// The specs run with kube-proxy absent and mycni balancing Services at the pods' sockets
+/// (`service-mode: "ebpf"`): the Services specs that need neither a cloud provider, cluster
+/// DNS, the internet nor SSH to the nodes.
+pub const EBPF_LISTED: &[ListedSpec] = &[
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for endpoint-Service: http",
+        checks: "a backend pod reaches its own Service's ClusterIP and NodePort over HTTP",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for endpoint-Service: udp",
+        checks: "a backend pod reaches its own Service's ClusterIP and NodePort over UDP",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for multiple endpoint-Services with same selector",
+        checks: "two Services over the same pods, one deleted: the other keeps working",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should update endpoints: http",
+        checks: "a deleted backend pod stops answering through the ClusterIP (HTTP)",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should update endpoints: udp",
+        checks: "a deleted backend pod stops answering through the ClusterIP (UDP)",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for client IP based session affinity: http [LinuxOnly]",
+        checks: "sessionAffinity ClientIP pins a pod to one backend (HTTP)",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for client IP based session affinity: udp [LinuxOnly]",
+        checks: "sessionAffinity ClientIP pins a pod to one backend (UDP)",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should be able to handle large requests: http",
+        checks: "a large HTTP request through a ClusterIP",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should be able to handle large requests: udp",
+        checks: "a large UDP datagram through a ClusterIP",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should provide secure master service  [Conformance]",
+        checks: "the `kubernetes` Service exists (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should serve a basic endpoint from pods  [Conformance]",
+        checks: "Endpoints follow the pods of a Service (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should serve multiport endpoints from pods  [Conformance]",
+        checks: "Endpoints of a multiport Service follow its pods (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should find a service from listing all namespaces [Conformance]",
+        checks: "Services listed across namespaces (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should test the lifecycle of an Endpoint [Conformance]",
+        checks: "create, patch, list and delete an Endpoints object (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should check NodePort out-of-range",
+        checks: "the API server refuses a NodePort outside its range (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should prevent NodePort collisions",
+        checks: "the API server refuses a NodePort already taken (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should release NodePorts on delete",
+        checks: "a deleted Service's NodePort is free again and nothing listens on it",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should preserve source pod IP for traffic thru service cluster IP [LinuxOnly]",
+        checks: "pods on both nodes reach a ClusterIP and the backend sees their pod IPs",
+    },
+];
+
+pub const EBPF_AREAS: &[&str] = &[
+    "[sig-network] Services ",
+    "[sig-network] Networking Granular Checks: Services ",
+];
+
+pub const EBPF_NOT_RUN: &[NotRun] = &[
+    NotRun {
+        name_contains: "[Feature:SCTPConnectivity]",
+        why: Why::CannotRunHere,
+        reason: "[Disruptive]: an SCTP socket in a pod loads the sctp module into the machine's \
+                 kernel, a host change the lab does not make",
+    },
+    NotRun {
+        name_contains: "oad balancer",
+        why: Why::CannotRunHere,
+        reason: "LoadBalancer: needs a cloud provider",
+    },
+    NotRun {
+        name_contains: "LoadBalancer service",
+        why: Why::CannotRunHere,
+        reason: "LoadBalancer: needs a cloud provider",
+    },
+    NotRun {
+        name_contains: "loadbalancer source ranges",
+        why: Why::CannotRunHere,
+        reason: "LoadBalancer: needs a cloud provider",
+    },
+    NotRun {
+        name_contains: "should reconcile LB health check interval",
+        why: Why::CannotRunHere,
+        reason: "LoadBalancer: needs the GCE cloud provider",
+    },
+    NotRun {
+        name_contains: "should be able to change the type and ports of a service",
+        why: Why::CannotRunHere,
+        reason: "turns the Services into LoadBalancers: needs a cloud provider",
+    },
+    NotRun {
+        name_contains: "should work after restarting kube-proxy [Disruptive]",
+        why: Why::CannotRunHere,
+        reason: "[Disruptive]: restarts kube-proxy over SSH; the lab runs no kube-proxy and the \
+                 skeleton provider has no SSH to the nodes",
+    },
+    NotRun {
+        name_contains: "should work after restarting apiserver [Disruptive]",
+        why: Why::CannotRunHere,
+        reason: "[Disruptive]: restarts the API server over SSH to the master; the skeleton \
+                 provider has none",
+    },
+    NotRun {
+        name_contains: "Granular Checks: Services should function for pod-Service: ",
+        why: Why::CannotRunHere,
+        reason: OTHER_NODES_NODE_PORT,
+    },
+    NotRun {
+        name_contains: "Granular Checks: Services should function for node-Service: ",
+        why: Why::CannotRunHere,
+        reason: OTHER_NODES_NODE_PORT,
+    },
+    NotRun {
+        name_contains: "Granular Checks: Services should support basic nodePort: udp functionality",
+        why: Why::CannotRunHere,
+        reason: OTHER_NODES_NODE_PORT,
+    },
+    NotRun {
+        name_contains: "Granular Checks: Services should update nodePort: ",
+        why: Why::CannotRunHere,
+        reason: OTHER_NODES_NODE_PORT,
+    },
+    NotRun {
+        name_contains: "Granular Checks: Services should function for service endpoints using hostNetwork",
+        why: Why::CannotRunHere,
+        reason: HOST_NETWORK_HOSTNAMES,
+    },
+    NotRun {
+        name_contains: "Granular Checks: Services should function for pod-Service(hostNetwork)",
+        why: Why::CannotRunHere,
+        reason: HOST_NETWORK_HOSTNAMES,
+    },
+    NotRun {
+        name_contains: "should be rejected when no endpoints exist",
+        why: Why::CannotRunHere,
+        reason: "connects to the Service by its name (`/agnhost connect --timeout=3s no-pods:80`, \
+                 'DNS: lookup no-pods ... i/o timeout'): needs cluster DNS; the refusal itself \
+                 is covered by tests/tests/kubernetes_services.rs",
+    },
+    NotRun {
+        name_contains: "should be able to up and down services",
+        why: Why::NotListedYet,
+        reason: NO_SEQ_IN_IMAGE,
+    },
+    NotRun {
+        name_contains: "should implement service.kubernetes.io/service-proxy-name",
+        why: Why::NotListedYet,
+        reason: NO_SEQ_IN_IMAGE,
+    },
+    NotRun {
+        name_contains: "should implement service.kubernetes.io/headless",
+        why: Why::NotListedYet,
+        reason: NO_SEQ_IN_IMAGE,
+    },
+    NotRun {
+        name_contains: "should allow pods to hairpin back to themselves through services",
+        why: Why::CannotRunHere,
+        reason: "the pod reaches itself through its Service by the Service's name (`nc -zv -t -w 2 \
+                 hairpin-test 8080`): needs cluster DNS",
+    },
+    NotRun {
+        name_contains: "listening on same port number but different protocols",
+        why: Why::CannotRunHere,
+        reason: "dials the Service by its name (`nc -zv -t -w 2 nodeport-update-service 80`): \
+                 needs cluster DNS",
+    },
+    NotRun {
+        name_contains: "ExternalName",
+        why: Why::CannotRunHere,
+        reason: "ExternalName needs cluster DNS: the spec resolves the Service's name (`nslookup`, \
+                 `nc <service name>`) in a pod; the lab runs no DNS server",
+    },
+    NotRun {
+        name_contains: "should be able to create a functioning NodePort service",
+        why: Why::CannotRunHere,
+        reason: "first dials the Service by its name (`nc -zv -t -w 2 nodeport-test 80`, \
+                 'service is not reachable ... on endpoint nodeport-test:80'): needs cluster DNS",
+    },
+    NotRun {
+        name_contains: "Services should have session affinity",
+        why: Why::CannotRunHere,
+        reason: "first dials the Service by its name (`nc -zv -t -w 2 affinity-nodeport 80`): needs \
+                 cluster DNS; ClientIP affinity itself is covered by tests/tests/kubernetes_services.rs",
+    },
+    NotRun {
+        name_contains: "Services should be able to switch session affinity",
+        why: Why::CannotRunHere,
+        reason: "first dials the Service by its name (`nc -zv -t -w 2 affinity-nodeport 80`): needs \
+                 cluster DNS; ClientIP affinity itself is covered by tests/tests/kubernetes_services.rs",
+    },
+    NotRun {
+        name_contains: "should create endpoints for unready pods",
+        why: Why::CannotRunHere,
+        reason: "dials each pod through the API server's proxy, which the lab's control plane \
+                 (no pod network in its namespace) cannot reach",
+    },
+];
+
+/// The Granular Checks address the NodePort at the first node's InternalIP (`config.NodeIP`)
+/// from a test pod that is not pinned to a node.
+const OTHER_NODES_NODE_PORT: &str =
+    "dials the NodePort on the first node's InternalIP from a test pod the scheduler puts on \
+     either node; a NodePort reached from another node needs the TC path, not built yet (the \
+     sockets of the first node's own pods are translated), so it passes only when the pod \
+     lands there ('host=192.168.1.11&port=30825 ... retrieved map[]' from a pod on node-2)";
+
+/// The serve-hostname specs count backends with a shell loop run in an exec pod.
+const NO_SEQ_IN_IMAGE: &str =
+    "counts the backends with `for i in $(seq 1 150); do wget ...` in an exec pod, and the \
+     lab's agnhost image (Debian's dash, curl, netcat-openbsd, grep) has neither `seq` nor \
+     `wget` ('/bin/sh: 1: seq: not found'): the image needs them first";
+
+/// The hostNetwork-backend specs expect each backend to answer with its node's name.
+const HOST_NETWORK_HOSTNAMES: &str =
+    "expects each hostNetwork backend to answer with its node's name, but the lab's \
+    nodes are network namespaces sharing the machine's UTS namespace: both answer \
+    the machine's hostname ('retrieved map[vm:{}], expected map[node-1:{} node-2:{}]', \
+    so the traffic did reach both)";
+
+/// The run with kube-proxy absent: [`EBPF_LISTED`], [`EBPF_AREAS`], [`EBPF_NOT_RUN`].
+pub const EBPF_SERVICES: Suite = Suite {
+    services_by: "mycni's socket load balancing (eBPF), kube-proxy absent",
+    listed: EBPF_LISTED,
+    areas: EBPF_AREAS,
+    not_run: EBPF_NOT_RUN,
+};
 
 /// `text` as an RE2 literal (ginkgo's focus is a Go regular expression).
 pub fn regex_literal(text: &str) -> String {
@@ -182,24 +437,90 @@ pub fn regex_literal(text: &str) -> String {
 /// a name starts.
 const TOP_LEVEL: &str = "\\[Top Level\\] ";
 
-/// A focus matching exactly the listed specs.
-pub fn focus_listed() -> String {
-    LISTED
-        .iter()
-        .map(|spec| format!("{TOP_LEVEL}{}$", regex_literal(spec.name)))
-        .collect::<Vec<_>>()
-        .join("|")
+/// One conformance run: the specs it runs, the areas it accounts for, and why each other spec
+/// of those areas is not run.
+#[derive(Debug)]
+pub struct Suite {
+    /// How the lab balances Services in this run, for the summary's title.
+    pub services_by: &'static str,
+    pub listed: &'static [ListedSpec],
+    /// Spec-name prefixes whose every spec is accounted for: run, or not run with a reason.
+    pub areas: &'static [&'static str],
+    /// The first entry whose text a spec's name contains gives its reason.
+    pub not_run: &'static [NotRun],
 }
 
-/// A focus matching every spec of [`AREAS`] and the listed specs (for the dry run).
-pub fn focus_areas() -> String {
-    let areas = AREAS
-        .iter()
-        .map(|area| format!("{TOP_LEVEL}{}", regex_literal(area)));
-    let listed = LISTED
-        .iter()
-        .map(|spec| format!("{TOP_LEVEL}{}$", regex_literal(spec.name)));
-    areas.chain(listed).collect::<Vec<_>>().join("|")
+/// The run with kube-proxy (iptables) on every node: [`LISTED`], [`AREAS`], [`NOT_RUN`].
+pub const KUBE_PROXY: Suite = Suite {
+    services_by: "kube-proxy (iptables)",
+    listed: LISTED,
+    areas: AREAS,
+    not_run: NOT_RUN,
+};
+
+impl Suite {
+    /// A focus matching exactly the listed specs.
+    pub fn focus_listed(&self) -> String {
+        self.focus_of(self.listed.iter())
+    }
+
+    /// A focus matching the listed specs `shard`, `shard + shards`, `shard + 2 × shards` ...:
+    /// `shards` e2e.test processes with shards `0..shards` run each listed spec once. `None`
+    /// when this shard has no spec (a focus matching nothing would run the whole suite's
+    /// skips, not nothing).
+    pub fn focus_shard(&self, shard: usize, shards: usize) -> Option<String> {
+        let specs = self.shard_specs(shard, shards);
+        (!specs.is_empty()).then(|| self.focus_of(specs.into_iter()))
+    }
+
+    /// The listed specs of shard `shard` of `shards` (what [`Suite::focus_shard`] selects).
+    pub fn shard_specs(&self, shard: usize, shards: usize) -> Vec<&'static ListedSpec> {
+        self.listed
+            .iter()
+            .skip(shard)
+            .step_by(shards.max(1))
+            .collect()
+    }
+
+    /// What shard `shard` of `shards` reports about its own specs: every e2e.test report
+    /// also lists the specs outside its focus, as skipped, including the ones another shard
+    /// ran. Keeps the shard's listed specs and every spec that is not listed (a failed
+    /// BeforeSuite, say).
+    pub fn shard_results(
+        &self,
+        shard: usize,
+        shards: usize,
+        results: Vec<SpecResult>,
+    ) -> Vec<SpecResult> {
+        let own = self.shard_specs(shard, shards);
+        results
+            .into_iter()
+            .filter(|r| {
+                own.iter().any(|spec| spec.name == r.name)
+                    || !self.listed.iter().any(|spec| spec.name == r.name)
+            })
+            .collect()
+    }
+
+    fn focus_of<'a>(&self, specs: impl Iterator<Item = &'a ListedSpec>) -> String {
+        specs
+            .map(|spec| format!("{TOP_LEVEL}{}$", regex_literal(spec.name)))
+            .collect::<Vec<_>>()
+            .join("|")
+    }
+
+    /// A focus matching every spec of the areas and the listed specs (for the dry run).
+    pub fn focus_areas(&self) -> String {
+        let areas = self
+            .areas
+            .iter()
+            .map(|area| format!("{TOP_LEVEL}{}", regex_literal(area)));
+        let listed = self
+            .listed
+            .iter()
+            .map(|spec| format!("{TOP_LEVEL}{}$", regex_literal(spec.name)));
+        areas.chain(listed).collect::<Vec<_>>().join("|")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -267,13 +588,14 @@ pub struct Plan {
 /// From a dry run's report (the specs the focus of [`focus_areas`] selected pass, all others
 /// are skipped): checks that each listed spec exists once, and gives every other selected
 /// spec its [`NOT_RUN`] reason; a spec without one is an error.
-pub fn plan(dry_run: &[SpecResult]) -> Result<Plan, ConformanceError> {
+pub fn plan(suite: &'static Suite, dry_run: &[SpecResult]) -> Result<Plan, ConformanceError> {
     let selected: Vec<&str> = dry_run
         .iter()
         .filter(|r| r.outcome == Outcome::Passed)
         .map(|r| r.name.as_str())
         .collect();
-    let not_found: Vec<String> = LISTED
+    let not_found: Vec<String> = suite
+        .listed
         .iter()
         .filter(|spec| selected.iter().filter(|name| **name == spec.name).count() != 1)
         .map(|spec| spec.name.to_string())
@@ -284,10 +606,14 @@ pub fn plan(dry_run: &[SpecResult]) -> Result<Plan, ConformanceError> {
     let mut not_run = Vec::new();
     let mut unaccounted = Vec::new();
     for name in selected {
-        if LISTED.iter().any(|spec| spec.name == name) {
+        if suite.listed.iter().any(|spec| spec.name == name) {
             continue;
         }
-        match NOT_RUN.iter().find(|n| name.contains(n.name_contains)) {
+        match suite
+            .not_run
+            .iter()
+            .find(|n| name.contains(n.name_contains))
+        {
             Some(reason) => not_run.push((name.to_string(), reason)),
             None => unaccounted.push(name.to_string()),
         }
@@ -312,6 +638,8 @@ pub enum Verdict {
 
 #[derive(Debug)]
 pub struct Report {
+    /// The suite's [`Suite::services_by`].
+    pub services_by: &'static str,
     pub listed: Vec<(&'static ListedSpec, Verdict, f64)>,
     /// Failed test cases that are no listed spec (a failed BeforeSuite, say).
     pub suite_failures: Vec<(String, String)>,
@@ -319,8 +647,9 @@ pub struct Report {
 }
 
 /// The verdict on every listed spec from the run's report.
-pub fn report(plan: Plan, run: &[SpecResult]) -> Report {
-    let listed = LISTED
+pub fn report(suite: &'static Suite, plan: Plan, run: &[SpecResult]) -> Report {
+    let listed = suite
+        .listed
         .iter()
         .map(|spec| match run.iter().find(|r| r.name == spec.name) {
             Some(r) => {
@@ -336,13 +665,14 @@ pub fn report(plan: Plan, run: &[SpecResult]) -> Report {
         .collect();
     let suite_failures = run
         .iter()
-        .filter(|r| !LISTED.iter().any(|spec| spec.name == r.name))
+        .filter(|r| !suite.listed.iter().any(|spec| spec.name == r.name))
         .filter_map(|r| match &r.outcome {
             Outcome::Failed(message) => Some((r.name.clone(), message.clone())),
             _ => None,
         })
         .collect();
     Report {
+        services_by: suite.services_by,
         listed,
         suite_failures,
         not_run: plan.not_run,
@@ -392,8 +722,9 @@ impl Report {
     /// its reason. `version` names the suite (e.g. "v1.20.2"); `took` is the run's time.
     pub fn markdown(&self, version: &str, took: Duration) -> String {
         let mut out = format!(
-            "# Upstream conformance: Kubernetes {version} `e2e.test` against mycni\n\n\
+            "# Upstream conformance: Kubernetes {version} `e2e.test` against mycni, Services by {}\n\n\
              {} (run took {} s).\n\n## Run\n\n| Spec | Checks | Result | Time |\n|---|---|---|---|\n",
+            self.services_by,
             self.counts(),
             took.as_secs()
         );
@@ -506,11 +837,13 @@ failed dialing endpoint
             regex_literal("[sig-network] a: b (c) [Conformance]"),
             "\\[sig-network\\] a: b \\(c\\) \\[Conformance\\]"
         );
-        let focus = focus_listed();
+        let focus = KUBE_PROXY.focus_listed();
         assert_eq!(focus.split('|').count(), LISTED.len());
         assert!(focus.starts_with("\\[Top Level\\] \\[sig-network\\] Networking Granular"));
         assert!(focus.ends_with("\\[Conformance\\]$"));
-        assert!(focus_areas().contains("|\\[Top Level\\] \\[sig-network\\] NoSNAT |"));
+        assert!(KUBE_PROXY
+            .focus_areas()
+            .contains("|\\[Top Level\\] \\[sig-network\\] NoSNAT |"));
     }
 
     /// A dry run that selected every listed spec plus `others`.
@@ -528,7 +861,7 @@ failed dialing endpoint
     fn every_spec_of_the_areas_is_run_or_has_a_reason() -> Result<(), ConformanceError> {
         let internet = "[sig-network] Networking should provide Internet connection for containers [Feature:Networking-IPv4]";
         let dns = "[sig-network] DNS should provide DNS for the cluster  [Conformance]";
-        let plan = plan(&dry_run(&[internet, dns]))?;
+        let plan = plan(&KUBE_PROXY, &dry_run(&[internet, dns]))?;
         let reasons: Vec<(&str, Why)> = plan
             .not_run
             .iter()
@@ -544,7 +877,7 @@ failed dialing endpoint
     #[test]
     fn a_spec_without_a_reason_fails_the_plan() {
         let unknown = "[sig-network] Networking should do something new";
-        match plan(&dry_run(&[unknown])) {
+        match plan(&KUBE_PROXY, &dry_run(&[unknown])) {
             Err(ConformanceError::Unaccounted(names)) => assert_eq!(names, [unknown]),
             other => panic!("{other:?}"),
         }
@@ -554,7 +887,7 @@ failed dialing endpoint
     fn a_listed_spec_missing_from_the_suite_fails_the_plan() {
         let mut run = dry_run(&[]);
         run.remove(0);
-        match plan(&run) {
+        match plan(&KUBE_PROXY, &run) {
             Err(ConformanceError::ListedNotFound(names)) => assert_eq!(names, [LISTED[0].name]),
             other => panic!("{other:?}"),
         }
@@ -563,9 +896,10 @@ failed dialing endpoint
     #[test]
     fn a_report_counts_failures_runtime_skips_and_missing_results() -> Result<(), ConformanceError>
     {
-        let plan = plan(&dry_run(&[
-            "[sig-network] Networking IPerf IPv4 [Experimental] should transfer",
-        ]))?;
+        let plan = plan(
+            &KUBE_PROXY,
+            &dry_run(&["[sig-network] Networking IPerf IPv4 [Experimental] should transfer"]),
+        )?;
         let mut run: Vec<SpecResult> = LISTED
             .iter()
             .skip(3)
@@ -580,7 +914,7 @@ failed dialing endpoint
             "BeforeSuite",
             Outcome::Failed("nodes not Ready".into()),
         ));
-        let report = report(plan, &run);
+        let report = report(&KUBE_PROXY, plan, &run);
         assert_eq!(report.passed(), LISTED.len() - 3);
         assert_eq!(report.failed(), 2, "one failed, one without a result");
         assert_eq!(report.skipped_at_run_time(), 1);
@@ -600,14 +934,123 @@ failed dialing endpoint
 
     #[test]
     fn a_report_of_passes_is_ok() -> Result<(), ConformanceError> {
-        let plan = plan(&dry_run(&[]))?;
+        let plan = plan(&KUBE_PROXY, &dry_run(&[]))?;
         let run: Vec<SpecResult> = LISTED
             .iter()
             .map(|spec| result(spec.name, Outcome::Passed))
             .collect();
-        let report = report(plan, &run);
+        let report = report(&KUBE_PROXY, plan, &run);
         assert!(report.ok());
         assert_eq!(report.counts(), format!("{} passed, 0 failed, 0 skipped at run time; not run: 0 that cannot run here, 0 not listed yet", LISTED.len()));
         Ok(())
+    }
+
+    #[test]
+    fn shards_run_every_listed_spec_once() {
+        for shards in 1..=EBPF_LISTED.len() + 1 {
+            let mut seen: Vec<&str> = Vec::new();
+            for shard in 0..shards {
+                let Some(focus) = EBPF_SERVICES.focus_shard(shard, shards) else {
+                    assert!(
+                        shard >= EBPF_LISTED.len(),
+                        "shard {shard} of {shards} is empty"
+                    );
+                    continue;
+                };
+                for spec in EBPF_LISTED {
+                    let pattern = format!("{TOP_LEVEL}{}$", regex_literal(spec.name));
+                    if focus.split('|').any(|part| part == pattern) {
+                        seen.push(spec.name);
+                    }
+                }
+            }
+            seen.sort_unstable();
+            let mut all: Vec<&str> = EBPF_LISTED.iter().map(|spec| spec.name).collect();
+            all.sort_unstable();
+            assert_eq!(seen, all, "{shards} shards");
+        }
+    }
+
+    #[test]
+    fn the_services_suite_accounts_for_load_balancers_and_sctp() -> Result<(), ConformanceError> {
+        let load_balancer =
+            "[sig-network] Services should be able to create an internal type load balancer [Slow]";
+        let sctp = "[sig-network] Networking Granular Checks: Services should function for node-Service: sctp [Feature:SCTPConnectivity][Disruptive]";
+        let unknown = "[sig-network] Services should do something new";
+        let mut run: Vec<SpecResult> = EBPF_LISTED
+            .iter()
+            .map(|spec| result(spec.name, Outcome::Passed))
+            .collect();
+        // A LoadBalancer spec that also names session affinity gets the LoadBalancer reason.
+        let affinity_lb = "[sig-network] Services should have session affinity work for LoadBalancer service with ESIPP on [Slow] [DisabledForLargeClusters] [LinuxOnly]";
+        let affinity = "[sig-network] Services should have session affinity work for NodePort service [LinuxOnly] [Conformance]";
+        run.extend(
+            [load_balancer, sctp, affinity_lb, affinity].map(|name| result(name, Outcome::Passed)),
+        );
+        let plan = plan(&EBPF_SERVICES, &run)?;
+        let reasons: Vec<(&str, &str)> = plan
+            .not_run
+            .iter()
+            .map(|(name, n)| (name.as_str(), n.reason))
+            .collect();
+        assert_eq!(reasons.len(), 4);
+        assert!(plan
+            .not_run
+            .iter()
+            .all(|(_, n)| n.why == Why::CannotRunHere));
+        for (name, reason) in reasons {
+            let wanted = if name == affinity {
+                "cluster DNS"
+            } else if name == sctp {
+                "sctp"
+            } else {
+                "LoadBalancer"
+            };
+            assert!(reason.contains(wanted), "{name}: {reason}");
+        }
+        run.push(result(unknown, Outcome::Passed));
+        match super::plan(&EBPF_SERVICES, &run) {
+            Err(ConformanceError::Unaccounted(names)) => assert_eq!(names, [unknown]),
+            other => panic!("{other:?}"),
+        }
+        let report = report(&EBPF_SERVICES, plan, &run);
+        assert!(report.ok());
+        assert!(report
+            .markdown("v1.20.2", Duration::from_secs(1))
+            .contains("Services by mycni's socket load balancing"));
+        Ok(())
+    }
+
+    #[test]
+    fn merged_shard_reports_keep_each_spec_from_the_shard_that_ran_it() {
+        let shards = 2;
+        let shard_report = |shard: usize| -> Vec<SpecResult> {
+            let own = EBPF_SERVICES.shard_specs(shard, shards);
+            let mut report: Vec<SpecResult> = EBPF_LISTED
+                .iter()
+                .map(|spec| {
+                    if own.iter().any(|o| o.name == spec.name) {
+                        result(spec.name, Outcome::Passed)
+                    } else {
+                        result(spec.name, Outcome::Skipped)
+                    }
+                })
+                .collect();
+            if shard == 1 {
+                report.push(result("BeforeSuite", Outcome::Failed("nodes".into())));
+            }
+            report
+        };
+        let mut merged = Vec::new();
+        for shard in 0..shards {
+            merged.extend(EBPF_SERVICES.shard_results(shard, shards, shard_report(shard)));
+        }
+        let plan = Plan {
+            not_run: Vec::new(),
+        };
+        let report = report(&EBPF_SERVICES, plan, &merged);
+        assert_eq!(report.passed(), EBPF_LISTED.len());
+        assert_eq!(report.skipped_at_run_time(), 0);
+        assert_eq!(report.suite_failures.len(), 1);
     }
 }

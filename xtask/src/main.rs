@@ -46,8 +46,9 @@ enum Task {
     /// Build what the Services lab test needs (not setup) and run it alone: the lab without
     /// kube-proxy, mycni balancing Services in eBPF.
     ServicesE2e(test::TestArguments),
-    /// Upstream's e2e.test specs for network plugins against mycni in the lab; report and
-    /// summary in target/conformance/.
+    /// Upstream's e2e.test specs against mycni in the lab, two runs: the network specs with
+    /// kube-proxy (report in target/conformance/), the Services specs without it
+    /// (target/conformance-ebpf/).
     Conformance(test::TestArguments),
     /// Setup, build-ebpf, build every binary, then the whole test suite (unit and, as root,
     /// integration).

@@ -64,8 +64,8 @@ fn lab_images() -> Result<PathBuf> {
 }
 
 /// `cargo xtask conformance`: builds what the upstream conformance run needs (not the
-/// machine setup) and runs `tests/tests/conformance.rs` alone, its progress on the terminal;
-/// the report lands in target/conformance/.
+/// machine setup) and runs `tests/tests/conformance.rs` alone (both its runs), its progress
+/// on the terminal; the reports land in target/conformance/ and target/conformance-ebpf/.
 pub fn conformance(args: &[String]) -> Result<()> {
     if !cmd::is_root() {
         bail!("the conformance run needs root (it brings up the Kubernetes lab)");
