@@ -10,12 +10,12 @@ use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::macros::btf_map;
+use mycni_common::policy::{
+    PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyEntry, PolicyKey, PolicyState,
+};
 use mycni_common::service::{
     AffinityEntry, AffinityKey, Backend, BackendKey, ServiceEntry, ServiceKey, SockReverseEntry,
     SockReverseKey,
-};
-use mycni_common::policy::{
-    PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyEntry, PolicyKey, PolicyState,
 };
 use mycni_common::{
     map_spec, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, MapKind, MapSpec, NatEntry,
