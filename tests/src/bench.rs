@@ -44,6 +44,7 @@ pub fn summarize(values: &[f64]) -> Summary {
 #[derive(Debug, Clone, Copy)]
 pub struct RoundTrips {
     pub avg_us: f64,
+    pub p50_us: f64,
     pub p99_us: f64,
 }
 
@@ -51,6 +52,7 @@ fn round_trips(samples: &mut [f64]) -> RoundTrips {
     samples.sort_by(|a, b| a.total_cmp(b));
     RoundTrips {
         avg_us: samples.iter().sum::<f64>() / samples.len().max(1) as f64,
+        p50_us: percentile(samples, 50.0),
         p99_us: percentile(samples, 99.0),
     }
 }
@@ -355,7 +357,7 @@ mod tests {
         assert_eq!(percentile(&sorted, 0.0), 1.0);
         assert!(percentile(&[], 50.0).is_nan());
         let rt = round_trips(&mut [10.0, 30.0, 20.0]);
-        assert_eq!(rt.avg_us, 20.0);
+        assert_eq!((rt.avg_us, rt.p50_us), (20.0, 20.0));
     }
 }
 

@@ -3,7 +3,7 @@
 //! device, all in one run with configurations interleaved round by round; then CNI ADD/DEL
 //! latency against the reference bridge + host-local plugins, memory, SNAT churn, and
 //! Services (mycni's socket LB against kube-proxy's iptables at 10 to 5,000 Services). Writes
-//! `target/bench/results.{md,json,svg}`. Needs root. `--quick` finishes in under two minutes.
+//! `target/bench/results.{md,json,svg}`. Needs root. `--quick` takes fewer rounds and shorter runs.
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -817,7 +817,7 @@ fn svg(samples: &Samples, groups: &[(&str, Vec<&'static str>)]) -> String {
 #[derive(Debug, clap::Parser)]
 #[command(name = "mycni-bench")]
 struct BenchCli {
-    /// Under two minutes: fewer rounds, shorter runs.
+    /// Fewer rounds, shorter runs.
     #[arg(long)]
     quick: bool,
     /// The agent at 100, 1,000 and 5,000 nodes alone.

@@ -1,4 +1,4 @@
-//! A process for the Services tests to run inside a test cgroup (where the socket-level
+//! A process for the Services tests and benchmark to run inside a test cgroup (where the socket-level
 //! programs apply, which a thread of the test process cannot be): a server that names
 //! itself, and clients that print what each call saw, one line per try.
 //!
@@ -8,7 +8,7 @@
 //! mycni-sock-probe udp ADDR:PORT [N]          N datagrams on one unconnected socket: "peer=SOURCE reply=NAME"
 //! mycni-sock-probe udp-connected ADDR:PORT [N]  one connected socket: "peer=GETPEERNAME reply=NAME"
 //! mycni-sock-probe conn-rate ADDR:PORT MILLIS  the bench's connection-rate client: "per_s=R"
-//! mycni-sock-probe tcp-rr ADDR:PORT N         the bench's round-trip client: "avg_us=A p99_us=P"
+//! mycni-sock-probe tcp-rr ADDR:PORT N         the bench's round-trip client: "avg_us=A p50_us=M p99_us=P"
 //! ```
 //!
 //! With `MYCNI_PROBE_STEP` set, the UDP modes wait for a line on stdin before each datagram
@@ -36,7 +36,10 @@ fn main() -> Result<()> {
         (Some("tcp-rr"), Some(target), Some(count)) => {
             let target: SocketAddr = target.parse().context("target ADDR:PORT")?;
             let trips = mycni_tests::bench::tcp_rr_client(target, count.parse().context("N")?)?;
-            println!("avg_us={} p99_us={}", trips.avg_us, trips.p99_us);
+            println!(
+                "avg_us={} p50_us={} p99_us={}",
+                trips.avg_us, trips.p50_us, trips.p99_us
+            );
             Ok(())
         }
         (Some(mode), Some(target), count) => {
