@@ -378,8 +378,10 @@ pub fn run(prefix: &str, settings: &Settings) -> Result<(String, Value)> {
                 .or_default()
                 .push((maps.as_secs_f64() * 1e3, rules.as_secs_f64() * 1e3));
             // Every client's connection rate, then every client's round trip: the two
-            // round trips compared (socket LB and pod IP) run back to back.
-            for client in &CLIENTS {
+            // round trips compared (socket LB and pod IP) run back to back. The rates in an
+            // order rotated each round, so no client always runs first after a rewrite.
+            for offset in 0..CLIENTS.len() {
+                let client = &CLIENTS[(offset + round) % CLIENTS.len()];
                 let before = lab.translated()?;
                 let rate = lab
                     .connection_rate(client, settings.rate_time)
