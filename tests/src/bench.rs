@@ -44,6 +44,7 @@ pub fn summarize(values: &[f64]) -> Summary {
 #[derive(Debug, Clone, Copy)]
 pub struct RoundTrips {
     pub avg_us: f64,
+    pub p50_us: f64,
     pub p99_us: f64,
 }
 
@@ -51,6 +52,7 @@ fn round_trips(samples: &mut [f64]) -> RoundTrips {
     samples.sort_by(|a, b| a.total_cmp(b));
     RoundTrips {
         avg_us: samples.iter().sum::<f64>() / samples.len().max(1) as f64,
+        p50_us: percentile(samples, 50.0),
         p99_us: percentile(samples, 99.0),
     }
 }
@@ -72,25 +74,29 @@ pub fn tcp_rr(
         }
         Ok(())
     });
-    let mut samples = client.run_inside(|| {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-        let mut byte = [7u8; 1];
-        let mut samples = Vec::with_capacity(count);
-        for i in 0..count + count / 10 {
-            let start = Instant::now();
-            stream.write_all(&byte)?;
-            stream.read_exact(&mut byte)?;
-            if i >= count / 10 {
-                samples.push(start.elapsed().as_secs_f64() * 1e6);
-            }
-        }
-        Ok(samples)
-    })?;
+    let trips = client.run_inside(|| tcp_rr_client(addr, count))?;
     serve
         .join()
         .map_err(|_| anyhow::anyhow!("rr server panicked"))??;
+    Ok(trips)
+}
+
+/// [`tcp_rr`]'s client, run where the caller is (a process inside a test cgroup, say):
+/// one connection to `addr`, `count` one-byte round trips after a tenth as many to warm up.
+pub fn tcp_rr_client(addr: SocketAddr, count: usize) -> Result<RoundTrips> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut byte = [7u8; 1];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count + count / 10 {
+        let start = Instant::now();
+        stream.write_all(&byte)?;
+        stream.read_exact(&mut byte)?;
+        if i >= count / 10 {
+            samples.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+    }
     Ok(round_trips(&mut samples))
 }
 
@@ -162,46 +168,84 @@ pub fn tcp_connection_rate(
     addr: SocketAddr,
     duration: Duration,
 ) -> Result<f64> {
-    let listener = server.run_inside(|| Ok(TcpListener::bind(addr)?))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_server = stop.clone();
-    let serve = std::thread::spawn(move || {
-        let mut byte = [0u8; 1];
-        // Blocking accept: polling would put its sleep into every connection's time.
-        while let Ok((mut conn, _)) = listener.accept() {
-            if stop_server.load(Ordering::Relaxed) {
-                break;
-            }
-            let _ = conn.set_nodelay(true);
+    let serve = Server::one_byte(server, addr)?;
+    let rate = client.run_inside(|| tcp_connection_rate_client(addr, duration));
+    serve.stop(server);
+    rate
+}
+
+/// [`tcp_connection_rate`]'s client, run where the caller is (a process inside a test
+/// cgroup, say): connections per second to `addr` for `duration`.
+pub fn tcp_connection_rate_client(addr: SocketAddr, duration: Duration) -> Result<f64> {
+    let start = Instant::now();
+    let mut done = 0u64;
+    let mut byte = [1u8; 1];
+    while start.elapsed() < duration {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        stream.set_nodelay(true)?;
+        stream.write_all(&byte)?;
+        stream.read_exact(&mut byte)?;
+        close_with_reset(&stream);
+        done += 1;
+    }
+    Ok(done as f64 / start.elapsed().as_secs_f64())
+}
+
+/// A TCP server thread listening in a namespace until [`Server::stop`].
+pub struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Server {
+    /// [`tcp_connection_rate`]'s server: one byte back per connection, then closed.
+    pub fn one_byte(netns: &Netns, addr: SocketAddr) -> Result<Server> {
+        Server::start(netns, addr, |conn| {
+            let mut byte = [0u8; 1];
             if conn.read(&mut byte).is_ok_and(|n| n == 1) {
                 let _ = conn.write_all(&byte);
             }
-        }
-    });
-    let rate = client.run_inside(|| {
-        let start = Instant::now();
-        let mut done = 0u64;
-        let mut byte = [1u8; 1];
-        while start.elapsed() < duration {
-            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-            stream.set_nodelay(true)?;
-            stream.write_all(&byte)?;
-            stream.read_exact(&mut byte)?;
-            close_with_reset(&stream);
-            done += 1;
-        }
-        let rate = done as f64 / start.elapsed().as_secs_f64();
-        // Wake the server's accept so it sees the stop flag.
-        stop.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(3));
-        Ok(rate)
-    });
-    if rate.is_err() {
-        stop.store(true, Ordering::Relaxed);
-        let _ = client.run_inside(|| Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(1))));
+        })
     }
-    let _ = serve.join();
-    rate
+
+    /// Echoes every byte of each connection (one at a time) until the client closes it.
+    pub fn echo(netns: &Netns, addr: SocketAddr) -> Result<Server> {
+        Server::start(netns, addr, |conn| {
+            let mut byte = [0u8; 1];
+            while conn.read(&mut byte).is_ok_and(|n| n == 1) {
+                if conn.write_all(&byte).is_err() {
+                    break;
+                }
+            }
+        })
+    }
+
+    fn start(netns: &Netns, addr: SocketAddr, serve: fn(&mut TcpStream)) -> Result<Server> {
+        let listener = netns.run_inside(|| Ok(TcpListener::bind(addr)?))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_server = stop.clone();
+        let thread = std::thread::spawn(move || {
+            // Blocking accept: polling would put its sleep into every connection's time.
+            while let Ok((mut conn, _)) = listener.accept() {
+                if stop_server.load(Ordering::Relaxed) {
+                    break;
+                }
+                let _ = conn.set_nodelay(true);
+                serve(&mut conn);
+            }
+        });
+        Ok(Server { addr, stop, thread })
+    }
+
+    /// Ends the server: sets the flag and wakes its accept with a connection from inside
+    /// `netns` (the namespace it listens in).
+    pub fn stop(self, netns: &Netns) {
+        self.stop.store(true, Ordering::Relaxed);
+        let addr = self.addr;
+        let _ = netns.run_inside(|| Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(1))));
+        let _ = self.thread.join();
+    }
 }
 
 /// Busy CPU time of the whole machine (all CPUs), from /proc/stat, in ticks.
@@ -313,7 +357,7 @@ mod tests {
         assert_eq!(percentile(&sorted, 0.0), 1.0);
         assert!(percentile(&[], 50.0).is_nan());
         let rt = round_trips(&mut [10.0, 30.0, 20.0]);
-        assert_eq!(rt.avg_us, 20.0);
+        assert_eq!((rt.avg_us, rt.p50_us), (20.0, 20.0));
     }
 }
 

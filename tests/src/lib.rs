@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 pub mod bench;
+pub mod cgroup;
 pub mod cluster;
 pub mod conformance;
 pub mod http;
@@ -24,6 +25,7 @@ pub mod kubelab;
 pub mod kubeproxy;
 pub mod lone;
 pub mod raw;
+pub mod services_bench;
 
 /// Where the binaries under test live (`cargo xtask test` sets it; defaults to target/debug).
 pub fn bin_dir() -> PathBuf {

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -18,6 +18,7 @@ use mycni_common::service::{
     Backend, ServiceEntry, ServiceKey, PROTO_TCP, PROTO_UDP, SERVICE_AFFINITY_CLIENT_IP,
 };
 use mycni_common::verdict;
+use mycni_tests::cgroup::TestCgroup;
 use mycni_tests::cluster::Cluster;
 use mycni_tests::{bin_dir, prefix, AgentLog, Netns, Node, Pod, NODE_IP};
 
@@ -27,43 +28,6 @@ const BACKEND_PORT: u16 = 8080;
 
 fn probe_bin() -> PathBuf {
     bin_dir().join("mycni-sock-probe")
-}
-
-/// A cgroup v2 directory of this test's own, under the hybrid mount; removed on drop.
-struct TestCgroup {
-    path: PathBuf,
-}
-
-impl TestCgroup {
-    fn new(prefix: &str) -> Result<TestCgroup> {
-        let path = PathBuf::from("/sys/fs/cgroup/unified").join(prefix);
-        if path.exists() {
-            remove_cgroup(&path);
-        }
-        std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
-        Ok(TestCgroup { path })
-    }
-
-    fn arg(&self) -> String {
-        self.path.display().to_string()
-    }
-}
-
-fn remove_cgroup(path: &std::path::Path) {
-    // Probes exit on their own; kill what a failed test may have left before removing.
-    let _ = std::fs::write(path.join("cgroup.kill"), "1");
-    for _ in 0..50 {
-        if std::fs::remove_dir(path).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        remove_cgroup(&self.path);
-    }
 }
 
 /// A `mycni-sock-probe serve` in a namespace (outside any test cgroup), killed on drop.
@@ -114,14 +78,10 @@ impl SteppedProbe {
         target: SocketAddr,
         count: usize,
     ) -> Result<SteppedProbe> {
-        let script = format!(
-            "echo $$ > {}/cgroup.procs && exec /usr/bin/nsenter --net={} -- {} udp-connected {target} {count}",
-            cgroup.arg(),
-            netns.path().display(),
-            probe_bin().display()
-        );
-        let mut child = Command::new("sh")
-            .args(["-c", &script])
+        let probe = probe_bin().display().to_string();
+        let (target, count) = (target.to_string(), count.to_string());
+        let argv = [probe.as_str(), "udp-connected", &target, &count];
+        let mut child = TestCgroup::command_in(Some(cgroup), netns, &argv)
             .env("MYCNI_PROBE_STEP", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -185,16 +145,10 @@ fn probe(
     target: SocketAddr,
     count: usize,
 ) -> Result<Vec<Seen>> {
-    let client = format!(
-        "exec /usr/bin/nsenter --net={} -- {} {mode} {target} {count}",
-        netns.path().display(),
-        probe_bin().display()
-    );
-    let script = match cgroup {
-        Some(cgroup) => format!("echo $$ > {}/cgroup.procs && {client}", cgroup.arg()),
-        None => client,
-    };
-    let output = mycni_tests::run(Command::new("sh").args(["-c", &script]))?;
+    let probe = probe_bin().display().to_string();
+    let (target, count_arg) = (target.to_string(), count.to_string());
+    let argv = [probe.as_str(), mode, &target, &count_arg];
+    let output = mycni_tests::run(&mut TestCgroup::command_in(cgroup, netns, &argv))?;
     let lines: Vec<Seen> = String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(Seen::parse)

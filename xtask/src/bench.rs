@@ -6,9 +6,10 @@ use crate::{cmd, ebpf, repo_root, setup};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchOptions {
-    /// Passed to mycni-bench (declared there): --quick (under two minutes), --scale-only (the
-    /// agent at 100, 1,000 and 5,000 nodes alone), --churn-only (SNAT connection churn
-    /// against kernel MASQUERADE alone, 60 s each, 10 s with --quick).
+    /// Passed to mycni-bench (declared there): --quick (fewer rounds, shorter runs), --scale-only
+    /// (the agent at 100, 1,000 and 5,000 nodes alone), --churn-only (SNAT connection churn
+    /// against kernel MASQUERADE alone, 60 s each, 10 s with --quick), --services-only (mycni's
+    /// socket LB against kube-proxy's iptables at 10, 1,000 and 5,000 Services alone).
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,

@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: mycni against a bare veth pair and the reference bridge plugin
 //! (kubeadm-style and host-gw), and mycni's VXLAN against a flannel-style kernel VXLAN
 //! device, all in one run with configurations interleaved round by round; then CNI ADD/DEL
-//! latency against the reference bridge + host-local plugins, and memory. Writes
-//! `target/bench/results.{md,json,svg}`. Needs root. `--quick` finishes in under two minutes.
+//! latency against the reference bridge + host-local plugins, memory, SNAT churn, and
+//! Services (mycni's socket LB against kube-proxy's iptables at 10 to 5,000 Services). Writes
+//! `target/bench/results.{md,json,svg}`. Needs root. `--quick` takes fewer rounds and shorter runs.
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -816,15 +817,19 @@ fn svg(samples: &Samples, groups: &[(&str, Vec<&'static str>)]) -> String {
 #[derive(Debug, clap::Parser)]
 #[command(name = "mycni-bench")]
 struct BenchCli {
-    /// Under two minutes: fewer rounds, shorter runs.
+    /// Fewer rounds, shorter runs.
     #[arg(long)]
     quick: bool,
     /// The agent at 100, 1,000 and 5,000 nodes alone.
     #[arg(long, conflicts_with = "churn_only")]
     scale_only: bool,
     /// SNAT connection churn against kernel MASQUERADE alone.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "services_only")]
     churn_only: bool,
+    /// Services alone: mycni's socket LB against kube-proxy's iptables at 10, 1,000 and
+    /// 5,000 Services.
+    #[arg(long, conflicts_with = "scale_only")]
+    services_only: bool,
     /// Where the results go.
     #[arg(
         long,
@@ -878,6 +883,22 @@ fn main() -> Result<()> {
             out_dir.join("churn.json"),
             serde_json::to_string_pretty(&churn)?,
         )?;
+        println!("{md}");
+        return Ok(());
+    }
+    let services_settings = mycni_tests::services_bench::Settings {
+        rounds: settings.rounds,
+        rate_time: settings.rate_time,
+        rr_count: settings.rr_count,
+    };
+    if cli.services_only {
+        let (md, services) =
+            mycni_tests::services_bench::run(&format!("{p}-svc"), &services_settings)?;
+        std::fs::write(
+            out_dir.join("services.json"),
+            serde_json::to_string_pretty(&services)?,
+        )?;
+        std::fs::write(out_dir.join("services.md"), &md)?;
         println!("{md}");
         return Ok(());
     }
@@ -948,6 +969,9 @@ fn main() -> Result<()> {
     )?;
     drop(paths);
     let (churn_md, churn) = churn_section(&p, churn_seconds)?;
+    eprintln!("Services: mycni socket LB against kube-proxy iptables ...");
+    let (services_md, services) =
+        mycni_tests::services_bench::run(&format!("{p}-svc"), &services_settings)?;
     eprintln!("agent at cluster scale ...");
     let (scale_md, scale_report) = mycni_tests::lone::bench(settings.quick)?;
 
@@ -1055,6 +1079,7 @@ fn main() -> Result<()> {
         mycni_ops.concurrent_pods_per_s, bridge_ops.concurrent_pods_per_s
     );
     md += &churn_md;
+    md += &services_md;
     md += &format!(
         "\n## Memory\n\nagent RSS {} KiB; pinned maps {} bytes with 0 pods, {} bytes with 100 pods ({:.0} bytes per pod, as the kernel accounts it)\n",
         mycni_node_memory["agent_rss_kib"], mycni_node_memory["maps_bytes_at_0_pods"], mycni_node_memory["maps_bytes_at_100_pods"], mycni_node_memory["bytes_per_pod"].as_f64().unwrap_or(0.0)
@@ -1073,6 +1098,7 @@ fn main() -> Result<()> {
         "cni": {"mycni": cni_json(&mycni_ops), "bridge": cni_json(&bridge_ops)},
         "memory": mycni_node_memory,
         "snat_churn": churn,
+        "services": services,
         "agent_scale": scale_report,
     });
     std::fs::write(out_dir.join("results.md"), &md)?;

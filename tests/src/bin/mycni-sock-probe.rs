@@ -1,4 +1,4 @@
-//! A process for the Services tests to run inside a test cgroup (where the socket-level
+//! A process for the Services tests and benchmark to run inside a test cgroup (where the socket-level
 //! programs apply, which a thread of the test process cannot be): a server that names
 //! itself, and clients that print what each call saw, one line per try.
 //!
@@ -7,6 +7,8 @@
 //! mycni-sock-probe tcp ADDR:PORT [N]          N connections: "peer=ADDR reply=NAME" or "errno=E"
 //! mycni-sock-probe udp ADDR:PORT [N]          N datagrams on one unconnected socket: "peer=SOURCE reply=NAME"
 //! mycni-sock-probe udp-connected ADDR:PORT [N]  one connected socket: "peer=GETPEERNAME reply=NAME"
+//! mycni-sock-probe conn-rate ADDR:PORT MILLIS  the bench's connection-rate client: "per_s=R"
+//! mycni-sock-probe tcp-rr ADDR:PORT N         the bench's round-trip client: "avg_us=A p50_us=M p99_us=P"
 //! ```
 //!
 //! With `MYCNI_PROBE_STEP` set, the UDP modes wait for a line on stdin before each datagram
@@ -24,6 +26,22 @@ fn main() -> Result<()> {
     let arg = |i: usize| args.get(i).map(String::as_str);
     match (arg(0), arg(1), arg(2)) {
         (Some("serve"), Some(port), Some(name)) => serve(port.parse()?, name),
+        (Some("conn-rate"), Some(target), Some(millis)) => {
+            let target: SocketAddr = target.parse().context("target ADDR:PORT")?;
+            let duration = Duration::from_millis(millis.parse().context("MILLIS")?);
+            let rate = mycni_tests::bench::tcp_connection_rate_client(target, duration)?;
+            println!("per_s={rate}");
+            Ok(())
+        }
+        (Some("tcp-rr"), Some(target), Some(count)) => {
+            let target: SocketAddr = target.parse().context("target ADDR:PORT")?;
+            let trips = mycni_tests::bench::tcp_rr_client(target, count.parse().context("N")?)?;
+            println!(
+                "avg_us={} p50_us={} p99_us={}",
+                trips.avg_us, trips.p50_us, trips.p99_us
+            );
+            Ok(())
+        }
         (Some(mode), Some(target), count) => {
             let target: SocketAddr = target.parse().context("target ADDR:PORT")?;
             let count: usize = count.unwrap_or("1").parse()?;
@@ -41,7 +59,10 @@ fn main() -> Result<()> {
                 _ => Ok(()),
             }
         }
-        _ => bail!("usage: mycni-sock-probe serve PORT NAME | tcp|udp|udp-connected ADDR:PORT [N]"),
+        _ => bail!(
+            "usage: mycni-sock-probe serve PORT NAME | tcp|udp|udp-connected ADDR:PORT [N] \
+             | conn-rate ADDR:PORT MILLIS | tcp-rr ADDR:PORT N"
+        ),
     }
 }
 
