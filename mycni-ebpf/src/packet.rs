@@ -1,7 +1,7 @@
 //! Parsing: the parts of an IPv4 packet the programs decide on, and the context's fields.
 use crate::headers::{
     ETH_HLEN, ICMP_ECHO_ID, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_TYPE, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IP_MF, IP_OFFSET, L4_SPORT,
+    IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IP_MF, IP_OFFSET, L4_SPORT, TCP_ACK, TCP_FLAGS, TCP_SYN,
 };
 use aya_ebpf::programs::TcContext;
 use mycni_common::{FlowKey, FragmentKey};
@@ -50,6 +50,12 @@ impl Ipv4 {
         }
     }
 
+    /// A TCP SYN without ACK: the first segment of a connection.
+    #[inline(always)]
+    pub(crate) fn opens_tcp_connection(&self, ctx: &TcContext) -> bool {
+        self.proto == IPPROTO_TCP && self.has_ports && tcp_opening(ctx, self)
+    }
+
     pub(crate) fn reply_flow(&self) -> FlowKey {
         FlowKey {
             saddr: self.dst,
@@ -60,6 +66,13 @@ impl Ipv4 {
             pad: [0; 3],
         }
     }
+}
+
+/// A SYN without ACK: the first segment of a connection (the caller knows it is TCP).
+#[inline(always)]
+pub(crate) fn tcp_opening(ctx: &TcContext, packet: &Ipv4) -> bool {
+    ctx.load::<u8>(packet.l4 + TCP_FLAGS)
+        .is_ok_and(|flags| flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
 }
 
 #[inline(always)]

@@ -6,7 +6,7 @@ use crate::headers::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF};
 use crate::maps::{ENDPOINTS, ROUTES};
 use crate::packet::{ifindex, parse_ipv4};
 use crate::policy::{enforce, Site};
-use crate::stack_flows::{remember_stack_flow, stack_flow_reply};
+use crate::stack_flows::{forget_stack_flow, remember_stack_flow, stack_flow_reply};
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use aya_ebpf::programs::TcContext;
@@ -114,6 +114,10 @@ pub(crate) fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
     // answers it (it would otherwise follow the default route out of the node).
     if route.kind == ROUTE_LOCAL_CIDR {
         return (verdict::TO_UNASSIGNED, TC_ACT_OK);
+    }
+    // A connection this pod opens straight to another pod owns its ports from now on.
+    if packet.opens_tcp_connection(ctx) {
+        forget_stack_flow(&packet);
     }
     // A reply in a flow the stack translated (a ClusterIP backend or a hostPort answering
     // a pod) must go back through the stack to be un-DNATed, all its fragments too.

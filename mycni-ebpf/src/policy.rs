@@ -17,12 +17,12 @@
 use crate::headers::{
     ICMP_DEST_UNREACH, ICMP_ECHO_ID, ICMP_ECHO_REQUEST, ICMP_HLEN, ICMP_PARAMETER_PROBLEM,
     ICMP_TIME_EXCEEDED, ICMP_TYPE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_DST, IPV4_HLEN,
-    IPV4_PROTO, IPV4_SRC, IPV4_VIHL, L4_SPORT, TCP_ACK, TCP_FLAGS, TCP_SYN,
+    IPV4_PROTO, IPV4_SRC, IPV4_VIHL, L4_SPORT,
 };
 use crate::maps::{
     FRAGMENTS, POLICY, POLICY_CT, POLICY_DROPS, POLICY_ENDPOINTS, POLICY_IDENTITIES, POLICY_STATE,
 };
-use crate::packet::Ipv4;
+use crate::packet::{tcp_opening, Ipv4};
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use aya_ebpf::helpers::bpf_ktime_get_ns;
@@ -181,13 +181,6 @@ fn reversed(flow: &FlowKey) -> FlowKey {
         proto: flow.proto,
         pad: [0; 3],
     }
-}
-
-/// A SYN without ACK: the first segment of a connection.
-#[inline(always)]
-fn tcp_opening(ctx: &TcContext, packet: &Ipv4) -> bool {
-    ctx.load::<u8>(packet.l4 + TCP_FLAGS)
-        .is_ok_and(|flags| flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
 }
 
 #[inline(always)]

@@ -35,3 +35,13 @@ pub(crate) fn remember_stack_flow(packet: &Ipv4) {
     let now = unsafe { bpf_ktime_get_ns() };
     let _ = STACK_FLOWS.insert(packet.reply_flow(), now, 0);
 }
+
+/// Forgets the reply tuple of a connection a pod opens straight to another pod: an entry
+/// with the same ports left by an earlier connection the stack translated (a ClusterIP
+/// through kube-proxy, whose conntrack still holds its DNAT) would send the new
+/// connection's replies into the stack, where they are mistranslated and the connection
+/// hangs. Entries only expire by LRU, so such a leftover is the common case, not a race.
+#[inline(always)]
+pub(crate) fn forget_stack_flow(packet: &Ipv4) {
+    let _ = STACK_FLOWS.remove(&packet.reply_flow());
+}

@@ -374,8 +374,151 @@ fn pods_reach_cluster_ips_whose_backends_are_node_ips_outside_hosts_and_pods() -
             conversation_from(&web.netns, web_backend, &pod.netns, web_vip, pod.ip)
         });
     }
+    // A pod that reached a backend through the ClusterIP and then opens a connection
+    // straight to that backend from the same source port (ephemeral ports get reused): the
+    // stack's conntrack still holds the old DNAT, so the new connection's replies must not
+    // be sent into it.
+    for (what, pod, source_port) in [
+        ("same node", &a2, 41001),
+        ("across nodes, direct", &b1, 41002),
+        ("across nodes, VXLAN", &c1, 41003),
+    ] {
+        checks.run(
+            &format!("ClusterIP, then the backend's pod IP from the same port, {what}"),
+            || {
+                let server = echo_server(&web.netns, web_backend)?;
+                echo_from_port(&pod.netns, source_port, web_vip)
+                    .context("through the ClusterIP")?;
+                echo_from_port(&pod.netns, source_port, web_backend)
+                    .context("straight to the backend afterwards")?;
+                drop(server);
+                Ok(())
+            },
+        );
+    }
     checks.run("no INVALID drops", || {
         no_invalid_drops(&cluster, &invalid_before)
     });
     checks.finish()
+}
+
+/// An echo server on `listen` in `netns`, one line per connection, until dropped.
+struct EchoServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn echo_server(netns: &Netns, listen: SocketAddr) -> Result<EchoServer> {
+    use std::sync::atomic::Ordering;
+    let listener = netns.run_inside(|| Ok(std::net::TcpListener::bind(listen)?))?;
+    // Non-blocking accept, so dropping the server ends the thread and closes the socket.
+    listener.set_nonblocking(true)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let thread = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        while !stopped.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut conn, _)) => {
+                    let _ = conn.set_nonblocking(false);
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut buf = [0u8; 64];
+                    if let Ok(n) = conn.read(&mut buf) {
+                        let _ = conn.write_all(&buf[..n]);
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    Ok(EchoServer {
+        stop,
+        thread: Some(thread),
+    })
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Connects from `source_port` in `netns` to `target` and has one line echoed; the
+/// client closes first (its TIME_WAIT is for this 4-tuple only, so the port is reusable
+/// towards another address). A connect the datapath breaks fails within the timeout.
+fn echo_from_port(netns: &Netns, source_port: u16, target: SocketAddr) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    netns.run_inside(|| {
+        // SAFETY: plain socket calls on a descriptor this function owns; it is handed to
+        // TcpStream (which closes it) right after creation.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        let one: libc::c_int = 1;
+        let timeout = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        // SAFETY: valid option values of the sizes given.
+        let options_set = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) == 0
+                && libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDTIMEO,
+                    (&timeout as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                ) == 0
+        };
+        ensure!(
+            options_set,
+            "setsockopt: {}",
+            std::io::Error::last_os_error()
+        );
+        let address = |addr: SocketAddr| -> Result<libc::sockaddr_in> {
+            let SocketAddr::V4(v4) = addr else {
+                bail!("{addr} is not IPv4");
+            };
+            Ok(libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*v4.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            })
+        };
+        let local = address(SocketAddr::from((Ipv4Addr::UNSPECIFIED, source_port)))?;
+        let remote = address(target)?;
+        let size = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: sockaddr_in values of the size given.
+        ensure!(
+            unsafe { libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), size) } == 0,
+            "bind to port {source_port}: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: as above.
+        ensure!(
+            unsafe { libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), size) } == 0,
+            "connect from port {source_port} to {target}: {}",
+            std::io::Error::last_os_error()
+        );
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"ping\n")?;
+        let mut answer = [0u8; 5];
+        stream.read_exact(&mut answer)?;
+        ensure!(&answer == b"ping\n", "echoed {answer:?}");
+        stream.shutdown(std::net::Shutdown::Both)?;
+        Ok(())
+    })
 }

@@ -990,6 +990,54 @@ fn a_reply_in_a_flow_the_stack_delivered_goes_back_through_the_stack() -> Result
     })
 }
 
+#[test]
+fn a_connection_a_pod_opens_directly_drops_a_stale_stack_flow_with_its_ports() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        // Pod B reached pod A through the stack (a ClusterIP): A's replies to B:5000 from
+        // port 80 go back through the stack while that lasts.
+        let delivered = raw::ethernet(
+            POD_A_MAC,
+            HOST_A_MAC,
+            ETH_P_IP,
+            &ip(POD_B, POD_A).tcp(5000, 80, TCP_SYN, 1, 0),
+        );
+        expect_action(&dp.run(PROG_TO_POD, dp.dev.host_a, &delivered)?, TC_ACT_OK)?;
+        ensure!(
+            dp.stack_flows()?.len() == 1,
+            "the stack flow was not remembered"
+        );
+        // Later B opens a connection straight to A from the same port: the old entry is
+        // stale (the stack's conntrack would mistranslate the replies and the connection
+        // would hang).
+        let direct = from_pod_b(&ip(POD_B, POD_A).tcp(5000, 80, TCP_SYN, 1, 0));
+        expect_action(
+            &dp.run(PROG_FROM_POD, dp.dev.host_b, &direct)?,
+            TC_ACT_REDIRECT,
+        )?;
+        ensure!(
+            dp.stack_flows()?.is_empty(),
+            "the stale stack flow was kept: {:?}",
+            dp.stack_flows()?
+        );
+        // So A's answer goes straight back to B.
+        let answer = from_pod_a(&ip(POD_A, POD_B).tcp(80, 5000, TCP_SYN | TCP_ACK, 9, 2));
+        expect_action(
+            &dp.run(PROG_FROM_POD, dp.dev.host_a, &answer)?,
+            TC_ACT_REDIRECT,
+        )?;
+        // A segment that opens nothing (an ACK) keeps a live stack flow's entry.
+        expect_action(&dp.run(PROG_TO_POD, dp.dev.host_a, &delivered)?, TC_ACT_OK)?;
+        let ack = from_pod_b(&ip(POD_B, POD_A).tcp(5000, 80, TCP_ACK, 2, 10));
+        dp.run(PROG_FROM_POD, dp.dev.host_b, &ack)?;
+        ensure!(
+            dp.stack_flows()?.len() == 1,
+            "an ACK dropped the stack flow"
+        );
+        dp.expect_counts(&[(verdict::LOCAL_REDIRECT, 3)])
+    })
+}
+
 // ---- to_netdev and from_netdev: SNAT and reverse NAT ----
 
 #[test]
