@@ -148,10 +148,11 @@ impl PolicySync {
                         remote_node_addresses: remote,
                         pod_sets: pods.pod_sets(),
                         namespaces: namespaces
+                            .objects()
                             .iter()
-                            .map(|(name, labels)| (name.as_str(), &labels.0))
+                            .map(|((_, name), labels)| (name.as_str(), &labels.0))
                             .collect(),
-                        policies: policies.values().collect(),
+                        policies: policies.objects().values().collect(),
                     };
                     engine.compute(&world)
                 })

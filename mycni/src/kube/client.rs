@@ -17,7 +17,8 @@ use tokio::sync::{oneshot, Notify};
 
 use super::config::context_options;
 use super::nodes::{KubeNode, NodeCache};
-use super::policy_objects::{NamespaceLabels, PodCache, ProjectedCache};
+use super::policy_objects::{NamespaceLabels, PodCache};
+use super::projection::ProjectionCache;
 use super::services::{EndpointsCache, ServiceCache};
 use super::WatchCache;
 use crate::agent::{AgentError, NodeSource};
@@ -363,11 +364,11 @@ impl KubeNodeSource {
 }
 
 /// The watches the policy engine reads: every pod, namespace and NetworkPolicy of the
-/// cluster (peers are cluster-wide), each projected into a [`ProjectedCache`].
+/// cluster (peers are cluster-wide), each projected into a [`ProjectionCache`].
 pub struct PolicyWatches {
     pub pods: Watched<PodCache>,
-    pub namespaces: Watched<ProjectedCache<NamespaceLabels>>,
-    pub policies: Watched<ProjectedCache<Policy>>,
+    pub namespaces: Watched<ProjectionCache<NamespaceLabels>>,
+    pub policies: Watched<ProjectionCache<Policy>>,
 }
 
 impl PolicyWatches {
@@ -377,12 +378,12 @@ impl PolicyWatches {
             pods: watches.watch(Api::<Pod>::all(client.clone()), PodCache::default(), "pod"),
             namespaces: watches.watch(
                 Api::<Namespace>::all(client.clone()),
-                ProjectedCache::default(),
+                ProjectionCache::default(),
                 "namespace",
             ),
             policies: watches.watch(
                 Api::<NetworkPolicy>::all(client),
-                ProjectedCache::default(),
+                ProjectionCache::default(),
                 "networkpolicy",
             ),
         }

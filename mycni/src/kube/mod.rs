@@ -2,12 +2,14 @@
 //! [`nodes`] (the Node cache) and [`services`] (the Service and Endpoints caches) are pure;
 //! [`client`] is the adapter that connects, runs kube's watchers with their default
 //! backoff, and hands each event to a [`WatchCache`]. A new kind (Pods, NetworkPolicies) is
-//! a new cache plus one `watch` call; [`services::ProjectionCache`] serves any namespaced
-//! kind kept as a projection.
+//! a new cache plus one `watch` call; [`projection::ProjectionCache`] serves any kind kept
+//! as a projection (Services, Endpoints, Namespaces, NetworkPolicies), and
+//! [`policy_objects`] holds the policy engine's projections.
 pub mod client;
 pub mod config;
 pub mod nodes;
 pub mod policy_objects;
+pub mod projection;
 pub mod services;
 
 use kube::runtime::watcher::Event;

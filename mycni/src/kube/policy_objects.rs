@@ -14,93 +14,13 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::runtime::watcher::Event;
 use mycni_common::policy::{ENFORCE_EGRESS, ENFORCE_INGRESS};
 
+use super::projection::Projection;
 use super::WatchCache;
 use crate::policy::engine::PodSet;
 use crate::policy::model::{
     protocol_number, Labels, NamedPort, Peer, Policy, PolicyPod, PortRef, PortSpec, Requirement,
     Rule, Selector,
 };
-
-/// What the cache keeps of one kind of object.
-pub trait Projection: Clone + PartialEq + Send + 'static {
-    type Object;
-    /// The cache key: `namespace/name`, or the name of a cluster-scoped object.
-    fn key(object: &Self::Object) -> String;
-    /// `None`: an object the engine ignores (removed from the cache if it was there).
-    fn project(object: &Self::Object) -> Option<Self>;
-}
-
-/// Objects of one kind, projected, by key. A re-list is swapped in whole once complete.
-#[derive(Debug, Clone)]
-pub struct ProjectedCache<P> {
-    objects: BTreeMap<String, P>,
-    relisting: Option<BTreeMap<String, P>>,
-}
-
-impl<P> Default for ProjectedCache<P> {
-    fn default() -> Self {
-        ProjectedCache {
-            objects: BTreeMap::new(),
-            relisting: None,
-        }
-    }
-}
-
-impl<P: Projection> ProjectedCache<P> {
-    pub fn values(&self) -> impl Iterator<Item = &P> {
-        self.objects.values()
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &P)> {
-        self.objects.iter()
-    }
-
-    pub fn get(&self, key: &str) -> Option<&P> {
-        self.objects.get(key)
-    }
-
-    fn upsert(&mut self, object: &P::Object) -> bool {
-        let key = P::key(object);
-        match P::project(object) {
-            Some(projected) => self.objects.insert(key, projected.clone()) != Some(projected),
-            None => self.objects.remove(&key).is_some(),
-        }
-    }
-}
-
-impl<P: Projection> WatchCache<P::Object> for ProjectedCache<P>
-where
-    P::Object: Send + 'static,
-{
-    fn apply(&mut self, event: Event<P::Object>) -> bool {
-        match event {
-            Event::Init => {
-                self.relisting = Some(BTreeMap::new());
-                false
-            }
-            Event::InitApply(object) => {
-                if let Some(projected) = P::project(&object) {
-                    self.relisting
-                        .get_or_insert_with(BTreeMap::new)
-                        .insert(P::key(&object), projected);
-                }
-                false
-            }
-            Event::InitDone => {
-                let listed = self.relisting.take().unwrap_or_default();
-                let changed = listed != self.objects;
-                self.objects = listed;
-                changed
-            }
-            Event::Apply(object) => self.upsert(&object),
-            Event::Delete(object) => self.objects.remove(&P::key(&object)).is_some(),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.objects.len()
-    }
-}
 
 /// The pods, grouped by (namespace, label set), which is how the engine reads them
 /// ([`PodSet`]): an event moves one pod between sets, and a computation walks the sets
@@ -225,13 +145,14 @@ fn namespaced_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectM
     )
 }
 
-impl Projection for PolicyPod {
-    type Object = Pod;
-
-    fn key(pod: &Pod) -> String {
+impl PolicyPod {
+    /// The pod cache's key: `namespace/name`.
+    pub fn key(pod: &Pod) -> String {
         namespaced_key(&pod.metadata)
     }
+}
 
+impl Projection<Pod> for PolicyPod {
     /// Pods with an IPv4 address, not on the host network (those are the node's address)
     /// and not finished (a finished pod's IP may be another pod's already).
     fn project(pod: &Pod) -> Option<PolicyPod> {
@@ -277,13 +198,7 @@ impl Projection for PolicyPod {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NamespaceLabels(pub Labels);
 
-impl Projection for NamespaceLabels {
-    type Object = Namespace;
-
-    fn key(namespace: &Namespace) -> String {
-        namespace.metadata.name.clone().unwrap_or_default()
-    }
-
+impl Projection<Namespace> for NamespaceLabels {
     fn project(namespace: &Namespace) -> Option<NamespaceLabels> {
         Some(NamespaceLabels(
             namespace.metadata.labels.clone().unwrap_or_default(),
@@ -291,13 +206,7 @@ impl Projection for NamespaceLabels {
     }
 }
 
-impl Projection for Policy {
-    type Object = NetworkPolicy;
-
-    fn key(policy: &NetworkPolicy) -> String {
-        namespaced_key(&policy.metadata)
-    }
-
+impl Projection<NetworkPolicy> for Policy {
     fn project(object: &NetworkPolicy) -> Option<Policy> {
         let spec = object.spec.clone().unwrap_or_default();
         let ingress: Vec<Rule> = spec
@@ -415,6 +324,7 @@ fn selector(selector: Option<&LabelSelector>) -> Selector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kube::projection::ProjectionCache;
     use crate::policy::model::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
     fn from_json<T: serde::de::DeserializeOwned>(json: &str) -> T {
@@ -626,12 +536,17 @@ mod tests {
     #[test]
     fn namespaces_keep_their_labels() {
         let ns: Namespace = from_json(r#"{"metadata":{"name":"prod","labels":{"env":"prod"}}}"#);
-        assert_eq!(NamespaceLabels::key(&ns), "prod");
         assert_eq!(
             NamespaceLabels::project(&ns),
             Some(NamespaceLabels(
                 [("env".to_string(), "prod".to_string())].into()
             ))
         );
+        // Kept by name, as a cluster-scoped object (no namespace).
+        let mut cache = ProjectionCache::<NamespaceLabels>::default();
+        assert!(cache.apply(Event::Apply(ns)));
+        assert!(cache
+            .objects()
+            .contains_key(&(String::new(), "prod".to_string())));
     }
 }

@@ -6,21 +6,15 @@
 //!
 //! Endpoints v1, not EndpointSlices: the 1.20 API servers mycni supports serve slices only
 //! as v1beta1, which k8s-openapi 0.29 no longer has.
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::{Endpoints, Service};
-use kube::runtime::watcher::Event;
-use kube::ResourceExt;
 use mycni_common::service::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
-use super::WatchCache;
+pub use super::projection::{ObjectName, Projection, ProjectionCache};
 
 /// The API's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
-
-/// An object's namespace and name.
-pub type ObjectName = (String, String);
 
 /// A `protocol` field ("TCP" when absent, as the API defaults it) as an IP protocol
 /// number; `None` for a protocol mycni does not balance.
@@ -164,11 +158,6 @@ impl KubeEndpoints {
     }
 }
 
-/// How a cache keeps one kind: its projection, `None` for an object it does not keep.
-pub trait Projection<K>: Clone + PartialEq + Send + 'static {
-    fn project(object: &K) -> Option<Self>;
-}
-
 impl Projection<Service> for KubeService {
     fn project(service: &Service) -> Option<KubeService> {
         KubeService::from_service(service)
@@ -181,83 +170,6 @@ impl Projection<Endpoints> for KubeEndpoints {
     }
 }
 
-/// The projections of one namespaced kind, by namespace and name. A re-list is collected
-/// aside and swapped in whole once complete, as [`super::nodes::NodeCache`] does.
-#[derive(Debug, Clone)]
-pub struct ProjectionCache<T> {
-    objects: BTreeMap<ObjectName, T>,
-    relisting: Option<BTreeMap<ObjectName, T>>,
-}
-
-impl<T> Default for ProjectionCache<T> {
-    fn default() -> Self {
-        ProjectionCache {
-            objects: BTreeMap::new(),
-            relisting: None,
-        }
-    }
-}
-
-impl<T: PartialEq> ProjectionCache<T> {
-    pub fn objects(&self) -> &BTreeMap<ObjectName, T> {
-        &self.objects
-    }
-
-    /// Sets or removes (`None`) one object; returns whether its projection changed.
-    fn set(&mut self, name: ObjectName, projection: Option<T>) -> bool {
-        match projection {
-            Some(new) => {
-                if self.objects.get(&name) == Some(&new) {
-                    return false;
-                }
-                self.objects.insert(name, new);
-                true
-            }
-            None => self.objects.remove(&name).is_some(),
-        }
-    }
-}
-
-/// An object's namespace and name.
-fn object_name<K: kube::Resource>(object: &K) -> ObjectName {
-    (object.namespace().unwrap_or_default(), object.name_any())
-}
-
-impl<K, T> WatchCache<K> for ProjectionCache<T>
-where
-    K: kube::Resource,
-    T: Projection<K>,
-{
-    fn apply(&mut self, event: Event<K>) -> bool {
-        match event {
-            Event::Init => {
-                self.relisting = Some(BTreeMap::new());
-                false
-            }
-            Event::InitApply(object) => {
-                if let Some(projection) = T::project(&object) {
-                    self.relisting
-                        .get_or_insert_with(BTreeMap::new)
-                        .insert(object_name(&object), projection);
-                }
-                false
-            }
-            Event::InitDone => {
-                let listed = self.relisting.take().unwrap_or_default();
-                let changed = listed != self.objects;
-                self.objects = listed;
-                changed
-            }
-            Event::Apply(object) => self.set(object_name(&object), T::project(&object)),
-            Event::Delete(object) => self.set(object_name(&object), None),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.objects.len()
-    }
-}
-
 /// The Services with frontends.
 pub type ServiceCache = ProjectionCache<KubeService>;
 /// The Endpoints objects' ready endpoints.
@@ -266,6 +178,8 @@ pub type EndpointsCache = ProjectionCache<KubeEndpoints>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kube::WatchCache;
+    use kube::runtime::watcher::Event;
 
     fn service(json: &str) -> Service {
         serde_json::from_str(json).expect("a valid Service")
