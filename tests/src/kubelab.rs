@@ -829,7 +829,10 @@ state = "{state}"
                 "--volume-plugin-dir={}",
                 dir.join("volume-plugins").display()
             ),
-            "--eviction-hard=memory.available<1Ki,nodefs.available<1%,imagefs.available<1%".into(),
+            // No disk thresholds at all (the flag replaces kubelet's defaults, it does not
+            // merge with them): on a machine whose disk runs low, DiskPressure evicted the
+            // e2e pods and deleted the imported images, which no registry can bring back.
+            "--eviction-hard=memory.available<1Ki".into(),
             "--image-gc-high-threshold=100".into(),
             "--image-gc-low-threshold=99".into(),
             "--node-status-update-frequency=2s".into(),
@@ -1100,9 +1103,12 @@ i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; 
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+        let health = self.health();
         match last_error {
-            Some(e) => bail!("timed out after {limit:?} waiting for {what}; last error: {e:#}"),
-            None => bail!("timed out after {limit:?} waiting for {what}"),
+            Some(e) => {
+                bail!("timed out after {limit:?} waiting for {what}; last error: {e:#}\n{health}")
+            }
+            None => bail!("timed out after {limit:?} waiting for {what}\n{health}"),
         }
     }
 
@@ -1169,6 +1175,52 @@ i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; 
     }
 
     /// Whether every node reports Ready.
+    /// What explains a lab that stopped making progress: every node condition that is not
+    /// as it should be (DiskPressure, MemoryPressure, NotReady ...) and the free space
+    /// where the nodes keep their images.
+    pub fn health(&self) -> String {
+        let conditions = self
+            .get_json(&["get", "nodes"])
+            .map(|list| {
+                let mut lines = Vec::new();
+                for node in list["items"].as_array().into_iter().flatten() {
+                    let name = node["metadata"]["name"].as_str().unwrap_or("?");
+                    for condition in node["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                    {
+                        let healthy = if condition["type"] == "Ready" {
+                            "True"
+                        } else {
+                            "False"
+                        };
+                        if condition["status"] != healthy {
+                            lines.push(format!(
+                                "{name}: {}={} ({})",
+                                condition["type"].as_str().unwrap_or("?"),
+                                condition["status"].as_str().unwrap_or("?"),
+                                condition["message"].as_str().unwrap_or("")
+                            ));
+                        }
+                    }
+                }
+                if lines.is_empty() {
+                    "every node condition as expected".to_string()
+                } else {
+                    lines.join("\n")
+                }
+            })
+            .unwrap_or_else(|e| format!("node conditions unavailable: {e:#}"));
+        let disk = Command::new("df")
+            .args(["-h", "--output=avail,size,pcent,target"])
+            .arg(&self.dir)
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+            .unwrap_or_else(|e| format!("df: {e}"));
+        format!("lab health:\n{conditions}\n{disk}")
+    }
+
     pub fn nodes_ready(&self) -> Result<Vec<(String, bool)>> {
         let list = self.get_json(&["get", "nodes"])?;
         Ok(list["items"]

@@ -153,6 +153,9 @@ fn keep_lab_logs(lab: &KubeLab, out: &Path) {
     if let Ok(logs) = lab.agent_logs(&["--tail=-1", "--prefix"]) {
         let _ = std::fs::write(out.join("lab-logs").join("mycni-agents.log"), logs);
     }
+    let health = lab.health();
+    println!("{health}");
+    let _ = std::fs::write(out.join("lab-logs").join("health.txt"), health);
 }
 
 /// `e2e.test` in the control-plane namespace, in a private mount namespace whose /etc/hosts

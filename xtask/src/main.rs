@@ -6,6 +6,7 @@ mod ebpf;
 mod image;
 mod install;
 mod kubelab;
+mod leftovers;
 mod setup;
 mod test;
 

@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cmd, ebpf, image, kubelab, repo_root, setup};
+use crate::{cmd, ebpf, image, kubelab, leftovers, repo_root, setup};
 
 /// Everything the tests and the demo run: the machine's tools, the eBPF object, every binary.
 pub fn prepare() -> Result<()> {
@@ -122,7 +122,11 @@ pub fn run(args: &[String]) -> Result<()> {
             "not running as root: the integration tests (network namespaces, bpf \
              syscalls) need root and will fail; only the unit tests can pass"
         );
+    } else {
+        // A reused machine: what killed runs left (lab image stores above all) goes first.
+        leftovers::sweep()?;
     }
+    leftovers::log_disk("before the suite");
     prepare()?;
     let root = repo_root();
     // Without root the end-to-end test cannot run (it says where its images should be).
@@ -166,6 +170,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
+    leftovers::log_disk("after the suite");
     println!("xtask test: {passed} passed, {failed} failed");
     if !status.success() || failed > 0 {
         bail!("tests failed ({failed} failed; cargo test: {status})");
