@@ -90,7 +90,7 @@ impl HostPortNode {
     }
 
     /// `count` calls from a node process (the node's namespace, inside the cgroup).
-    fn from_node(&self, mode: &str, target: SocketAddr, count: usize) -> Result<Vec<Seen>> {
+    fn probe_from_node(&self, mode: &str, target: SocketAddr, count: usize) -> Result<Vec<Seen>> {
         probe(Some(&self.cgroup), &self.node.netns, mode, target, count)
     }
 
@@ -140,12 +140,12 @@ fn tcp_and_udp_host_ports_reach_the_pod_from_the_node_on_loopback_and_the_node_i
     let before = lab.translated()?;
     for address in [Ipv4Addr::LOCALHOST, NODE_IP] {
         let tcp = SocketAddr::from((address, 30080));
-        let seen = servers_behind(tcp, &lab.from_node("tcp", tcp, 2)?)?;
+        let seen = servers_behind(tcp, &lab.probe_from_node("tcp", tcp, 2)?)?;
         ensure!(seen == names(&["web"]), "tcp to {tcp}: {seen:?}");
         // Unconnected (recvmsg shows the hostPort) and connected (getpeername does).
         let udp = SocketAddr::from((address, 30053));
         for mode in ["udp", "udp-connected"] {
-            let seen = servers_behind(udp, &lab.from_node(mode, udp, 2)?)?;
+            let seen = servers_behind(udp, &lab.probe_from_node(mode, udp, 2)?)?;
             ensure!(seen == names(&["web"]), "{mode} to {udp}: {seen:?}");
         }
     }
@@ -157,7 +157,7 @@ fn tcp_and_udp_host_ports_reach_the_pod_from_the_node_on_loopback_and_the_node_i
     );
     // The port is the pod's for TCP and UDP only as mapped: UDP to the TCP hostPort is not.
     let unmapped = SocketAddr::from((NODE_IP, 30080));
-    let seen = lab.from_node("udp-connected", unmapped, 1)?;
+    let seen = lab.probe_from_node("udp-connected", unmapped, 1)?;
     ensure!(
         seen == [Seen::Errno(ECONNREFUSED)],
         "udp to {unmapped}: {seen:?}"
@@ -184,7 +184,7 @@ fn same_host_port_with_another_host_ip_or_protocol_coexists_and_a_held_one_is_re
         ("udp", NODE_IP, "p3"),
     ] {
         let target = SocketAddr::from((address, 54321));
-        let seen = servers_behind(target, &lab.from_node(mode, target, 2)?)?;
+        let seen = servers_behind(target, &lab.probe_from_node(mode, target, 2)?)?;
         ensure!(seen == names(&[pod]), "{mode} to {target}: {seen:?}");
     }
 
@@ -251,10 +251,10 @@ fn del_removes_exactly_the_pods_host_ports_even_after_its_netns_is_gone() -> Res
         ensure!(lab.entries()? == kept_entries, "after the {round} DEL");
     }
     let freed = SocketAddr::from((Ipv4Addr::LOCALHOST, 30080));
-    let seen = lab.from_node("tcp", freed, 1)?;
+    let seen = lab.probe_from_node("tcp", freed, 1)?;
     ensure!(seen == [Seen::Errno(ECONNREFUSED)], "{freed}: {seen:?}");
     let still = SocketAddr::from((Ipv4Addr::LOCALHOST, 30081));
-    let seen = servers_behind(still, &lab.from_node("tcp", still, 1)?)?;
+    let seen = servers_behind(still, &lab.probe_from_node("tcp", still, 1)?)?;
     ensure!(seen == names(&["kept"]), "{still}: {seen:?}");
     lab.node.del_pod(&kept)?;
     ensure!(lab.entries()?.is_empty(), "{:?}", lab.entries()?);
