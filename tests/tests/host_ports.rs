@@ -20,9 +20,15 @@ use serde_json::{json, Value};
 const CONTAINER_PORT: u16 = 8080;
 const ECONNREFUSED: i32 = 111;
 
-/// One `runtimeConfig.portMappings` entry as containerd writes it (hostIP "" when unset).
+/// One `runtimeConfig.portMappings` entry as the CNI conventions spell it (hostIP "" when
+/// unset).
 fn mapping(host_port: u16, protocol: &str, host_ip: &str) -> Value {
     json!({"hostPort": host_port, "containerPort": CONTAINER_PORT, "protocol": protocol, "hostIP": host_ip})
+}
+
+/// The same as containerd (go-cni) writes it: its Go field names as keys.
+fn containerd_mapping(host_port: u16, protocol: &str, host_ip: &str) -> Value {
+    json!({"HostPort": host_port, "ContainerPort": CONTAINER_PORT, "Protocol": protocol, "HostIP": host_ip})
 }
 
 /// A node in eBPF Services mode whose socket programs apply to `cgroup`.
@@ -123,7 +129,10 @@ fn tcp_and_udp_host_ports_reach_the_pod_from_the_node_on_loopback_and_the_node_i
     let lab = HostPortNode::new("hpreach", "10.244.31.0/24")?;
     let (pod, _server) = lab.add(
         "web",
-        &[mapping(30080, "tcp", ""), mapping(30053, "udp", "")],
+        &[
+            containerd_mapping(30080, "tcp", ""),
+            containerd_mapping(30053, "udp", ""),
+        ],
     )?;
     let to_pod = format!("{}:{CONTAINER_PORT}", pod.ip);
     let want: BTreeMap<String, String> = [

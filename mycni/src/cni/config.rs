@@ -235,7 +235,9 @@ fn runtime_ips(plugin: &Map<String, Value>) -> Result<Vec<Ipv4Addr>, CniError> {
 }
 
 /// `runtimeConfig.portMappings`: `[{hostPort, containerPort, protocol, hostIP}]` as
-/// containerd and CRI-O pass them (protocol lower case, hostIP empty when unset).
+/// runtimes pass them (protocol lower case, hostIP empty when unset). Keys match without
+/// regard to case, as Go's JSON decoding (portmap's) does: containerd's go-cni writes
+/// `{"HostPort":..,"ContainerPort":..,"Protocol":..,"HostIP":..}`.
 fn port_mappings(plugin: &Map<String, Value>) -> Result<Vec<PortMapping>, CniError> {
     let Some(list) = plugin
         .get("runtimeConfig")
@@ -251,9 +253,22 @@ fn port_mappings(plugin: &Map<String, Value>) -> Result<Vec<PortMapping>, CniErr
 }
 
 fn port_mapping(entry: &Value) -> Result<PortMapping, CniError> {
+    let Value::Object(fields) = entry else {
+        return Err(invalid(format!(
+            "portMappings entry {entry} must be an object"
+        )));
+    };
+    // The exact key first, else the first that differs only in case.
+    let get = |key: &str| -> Option<&Value> {
+        fields.get(key).or_else(|| {
+            fields
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(key))
+                .map(|(_, value)| value)
+        })
+    };
     let port = |key: &str| -> Result<u16, CniError> {
-        entry
-            .get(key)
+        get(key)
             .and_then(Value::as_u64)
             .filter(|port| (1..=65535).contains(port))
             .map(|port| port as u16)
@@ -264,7 +279,7 @@ fn port_mapping(entry: &Value) -> Result<PortMapping, CniError> {
             })
     };
     let text = |key: &str| -> Result<&str, CniError> {
-        match entry.get(key) {
+        match get(key) {
             None | Some(Value::Null) => Ok(""),
             Some(Value::String(text)) => Ok(text),
             Some(other) => Err(invalid(format!(
@@ -407,6 +422,21 @@ mod tests {
                 mapping(81, PROTO_TCP, None),
             ]
         );
+        // containerd's go-cni names the keys as its Go fields.
+        let containerd = parse(
+            r#"{"cniVersion":"1.0.0","name":"n","type":"mycni","runtimeConfig":{"portMappings":[
+                {"ContainerPort":80,"HostIP":"127.0.0.1","HostPort":54321,"Protocol":"tcp"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            containerd.port_mappings,
+            [PortMapping {
+                host_port: 54321,
+                container_port: 80,
+                protocol: PROTO_TCP,
+                host_ip: Some(Ipv4Addr::LOCALHOST),
+            }]
+        );
         let none = parse(r#"{"cniVersion":"1.0.0","name":"n","type":"mycni"}"#).unwrap();
         assert!(none.port_mappings.is_empty());
     }
@@ -420,6 +450,7 @@ mod tests {
         };
         let cases = [
             (with(r#"{"hostPort":80}"#), ErrorCode::InvalidConfig),
+            (with(r#"[80]"#), ErrorCode::InvalidConfig),
             (with(r#"[{"containerPort":80}]"#), ErrorCode::InvalidConfig),
             (
                 with(r#"[{"hostPort":0,"containerPort":80}]"#),
