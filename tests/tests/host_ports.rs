@@ -14,7 +14,7 @@ use mycni_common::service::PROTO_TCP;
 use mycni_common::verdict;
 use mycni_tests::cgroup::TestCgroup;
 use mycni_tests::sock_probe::{names, probe, servers_behind, Seen, Server};
-use mycni_tests::{pod_ip, prefix, AgentLog, CniCall, Netns, Node, Pod, NODE_IP};
+use mycni_tests::{agent_bin, pod_ip, prefix, AgentLog, CniCall, Netns, Node, Pod, NODE_IP};
 use serde_json::{json, Value};
 
 const CONTAINER_PORT: u16 = 8080;
@@ -145,6 +145,18 @@ fn tcp_and_udp_host_ports_reach_the_pod_from_the_node_on_loopback_and_the_node_i
     .map(|(k, v)| (k.to_string(), v.clone()))
     .collect();
     ensure!(described(&lab.entries()?) == want, "{:?}", lab.entries()?);
+    // `mycni-agent services` lists them with the Service frontends.
+    let root = lab.node.pin_root().display().to_string();
+    let agent = agent_bin().display().to_string();
+    let table = lab
+        .node
+        .netns
+        .exec(&[&agent, "--bpffs-root", &root, "services"])?;
+    let row = table
+        .lines()
+        .find(|line| line.starts_with("127.0.0.1:30080/tcp "))
+        .with_context(|| format!("no hostPort row in:\n{table}"))?;
+    ensure!(row.contains("host-port") && row.ends_with(&to_pod), "{row}");
 
     let before = lab.translated()?;
     for address in [Ipv4Addr::LOCALHOST, NODE_IP] {
