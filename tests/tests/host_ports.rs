@@ -311,3 +311,58 @@ fn check_verifies_the_pods_host_ports() -> Result<()> {
     lab.node.del_pod(&pod)?;
     Ok(())
 }
+
+/// A pod whose DEL never came and whose address record was lost (a crash): the agent's
+/// garbage collection removes its endpoint, then its hostPorts, and keeps the others'.
+#[test]
+fn garbage_collection_removes_the_host_ports_of_a_pod_without_endpoint() -> Result<()> {
+    mycni_tests::require_root!();
+    let mut lab = HostPortNode::new("hpgc", "10.244.35.0/24")?;
+    // Again, with garbage collection of the node's address store.
+    let data_dir = lab.node.data_dir.display().to_string();
+    let cgroup = lab.cgroup.arg();
+    lab.node.stop_agent();
+    lab.node.start_agent(&[
+        "--service-mode",
+        "ebpf",
+        "--cgroup-path",
+        &cgroup,
+        "--data-dir",
+        &data_dir,
+        "--network-name",
+        "mycni-test",
+        "--gc-interval",
+        "1",
+    ])?;
+    let log = AgentLog::follow(&mut lab.node)?;
+    let (kept, _kept_server) = lab.add("kept", &[mapping(30081, "tcp", "")])?;
+    let (lost, _lost_server) = lab.add("lost", &[mapping(30080, "tcp", "")])?;
+    let kept_tag = attachment_hash(&kept.container_id, "eth0");
+    let kept_entries: HostPortEntries = lab
+        .entries()?
+        .into_iter()
+        .filter(|(_, entry)| entry.attachment_hash == kept_tag)
+        .collect();
+    ensure!(lab.entries()?.len() == 4, "{:?}", lab.entries()?);
+
+    let store = mycni::ipam::store::IpStore::open(&lab.node.data_dir, "mycni-test")?;
+    let owner = mycni::ipam::store::Owner {
+        container_id: lost.container_id.clone(),
+        ifname: "eth0".into(),
+    };
+    store.lock()?.release(&owner)?;
+    let veth = mycni::plugin::host_veth_name(&lost.container_id, "eth0");
+    lab.node.netns.exec(&["ip", "link", "del", &veth])?;
+    mycni_tests::cluster::wait_for(Duration::from_secs(20), || {
+        Ok(lab.entries()? == kept_entries)
+    })
+    .with_context(|| {
+        format!(
+            "HOST_PORTS kept {:?}; agent:\n{}",
+            lab.entries(),
+            log.text()
+        )
+    })?;
+    lab.node.del_pod(&kept)?;
+    Ok(())
+}

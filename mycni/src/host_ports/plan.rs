@@ -117,6 +117,17 @@ pub fn owned_by(held: &HostPortEntries, attachment: u64) -> Vec<ServiceKey> {
         .collect()
 }
 
+/// Entries whose pod has no `ENDPOINTS` entry: left by a pod whose DEL and address record
+/// were both lost (garbage collection removes them). `endpoints` must be read after
+/// `held`: ADD writes the endpoint before the hostPorts, so every entry read first has its
+/// endpoint unless that pod is being deleted.
+pub fn orphaned(held: &HostPortEntries, endpoints: &BTreeSet<Ipv4Addr>) -> Vec<ServiceKey> {
+    held.iter()
+        .filter(|(_, entry)| !endpoints.contains(&Ipv4Addr::from(entry.backend.address)))
+        .map(|(key, _)| *key)
+        .collect()
+}
+
 /// CHECK: each planned entry `held` lacks or holds otherwise, described.
 pub fn differences(planned: &HostPortEntries, held: &HostPortEntries) -> Vec<String> {
     planned
@@ -292,6 +303,22 @@ mod tests {
         assert_eq!(found.len(), 2, "{found:?}");
         assert!(found[0].contains("127.0.0.1:80/tcp") && found[0].contains("attachment 2"));
         assert!(found[1].contains("no entry for 192.168.1.11:80/tcp"));
+    }
+
+    #[test]
+    fn entries_of_pods_without_an_endpoint_are_orphaned() {
+        let other_pod = Ipv4Addr::new(10, 244, 1, 6);
+        let mut held = plan(&[mapping(80, PROTO_TCP, None)], POD, &[NODE], 1).unwrap();
+        held.extend(plan(&[mapping(81, PROTO_TCP, None)], other_pod, &[NODE], 2).unwrap());
+        let endpoints: BTreeSet<Ipv4Addr> = [POD].into();
+        assert_eq!(
+            orphaned(&held, &endpoints)
+                .iter()
+                .map(describe)
+                .collect::<Vec<_>>(),
+            ["127.0.0.1:81/tcp", "192.168.1.11:81/tcp"]
+        );
+        assert!(orphaned(&held, &[POD, other_pod].into()).is_empty());
     }
 
     #[test]
