@@ -95,6 +95,16 @@ impl HostPortNode {
         Ok(HostPortTable::open(&self.node.pin_root())?.entries()?)
     }
 
+    /// The entries tagged with `pod`'s attachment.
+    fn entries_of(&self, pod: &Pod) -> Result<HostPortEntries> {
+        let tag = attachment_hash(&pod.container_id, "eth0");
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter(|(_, entry)| entry.attachment_hash == tag)
+            .collect())
+    }
+
     /// `count` calls from a node process (the node's namespace, inside the cgroup).
     fn probe_from_node(&self, mode: &str, target: SocketAddr, count: usize) -> Result<Vec<Seen>> {
         probe(Some(&self.cgroup), &self.node.netns, mode, target, count)
@@ -246,12 +256,7 @@ fn del_removes_exactly_the_pods_host_ports_even_after_its_netns_is_gone() -> Res
     let (kept, _kept_server) = lab.add("kept", &[mapping(30081, "tcp", "")])?;
     let (gone, gone_server) = lab.add("gone", &[mapping(30080, "tcp", "")])?;
     let gone_conf = lab.conf(&[mapping(30080, "tcp", "")]);
-    let kept_tag = attachment_hash(&kept.container_id, "eth0");
-    let kept_entries = lab.entries()?;
-    let kept_entries: HostPortEntries = kept_entries
-        .into_iter()
-        .filter(|(_, entry)| entry.attachment_hash == kept_tag)
-        .collect();
+    let kept_entries = lab.entries_of(&kept)?;
     ensure!(kept_entries.len() == 2, "{kept_entries:?}");
 
     // The runtime removed the sandbox before DEL: the plugin finds the entries by tag.
@@ -337,12 +342,7 @@ fn garbage_collection_removes_the_host_ports_of_a_pod_without_endpoint() -> Resu
     let log = AgentLog::follow(&mut lab.node)?;
     let (kept, _kept_server) = lab.add("kept", &[mapping(30081, "tcp", "")])?;
     let (lost, _lost_server) = lab.add("lost", &[mapping(30080, "tcp", "")])?;
-    let kept_tag = attachment_hash(&kept.container_id, "eth0");
-    let kept_entries: HostPortEntries = lab
-        .entries()?
-        .into_iter()
-        .filter(|(_, entry)| entry.attachment_hash == kept_tag)
-        .collect();
+    let kept_entries = lab.entries_of(&kept)?;
     ensure!(lab.entries()?.len() == 4, "{:?}", lab.entries()?);
 
     let store = mycni::ipam::store::IpStore::open(&lab.node.data_dir, "mycni-test")?;
