@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map's key or value layout changes; pinned maps of another layout are
 /// refused by the loader instead of being silently reused.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 pub mod policy;
 pub mod service;
@@ -26,6 +26,7 @@ pub const MAP_SERVICES: &str = "SERVICES";
 pub const MAP_BACKENDS: &str = "BACKENDS";
 pub const MAP_AFFINITY: &str = "AFFINITY";
 pub const MAP_SOCK_REVERSE: &str = "SOCK_REVERSE";
+pub const MAP_HOST_PORTS: &str = "HOST_PORTS";
 pub const MAP_POLICY_ENDPOINTS: &str = "POLICY_ENDPOINTS";
 pub const MAP_POLICY_IDENTITIES: &str = "POLICY_IDENTITIES";
 pub const MAP_POLICY: &str = "POLICY";
@@ -95,6 +96,10 @@ pub const MAX_BACKENDS: u32 = 262144;
 pub const MAX_AFFINITY: u32 = 65536;
 /// Capacity of `SOCK_REVERSE`: (UDP socket, backend) pairs in use.
 pub const MAX_SOCK_REVERSE: u32 = 65536;
+/// Capacity of `HOST_PORTS`: (hostIP, hostPort, protocol) of this node's pods, a hostPort
+/// without hostIP counting once per node address. Not preallocated: only the plugin
+/// inserts.
+pub const MAX_HOST_PORTS: u32 = 65536;
 /// Capacity of `POLICY_ENDPOINTS` and `POLICY_DROPS`: one per pod on this node, like
 /// `ENDPOINTS`.
 pub const MAX_POLICY_ENDPOINTS: u32 = 16384;
@@ -251,6 +256,13 @@ pub mod map_spec {
         value_size: size_of::<service::SockReverseEntry>() as u32,
         max_entries: MAX_SOCK_REVERSE,
     };
+    pub const HOST_PORTS: MapSpec = MapSpec {
+        name: MAP_HOST_PORTS,
+        kind: MapKind::Hash,
+        key_size: size_of::<service::ServiceKey>() as u32,
+        value_size: size_of::<service::HostPortEntry>() as u32,
+        max_entries: MAX_HOST_PORTS,
+    };
     pub const POLICY_ENDPOINTS: MapSpec = MapSpec {
         name: MAP_POLICY_ENDPOINTS,
         kind: MapKind::Hash,
@@ -297,7 +309,7 @@ pub mod map_spec {
 }
 
 /// Every map the datapath pins, in a stable order.
-pub const PINNED_MAPS: [MapSpec; 19] = [
+pub const PINNED_MAPS: [MapSpec; 20] = [
     map_spec::ROUTES,
     map_spec::ENDPOINTS,
     map_spec::STATS,
@@ -311,6 +323,7 @@ pub const PINNED_MAPS: [MapSpec; 19] = [
     map_spec::BACKENDS,
     map_spec::AFFINITY,
     map_spec::SOCK_REVERSE,
+    map_spec::HOST_PORTS,
     map_spec::POLICY_ENDPOINTS,
     map_spec::POLICY_IDENTITIES,
     map_spec::POLICY,
@@ -546,8 +559,11 @@ pub mod verdict {
     /// A connection or datagram to a Service frontend with no backend, refused with
     /// `ECONNREFUSED`.
     pub const SERVICE_NO_BACKEND: u32 = SERVICE_TRANSLATED + 1;
+    /// A connection or datagram to a pod's hostPort (`HOST_PORTS`) sent to the pod (cgroup
+    /// `connect4`/`sendmsg4`; counted per socket call, `bytes` stays zero).
+    pub const HOST_PORT_TRANSLATED: u32 = SERVICE_NO_BACKEND + 1;
     /// Number of verdicts, the length of `STATS`.
-    pub const COUNT: u32 = SERVICE_NO_BACKEND + 1;
+    pub const COUNT: u32 = HOST_PORT_TRANSLATED + 1;
     /// Display names, indexed by verdict.
     pub const NAMES: [&str; COUNT as usize] = [
         "local_redirect",
@@ -573,6 +589,7 @@ pub mod verdict {
         "drop_policy_egress",
         "service_translated",
         "service_no_backend",
+        "host_port_translated",
     ];
 }
 
@@ -607,6 +624,7 @@ mod pod {
     unsafe impl aya::Pod for super::service::AffinityEntry {}
     unsafe impl aya::Pod for super::service::SockReverseKey {}
     unsafe impl aya::Pod for super::service::SockReverseEntry {}
+    unsafe impl aya::Pod for super::service::HostPortEntry {}
     unsafe impl aya::Pod for super::policy::PolicyKey {}
     unsafe impl aya::Pod for super::policy::PolicyEntry {}
     unsafe impl aya::Pod for super::policy::PolicyEndpoint {}
@@ -638,6 +656,7 @@ mod tests {
         assert_eq!(size_of::<service::AffinityEntry>(), 16);
         assert_eq!(size_of::<service::SockReverseKey>(), 16);
         assert_eq!(size_of::<service::SockReverseEntry>(), 8);
+        assert_eq!(size_of::<service::HostPortEntry>(), 8 + 8);
         assert_eq!(size_of::<policy::PolicyKey>(), 12);
         assert_eq!(size_of::<policy::PolicyEntry>(), 4);
         assert_eq!(size_of::<policy::PolicyEndpoint>(), 8);

@@ -17,7 +17,8 @@ pub const SERVICE_NODE_PORT: u32 = 2;
 /// `ServiceEntry::flags`: `externalTrafficPolicy: Local` (only this node's backends are
 /// listed for traffic from outside).
 pub const SERVICE_EXTERNAL_LOCAL: u32 = 4;
-/// `ServiceEntry::flags`: the frontend is a pod's hostPort.
+/// `ServiceEntry::flags`: the frontend is a pod's hostPort. (hostPorts have their own
+/// map, `HOST_PORTS`, written by the CNI plugin: see [`HostPortEntry`].)
 pub const SERVICE_HOST_PORT: u32 = 8;
 /// `ServiceEntry::flags`: the frontend is an externalIP.
 pub const SERVICE_EXTERNAL_IP: u32 = 16;
@@ -103,4 +104,19 @@ pub struct SockReverseEntry {
     /// Host byte order.
     pub port: u16,
     pub pad: u16,
+}
+
+/// Value of `HOST_PORTS`, keyed by a [`ServiceKey`] (address = the hostIP, port = the
+/// hostPort, protocol, scope 0): one pod's hostPort, written by the CNI plugin at ADD
+/// (the `portMappings` capability) and removed at DEL. A hostIP left unset (0.0.0.0) is
+/// written as one key per IPv4 address the node had at ADD, 127.0.0.1 included.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostPortEntry {
+    /// The pod's IP and containerPort.
+    pub backend: Backend,
+    /// FNV-1a of `<container ID>/<ifname>` (`mycni_common::fnv1a64`): the attachment that
+    /// holds the port, so DEL finds its entries without the pod and ADD tells its own
+    /// entries from another pod's.
+    pub attachment_hash: u64,
 }

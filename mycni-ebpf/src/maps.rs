@@ -14,8 +14,8 @@ use mycni_common::policy::{
     PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyEntry, PolicyKey, PolicyState,
 };
 use mycni_common::service::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, ServiceEntry, ServiceKey, SockReverseEntry,
-    SockReverseKey,
+    AffinityEntry, AffinityKey, Backend, BackendKey, HostPortEntry, ServiceEntry, ServiceKey,
+    SockReverseEntry, SockReverseKey,
 };
 use mycni_common::{
     map_spec, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, MapKind, MapSpec, NatEntry,
@@ -110,6 +110,17 @@ pub(crate) static SOCK_REVERSE: LruHashMap<
     SockReverseEntry,
     { map_spec::SOCK_REVERSE.max_entries as usize },
 > = LruHashMap::new();
+
+/// This node's pods' hostPorts (hostIP, hostPort, protocol) -> the pod's address and
+/// containerPort. Written by the CNI plugin only, so not preallocated, as `SERVICES`.
+#[btf_map]
+pub(crate) static HOST_PORTS: HashMap<
+    ServiceKey,
+    HostPortEntry,
+    { map_spec::HOST_PORTS.max_entries as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
 /// The local pods some policy selects, and for which directions (`mycni_common::policy`).
 #[btf_map]
 pub(crate) static POLICY_ENDPOINTS: HashMap<
@@ -261,6 +272,7 @@ check_spec!(
     BACKENDS,
     AFFINITY,
     SOCK_REVERSE,
+    HOST_PORTS,
     POLICY_ENDPOINTS,
     POLICY_IDENTITIES,
     POLICY,

@@ -6,6 +6,10 @@
 //!   backends gets one (the client's previous one under `sessionAffinity: ClientIP`, else a
 //!   random slot), and the socket remembers the frontend in `SOCK_REVERSE`; a frontend with
 //!   none refuses the call with `ECONNREFUSED`; any other address is left alone.
+//! - a call to a pod's hostPort (`HOST_PORTS`, looked up when `SERVICES` misses) goes to
+//!   that pod's address and containerPort, remembered in `SOCK_REVERSE` the same way: how
+//!   node processes, hostNetwork pods and pods reach `127.0.0.1:<hostPort>` and
+//!   `<node IP>:<hostPort>` without portmap.
 //! - `recvmsg4` and `getpeername4`: a backend address the socket was given shows as the
 //!   frontend the application addressed.
 use aya_ebpf::helpers::{
@@ -21,7 +25,7 @@ use mycni_common::service::{
 use mycni_common::verdict;
 
 use crate::counters;
-use crate::maps::{AFFINITY, BACKENDS, SERVICES, SOCK_REVERSE};
+use crate::maps::{AFFINITY, BACKENDS, HOST_PORTS, SERVICES, SOCK_REVERSE};
 
 /// What a `sock_addr` program returns to let the call go on.
 const PROCEED: i32 = 1;
@@ -49,7 +53,8 @@ fn set_user_address(ctx: &SockAddrContext, address: [u8; 4], port: u16) {
     }
 }
 
-/// `connect4` and `sendmsg4`: sends a call addressed to a frontend to one of its backends.
+/// `connect4` and `sendmsg4`: sends a call addressed to a frontend to one of its backends,
+/// and a call addressed to a pod's hostPort to that pod.
 #[inline(always)]
 pub(crate) fn to_backend(ctx: &SockAddrContext) -> i32 {
     let (address, port) = user_address(ctx);
@@ -62,15 +67,21 @@ pub(crate) fn to_backend(ctx: &SockAddrContext) -> i32 {
         scope: 0,
     };
     // SAFETY: the entry is copied out at once; the agent replaces entries whole.
-    let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else {
-        return PROCEED;
-    };
-    let Some(backend) = pick_backend(ctx, &service) else {
-        counters::count(verdict::SERVICE_NO_BACKEND, 0);
-        // SAFETY: a helper call with no pointer; `connect4` and `sendmsg4` may set the
-        // error the refused call returns.
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
-        return REFUSE;
+    let (backend, translated) = match unsafe { SERVICES.get(&key) }.copied() {
+        Some(service) => {
+            let Some(backend) = pick_backend(ctx, &service) else {
+                counters::count(verdict::SERVICE_NO_BACKEND, 0);
+                // SAFETY: a helper call with no pointer; `connect4` and `sendmsg4` may set
+                // the error the refused call returns.
+                unsafe { bpf_set_retval(-ECONNREFUSED) };
+                return REFUSE;
+            };
+            (backend, verdict::SERVICE_TRANSLATED)
+        }
+        None => match host_port_backend(&key) {
+            Some(backend) => (backend, verdict::HOST_PORT_TRANSLATED),
+            None => return PROCEED,
+        },
     };
     let reverse = SockReverseKey {
         // SAFETY: the context pointer is the one the kernel passed.
@@ -85,8 +96,18 @@ pub(crate) fn to_backend(ctx: &SockAddrContext) -> i32 {
     // A full LRU evicts the oldest socket; failing here would only lose the reverse view.
     let _ = SOCK_REVERSE.insert(&reverse, &frontend, 0);
     set_user_address(ctx, backend.address, backend.port);
-    counters::count(verdict::SERVICE_TRANSLATED, 0);
+    counters::count(translated, 0);
     PROCEED
+}
+
+/// The pod behind a hostPort: `key` is (hostIP, hostPort, protocol, scope 0) as the
+/// destination of a socket call or of a packet from outside the node. Looked up only after
+/// `SERVICES` misses, so a Service frontend on the same address and port wins, as
+/// kube-proxy's rules run before portmap's.
+#[inline(always)]
+pub(crate) fn host_port_backend(key: &ServiceKey) -> Option<Backend> {
+    // SAFETY: the value is copied out at once; the plugin writes entries whole.
+    unsafe { HOST_PORTS.get(key) }.map(|entry| entry.backend)
 }
 
 /// The client's fresh affinity entry when the frontend asks for one, else a random slot

@@ -206,8 +206,14 @@ async fn serve(
             .data_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(crate::cni::config::DEFAULT_DATA_DIR));
-        let conflist =
-            crate::cni::config::conflist(&options.network_name, pod_cidr, mtu, &data_dir, root);
+        let conflist = crate::cni::config::conflist(
+            &options.network_name,
+            pod_cidr,
+            mtu,
+            &data_dir,
+            root,
+            options.service_mode,
+        );
         let path = crate::conflist::write_conflist(dir, &conflist).map_err(|source| {
             DaemonError::Conflist {
                 dir: dir.clone(),

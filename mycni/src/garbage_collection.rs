@@ -7,6 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::datapath::{DatapathError, Maps};
+use crate::host_ports::plan::{describe, orphaned};
+use crate::host_ports::{HostPortTable, HostPortTableError};
 use crate::ipam::store::{IpStore, Owner, StoreError};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::plugin::{host_veth_name, release_attachment};
@@ -21,6 +23,8 @@ pub enum GcError {
     Datapath(#[from] DatapathError),
     #[error("cannot release a stale allocation: {0}")]
     Release(#[source] crate::cni::CniError),
+    #[error(transparent)]
+    HostPorts(#[from] HostPortTableError),
 }
 
 /// An allocation as garbage collection sees it.
@@ -42,8 +46,8 @@ pub fn stale_allocations(allocations: &[Allocation], grace: Duration) -> Vec<&Al
 }
 
 /// Frees every stale allocation of the network's store (address, map entries, a leftover
-/// route), and endpoint map entries that no allocation backs and whose veth is gone.
-/// Returns how many things it freed.
+/// route), endpoint map entries that no allocation backs and whose veth is gone, and
+/// hostPort entries whose pod has no endpoint left. Returns how many things it freed.
 pub async fn collect_garbage(
     data_dir: &Path,
     network: &str,
@@ -90,6 +94,9 @@ pub async fn collect_garbage(
         freed += 1;
     }
     let backed: BTreeSet<Ipv4Addr> = allocations.iter().map(|a| a.ip).collect();
+    // Read before the endpoints (see `orphaned`).
+    let mut host_ports = HostPortTable::open(root)?;
+    let held = host_ports.entries()?;
     let mut maps = Maps::open(root)?;
     let links = netlink.links().await?;
     for (ip, endpoint) in maps.endpoints()? {
@@ -104,6 +111,15 @@ pub async fn collect_garbage(
             maps.remove_endpoint(ip)?;
             freed += 1;
         }
+    }
+    let endpoints: BTreeSet<Ipv4Addr> = maps.endpoints()?.into_iter().map(|(ip, _)| ip).collect();
+    for key in orphaned(&held, &endpoints) {
+        log::info!(
+            "removing hostPort {}: its pod has no endpoint",
+            describe(&key)
+        );
+        host_ports.remove(&key)?;
+        freed += 1;
     }
     Ok(freed)
 }

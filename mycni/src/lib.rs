@@ -12,6 +12,7 @@
 //! [`garbage_collection`] (what a lost DEL leaves), [`conflist`] (the readiness signal),
 //! [`map_tables`] (the maps printed), [`plugin_install`] (the DaemonSet's init step),
 //! [`socket_lb`] (Services in eBPF mode: the map writes and the cgroup attachment),
+//! [`host_ports`] (hostPorts without portmap: the plugin's `HOST_PORTS` entries),
 //! [`service_frontends`] (their desired contents, pure) and [`service_sync`] (the loop from
 //! the Services and Endpoints watches to the maps),
 //! [`policy`] (NetworkPolicy: identities and rules, pure), [`policy_maps`] (the policy maps'
@@ -26,6 +27,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod ebpf_log;
 pub mod garbage_collection;
+pub mod host_ports;
 pub mod ipam;
 pub mod kube;
 pub mod logging;

@@ -17,6 +17,7 @@ use mycni_common::{
 use serde_json::{json, Value};
 
 use crate::datapath::{self, DatapathError, Maps, NatTable};
+use crate::host_ports::{HostPortEntries, HostPortTable, HostPortTableError};
 use crate::nat;
 use crate::netlink::format_mac;
 use crate::socket_lb::{ServiceTables, ServiceTablesError};
@@ -27,6 +28,8 @@ pub enum MapTablesError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Services(#[from] ServiceTablesError),
+    #[error(transparent)]
+    HostPorts(#[from] HostPortTableError),
     #[error("cannot write stdout: {0}")]
     Stdout(#[from] std::io::Error),
 }
@@ -63,14 +66,32 @@ pub fn print_stats(root: &Path, json: bool) -> Result<(), MapTablesError> {
     print(&render_stats(&datapath::read_stats(root)?, json))
 }
 
-/// `mycni-agent services`.
+/// `mycni-agent services`: the Service frontends and the pods' hostPorts.
 pub fn print_services(root: &Path, json: bool) -> Result<(), MapTablesError> {
-    let rows: Vec<ServiceRow> = ServiceTables::open(root)?
+    let mut rows: Vec<ServiceRow> = ServiceTables::open(root)?
         .frontends()?
         .into_iter()
         .map(|(key, (entry, backends))| (key, entry, backends))
         .collect();
+    rows.extend(host_port_rows(&HostPortTable::open(root)?.entries()?));
     print(&render_services(&rows, json))
+}
+
+/// hostPorts as `services` rows: flag `host-port`, service id 0 (they have no slots in
+/// `BACKENDS`), the pod as the one backend.
+pub fn host_port_rows(entries: &HostPortEntries) -> Vec<ServiceRow> {
+    entries
+        .iter()
+        .map(|(key, entry)| {
+            let frontend = ServiceEntry {
+                service_id: 0,
+                backend_count: 1,
+                affinity_timeout_s: 0,
+                flags: SERVICE_HOST_PORT,
+            };
+            (*key, frontend, vec![entry.backend])
+        })
+        .collect()
 }
 
 /// A pretty-printed JSON document and its newline.
@@ -493,6 +514,32 @@ mod tests {
              10.96.0.10:53/udp               2 -                                - 10.224.2.5:5353\n\
              10.96.0.10:80/tcp               1 affinity                    10800s 10.224.1.5:8080 10.224.2.5:8080\n\
              192.168.1.11:30080/tcp          3 node-port,local                  - refused\n"
+        );
+    }
+
+    #[test]
+    fn host_ports_list_as_frontends_flagged_host_port() {
+        let mut entries = HostPortEntries::new();
+        entries.insert(
+            ServiceKey {
+                address: [127, 0, 0, 1],
+                port: 54321,
+                protocol: PROTO_TCP,
+                scope: 0,
+            },
+            mycni_common::service::HostPortEntry {
+                backend: Backend {
+                    address: [10, 224, 1, 7],
+                    port: 8080,
+                    pad: 0,
+                },
+                attachment_hash: 9,
+            },
+        );
+        assert_eq!(
+            render_services(&host_port_rows(&entries), false),
+            "FRONTEND                       ID FLAGS                     AFFINITY BACKENDS\n\
+             127.0.0.1:54321/tcp             0 host-port                        - 10.224.1.7:8080\n"
         );
     }
 

@@ -219,6 +219,27 @@ impl Netlink {
         Ok(found)
     }
 
+    /// Every IPv4 address of the namespace, of every link (the local address, not a
+    /// point-to-point link's peer).
+    pub async fn ipv4_addresses(&self) -> Result<Vec<Ipv4Addr>, NetlinkError> {
+        let mut found = Vec::new();
+        let mut stream = self.handle.address().get().execute();
+        while let Some(message) = stream.try_next().await.map_err(request("list addresses"))? {
+            let mut address = None;
+            for attribute in &message.attributes {
+                match attribute {
+                    AddressAttribute::Local(IpAddr::V4(ip)) => address = Some(*ip),
+                    AddressAttribute::Address(IpAddr::V4(ip)) if address.is_none() => {
+                        address = Some(*ip)
+                    }
+                    _ => {}
+                }
+            }
+            found.extend(address);
+        }
+        Ok(found)
+    }
+
     /// Adds `message` to the main table, replacing any route to the same prefix.
     async fn replace_route(
         &self,

@@ -14,9 +14,12 @@ use crate::cni::result::{CniResult, Interface, IpConfig, RouteEntry};
 use crate::cni::version::{version_info, CniVersion};
 use crate::cni::{CniEnv, CniError, Command, ErrorCode};
 use crate::datapath::{self, DatapathError, Maps};
+use crate::host_ports::plan::{conflicts, describe, plan as plan_host_ports};
+use crate::host_ports::{attachment_hash, Claim, HostPortTable, HostPortTableError};
 use crate::ipam::store::{IpStore, Owner, StoreError};
 use crate::ipam::IpamError;
 use crate::netlink::{format_mac, open_netns, Netlink, NetlinkError};
+use mycni_common::service::ServiceKey;
 use mycni_common::{fnv1a64, Endpoint, GATEWAY_IP, PROG_FROM_POD};
 
 /// `0.0.0.0/0`, the pod's route via the gateway.
@@ -74,6 +77,14 @@ fn datapath_error(e: DatapathError) -> CniError {
     }
 }
 
+fn host_port_error(e: HostPortTableError) -> CniError {
+    match e {
+        HostPortTableError::Datapath(e) => datapath_error(e),
+        other => CniError::new(ErrorCode::DatapathFailure, "hostPort map operation failed")
+            .with_details(other),
+    }
+}
+
 fn store_error(e: StoreError) -> CniError {
     match e {
         StoreError::Ipam(IpamError::Exhausted(pool)) => CniError::new(
@@ -122,11 +133,20 @@ struct Undo {
     /// Deleting the veth also removes its peer, routes and TC filters.
     host_veth: Option<u32>,
     map_entry: Option<Ipv4Addr>,
+    /// `HOST_PORTS` keys this ADD claimed (not those a repeated ADD found its own).
+    host_ports: Vec<ServiceKey>,
 }
 
 impl Undo {
     async fn run(self, store: &IpStore, owner: &Owner, root: &Path, host: Option<&Netlink>) {
         // Best effort: the original error is what the runtime needs to see.
+        if !self.host_ports.is_empty() {
+            if let Ok(mut table) = HostPortTable::open(root) {
+                for key in &self.host_ports {
+                    let _ = table.remove(key);
+                }
+            }
+        }
         if let Some(ip) = self.map_entry {
             if let Ok(mut maps) = Maps::open(root) {
                 let _ = maps.remove_endpoint(ip);
@@ -247,6 +267,10 @@ async fn setup_pod_network(
     host.add_link_route(ip, 32, host_link.index)
         .await
         .map_err(netlink_error)?;
+    // Last: a hostPort leads to the pod only once the pod is reachable.
+    if !conf.port_mappings.is_empty() {
+        claim_host_ports(env, conf, host, ip, undo).await?;
+    }
 
     Ok(CniResult {
         interfaces: vec![
@@ -274,6 +298,65 @@ async fn setup_pod_network(
         }],
         dns: Value::Null,
     })
+}
+
+/// The node's addresses a hostPort without hostIP is reachable on (see
+/// [`crate::host_ports::plan::wildcard_addresses`]).
+async fn node_addresses(host: &Netlink) -> Result<Vec<Ipv4Addr>, CniError> {
+    host.ipv4_addresses().await.map_err(netlink_error)
+}
+
+/// Writes the container's hostPorts into `HOST_PORTS`, or fails with code
+/// `HostPortConflict` naming every (hostIP, port, protocol) another pod holds, having
+/// written nothing of its own that stays (`undo` removes what it claimed).
+async fn claim_host_ports(
+    env: &CniEnv,
+    conf: &NetConf,
+    host: &Netlink,
+    ip: Ipv4Addr,
+    undo: &mut Undo,
+) -> Result<(), CniError> {
+    let attachment = attachment_hash(&env.container_id, &env.ifname);
+    let planned = plan_host_ports(
+        &conf.port_mappings,
+        ip,
+        &node_addresses(host).await?,
+        attachment,
+    )
+    .map_err(|e| CniError::new(ErrorCode::InvalidConfig, e.to_string()))?;
+    let mut table = HostPortTable::open(&conf.bpffs_root).map_err(host_port_error)?;
+    let taken = |found: Vec<(ServiceKey, mycni_common::service::HostPortEntry)>| {
+        let held: Vec<String> = found
+            .iter()
+            .map(|(key, holder)| {
+                format!(
+                    "{} (held for {}:{})",
+                    describe(key),
+                    Ipv4Addr::from(holder.backend.address),
+                    holder.backend.port
+                )
+            })
+            .collect();
+        CniError::new(
+            ErrorCode::HostPortConflict,
+            "a hostPort is already held by another pod on this node",
+        )
+        .with_details(held.join(", "))
+    };
+    // Every conflict at once, before writing anything.
+    let found = conflicts(&planned, &table.entries().map_err(host_port_error)?);
+    if !found.is_empty() {
+        return Err(taken(found));
+    }
+    for (key, entry) in &planned {
+        // The kernel settles a race with another ADD: one of them gets the key.
+        match table.claim(key, entry).map_err(host_port_error)? {
+            Claim::New => undo.host_ports.push(*key),
+            Claim::Renewed => {}
+            Claim::Taken(holder) => return Err(taken(vec![(*key, holder)])),
+        }
+    }
+    Ok(())
 }
 
 /// When mycni runs after another plugin, its result carries the earlier one's entries.
@@ -329,6 +412,16 @@ pub async fn release_attachment(
         // No datapath, no map entries to remove.
         Err(DatapathError::NotLoaded { .. }) => {}
         Err(e) => return Err(datapath_error(e)),
+    }
+    // Found by the attachment's tag: neither the pod nor its address record is needed.
+    match HostPortTable::open(root) {
+        Ok(mut table) => {
+            table
+                .release(attachment_hash(&owner.container_id, &owner.ifname))
+                .map_err(host_port_error)?;
+        }
+        Err(HostPortTableError::Datapath(DatapathError::NotLoaded { .. })) => {}
+        Err(e) => return Err(host_port_error(e)),
     }
     if let Some(link) = host_link {
         host.delete_link(link.index).await.map_err(netlink_error)?;
@@ -500,6 +593,20 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
                         route.ifindex
                     )),
                     Some(_) => {}
+                }
+                if !conf.port_mappings.is_empty() {
+                    let planned = plan_host_ports(
+                        &conf.port_mappings,
+                        ip,
+                        &node_addresses(&host).await?,
+                        attachment_hash(&env.container_id, &env.ifname),
+                    )
+                    .map_err(|e| CniError::new(ErrorCode::InvalidConfig, e.to_string()))?;
+                    let table = HostPortTable::open(&conf.bpffs_root).map_err(host_port_error)?;
+                    differences.extend(crate::host_ports::plan::differences(
+                        &planned,
+                        &table.entries().map_err(host_port_error)?,
+                    ));
                 }
                 let programs = host
                     .ingress_bpf_programs(link.index)

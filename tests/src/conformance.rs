@@ -245,6 +245,10 @@ pub const EBPF_LISTED: &[ListedSpec] = &[
         name: "[sig-network] Services should preserve source pod IP for traffic thru service cluster IP [LinuxOnly]",
         checks: "pods on both nodes reach a ClusterIP and the backend sees their pod IPs",
     },
+    ListedSpec {
+        name: "[sig-scheduling] SchedulerPredicates [Serial] validates that there is no conflict between pods with same hostPort but different hostIP and protocol [Conformance]",
+        checks: "three pods on one node share hostPort 54321 (127.0.0.1/TCP, node IP/TCP, node IP/UDP), each reached from a hostNetwork pod on that node: mycni's HOST_PORTS, no portmap in the conflist or on the node",
+    },
 ];
 
 pub const EBPF_AREAS: &[&str] = &[

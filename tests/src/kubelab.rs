@@ -789,8 +789,15 @@ state = "{state}"
         );
         std::fs::write(dir.join("containerd.toml"), containerd_config)?;
         // The loopback plugin containerd runs for every sandbox, and portmap, which the
-        // conflist mycni writes chains after it.
-        for plugin in ["loopback", "portmap"] {
+        // conflist mycni writes in kube-proxy mode chains after it. A lab without
+        // kube-proxy runs mycni in eBPF Services mode, whose conflist has no portmap: it
+        // gets none, so a hostPort there can only work through mycni.
+        let plugins: &[&str] = if options.kube_proxy {
+            &["loopback", "portmap"]
+        } else {
+            &["loopback"]
+        };
+        for plugin in plugins {
             std::fs::copy(
                 crate::reference_plugin_dir().join(plugin),
                 dir.join("cni-bin").join(plugin),

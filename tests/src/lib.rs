@@ -26,6 +26,7 @@ pub mod kubeproxy;
 pub mod lone;
 pub mod raw;
 pub mod services_bench;
+pub mod sock_probe;
 
 /// Where the binaries under test live (`cargo xtask test` sets it; defaults to target/debug).
 pub fn bin_dir() -> PathBuf {

@@ -5,14 +5,12 @@
 //!
 //! aya's `BPF_PROG_TEST_RUN` does not run `sock_addr` programs, so these are the programs'
 //! tests: each check below fails when the program or the map writes it relies on is broken.
-use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use mycni::socket_lb::{DesiredServices, ServiceTables};
 use mycni_common::service::{
     Backend, ServiceEntry, ServiceKey, PROTO_TCP, PROTO_UDP, SERVICE_AFFINITY_CLIENT_IP,
@@ -20,48 +18,12 @@ use mycni_common::service::{
 use mycni_common::verdict;
 use mycni_tests::cgroup::TestCgroup;
 use mycni_tests::cluster::Cluster;
-use mycni_tests::{bin_dir, prefix, AgentLog, Netns, Node, Pod, NODE_IP};
+use mycni_tests::sock_probe::{names, probe, probe_bin, servers_behind, Seen, Server};
+use mycni_tests::{prefix, AgentLog, Netns, Node, Pod, NODE_IP};
 
 const ECONNREFUSED: i32 = 111;
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const BACKEND_PORT: u16 = 8080;
-
-fn probe_bin() -> PathBuf {
-    bin_dir().join("mycni-sock-probe")
-}
-
-/// A `mycni-sock-probe serve` in a namespace (outside any test cgroup), killed on drop.
-struct Server {
-    child: Child,
-}
-
-impl Server {
-    fn start(netns: &Netns, port: u16, name: &str) -> Result<Server> {
-        let mut child = netns
-            .command(probe_bin())
-            .args(["serve", &port.to_string(), name])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawn the probe server")?;
-        let stdout = child.stdout.take().context("server stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let server = Server { child };
-        ensure!(
-            line.trim() == "ready",
-            "server {name} did not start: {line:?}"
-        );
-        Ok(server)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A connected UDP probe in the cgroup that sends one datagram per [`SteppedProbe::next`]
 /// on the same socket.
@@ -113,58 +75,6 @@ impl Drop for SteppedProbe {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// What one client call saw.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Seen {
-    Reply { peer: SocketAddr, server: String },
-    Errno(i32),
-}
-
-impl Seen {
-    fn parse(line: &str) -> Result<Seen> {
-        if let Some(errno) = line.strip_prefix("errno=") {
-            return Ok(Seen::Errno(errno.trim().parse()?));
-        }
-        let rest = line.strip_prefix("peer=").context("a probe line")?;
-        let (peer, server) = rest.split_once(" reply=").context("a probe reply")?;
-        Ok(Seen::Reply {
-            peer: peer.parse()?,
-            server: server.trim().to_string(),
-        })
-    }
-}
-
-/// Runs the client `mode` (tcp, udp, udp-connected) `count` times to `target` from `netns`,
-/// inside `cgroup` (its pid written to `cgroup.procs` before it execs) or outside any.
-fn probe(
-    cgroup: Option<&TestCgroup>,
-    netns: &Netns,
-    mode: &str,
-    target: SocketAddr,
-    count: usize,
-) -> Result<Vec<Seen>> {
-    let probe = probe_bin().display().to_string();
-    let (target, count_arg) = (target.to_string(), count.to_string());
-    let argv = [probe.as_str(), mode, &target, &count_arg];
-    let output = mycni_tests::run(&mut TestCgroup::command_in(cgroup, netns, &argv))?;
-    let lines: Vec<Seen> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(Seen::parse)
-        .collect::<Result<_>>()?;
-    ensure!(lines.len() == count, "{count} tries printed {lines:?}");
-    Ok(lines)
-}
-
-/// The servers that answered, each call having seen `frontend` as its peer.
-fn servers_behind(frontend: SocketAddr, seen: &[Seen]) -> Result<BTreeSet<String>> {
-    seen.iter()
-        .map(|s| match s {
-            Seen::Reply { peer, server } if *peer == frontend => Ok(server.clone()),
-            other => bail!("want a reply with {frontend} as the peer, got {other:?}"),
-        })
-        .collect()
 }
 
 fn frontend_key(address: Ipv4Addr, port: u16, protocol: u8) -> ServiceKey {
@@ -268,10 +178,6 @@ fn link_id(node: &Node) -> Result<u32> {
         .with_context(|| format!("open {}", pin.display()))?;
     let link: aya::programs::links::FdLink = link.into();
     Ok(link.info()?.id())
-}
-
-fn names(list: &[&str]) -> BTreeSet<String> {
-    list.iter().map(|s| s.to_string()).collect()
 }
 
 #[test]

@@ -33,6 +33,11 @@ pub struct InstallOptions {
     /// Where the agent pins the datapath.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/mycni")]
     bpffs_root: String,
+    /// Who balances Services on the node, as the agent's `--service-mode`: with
+    /// `kube-proxy` the conflist chains portmap for hostPorts; with `ebpf` mycni takes the
+    /// `portMappings` capability itself.
+    #[arg(long, value_name = "MODE", default_value = "kube-proxy", value_parser = ["kube-proxy", "ebpf"])]
+    service_mode: String,
     /// Install the release binaries already built.
     #[arg(long)]
     no_build: bool,
@@ -57,9 +62,19 @@ fn check_cidr(text: &str) -> Result<String> {
 }
 
 /// The conflist, pretty-printed in the order a reader expects (serde_json's map would
-/// sort the keys). Strings go through serde_json for escaping.
-fn conflist(pod_cidr: &str, mtu: u32, data_dir: &str, bpffs_root: &str) -> String {
+/// sort the keys). Strings go through serde_json for escaping. The same content as the
+/// agent's `--cni-conf-dir` conflist (`mycni::cni::config::conflist`): portmap chained for
+/// hostPorts, or in eBPF Services mode mycni taking them.
+fn conflist(pod_cidr: &str, mtu: u32, data_dir: &str, bpffs_root: &str, ebpf: bool) -> String {
     let s = |v: &str| serde_json::Value::from(v).to_string();
+    let (capabilities, portmap) = if ebpf {
+        (",\n      \"capabilities\": {\"portMappings\": true}", "")
+    } else {
+        (
+            "",
+            ",\n    {\n      \"type\": \"portmap\",\n      \"capabilities\": {\"portMappings\": true},\n      \"snat\": true\n    }",
+        )
+    };
     format!(
         r#"{{
   "cniVersion": "1.0.0",
@@ -71,13 +86,8 @@ fn conflist(pod_cidr: &str, mtu: u32, data_dir: &str, bpffs_root: &str) -> Strin
       "podCIDR": {pod_cidr},
       "mtu": {mtu},
       "dataDir": {data_dir},
-      "bpffsRoot": {bpffs_root}
-    }},
-    {{
-      "type": "portmap",
-      "capabilities": {{"portMappings": true}},
-      "snat": true
-    }}
+      "bpffsRoot": {bpffs_root}{capabilities}
+    }}{portmap}
   ]
 }}
 "#,
@@ -135,6 +145,7 @@ pub fn run(options: &InstallOptions) -> Result<()> {
         options.mtu,
         &options.data_dir,
         &options.bpffs_root,
+        options.service_mode == "ebpf",
     );
     let conf_dir = under(&options.destdir, &options.cni_conf_dir);
     std::fs::create_dir_all(&conf_dir).with_context(|| format!("create {}", conf_dir.display()))?;
@@ -175,6 +186,7 @@ mod tests {
             1450,
             "/var/lib/cni/my \"cni\"",
             "/sys/fs/bpf/mycni",
+            false,
         );
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
         let expected = serde_json::json!({
@@ -193,6 +205,19 @@ mod tests {
             ],
         });
         assert_eq!(value, expected);
+        let ebpf: serde_json::Value =
+            serde_json::from_str(&conflist("10.244.1.0/24", 1450, "/d", "/b", true)).unwrap();
+        assert_eq!(
+            ebpf["plugins"],
+            serde_json::json!([{
+                "type": "mycni",
+                "podCIDR": "10.244.1.0/24",
+                "mtu": 1450,
+                "dataDir": "/d",
+                "bpffsRoot": "/b",
+                "capabilities": {"portMappings": true},
+            }])
+        );
     }
 
     /// `cargo xtask install ...` as clap parses it.
@@ -225,6 +250,10 @@ mod tests {
             PathBuf::from("/tmp/d/opt/cni/bin")
         );
         assert_eq!(o.data_dir, "/var/lib/cni/mycni");
+        assert_eq!(o.service_mode, "kube-proxy");
+        let ebpf = parse(&["--pod-cidr=10.244.2.0/24", "--service-mode", "ebpf"]).unwrap();
+        assert_eq!(ebpf.service_mode, "ebpf");
+        assert!(parse(&["--pod-cidr=10.244.2.0/24", "--service-mode", "ipvs"]).is_err());
         assert!(parse(&["--pod-cidr=10.244.2.0/24", "--mtu", "9"]).is_err());
         assert!(parse(&["--pod-cidr"]).is_err());
         assert!(parse(&["--mtu", "1450"]).is_err(), "--pod-cidr is required");

@@ -27,6 +27,8 @@ pub enum ErrorCode {
     DatapathFailure = 103,
     /// CHECK found the container's network different from `prevResult`.
     CheckMismatch = 104,
+    /// A hostPort (hostIP, port, protocol) the container asks for is held by another pod.
+    HostPortConflict = 105,
 }
 
 impl ErrorCode {
