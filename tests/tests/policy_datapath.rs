@@ -672,6 +672,8 @@ fn a_full_policy_map_fails_closed_and_the_apply_reports_it() -> Result<()> {
     let n1 = cluster.node("node-1");
     let a1 = n1.add_pod("a1")?;
     let a2 = n1.add_pod("a2")?;
+    // The agent, opened before the rows below exist: they are not its own to remove.
+    let mut agent = PolicyTables::open(&n1.pin_root())?;
     // Fill POLICY with rows of an address no pod holds, then make room for exactly one.
     let mut rows = pinned_hash::<PolicyKey, PolicyEntry>(n1, MAP_POLICY)?;
     let filler = |n: u32| PolicyKey {
@@ -710,7 +712,6 @@ fn a_full_policy_map_fails_closed_and_the_apply_reports_it() -> Result<()> {
     }
     allow(&mut desired, &a1, identity::HOST, 0, 0, POLICY_INGRESS);
     allow(&mut desired, &a1, ID_A2, 8000, TCP, POLICY_INGRESS);
-    let mut agent = PolicyTables::open(&n1.pin_root())?;
     ensure!(
         agent.apply(&desired).is_err(),
         "writing more rows than fit reported no error"
