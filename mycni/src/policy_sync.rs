@@ -46,9 +46,12 @@ pub struct PolicySync {
     /// The namespaces file as last written.
     written_namespaces: Option<String>,
     counters: Arc<AgentCounters>,
-    /// Opened at the first apply; dropped after a failed one (reopened, and re-read, at the
-    /// next).
+    /// Opened at the first apply and kept: a failed write leaves out of its record only
+    /// what it could not write, so a retry against a full map costs the missing writes, not
+    /// a re-read of the whole table.
     tables: Option<PolicyTables>,
+    /// Whether the last apply failed: a failure that lasts is logged once at warn.
+    failing: bool,
     /// A computation not applied yet (the last apply failed): retried every second.
     pending: Option<Computed>,
     watches: PolicyWatches,
@@ -79,6 +82,7 @@ impl PolicySync {
             root,
             data_dir,
             written_namespaces: None,
+            failing: false,
             counters,
             tables: None,
             pending: None,
@@ -260,16 +264,25 @@ impl PolicySync {
                 outcome.desired.rules.len(),
             ),
             Err(e) => {
-                log::warn!(
-                    "cannot write all of the policy maps: {e}; what fits is enforced, the rest is denied; retrying"
+                let message = format!(
+                    "cannot write all of the policy maps: {e}; what fits is enforced, the rest is denied; retrying every second"
                 );
+                if self.failing {
+                    log::debug!("{message}");
+                } else {
+                    log::warn!("{message}");
+                }
+                self.failing = true;
                 self.counters
                     .policy_sync_errors
                     .fetch_add(1, Ordering::Relaxed);
-                self.tables = None;
                 self.pending = Some(computed);
                 return;
             }
+        }
+        if self.failing {
+            log::info!("policy maps written in full again");
+            self.failing = false;
         }
         self.publish(&computed.outcome);
     }
