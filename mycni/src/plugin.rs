@@ -263,7 +263,17 @@ async fn setup_pod_network(
     policy.clear(ip).map_err(policy_error)?;
     if let Some(namespace) = env.args.get(K8S_POD_NAMESPACE) {
         if namespace_has_policies(&conf.data_dir, namespace).map_err(policy_error)? {
-            policy.mark_unresolved(ip).map_err(policy_error)?;
+            let mut node_addresses = Vec::new();
+            for link in host.links().await.map_err(netlink_error)? {
+                for (address, _) in host.addresses(link.index).await.map_err(netlink_error)? {
+                    if !address.is_loopback() {
+                        node_addresses.push(address);
+                    }
+                }
+            }
+            policy
+                .mark_unresolved(ip, &node_addresses)
+                .map_err(policy_error)?;
         }
     }
     maps.write_endpoint(ip, &endpoint).map_err(datapath_error)?;

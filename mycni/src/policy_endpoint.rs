@@ -2,7 +2,8 @@
 //! gaps between the plugin and the agent):
 //! - at ADD, before the pod's link comes up, a pod whose namespace has NetworkPolicies gets
 //!   the fail-closed marker ([`unresolved_endpoint`]): until the agent has resolved the
-//!   pod, nothing passes either way, so a new pod is never briefly open;
+//!   pod, nothing passes either way but the node's probes, so a new pod is never briefly
+//!   open;
 //! - at DEL (and at ADD, for leftovers of a DEL that never ran), everything keyed by the
 //!   pod's IP goes: its `POLICY_ENDPOINTS` entry, its `POLICY` rows, its connections in
 //!   `POLICY_CT` and its drop counters, so a pod that reuses the IP inherits nothing.
@@ -15,13 +16,15 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap};
 use mycni_common::policy::{
     identity, PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyEntry, PolicyKey, PolicyState,
-    ENFORCE_EGRESS, ENFORCE_INGRESS,
+    ENFORCE_EGRESS, ENFORCE_INGRESS, POLICY_INGRESS,
 };
 use mycni_common::{
-    FlowKey, MAP_POLICY, MAP_POLICY_CT, MAP_POLICY_DROPS, MAP_POLICY_ENDPOINTS, MAP_POLICY_STATE,
+    FlowKey, MAP_POLICY, MAP_POLICY_CT, MAP_POLICY_DROPS, MAP_POLICY_ENDPOINTS,
+    MAP_POLICY_IDENTITIES, MAP_POLICY_STATE,
 };
 
 use crate::datapath::{self, ignore_missing, DatapathError};
@@ -58,6 +61,20 @@ pub fn unresolved_endpoint() -> PolicyEndpoint {
         identity: identity::UNRESOLVED,
         enforce: ENFORCE_INGRESS | ENFORCE_EGRESS,
         pad: [0; 3],
+    }
+}
+
+/// The one row the marker comes with: the node's probes in, as the agent allows them for
+/// every pod it enforces ingress on (`rules` 0: no policy rule names it), so a new pod's
+/// readiness is not held back by the window. Left behind when the agent finds the pod
+/// selected by nothing, it is inert (the pod enforces nothing) and DEL clears it.
+pub fn unresolved_probe_row(ip: Ipv4Addr) -> PolicyKey {
+    PolicyKey {
+        endpoint: ip.octets(),
+        peer_identity: identity::HOST,
+        port: 0,
+        protocol: 0,
+        direction: POLICY_INGRESS,
     }
 }
 
@@ -113,6 +130,7 @@ pub struct EndpointPolicyMaps {
     ct: HashMap<MapData, FlowKey, PolicyCtEntry>,
     drops: PerCpuHashMap<MapData, [u8; 4], PolicyDrops>,
     state: Array<MapData, PolicyState>,
+    identities: LpmTrie<MapData, [u8; 4], u32>,
 }
 
 impl EndpointPolicyMaps {
@@ -129,6 +147,8 @@ impl EndpointPolicyMaps {
                 .map_err(map_error(MAP_POLICY_DROPS))?,
             state: Array::try_from(Map::Array(open(MAP_POLICY_STATE)?))
                 .map_err(map_error(MAP_POLICY_STATE))?,
+            identities: LpmTrie::try_from(Map::LpmTrie(open(MAP_POLICY_IDENTITIES)?))
+                .map_err(map_error(MAP_POLICY_IDENTITIES))?,
         })
     }
 
@@ -164,9 +184,24 @@ impl EndpointPolicyMaps {
     }
 
     /// Marks `ip` fail-closed until the agent resolves it, and makes sure the programs
-    /// look at policy at all (no pod of this node may have been selected yet); the agent's
-    /// next write keeps `active` so while a marker stays.
-    pub fn mark_unresolved(&mut self, ip: Ipv4Addr) -> Result<(), PolicyEndpointError> {
+    /// look at policy at all (no pod of this node may have been selected yet; the agent's
+    /// next write keeps `active` so while a marker stays) and know `node_addresses` as
+    /// `HOST` (the agent writes no identity while no pod here is selected): the probes'
+    /// row needs them, and a pod's packets to the node are decided only for `HOST`
+    /// addresses. They are what the agent writes for them too.
+    pub fn mark_unresolved(
+        &mut self,
+        ip: Ipv4Addr,
+        node_addresses: &[Ipv4Addr],
+    ) -> Result<(), PolicyEndpointError> {
+        for address in node_addresses {
+            self.identities
+                .insert(&Key::new(32, address.octets()), identity::HOST, 0)
+                .map_err(map_error(MAP_POLICY_IDENTITIES))?;
+        }
+        self.rules
+            .insert(unresolved_probe_row(ip), PolicyEntry { rules: 0 }, 0)
+            .map_err(map_error(MAP_POLICY))?;
         self.endpoints
             .insert(ip.octets(), unresolved_endpoint(), 0)
             .map_err(map_error(MAP_POLICY_ENDPOINTS))?;

@@ -512,6 +512,14 @@ fn a_new_pod_of_a_namespace_with_policies_starts_closed_until_the_agent_resolves
         Ok(())
     };
     closed("after ADD")?;
+    // The kubelet's probes pass: readiness is not held back by the window.
+    let probe = SocketAddr::from((fresh.ip, 7903));
+    tcp_echo(&fresh.netns, probe, &n1.netns, probe).context("the node's probe")?;
+    // The node is no exception the other way.
+    ensure!(
+        !tcp_connects(&n1.netns, &fresh.netns, NODES[0].ip, 7904)?,
+        "the unresolved pod reaches its node"
+    );
     ensure!(
         tcp_connects(&other.netns, &peer.netns, other.ip, 7902)?,
         "a pod of a namespace without policies is not open"
