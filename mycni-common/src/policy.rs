@@ -24,6 +24,12 @@ pub mod identity {
     pub const WORLD: u32 = 2;
     /// Another node's addresses.
     pub const REMOTE_NODE: u32 = 3;
+    /// In a `PolicyEndpoint`: the plugin's fail-closed marker, written at CNI ADD for a pod
+    /// whose namespace has policies, before the agent has resolved the pod: both directions
+    /// are denied but the node's probes (its one `POLICY` row, `HOST` ingress, as the agent
+    /// writes for every pod it enforces ingress on). The agent replaces it once it knows
+    /// the pod.
+    pub const UNRESOLVED: u32 = 4;
     pub const FIRST_ALLOCATED: u32 = 256;
 }
 

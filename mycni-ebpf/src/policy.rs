@@ -74,6 +74,14 @@ fn enforce_active(ctx: &TcContext, packet: &Ipv4, site: Site, revision: u32) -> 
     if !enforcing(src) && !enforcing(dst) {
         return Ok(());
     }
+    // A pod's packet to this node's own addresses ends in the stack's input, past every
+    // hook that decides: its egress is decided here, on the node's address and port
+    // (before any DNAT the stack does there, e.g. a NodePort on the node's address).
+    let site = if site == Site::ToStack && is_this_node(packet.dst) {
+        Site::Decide
+    } else {
+        site
+    };
     if packet.later_fragment {
         return later_fragment(ctx, packet, site);
     }
@@ -115,7 +123,16 @@ fn enforce_active(ctx: &TcContext, packet: &Ipv4, site: Site, revision: u32) -> 
             }
         };
     }
-    if let Some(entry) = POLICY_CT.get_ptr_mut(reply) {
+    // A TCP SYN opens a connection: it is never the reply of another flow, whatever a
+    // packet that went the other way recorded (a pod under ingress default-deny that sends
+    // a forged SYN-ACK from its port to a peer's must not let the peer connect in).
+    let opening = packet.proto == IPPROTO_TCP && tcp_opening(ctx, packet);
+    let reply_entry = if opening {
+        None
+    } else {
+        POLICY_CT.get_ptr_mut(reply)
+    };
+    if let Some(entry) = reply_entry {
         // SAFETY: as above.
         let (entry_revision, flags) = unsafe { ((*entry).revision, (*entry).flags) };
         // A reply: of a flow the pod sent into the stack (its peer is the address the pod
@@ -144,7 +161,7 @@ fn enforce_active(ctx: &TcContext, packet: &Ipv4, site: Site, revision: u32) -> 
         // A TCP segment other than a connection's first one, with no entry: a connection
         // from before policy applied, probably one the stack delivered to the pod. Recording
         // it would make its peer's packets look like replies; the decision point checks them.
-        if packet.proto == IPPROTO_TCP && !tcp_opening(ctx, packet) {
+        if packet.proto == IPPROTO_TCP && !opening {
             return Ok(());
         }
         record(&flow, revision, CT_VIA_STACK, now);
@@ -156,6 +173,12 @@ fn enforce_active(ctx: &TcContext, packet: &Ipv4, site: Site, revision: u32) -> 
     record(&flow, revision, 0, now);
     remember_first_fragment(packet);
     Ok(())
+}
+
+/// Whether `addr` is one of this node's own addresses (the `HOST` identity).
+#[inline(always)]
+fn is_this_node(addr: [u8; 4]) -> bool {
+    POLICY_IDENTITIES.get(&Key::new(32, addr)).copied() == Some(identity::HOST)
 }
 
 /// The flow key of a packet as policy sees it: `parse_ipv4`'s, with SCTP's ports too.

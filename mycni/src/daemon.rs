@@ -163,6 +163,11 @@ async fn serve(
         (Some(watches), Some(source)) => Some(
             start_policy(
                 root,
+                options
+                    .data_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(crate::cni::config::DEFAULT_DATA_DIR)),
+                counters.clone(),
                 watches,
                 source,
                 options.node_name.clone().unwrap_or_default(),
@@ -300,6 +305,8 @@ fn node_settings(options: &RunOptions) -> Result<Option<NodeSettings>, DaemonErr
 /// this node's addresses (its `HOST` identity) are read once, here.
 async fn start_policy(
     root: &Path,
+    data_dir: PathBuf,
+    counters: Arc<AgentCounters>,
     watches: &KubeWatches,
     nodes: &KubeNodeSource,
     node_name: String,
@@ -316,6 +323,8 @@ async fn start_policy(
     let report = SharedPolicyReport::default();
     PolicySync::new(
         root.to_path_buf(),
+        data_dir,
+        counters,
         PolicyWatches::start(watches),
         nodes.subscribe(),
         node_name,

@@ -12,6 +12,7 @@ use crate::host_ports::{HostPortTable, HostPortTableError};
 use crate::ipam::store::{IpStore, Owner, StoreError};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::plugin::{host_veth_name, release_attachment};
+use crate::policy_endpoint::{EndpointPolicyMaps, PolicyEndpointError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
@@ -21,6 +22,8 @@ pub enum GcError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Policy(#[from] PolicyEndpointError),
     #[error("cannot release a stale allocation: {0}")]
     Release(#[source] crate::cni::CniError),
     #[error(transparent)]
@@ -109,6 +112,7 @@ pub async fn collect_garbage(
         if !veth_alive {
             log::info!("removing endpoint {ip}: no allocation and no veth");
             maps.remove_endpoint(ip)?;
+            EndpointPolicyMaps::open(root)?.clear(ip)?;
             freed += 1;
         }
     }

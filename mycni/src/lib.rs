@@ -40,6 +40,7 @@ pub mod plugin;
 pub mod plugin_install;
 pub mod policy;
 pub mod policy_client;
+pub mod policy_endpoint;
 pub mod policy_maps;
 pub mod policy_sync;
 pub mod service_frontends;

@@ -44,6 +44,7 @@ pub struct Snapshot {
     /// with the Kubernetes API).
     pub services: Option<ServiceCounts>,
     pub service_sync_errors: u64,
+    pub policy_sync_errors: u64,
 }
 
 /// Frontends in `SERVICES` and backend slots in `BACKENDS` the agent last wrote.
@@ -99,6 +100,7 @@ pub fn snapshot(
         peers_unapplied: counters.peers_unapplied.load(Ordering::Relaxed),
         services: counters.services(),
         service_sync_errors: counters.service_sync_errors.load(Ordering::Relaxed),
+        policy_sync_errors: counters.policy_sync_errors.load(Ordering::Relaxed),
     })
 }
 
@@ -225,6 +227,12 @@ pub fn render_metrics(s: &Snapshot) -> String {
         );
     }
     family(
+        "mycni_policy_sync_errors_total",
+        "counter",
+        "Failed writes of the NetworkPolicy maps or the plugin's namespaces file (each is retried; a full map leaves the rows that did not fit denied).",
+        &[(String::new(), s.policy_sync_errors.to_string())],
+    );
+    family(
         "mycni_garbage_collected_total",
         "counter",
         "Allocations and endpoints freed after their pod vanished.",
@@ -241,6 +249,7 @@ pub struct AgentCounters {
     pub peer_errors: AtomicU64,
     pub peers_unapplied: AtomicU64,
     pub service_sync_errors: AtomicU64,
+    pub policy_sync_errors: AtomicU64,
     /// What the Services control plane last wrote; `services_published` once it did.
     services_published: AtomicBool,
     service_frontends: AtomicU64,
@@ -444,7 +453,9 @@ mod tests {
                 backends: 9,
             }),
             service_sync_errors: 2,
+            policy_sync_errors: 6,
         });
+        assert!(text.contains("mycni_policy_sync_errors_total 6\n"));
         assert!(text.contains("mycni_service_frontends 5\n"));
         assert!(text.contains("mycni_service_backends 9\n"));
         assert!(text.contains("mycni_service_sync_errors_total 2\n"));

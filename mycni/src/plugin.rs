@@ -19,6 +19,7 @@ use crate::host_ports::{attachment_hash, Claim, HostPortTable, HostPortTableErro
 use crate::ipam::store::{IpStore, Owner, StoreError};
 use crate::ipam::IpamError;
 use crate::netlink::{format_mac, open_netns, Netlink, NetlinkError};
+use crate::policy_endpoint::{namespace_has_policies, EndpointPolicyMaps, PolicyEndpointError};
 use mycni_common::service::ServiceKey;
 use mycni_common::{fnv1a64, Endpoint, GATEWAY_IP, PROG_FROM_POD};
 
@@ -64,6 +65,17 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
 fn netlink_error(e: NetlinkError) -> CniError {
     CniError::new(ErrorCode::NetlinkFailure, "netlink operation failed").with_details(e)
 }
+
+fn policy_error(e: PolicyEndpointError) -> CniError {
+    match e {
+        PolicyEndpointError::Datapath(e) => datapath_error(e),
+        other => CniError::new(ErrorCode::DatapathFailure, "policy maps operation failed")
+            .with_details(other),
+    }
+}
+
+/// The pod's namespace, as Kubernetes runtimes pass it in `CNI_ARGS`.
+const K8S_POD_NAMESPACE: &str = "K8S_POD_NAMESPACE";
 
 fn datapath_error(e: DatapathError) -> CniError {
     match e {
@@ -150,6 +162,9 @@ impl Undo {
         if let Some(ip) = self.map_entry {
             if let Ok(mut maps) = Maps::open(root) {
                 let _ = maps.remove_endpoint(ip);
+            }
+            if let Ok(mut policy) = EndpointPolicyMaps::open(root) {
+                let _ = policy.clear(ip);
             }
         }
         if let (Some(index), Some(host)) = (self.host_veth, host) {
@@ -261,6 +276,26 @@ async fn setup_pod_network(
         container_id_hash: fnv1a64(env.container_id.as_bytes()),
     };
     undo.map_entry = Some(ip);
+    // Policy state first, like the endpoint: nothing an earlier holder of the address left
+    // applies to this pod, and in a namespace with policies the pod starts fail-closed
+    // until the agent has resolved it (see `policy_endpoint`).
+    let mut policy = EndpointPolicyMaps::open(&conf.bpffs_root).map_err(policy_error)?;
+    policy.clear(ip).map_err(policy_error)?;
+    if let Some(namespace) = env.args.get(K8S_POD_NAMESPACE) {
+        if namespace_has_policies(&conf.data_dir, namespace).map_err(policy_error)? {
+            let mut node_addresses = Vec::new();
+            for link in host.links().await.map_err(netlink_error)? {
+                for (address, _) in host.addresses(link.index).await.map_err(netlink_error)? {
+                    if !address.is_loopback() {
+                        node_addresses.push(address);
+                    }
+                }
+            }
+            policy
+                .mark_unresolved(ip, &node_addresses)
+                .map_err(policy_error)?;
+        }
+    }
     maps.write_endpoint(ip, &endpoint).map_err(datapath_error)?;
     datapath::attach_to_host_veth(&conf.bpffs_root, &host_name).map_err(datapath_error)?;
     host.set_up(host_link.index).await.map_err(netlink_error)?;
@@ -379,6 +414,13 @@ fn merge_prev_result(conf: &NetConf, ours: CniResult) -> Value {
     merged.to_json(conf.cni_version)
 }
 
+/// Everything policy keyed by the pod's address: a later pod with it inherits nothing.
+fn clear_policy(root: &Path, ip: Ipv4Addr) -> Result<(), CniError> {
+    EndpointPolicyMaps::open(root)
+        .and_then(|mut policy| policy.clear(ip))
+        .map_err(policy_error)
+}
+
 /// Frees everything an attachment holds. Each step tolerates its object being gone, so DEL
 /// succeeds with a vanished netns, an empty `CNI_NETNS`, and when called twice.
 pub async fn release_attachment(
@@ -396,7 +438,10 @@ pub async fn release_attachment(
     match Maps::open(root) {
         Ok(mut maps) => {
             match ip {
-                Some(ip) => maps.remove_endpoint(ip).map_err(datapath_error)?,
+                Some(ip) => {
+                    maps.remove_endpoint(ip).map_err(datapath_error)?;
+                    clear_policy(root, ip)?;
+                }
                 // The allocation record is lost (a crash mid-ADD or mid-DEL): entries
                 // still naming the container are found by its hash.
                 None => {
@@ -404,6 +449,7 @@ pub async fn release_attachment(
                     for (stale_ip, endpoint) in maps.endpoints().map_err(datapath_error)? {
                         if endpoint.container_id_hash == hash {
                             maps.remove_endpoint(stale_ip).map_err(datapath_error)?;
+                            clear_policy(root, stale_ip)?;
                         }
                     }
                 }

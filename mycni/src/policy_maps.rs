@@ -2,7 +2,7 @@
 //! and their difference from what the maps hold are pure ([`PolicyDesired`], [`diff`],
 //! unit-tested); [`PolicyTables`] is the thin adapter that writes a difference in a safe
 //! order, then bumps the revision so tracked connections are checked again.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::Path;
 
@@ -10,7 +10,7 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap};
 use ipnetwork::Ipv4Network;
 use mycni_common::policy::{
-    PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyEntry, PolicyKey, PolicyState,
+    identity, PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyEntry, PolicyKey, PolicyState,
 };
 use mycni_common::{
     FlowKey, MAP_POLICY, MAP_POLICY_CT, MAP_POLICY_DROPS, MAP_POLICY_ENDPOINTS,
@@ -107,6 +107,52 @@ pub fn diff(current: &PolicyDesired, desired: &PolicyDesired) -> PolicyDiff {
     }
 }
 
+/// Brings `current` (what the agent last wrote) in line with `actual`, the endpoints the
+/// map holds: the plugin writes and clears entries behind the agent (its fail-closed
+/// marker at ADD, its clearing at DEL, which takes the pod's rows too). For every address
+/// whose entry is not what the agent wrote, the rows `desired` wants are forgotten so the
+/// diff writes them again; the others stay known, so the diff still removes them.
+pub fn reconcile_endpoints(
+    current: &mut PolicyDesired,
+    actual: &BTreeMap<Ipv4Addr, PolicyEndpoint>,
+    desired: &PolicyDesired,
+) {
+    let changed: BTreeSet<Ipv4Addr> = current
+        .endpoints
+        .keys()
+        .chain(actual.keys())
+        .filter(|ip| current.endpoints.get(ip) != actual.get(ip))
+        .copied()
+        .collect();
+    if changed.is_empty() {
+        return;
+    }
+    current.rules.retain(|key, _| {
+        !(changed.contains(&Ipv4Addr::from(key.endpoint)) && desired.rules.contains_key(key))
+    });
+    current.endpoints = actual.clone();
+}
+
+/// `desired` plus the plugin's fail-closed markers in `actual` for addresses the agent
+/// does not know a local pod at yet (the watch has not brought its IP): those stay until
+/// it does. A marker on an address the agent knows is replaced by what `desired` says.
+pub fn keep_unresolved(
+    desired: &PolicyDesired,
+    actual: &BTreeMap<Ipv4Addr, PolicyEndpoint>,
+    known_local_pods: &BTreeSet<Ipv4Addr>,
+) -> PolicyDesired {
+    let mut kept = desired.clone();
+    for (ip, endpoint) in actual {
+        if endpoint.identity == identity::UNRESOLVED
+            && !known_local_pods.contains(ip)
+            && !kept.endpoints.contains_key(ip)
+        {
+            kept.endpoints.insert(*ip, *endpoint);
+        }
+    }
+    kept
+}
+
 /// The pinned policy maps, with what they hold (read once at open, then kept in step with
 /// every write), so an apply costs the difference, not the whole table.
 pub struct PolicyTables {
@@ -148,14 +194,18 @@ impl PolicyTables {
         Ok(tables)
     }
 
-    /// What the maps hold now.
-    fn read(&self) -> Result<PolicyDesired, PolicyMapsError> {
-        let endpoints = self
-            .endpoints
+    /// What `POLICY_ENDPOINTS` holds now (one entry per local pod: cheap to read).
+    fn read_endpoints(&self) -> Result<BTreeMap<Ipv4Addr, PolicyEndpoint>, PolicyMapsError> {
+        self.endpoints
             .iter()
             .map(|entry| entry.map(|(ip, ep)| (Ipv4Addr::from(ip), ep)))
             .collect::<Result<_, _>>()
-            .map_err(map_error(MAP_POLICY_ENDPOINTS))?;
+            .map_err(map_error(MAP_POLICY_ENDPOINTS))
+    }
+
+    /// What the maps hold now.
+    fn read(&self) -> Result<PolicyDesired, PolicyMapsError> {
+        let endpoints = self.read_endpoints()?;
         let mut identities = BTreeMap::new();
         for entry in self.identities.iter() {
             let (key, identity) = entry.map_err(map_error(MAP_POLICY_IDENTITIES))?;
@@ -181,46 +231,84 @@ impl PolicyTables {
         &self.current
     }
 
-    /// Makes the maps hold `desired`: rules and identities first, then the endpoints (a pod
-    /// starts enforcing only once its rules are there), removals last (a pod stops
-    /// enforcing before its rules go); then, if anything changed, the revision is bumped
-    /// so every tracked connection is checked against the new policy on its next packet.
-    /// Returns the writes made. On an error the maps hold part of the difference; the next
-    /// apply writes the rest.
+    /// Makes the maps hold `desired`, every local pod's state included: a fail-closed
+    /// marker the plugin wrote for a pod `desired` does not select is removed.
     pub fn apply(&mut self, desired: &PolicyDesired) -> Result<PolicyDiff, PolicyMapsError> {
+        let actual = self.read_endpoints()?;
+        reconcile_endpoints(&mut self.current, &actual, desired);
+        self.write(desired)
+    }
+
+    /// As [`PolicyTables::apply`], for a caller that knows only `known_local_pods` (the
+    /// agent, whose watch brings a pod's IP after its CNI ADD): the plugin's fail-closed
+    /// markers on other addresses stay.
+    pub fn apply_keeping_unresolved(
+        &mut self,
+        desired: &PolicyDesired,
+        known_local_pods: &BTreeSet<Ipv4Addr>,
+    ) -> Result<PolicyDiff, PolicyMapsError> {
+        let actual = self.read_endpoints()?;
+        let desired = keep_unresolved(desired, &actual, known_local_pods);
+        reconcile_endpoints(&mut self.current, &actual, &desired);
+        self.write(&desired)
+    }
+
+    /// Writes the difference: rules and identities first, then the endpoints (a pod starts
+    /// enforcing only once its rules are there), removals last (a pod stops enforcing
+    /// before its rules go); then, if anything changed, the revision is bumped so every
+    /// tracked connection is checked against the new policy on its next packet.
+    ///
+    /// A failed write (a full map) does not stop the others: what could not be written is
+    /// an allow missing, so every endpoint still enforces what `desired` says with the rows
+    /// that fit, and nothing is allowed that `desired` does not allow. The first error is
+    /// returned after the revision bump; the next apply writes the rest.
+    fn write(&mut self, desired: &PolicyDesired) -> Result<PolicyDiff, PolicyMapsError> {
         let diff = diff(&self.current, desired);
+        let mut first_error: Option<PolicyMapsError> = None;
+        let mut note = |result: Result<(), MapError>, name: &'static str| match result {
+            Ok(()) => true,
+            Err(source) => {
+                first_error.get_or_insert(PolicyMapsError::Map { name, source });
+                false
+            }
+        };
         for (key, entry) in &diff.rules_set {
-            self.rules
-                .insert(key, entry, 0)
-                .map_err(map_error(MAP_POLICY))?;
-            self.current.rules.insert(*key, *entry);
+            if note(self.rules.insert(key, entry, 0), MAP_POLICY) {
+                self.current.rules.insert(*key, *entry);
+            }
         }
         for (net, identity) in &diff.identities_set {
-            self.identities
-                .insert(&lpm_key(net), identity, 0)
-                .map_err(map_error(MAP_POLICY_IDENTITIES))?;
-            self.current.identities.insert(*net, *identity);
+            let written = self.identities.insert(&lpm_key(net), identity, 0);
+            if note(written, MAP_POLICY_IDENTITIES) {
+                self.current.identities.insert(*net, *identity);
+            }
         }
         for (ip, endpoint) in &diff.endpoints_set {
-            self.endpoints
-                .insert(ip.octets(), endpoint, 0)
-                .map_err(map_error(MAP_POLICY_ENDPOINTS))?;
-            self.current.endpoints.insert(*ip, *endpoint);
+            let written = self.endpoints.insert(ip.octets(), endpoint, 0);
+            if note(written, MAP_POLICY_ENDPOINTS) {
+                self.current.endpoints.insert(*ip, *endpoint);
+            }
         }
         for ip in &diff.endpoints_removed {
-            ignore_missing(self.endpoints.remove(&ip.octets()))
-                .map_err(map_error(MAP_POLICY_ENDPOINTS))?;
-            ignore_missing(self.drops.remove(&ip.octets())).map_err(map_error(MAP_POLICY_DROPS))?;
-            self.current.endpoints.remove(ip);
+            let removed = ignore_missing(self.endpoints.remove(&ip.octets()));
+            if note(removed, MAP_POLICY_ENDPOINTS) {
+                note(
+                    ignore_missing(self.drops.remove(&ip.octets())),
+                    MAP_POLICY_DROPS,
+                );
+                self.current.endpoints.remove(ip);
+            }
         }
         for key in &diff.rules_removed {
-            ignore_missing(self.rules.remove(key)).map_err(map_error(MAP_POLICY))?;
-            self.current.rules.remove(key);
+            if note(ignore_missing(self.rules.remove(key)), MAP_POLICY) {
+                self.current.rules.remove(key);
+            }
         }
         for net in &diff.identities_removed {
-            ignore_missing(self.identities.remove(&lpm_key(net)))
-                .map_err(map_error(MAP_POLICY_IDENTITIES))?;
-            self.current.identities.remove(net);
+            let removed = ignore_missing(self.identities.remove(&lpm_key(net)));
+            if note(removed, MAP_POLICY_IDENTITIES) {
+                self.current.identities.remove(net);
+            }
         }
         let mut state = self.state()?;
         let active = u32::from(desired.active());
@@ -231,7 +319,10 @@ impl PolicyTables {
                 .set(0, state, 0)
                 .map_err(map_error(MAP_POLICY_STATE))?;
         }
-        Ok(diff)
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(diff),
+        }
     }
 
     /// `{revision, active}` as the programs see it.
@@ -359,6 +450,96 @@ mod tests {
             ]
         );
         assert!(writes.rules_removed.is_empty());
+    }
+
+    #[test]
+    fn an_endpoint_the_plugin_cleared_has_its_rows_written_again() {
+        // The agent wrote 10.0.0.5 and its row; a DEL cleared both, and a new pod with the
+        // same address and the same policy is due: the diff must write both again.
+        let ip = Ipv4Addr::new(10, 0, 0, 5);
+        let mut desired = PolicyDesired::default();
+        desired.endpoints.insert(ip, endpoint(256, ENFORCE_INGRESS));
+        desired
+            .rules
+            .insert(rule([10, 0, 0, 5], 300, 80), PolicyEntry { rules: 1 });
+        let mut current = desired.clone();
+        // A row of another pod, and one of the cleared pod that is no longer desired.
+        current
+            .rules
+            .insert(rule([10, 0, 0, 9], 300, 80), PolicyEntry { rules: 1 });
+        current
+            .rules
+            .insert(rule([10, 0, 0, 5], 300, 443), PolicyEntry { rules: 1 });
+        let mut wanted = desired.clone();
+        wanted
+            .rules
+            .insert(rule([10, 0, 0, 9], 300, 80), PolicyEntry { rules: 1 });
+        reconcile_endpoints(&mut current, &BTreeMap::new(), &wanted);
+        let writes = diff(&current, &wanted);
+        assert_eq!(
+            writes.endpoints_set,
+            vec![(ip, endpoint(256, ENFORCE_INGRESS))]
+        );
+        assert_eq!(
+            writes.rules_set,
+            vec![(rule([10, 0, 0, 5], 300, 80), PolicyEntry { rules: 1 })]
+        );
+        assert_eq!(writes.rules_removed, vec![rule([10, 0, 0, 5], 300, 443)]);
+    }
+
+    #[test]
+    fn nothing_is_forgotten_when_the_map_holds_what_the_agent_wrote() {
+        let mut current = PolicyDesired::default();
+        current
+            .endpoints
+            .insert(Ipv4Addr::new(10, 0, 0, 5), endpoint(256, ENFORCE_INGRESS));
+        current
+            .rules
+            .insert(rule([10, 0, 0, 5], 300, 80), PolicyEntry { rules: 1 });
+        let actual = current.endpoints.clone();
+        let before = current.clone();
+        reconcile_endpoints(&mut current, &actual, &before);
+        assert_eq!(current, before);
+    }
+
+    #[test]
+    fn markers_stay_until_the_agent_knows_the_pod_then_follow_the_policy() {
+        let marker = PolicyEndpoint {
+            identity: identity::UNRESOLVED,
+            enforce: ENFORCE_INGRESS | mycni_common::policy::ENFORCE_EGRESS,
+            pad: [0; 3],
+        };
+        let (new_pod, unselected, selected) = (
+            Ipv4Addr::new(10, 0, 0, 7),
+            Ipv4Addr::new(10, 0, 0, 8),
+            Ipv4Addr::new(10, 0, 0, 9),
+        );
+        let actual: BTreeMap<_, _> = [(new_pod, marker), (unselected, marker), (selected, marker)]
+            .into_iter()
+            .collect();
+        let mut desired = PolicyDesired::default();
+        desired
+            .endpoints
+            .insert(selected, endpoint(256, ENFORCE_INGRESS));
+        let known: BTreeSet<_> = [unselected, selected].into_iter().collect();
+        let kept = keep_unresolved(&desired, &actual, &known);
+        assert_eq!(kept.endpoints.get(&new_pod), Some(&marker));
+        assert_eq!(kept.endpoints.get(&unselected), None);
+        assert_eq!(
+            kept.endpoints.get(&selected),
+            Some(&endpoint(256, ENFORCE_INGRESS))
+        );
+        assert!(kept.active());
+        // The plugin's marker is news to the agent: reconciled, the unselected pod's
+        // marker is removed and the selected pod's replaced.
+        let mut current = PolicyDesired::default();
+        reconcile_endpoints(&mut current, &actual, &kept);
+        let writes = diff(&current, &kept);
+        assert_eq!(writes.endpoints_removed, vec![unselected]);
+        assert_eq!(
+            writes.endpoints_set,
+            vec![(selected, endpoint(256, ENFORCE_INGRESS))]
+        );
     }
 
     #[test]

@@ -2,18 +2,24 @@
 //! node watches to report a change, recomputes the desired maps with
 //! [`crate::policy::engine`], writes the difference with [`PolicyTables`] (which bumps the
 //! revision the programs re-check tracked connections against), and publishes the
-//! [`PolicyReport`] that `/policy` serves.
+//! [`PolicyReport`] that `/policy` serves. It also writes, in the data dir it shares with
+//! the plugin, the namespaces that have policies: the plugin starts a new pod of those
+//! fail-closed ([`crate::policy_endpoint`]) until this loop has resolved it.
 //! It runs on a thread of its own: a computation over a large cluster's pods takes tens of
 //! milliseconds and must not delay route changes or `/healthz`.
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::kube::client::{PolicyWatches, Watched};
 use crate::kube::nodes::NodeCache;
+use crate::metrics::AgentCounters;
 use crate::policy::engine::{PolicyEngine, PolicyOutcome, PolicyWorld};
 use crate::policy::report::PolicyReport;
+use crate::policy_endpoint::{render_policy_namespaces, write_policy_namespaces};
 use crate::policy_maps::PolicyTables;
 
 /// The last report, shared with the metrics server; `None` until the first computation.
@@ -23,13 +29,31 @@ pub type SharedPolicyReport = Arc<Mutex<Option<PolicyReport>>>;
 /// rolling out changes many pods at once); well inside the 1 s the issue allows.
 const COALESCE: Duration = Duration::from_millis(50);
 
+/// A computation, with what applying it needs besides the maps.
+pub struct Computed {
+    outcome: PolicyOutcome,
+    /// The addresses of this node's pods the watch knows: the plugin's fail-closed marker
+    /// on any other address stays.
+    local_pods: BTreeSet<Ipv4Addr>,
+    /// The namespaces file's text.
+    policy_namespaces: String,
+}
+
 pub struct PolicySync {
     root: PathBuf,
-    /// Opened at the first apply; dropped after a failed one (reopened, and re-read, at the
-    /// next).
+    /// Shared with the plugin (its `dataDir`): where the namespaces file goes.
+    data_dir: PathBuf,
+    /// The namespaces file as last written.
+    written_namespaces: Option<String>,
+    counters: Arc<AgentCounters>,
+    /// Opened at the first apply and kept: a failed write leaves out of its record only
+    /// what it could not write, so a retry against a full map costs the missing writes, not
+    /// a re-read of the whole table.
     tables: Option<PolicyTables>,
+    /// Whether the last apply failed: a failure that lasts is logged once at warn.
+    failing: bool,
     /// A computation not applied yet (the last apply failed): retried every second.
-    pending: Option<PolicyOutcome>,
+    pending: Option<Computed>,
     watches: PolicyWatches,
     nodes: Watched<NodeCache>,
     node_name: String,
@@ -43,8 +67,11 @@ pub struct PolicySync {
 }
 
 impl PolicySync {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         root: PathBuf,
+        data_dir: PathBuf,
+        counters: Arc<AgentCounters>,
         watches: PolicyWatches,
         nodes: Watched<NodeCache>,
         node_name: String,
@@ -53,6 +80,10 @@ impl PolicySync {
     ) -> PolicySync {
         PolicySync {
             root,
+            data_dir,
+            written_namespaces: None,
+            failing: false,
+            counters,
             tables: None,
             pending: None,
             watches,
@@ -97,8 +128,8 @@ impl PolicySync {
             if self.changed() {
                 self.recompute();
             }
-            if let Some(outcome) = self.pending.take() {
-                self.apply(outcome);
+            if let Some(computed) = self.pending.take() {
+                self.apply(computed);
             }
         }
     }
@@ -138,15 +169,27 @@ impl PolicySync {
             .map(|n| n.ip)
             .collect();
         let (engine, node_name, host) = (&mut self.engine, &self.node_name, &self.host_addresses);
+        let mut local_pods = BTreeSet::new();
+        let mut policy_namespaces = String::new();
         // Locked in one order (pods, namespaces, policies); each watch locks only its own.
         let outcome = self.watches.pods.read(|pods| {
             self.watches.namespaces.read(|namespaces| {
                 self.watches.policies.read(|policies| {
+                    let pod_sets = pods.pod_sets();
+                    local_pods = pod_sets
+                        .iter()
+                        .flat_map(|set| set.pods.iter())
+                        .filter(|pod| pod.node == *node_name)
+                        .map(|pod| pod.ip)
+                        .collect();
+                    policy_namespaces = render_policy_namespaces(
+                        policies.objects().values().map(|p| p.namespace.as_str()),
+                    );
                     let world = PolicyWorld {
                         node_name,
                         host_addresses: host.clone(),
                         remote_node_addresses: remote,
-                        pod_sets: pods.pod_sets(),
+                        pod_sets,
                         namespaces: namespaces
                             .objects()
                             .iter()
@@ -169,25 +212,45 @@ impl PolicySync {
             outcome.desired.identities.len(),
             self.engine.identity_count(),
         );
-        self.pending = Some(outcome);
+        self.pending = Some(Computed {
+            outcome,
+            local_pods,
+            policy_namespaces,
+        });
     }
 
-    /// Writes the outcome's maps; on success publishes its report, on failure keeps it for
-    /// the next attempt (the maps then hold part of the difference, which the next apply,
-    /// diffing against what was written, completes).
-    fn apply(&mut self, outcome: PolicyOutcome) {
+    /// Writes the namespaces file and the outcome's maps; on success publishes its
+    /// report, on failure counts the error and keeps the computation for the next attempt
+    /// (the maps then hold every write that succeeded: with a full map, each endpoint
+    /// enforces with the rows that fit, never more than its policies allow).
+    fn apply(&mut self, computed: Computed) {
+        if self.written_namespaces.as_ref() != Some(&computed.policy_namespaces) {
+            match write_policy_namespaces(&self.data_dir, &computed.policy_namespaces) {
+                Ok(()) => self.written_namespaces = Some(computed.policy_namespaces.clone()),
+                Err(e) => {
+                    log::warn!("cannot tell the plugin which namespaces have policies: {e}");
+                    self.counters
+                        .policy_sync_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
         let tables = match self.tables.as_mut() {
             Some(tables) => tables,
             None => match PolicyTables::open(&self.root) {
                 Ok(tables) => self.tables.insert(tables),
                 Err(e) => {
                     log::warn!("cannot open the policy maps: {e}; retrying");
-                    self.pending = Some(outcome);
+                    self.counters
+                        .policy_sync_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.pending = Some(computed);
                     return;
                 }
             },
         };
-        match tables.apply(&outcome.desired) {
+        let outcome = &computed.outcome;
+        match tables.apply_keeping_unresolved(&outcome.desired, &computed.local_pods) {
             Ok(diff) if diff.is_empty() => {}
             Ok(diff) => log::info!(
                 "policy applied: endpoints {} set {} removed, identities {} set {} removed, rules {} set {} removed ({} pods here selected, {} rules)",
@@ -201,13 +264,27 @@ impl PolicySync {
                 outcome.desired.rules.len(),
             ),
             Err(e) => {
-                log::warn!("cannot write the policy maps: {e}; retrying");
-                self.tables = None;
-                self.pending = Some(outcome);
+                let message = format!(
+                    "cannot write all of the policy maps: {e}; what fits is enforced, the rest is denied; retrying every second"
+                );
+                if self.failing {
+                    log::debug!("{message}");
+                } else {
+                    log::warn!("{message}");
+                }
+                self.failing = true;
+                self.counters
+                    .policy_sync_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                self.pending = Some(computed);
                 return;
             }
         }
-        self.publish(&outcome);
+        if self.failing {
+            log::info!("policy maps written in full again");
+            self.failing = false;
+        }
+        self.publish(&computed.outcome);
     }
 
     fn publish(&mut self, outcome: &PolicyOutcome) {

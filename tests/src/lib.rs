@@ -467,13 +467,20 @@ impl Node {
 
     /// ADD a pod: a new namespace `<prefix>-<name>` joined to this node; returns its IP.
     pub fn add_pod(&self, name: &str) -> Result<Pod> {
+        self.add_pod_with_args(name, "")
+    }
+
+    /// ADD a pod with `CNI_ARGS` (`K8S_POD_NAMESPACE=shop;IP=10.244.1.9`, as a runtime
+    /// passes them; empty for none).
+    pub fn add_pod_with_args(&self, name: &str, cni_args: &str) -> Result<Pod> {
         let netns = Netns::new(&format!("{}-{name}", self.prefix))?;
         let container_id = format!("{}-{name}", self.prefix);
         let path = netns.path().display().to_string();
-        let call = self.cni(
-            &Node::cni_env("ADD", &container_id, &path),
-            &self.conf("1.0.0").to_string(),
-        )?;
+        let mut env = Node::cni_env("ADD", &container_id, &path);
+        if !cni_args.is_empty() {
+            env.push(("CNI_ARGS", cni_args));
+        }
+        let call = self.cni(&env, &self.conf("1.0.0").to_string())?;
         if !call.exit_ok {
             bail!("ADD {name} failed: {} {}", call.stdout, call.stderr);
         }

@@ -196,6 +196,54 @@ pub fn udp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]
     ipv4(src, dst, 17, &udp)
 }
 
+/// TCP flag bits, for [`tcp4`].
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// IPv4 + a TCP segment with `flags` (no options, window 1024), its checksum over the
+/// pseudo-header computed.
+pub fn tcp4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(20 + payload.len());
+    tcp.extend_from_slice(&sport.to_be_bytes());
+    tcp.extend_from_slice(&dport.to_be_bytes());
+    tcp.extend_from_slice(&0x1000_0000u32.to_be_bytes());
+    tcp.extend_from_slice(&0x2000_0000u32.to_be_bytes());
+    tcp.extend_from_slice(&[5 << 4, flags]);
+    tcp.extend_from_slice(&1024u16.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0]);
+    tcp.extend_from_slice(payload);
+    let mut pseudo = Vec::with_capacity(12 + tcp.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(&tcp);
+    let sum = checksum(0, &pseudo);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    ipv4(src, dst, 6, &tcp)
+}
+
+/// The TCP (source port, destination port, flags) of an Ethernet frame carrying IPv4.
+pub fn tcp_of_frame(frame: &[u8]) -> Option<(u16, u16, u8)> {
+    if frame.len() < 14 + 20 + 20 || frame[12..14] != [0x08, 0x00] || frame[23] != 6 {
+        return None;
+    }
+    let l4 = 14 + ((frame[14] & 0x0f) as usize) * 4;
+    let tcp = frame.get(l4..l4 + 14)?;
+    Some((
+        u16::from_be_bytes([tcp[0], tcp[1]]),
+        u16::from_be_bytes([tcp[2], tcp[3]]),
+        tcp[13],
+    ))
+}
+
 /// An ICMPv4 message: type, code, checksum, then `rest` (identifier, sequence, data...).
 pub fn icmp4(kind: u8, code: u8, rest: &[u8]) -> Vec<u8> {
     let mut icmp = vec![kind, code, 0, 0];

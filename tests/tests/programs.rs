@@ -2130,3 +2130,64 @@ fn every_verdict_is_reached_by_a_test_here() -> Result<()> {
     ensure!(missing.is_empty(), "verdicts no test reaches: {missing:?}");
     Ok(())
 }
+
+#[test]
+fn a_pods_egress_to_its_own_node_is_decided_in_from_pod() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let mut desired = policy(ENFORCE_EGRESS, 0);
+        dp.apply_policy(&desired)?;
+        // The node's address ends in the stack's input, past every later hook: from_pod
+        // decides it.
+        let to_node = |dport| from_pod_a(&ip(POD_A, NODE_IP).tcp(40000, dport, TCP_SYN, 1, 0));
+        expect_action(
+            &dp.run(PROG_FROM_POD, dp.dev.host_a, &to_node(10250))?,
+            TC_ACT_SHOT,
+        )?;
+        allow(
+            &mut desired,
+            POD_A,
+            identity::HOST,
+            10250,
+            IPPROTO_TCP,
+            POLICY_EGRESS,
+        );
+        dp.apply_policy(&desired)?;
+        expect_action(
+            &dp.run(PROG_FROM_POD, dp.dev.host_a, &to_node(10250))?,
+            TC_ACT_OK,
+        )?;
+        expect_action(
+            &dp.run(PROG_FROM_POD, dp.dev.host_a, &to_node(10251))?,
+            TC_ACT_SHOT,
+        )?;
+        // A ClusterIP is not the node: still handed to the stack undecided.
+        let to_service = from_pod_a(&ip(POD_A, CLUSTER_IP).tcp(40001, 80, TCP_SYN, 1, 0));
+        expect_action(
+            &dp.run(PROG_FROM_POD, dp.dev.host_a, &to_service)?,
+            TC_ACT_OK,
+        )?;
+        ensure!(dp.policy_drops(POD_A)?.egress_packets == 2);
+        Ok(())
+    })
+}
+
+#[test]
+fn a_syn_is_never_the_reply_of_a_flow_recorded_the_other_way() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        // B takes nothing in; its egress is free.
+        dp.apply_policy(&policy(0, ENFORCE_INGRESS))?;
+        // B "answers" a connection A never opened, from B's port 80 to A's 40000...
+        let forged = from_pod_b(&ip(POD_B, POD_A).tcp(80, 40000, TCP_SYN | TCP_ACK, 1, 1));
+        expect_action(
+            &dp.run(PROG_FROM_POD, dp.dev.host_b, &forged)?,
+            TC_ACT_REDIRECT,
+        )?;
+        // ...and A's SYN on those very ports is a new connection into B: denied.
+        let syn = from_pod_a(&ip(POD_A, POD_B).tcp(40000, 80, TCP_SYN, 1, 0));
+        expect_action(&dp.run(PROG_FROM_POD, dp.dev.host_a, &syn)?, TC_ACT_SHOT)?;
+        ensure!(dp.policy_drops(POD_B)?.ingress_packets == 1);
+        Ok(())
+    })
+}
