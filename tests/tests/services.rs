@@ -124,8 +124,11 @@ impl SteppedProbe {
     fn next(&mut self) -> Result<Seen> {
         if self.answered > 0 {
             let stdin = self.child.stdin.as_mut().context("probe stdin")?;
-            stdin.write_all(b"\n")?;
-            stdin.flush()?;
+            // A probe whose socket ended may have printed its last line and exited already.
+            match stdin.write_all(b"\n").and_then(|_| stdin.flush()) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                other => other?,
+            }
         }
         let line = self.lines.next().context("the probe ended")??;
         self.answered += 1;
