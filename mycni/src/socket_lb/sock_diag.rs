@@ -209,19 +209,19 @@ pub fn parse_dump(protocol: u8, buf: &[u8]) -> Result<DumpPart, SockDiagError> {
 
 /// Parses the answer to a [`destroy_request`]: `Ok(())` for the acknowledgement.
 pub fn parse_ack(buf: &[u8]) -> Result<(), SockDiagError> {
-    for (message_type, payload) in messages(buf)? {
-        if message_type != NLMSG_ERROR {
-            return Err(SockDiagError::UnexpectedType(message_type));
-        }
-        return match error_code(payload)? {
-            0 => Ok(()),
-            errno => Err(SockDiagError::Kernel(errno)),
-        };
+    let Some((message_type, payload)) = messages(buf)?.into_iter().next() else {
+        return Err(SockDiagError::Truncated {
+            len: buf.len(),
+            claimed: NLMSG_HEADER_LEN,
+        });
+    };
+    if message_type != NLMSG_ERROR {
+        return Err(SockDiagError::UnexpectedType(message_type));
     }
-    Err(SockDiagError::Truncated {
-        len: buf.len(),
-        claimed: NLMSG_HEADER_LEN,
-    })
+    match error_code(payload)? {
+        0 => Ok(()),
+        errno => Err(SockDiagError::Kernel(errno)),
+    }
 }
 
 #[cfg(test)]
