@@ -151,6 +151,7 @@ impl ServiceTables {
             }
         }
         if !removed.is_empty() {
+            let started = std::time::Instant::now();
             let reverse = &self.sock_reverse;
             let report = socket_termination::end_stale_sockets(
                 &removed,
@@ -168,10 +169,11 @@ impl ServiceTables {
             );
             if !report.destroyed.is_empty() || report.failures > 0 {
                 log::info!(
-                    "services: ended {} sockets ({} failures) in {} network namespaces for {}",
+                    "services: ended {} sockets ({} failures) in {} network namespaces ({} ms) for {}",
                     report.destroyed.len(),
                     report.failures,
                     report.namespaces,
+                    started.elapsed().as_millis(),
                     removed.describe().join(", ")
                 );
             }
