@@ -43,6 +43,10 @@ pub struct ServiceTables {
     backends: HashMap<MapData, BackendKey, Backend>,
     affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     sock_reverse: HashMap<MapData, SockReverseKey, SockReverseEntry>,
+    /// The frontends as they were before an `apply` whose writes failed: the next one
+    /// ends the sockets of every backend removed since (its own start sees half the
+    /// change written).
+    unfinished: Option<DesiredServices>,
 }
 
 /// What one [`ServiceTables::apply`] wrote.
@@ -76,6 +80,7 @@ impl ServiceTables {
             backends,
             affinity,
             sock_reverse,
+            unfinished: None,
         })
     }
 
@@ -107,8 +112,69 @@ impl ServiceTables {
     /// writes, so a client reconnecting at once already picks a live backend).
     pub fn apply(&mut self, desired: &DesiredServices) -> Result<ApplySummary, ServiceTablesError> {
         let (services, slots) = (self.services()?, self.backend_slots()?);
-        let removed = removed_backends(&frontends_of(&services, &slots), desired);
-        let ops = plan(&services, &slots, desired)?;
+        // What the maps held before an apply that failed half-way, else what they hold.
+        let before = self
+            .unfinished
+            .take()
+            .unwrap_or_else(|| frontends_of(&services, &slots));
+        let mut summary = match self.write(&services, &slots, desired) {
+            Ok(summary) => summary,
+            Err(e) => {
+                self.unfinished = Some(before);
+                return Err(e);
+            }
+        };
+        let removed = removed_backends(&before, desired);
+        if !removed.is_empty() {
+            let started = std::time::Instant::now();
+            let reverse = &self.sock_reverse;
+            let report = socket_termination::end_stale_sockets(
+                &removed,
+                &|cookie: u64, backend: Backend| {
+                    reverse
+                        .get(
+                            &SockReverseKey {
+                                socket_cookie: cookie,
+                                backend,
+                            },
+                            0,
+                        )
+                        .ok()
+                },
+            );
+            if !report.destroyed.is_empty() || report.failures > 0 {
+                log::info!(
+                    "services: ended {} sockets ({} failures) in {} network namespaces ({} ms) for {}",
+                    report.destroyed.len(),
+                    report.failures,
+                    report.namespaces,
+                    started.elapsed().as_millis(),
+                    removed.describe().join(", ")
+                );
+            }
+            for (cookie, backend) in &report.destroyed {
+                let key = SockReverseKey {
+                    socket_cookie: *cookie,
+                    backend: *backend,
+                };
+                // The socket is gone; a missing entry was evicted meanwhile.
+                datapath::ignore_missing(self.sock_reverse.remove(&key))
+                    .map_err(map_error(MAP_SOCK_REVERSE))?;
+            }
+            summary.sockets_destroyed = report.destroyed.len();
+            summary.socket_termination_failures = report.failures;
+        }
+        Ok(summary)
+    }
+
+    /// The plan's writes, then the `AFFINITY` entries of services whose backends changed.
+    fn write(
+        &mut self,
+        services: &BTreeMap<ServiceKey, ServiceEntry>,
+        slots: &BTreeMap<BackendKey, Backend>,
+        desired: &DesiredServices,
+    ) -> Result<ApplySummary, ServiceTablesError> {
+        let ops = plan(services, slots, desired)?;
         let mut summary = ApplySummary::default();
         let mut clear = BTreeSet::new();
         for op in &ops {
@@ -149,45 +215,6 @@ impl ServiceTables {
                     .map_err(map_error(MAP_AFFINITY))?;
                 summary.affinity_cleared += 1;
             }
-        }
-        if !removed.is_empty() {
-            let started = std::time::Instant::now();
-            let reverse = &self.sock_reverse;
-            let report = socket_termination::end_stale_sockets(
-                &removed,
-                &|cookie: u64, backend: Backend| {
-                    reverse
-                        .get(
-                            &SockReverseKey {
-                                socket_cookie: cookie,
-                                backend,
-                            },
-                            0,
-                        )
-                        .ok()
-                },
-            );
-            if !report.destroyed.is_empty() || report.failures > 0 {
-                log::info!(
-                    "services: ended {} sockets ({} failures) in {} network namespaces ({} ms) for {}",
-                    report.destroyed.len(),
-                    report.failures,
-                    report.namespaces,
-                    started.elapsed().as_millis(),
-                    removed.describe().join(", ")
-                );
-            }
-            for (cookie, backend) in &report.destroyed {
-                let key = SockReverseKey {
-                    socket_cookie: *cookie,
-                    backend: *backend,
-                };
-                // The socket is gone; a missing entry was evicted meanwhile.
-                datapath::ignore_missing(self.sock_reverse.remove(&key))
-                    .map_err(map_error(MAP_SOCK_REVERSE))?;
-            }
-            summary.sockets_destroyed = report.destroyed.len();
-            summary.socket_termination_failures = report.failures;
         }
         Ok(summary)
     }
