@@ -87,8 +87,11 @@ pub struct AffinityEntry {
     pub last_used_ns: u64,
 }
 
-/// Key of `SOCK_REVERSE` (LRU): a UDP socket that sent to a frontend and the backend it
-/// was sent to, so `recvmsg4`/`getpeername4` show the frontend as the peer.
+/// Key of `SOCK_REVERSE` (LRU): a socket that connected or sent to a frontend and the
+/// backend it was given, so `recvmsg4`/`getpeername4` show the frontend as the peer, and
+/// the agent can tell a socket connected through a frontend (to end it when that backend
+/// leaves the frontend) from one connected to the backend's address itself. The cookie is
+/// `bpf_get_socket_cookie`'s, which sock_diag reports too.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockReverseKey {

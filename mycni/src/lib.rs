@@ -11,7 +11,8 @@
 //! [`nodes`] and [`nat`] (their pure decisions), [`metrics`] (`/metrics`, `/healthz`),
 //! [`garbage_collection`] (what a lost DEL leaves), [`conflist`] (the readiness signal),
 //! [`map_tables`] (the maps printed), [`plugin_install`] (the DaemonSet's init step),
-//! [`socket_lb`] (Services in eBPF mode: the map writes and the cgroup attachment),
+//! [`socket_lb`] (Services in eBPF mode: the map writes, the cgroup attachment, and the
+//! end of sockets left connected to a removed backend),
 //! [`host_ports`] (hostPorts without portmap: the plugin's `HOST_PORTS` entries),
 //! [`service_frontends`] (their desired contents, pure) and [`service_sync`] (the loop from
 //! the Services and Endpoints watches to the maps),

@@ -45,6 +45,9 @@ pub struct Snapshot {
     pub services: Option<ServiceCounts>,
     pub service_sync_errors: u64,
     pub policy_sync_errors: u64,
+    /// Sockets ended because their backend left the frontend they connected through.
+    pub service_sockets_destroyed: u64,
+    pub service_socket_termination_failures: u64,
 }
 
 /// Frontends in `SERVICES` and backend slots in `BACKENDS` the agent last wrote.
@@ -101,6 +104,10 @@ pub fn snapshot(
         services: counters.services(),
         service_sync_errors: counters.service_sync_errors.load(Ordering::Relaxed),
         policy_sync_errors: counters.policy_sync_errors.load(Ordering::Relaxed),
+        service_sockets_destroyed: counters.service_sockets_destroyed.load(Ordering::Relaxed),
+        service_socket_termination_failures: counters
+            .service_socket_termination_failures
+            .load(Ordering::Relaxed),
     })
 }
 
@@ -225,6 +232,21 @@ pub fn render_metrics(s: &Snapshot) -> String {
             "Failed writes of the Services maps (each is retried).",
             &[(String::new(), s.service_sync_errors.to_string())],
         );
+        family(
+            "mycni_service_sockets_destroyed_total",
+            "counter",
+            "Sockets ended because their backend left the Service frontend they connected through.",
+            &[(String::new(), s.service_sockets_destroyed.to_string())],
+        );
+        family(
+            "mycni_service_socket_termination_failures_total",
+            "counter",
+            "Network namespaces or sockets the socket termination could not handle (logged).",
+            &[(
+                String::new(),
+                s.service_socket_termination_failures.to_string(),
+            )],
+        );
     }
     family(
         "mycni_policy_sync_errors_total",
@@ -250,6 +272,8 @@ pub struct AgentCounters {
     pub peers_unapplied: AtomicU64,
     pub service_sync_errors: AtomicU64,
     pub policy_sync_errors: AtomicU64,
+    pub service_sockets_destroyed: AtomicU64,
+    pub service_socket_termination_failures: AtomicU64,
     /// What the Services control plane last wrote; `services_published` once it did.
     services_published: AtomicBool,
     service_frontends: AtomicU64,
@@ -454,8 +478,11 @@ mod tests {
             }),
             service_sync_errors: 2,
             policy_sync_errors: 6,
+            service_sockets_destroyed: 6,
+            service_socket_termination_failures: 0,
         });
         assert!(text.contains("mycni_policy_sync_errors_total 6\n"));
+        assert!(text.contains("mycni_service_sockets_destroyed_total 6\n"));
         assert!(text.contains("mycni_service_frontends 5\n"));
         assert!(text.contains("mycni_service_backends 9\n"));
         assert!(text.contains("mycni_service_sync_errors_total 2\n"));

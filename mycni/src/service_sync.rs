@@ -1,7 +1,8 @@
 //! The Services control loop of `mycni-agent run --service-mode ebpf` with the Kubernetes
 //! API: wakes on every Service or Endpoints change, computes the frontends
 //! ([`crate::service_frontends`]) and writes them to the pinned maps
-//! ([`crate::socket_lb::ServiceTables`]). Wiring only: the decisions are in those modules.
+//! ([`crate::socket_lb::ServiceTables`]), which also ends the sockets connected to a
+//! backend a frontend lost. Wiring only: the decisions are in those modules.
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -87,6 +88,13 @@ pub async fn sync_services(
             Ok(summary) => {
                 let (frontend_count, backend_count) = service_frontends::counts(&desired);
                 counters.publish_services(frontend_count, backend_count);
+                counters
+                    .service_sockets_destroyed
+                    .fetch_add(summary.sockets_destroyed as u64, Ordering::Relaxed);
+                counters.service_socket_termination_failures.fetch_add(
+                    summary.socket_termination_failures as u64,
+                    Ordering::Relaxed,
+                );
                 if summary.writes > 0 {
                     log::info!(
                         "services: {frontend_count} frontends, {backend_count} backends ({} map writes)",

@@ -24,9 +24,18 @@ pub struct Server {
 
 impl Server {
     pub fn start(netns: &Netns, port: u16, name: &str) -> Result<Server> {
+        Server::start_mode(netns, "serve", port, name)
+    }
+
+    /// A TCP server that keeps each connection and answers every message on it.
+    pub fn start_held(netns: &Netns, port: u16, name: &str) -> Result<Server> {
+        Server::start_mode(netns, "serve-held", port, name)
+    }
+
+    fn start_mode(netns: &Netns, mode: &str, port: u16, name: &str) -> Result<Server> {
         let mut child = netns
             .command(probe_bin())
-            .args(["serve", &port.to_string(), name])
+            .args([mode, &port.to_string(), name])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -577,6 +577,20 @@ fn services_are_balanced_by_mycni_without_kube_proxy() -> Result<()> {
             "{}: no service_translated in /metrics",
             node.name
         );
+        // Scaling to zero removed every backend: each agent looked for the sockets left
+        // connected to them in every namespace on its node (from its container, through
+        // hostPID), and none of that failed.
+        assert_eq!(
+            metric(&metrics, "mycni_service_socket_termination_failures_total"),
+            Some(0.0),
+            "{}: socket termination failures",
+            node.name
+        );
+        println!(
+            "{}: sockets ended for removed backends: {:?}",
+            node.name,
+            metric(&metrics, "mycni_service_sockets_destroyed_total")
+        );
         let stats = node.exec(&[
             &agent_bin().display().to_string(),
             "--bpffs-root=/sys/fs/bpf/mycni",

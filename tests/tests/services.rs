@@ -11,7 +11,7 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use mycni::socket_lb::{DesiredServices, ServiceTables};
+use mycni::socket_lb::{ApplySummary, DesiredServices, ServiceTables};
 use mycni_common::service::{
     Backend, ServiceEntry, ServiceKey, PROTO_TCP, PROTO_UDP, SERVICE_AFFINITY_CLIENT_IP,
 };
@@ -22,11 +22,17 @@ use mycni_tests::sock_probe::{names, probe, probe_bin, servers_behind, Seen, Ser
 use mycni_tests::{prefix, AgentLog, Netns, Node, Pod, NODE_IP};
 
 const ECONNREFUSED: i32 = 111;
+const ECONNABORTED: i32 = 103;
+/// What a send on a UDP socket that is no longer connected returns.
+const EDESTADDRREQ: i32 = 89;
+/// The port of the backends' `serve-held` servers.
+const HELD_PORT: u16 = 8081;
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const BACKEND_PORT: u16 = 8080;
 
-/// A connected UDP probe in the cgroup that sends one datagram per [`SteppedProbe::next`]
-/// on the same socket.
+/// A probe in the cgroup that keeps one socket and sends one message per
+/// [`SteppedProbe::next`] on it: a connected UDP socket, or a TCP connection (`tcp-held`,
+/// whose line after its `count` messages says how the connection ended).
 struct SteppedProbe {
     child: Child,
     lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
@@ -40,9 +46,19 @@ impl SteppedProbe {
         target: SocketAddr,
         count: usize,
     ) -> Result<SteppedProbe> {
+        SteppedProbe::start_mode(cgroup, netns, "udp-connected", target, count)
+    }
+
+    fn start_mode(
+        cgroup: &TestCgroup,
+        netns: &Netns,
+        mode: &str,
+        target: SocketAddr,
+        count: usize,
+    ) -> Result<SteppedProbe> {
         let probe = probe_bin().display().to_string();
         let (target, count) = (target.to_string(), count.to_string());
-        let argv = [probe.as_str(), "udp-connected", &target, &count];
+        let argv = [probe.as_str(), mode, &target, &count];
         let mut child = TestCgroup::command_in(Some(cgroup), netns, &argv)
             .env("MYCNI_PROBE_STEP", "1")
             .stdin(Stdio::piped())
@@ -61,8 +77,11 @@ impl SteppedProbe {
     fn next(&mut self) -> Result<Seen> {
         if self.answered > 0 {
             let stdin = self.child.stdin.as_mut().context("probe stdin")?;
-            stdin.write_all(b"\n")?;
-            stdin.flush()?;
+            // A probe whose socket ended may have printed its last line and exited already.
+            match stdin.write_all(b"\n").and_then(|_| stdin.flush()) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                other => other?,
+            }
         }
         let line = self.lines.next().context("the probe ended")??;
         self.answered += 1;
@@ -157,9 +176,8 @@ impl ServiceLab {
         })
     }
 
-    fn apply(&self, desired: &DesiredServices) -> Result<()> {
-        ServiceTables::open(&self.node.pin_root())?.apply(desired)?;
-        Ok(())
+    fn apply(&self, desired: &DesiredServices) -> Result<ApplySummary> {
+        Ok(ServiceTables::open(&self.node.pin_root())?.apply(desired)?)
     }
 
     fn probe(&self, mode: &str, target: SocketAddr, count: usize) -> Result<Vec<Seen>> {
@@ -439,5 +457,93 @@ fn backends_on_other_nodes_direct_and_vxlan_are_reached() -> Result<()> {
         servers_behind(dns, &udp)? == names(&["direct", "vxlan"]),
         "{udp:?}"
     );
+    Ok(())
+}
+
+/// A TCP connection and a connected UDP socket through a ClusterIP to b0; b0 leaves the
+/// Service (`ServiceTables::apply`, the write the agent's Services loop makes): both end at
+/// once (the TCP one wakes from a blocked read with ECONNABORTED, the UDP one's next send
+/// fails) while sockets connected to b0's own address carry on, and new connections go to b1.
+#[test]
+fn a_removed_backend_s_service_sockets_end_at_once_and_direct_ones_stay() -> Result<()> {
+    mycni_tests::require_root!();
+    let lab = ServiceLab::new("svcend", "10.244.17.0/24", 2)?;
+    let _held: Vec<Server> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, pod)| Server::start_held(&pod.netns, HELD_PORT, &format!("b{i}")))
+        .collect::<Result<_>>()?;
+    let (b0, b1) = (&lab.backends[0], &lab.backends[1]);
+    let held = |pod: &Pod| Backend {
+        port: HELD_PORT,
+        ..backend(pod)
+    };
+    let tcp = SocketAddr::from((CLUSTER_IP, 80));
+    let dns = SocketAddr::from((CLUSTER_IP, 53));
+    let services = |tcp_backend: Backend, udp_backend: Backend| -> DesiredServices {
+        [
+            (
+                frontend_key(CLUSTER_IP, 80, PROTO_TCP),
+                (entry(11, 0, 0), vec![tcp_backend]),
+            ),
+            (
+                frontend_key(CLUSTER_IP, 53, PROTO_UDP),
+                (entry(12, 0, 0), vec![udp_backend]),
+            ),
+        ]
+        .into()
+    };
+    lab.apply(&services(held(b0), backend(b0)))?;
+    let reply = |peer: SocketAddr, server: &str| Seen::Reply {
+        peer,
+        server: server.to_string(),
+    };
+    let start = |mode: &str, target: SocketAddr, count: usize| {
+        SteppedProbe::start_mode(&lab.cgroup, &lab.client.netns, mode, target, count)
+    };
+    let mut through_tcp = start("tcp-held", tcp, 1)?;
+    ensure!(
+        through_tcp.next()? == reply(tcp, "b0"),
+        "through the Service"
+    );
+    let mut through_udp = start("udp-connected", dns, 2)?;
+    ensure!(through_udp.next()? == reply(dns, "b0"));
+    let direct_tcp_address = SocketAddr::from((b0.ip, HELD_PORT));
+    let mut direct_tcp = start("tcp-held", direct_tcp_address, 2)?;
+    ensure!(direct_tcp.next()? == reply(direct_tcp_address, "b0"));
+    let direct_udp_address = SocketAddr::from((b0.ip, BACKEND_PORT));
+    let mut direct_udp = start("udp-connected", direct_udp_address, 2)?;
+    ensure!(direct_udp.next()? == reply(direct_udp_address, "b0"));
+
+    let summary = lab.apply(&services(held(b1), backend(b1)))?;
+    // The TCP client sits in a read that only the connection's end returns from.
+    let ended = through_tcp.next()?;
+    ensure!(
+        ended == Seen::Errno(ECONNABORTED),
+        "the TCP connection to the removed backend: {ended:?}"
+    );
+    let ended = through_udp.next()?;
+    ensure!(
+        ended == Seen::Errno(EDESTADDRREQ),
+        "the connected UDP socket to the removed backend: {ended:?}"
+    );
+    ensure!(
+        direct_tcp.next()? == reply(direct_tcp_address, "b0"),
+        "a TCP connection to b0's own address was touched"
+    );
+    ensure!(
+        direct_udp.next()? == reply(direct_udp_address, "b0"),
+        "a UDP socket connected to b0's own address was touched"
+    );
+    ensure!(
+        summary.sockets_destroyed == 2 && summary.socket_termination_failures == 0,
+        "{summary:?}"
+    );
+    // New sockets pick the live backend.
+    let mut again = start("tcp-held", tcp, 1)?;
+    ensure!(again.next()? == reply(tcp, "b1"), "a new connection");
+    let seen = lab.probe("udp-connected", dns, 1)?;
+    ensure!(seen == [reply(dns, "b1")], "a new UDP socket: {seen:?}");
     Ok(())
 }

@@ -1,11 +1,17 @@
 //! Services in eBPF mode: socket-level load balancing (cgroup v2 `sock_addr` programs,
 //! issue 15). [`plan`] is pure (the ordered writes from one map state to another);
 //! [`tables`] writes them to the pinned maps, [`cgroup`] attaches the programs.
+//! [`stale_sockets`] (pure) picks the sockets a removed backend leaves connected,
+//! [`sock_diag`] (pure) encodes the netlink messages that list and destroy them, and
+//! [`socket_termination`] sends them in every network namespace.
 //!
 //! The control plane's entry point: build a [`DesiredServices`] and call
 //! [`ServiceTables::apply`].
 pub mod cgroup;
 pub mod plan;
+pub mod sock_diag;
+pub mod socket_termination;
+pub mod stale_sockets;
 pub mod tables;
 
 pub use plan::{DesiredServices, PlanError, ServiceOp};

@@ -1,16 +1,22 @@
 //! Thin adapter: reads `SERVICES` and `BACKENDS` from their pins and writes the
-//! [`super::plan`] to them; clears `AFFINITY` entries of services whose backends changed.
-//! The control plane builds a [`DesiredServices`] and calls [`ServiceTables::apply`].
+//! [`super::plan`] to them; clears `AFFINITY` entries of services whose backends changed;
+//! ends the sockets still connected through a frontend to a backend it lost
+//! ([`super::stale_sockets`], [`super::socket_termination`]) and forgets their
+//! `SOCK_REVERSE` entries. The control plane builds a [`DesiredServices`] and calls
+//! [`ServiceTables::apply`].
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use mycni_common::service::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, ServiceEntry, ServiceKey,
+    AffinityEntry, AffinityKey, Backend, BackendKey, ServiceEntry, ServiceKey, SockReverseEntry,
+    SockReverseKey,
 };
-use mycni_common::{MAP_AFFINITY, MAP_BACKENDS, MAP_SERVICES};
+use mycni_common::{MAP_AFFINITY, MAP_BACKENDS, MAP_SERVICES, MAP_SOCK_REVERSE};
 
 use super::plan::{plan, DesiredServices, PlanError, ServiceOp};
+use super::socket_termination;
+use super::stale_sockets::removed_backends;
 use crate::datapath::{self, DatapathError};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +42,11 @@ pub struct ServiceTables {
     services: HashMap<MapData, ServiceKey, ServiceEntry>,
     backends: HashMap<MapData, BackendKey, Backend>,
     affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    sock_reverse: HashMap<MapData, SockReverseKey, SockReverseEntry>,
+    /// The frontends as they were before an `apply` whose writes failed: the next one
+    /// ends the sockets of every backend removed since (its own start sees half the
+    /// change written).
+    unfinished: Option<DesiredServices>,
 }
 
 /// What one [`ServiceTables::apply`] wrote.
@@ -43,6 +54,10 @@ pub struct ServiceTables {
 pub struct ApplySummary {
     pub writes: usize,
     pub affinity_cleared: usize,
+    /// Sockets ended because their backend left the frontend they connected through.
+    pub sockets_destroyed: usize,
+    /// Namespaces or sockets the socket termination could not handle (it logged them).
+    pub socket_termination_failures: usize,
 }
 
 impl ServiceTables {
@@ -55,10 +70,17 @@ impl ServiceTables {
         let affinity =
             HashMap::try_from(Map::LruHashMap(datapath::open_pinned(root, MAP_AFFINITY)?))
                 .map_err(map_error(MAP_AFFINITY))?;
+        let sock_reverse = HashMap::try_from(Map::LruHashMap(datapath::open_pinned(
+            root,
+            MAP_SOCK_REVERSE,
+        )?))
+        .map_err(map_error(MAP_SOCK_REVERSE))?;
         Ok(ServiceTables {
             services,
             backends,
             affinity,
+            sock_reverse,
+            unfinished: None,
         })
     }
 
@@ -80,31 +102,79 @@ impl ServiceTables {
 
     /// Each frontend with its entry and the backends of its counted slots (for printing).
     pub fn frontends(&self) -> Result<DesiredServices, ServiceTablesError> {
-        let slots = self.backend_slots()?;
-        Ok(self
-            .services()?
-            .into_iter()
-            .map(|(key, entry)| {
-                let backends = (0..entry.backend_count)
-                    .filter_map(|slot| {
-                        slots
-                            .get(&BackendKey {
-                                service_id: entry.service_id,
-                                slot,
-                            })
-                            .copied()
-                    })
-                    .collect();
-                (key, (entry, backends))
-            })
-            .collect())
+        Ok(frontends_of(&self.services()?, &self.backend_slots()?))
     }
 
     /// Makes the maps hold `desired`, writing only the difference in an order that never
     /// lets a connection pick an empty slot (see [`super::plan`]). A failed write leaves
-    /// the maps consistent up to that write; the next `apply` finishes the job.
+    /// the maps consistent up to that write; the next `apply` finishes the job. Then the
+    /// sockets connected through a frontend to a backend it lost are destroyed (after the
+    /// writes, so a client reconnecting at once already picks a live backend).
     pub fn apply(&mut self, desired: &DesiredServices) -> Result<ApplySummary, ServiceTablesError> {
-        let ops = plan(&self.services()?, &self.backend_slots()?, desired)?;
+        let (services, slots) = (self.services()?, self.backend_slots()?);
+        // What the maps held before an apply that failed half-way, else what they hold.
+        let before = self
+            .unfinished
+            .take()
+            .unwrap_or_else(|| frontends_of(&services, &slots));
+        let mut summary = match self.write(&services, &slots, desired) {
+            Ok(summary) => summary,
+            Err(e) => {
+                self.unfinished = Some(before);
+                return Err(e);
+            }
+        };
+        let removed = removed_backends(&before, desired);
+        if !removed.is_empty() {
+            let started = std::time::Instant::now();
+            let reverse = &self.sock_reverse;
+            let report = socket_termination::end_stale_sockets(
+                &removed,
+                &|cookie: u64, backend: Backend| {
+                    reverse
+                        .get(
+                            &SockReverseKey {
+                                socket_cookie: cookie,
+                                backend,
+                            },
+                            0,
+                        )
+                        .ok()
+                },
+            );
+            if !report.destroyed.is_empty() || report.failures > 0 {
+                log::info!(
+                    "services: ended {} sockets ({} failures) in {} network namespaces ({} ms) for {}",
+                    report.destroyed.len(),
+                    report.failures,
+                    report.namespaces,
+                    started.elapsed().as_millis(),
+                    removed.describe().join(", ")
+                );
+            }
+            for (cookie, backend) in &report.destroyed {
+                let key = SockReverseKey {
+                    socket_cookie: *cookie,
+                    backend: *backend,
+                };
+                // The socket is gone; a missing entry was evicted meanwhile.
+                datapath::ignore_missing(self.sock_reverse.remove(&key))
+                    .map_err(map_error(MAP_SOCK_REVERSE))?;
+            }
+            summary.sockets_destroyed = report.destroyed.len();
+            summary.socket_termination_failures = report.failures;
+        }
+        Ok(summary)
+    }
+
+    /// The plan's writes, then the `AFFINITY` entries of services whose backends changed.
+    fn write(
+        &mut self,
+        services: &BTreeMap<ServiceKey, ServiceEntry>,
+        slots: &BTreeMap<BackendKey, Backend>,
+        desired: &DesiredServices,
+    ) -> Result<ApplySummary, ServiceTablesError> {
+        let ops = plan(services, slots, desired)?;
         let mut summary = ApplySummary::default();
         let mut clear = BTreeSet::new();
         for op in &ops {
@@ -148,4 +218,27 @@ impl ServiceTables {
         }
         Ok(summary)
     }
+}
+
+/// Each frontend with its entry and the backends of its counted slots.
+fn frontends_of(
+    services: &BTreeMap<ServiceKey, ServiceEntry>,
+    slots: &BTreeMap<BackendKey, Backend>,
+) -> DesiredServices {
+    services
+        .iter()
+        .map(|(key, entry)| {
+            let backends = (0..entry.backend_count)
+                .filter_map(|slot| {
+                    slots
+                        .get(&BackendKey {
+                            service_id: entry.service_id,
+                            slot,
+                        })
+                        .copied()
+                })
+                .collect();
+            (*key, (*entry, backends))
+        })
+        .collect()
 }

@@ -7,12 +7,15 @@
 //! mycni-sock-probe tcp ADDR:PORT [N]          N connections: "peer=ADDR reply=NAME" or "errno=E"
 //! mycni-sock-probe udp ADDR:PORT [N]          N datagrams on one unconnected socket: "peer=SOURCE reply=NAME"
 //! mycni-sock-probe udp-connected ADDR:PORT [N]  one connected socket: "peer=GETPEERNAME reply=NAME"
+//! mycni-sock-probe serve-held PORT NAME       TCP on 0.0.0.0:PORT, answering NAME to each message on a kept connection
+//! mycni-sock-probe tcp-held ADDR:PORT [N]     one connection, N messages ("peer=GETPEERNAME reply=NAME"), then a
+//!                                             blocking read until it ends: "eof" or "errno=E" (EAGAIN after HELD_TIMEOUT)
 //! mycni-sock-probe conn-rate ADDR:PORT MILLIS  the bench's connection-rate client: "per_s=R"
 //! mycni-sock-probe tcp-rr ADDR:PORT N         the bench's round-trip client: "avg_us=A p50_us=M p99_us=P"
 //! ```
 //!
-//! With `MYCNI_PROBE_STEP` set, the UDP modes wait for a line on stdin before each datagram
-//! after the first (a test does something between them, on the same socket).
+//! With `MYCNI_PROBE_STEP` set, the UDP modes and `tcp-held` wait for a line on stdin before
+//! each message after the first (a test does something between them, on the same socket).
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
@@ -20,12 +23,20 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
+/// How long `tcp-held`'s last read waits for its connection to end: a bound on a test
+/// that expects it ended, not a measure.
+const HELD_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| args.get(i).map(String::as_str);
     match (arg(0), arg(1), arg(2)) {
         (Some("serve"), Some(port), Some(name)) => serve(port.parse()?, name),
+        (Some("serve-held"), Some(port), Some(name)) => serve_held(port.parse()?, name),
+        (Some("tcp-held"), Some(target), count) => {
+            let target: SocketAddr = target.parse().context("target ADDR:PORT")?;
+            tcp_held(target, count.unwrap_or("1").parse().context("N")?)
+        }
         (Some("conn-rate"), Some(target), Some(millis)) => {
             let target: SocketAddr = target.parse().context("target ADDR:PORT")?;
             let duration = Duration::from_millis(millis.parse().context("MILLIS")?);
@@ -60,7 +71,8 @@ fn main() -> Result<()> {
             }
         }
         _ => bail!(
-            "usage: mycni-sock-probe serve PORT NAME | tcp|udp|udp-connected ADDR:PORT [N] \
+            "usage: mycni-sock-probe serve|serve-held PORT NAME \
+             | tcp|udp|udp-connected|tcp-held ADDR:PORT [N] \
              | conn-rate ADDR:PORT MILLIS | tcp-rr ADDR:PORT N"
         ),
     }
@@ -87,6 +99,65 @@ fn serve(port: u16, name: &str) -> Result<()> {
     for mut conn in listener.incoming().flatten() {
         let _ = conn.write_all(&reply);
     }
+    Ok(())
+}
+
+fn serve_held(port: u16, name: &str) -> Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    for mut conn in listener.incoming().flatten() {
+        let reply = name.as_bytes().to_vec();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            // Until the client closes or resets the connection.
+            while let Ok(1..) = conn.read(&mut buf) {
+                if conn.write_all(&reply).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn tcp_held(target: SocketAddr, count: usize) -> Result<()> {
+    let mut stream = match TcpStream::connect_timeout(&target, TIMEOUT) {
+        Ok(stream) => stream,
+        Err(e) => {
+            println!("{}", describe(e));
+            return Ok(());
+        }
+    };
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let stepped = std::env::var_os("MYCNI_PROBE_STEP").is_some();
+    let mut buf = [0u8; 512];
+    for index in 0..count {
+        if stepped && index > 0 {
+            let mut go = String::new();
+            std::io::stdin().read_line(&mut go)?;
+        }
+        let line = stream
+            .write_all(b"probe")
+            .and_then(|_| stream.read(&mut buf))
+            .and_then(|n| {
+                let peer = stream.peer_addr()?;
+                Ok(format!(
+                    "peer={peer} reply={}",
+                    String::from_utf8_lossy(&buf[..n])
+                ))
+            });
+        println!("{}", line.unwrap_or_else(describe));
+        std::io::stdout().flush()?;
+    }
+    // The server sends nothing unasked: this read returns when the connection ends.
+    stream.set_read_timeout(Some(HELD_TIMEOUT))?;
+    let end = match stream.read(&mut buf) {
+        Ok(0) => "eof".to_string(),
+        Ok(n) => format!("unasked reply={}", String::from_utf8_lossy(&buf[..n])),
+        Err(e) => describe(e),
+    };
+    println!("{end}");
     Ok(())
 }
 
