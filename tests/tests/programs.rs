@@ -2110,13 +2110,18 @@ fn later_fragments_pass_when_their_first_did_and_are_checked_portless_otherwise(
     })
 }
 
-/// Every verdict is named in some test that reaches it (this file, or services.rs for the
-/// socket-level ones): a verdict no crafted packet produces is a branch nothing checks.
+/// Every verdict is named in some test that reaches it (this file, or services.rs and
+/// host_ports.rs for the socket-level ones): a verdict no crafted packet produces is a
+/// branch nothing checks.
 #[test]
 fn every_verdict_is_reached_by_a_test_here() -> Result<()> {
-    // The socket-level Services programs cannot run under BPF_PROG_TEST_RUN: their two
-    // verdicts are reached by tests/tests/services.rs on real sockets.
-    let sources = [include_str!("programs.rs"), include_str!("services.rs")];
+    // The socket-level Services programs cannot run under BPF_PROG_TEST_RUN: their
+    // verdicts are reached by tests/tests/services.rs and host_ports.rs on real sockets.
+    let sources = [
+        include_str!("programs.rs"),
+        include_str!("services.rs"),
+        include_str!("host_ports.rs"),
+    ];
     let missing: Vec<&str> = verdict::NAMES
         .iter()
         .copied()
