@@ -33,9 +33,9 @@ use mycni_tests::prefix;
 const SUITE_VERSION: &str = "v1.20.2";
 /// e2e.test processes sharing the Services specs with kube-proxy absent.
 const SERVICES_SHARDS: usize = 4;
-/// e2e.test processes sharing the NetworkPolicy specs (each spec waits on client pods that
-/// try for up to 45 s, so they overlap well).
-const POLICY_SHARDS: usize = 6;
+/// e2e.test processes sharing the NetworkPolicy specs (they wait on client pods that try
+/// for up to 45 s, so they overlap well); `POLICY_LISTED`'s order balances this many.
+const POLICY_SHARDS: usize = 8;
 /// The whole run: the seven specs take about 2.5 minutes; a hung one must not hang the suite.
 const RUN_LIMIT: Duration = Duration::from_secs(30 * 60);
 
