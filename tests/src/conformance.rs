@@ -559,8 +559,8 @@ pub const POLICY_NOT_RUN: &[NotRun] = &[NotRun {
     name_contains: "[Feature:SCTPConnectivity]",
     why: Why::CannotRunHere,
     reason: "[Disruptive]: the server listens on SCTP, which loads the sctp module into the \
-             machine's kernel, a host change the lab does not make; SCTP rules are checked \
-             without a socket by the TCP-under-an-SCTP-rule spec and mycni's own tests",
+             machine's kernel, a host change the lab does not make; an SCTP-only rule is \
+             checked without an SCTP socket by the TCP-under-an-SCTP-rule spec",
 }];
 
 /// The NetworkPolicy run: [`POLICY_LISTED`], [`POLICY_AREAS`], [`POLICY_NOT_RUN`].
