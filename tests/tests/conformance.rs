@@ -12,10 +12,10 @@
 //!
 //! Writes to target/conformance/ (`$MYCNI_CONFORMANCE_DIR`; the Services run to the same
 //! path with `-ebpf` appended, the NetworkPolicy run with `-policy`): `junit_01.xml`
-//! (e2e.test's report), `e2e.log` (its output; per shard under `shard-<n>/` when several), `summary.md` (counts, every listed spec's
-//! result, every other spec of the covered areas with the reason it does not run),
-//! `dry-run/` (the dry run that lists them) and, when something failed, the nodes' logs
-//! under `lab-logs/`.
+//! (e2e.test's report), `e2e.log` (its output; per shard under `shard-<n>/` when several),
+//! `summary.md` (counts, every listed spec's result, every other spec of the covered areas
+//! with the reason it does not run), `dry-run/` (the dry run that lists them) and, when
+//! something failed, the nodes' logs under `lab-logs/`.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
