@@ -3,9 +3,10 @@
 //! expressions, the JUnit report e2e.test writes, the accounting and the markdown summary,
 //! without I/O (tests/tests/conformance.rs runs e2e.test in the lab).
 //!
-//! Two runs, each a [`Suite`]: [`KUBE_PROXY`] (the network specs, kube-proxy balancing
-//! Services) and [`EBPF_SERVICES`] (the Services specs, kube-proxy absent, mycni balancing
-//! them at the sockets). Nothing in a suite's areas is dropped silently: a dry run of
+//! Three runs, each a [`Suite`]: [`KUBE_PROXY`] (the network specs, kube-proxy balancing
+//! Services), [`EBPF_SERVICES`] (the Services specs, kube-proxy absent, mycni balancing
+//! them at the sockets) and [`NETWORK_POLICY`] (the NetworkPolicy specs, kube-proxy
+//! balancing Services, mycni enforcing the policies). Nothing in a suite's areas is dropped silently: a dry run of
 //! e2e.test lists every spec of them, and [`plan`] fails unless each is either listed (and
 //! then run) or matched by a not-run entry that says why not.
 use std::time::Duration;
@@ -407,8 +408,8 @@ const OTHER_NODES_NODE_PORT: &str =
 /// The serve-hostname specs count backends with a shell loop run in an exec pod.
 const NO_SEQ_IN_IMAGE: &str =
     "counts the backends with `for i in $(seq 1 150); do wget ...` in an exec pod, and the \
-     lab's agnhost image (Debian's dash, curl, netcat-openbsd, grep) has neither `seq` nor \
-     `wget` ('/bin/sh: 1: seq: not found'): the image needs them first";
+     lab's agnhost image (Debian's dash, curl, netcat-openbsd, grep, busybox's `seq`) has no \
+     `wget` (before `seq` joined it: '/bin/sh: 1: seq: not found'): the image needs it first";
 
 /// The hostNetwork-backend specs expect each backend to answer with its node's name.
 const HOST_NETWORK_HOSTNAMES: &str =
@@ -423,6 +424,155 @@ pub const EBPF_SERVICES: Suite = Suite {
     listed: EBPF_LISTED,
     areas: EBPF_AREAS,
     not_run: EBPF_NOT_RUN,
+};
+
+/// The NetworkPolicy specs, run with kube-proxy (iptables) on every node, as
+/// [`KUBE_PROXY`]: every spec's client reaches its server through the server's ClusterIP
+/// (`/agnhost connect <ClusterIP>:<port>`, five tries of 8 s), so the policy is enforced on
+/// the flow kube-proxy translated (ingress after the stack's DNAT, egress at the client's
+/// `from_pod` before it). In an order that balances `POLICY_SHARDS` (8) round-robin shards
+/// by the specs' measured times (one spec takes 220 s, most 60-120 s: each "cannot
+/// connect" waits out five tries).
+pub const POLICY_LISTED: &[ListedSpec] = &[
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce updated policy [Feature:NetworkPolicy]",
+        checks: "an updated policy replaces the old rules",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector [Feature:NetworkPolicy]",
+        checks: "one pod of another namespace admitted, its neighbours not",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should support a 'default-deny-all' policy [Feature:NetworkPolicy]",
+        checks: "ingress and egress default-deny: no client gets out, no server lets in",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should allow ingress access from updated pod [Feature:NetworkPolicy]",
+        checks: "a client's label change admits it",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should stop enforcing policies after they are deleted [Feature:NetworkPolicy]",
+        checks: "a deleted policy no longer isolates its pods",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce policy based on PodSelector and NamespaceSelector [Feature:NetworkPolicy]",
+        checks: "podSelector and namespaceSelector in one peer are an intersection",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce policy to allow traffic from pods within server namespace based on PodSelector [Feature:NetworkPolicy]",
+        checks: "a podSelector peer admits only the named pod of the server's namespace",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should work with Ingress,Egress specified together [Feature:NetworkPolicy]",
+        checks: "policyTypes Ingress and Egress in one policy",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce policy based on PodSelector or NamespaceSelector [Feature:NetworkPolicy]",
+        checks: "two peers of one rule are a union",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should allow egress access on one named port [Feature:NetworkPolicy]",
+        checks: "a named egress port resolves to the peer pods' container port",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce except clause while egress access to server in CIDR block [Feature:NetworkPolicy]",
+        checks: "egress ipBlock whose except holds the server",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should allow egress access to server in CIDR block [Feature:NetworkPolicy]",
+        checks: "egress ipBlock with a pod's /32",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce policy based on PodSelector with MatchExpressions[Feature:NetworkPolicy]",
+        checks: "a podSelector with matchExpressions (In)",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce multiple egress policies with egress allow-all policy taking precedence [Feature:NetworkPolicy]",
+        checks: "an allow-all egress policy beside a narrower one",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce policies to check ingress and egress policies can be controlled independently based on PodSelector [Feature:NetworkPolicy]",
+        checks: "an egress deny on one pod leaves its ingress open, and the reverse",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce egress policy allowing traffic to a server in a different namespace based on PodSelector and NamespaceSelector [Feature:NetworkPolicy]",
+        checks: "egress to pods selected by namespace and pod labels, through their ClusterIP",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce multiple, stacked policies with overlapping podSelectors [Feature:NetworkPolicy]",
+        checks: "two policies on one pod are their union (ports 80 and 81)",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should not allow access by TCP when a policy specifies only SCTP [Feature:NetworkPolicy] [Feature:SCTP]",
+        checks: "an SCTP-only rule admits no TCP (no SCTP socket is opened; its check that the \
+                 sctp module stayed unloaded cannot look: the image has no nsenter, logged)",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce policy to allow traffic only from a different namespace, based on NamespaceSelector [Feature:NetworkPolicy]",
+        checks: "a namespaceSelector peer admits the other namespace's pods only",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should allow ingress access on one named port [Feature:NetworkPolicy]",
+        checks: "a named ingress port resolves to the server's container port",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce policy based on Ports [Feature:NetworkPolicy]",
+        checks: "a numeric port admits that port only",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should allow ingress access from namespace on one named port [Feature:NetworkPolicy]",
+        checks: "a namespaceSelector peer with a named port",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should ensure an IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed [Feature:NetworkPolicy]",
+        checks: "an address excepted by one block and allowed by another is allowed",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should allow ingress access from updated namespace [Feature:NetworkPolicy]",
+        checks: "a namespace label change admits its pods",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy API should support creating NetworkPolicy API operations",
+        checks: "create, get, list, watch, patch, update and delete NetworkPolicies (API only)",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should support allow-all policy [Feature:NetworkPolicy]",
+        checks: "an empty ingress rule allows every peer and port",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should support a 'default-deny-ingress' policy [Feature:NetworkPolicy]",
+        checks: "an empty podSelector with no ingress rule isolates the server",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce multiple ingress policies with ingress allow-all policy taking precedence [Feature:NetworkPolicy]",
+        checks: "an allow-all ingress policy beside a narrower one",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should enforce policy based on NamespaceSelector with MatchExpressions[Feature:NetworkPolicy]",
+        checks: "a namespaceSelector with matchExpressions (In)",
+    },
+    ListedSpec {
+        name: "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should deny ingress access to updated pod [Feature:NetworkPolicy]",
+        checks: "a server's label change puts it under a deny policy",
+    },
+];
+
+pub const POLICY_AREAS: &[&str] = &["[sig-network] NetworkPolicy "];
+
+pub const POLICY_NOT_RUN: &[NotRun] = &[NotRun {
+    name_contains: "[Feature:SCTPConnectivity]",
+    why: Why::CannotRunHere,
+    reason: "[Disruptive]: the server listens on SCTP, which loads the sctp module into the \
+             machine's kernel, a host change the lab does not make; an SCTP-only rule is \
+             checked without an SCTP socket by the TCP-under-an-SCTP-rule spec",
+}];
+
+/// The NetworkPolicy run: [`POLICY_LISTED`], [`POLICY_AREAS`], [`POLICY_NOT_RUN`].
+pub const NETWORK_POLICY: Suite = Suite {
+    services_by: "kube-proxy (iptables), NetworkPolicy by mycni (eBPF)",
+    listed: POLICY_LISTED,
+    areas: POLICY_AREAS,
+    not_run: POLICY_NOT_RUN,
 };
 
 /// `text` as an RE2 literal (ginkgo's focus is a Go regular expression).
@@ -951,28 +1101,59 @@ failed dialing endpoint
 
     #[test]
     fn shards_run_every_listed_spec_once() {
-        for shards in 1..=EBPF_LISTED.len() + 1 {
-            let mut seen: Vec<&str> = Vec::new();
-            for shard in 0..shards {
-                let Some(focus) = EBPF_SERVICES.focus_shard(shard, shards) else {
-                    assert!(
-                        shard >= EBPF_LISTED.len(),
-                        "shard {shard} of {shards} is empty"
-                    );
-                    continue;
-                };
-                for spec in EBPF_LISTED {
-                    let pattern = format!("{TOP_LEVEL}{}$", regex_literal(spec.name));
-                    if focus.split('|').any(|part| part == pattern) {
-                        seen.push(spec.name);
+        for suite in [&EBPF_SERVICES, &NETWORK_POLICY] {
+            let listed = suite.listed;
+            for shards in 1..=listed.len() + 1 {
+                let mut seen: Vec<&str> = Vec::new();
+                for shard in 0..shards {
+                    let Some(focus) = suite.focus_shard(shard, shards) else {
+                        assert!(shard >= listed.len(), "shard {shard} of {shards} is empty");
+                        continue;
+                    };
+                    for spec in listed {
+                        let pattern = format!("{TOP_LEVEL}{}$", regex_literal(spec.name));
+                        if focus.split('|').any(|part| part == pattern) {
+                            seen.push(spec.name);
+                        }
                     }
                 }
+                seen.sort_unstable();
+                let mut all: Vec<&str> = listed.iter().map(|spec| spec.name).collect();
+                all.sort_unstable();
+                assert_eq!(seen, all, "{shards} shards");
             }
-            seen.sort_unstable();
-            let mut all: Vec<&str> = EBPF_LISTED.iter().map(|spec| spec.name).collect();
-            all.sort_unstable();
-            assert_eq!(seen, all, "{shards} shards");
         }
+    }
+
+    #[test]
+    fn the_policy_suite_runs_every_spec_but_sctp_connectivity() -> Result<(), ConformanceError> {
+        let sctp = "[sig-network] NetworkPolicy [Feature:SCTPConnectivity][LinuxOnly][Disruptive] NetworkPolicy between server and client using SCTP should support a 'default-deny' policy [Feature:NetworkPolicy]";
+        let mut run: Vec<SpecResult> = POLICY_LISTED
+            .iter()
+            .map(|spec| result(spec.name, Outcome::Passed))
+            .collect();
+        run.push(result(sctp, Outcome::Passed));
+        run.push(result(
+            "[sig-network] Networking should provide Internet connection for containers [Feature:Networking-IPv4]",
+            Outcome::Skipped,
+        ));
+        let plan = plan(&NETWORK_POLICY, &run)?;
+        assert_eq!(plan.not_run.len(), 1);
+        assert_eq!(plan.not_run[0].0, sctp);
+        assert_eq!(plan.not_run[0].1.why, Why::CannotRunHere);
+        // The focus selects the whole area, the API spec included.
+        let focus = NETWORK_POLICY.focus_areas();
+        assert!(focus.starts_with("\\[Top Level\\] \\[sig-network\\] NetworkPolicy "));
+        assert!(POLICY_LISTED
+            .iter()
+            .all(|spec| spec.name.starts_with(POLICY_AREAS[0])));
+        let unknown = "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client should do something new [Feature:NetworkPolicy]";
+        run.push(result(unknown, Outcome::Passed));
+        match super::plan(&NETWORK_POLICY, &run) {
+            Err(ConformanceError::Unaccounted(names)) => assert_eq!(names, [unknown]),
+            other => panic!("{other:?}"),
+        }
+        Ok(())
     }
 
     #[test]

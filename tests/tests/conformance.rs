@@ -1,19 +1,21 @@
 //! Kubernetes' own conformance specs for network plugins against mycni: upstream's `e2e.test`
 //! (1.20.2, built from the same Debian source as the lab) runs the specs of a
 //! `mycni_tests::conformance::Suite` against the lab of tests/src/kubelab.rs with mycni
-//! installed from deploy/mycni.yaml, in two runs:
+//! installed from deploy/mycni.yaml, in three runs:
 //! - `KUBE_PROXY`: kube-proxy (iptables) on every node, the network plugin's specs;
 //! - `EBPF_SERVICES`: no kube-proxy, `service-mode: "ebpf"`, the Services specs, shared by
-//!   [`SERVICES_SHARDS`] e2e.test processes at once.
+//!   [`SERVICES_SHARDS`] e2e.test processes at once;
+//! - `NETWORK_POLICY`: kube-proxy on every node, the NetworkPolicy specs, shared by
+//!   [`POLICY_SHARDS`] e2e.test processes.
 //!
 //! A listed spec that fails, skips itself or leaves no result fails its test.
 //!
 //! Writes to target/conformance/ (`$MYCNI_CONFORMANCE_DIR`; the Services run to the same
-//! path with `-ebpf` appended): `junit_01.xml` (e2e.test's report), `e2e.log` (its output;
-//! per shard under `shard-<n>/` when several), `summary.md` (counts, every listed spec's
-//! result, every other spec of the covered areas with the reason it does not run),
-//! `dry-run/` (the dry run that lists them) and, when something failed, the nodes' logs
-//! under `lab-logs/`.
+//! path with `-ebpf` appended, the NetworkPolicy run with `-policy`): `junit_01.xml`
+//! (e2e.test's report), `e2e.log` (its output; per shard under `shard-<n>/` when several),
+//! `summary.md` (counts, every listed spec's result, every other spec of the covered areas
+//! with the reason it does not run), `dry-run/` (the dry run that lists them) and, when
+//! something failed, the nodes' logs under `lab-logs/`.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -31,6 +33,9 @@ use mycni_tests::prefix;
 const SUITE_VERSION: &str = "v1.20.2";
 /// e2e.test processes sharing the Services specs with kube-proxy absent.
 const SERVICES_SHARDS: usize = 4;
+/// e2e.test processes sharing the NetworkPolicy specs (they wait on client pods that try
+/// for up to 45 s, so they overlap well); `POLICY_LISTED`'s order balances this many.
+const POLICY_SHARDS: usize = 8;
 /// The whole run: the seven specs take about 2.5 minutes; a hung one must not hang the suite.
 const RUN_LIMIT: Duration = Duration::from_secs(30 * 60);
 
@@ -334,22 +339,41 @@ fn upstream_network_conformance_specs_pass_against_mycni() -> Result<()> {
     })
 }
 
-/// The Services specs with kube-proxy absent and mycni balancing Services at the sockets;
-/// the report goes beside the other run's, in `<out>-ebpf`.
-#[test]
-fn upstream_services_conformance_specs_pass_with_kube_proxy_absent() -> Result<()> {
+/// `<out>-<suffix>`: where a run other than the first writes, beside it.
+fn out_dir_beside(suffix: &str) -> Result<PathBuf> {
     let out = out_dir();
     let name = out
         .file_name()
         .context("the conformance directory has no name")?
         .to_string_lossy()
         .into_owned();
+    Ok(out.with_file_name(format!("{name}-{suffix}")))
+}
+
+/// The Services specs with kube-proxy absent and mycni balancing Services at the sockets;
+/// the report goes beside the other run's, in `<out>-ebpf`.
+#[test]
+fn upstream_services_conformance_specs_pass_with_kube_proxy_absent() -> Result<()> {
     run_suite(Run {
         suite: &conformance::EBPF_SERVICES,
         prefix: "svcconf",
         lab: LabOptions { kube_proxy: false },
         ebpf_services: true,
-        out: out.with_file_name(format!("{name}-ebpf")),
+        out: out_dir_beside("ebpf")?,
         shards: SERVICES_SHARDS,
+    })
+}
+
+/// The NetworkPolicy specs, kube-proxy on every node (the default mode); the report goes
+/// in `<out>-policy`.
+#[test]
+fn upstream_network_policy_conformance_specs_pass_against_mycni() -> Result<()> {
+    run_suite(Run {
+        suite: &conformance::NETWORK_POLICY,
+        prefix: "polconf",
+        lab: LabOptions::default(),
+        ebpf_services: false,
+        out: out_dir_beside("policy")?,
+        shards: POLICY_SHARDS,
     })
 }

@@ -292,6 +292,8 @@ fn agnhost_spec(bin: &Path) -> Result<ImageSpec> {
         files: Vec::new(),
         links: busybox_links(&[
             "cat", "ls", "sleep", "hostname", "ps", "env", "mkdir", "rm", "timeout",
+            // The NetworkPolicy specs' clients retry with `for i in $(seq 1 5)`.
+            "seq",
         ]),
         entrypoint: vec!["/agnhost".to_string()],
         cmd: vec!["pause".to_string()],

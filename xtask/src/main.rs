@@ -47,9 +47,10 @@ enum Task {
     /// Build what the Services lab test needs (not setup) and run it alone: the lab without
     /// kube-proxy, mycni balancing Services in eBPF.
     ServicesE2e(test::TestArguments),
-    /// Upstream's e2e.test specs against mycni in the lab, two runs: the network specs with
+    /// Upstream's e2e.test specs against mycni in the lab, three runs: the network specs with
     /// kube-proxy (report in target/conformance/), the Services specs without it
-    /// (target/conformance-ebpf/).
+    /// (target/conformance-ebpf/), the NetworkPolicy specs (target/conformance-policy/); a
+    /// test-name filter runs one (`cargo xtask conformance network_policy`).
     Conformance(test::TestArguments),
     /// Setup, build-ebpf, build every binary, then the whole test suite (unit and, as root,
     /// integration).

@@ -64,8 +64,10 @@ fn lab_images() -> Result<PathBuf> {
 }
 
 /// `cargo xtask conformance`: builds what the upstream conformance run needs (not the
-/// machine setup) and runs `tests/tests/conformance.rs` alone (both its runs), its progress
-/// on the terminal; the reports land in target/conformance/ and target/conformance-ebpf/.
+/// machine setup) and runs `tests/tests/conformance.rs` alone (its three runs, or those whose
+/// test name contains a filter given in `args`, e.g. `network_policy`), its progress on the
+/// terminal; the reports land in target/conformance/, target/conformance-ebpf/ and
+/// target/conformance-policy/.
 pub fn conformance(args: &[String]) -> Result<()> {
     if !cmd::is_root() {
         bail!("the conformance run needs root (it brings up the Kubernetes lab)");
