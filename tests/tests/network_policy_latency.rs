@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mycni::policy_maps::PolicyTables;
+use mycni::policy_maps::{PolicyDesired, PolicyTables};
 use mycni_common::policy::POLICY_INGRESS;
 use mycni_tests::bench::percentile;
 use mycni_tests::kubelab::{image_archive, KubeLab};
@@ -95,17 +95,22 @@ fn pod_ip(lab: &KubeLab, name: &str) -> Result<Option<Ipv4Addr>> {
 struct NodeMaps {
     name: &'static str,
     root: PathBuf,
+    /// The server pod on this node: a node's maps hold the decisions of its own pods only.
+    server: Ipv4Addr,
 }
+
+/// What a node's maps should decide for its own server pod.
+type Expectation = dyn Fn(&PolicyDesired, Ipv4Addr) -> bool;
 
 impl NodeMaps {
     /// The maps' revision, and whether `expect` holds of their contents.
-    fn read(
-        &self,
-        expect: &dyn Fn(&mycni::policy_maps::PolicyDesired) -> bool,
-    ) -> Result<(u32, bool)> {
+    fn read(&self, expect: &Expectation) -> Result<(u32, bool)> {
         let tables = PolicyTables::open(&self.root)
             .with_context(|| format!("{}'s policy maps", self.name))?;
-        Ok((tables.state()?.revision, expect(tables.current())))
+        Ok((
+            tables.state()?.revision,
+            expect(tables.current(), self.server),
+        ))
     }
 }
 
@@ -115,7 +120,7 @@ impl NodeMaps {
 fn time_until_enforced(
     nodes: &[NodeMaps],
     change: impl FnOnce() -> Result<()>,
-    expect: &dyn Fn(&mycni::policy_maps::PolicyDesired) -> bool,
+    expect: &Expectation,
 ) -> Result<(Duration, Duration)> {
     let before: Vec<u32> = nodes
         .iter()
@@ -136,7 +141,17 @@ fn time_until_enforced(
             }
         }
         if start.elapsed() > Duration::from_secs(30) {
-            bail!("not every node enforced the change within 30 s: {done:?}");
+            let maps: Vec<String> = nodes
+                .iter()
+                .map(|n| match PolicyTables::open(&n.root) {
+                    Ok(t) => format!("{}: {:?} {:?}", n.name, t.state().ok(), t.current()),
+                    Err(e) => format!("{}: {e}", n.name),
+                })
+                .collect();
+            bail!(
+                "not every node enforced the change within 30 s: {done:?}; maps: {}",
+                maps.join("; ")
+            );
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -216,38 +231,34 @@ fn policy_and_label_changes_reach_every_node_and_the_latency_is_reported() -> Re
     };
     let nodes = ["node-1", "node-2"]
         .into_iter()
-        .map(|name| {
+        .zip(ips.servers.iter().copied())
+        .map(|(name, server)| {
             Ok(NodeMaps {
                 name,
                 root: lab.node(name).path_inside(PIN_ROOT)?,
+                server,
             })
         })
         .collect::<Result<Vec<_>>>()?;
     // Both nodes' agents have opened their maps (the policy watches are up once a pod of
     // theirs has been seen: wait for the same decision the trials look for).
     lab.wait("both nodes' policy maps", Duration::from_secs(60), |_| {
-        Ok(nodes.iter().all(|n| n.read(&|_| true).is_ok()))
+        Ok(nodes.iter().all(|n| n.read(&|_, _| true).is_ok()))
     })?;
 
     let admits = |who: Ipv4Addr| {
-        let servers = ips.servers.clone();
-        move |maps: &mycni::policy_maps::PolicyDesired| {
-            servers
-                .iter()
-                .all(|&s| allows(maps, s, who, PORT, TCP, POLICY_INGRESS))
+        move |maps: &PolicyDesired, server: Ipv4Addr| {
+            allows(maps, server, who, PORT, TCP, POLICY_INGRESS)
         }
     };
     let refuses = |who: Ipv4Addr| {
-        let servers = ips.servers.clone();
-        move |maps: &mycni::policy_maps::PolicyDesired| {
-            servers
-                .iter()
-                .all(|&s| !allows(maps, s, who, PORT, TCP, POLICY_INGRESS))
+        move |maps: &PolicyDesired, server: Ipv4Addr| {
+            !allows(maps, server, who, PORT, TCP, POLICY_INGRESS)
         }
     };
     let enforced = {
         let (client, outsider) = (admits(ips.client), refuses(ips.outsider));
-        move |maps: &mycni::policy_maps::PolicyDesired| client(maps) && outsider(maps)
+        move |maps: &PolicyDesired, server: Ipv4Addr| client(maps, server) && outsider(maps, server)
     };
 
     let mut results: Vec<(&str, Vec<Duration>, Vec<Duration>)> = Vec::new();
