@@ -258,6 +258,17 @@ impl LabNode {
         Ok(cmd)
     }
 
+    /// `path` as this node's mount namespace has it (its bpffs, where the agent pins its
+    /// maps), reached from the test's own through the supervisor's root.
+    pub fn path_inside(&self, path: &str) -> Result<PathBuf> {
+        let pid = self
+            .supervisor
+            .as_ref()
+            .map(|d| d.child.id())
+            .context("node supervisor not running")?;
+        Ok(PathBuf::from(format!("/proc/{pid}/root")).join(path.trim_start_matches('/')))
+    }
+
     pub fn exec(&self, argv: &[&str]) -> Result<String> {
         let output = run(self.command(argv[0])?.args(&argv[1..]))?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())

@@ -24,6 +24,8 @@ pub mod http;
 pub mod kubelab;
 pub mod kubeproxy;
 pub mod lone;
+pub mod policy_bench;
+pub mod policy_decision;
 pub mod raw;
 pub mod services_bench;
 pub mod sock_probe;

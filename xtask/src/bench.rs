@@ -9,7 +9,9 @@ pub struct BenchOptions {
     /// Passed to mycni-bench (declared there): --quick (fewer rounds, shorter runs), --scale-only
     /// (the agent at 100, 1,000 and 5,000 nodes alone), --churn-only (SNAT connection churn
     /// against kernel MASQUERADE alone, 60 s each, 10 s with --quick), --services-only (mycni's
-    /// socket LB against kube-proxy's iptables at 10, 1,000 and 5,000 Services alone).
+    /// socket LB against kube-proxy's iptables at 10, 1,000 and 5,000 Services alone),
+    /// --policy-only (round trip and connection rate to a pod 0, 10 and 1,000 NetworkPolicies
+    /// select, same node and cross node, against no policy alone).
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,

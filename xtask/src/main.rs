@@ -47,6 +47,10 @@ enum Task {
     /// Build what the Services lab test needs (not setup) and run it alone: the lab without
     /// kube-proxy, mycni balancing Services in eBPF.
     ServicesE2e(test::TestArguments),
+    /// Build what the NetworkPolicy latency lab test needs (not setup) and run it alone:
+    /// time from `kubectl apply` and `kubectl label` until every node enforces the change;
+    /// p50/p99 in target/bench/policy-latency.json.
+    PolicyLatency(test::TestArguments),
     /// Upstream's e2e.test specs against mycni in the lab, three runs: the network specs with
     /// kube-proxy (report in target/conformance/), the Services specs without it
     /// (target/conformance-ebpf/), the NetworkPolicy specs (target/conformance-policy/); a
@@ -99,6 +103,7 @@ fn dispatch(task: Task) -> anyhow::Result<()> {
         Task::E2e(arguments) => test::e2e(&arguments.args),
         Task::Conformance(arguments) => test::conformance(&arguments.args),
         Task::ServicesE2e(arguments) => test::services_e2e(&arguments.args),
+        Task::PolicyLatency(arguments) => test::policy_latency(&arguments.args),
         Task::Test(arguments) => test::run(&arguments.args),
         Task::Bench(options) => bench::run(&options),
     }

@@ -88,6 +88,17 @@ pub fn services_e2e(args: &[String]) -> Result<()> {
     cmd::run(&mut lab_test("kubernetes_services", args, &test_image))
 }
 
+/// `cargo xtask policy-latency`: builds what the NetworkPolicy latency lab test needs (not
+/// the machine setup) and runs `tests/tests/network_policy_latency.rs` alone.
+pub fn policy_latency(args: &[String]) -> Result<()> {
+    if !cmd::is_root() {
+        bail!("the NetworkPolicy latency test needs root (it brings up the Kubernetes lab)");
+    }
+    build()?;
+    let test_image = lab_images()?;
+    cmd::run(&mut lab_test("network_policy_latency", args, &test_image))
+}
+
 /// `cargo xtask e2e`: builds what the Kubernetes end-to-end test needs (not the machine
 /// setup) and runs that test alone, its progress on the terminal.
 pub fn e2e(args: &[String]) -> Result<()> {

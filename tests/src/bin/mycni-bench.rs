@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: mycni against a bare veth pair and the reference bridge plugin
 //! (kubeadm-style and host-gw), and mycni's VXLAN against a flannel-style kernel VXLAN
 //! device, all in one run with configurations interleaved round by round; then CNI ADD/DEL
-//! latency against the reference bridge + host-local plugins, memory, SNAT churn, and
-//! Services (mycni's socket LB against kube-proxy's iptables at 10 to 5,000 Services). Writes
+//! latency against the reference bridge + host-local plugins, memory, SNAT churn,
+//! Services (mycni's socket LB against kube-proxy's iptables at 10 to 5,000 Services), and
+//! NetworkPolicy (0, 10 and 1,000 policies selecting a server pod against none). Writes
 //! `target/bench/results.{md,json,svg}`. Needs root. `--quick` takes fewer rounds and shorter runs.
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -830,6 +831,10 @@ struct BenchCli {
     /// 5,000 Services.
     #[arg(long, conflicts_with = "scale_only")]
     services_only: bool,
+    /// NetworkPolicy alone: round trip and connection rate, same node and cross node, with
+    /// 0, 10 and 1,000 policies selecting the server against no policy.
+    #[arg(long, conflicts_with_all = ["scale_only", "churn_only", "services_only"])]
+    policy_only: bool,
     /// Where the results go.
     #[arg(
         long,
@@ -899,6 +904,21 @@ fn main() -> Result<()> {
             serde_json::to_string_pretty(&services)?,
         )?;
         std::fs::write(out_dir.join("services.md"), &md)?;
+        println!("{md}");
+        return Ok(());
+    }
+    let policy_settings = mycni_tests::policy_bench::Settings {
+        rounds: settings.rounds,
+        rate_time: settings.rate_time,
+        rr_count: settings.rr_count,
+    };
+    if cli.policy_only {
+        let (md, policy) = mycni_tests::policy_bench::run(&format!("{p}-pol"), &policy_settings)?;
+        std::fs::write(
+            out_dir.join("policy.json"),
+            serde_json::to_string_pretty(&policy)?,
+        )?;
+        std::fs::write(out_dir.join("policy.md"), &md)?;
         println!("{md}");
         return Ok(());
     }
@@ -972,6 +992,9 @@ fn main() -> Result<()> {
     eprintln!("Services: mycni socket LB against kube-proxy iptables ...");
     let (services_md, services) =
         mycni_tests::services_bench::run(&format!("{p}-svc"), &services_settings)?;
+    eprintln!("NetworkPolicy: 0, 10 and 1,000 policies against none ...");
+    let (policy_md, policy) =
+        mycni_tests::policy_bench::run(&format!("{p}-pol"), &policy_settings)?;
     eprintln!("agent at cluster scale ...");
     let (scale_md, scale_report) = mycni_tests::lone::bench(settings.quick)?;
 
@@ -1080,6 +1103,7 @@ fn main() -> Result<()> {
     );
     md += &churn_md;
     md += &services_md;
+    md += &policy_md;
     md += &format!(
         "\n## Memory\n\nagent RSS {} KiB; pinned maps {} bytes with 0 pods, {} bytes with 100 pods ({:.0} bytes per pod, as the kernel accounts it)\n",
         mycni_node_memory["agent_rss_kib"], mycni_node_memory["maps_bytes_at_0_pods"], mycni_node_memory["maps_bytes_at_100_pods"], mycni_node_memory["bytes_per_pod"].as_f64().unwrap_or(0.0)
@@ -1099,6 +1123,7 @@ fn main() -> Result<()> {
         "memory": mycni_node_memory,
         "snat_churn": churn,
         "services": services,
+        "policy": policy,
         "agent_scale": scale_report,
     });
     std::fs::write(out_dir.join("results.md"), &md)?;
