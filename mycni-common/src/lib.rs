@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map's key or value layout changes; pinned maps of another layout are
 /// refused by the loader instead of being silently reused.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 pub mod policy;
 pub mod service;
@@ -26,6 +26,7 @@ pub const MAP_SERVICES: &str = "SERVICES";
 pub const MAP_BACKENDS: &str = "BACKENDS";
 pub const MAP_AFFINITY: &str = "AFFINITY";
 pub const MAP_SOCK_REVERSE: &str = "SOCK_REVERSE";
+pub const MAP_EXTERNAL_NAT: &str = "EXTERNAL_NAT";
 pub const MAP_POLICY_ENDPOINTS: &str = "POLICY_ENDPOINTS";
 pub const MAP_POLICY_IDENTITIES: &str = "POLICY_IDENTITIES";
 pub const MAP_POLICY: &str = "POLICY";
@@ -95,6 +96,9 @@ pub const MAX_BACKENDS: u32 = 262144;
 pub const MAX_AFFINITY: u32 = 65536;
 /// Capacity of `SOCK_REVERSE`: (UDP socket, backend) pairs in use.
 pub const MAX_SOCK_REVERSE: u32 = 65536;
+/// Capacity of `EXTERNAL_NAT` (both directions of each flow from outside the node to a
+/// NodePort or externalIP): 131072 entries, 65536 flows, preallocated like `NAT`.
+pub const MAX_EXTERNAL_NAT: u32 = 131072;
 /// Capacity of `POLICY_ENDPOINTS` and `POLICY_DROPS`: one per pod on this node, like
 /// `ENDPOINTS`.
 pub const MAX_POLICY_ENDPOINTS: u32 = 16384;
@@ -251,6 +255,13 @@ pub mod map_spec {
         value_size: size_of::<service::SockReverseEntry>() as u32,
         max_entries: MAX_SOCK_REVERSE,
     };
+    pub const EXTERNAL_NAT: MapSpec = MapSpec {
+        name: MAP_EXTERNAL_NAT,
+        kind: MapKind::LruHash,
+        key_size: size_of::<FlowKey>() as u32,
+        value_size: size_of::<service::ExternalNatEntry>() as u32,
+        max_entries: MAX_EXTERNAL_NAT,
+    };
     pub const POLICY_ENDPOINTS: MapSpec = MapSpec {
         name: MAP_POLICY_ENDPOINTS,
         kind: MapKind::Hash,
@@ -297,7 +308,7 @@ pub mod map_spec {
 }
 
 /// Every map the datapath pins, in a stable order.
-pub const PINNED_MAPS: [MapSpec; 19] = [
+pub const PINNED_MAPS: [MapSpec; 20] = [
     map_spec::ROUTES,
     map_spec::ENDPOINTS,
     map_spec::STATS,
@@ -311,6 +322,7 @@ pub const PINNED_MAPS: [MapSpec; 19] = [
     map_spec::BACKENDS,
     map_spec::AFFINITY,
     map_spec::SOCK_REVERSE,
+    map_spec::EXTERNAL_NAT,
     map_spec::POLICY_ENDPOINTS,
     map_spec::POLICY_IDENTITIES,
     map_spec::POLICY,
@@ -442,6 +454,15 @@ pub const FRAGMENT_REVERSE_NAT: u8 = 2;
 /// `FragmentEntry::action`: later fragments go to the node stack, like their first one.
 pub const FRAGMENT_TO_STACK: u8 = 3;
 
+/// `FragmentEntry::action`: later fragments from outside get `addr` (a Service backend) as
+/// their destination and follow their first fragment to it.
+pub const FRAGMENT_EXTERNAL_DNAT: u8 = 4;
+/// `FragmentEntry::action`: as `FRAGMENT_EXTERNAL_DNAT`, with the node IP as the source.
+pub const FRAGMENT_EXTERNAL_DNAT_SNAT: u8 = 5;
+/// `FragmentEntry::action`: later fragments of a backend's reply get `addr` (the frontend)
+/// as their source and go back to the client.
+pub const FRAGMENT_EXTERNAL_REPLY: u8 = 6;
+
 /// Value of `FRAGMENTS`: what was done to the first fragment, for the later ones.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -546,8 +567,15 @@ pub mod verdict {
     /// A connection or datagram to a Service frontend with no backend, refused with
     /// `ECONNREFUSED`.
     pub const SERVICE_NO_BACKEND: u32 = SERVICE_TRANSLATED + 1;
+    /// A packet from outside the node to a NodePort or externalIP frontend sent to one of
+    /// its backends (`from_netdev`), or its backend's reply sent back as the frontend
+    /// (`from_pod`, or `from_netdev` after the reverse SNAT).
+    pub const EXTERNAL_TRANSLATED: u32 = SERVICE_NO_BACKEND + 1;
+    /// Dropped: a packet from outside the node to a NodePort or externalIP frontend with no
+    /// backend (with `externalTrafficPolicy: Local`, none on this node).
+    pub const EXTERNAL_NO_BACKEND: u32 = EXTERNAL_TRANSLATED + 1;
     /// Number of verdicts, the length of `STATS`.
-    pub const COUNT: u32 = SERVICE_NO_BACKEND + 1;
+    pub const COUNT: u32 = EXTERNAL_NO_BACKEND + 1;
     /// Display names, indexed by verdict.
     pub const NAMES: [&str; COUNT as usize] = [
         "local_redirect",
@@ -573,6 +601,8 @@ pub mod verdict {
         "drop_policy_egress",
         "service_translated",
         "service_no_backend",
+        "external_translated",
+        "external_no_backend",
     ];
 }
 
@@ -607,6 +637,7 @@ mod pod {
     unsafe impl aya::Pod for super::service::AffinityEntry {}
     unsafe impl aya::Pod for super::service::SockReverseKey {}
     unsafe impl aya::Pod for super::service::SockReverseEntry {}
+    unsafe impl aya::Pod for super::service::ExternalNatEntry {}
     unsafe impl aya::Pod for super::policy::PolicyKey {}
     unsafe impl aya::Pod for super::policy::PolicyEntry {}
     unsafe impl aya::Pod for super::policy::PolicyEndpoint {}
@@ -638,6 +669,7 @@ mod tests {
         assert_eq!(size_of::<service::AffinityEntry>(), 16);
         assert_eq!(size_of::<service::SockReverseKey>(), 16);
         assert_eq!(size_of::<service::SockReverseEntry>(), 8);
+        assert_eq!(size_of::<service::ExternalNatEntry>(), 16);
         assert_eq!(size_of::<policy::PolicyKey>(), 12);
         assert_eq!(size_of::<policy::PolicyEntry>(), 4);
         assert_eq!(size_of::<policy::PolicyEndpoint>(), 8);

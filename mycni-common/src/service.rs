@@ -104,3 +104,33 @@ pub struct SockReverseEntry {
     pub port: u16,
     pub pad: u16,
 }
+
+/// `ExternalNatEntry::direction`: keyed by the client's packet as it arrives (client ->
+/// frontend); holds the backend it goes to.
+pub const EXTERNAL_TO_BACKEND: u8 = 1;
+/// `ExternalNatEntry::direction`: keyed by the backend's reply as it leaves the backend
+/// (backend -> client, after the reverse SNAT when the flow was SNATed); holds the
+/// frontend the reply comes from.
+pub const EXTERNAL_TO_CLIENT: u8 = 2;
+
+/// `ExternalNatEntry::flags`: the flow goes to a backend on another node with the node's
+/// address as its source (`externalTrafficPolicy: Cluster`); its `NAT` entries hold the
+/// client's address and port.
+pub const EXTERNAL_SNAT: u8 = 1;
+
+/// Value of `EXTERNAL_NAT` (LRU, keyed by a `FlowKey`): one direction of a flow from
+/// outside the node to a NodePort or externalIP frontend, translated at TC (`from_netdev`
+/// in, `from_pod` or `from_netdev` back).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExternalNatEntry {
+    /// The backend (`EXTERNAL_TO_BACKEND`) or the frontend (`EXTERNAL_TO_CLIENT`).
+    pub address: [u8; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub direction: u8,
+    /// `EXTERNAL_*` bits.
+    pub flags: u8,
+    /// `bpf_ktime_get_ns()` of the last packet in this direction.
+    pub last_seen_ns: u64,
+}

@@ -14,8 +14,8 @@ use mycni_common::policy::{
     PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyEntry, PolicyKey, PolicyState,
 };
 use mycni_common::service::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, ServiceEntry, ServiceKey, SockReverseEntry,
-    SockReverseKey,
+    AffinityEntry, AffinityKey, Backend, BackendKey, ExternalNatEntry, ServiceEntry, ServiceKey,
+    SockReverseEntry, SockReverseKey,
 };
 use mycni_common::{
     map_spec, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, MapKind, MapSpec, NatEntry,
@@ -110,6 +110,15 @@ pub(crate) static SOCK_REVERSE: LruHashMap<
     SockReverseEntry,
     { map_spec::SOCK_REVERSE.max_entries as usize },
 > = LruHashMap::new();
+/// Flows from outside the node to NodePort and externalIP frontends, both directions: the
+/// backend each client flow goes to, and the frontend each backend's reply comes from.
+#[btf_map]
+pub(crate) static EXTERNAL_NAT: LruHashMap<
+    FlowKey,
+    ExternalNatEntry,
+    { map_spec::EXTERNAL_NAT.max_entries as usize },
+> = LruHashMap::new();
+
 /// The local pods some policy selects, and for which directions (`mycni_common::policy`).
 #[btf_map]
 pub(crate) static POLICY_ENDPOINTS: HashMap<
@@ -261,6 +270,7 @@ check_spec!(
     BACKENDS,
     AFFINITY,
     SOCK_REVERSE,
+    EXTERNAL_NAT,
     POLICY_ENDPOINTS,
     POLICY_IDENTITIES,
     POLICY,
