@@ -68,7 +68,8 @@ pub struct Backend {
 }
 
 /// Key of `AFFINITY` (LRU): one client (its network namespace's cookie, so every socket of
-/// a pod shares it) of one frontend.
+/// a pod shares it; for a client outside the node, whose packets the TC path translates,
+/// `1 << 63 | its IPv4 address`, which no cookie reaches) of one frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AffinityKey {
