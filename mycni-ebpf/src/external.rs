@@ -18,9 +18,9 @@
 use crate::forward::{deliver_to_pod, send_to_node};
 use crate::fragments::remember_fragment;
 use crate::headers::{
-    ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED,
-    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_DST, IPV4_HLEN, IPV4_PROTO, IPV4_SRC, IPV4_VIHL,
-    IP_DST_OFF, IP_SRC_OFF, L4_DPORT, L4_SPORT, TCP_ACK, TCP_FLAGS, TCP_SYN,
+    ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, IPV4_DST, IPV4_HLEN, IPV4_PROTO, IPV4_SRC, IPV4_VIHL, IP_DST_OFF,
+    IP_SRC_OFF, L4_DPORT, L4_SPORT, TCP_ACK, TCP_FLAGS, TCP_SYN,
 };
 use crate::maps::{route_of, AFFINITY, BACKENDS, EXTERNAL_NAT, FRAGMENTS, SERVICES};
 use crate::nat::icmp_error::rewrite_quote;
@@ -33,14 +33,14 @@ use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh};
 use aya_ebpf::programs::TcContext;
 use mycni_common::service::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, ExternalNatEntry, ServiceKey,
-    EXTERNAL_SNAT, EXTERNAL_TO_BACKEND, EXTERNAL_TO_CLIENT, SERVICE_AFFINITY_CLIENT_IP,
-    SERVICE_EXTERNAL_IP, SERVICE_NODE_PORT,
+    AffinityEntry, AffinityKey, Backend, BackendKey, ExternalNatEntry, ServiceKey, EXTERNAL_SNAT,
+    EXTERNAL_TO_BACKEND, EXTERNAL_TO_CLIENT, SERVICE_AFFINITY_CLIENT_IP, SERVICE_EXTERNAL_IP,
+    SERVICE_NODE_PORT,
 };
 use mycni_common::{
-    verdict, FlowKey, NodeConfig, FRAGMENT_EXTERNAL_DNAT,
-    FRAGMENT_EXTERNAL_DNAT_SNAT, FRAGMENT_EXTERNAL_REPLY, MARK_FROM_POD, ROUTE_LOCAL_ENDPOINT,
-    ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
+    verdict, FlowKey, NodeConfig, FRAGMENT_EXTERNAL_DNAT, FRAGMENT_EXTERNAL_DNAT_SNAT,
+    FRAGMENT_EXTERNAL_REPLY, MARK_FROM_POD, ROUTE_LOCAL_ENDPOINT, ROUTE_REMOTE_NODE,
+    ROUTE_REMOTE_TUNNEL,
 };
 
 const NS_PER_S: u64 = 1_000_000_000;
@@ -152,7 +152,6 @@ fn existing_backend(ctx: &TcContext, packet: &Ipv4, now: u64) -> Option<(Backend
         flags,
     ))
 }
-
 
 /// `from_netdev`, for a packet whose destination is no pod: sends a packet for a NodePort
 /// or externalIP frontend (or a later fragment of one) to its backend. `None`: not for a
@@ -391,10 +390,7 @@ pub(crate) fn reply_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32
 /// backend's reply (`translated`: backend -> client) leaves as the frontend. `None`: a
 /// reply of a pod's own masqueraded flow.
 #[inline(always)]
-pub(crate) fn reply_after_reverse_nat(
-    ctx: &TcContext,
-    translated: &Ipv4,
-) -> Option<(u32, i32)> {
+pub(crate) fn reply_after_reverse_nat(ctx: &TcContext, translated: &Ipv4) -> Option<(u32, i32)> {
     if translated.later_fragment {
         // The reverse SNAT wrote the client's address: the first fragment recorded the
         // frontend under the datagram's key as it is now.
