@@ -265,8 +265,7 @@ fn record_forward(packet: &Ipv4, backend: Backend, flags: u8, now: u64) {
 
 /// The reverse entry, keyed by the backend's reply as it leaves the backend (backend ->
 /// client) or, SNATed, as the reverse SNAT leaves it: the reply comes from the frontend.
-/// Written on every packet of the client, so it lives as long as the flow (and comes back
-/// if the LRU evicted it).
+/// Checked on every packet of the client, so it comes back if the LRU evicted it.
 #[inline(always)]
 fn record_reverse(packet: &Ipv4, backend: Backend, flags: u8, now: u64) {
     let reverse = ExternalNatEntry {
@@ -284,6 +283,16 @@ fn record_reverse(packet: &Ipv4, backend: Backend, flags: u8, now: u64) {
         proto: packet.proto,
         pad: [0; 3],
     };
+    // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
+    let current = unsafe { EXTERNAL_NAT.get(&reply) };
+    if current.is_some_and(|entry| {
+        entry.direction == EXTERNAL_TO_CLIENT
+            && entry.address == reverse.address
+            && entry.port == reverse.port
+    }) {
+        // Already there (the replies refresh it): a lookup costs less than an update.
+        return;
+    }
     let _ = EXTERNAL_NAT.insert(&reply, &reverse, 0);
 }
 
