@@ -13,8 +13,8 @@
 //!   (`from_netdev`), gets the frontend as its source and goes to the client straight out
 //!   of the uplink (or to the client pod's node). Neither direction crosses the node
 //!   stack, so its conntrack sees neither.
-//! - Later fragments follow their first (`FRAGMENTS`), and an ICMP error a local backend
-//!   sends about a flow (a UDP port unreachable) leaves quoting the frontend.
+//! - Later fragments follow their first (`FRAGMENTS`), and an ICMP error a backend sends
+//!   about a flow (a UDP port unreachable) leaves from the frontend, quoting it.
 use crate::forward::{deliver_to_pod, send_to_node};
 use crate::fragments::remember_fragment;
 use crate::headers::{
@@ -419,6 +419,11 @@ pub(crate) fn reply_after_reverse_nat(ctx: &TcContext, translated: &Ipv4) -> Opt
         };
         return Some((verdict, action));
     }
+    if translated.proto == IPPROTO_ICMP {
+        // An error the remote backend sent about the flow: the reverse SNAT put the client
+        // back into its quote; the frontend goes in too.
+        return icmp_error_from_backend(ctx, translated);
+    }
     if !translated.has_ports {
         return None;
     }
@@ -484,8 +489,9 @@ fn send_to_client(ctx: &TcContext, client: [u8; 4]) -> (u32, i32) {
     (verdict::EXTERNAL_TRANSLATED, action as i32)
 }
 
-/// An ICMP error a local backend sends about a client's packet (client -> backend,
-/// quoted): leaves from the frontend, quoting client -> frontend.
+/// An ICMP error a backend sends about a client's packet (client -> backend, quoted; for a
+/// remote backend, after the reverse SNAT): leaves from the frontend, quoting client ->
+/// frontend.
 #[inline(always)]
 fn icmp_error_from_backend(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32)> {
     if !matches!(
@@ -524,6 +530,9 @@ fn icmp_error_from_backend(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32)>
     let entry = unsafe { EXTERNAL_NAT.get(&reply) }.copied()?;
     if entry.direction != EXTERNAL_TO_CLIENT {
         return None;
+    }
+    if let Err(drop) = enforce(ctx, packet, Site::Decide) {
+        return Some((drop, TC_ACT_SHOT));
     }
     if rewrite_quote(
         ctx,

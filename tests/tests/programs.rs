@@ -2273,6 +2273,51 @@ fn an_external_ip_datagram_goes_through_vxlan_to_its_backend_and_back() -> Resul
 }
 
 #[test]
+fn a_remote_backends_icmp_error_reaches_the_client_from_the_frontend() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        dp.serve(
+            (NODE_IP, NODE_PORT, IPPROTO_UDP),
+            SERVICE_NODE_PORT,
+            &[(REMOTE_POD, 5353)],
+        )?;
+        let query = from_router(&ip(OUTSIDE, NODE_IP).udp(5000, NODE_PORT, b"q"));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &query)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(addresses(&run.frame)? == (NODE_IP, NAT_PORT, REMOTE_POD, 5353));
+        // The backend has no socket there: port unreachable, quoting what it received.
+        let received = &run.frame[14..];
+        let mut rest = vec![0; 4];
+        rest.extend_from_slice(&received[..28]);
+        let unreachable = ip(REMOTE_POD, NODE_IP).packet(IPPROTO_ICMP, &raw::icmp4(3, 3, &rest));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &from_router(&unreachable))?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        let outer = seen(&run.frame)?;
+        ensure!(
+            (outer.src, outer.dst) == (NODE_IP, OUTSIDE),
+            "the error does not come from the frontend to the client: {outer:?}"
+        );
+        let inner = &run.frame[14 + 20 + 8..];
+        ensure!(
+            inner[12..16] == OUTSIDE.octets()
+                && inner[20..22] == 5000u16.to_be_bytes()
+                && inner[16..20] == NODE_IP.octets()
+                && inner[22..24] == NODE_PORT.to_be_bytes(),
+            "the quote is not client -> frontend: {inner:02x?}"
+        );
+        ensure!(
+            raw::checksum(0, &inner[..20]) == 0,
+            "quoted IP header checksum"
+        );
+        checksums_verify(&run.frame)?;
+        dp.expect_counts(&[
+            (verdict::EXTERNAL_TRANSLATED, 1),
+            (verdict::ICMP_ERROR_TRANSLATED, 1),
+        ])
+    })
+}
+
+#[test]
 fn a_frontend_without_a_backend_here_drops_and_counts_and_a_cluster_ip_is_not_served_from_outside(
 ) -> Result<()> {
     require_root!();
