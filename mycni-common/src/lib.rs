@@ -27,6 +27,7 @@ pub const MAP_BACKENDS: &str = "BACKENDS";
 pub const MAP_AFFINITY: &str = "AFFINITY";
 pub const MAP_SOCK_REVERSE: &str = "SOCK_REVERSE";
 pub const MAP_HOST_PORTS: &str = "HOST_PORTS";
+pub const MAP_EXTERNAL_NAT: &str = "EXTERNAL_NAT";
 pub const MAP_POLICY_ENDPOINTS: &str = "POLICY_ENDPOINTS";
 pub const MAP_POLICY_IDENTITIES: &str = "POLICY_IDENTITIES";
 pub const MAP_POLICY: &str = "POLICY";
@@ -100,6 +101,9 @@ pub const MAX_SOCK_REVERSE: u32 = 65536;
 /// without hostIP counting once per node address. Not preallocated: only the plugin
 /// inserts.
 pub const MAX_HOST_PORTS: u32 = 65536;
+/// Capacity of `EXTERNAL_NAT` (both directions of each flow from outside the node to a
+/// NodePort or externalIP): 131072 entries, 65536 flows, preallocated like `NAT`.
+pub const MAX_EXTERNAL_NAT: u32 = 131072;
 /// Capacity of `POLICY_ENDPOINTS` and `POLICY_DROPS`: one per pod on this node, like
 /// `ENDPOINTS`.
 pub const MAX_POLICY_ENDPOINTS: u32 = 16384;
@@ -263,6 +267,13 @@ pub mod map_spec {
         value_size: size_of::<service::HostPortEntry>() as u32,
         max_entries: MAX_HOST_PORTS,
     };
+    pub const EXTERNAL_NAT: MapSpec = MapSpec {
+        name: MAP_EXTERNAL_NAT,
+        kind: MapKind::LruHash,
+        key_size: size_of::<FlowKey>() as u32,
+        value_size: size_of::<service::ExternalNatEntry>() as u32,
+        max_entries: MAX_EXTERNAL_NAT,
+    };
     pub const POLICY_ENDPOINTS: MapSpec = MapSpec {
         name: MAP_POLICY_ENDPOINTS,
         kind: MapKind::Hash,
@@ -309,7 +320,7 @@ pub mod map_spec {
 }
 
 /// Every map the datapath pins, in a stable order.
-pub const PINNED_MAPS: [MapSpec; 20] = [
+pub const PINNED_MAPS: [MapSpec; 21] = [
     map_spec::ROUTES,
     map_spec::ENDPOINTS,
     map_spec::STATS,
@@ -324,6 +335,7 @@ pub const PINNED_MAPS: [MapSpec; 20] = [
     map_spec::AFFINITY,
     map_spec::SOCK_REVERSE,
     map_spec::HOST_PORTS,
+    map_spec::EXTERNAL_NAT,
     map_spec::POLICY_ENDPOINTS,
     map_spec::POLICY_IDENTITIES,
     map_spec::POLICY,
@@ -455,6 +467,15 @@ pub const FRAGMENT_REVERSE_NAT: u8 = 2;
 /// `FragmentEntry::action`: later fragments go to the node stack, like their first one.
 pub const FRAGMENT_TO_STACK: u8 = 3;
 
+/// `FragmentEntry::action`: later fragments from outside get `addr` (a Service backend) as
+/// their destination and follow their first fragment to it.
+pub const FRAGMENT_EXTERNAL_DNAT: u8 = 4;
+/// `FragmentEntry::action`: as `FRAGMENT_EXTERNAL_DNAT`, with the node IP as the source.
+pub const FRAGMENT_EXTERNAL_DNAT_SNAT: u8 = 5;
+/// `FragmentEntry::action`: later fragments of a backend's reply get `addr` (the frontend)
+/// as their source and go back to the client.
+pub const FRAGMENT_EXTERNAL_REPLY: u8 = 6;
+
 /// Value of `FRAGMENTS`: what was done to the first fragment, for the later ones.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -562,8 +583,15 @@ pub mod verdict {
     /// A connection or datagram to a pod's hostPort (`HOST_PORTS`) sent to the pod (cgroup
     /// `connect4`/`sendmsg4`; counted per socket call, `bytes` stays zero).
     pub const HOST_PORT_TRANSLATED: u32 = SERVICE_NO_BACKEND + 1;
+    /// A packet from outside the node to a NodePort, externalIP or hostPort frontend sent
+    /// to one of its backends (`from_netdev`), or its backend's reply sent back as the
+    /// frontend (`from_pod`, or `from_netdev` after the reverse SNAT).
+    pub const EXTERNAL_TRANSLATED: u32 = HOST_PORT_TRANSLATED + 1;
+    /// Dropped: a packet from outside the node to a NodePort or externalIP frontend with no
+    /// backend (with `externalTrafficPolicy: Local`, none on this node).
+    pub const EXTERNAL_NO_BACKEND: u32 = EXTERNAL_TRANSLATED + 1;
     /// Number of verdicts, the length of `STATS`.
-    pub const COUNT: u32 = HOST_PORT_TRANSLATED + 1;
+    pub const COUNT: u32 = EXTERNAL_NO_BACKEND + 1;
     /// Display names, indexed by verdict.
     pub const NAMES: [&str; COUNT as usize] = [
         "local_redirect",
@@ -590,6 +618,8 @@ pub mod verdict {
         "service_translated",
         "service_no_backend",
         "host_port_translated",
+        "external_translated",
+        "external_no_backend",
     ];
 }
 
@@ -625,6 +655,7 @@ mod pod {
     unsafe impl aya::Pod for super::service::SockReverseKey {}
     unsafe impl aya::Pod for super::service::SockReverseEntry {}
     unsafe impl aya::Pod for super::service::HostPortEntry {}
+    unsafe impl aya::Pod for super::service::ExternalNatEntry {}
     unsafe impl aya::Pod for super::policy::PolicyKey {}
     unsafe impl aya::Pod for super::policy::PolicyEntry {}
     unsafe impl aya::Pod for super::policy::PolicyEndpoint {}
@@ -657,6 +688,7 @@ mod tests {
         assert_eq!(size_of::<service::SockReverseKey>(), 16);
         assert_eq!(size_of::<service::SockReverseEntry>(), 8);
         assert_eq!(size_of::<service::HostPortEntry>(), 8 + 8);
+        assert_eq!(size_of::<service::ExternalNatEntry>(), 16);
         assert_eq!(size_of::<policy::PolicyKey>(), 12);
         assert_eq!(size_of::<policy::PolicyEntry>(), 4);
         assert_eq!(size_of::<policy::PolicyEndpoint>(), 8);

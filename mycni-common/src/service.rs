@@ -69,7 +69,8 @@ pub struct Backend {
 }
 
 /// Key of `AFFINITY` (LRU): one client (its network namespace's cookie, so every socket of
-/// a pod shares it) of one frontend.
+/// a pod shares it; for a client outside the node, whose packets the TC path translates,
+/// `1 << 63 | its IPv4 address`, which no cookie reaches) of one frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AffinityKey {
@@ -122,4 +123,34 @@ pub struct HostPortEntry {
     /// holds the port, so DEL finds its entries without the pod and ADD tells its own
     /// entries from another pod's.
     pub attachment_hash: u64,
+}
+
+/// `ExternalNatEntry::direction`: keyed by the client's packet as it arrives (client ->
+/// frontend); holds the backend it goes to.
+pub const EXTERNAL_TO_BACKEND: u8 = 1;
+/// `ExternalNatEntry::direction`: keyed by the backend's reply as it leaves the backend
+/// (backend -> client, after the reverse SNAT when the flow was SNATed); holds the
+/// frontend the reply comes from.
+pub const EXTERNAL_TO_CLIENT: u8 = 2;
+
+/// `ExternalNatEntry::flags`: the flow goes to a backend on another node with the node's
+/// address as its source (`externalTrafficPolicy: Cluster`); its `NAT` entries hold the
+/// client's address and port.
+pub const EXTERNAL_SNAT: u8 = 1;
+
+/// Value of `EXTERNAL_NAT` (LRU, keyed by a `FlowKey`): one direction of a flow from
+/// outside the node to a NodePort or externalIP frontend, translated at TC (`from_netdev`
+/// in, `from_pod` or `from_netdev` back).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExternalNatEntry {
+    /// The backend (`EXTERNAL_TO_BACKEND`) or the frontend (`EXTERNAL_TO_CLIENT`).
+    pub address: [u8; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub direction: u8,
+    /// `EXTERNAL_*` bits.
+    pub flags: u8,
+    /// `bpf_ktime_get_ns()` of the last packet in this direction.
+    pub last_seen_ns: u64,
 }

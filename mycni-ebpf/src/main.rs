@@ -1,6 +1,8 @@
 //! mycni's TC programs.
 //!
-//! - `from_pod` (host veth ingress: packets a pod sends) drops anything the pod sends as
+//! - `from_pod` (host veth ingress: packets a pod sends) sends a Service backend's replies
+//!   to clients outside the node back as the frontend ([`external`]), drops anything the
+//!   pod sends as
 //!   someone else (IPv4 or ARP from an address or MAC not its own) and its IPv6, answers the
 //!   pod's ARP for its gateway, redirects packets for pods on this node straight into the
 //!   destination pod
@@ -12,7 +14,8 @@
 //!   own translations (kube-proxy DNAT) and its conntrack sees both directions.
 //! - `from_netdev` (uplink and VXLAN ingress) drops VXLAN that is not from a known peer
 //!   node with our VNI, delivers packets from other nodes' pods to
-//!   local pods with `bpf_redirect_peer`, and hands everything else to the node stack:
+//!   local pods with `bpf_redirect_peer`, sends packets for NodePort and externalIP
+//!   frontends to a backend ([`external`]), and hands everything else to the node stack:
 //!   replies of masqueraded flows (and ICMP errors about them, and their later fragments)
 //!   after translating them back.
 //! - `to_netdev` (uplink and VXLAN egress) masquerades pod traffic leaving the cluster to
@@ -41,6 +44,7 @@
 mod log;
 mod arp;
 mod counters;
+mod external;
 mod forward;
 mod fragments;
 mod headers;

@@ -14,8 +14,8 @@ use mycni_common::policy::{
     PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyEntry, PolicyKey, PolicyState,
 };
 use mycni_common::service::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, HostPortEntry, ServiceEntry, ServiceKey,
-    SockReverseEntry, SockReverseKey,
+    AffinityEntry, AffinityKey, Backend, BackendKey, ExternalNatEntry, HostPortEntry, ServiceEntry,
+    ServiceKey, SockReverseEntry, SockReverseKey,
 };
 use mycni_common::{
     map_spec, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, MapKind, MapSpec, NatEntry,
@@ -120,6 +120,14 @@ pub(crate) static HOST_PORTS: HashMap<
     { map_spec::HOST_PORTS.max_entries as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
+/// Flows from outside the node to NodePort and externalIP frontends, both directions: the
+/// backend each client flow goes to, and the frontend each backend's reply comes from.
+#[btf_map]
+pub(crate) static EXTERNAL_NAT: LruHashMap<
+    FlowKey,
+    ExternalNatEntry,
+    { map_spec::EXTERNAL_NAT.max_entries as usize },
+> = LruHashMap::new();
 
 /// The local pods some policy selects, and for which directions (`mycni_common::policy`).
 #[btf_map]
@@ -273,6 +281,7 @@ check_spec!(
     AFFINITY,
     SOCK_REVERSE,
     HOST_PORTS,
+    EXTERNAL_NAT,
     POLICY_ENDPOINTS,
     POLICY_IDENTITIES,
     POLICY,

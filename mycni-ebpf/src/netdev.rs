@@ -1,5 +1,6 @@
 //! The node side (uplink and VXLAN device): what `from_netdev` does with arriving packets
 //! and `to_netdev` with leaving ones.
+use crate::external::{reply_after_reverse_nat, to_backend};
 use crate::forward::deliver_to_pod;
 use crate::headers::{
     ETH_P_IP, ETH_TYPE_OFF, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM,
@@ -55,6 +56,13 @@ pub(crate) fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
         // stack, which forwarded the pod's side of the flow (its conntrack sees both).
         match reverse_nat(ctx, &packet, cfg) {
             Ok(Some(verdict)) => {
+                // A remote Service backend's reply, now addressed to its client outside:
+                // it leaves as the frontend.
+                if let Some(translated) = parse_ipv4(ctx) {
+                    if let Some(result) = reply_after_reverse_nat(ctx, &translated) {
+                        return result;
+                    }
+                }
                 // Marked so to_pod does not take it for a flow the stack delivered: the
                 // pod started it, and its later packets must still be masqueraded.
                 // SAFETY: the kernel hands the program a valid skb for the length of its run.
@@ -76,6 +84,12 @@ pub(crate) fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
         }
     }
     let Some(route) = route_of(packet.dst) else {
+        // No pod: maybe a NodePort or externalIP frontend, reached from outside.
+        if !on_tunnel {
+            if let Some(result) = to_backend(ctx, &packet, cfg) {
+                return result;
+            }
+        }
         return to_stack(verdict::TO_STACK);
     };
     if route.kind == ROUTE_LOCAL_CIDR {

@@ -8,6 +8,7 @@ use mycni_common::{FlowKey, FragmentKey};
 use network_types::ip::Ipv4Hdr;
 
 /// The parts of an IPv4 packet the programs decide on.
+#[derive(Clone, Copy)]
 pub(crate) struct Ipv4 {
     pub(crate) src: [u8; 4],
     pub(crate) dst: [u8; 4],

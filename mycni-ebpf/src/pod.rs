@@ -1,6 +1,7 @@
 //! The pod side (host veth): what `from_pod` does with a pod's packets, and what `to_pod`
 //! remembers of the packets the node stack delivers to a pod.
 use crate::arp::arp_from_pod;
+use crate::external::reply_from_pod;
 use crate::forward::{decrement_ttl, deliver_to_pod, send_to_node};
 use crate::headers::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF};
 use crate::maps::{ENDPOINTS, ROUTES};
@@ -87,6 +88,10 @@ pub(crate) fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
             );
             return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
         }
+    }
+    // A backend's reply to a client that reached a NodePort or externalIP from outside.
+    if let Some(result) = reply_from_pod(ctx, &packet) {
+        return result;
     }
     let route = ROUTES.get(&Key::new(32, packet.dst));
     // Policy before any forwarding decision: on a redirect the packet reaches its

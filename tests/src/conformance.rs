@@ -211,6 +211,34 @@ pub const EBPF_LISTED: &[ListedSpec] = &[
         checks: "a large UDP datagram through a ClusterIP",
     },
     ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for pod-Service: http",
+        checks: "a pod on either node reaches a ClusterIP and the first node's NodePort over HTTP (from the second node: the TC path)",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for pod-Service: udp",
+        checks: "the same over UDP",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for node-Service: http",
+        checks: "a hostNetwork pod on either node reaches a ClusterIP and the first node's NodePort over HTTP",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should function for node-Service: udp",
+        checks: "the same over UDP",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should support basic nodePort: udp functionality",
+        checks: "UDP to the first node's NodePort reaches every backend",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should update nodePort: http [Slow]",
+        checks: "a changed NodePort answers on the new port and no longer on the old one (HTTP)",
+    },
+    ListedSpec {
+        name: "[sig-network] Networking Granular Checks: Services should update nodePort: udp [Slow]",
+        checks: "the same over UDP",
+    },
+    ListedSpec {
         name: "[sig-network] Services should provide secure master service  [Conformance]",
         checks: "the `kubernetes` Service exists (API only)",
     },
@@ -302,26 +330,6 @@ pub const EBPF_NOT_RUN: &[NotRun] = &[
                  provider has none",
     },
     NotRun {
-        name_contains: "Granular Checks: Services should function for pod-Service: ",
-        why: Why::CannotRunHere,
-        reason: OTHER_NODES_NODE_PORT,
-    },
-    NotRun {
-        name_contains: "Granular Checks: Services should function for node-Service: ",
-        why: Why::CannotRunHere,
-        reason: OTHER_NODES_NODE_PORT,
-    },
-    NotRun {
-        name_contains: "Granular Checks: Services should support basic nodePort: udp functionality",
-        why: Why::CannotRunHere,
-        reason: OTHER_NODES_NODE_PORT,
-    },
-    NotRun {
-        name_contains: "Granular Checks: Services should update nodePort: ",
-        why: Why::CannotRunHere,
-        reason: OTHER_NODES_NODE_PORT,
-    },
-    NotRun {
         name_contains: "Granular Checks: Services should function for service endpoints using hostNetwork",
         why: Why::CannotRunHere,
         reason: HOST_NETWORK_HOSTNAMES,
@@ -396,14 +404,6 @@ pub const EBPF_NOT_RUN: &[NotRun] = &[
                  (no pod network in its namespace) cannot reach",
     },
 ];
-
-/// The Granular Checks address the NodePort at the first node's InternalIP (`config.NodeIP`)
-/// from a test pod that is not pinned to a node.
-const OTHER_NODES_NODE_PORT: &str =
-    "dials the NodePort on the first node's InternalIP from a test pod the scheduler puts on \
-     either node; a NodePort reached from another node needs the TC path, not built yet (the \
-     sockets of the first node's own pods are translated), so it passes only when the pod \
-     lands there ('host=192.168.1.11&port=30825 ... retrieved map[]' from a pod on node-2)";
 
 /// The serve-hostname specs count backends with a shell loop run in an exec pod.
 const NO_SEQ_IN_IMAGE: &str =

@@ -27,6 +27,11 @@ impl Server {
         Server::start_mode(netns, "serve", port, name)
     }
 
+    /// A server that answers "NAME from CLIENT-ADDRESS".
+    pub fn start_naming_clients(netns: &Netns, port: u16, name: &str) -> Result<Server> {
+        Server::start_mode(netns, "serve-peer", port, name)
+    }
+
     /// A TCP server that keeps each connection and answers every message on it.
     pub fn start_held(netns: &Netns, port: u16, name: &str) -> Result<Server> {
         Server::start_mode(netns, "serve-held", port, name)

@@ -467,6 +467,16 @@ fn services_are_balanced_by_mycni_without_kube_proxy() -> Result<()> {
         NODE_PORT,
         &servers,
     )?;
+    // The NodePort on the other node's address: packets from outside that node, which its
+    // TC path sends to a backend (SNATed to it for a backend on the client's node).
+    let other_node_ip = |n: &LabNode| {
+        lab.nodes
+            .iter()
+            .find(|other| other.name != n.name)
+            .map(|other| other.ip.to_string())
+            .unwrap_or_default()
+    };
+    check_reaches_all(&lab, &clients, "http", other_node_ip, NODE_PORT, &servers)?;
 
     // The externalIP, from the pods.
     check_reaches_all(
@@ -605,6 +615,15 @@ fn services_are_balanced_by_mycni_without_kube_proxy() -> Result<()> {
             node.name
         );
         assert!(translated > 0 && refused > 0, "{}: {stats}", node.name);
+        let external = stats["external_translated"]["packets"]
+            .as_u64()
+            .unwrap_or(0);
+        println!("{}: external_translated {external}", node.name);
+        assert!(
+            external > 0,
+            "{}: the TC path translated nothing: {stats}",
+            node.name
+        );
     }
     Ok(())
 }

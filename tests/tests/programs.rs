@@ -23,9 +23,14 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::Pod;
 use mycni::datapath::{self, Maps, NatTable};
 use mycni::policy_maps::{PolicyDesired, PolicyTables};
+use mycni::socket_lb::{DesiredServices, ServiceTables};
 use mycni_common::policy::{
     identity, PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyEntry, PolicyKey, ENFORCE_EGRESS,
     ENFORCE_INGRESS, POLICY_EGRESS, POLICY_INGRESS,
+};
+use mycni_common::service::{
+    Backend, ExternalNatEntry, HostPortEntry, ServiceEntry, ServiceKey, SERVICE_EXTERNAL_IP,
+    SERVICE_EXTERNAL_LOCAL, SERVICE_NODE_PORT,
 };
 use mycni_common::{
     nat_state, verdict, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, NatEntry,
@@ -33,6 +38,7 @@ use mycni_common::{
     MARK_FROM_POD, MARK_REVERSE_NAT, NAT_EGRESS, NAT_INGRESS, PROG_FROM_NETDEV, PROG_FROM_POD,
     PROG_TO_NETDEV, PROG_TO_POD, ROUTE_REMOTE_NODE, ROUTE_REMOTE_TUNNEL,
 };
+use mycni_common::{MAP_EXTERNAL_NAT, MAP_HOST_PORTS};
 use mycni_tests::raw::{self, ARP_REPLY, ARP_REQUEST, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6};
 use mycni_tests::{require_root, run};
 
@@ -239,6 +245,9 @@ impl Datapath {
         // No policy: its endpoints' drop counts go with them.
         PolicyTables::open(&self.root)?.apply(&PolicyDesired::default())?;
         clear::<FlowKey, PolicyCtEntry>(&self.root, MAP_POLICY_CT)?;
+        clear::<FlowKey, ExternalNatEntry>(&self.root, MAP_EXTERNAL_NAT)?;
+        clear::<ServiceKey, HostPortEntry>(&self.root, MAP_HOST_PORTS)?;
+        ServiceTables::open(&self.root)?.apply(&DesiredServices::new())?;
         let mut stats: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(Map::PerCpuArray(
             MapData::from_pin(self.root.join(MAP_STATS))?,
         ))?;
@@ -2106,6 +2115,372 @@ fn later_fragments_pass_when_their_first_did_and_are_checked_portless_otherwise(
         dp.expect_counts(&[
             (verdict::DELIVERED_FROM_NETDEV, 2),
             (verdict::DROP_POLICY_INGRESS, 1),
+        ])
+    })
+}
+
+// ---- Services from outside the node (NodePort, externalIP) ----
+
+const NODE_PORT: u16 = 30080;
+const EXTERNAL_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+
+impl Datapath {
+    /// One frontend with `backends` (address, port), written as the agent writes it.
+    fn serve(
+        &self,
+        frontend: (Ipv4Addr, u16, u8),
+        flags: u32,
+        backends: &[(Ipv4Addr, u16)],
+    ) -> Result<()> {
+        let key = ServiceKey {
+            address: frontend.0.octets(),
+            port: frontend.1,
+            protocol: frontend.2,
+            scope: 0,
+        };
+        let entry = ServiceEntry {
+            service_id: 1,
+            backend_count: backends.len() as u32,
+            affinity_timeout_s: 0,
+            flags,
+        };
+        let backends = backends
+            .iter()
+            .map(|(address, port)| Backend {
+                address: address.octets(),
+                port: *port,
+                pad: 0,
+            })
+            .collect();
+        let desired: DesiredServices = [(key, (entry, backends))].into();
+        ServiceTables::open(&self.root)?.apply(&desired)?;
+        Ok(())
+    }
+}
+
+fn addresses(frame: &[u8]) -> Result<(Ipv4Addr, u16, Ipv4Addr, u16)> {
+    let seen = seen(frame)?;
+    Ok((seen.src, seen.sport, seen.dst, seen.dport))
+}
+
+#[test]
+fn a_node_port_packet_from_outside_reaches_a_local_backend_with_its_source_and_the_reply_leaves_as_the_frontend(
+) -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        dp.serve(
+            (NODE_IP, NODE_PORT, IPPROTO_TCP),
+            SERVICE_NODE_PORT | SERVICE_EXTERNAL_LOCAL,
+            &[(POD_A, 8080)],
+        )?;
+        let syn = from_router(&ip(OUTSIDE, NODE_IP).tcp(40000, NODE_PORT, TCP_SYN, 1, 0));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &syn)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(
+            addresses(&run.frame)? == (OUTSIDE, 40000, POD_A, 8080),
+            "not sent to the backend with the client's source: {:?}",
+            seen(&run.frame)?
+        );
+        ensure!(
+            seen(&run.frame)?.eth_dst == POD_A_MAC,
+            "not addressed to the pod"
+        );
+        checksums_verify(&run.frame)?;
+        // The backend's answer leaves straight out of the uplink, from the frontend.
+        let syn_ack = from_pod_a(&ip(POD_A, OUTSIDE).tcp(8080, 40000, TCP_SYN | TCP_ACK, 9, 2));
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &syn_ack)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(
+            addresses(&run.frame)? == (NODE_IP, NODE_PORT, OUTSIDE, 40000),
+            "the reply does not come from the frontend: {:?}",
+            seen(&run.frame)?
+        );
+        ensure!(
+            run.mark & MARK_FROM_POD == MARK_FROM_POD,
+            "to_netdev would masquerade it"
+        );
+        checksums_verify(&run.frame)?;
+        // The flow keeps its backend.
+        let ack = from_router(&ip(OUTSIDE, NODE_IP).tcp(40000, NODE_PORT, TCP_ACK, 2, 10));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &ack)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(addresses(&run.frame)? == (OUTSIDE, 40000, POD_A, 8080));
+        dp.expect_counts(&[(verdict::EXTERNAL_TRANSLATED, 3)])
+    })
+}
+
+/// A pod's hostPort (written by the plugin into `HOST_PORTS`, as CNI ADD does) reached from
+/// outside: the same TC path as a NodePort with the pod as its one backend.
+#[test]
+fn a_host_port_packet_from_outside_reaches_its_pod_with_its_source_and_the_reply_leaves_as_the_host_port(
+) -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let key = ServiceKey {
+            address: NODE_IP.octets(),
+            port: 8443,
+            protocol: IPPROTO_TCP,
+            scope: 0,
+        };
+        let entry = HostPortEntry {
+            backend: Backend {
+                address: POD_A.octets(),
+                port: 443,
+                pad: 0,
+            },
+            attachment_hash: 7,
+        };
+        let mut table = mycni::host_ports::HostPortTable::open(&dp.root)?;
+        ensure!(matches!(
+            table.claim(&key, &entry)?,
+            mycni::host_ports::Claim::New
+        ));
+        let syn = from_router(&ip(OUTSIDE, NODE_IP).tcp(40001, 8443, TCP_SYN, 1, 0));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &syn)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(
+            addresses(&run.frame)? == (OUTSIDE, 40001, POD_A, 443),
+            "not sent to the pod with the client's source: {:?}",
+            seen(&run.frame)?
+        );
+        checksums_verify(&run.frame)?;
+        let syn_ack = from_pod_a(&ip(POD_A, OUTSIDE).tcp(443, 40001, TCP_SYN | TCP_ACK, 9, 2));
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &syn_ack)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(
+            addresses(&run.frame)? == (NODE_IP, 8443, OUTSIDE, 40001),
+            "the reply does not come from the hostPort: {:?}",
+            seen(&run.frame)?
+        );
+        checksums_verify(&run.frame)?;
+        // Another port of the node is no frontend: the packet goes on to the stack.
+        table.remove(&key)?;
+        let other = from_router(&ip(OUTSIDE, NODE_IP).tcp(40002, 8443, TCP_SYN, 1, 0));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &other)?;
+        ensure!(
+            addresses(&run.frame)? == (OUTSIDE, 40002, NODE_IP, 8443),
+            "a removed hostPort still translated: {:?}",
+            seen(&run.frame)?
+        );
+        dp.expect_counts(&[(verdict::EXTERNAL_TRANSLATED, 2), (verdict::TO_STACK, 1)])
+    })
+}
+
+#[test]
+fn a_node_port_backend_on_another_node_gets_the_nodes_address_and_its_reply_reaches_the_client(
+) -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        dp.serve(
+            (NODE_IP, NODE_PORT, IPPROTO_TCP),
+            SERVICE_NODE_PORT,
+            &[(REMOTE_POD, 8080)],
+        )?;
+        let syn = from_router(&ip(OUTSIDE, NODE_IP).tcp(40000, NODE_PORT, TCP_SYN, 1, 0));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &syn)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(
+            addresses(&run.frame)? == (NODE_IP, NAT_PORT, REMOTE_POD, 8080),
+            "not sent to the remote backend from the node: {:?}",
+            seen(&run.frame)?
+        );
+        checksums_verify(&run.frame)?;
+        let syn_ack =
+            from_router(&ip(REMOTE_POD, NODE_IP).tcp(8080, NAT_PORT, TCP_SYN | TCP_ACK, 9, 2));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &syn_ack)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(
+            addresses(&run.frame)? == (NODE_IP, NODE_PORT, OUTSIDE, 40000),
+            "the reply does not come from the frontend to the client: {:?}",
+            seen(&run.frame)?
+        );
+        checksums_verify(&run.frame)?;
+        dp.expect_counts(&[(verdict::EXTERNAL_TRANSLATED, 2)])
+    })
+}
+
+#[test]
+fn an_external_ip_datagram_goes_through_vxlan_to_its_backend_and_back() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        dp.serve(
+            (EXTERNAL_SERVICE_IP, 53, IPPROTO_UDP),
+            SERVICE_EXTERNAL_IP,
+            &[(TUNNEL_POD, 5353)],
+        )?;
+        let query = from_router(&ip(OUTSIDE, EXTERNAL_SERVICE_IP).udp(5000, 53, b"q"));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &query)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(
+            addresses(&run.frame)? == (NODE_IP, NAT_PORT, TUNNEL_POD, 5353),
+            "{:?}",
+            seen(&run.frame)?
+        );
+        checksums_verify(&run.frame)?;
+        let answer = from_router(&ip(TUNNEL_POD, NODE_IP).udp(5353, NAT_PORT, b"a"));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &answer)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(
+            addresses(&run.frame)? == (EXTERNAL_SERVICE_IP, 53, OUTSIDE, 5000),
+            "{:?}",
+            seen(&run.frame)?
+        );
+        checksums_verify(&run.frame)?;
+        dp.expect_counts(&[(verdict::EXTERNAL_TRANSLATED, 2)])
+    })
+}
+
+#[test]
+fn a_remote_backends_icmp_error_reaches_the_client_from_the_frontend() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        dp.serve(
+            (NODE_IP, NODE_PORT, IPPROTO_UDP),
+            SERVICE_NODE_PORT,
+            &[(REMOTE_POD, 5353)],
+        )?;
+        let query = from_router(&ip(OUTSIDE, NODE_IP).udp(5000, NODE_PORT, b"q"));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &query)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(addresses(&run.frame)? == (NODE_IP, NAT_PORT, REMOTE_POD, 5353));
+        // The backend has no socket there: port unreachable, quoting what it received.
+        let received = &run.frame[14..];
+        let mut rest = vec![0; 4];
+        rest.extend_from_slice(&received[..28]);
+        let unreachable = ip(REMOTE_POD, NODE_IP).packet(IPPROTO_ICMP, &raw::icmp4(3, 3, &rest));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &from_router(&unreachable))?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        let outer = seen(&run.frame)?;
+        ensure!(
+            (outer.src, outer.dst) == (NODE_IP, OUTSIDE),
+            "the error does not come from the frontend to the client: {outer:?}"
+        );
+        let inner = &run.frame[14 + 20 + 8..];
+        ensure!(
+            inner[12..16] == OUTSIDE.octets()
+                && inner[20..22] == 5000u16.to_be_bytes()
+                && inner[16..20] == NODE_IP.octets()
+                && inner[22..24] == NODE_PORT.to_be_bytes(),
+            "the quote is not client -> frontend: {inner:02x?}"
+        );
+        ensure!(
+            raw::checksum(0, &inner[..20]) == 0,
+            "quoted IP header checksum"
+        );
+        checksums_verify(&run.frame)?;
+        dp.expect_counts(&[
+            (verdict::EXTERNAL_TRANSLATED, 1),
+            (verdict::ICMP_ERROR_TRANSLATED, 1),
+        ])
+    })
+}
+
+#[test]
+fn a_frontend_without_a_backend_here_drops_and_counts_and_a_cluster_ip_is_not_served_from_outside(
+) -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        dp.serve(
+            (NODE_IP, NODE_PORT, IPPROTO_TCP),
+            SERVICE_NODE_PORT | SERVICE_EXTERNAL_LOCAL,
+            &[],
+        )?;
+        let syn = from_router(&ip(OUTSIDE, NODE_IP).tcp(40000, NODE_PORT, TCP_SYN, 1, 0));
+        expect_action(&dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &syn)?, TC_ACT_SHOT)?;
+        dp.expect_counts(&[(verdict::EXTERNAL_NO_BACKEND, 1)])?;
+        let cluster_ip = Ipv4Addr::new(10, 96, 0, 10);
+        dp.serve((cluster_ip, 80, IPPROTO_TCP), 0, &[(POD_A, 8080)])?;
+        let syn = from_router(&ip(OUTSIDE, cluster_ip).tcp(40000, 80, TCP_SYN, 1, 0));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &syn)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(addresses(&run.frame)? == (OUTSIDE, 40000, cluster_ip, 80));
+        dp.expect_counts(&[(verdict::EXTERNAL_NO_BACKEND, 1), (verdict::TO_STACK, 1)])
+    })
+}
+
+#[test]
+fn fragments_and_icmp_errors_of_a_node_port_flow_follow_it() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        dp.serve(
+            (NODE_IP, NODE_PORT, IPPROTO_UDP),
+            SERVICE_NODE_PORT,
+            &[(POD_A, 5353)],
+        )?;
+        let first = Ip {
+            frag: MORE_FRAGMENTS,
+            id: 0x5151,
+            ..ip(OUTSIDE, NODE_IP)
+        };
+        let run = dp.run(
+            PROG_FROM_NETDEV,
+            dp.dev.uplink,
+            &from_router(&first.udp(5000, NODE_PORT, &[1; 16])),
+        )?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(addresses(&run.frame)? == (OUTSIDE, 5000, POD_A, 5353));
+        let later = Ip { frag: 3, ..first };
+        let run = dp.run(
+            PROG_FROM_NETDEV,
+            dp.dev.uplink,
+            &from_router(&later.packet(IPPROTO_UDP, &[2; 16])),
+        )?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(
+            run.frame[14 + 16..14 + 20] == POD_A.octets(),
+            "the later fragment does not follow its first"
+        );
+        checksums_verify(&run.frame)?;
+        // The backend's large answer, in two fragments, leaves from the frontend.
+        let first = Ip {
+            frag: MORE_FRAGMENTS,
+            id: 0x6161,
+            ..ip(POD_A, OUTSIDE)
+        };
+        let run = dp.run(
+            PROG_FROM_POD,
+            dp.dev.host_a,
+            &from_pod_a(&first.udp(5353, 5000, &[3; 16])),
+        )?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(addresses(&run.frame)? == (NODE_IP, NODE_PORT, OUTSIDE, 5000));
+        let later = Ip { frag: 3, ..first };
+        let run = dp.run(
+            PROG_FROM_POD,
+            dp.dev.host_a,
+            &from_pod_a(&later.packet(IPPROTO_UDP, &[4; 16])),
+        )?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(
+            run.frame[14 + 12..14 + 16] == NODE_IP.octets(),
+            "the reply's later fragment leaks the backend"
+        );
+        checksums_verify(&run.frame)?;
+        // The backend's port unreachable about a datagram quotes the frontend.
+        let datagram = ip(OUTSIDE, POD_A).udp(5000, 5353, b"late");
+        let mut rest = vec![0; 4];
+        rest.extend_from_slice(&datagram[..28]);
+        let unreachable = ip(POD_A, OUTSIDE).packet(IPPROTO_ICMP, &raw::icmp4(3, 3, &rest));
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &from_pod_a(&unreachable))?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(
+            seen(&run.frame)?.src == NODE_IP,
+            "the error leaks the backend"
+        );
+        let inner = &run.frame[14 + 20 + 8..];
+        ensure!(
+            inner[16..20] == NODE_IP.octets() && inner[22..24] == NODE_PORT.to_be_bytes(),
+            "the quote still names the backend: {inner:02x?}"
+        );
+        ensure!(
+            raw::checksum(0, &inner[..20]) == 0,
+            "quoted IP header checksum"
+        );
+        checksums_verify(&run.frame)?;
+        dp.expect_counts(&[
+            (verdict::EXTERNAL_TRANSLATED, 2),
+            (verdict::FRAGMENT_TRANSLATED, 2),
+            (verdict::ICMP_ERROR_TRANSLATED, 1),
         ])
     })
 }

@@ -14,6 +14,7 @@ use anyhow::{ensure, Context, Result};
 use mycni::socket_lb::{ApplySummary, DesiredServices, ServiceTables};
 use mycni_common::service::{
     Backend, ServiceEntry, ServiceKey, PROTO_TCP, PROTO_UDP, SERVICE_AFFINITY_CLIENT_IP,
+    SERVICE_EXTERNAL_IP, SERVICE_EXTERNAL_LOCAL, SERVICE_NODE_PORT,
 };
 use mycni_common::verdict;
 use mycni_tests::cgroup::TestCgroup;
@@ -545,5 +546,129 @@ fn a_removed_backend_s_service_sockets_end_at_once_and_direct_ones_stay() -> Res
     ensure!(again.next()? == reply(tcp, "b1"), "a new connection");
     let seen = lab.probe("udp-connected", dns, 1)?;
     ensure!(seen == [reply(dns, "b1")], "a new UDP socket: {seen:?}");
+    Ok(())
+}
+
+/// node-1 in eBPF Services mode serves NodePorts and an externalIP to the external host
+/// (beyond the router) and to a pod on node-2; backends on node-1, node-2 (direct) and
+/// node-3 (VXLAN) answer with the client address they see.
+#[test]
+fn node_ports_and_external_ips_from_outside_reach_every_backend_and_local_keeps_the_source(
+) -> Result<()> {
+    mycni_tests::require_root!();
+    let prefix = prefix("svcext");
+    let cgroup = TestCgroup::new(&prefix)?;
+    let mut cluster = Cluster::new(&prefix, &["node-1", "node-2", "node-3"], &[])?;
+    cluster.wait_for_full_mesh()?;
+    let mut args = cluster.agent_args(0);
+    args.extend(["--service-mode", "ebpf", "--cgroup-path", &cgroup.arg()].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    restart_agent(&mut cluster.nodes[0], &args, &[])?;
+    let local = cluster.nodes[0].add_pod("local")?;
+    let direct = cluster.nodes[1].add_pod("direct")?;
+    let tunneled = cluster.nodes[2].add_pod("tunneled")?;
+    let client_pod = cluster.nodes[1].add_pod("client")?;
+    let _servers = [
+        Server::start_naming_clients(&local.netns, BACKEND_PORT, "local")?,
+        Server::start_naming_clients(&direct.netns, BACKEND_PORT, "direct")?,
+        Server::start_naming_clients(&tunneled.netns, BACKEND_PORT, "vxlan")?,
+    ];
+    let node_ip = cluster.nodes[0].node_ip;
+    // The external host reaches the externalIP through node-1, as a cloud's route would.
+    let external_ip = Ipv4Addr::new(192, 168, 100, 7);
+    cluster.router.exec(&[
+        "ip",
+        "route",
+        "add",
+        &external_ip.to_string(),
+        "via",
+        &node_ip.to_string(),
+    ])?;
+    let everywhere = vec![backend(&local), backend(&direct), backend(&tunneled)];
+    let (cluster_tcp, cluster_udp, local_tcp, empty_tcp) = (30080, 30053, 30081, 30082);
+    let node_port = SERVICE_NODE_PORT;
+    let local_only = SERVICE_NODE_PORT | SERVICE_EXTERNAL_LOCAL;
+    ServiceTables::open(&cluster.nodes[0].pin_root())?.apply(
+        &[
+            (
+                frontend_key(node_ip, cluster_tcp, PROTO_TCP),
+                (entry(1, node_port, 0), everywhere.clone()),
+            ),
+            (
+                frontend_key(node_ip, cluster_udp, PROTO_UDP),
+                (entry(2, node_port, 0), everywhere.clone()),
+            ),
+            (
+                frontend_key(external_ip, 80, PROTO_TCP),
+                (entry(3, SERVICE_EXTERNAL_IP, 0), everywhere.clone()),
+            ),
+            (
+                frontend_key(node_ip, local_tcp, PROTO_TCP),
+                (entry(4, local_only, 0), vec![backend(&local)]),
+            ),
+            (
+                frontend_key(node_ip, empty_tcp, PROTO_TCP),
+                (entry(5, local_only, 0), vec![]),
+            ),
+        ]
+        .into(),
+    )?;
+    let outside = mycni_tests::cluster::EXTERNAL_IP;
+    // Cluster policy: the local backend sees the client; the others see node-1, which
+    // their replies go back through.
+    let spread = names(&[
+        &format!("local from {outside}"),
+        &format!("direct from {node_ip}"),
+        &format!("vxlan from {node_ip}"),
+    ]);
+    let before = packets(&cluster.nodes[0], verdict::EXTERNAL_TRANSLATED)?;
+    for frontend in [
+        SocketAddr::from((node_ip, cluster_tcp)),
+        SocketAddr::from((external_ip, 80)),
+    ] {
+        let seen = probe(None, &cluster.external, "tcp", frontend, 30)?;
+        let servers = servers_behind(frontend, &seen)?;
+        ensure!(servers == spread, "tcp to {frontend}: {servers:?}");
+    }
+    // A UDP flow keeps its backend: one socket (one source port) per datagram.
+    let frontend = SocketAddr::from((node_ip, cluster_udp));
+    let seen = (0..30)
+        .map(|_| probe(None, &cluster.external, "udp", frontend, 1))
+        .collect::<Result<Vec<_>>>()?
+        .concat();
+    let servers = servers_behind(frontend, &seen)?;
+    ensure!(servers == spread, "udp to {frontend}: {servers:?}");
+    let translated = packets(&cluster.nodes[0], verdict::EXTERNAL_TRANSLATED)? - before;
+    ensure!(
+        translated >= 90 * 2,
+        "external_translated counted {translated}"
+    );
+    // A pod of another node reaches the NodePort too (masqueraded by its node on the way).
+    let frontend = SocketAddr::from((node_ip, cluster_tcp));
+    let seen = probe(None, &client_pod.netns, "tcp", frontend, 10)?;
+    servers_behind(frontend, &seen)?;
+    // Local policy: only the local backend, which sees the client's own address.
+    let frontend = SocketAddr::from((node_ip, local_tcp));
+    let seen = probe(None, &cluster.external, "tcp", frontend, 10)?;
+    let servers = servers_behind(frontend, &seen)?;
+    ensure!(
+        servers == names(&[&format!("local from {outside}")]),
+        "{servers:?}"
+    );
+    // No backend on this node: dropped and counted, nothing answers.
+    let before = packets(&cluster.nodes[0], verdict::EXTERNAL_NO_BACKEND)?;
+    let seen = probe(
+        None,
+        &cluster.external,
+        "tcp",
+        SocketAddr::from((node_ip, empty_tcp)),
+        1,
+    )?;
+    ensure!(
+        matches!(seen[..], [Seen::Errno(_)]),
+        "a frontend without backends answered: {seen:?}"
+    );
+    let dropped = packets(&cluster.nodes[0], verdict::EXTERNAL_NO_BACKEND)? - before;
+    ensure!(dropped >= 1, "external_no_backend counted {dropped}");
     Ok(())
 }

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! mycni-sock-probe serve PORT NAME            TCP and UDP on 0.0.0.0:PORT, answering NAME; prints "ready"
+//! mycni-sock-probe serve-peer PORT NAME       the same, answering "NAME from CLIENT-ADDRESS"
 //! mycni-sock-probe tcp ADDR:PORT [N]          N connections: "peer=ADDR reply=NAME" or "errno=E"
 //! mycni-sock-probe udp ADDR:PORT [N]          N datagrams on one unconnected socket: "peer=SOURCE reply=NAME"
 //! mycni-sock-probe udp-connected ADDR:PORT [N]  one connected socket: "peer=GETPEERNAME reply=NAME"
@@ -31,7 +32,8 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| args.get(i).map(String::as_str);
     match (arg(0), arg(1), arg(2)) {
-        (Some("serve"), Some(port), Some(name)) => serve(port.parse()?, name),
+        (Some("serve"), Some(port), Some(name)) => serve(port.parse()?, name, false),
+        (Some("serve-peer"), Some(port), Some(name)) => serve(port.parse()?, name, true),
         (Some("serve-held"), Some(port), Some(name)) => serve_held(port.parse()?, name),
         (Some("tcp-held"), Some(target), count) => {
             let target: SocketAddr = target.parse().context("target ADDR:PORT")?;
@@ -82,22 +84,34 @@ fn describe(error: std::io::Error) -> String {
     format!("errno={}", error.raw_os_error().unwrap_or(0))
 }
 
-fn serve(port: u16, name: &str) -> Result<()> {
+/// Answers every client with `name`, followed by " from " and the client's address when
+/// `with_peer` (what a Service kept or replaced of the client's source).
+fn serve(port: u16, name: &str, with_peer: bool) -> Result<()> {
     let listener = TcpListener::bind(("0.0.0.0", port))?;
     let udp = UdpSocket::bind(("0.0.0.0", port))?;
     println!("ready");
     std::io::stdout().flush()?;
-    let reply = name.as_bytes().to_vec();
-    let udp_reply = reply.clone();
+    let name = name.to_string();
+    let reply_to = move |peer: SocketAddr| {
+        if with_peer {
+            format!("{name} from {}", peer.ip())
+        } else {
+            name.clone()
+        }
+    };
+    let udp_reply_to = reply_to.clone();
     std::thread::spawn(move || {
         let mut buf = [0u8; 512];
         while let Ok((_, peer)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(&udp_reply, peer);
+            let _ = udp.send_to(udp_reply_to(peer).as_bytes(), peer);
         }
     });
     // A client that went away is its own problem.
     for mut conn in listener.incoming().flatten() {
-        let _ = conn.write_all(&reply);
+        let Ok(peer) = conn.peer_addr() else {
+            continue;
+        };
+        let _ = conn.write_all(reply_to(peer).as_bytes());
     }
     Ok(())
 }
