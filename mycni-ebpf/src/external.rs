@@ -18,12 +18,11 @@
 use crate::forward::{deliver_to_pod, send_to_node};
 use crate::fragments::remember_fragment;
 use crate::headers::{
-    ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, IPV4_DST, IPV4_HLEN, IPV4_PROTO, IPV4_SRC, IPV4_VIHL, IP_DST_OFF,
-    IP_SRC_OFF, L4_DPORT, L4_SPORT, TCP_ACK, TCP_FLAGS, TCP_SYN,
+    ICMP_DEST_UNREACH, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP, IP_DST_OFF, IP_SRC_OFF, TCP_ACK, TCP_FLAGS, TCP_SYN,
 };
 use crate::maps::{route_of, AFFINITY, BACKENDS, EXTERNAL_NAT, FRAGMENTS, SERVICES};
-use crate::nat::icmp_error::rewrite_quote;
+use crate::nat::icmp_error::{quote_about_sender, rewrite_quote};
 use crate::nat::ports::{allocate_port, PortError};
 use crate::nat::snat::existing_port;
 use crate::packet::Ipv4;
@@ -504,34 +503,11 @@ fn icmp_error_from_backend(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32)>
     ) {
         return None;
     }
-    let inner = packet.l4 + ICMP_HLEN;
-    let version_ihl = ctx.load::<u8>(inner + IPV4_VIHL).ok()?;
-    let ihl = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || ihl < IPV4_HLEN {
-        return None;
-    }
-    let proto = ctx.load::<u8>(inner + IPV4_PROTO).ok()?;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return None;
-    }
-    let client = ctx.load::<[u8; 4]>(inner + IPV4_SRC).ok()?;
-    let backend = ctx.load::<[u8; 4]>(inner + IPV4_DST).ok()?;
-    if backend != packet.src {
-        return None;
-    }
-    let inner_l4 = inner + ihl;
-    let ports = ctx.load::<[u16; 2]>(inner_l4 + L4_SPORT).ok()?;
-    let (client_port, backend_port) = (u16::from_be(ports[0]), u16::from_be(ports[1]));
-    let reply = FlowKey {
-        saddr: backend,
-        daddr: client,
-        sport: backend_port,
-        dport: client_port,
-        proto,
-        pad: [0; 3],
-    };
+    let quote = quote_about_sender(ctx, packet)?;
+    let reply = &quote.sender_flow;
+    let (backend, backend_port) = (reply.saddr, reply.sport);
     // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
-    let entry = unsafe { EXTERNAL_NAT.get(&reply) }.copied()?;
+    let entry = unsafe { EXTERNAL_NAT.get(reply) }.copied()?;
     if entry.direction != EXTERNAL_TO_CLIENT {
         return None;
     }
@@ -541,10 +517,10 @@ fn icmp_error_from_backend(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32)>
     if rewrite_quote(
         ctx,
         packet,
-        inner + IPV4_DST,
+        quote.destination_offset,
         backend,
         entry.address,
-        inner_l4 + L4_DPORT,
+        quote.destination_port_offset,
         backend_port,
         entry.port,
     )

@@ -130,12 +130,21 @@ pub(crate) fn rewrite_quote(
     ctx.store(port_off, &new_p, 0).ok()
 }
 
-/// An ICMP error a pod sends about a reply of its masqueraded flow (peer -> pod, quoted):
-/// leaves like the flow, from the node IP, quoting peer -> node IP and port, so the peer
-/// relates it to the connection it knows. About a flow the stack delivered to the pod:
-/// leaves untouched (`STACK_FLOW_REPLY`). `None`: about no flow we know.
+/// The packet an ICMP error quotes, when it is an IPv4 TCP/UDP packet sent to the error's
+/// sender (quoted: peer -> sender).
+pub(crate) struct Quote {
+    /// The sender's side of the quoted flow: sender -> peer, ports likewise.
+    pub(crate) sender_flow: FlowKey,
+    /// Where the quoted destination address (the sender's) lies in the packet.
+    pub(crate) destination_offset: usize,
+    /// Where the quoted destination port lies.
+    pub(crate) destination_port_offset: usize,
+}
+
+/// Reads the quote of the ICMP error `packet` (its type already checked). `None`: the quote
+/// is not IPv4 TCP/UDP, or not about a packet to the error's sender.
 #[inline(always)]
-pub(crate) fn icmp_error_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<u32> {
+pub(crate) fn quote_about_sender(ctx: &TcContext, packet: &Ipv4) -> Option<Quote> {
     let inner = packet.l4 + ICMP_HLEN;
     let version_ihl = ctx.load::<u8>(inner + IPV4_VIHL).ok()?;
     let ihl = ((version_ihl & 0x0f) as usize) * 4;
@@ -147,21 +156,35 @@ pub(crate) fn icmp_error_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<u32>
         return None;
     }
     let peer = ctx.load::<[u8; 4]>(inner + IPV4_SRC).ok()?;
-    let pod = ctx.load::<[u8; 4]>(inner + IPV4_DST).ok()?;
-    if pod != packet.src {
+    let sender = ctx.load::<[u8; 4]>(inner + IPV4_DST).ok()?;
+    if sender != packet.src {
         return None;
     }
     let inner_l4 = inner + ihl;
     let ports = ctx.load::<[u16; 2]>(inner_l4 + L4_SPORT).ok()?;
-    let (peer_port, pod_port) = (u16::from_be(ports[0]), u16::from_be(ports[1]));
-    let forward = FlowKey {
-        saddr: pod,
-        daddr: peer,
-        sport: pod_port,
-        dport: peer_port,
-        proto,
-        pad: [0; 3],
-    };
+    Some(Quote {
+        sender_flow: FlowKey {
+            saddr: sender,
+            daddr: peer,
+            sport: u16::from_be(ports[1]),
+            dport: u16::from_be(ports[0]),
+            proto,
+            pad: [0; 3],
+        },
+        destination_offset: inner + IPV4_DST,
+        destination_port_offset: inner_l4 + L4_DPORT,
+    })
+}
+
+/// An ICMP error a pod sends about a reply of its masqueraded flow (peer -> pod, quoted):
+/// leaves like the flow, from the node IP, quoting peer -> node IP and port, so the peer
+/// relates it to the connection it knows. About a flow the stack delivered to the pod:
+/// leaves untouched (`STACK_FLOW_REPLY`). `None`: about no flow we know.
+#[inline(always)]
+pub(crate) fn icmp_error_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<u32> {
+    let quote = quote_about_sender(ctx, packet)?;
+    let forward = &quote.sender_flow;
+    let (pod, pod_port) = (forward.saddr, forward.sport);
     // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
     let Some(entry) = (unsafe { NAT.get(forward) }) else {
         // About a flow the stack delivered to the pod (its reply tuple is `forward`): the
@@ -175,10 +198,10 @@ pub(crate) fn icmp_error_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<u32>
     rewrite_quote(
         ctx,
         packet,
-        inner + IPV4_DST,
+        quote.destination_offset,
         pod,
         node_ip,
-        inner_l4 + L4_DPORT,
+        quote.destination_port_offset,
         pod_port,
         nat_port,
     )?;
