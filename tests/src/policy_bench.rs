@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use mycni::policy::engine::{PodSet, PolicyEngine, PolicyWorld};
+use mycni::policy::engine::{pod_sets, PolicyEngine, PolicyWorld};
 use mycni::policy::model::PROTO_TCP;
 use mycni::policy::model::{Labels, Peer, Policy, PolicyPod, PortRef, PortSpec, Rule, Selector};
 use mycni::policy_maps::{PolicyDesired, PolicyTables};
@@ -185,23 +185,6 @@ pub fn policy_world(pods: &BenchPods, config: Config) -> (Vec<PolicyPod>, Vec<Po
         policies.push(server_policy(index));
     }
     (all, policies)
-}
-
-/// Pods grouped by (namespace, label set), as the agent's pod cache hands them over.
-fn pod_sets(pods: &[PolicyPod]) -> Vec<PodSet<'_>> {
-    let mut sets: BTreeMap<(&str, &Labels), Vec<&PolicyPod>> = BTreeMap::new();
-    for pod in pods {
-        sets.entry((pod.namespace.as_str(), &pod.labels))
-            .or_default()
-            .push(pod);
-    }
-    sets.into_iter()
-        .map(|((namespace, labels), pods)| PodSet {
-            namespace,
-            labels,
-            pods,
-        })
-        .collect()
 }
 
 /// Node-1's desired policy maps in `config`, computed by the agent's engine.

@@ -30,6 +30,24 @@ pub struct PodSet<'a> {
     pub pods: Vec<&'a PolicyPod>,
 }
 
+/// `pods` grouped by (namespace, label set), as the agent's pod cache keeps them: for
+/// callers that hold a plain list (tests, benchmarks).
+pub fn pod_sets(pods: &[PolicyPod]) -> Vec<PodSet<'_>> {
+    let mut sets: BTreeMap<(&str, &Labels), Vec<&PolicyPod>> = BTreeMap::new();
+    for pod in pods {
+        sets.entry((pod.namespace.as_str(), &pod.labels))
+            .or_default()
+            .push(pod);
+    }
+    sets.into_iter()
+        .map(|((namespace, labels), pods)| PodSet {
+            namespace,
+            labels,
+            pods,
+        })
+        .collect()
+}
+
 /// What the engine reads. Pods are every pod of the cluster (peers are cluster-wide), in
 /// sets of one (namespace, label set) each.
 #[derive(Debug, Clone, Default)]
@@ -604,22 +622,7 @@ mod tests {
         }
     }
 
-    /// Pods grouped by (namespace, labels), as the pod cache keeps them.
-    pub(super) fn pod_sets(pods: &[PolicyPod]) -> Vec<PodSet<'_>> {
-        let mut sets: BTreeMap<(&str, &Labels), Vec<&PolicyPod>> = BTreeMap::new();
-        for pod in pods {
-            sets.entry((pod.namespace.as_str(), &pod.labels))
-                .or_default()
-                .push(pod);
-        }
-        sets.into_iter()
-            .map(|((namespace, labels), pods)| PodSet {
-                namespace,
-                labels,
-                pods,
-            })
-            .collect()
-    }
+    pub(super) use super::pod_sets;
 
     struct Cluster {
         pods: Vec<PolicyPod>,
