@@ -1460,6 +1460,31 @@ impl Drop for KubeLab {
     }
 }
 
+/// A test pod pinned to `node`: busybox's httpd on 8080 serving the pod's own name (so a
+/// fetch shows which pod answered), labelled with `labels` (YAML flow-map entries such as
+/// `app: server, role: client`); `container_extra` is appended to the container (indented
+/// YAML lines: ports, probes), empty for none.
+pub fn httpd_pod_manifest(name: &str, node: &str, labels: &str, container_extra: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: default
+  labels: {{{labels}}}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 1
+  automountServiceAccountToken: false
+  containers:
+  - name: main
+    image: mycni.test/busybox:1
+    imagePullPolicy: Never
+    command: ["/bin/busybox", "sh", "-c", "mkdir -p /www && echo {name} > /www/index.html && exec /bin/busybox httpd -f -p 8080 -h /www"]
+{container_extra}"#
+    )
+}
+
 /// deploy/mycni.yaml as an operator fills it in for this lab: the API server's address and the
 /// lab's cluster CIDR in the ConfigMap, nothing else changed.
 pub fn lab_manifest() -> Result<String> {

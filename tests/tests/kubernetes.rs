@@ -22,25 +22,7 @@ const UPGRADE_IMAGE: &str = "docker.io/library/mycni:0.1.0-upgrade";
 const UPGRADE_TAG: &str = "mycni:0.1.0-upgrade";
 
 fn pod_manifest(name: &str, node: &str) -> String {
-    // busybox's httpd serves the pod's own name, so a fetch shows which pod answered.
-    format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: default
-  labels: {{pod: {name}}}
-spec:
-  nodeName: {node}
-  terminationGracePeriodSeconds: 1
-  automountServiceAccountToken: false
-  containers:
-  - name: main
-    image: mycni.test/busybox:1
-    imagePullPolicy: Never
-    command: ["/bin/busybox", "sh", "-c", "mkdir -p /www && echo {name} > /www/index.html && exec /bin/busybox httpd -f -p 8080 -h /www"]
-"#
-    )
+    mycni_tests::kubelab::httpd_pod_manifest(name, node, &format!("pod: {name}"), "")
 }
 
 /// A ClusterIP Service on port 80 whose one backend is the test pod `backend` (its httpd).

@@ -10,30 +10,18 @@ use mycni_tests::kubelab::{image_archive, KubeLab};
 use mycni_tests::prefix;
 use serde_json::Value;
 
-/// busybox httpd on 8080 serving the pod's name, with a readiness probe from the kubelet.
+/// With the named port `http` and a readiness probe from the kubelet.
 fn pod_manifest(name: &str, node: &str, labels: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: default
-  labels: {{{labels}}}
-spec:
-  nodeName: {node}
-  terminationGracePeriodSeconds: 1
-  automountServiceAccountToken: false
-  containers:
-  - name: main
-    image: mycni.test/busybox:1
-    imagePullPolicy: Never
-    command: ["/bin/busybox", "sh", "-c", "mkdir -p /www && echo {name} > /www/index.html && exec /bin/busybox httpd -f -p 8080 -h /www"]
-    ports: [{{name: http, containerPort: 8080}}]
+    mycni_tests::kubelab::httpd_pod_manifest(
+        name,
+        node,
+        labels,
+        "    ports: [{name: http, containerPort: 8080}]
     readinessProbe:
-      httpGet: {{path: /, port: 8080}}
+      httpGet: {path: /, port: 8080}
       periodSeconds: 1
       failureThreshold: 1
-"#
+",
     )
 }
 

@@ -31,26 +31,8 @@ const TCP: u8 = 6;
 /// Where the agent pins its maps inside a lab node (deploy/mycni.yaml's `--bpffs-root`).
 const PIN_ROOT: &str = "/sys/fs/bpf/mycni";
 
-/// busybox httpd on 8080 serving the pod's name.
 fn pod_manifest(name: &str, node: &str, labels: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: default
-  labels: {{{labels}}}
-spec:
-  nodeName: {node}
-  terminationGracePeriodSeconds: 1
-  automountServiceAccountToken: false
-  containers:
-  - name: main
-    image: mycni.test/busybox:1
-    imagePullPolicy: Never
-    command: ["/bin/busybox", "sh", "-c", "mkdir -p /www && echo {name} > /www/index.html && exec /bin/busybox httpd -f -p 8080 -h /www"]
-"#
-    )
+    mycni_tests::kubelab::httpd_pod_manifest(name, node, labels, "")
 }
 
 /// Ingress to every `app=server` pod (one per node) only from `role=client` pods, on 8080.
