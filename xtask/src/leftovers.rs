@@ -81,19 +81,17 @@ fn remove_state(path: &Path) {
     }
 }
 
-/// Removes cgroups depth-first; a cgroup with a live process in it stays.
-fn remove_cgroup(path: &Path) {
+/// Removes cgroups depth-first; a cgroup with a live process in it stays (and so do its
+/// parents).
+fn remove_cgroup(path: &Path) -> std::io::Result<()> {
     if let Ok(entries) = std::fs::read_dir(path) {
         for entry in entries.flatten() {
             if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                remove_cgroup(&entry.path());
+                remove_cgroup(&entry.path())?;
             }
         }
     }
-    match std::fs::remove_dir(path) {
-        Ok(()) => log::info!("removed cgroup {} (left by an earlier run)", path.display()),
-        Err(e) => log::warn!("could not remove cgroup {}: {e}", path.display()),
-    }
+    std::fs::remove_dir(path)
 }
 
 /// Removes what runs that are gone left: lab directories, namespaces, pins, cgroups.
@@ -117,7 +115,13 @@ pub fn sweep() -> Result<()> {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if is_stale(&name, &live) {
-                remove_cgroup(&entry.path());
+                let path = entry.path();
+                match remove_cgroup(&path) {
+                    Ok(()) => {
+                        log::info!("removed cgroup {} (left by an earlier run)", path.display())
+                    }
+                    Err(e) => log::warn!("could not remove cgroup {}: {e}", path.display()),
+                }
             }
         }
     }
