@@ -64,13 +64,23 @@ pub const PROG_SERVICE_SENDMSG4: &str = "service_sendmsg4";
 pub const PROG_SERVICE_RECVMSG4: &str = "service_recvmsg4";
 /// cgroup `getpeername4`: a connected socket's peer shows as the frontend.
 pub const PROG_SERVICE_GETPEERNAME4: &str = "service_getpeername4";
+/// cgroup `connect6`: `connect4`'s work for an IPv4-mapped address of an AF_INET6 socket.
+/// (No `sendmsg6`: the kernel sends to a mapped address through the IPv4 path, `sendmsg4`.)
+pub const PROG_SERVICE_CONNECT6: &str = "service_connect6";
+/// cgroup `recvmsg6`: `recvmsg4`'s work for an AF_INET6 socket's IPv4-mapped peer.
+pub const PROG_SERVICE_RECVMSG6: &str = "service_recvmsg6";
+/// cgroup `getpeername6`: `getpeername4`'s work for an AF_INET6 socket's IPv4-mapped peer.
+pub const PROG_SERVICE_GETPEERNAME6: &str = "service_getpeername6";
 /// Every cgroup program of the Services datapath (issue 15), loaded and pinned with the
 /// TC programs, attached to the cgroup only in `--service-mode ebpf`.
-pub const SERVICE_PROGRAM_NAMES: [&str; 4] = [
+pub const SERVICE_PROGRAM_NAMES: [&str; 7] = [
     PROG_SERVICE_CONNECT4,
     PROG_SERVICE_SENDMSG4,
     PROG_SERVICE_RECVMSG4,
     PROG_SERVICE_GETPEERNAME4,
+    PROG_SERVICE_CONNECT6,
+    PROG_SERVICE_RECVMSG6,
+    PROG_SERVICE_GETPEERNAME6,
 ];
 
 /// Capacity of `ROUTES` and `ENDPOINTS`.

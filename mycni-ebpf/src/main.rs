@@ -26,7 +26,9 @@
 //!
 //! - `service_connect4`, `service_sendmsg4`, `service_recvmsg4`, `service_getpeername4`
 //!   (cgroup v2 `sock_addr` hooks, attached in `--service-mode ebpf`) translate Service
-//!   frontends to backends at the socket and back ([`service`]).
+//!   frontends to backends at the socket and back ([`service`]); `service_connect6`,
+//!   `service_recvmsg6` and `service_getpeername6` do it for IPv4-mapped addresses of
+//!   AF_INET6 sockets.
 //!
 //! The rule behind the split: a flow crosses the node's netfilter in both directions or in
 //! neither, because kube-proxy drops what conntrack saw only half of (`ctstate INVALID`).
@@ -62,6 +64,7 @@ mod tunnel;
 use aya_ebpf::macros::{cgroup_sock_addr, classifier};
 use aya_ebpf::programs::{SockAddrContext, TcContext};
 use mycni_common::verdict;
+use service::Family;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
@@ -99,22 +102,37 @@ pub fn to_netdev(ctx: TcContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn service_connect4(ctx: SockAddrContext) -> i32 {
-    service::to_backend(&ctx)
+    service::to_backend(&ctx, Family::Inet)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn service_sendmsg4(ctx: SockAddrContext) -> i32 {
-    service::to_backend(&ctx)
+    service::to_backend(&ctx, Family::Inet)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn service_recvmsg4(ctx: SockAddrContext) -> i32 {
-    service::to_frontend(&ctx)
+    service::to_frontend(&ctx, Family::Inet)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn service_getpeername4(ctx: SockAddrContext) -> i32 {
-    service::to_frontend(&ctx)
+    service::to_frontend(&ctx, Family::Inet)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn service_connect6(ctx: SockAddrContext) -> i32 {
+    service::to_backend(&ctx, Family::Inet6Mapped)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn service_recvmsg6(ctx: SockAddrContext) -> i32 {
+    service::to_frontend(&ctx, Family::Inet6Mapped)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn service_getpeername6(ctx: SockAddrContext) -> i32 {
+    service::to_frontend(&ctx, Family::Inet6Mapped)
 }
 
 #[cfg(not(test))]

@@ -12,6 +12,10 @@
 //!   `<node IP>:<hostPort>` without portmap.
 //! - `recvmsg4` and `getpeername4`: a backend address the socket was given shows as the
 //!   frontend the application addressed.
+//! - `connect6`, `recvmsg6` and `getpeername6` do the same for an IPv4 address an AF_INET6
+//!   socket gives as IPv4-mapped (`::ffff:a.b.c.d`, a dual-stack application), and leave
+//!   every other IPv6 address alone. No `sendmsg6`: the kernel hands an unconnected send to
+//!   a mapped address to the IPv4 path, where `sendmsg4` translates it.
 use aya_ebpf::helpers::{
     bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
     bpf_set_retval,
@@ -34,30 +38,89 @@ const REFUSE: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const NS_PER_S: u64 = 1_000_000_000;
 
-/// The destination the application gave: address in network order, port in host order.
+/// Which address fields of the context a hook reads and writes.
+#[derive(Clone, Copy)]
+pub(crate) enum Family {
+    /// The `*4` hooks: `user_ip4`.
+    Inet,
+    /// The `*6` hooks: `user_ip6`, acted on only when it holds an IPv4-mapped address.
+    Inet6Mapped,
+}
+
+const AF_INET6: u32 = 10;
+/// The third 32-bit word of `::ffff:a.b.c.d`, as `user_ip6` holds it (network order).
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The IPv4 destination the application gave, address in network order and port in host
+/// order; `None` for an IPv6 address that is not IPv4-mapped (left alone).
 #[inline(always)]
-fn user_address(ctx: &SockAddrContext) -> ([u8; 4], u16) {
-    // SAFETY: the kernel hands every sock_addr program a valid context; the verifier
-    // checks each field access.
-    let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+fn user_address(ctx: &SockAddrContext, family: Family) -> Option<([u8; 4], u16)> {
+    let ip = match family {
+        // SAFETY: the kernel hands every sock_addr program a valid context; the verifier
+        // checks each field access.
+        Family::Inet => unsafe { (*ctx.sock_addr).user_ip4 },
+        Family::Inet6Mapped => mapped_ipv4(ctx)?,
+    };
+    // SAFETY: as above.
+    let port = unsafe { (*ctx.sock_addr).user_port };
     // `user_port` holds `sin_port` (network order) in its low 16 bits.
-    (ip.to_ne_bytes(), u16::from_be(port as u16))
+    Some((ip.to_ne_bytes(), u16::from_be(port as u16)))
+}
+
+/// The IPv4 address in `user_ip6` when it is `::ffff:a.b.c.d` of an AF_INET6 address.
+#[inline(always)]
+fn mapped_ipv4(ctx: &SockAddrContext) -> Option<u32> {
+    // Volatile reads, one 32-bit load per word: the verifier takes `user_ip6` only as
+    // 32-bit (or narrower, or aligned 64-bit) loads, and the compiler must neither merge
+    // nor split them.
+    // SAFETY: the kernel hands every sock_addr program a valid context; these are fields
+    // of it, and the verifier checks each access.
+    let (family, words) = unsafe {
+        let context = ctx.sock_addr;
+        let ip6 = core::ptr::addr_of!((*context).user_ip6) as *const u32;
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!((*context).user_family)),
+            [
+                core::ptr::read_volatile(ip6),
+                core::ptr::read_volatile(ip6.add(1)),
+                core::ptr::read_volatile(ip6.add(2)),
+                core::ptr::read_volatile(ip6.add(3)),
+            ],
+        )
+    };
+    (family == AF_INET6 && words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD)
+        .then_some(words[3])
 }
 
 #[inline(always)]
-fn set_user_address(ctx: &SockAddrContext, address: [u8; 4], port: u16) {
-    // SAFETY: as in `user_address`; these hooks may write both fields.
+fn set_user_address(ctx: &SockAddrContext, family: Family, address: [u8; 4], port: u16) {
+    // SAFETY: as in `user_address`; these hooks may write the address fields and the port.
+    // The IPv6 one writes the mapped address's last word only (the `::ffff:` words stay),
+    // as one 32-bit store: the verifier refuses narrower stores to the context and the
+    // volatile write keeps the compiler from merging it with the port's.
     unsafe {
-        (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(address);
-        (*ctx.sock_addr).user_port = port.to_be() as u32;
+        let context = ctx.sock_addr;
+        match family {
+            Family::Inet => (*context).user_ip4 = u32::from_ne_bytes(address),
+            Family::Inet6Mapped => {
+                let ip6 = core::ptr::addr_of_mut!((*context).user_ip6) as *mut u32;
+                core::ptr::write_volatile(ip6.add(3), u32::from_ne_bytes(address));
+            }
+        }
+        core::ptr::write_volatile(
+            core::ptr::addr_of_mut!((*context).user_port),
+            port.to_be() as u32,
+        );
     }
 }
 
-/// `connect4` and `sendmsg4`: sends a call addressed to a frontend to one of its backends,
-/// and a call addressed to a pod's hostPort to that pod.
+/// `connect4`, `sendmsg4` and `connect6`: sends a call addressed to a frontend to one of
+/// its backends, and a call addressed to a pod's hostPort to that pod.
 #[inline(always)]
-pub(crate) fn to_backend(ctx: &SockAddrContext) -> i32 {
-    let (address, port) = user_address(ctx);
+pub(crate) fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
+    let Some((address, port)) = user_address(ctx, family) else {
+        return PROCEED;
+    };
     // SAFETY: as in `user_address`.
     let protocol = unsafe { (*ctx.sock_addr).protocol };
     let key = ServiceKey {
@@ -71,8 +134,8 @@ pub(crate) fn to_backend(ctx: &SockAddrContext) -> i32 {
         Some(service) => {
             let Some(backend) = pick_backend(ctx, &service) else {
                 counters::count(verdict::SERVICE_NO_BACKEND, 0);
-                // SAFETY: a helper call with no pointer; `connect4` and `sendmsg4` may set
-                // the error the refused call returns.
+                // SAFETY: a helper call with no pointer; `connect4`, `sendmsg4` and
+                // `connect6` may set the error the refused call returns.
                 unsafe { bpf_set_retval(-ECONNREFUSED) };
                 return REFUSE;
             };
@@ -95,7 +158,7 @@ pub(crate) fn to_backend(ctx: &SockAddrContext) -> i32 {
     };
     // A full LRU evicts the oldest socket; failing here would only lose the reverse view.
     let _ = SOCK_REVERSE.insert(&reverse, &frontend, 0);
-    set_user_address(ctx, backend.address, backend.port);
+    set_user_address(ctx, family, backend.address, backend.port);
     counters::count(translated, 0);
     PROCEED
 }
@@ -163,11 +226,14 @@ fn random_backend(service: &ServiceEntry) -> Option<Backend> {
     unsafe { BACKENDS.get(&key) }.copied()
 }
 
-/// `recvmsg4` and `getpeername4`: a peer this socket was sent to in place of a frontend
-/// shows as that frontend. Always lets the call go on (these hooks cannot refuse).
+/// `recvmsg4`, `getpeername4` and their `*6` twins: a peer this socket was sent to in place
+/// of a frontend shows as that frontend. Always lets the call go on (these hooks cannot
+/// refuse).
 #[inline(always)]
-pub(crate) fn to_frontend(ctx: &SockAddrContext) -> i32 {
-    let (address, port) = user_address(ctx);
+pub(crate) fn to_frontend(ctx: &SockAddrContext, family: Family) -> i32 {
+    let Some((address, port)) = user_address(ctx, family) else {
+        return PROCEED;
+    };
     let key = SockReverseKey {
         // SAFETY: the context pointer is the one the kernel passed.
         socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
@@ -179,7 +245,7 @@ pub(crate) fn to_frontend(ctx: &SockAddrContext) -> i32 {
     };
     // SAFETY: the value is copied out at once.
     if let Some(frontend) = unsafe { SOCK_REVERSE.get(&key) }.copied() {
-        set_user_address(ctx, frontend.address, frontend.port);
+        set_user_address(ctx, family, frontend.address, frontend.port);
     }
     PROCEED
 }

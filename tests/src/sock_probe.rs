@@ -32,6 +32,11 @@ impl Server {
         Server::start_mode(netns, "serve-peer", port, name)
     }
 
+    /// A TCP server on `[::]:port` (IPv6, and IPv4 as mapped addresses) answering `name`.
+    pub fn start_ipv6(netns: &Netns, port: u16, name: &str) -> Result<Server> {
+        Server::start_mode(netns, "serve6", port, name)
+    }
+
     /// A TCP server that keeps each connection and answers every message on it.
     pub fn start_held(netns: &Netns, port: u16, name: &str) -> Result<Server> {
         Server::start_mode(netns, "serve-held", port, name)

@@ -7,6 +7,7 @@
 //! tests: each check below fails when the program or the map writes it relies on is broken.
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -16,9 +17,11 @@ use mycni_common::service::{
     Backend, ServiceEntry, ServiceKey, PROTO_TCP, PROTO_UDP, SERVICE_AFFINITY_CLIENT_IP,
     SERVICE_EXTERNAL_IP, SERVICE_EXTERNAL_LOCAL, SERVICE_NODE_PORT,
 };
-use mycni_common::verdict;
+use mycni_common::{
+    verdict, PROG_SERVICE_CONNECT6, PROG_SERVICE_GETPEERNAME6, PROG_SERVICE_RECVMSG6,
+};
 use mycni_tests::cgroup::TestCgroup;
-use mycni_tests::cluster::Cluster;
+use mycni_tests::cluster::{wait_for, Cluster};
 use mycni_tests::sock_probe::{names, probe, probe_bin, servers_behind, Seen, Server};
 use mycni_tests::{prefix, AgentLog, Netns, Node, Pod, NODE_IP};
 
@@ -104,6 +107,12 @@ fn frontend_key(address: Ipv4Addr, port: u16, protocol: u8) -> ServiceKey {
         protocol,
         scope: 0,
     }
+}
+
+/// `address:port` as a dual-stack application addresses it: `[::ffff:a.b.c.d]:port`, through
+/// an AF_INET6 socket.
+fn mapped(address: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::from((address.to_ipv6_mapped(), port))
 }
 
 fn backend(pod: &Pod) -> Backend {
@@ -374,6 +383,7 @@ fn an_agent_restart_keeps_services_and_kube_proxy_mode_detaches_them() -> Result
         .into(),
     )?;
     let cgroup = lab.cgroup.arg();
+    let dual_stack = mapped(NODE_IP, BACKEND_PORT);
     let old_link = link_id(&lab.node)?;
     // A connected UDP socket kept across the restart: its replies keep showing the frontend.
     let mut socket = SteppedProbe::start(&lab.cgroup, &lab.client.netns, frontend, 3)?;
@@ -382,7 +392,22 @@ fn an_agent_restart_keeps_services_and_kube_proxy_mode_detaches_them() -> Result
     // While the agent is down the pinned links keep the programs attached.
     let down = servers_behind(frontend, &lab.probe("tcp", frontend, 3)?)?;
     ensure!(down == names(&["b0"]), "agent down: {down:?}");
+    let down = servers_behind(dual_stack, &lab.probe("tcp", dual_stack, 3)?)?;
+    ensure!(down == names(&["b0"]), "agent down, dual-stack: {down:?}");
     kept.push(socket.next()?);
+    // What a release without the `*6` programs leaves: their program and link pins gone,
+    // the `*4` ones in place. Removing a link's last pin detaches it once the kernel frees
+    // the pin's inode (after an RCU grace period), not at the unlink itself, and each link
+    // on its own: until all are gone a connection may be translated and then shown as is.
+    remove_ipv6_program_pins(&lab.node.pin_root())?;
+    let untranslated = [Seen::Reply {
+        peer: dual_stack,
+        server: "node".to_string(),
+    }];
+    wait_for(Duration::from_secs(5), || {
+        Ok(lab.probe("tcp", dual_stack, 1)? == untranslated)
+    })
+    .context("the *6 programs stayed attached without their link pins")?;
     restart_agent(
         &mut lab.node,
         &["--service-mode", "ebpf", "--cgroup-path", &cgroup],
@@ -397,6 +422,11 @@ fn an_agent_restart_keeps_services_and_kube_proxy_mode_detaches_them() -> Result
         restarted == names(&["b0"]),
         "agent restarted: {restarted:?}"
     );
+    let restarted = servers_behind(dual_stack, &lab.probe("tcp", dual_stack, 3)?)?;
+    ensure!(
+        restarted == names(&["b0"]),
+        "agent restarted over a release without the *6 programs, dual-stack: {restarted:?}"
+    );
     kept.push(socket.next()?);
     ensure!(
         servers_behind(frontend, &kept)? == names(&["b0"]),
@@ -410,6 +440,126 @@ fn an_agent_restart_keeps_services_and_kube_proxy_mode_detaches_them() -> Result
         detached == names(&["node"]),
         "kube-proxy mode: {detached:?}"
     );
+    let detached = servers_behind(dual_stack, &lab.probe("tcp", dual_stack, 3)?)?;
+    ensure!(
+        detached == names(&["node"]),
+        "kube-proxy mode, dual-stack: {detached:?}"
+    );
+    Ok(())
+}
+
+/// Removes the pins of the `*6` Services programs and of their links.
+fn remove_ipv6_program_pins(root: &Path) -> Result<()> {
+    for name in [
+        PROG_SERVICE_CONNECT6,
+        PROG_SERVICE_RECVMSG6,
+        PROG_SERVICE_GETPEERNAME6,
+    ] {
+        for pin in [root.join(name), root.join(format!("{name}-link"))] {
+            std::fs::remove_file(&pin).with_context(|| format!("remove {}", pin.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A dual-stack client (AF_INET6 sockets, `IPV6_V6ONLY` off) addresses the ClusterIP as
+/// `::ffff:10.96.0.10`: the kernel runs the `*6` hooks for it, which translate it as the
+/// `*4` ones do and show the frontend, still IPv4-mapped, as the peer.
+#[test]
+fn a_dual_stack_socket_reaches_a_cluster_ip_through_its_ipv4_mapped_address() -> Result<()> {
+    mycni_tests::require_root!();
+    let lab = ServiceLab::new("svcmapped", "10.244.18.0/24", 3)?;
+    lab.apply(
+        &[
+            (
+                frontend_key(CLUSTER_IP, 80, PROTO_TCP),
+                (entry(13, 0, 0), lab.all_backends()),
+            ),
+            (
+                frontend_key(CLUSTER_IP, 53, PROTO_UDP),
+                (entry(14, 0, 0), lab.all_backends()),
+            ),
+        ]
+        .into(),
+    )?;
+    let every = names(&["b0", "b1", "b2"]);
+    let before = packets(&lab.node, verdict::SERVICE_TRANSLATED)?;
+    // connect6, and getpeername6 showing the frontend.
+    let tcp = mapped(CLUSTER_IP, 80);
+    let seen = lab.probe("tcp", tcp, 30)?;
+    ensure!(servers_behind(tcp, &seen)? == every, "tcp: {seen:?}");
+    // An unconnected socket: each datagram picks anew (the kernel's IPv4 path, sendmsg4),
+    // each reply shows the frontend (recvmsg6).
+    let dns = mapped(CLUSTER_IP, 53);
+    let seen = lab.probe("udp", dns, 30)?;
+    ensure!(servers_behind(dns, &seen)? == every, "udp: {seen:?}");
+    // A connected socket: connect6 picks one backend for its life, getpeername6 shows the
+    // frontend.
+    let seen = lab.probe("udp-connected", dns, 5)?;
+    ensure!(
+        servers_behind(dns, &seen)?.len() == 1,
+        "connected udp: {seen:?}"
+    );
+    let translated = packets(&lab.node, verdict::SERVICE_TRANSLATED)? - before;
+    // 30 connects, 30 sends, 1 connect.
+    ensure!(translated > 60, "service_translated counted {translated}");
+    Ok(())
+}
+
+#[test]
+fn a_dual_stack_socket_to_a_frontend_without_backends_is_refused_at_once() -> Result<()> {
+    mycni_tests::require_root!();
+    let lab = ServiceLab::new("svcmapnone", "10.244.19.0/24", 1)?;
+    lab.apply(
+        &[
+            (
+                frontend_key(CLUSTER_IP, 80, PROTO_TCP),
+                (entry(15, 0, 0), vec![]),
+            ),
+            (
+                frontend_key(CLUSTER_IP, 53, PROTO_UDP),
+                (entry(16, 0, 0), vec![]),
+            ),
+        ]
+        .into(),
+    )?;
+    let before = packets(&lab.node, verdict::SERVICE_NO_BACKEND)?;
+    for (mode, target) in [
+        ("tcp", mapped(CLUSTER_IP, 80)),
+        ("udp", mapped(CLUSTER_IP, 53)),
+        ("udp-connected", mapped(CLUSTER_IP, 53)),
+    ] {
+        let seen = lab.probe(mode, target, 1)?;
+        ensure!(seen == [Seen::Errno(ECONNREFUSED)], "{mode}: {seen:?}");
+    }
+    let refused = packets(&lab.node, verdict::SERVICE_NO_BACKEND)? - before;
+    ensure!(refused == 3, "service_no_backend counted {refused}");
+    Ok(())
+}
+
+/// Only `::ffff:a.b.c.d` is translated. The trap: a frontend on 0.0.0.1:8080, which a
+/// program reading `::1`'s last word as an IPv4 address would send `[::1]:8080` to.
+#[test]
+fn a_real_ipv6_destination_is_left_alone() -> Result<()> {
+    mycni_tests::require_root!();
+    let lab = ServiceLab::new("svcipv6", "10.244.20.0/24", 1)?;
+    let _loopback = Server::start_ipv6(&lab.client.netns, BACKEND_PORT, "loopback6")?;
+    lab.apply(
+        &[(
+            frontend_key(Ipv4Addr::new(0, 0, 0, 1), BACKEND_PORT, PROTO_TCP),
+            (entry(17, 0, 0), lab.all_backends()),
+        )]
+        .into(),
+    )?;
+    let before = packets(&lab.node, verdict::SERVICE_TRANSLATED)?;
+    let loopback = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, BACKEND_PORT));
+    let seen = lab.probe("tcp", loopback, 3)?;
+    ensure!(
+        servers_behind(loopback, &seen)? == names(&["loopback6"]),
+        "{seen:?}"
+    );
+    let translated = packets(&lab.node, verdict::SERVICE_TRANSLATED)? - before;
+    ensure!(translated == 0, "service_translated counted {translated}");
     Ok(())
 }
 

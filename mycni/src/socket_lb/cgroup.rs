@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use aya::programs::links::{FdLink, LinkError};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockAddrAttachType, ProgramError};
 use mycni_common::{
-    PROG_SERVICE_CONNECT4, PROG_SERVICE_GETPEERNAME4, PROG_SERVICE_RECVMSG4, PROG_SERVICE_SENDMSG4,
+    PROG_SERVICE_CONNECT4, PROG_SERVICE_CONNECT6, PROG_SERVICE_GETPEERNAME4,
+    PROG_SERVICE_GETPEERNAME6, PROG_SERVICE_RECVMSG4, PROG_SERVICE_RECVMSG6, PROG_SERVICE_SENDMSG4,
     SERVICE_PROGRAM_NAMES,
 };
 
@@ -81,7 +82,10 @@ fn attach_type(name: &str) -> CgroupSockAddrAttachType {
         PROG_SERVICE_SENDMSG4 => CgroupSockAddrAttachType::UDPSendMsg4,
         PROG_SERVICE_RECVMSG4 => CgroupSockAddrAttachType::UDPRecvMsg4,
         PROG_SERVICE_GETPEERNAME4 => CgroupSockAddrAttachType::GetPeerName4,
-        // SERVICE_PROGRAM_NAMES holds the four names above and nothing else.
+        PROG_SERVICE_CONNECT6 => CgroupSockAddrAttachType::Connect6,
+        PROG_SERVICE_RECVMSG6 => CgroupSockAddrAttachType::UDPRecvMsg6,
+        PROG_SERVICE_GETPEERNAME6 => CgroupSockAddrAttachType::GetPeerName6,
+        // SERVICE_PROGRAM_NAMES holds the names above and nothing else.
         _ => unreachable!("{name} is not a Services program"),
     }
 }
@@ -90,7 +94,7 @@ fn link_pin_name(program: &str) -> String {
     format!("{program}-link")
 }
 
-/// Attaches (or re-attaches, replacing the old links) the four pinned Services programs to
+/// Attaches (or re-attaches, replacing the old links) the pinned Services programs to
 /// the cgroup at `cgroup`: every socket of a process in it or below is load-balanced.
 pub fn attach_services(root: &Path, cgroup: &Path) -> Result<(), CgroupAttachError> {
     if !is_cgroup2(cgroup) {

@@ -5,6 +5,7 @@
 //! ```text
 //! mycni-sock-probe serve PORT NAME            TCP and UDP on 0.0.0.0:PORT, answering NAME; prints "ready"
 //! mycni-sock-probe serve-peer PORT NAME       the same, answering "NAME from CLIENT-ADDRESS"
+//! mycni-sock-probe serve6 PORT NAME           TCP on [::]:PORT, answering NAME; prints "ready"
 //! mycni-sock-probe tcp ADDR:PORT [N]          N connections: "peer=ADDR reply=NAME" or "errno=E"
 //! mycni-sock-probe udp ADDR:PORT [N]          N datagrams on one unconnected socket: "peer=SOURCE reply=NAME"
 //! mycni-sock-probe udp-connected ADDR:PORT [N]  one connected socket: "peer=GETPEERNAME reply=NAME"
@@ -14,6 +15,9 @@
 //! mycni-sock-probe conn-rate ADDR:PORT MILLIS  the bench's connection-rate client: "per_s=R"
 //! mycni-sock-probe tcp-rr ADDR:PORT N         the bench's round-trip client: "avg_us=A p50_us=M p99_us=P"
 //! ```
+//!
+//! Clients open a socket of the target's family: an `[::ffff:a.b.c.d]:PORT` target is an
+//! IPv4 address reached through an AF_INET6 socket (`IPV6_V6ONLY` off, Linux's default).
 //!
 //! With `MYCNI_PROBE_STEP` set, the UDP modes and `tcp-held` wait for a line on stdin before
 //! each message after the first (a test does something between them, on the same socket).
@@ -35,6 +39,7 @@ fn main() -> Result<()> {
         (Some("serve"), Some(port), Some(name)) => serve(port.parse()?, name, false),
         (Some("serve-peer"), Some(port), Some(name)) => serve(port.parse()?, name, true),
         (Some("serve-held"), Some(port), Some(name)) => serve_held(port.parse()?, name),
+        (Some("serve6"), Some(port), Some(name)) => serve6(port.parse()?, name),
         (Some("tcp-held"), Some(target), count) => {
             let target: SocketAddr = target.parse().context("target ADDR:PORT")?;
             tcp_held(target, count.unwrap_or("1").parse().context("N")?)
@@ -73,7 +78,7 @@ fn main() -> Result<()> {
             }
         }
         _ => bail!(
-            "usage: mycni-sock-probe serve|serve-held PORT NAME \
+            "usage: mycni-sock-probe serve|serve-peer|serve-held|serve6 PORT NAME \
              | tcp|udp|udp-connected|tcp-held ADDR:PORT [N] \
              | conn-rate ADDR:PORT MILLIS | tcp-rr ADDR:PORT N"
         ),
@@ -112,6 +117,16 @@ fn serve(port: u16, name: &str, with_peer: bool) -> Result<()> {
             continue;
         };
         let _ = conn.write_all(reply_to(peer).as_bytes());
+    }
+    Ok(())
+}
+
+fn serve6(port: u16, name: &str) -> Result<()> {
+    let listener = TcpListener::bind(("::", port))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    for mut conn in listener.incoming().flatten() {
+        let _ = conn.write_all(name.as_bytes());
     }
     Ok(())
 }
@@ -185,7 +200,13 @@ fn tcp(target: SocketAddr) -> std::io::Result<String> {
 }
 
 fn udp(target: SocketAddr, count: usize, connected: bool) -> Result<()> {
-    let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+    // The target's family: an IPv6 target (`[::ffff:a.b.c.d]:port` included) gets an
+    // AF_INET6 socket, as a dual-stack application's.
+    let any: SocketAddr = match target {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(any)?;
     socket.set_read_timeout(Some(TIMEOUT))?;
     if connected {
         if let Err(e) = socket.connect(target) {
