@@ -699,6 +699,68 @@ fn a_removed_backend_s_service_sockets_end_at_once_and_direct_ones_stay() -> Res
     Ok(())
 }
 
+/// The same through AF_INET6 sockets to `::ffff:<ClusterIP>`: the kernel lists them apart
+/// from the AF_INET ones, and they end all the same when their backend leaves.
+#[test]
+fn a_removed_backend_s_dual_stack_sockets_end_at_once() -> Result<()> {
+    mycni_tests::require_root!();
+    let lab = ServiceLab::new("svcmapend", "10.244.21.0/24", 2)?;
+    let _held: Vec<Server> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, pod)| Server::start_held(&pod.netns, HELD_PORT, &format!("b{i}")))
+        .collect::<Result<_>>()?;
+    let held = |pod: &Pod| Backend {
+        port: HELD_PORT,
+        ..backend(pod)
+    };
+    let services = |pod: &Pod| -> DesiredServices {
+        [
+            (
+                frontend_key(CLUSTER_IP, 80, PROTO_TCP),
+                (entry(18, 0, 0), vec![held(pod)]),
+            ),
+            (
+                frontend_key(CLUSTER_IP, 53, PROTO_UDP),
+                (entry(19, 0, 0), vec![backend(pod)]),
+            ),
+        ]
+        .into()
+    };
+    let (b0, b1) = (&lab.backends[0], &lab.backends[1]);
+    lab.apply(&services(b0))?;
+    let (tcp, dns) = (mapped(CLUSTER_IP, 80), mapped(CLUSTER_IP, 53));
+    let reply = |peer: SocketAddr| Seen::Reply {
+        peer,
+        server: "b0".to_string(),
+    };
+    let start = |mode: &str, target: SocketAddr| {
+        SteppedProbe::start_mode(&lab.cgroup, &lab.client.netns, mode, target, 1)
+    };
+    let mut through_tcp = start("tcp-held", tcp)?;
+    ensure!(through_tcp.next()? == reply(tcp), "through the Service");
+    let mut through_udp = SteppedProbe::start(&lab.cgroup, &lab.client.netns, dns, 2)?;
+    ensure!(through_udp.next()? == reply(dns));
+
+    let summary = lab.apply(&services(b1))?;
+    let ended = through_tcp.next()?;
+    ensure!(
+        ended == Seen::Errno(ECONNABORTED),
+        "the dual-stack TCP connection to the removed backend: {ended:?}"
+    );
+    let ended = through_udp.next()?;
+    ensure!(
+        ended == Seen::Errno(EDESTADDRREQ),
+        "the dual-stack connected UDP socket to the removed backend: {ended:?}"
+    );
+    ensure!(
+        summary.sockets_destroyed == 2 && summary.socket_termination_failures == 0,
+        "{summary:?}"
+    );
+    Ok(())
+}
+
 /// node-1 in eBPF Services mode serves NodePorts and an externalIP to the external host
 /// (beyond the router) and to a pod on node-2; backends on node-1, node-2 (direct) and
 /// node-3 (VXLAN) answer with the client address they see.

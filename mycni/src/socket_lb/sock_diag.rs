@@ -1,8 +1,13 @@
-//! Pure: the `NETLINK_SOCK_DIAG` messages that list a network namespace's IPv4 TCP or UDP
-//! sockets (`SOCK_DIAG_BY_FAMILY` dump) and destroy one of them (`SOCK_DESTROY`, the
-//! kernel's `CONFIG_INET_DIAG_DESTROY`), encoded and decoded without I/O
-//! ([`super::socket_termination`] sends them). Layouts from `linux/inet_diag.h` and
+//! Pure: the `NETLINK_SOCK_DIAG` messages that list a network namespace's TCP or UDP
+//! sockets talking IPv4 (`SOCK_DIAG_BY_FAMILY` dump) and destroy one of them
+//! (`SOCK_DESTROY`, the kernel's `CONFIG_INET_DIAG_DESTROY`), encoded and decoded without
+//! I/O ([`super::socket_termination`] sends them). Layouts from `linux/inet_diag.h` and
 //! `linux/netlink.h`; numbers in the socket id are in network order, the rest in host order.
+//!
+//! IPv4 is talked by AF_INET sockets and by AF_INET6 ones with an IPv4-mapped peer
+//! (`::ffff:a.b.c.d`, dual-stack applications, translated by `connect6`). The kernel lists
+//! each family on its own, so each is dumped on its own; an AF_INET6 socket with a real
+//! IPv6 peer is skipped (mycni translates no IPv6).
 use std::net::Ipv4Addr;
 
 /// `nlmsghdr::nlmsg_type` values.
@@ -16,6 +21,9 @@ const NLM_F_ACK: u16 = 4;
 const NLM_F_DUMP: u16 = 0x300;
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+/// The first 12 bytes of an IPv4-mapped IPv6 address.
+const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 const NLMSG_HEADER_LEN: usize = 16;
 /// `struct inet_diag_sockid`: ports, 4 × 4 bytes of each address, interface, cookie.
 const SOCKID_LEN: usize = 48;
@@ -65,9 +73,31 @@ pub enum SockDiagError {
     UnexpectedType(u16),
 }
 
-/// One IPv4 socket as the kernel listed it: enough to name it again in a `SOCK_DESTROY`.
+/// The socket families that talk IPv4, each listed by its own dump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketFamily {
+    /// AF_INET sockets.
+    Inet,
+    /// AF_INET6 sockets whose addresses are IPv4-mapped (the others are left out).
+    Inet6Mapped,
+}
+
+impl SocketFamily {
+    pub const ALL: [SocketFamily; 2] = [SocketFamily::Inet, SocketFamily::Inet6Mapped];
+
+    fn number(self) -> u8 {
+        match self {
+            SocketFamily::Inet => AF_INET,
+            SocketFamily::Inet6Mapped => AF_INET6,
+        }
+    }
+}
+
+/// One socket talking IPv4 as the kernel listed it: enough to name it again in a
+/// `SOCK_DESTROY`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiagSocket {
+    pub family: SocketFamily,
     pub protocol: u8,
     pub state: u8,
     pub source: Ipv4Addr,
@@ -89,8 +119,14 @@ fn header(buf: &mut Vec<u8>, message_type: u16, flags: u16, sequence: u32, paylo
     buf.extend_from_slice(&0u32.to_ne_bytes());
 }
 
-fn request(buf: &mut Vec<u8>, protocol: u8, states: u32, socket: Option<&DiagSocket>) {
-    buf.extend_from_slice(&[AF_INET, protocol, 0, 0]);
+fn request(
+    buf: &mut Vec<u8>,
+    family: SocketFamily,
+    protocol: u8,
+    states: u32,
+    socket: Option<&DiagSocket>,
+) {
+    buf.extend_from_slice(&[family.number(), protocol, 0, 0]);
     buf.extend_from_slice(&states.to_ne_bytes());
     let Some(socket) = socket else {
         buf.extend_from_slice(&[0; SOCKID_LEN]);
@@ -98,9 +134,18 @@ fn request(buf: &mut Vec<u8>, protocol: u8, states: u32, socket: Option<&DiagSoc
     };
     buf.extend_from_slice(&socket.source_port.to_be_bytes());
     buf.extend_from_slice(&socket.destination_port.to_be_bytes());
+    // Each address field holds 16 bytes: an IPv4 address in the first 4, a mapped one
+    // whole (the kernel looks a mapped pair up as IPv4).
     for address in [socket.source, socket.destination] {
-        buf.extend_from_slice(&address.octets());
-        buf.extend_from_slice(&[0; 12]);
+        match family {
+            SocketFamily::Inet => {
+                buf.extend_from_slice(&address.octets());
+                buf.extend_from_slice(&[0; 12]);
+            }
+            SocketFamily::Inet6Mapped => {
+                buf.extend_from_slice(&address.to_ipv6_mapped().octets());
+            }
+        }
     }
     buf.extend_from_slice(&socket.interface.to_ne_bytes());
     // The kernel compares both halves with the socket's cookie before destroying it.
@@ -108,8 +153,8 @@ fn request(buf: &mut Vec<u8>, protocol: u8, states: u32, socket: Option<&DiagSoc
     buf.extend_from_slice(&((socket.cookie >> 32) as u32).to_ne_bytes());
 }
 
-/// The request that lists every IPv4 socket of `protocol` in one of `states` (bits).
-pub fn dump_request(protocol: u8, states: u32, sequence: u32) -> Vec<u8> {
+/// The request that lists every `family` socket of `protocol` in one of `states` (bits).
+pub fn dump_request(family: SocketFamily, protocol: u8, states: u32, sequence: u32) -> Vec<u8> {
     let mut buf = Vec::with_capacity(NLMSG_HEADER_LEN + REQUEST_LEN);
     header(
         &mut buf,
@@ -118,7 +163,7 @@ pub fn dump_request(protocol: u8, states: u32, sequence: u32) -> Vec<u8> {
         sequence,
         REQUEST_LEN,
     );
-    request(&mut buf, protocol, states, None);
+    request(&mut buf, family, protocol, states, None);
     buf
 }
 
@@ -132,7 +177,13 @@ pub fn destroy_request(socket: &DiagSocket, sequence: u32) -> Vec<u8> {
         sequence,
         REQUEST_LEN,
     );
-    request(&mut buf, socket.protocol, u32::MAX, Some(socket));
+    request(
+        &mut buf,
+        socket.family,
+        socket.protocol,
+        u32::MAX,
+        Some(socket),
+    );
     buf
 }
 
@@ -174,31 +225,54 @@ fn error_code(payload: &[u8]) -> Result<i32, SockDiagError> {
     Ok(-i32::from_ne_bytes(bytes))
 }
 
-fn parse_socket(protocol: u8, record: &[u8]) -> Result<DiagSocket, SockDiagError> {
+/// One record of a `family` dump; `None` for an AF_INET6 socket that talks real IPv6.
+fn parse_socket(
+    family: SocketFamily,
+    protocol: u8,
+    record: &[u8],
+) -> Result<Option<DiagSocket>, SockDiagError> {
     if record.len() < MESSAGE_MIN_LEN {
         return Err(SockDiagError::ShortRecord(record.len()));
     }
     let id = &record[4..4 + SOCKID_LEN];
     let u32_at = |at: usize| u32::from_ne_bytes([id[at], id[at + 1], id[at + 2], id[at + 3]]);
-    let address_at = |at: usize| Ipv4Addr::new(id[at], id[at + 1], id[at + 2], id[at + 3]);
-    Ok(DiagSocket {
+    let address_at = |at: usize| -> Option<Ipv4Addr> {
+        let field = &id[at..at + 16];
+        let ipv4 = match family {
+            SocketFamily::Inet => &field[..4],
+            SocketFamily::Inet6Mapped if field[..12] == V4_MAPPED_PREFIX => &field[12..],
+            SocketFamily::Inet6Mapped => return None,
+        };
+        Some(Ipv4Addr::new(ipv4[0], ipv4[1], ipv4[2], ipv4[3]))
+    };
+    let (Some(source), Some(destination)) = (address_at(4), address_at(20)) else {
+        return Ok(None);
+    };
+    Ok(Some(DiagSocket {
+        family,
         protocol,
         state: record[1],
         source_port: u16::from_be_bytes([id[0], id[1]]),
         destination_port: u16::from_be_bytes([id[2], id[3]]),
-        source: address_at(4),
-        destination: address_at(20),
+        source,
+        destination,
         interface: u32_at(36),
         cookie: u64::from(u32_at(40)) | (u64::from(u32_at(44)) << 32),
-    })
+    }))
 }
 
-/// Parses one received buffer of a `protocol` dump.
-pub fn parse_dump(protocol: u8, buf: &[u8]) -> Result<DumpPart, SockDiagError> {
+/// Parses one received buffer of a `family` `protocol` dump.
+pub fn parse_dump(
+    family: SocketFamily,
+    protocol: u8,
+    buf: &[u8],
+) -> Result<DumpPart, SockDiagError> {
     let mut part = DumpPart::default();
     for (message_type, payload) in messages(buf)? {
         match message_type {
-            SOCK_DIAG_BY_FAMILY => part.sockets.push(parse_socket(protocol, payload)?),
+            SOCK_DIAG_BY_FAMILY => part
+                .sockets
+                .extend(parse_socket(family, protocol, payload)?),
             NLMSG_DONE => part.done = true,
             NLMSG_ERROR => return Err(SockDiagError::Kernel(error_code(payload)?)),
             other => return Err(SockDiagError::UnexpectedType(other)),
@@ -231,6 +305,7 @@ mod tests {
 
     fn socket() -> DiagSocket {
         DiagSocket {
+            family: SocketFamily::Inet,
             protocol: PROTO_TCP,
             state: TCP_ESTABLISHED as u8,
             source: Ipv4Addr::new(10, 244, 1, 7),
@@ -244,10 +319,16 @@ mod tests {
 
     /// An `inet_diag_msg` as the kernel writes it for `socket`, in a netlink message.
     fn kernel_record(socket: &DiagSocket) -> Vec<u8> {
-        let mut payload = vec![AF_INET, socket.state, 0, 0];
+        let mut payload = vec![socket.family.number(), socket.state, 0, 0];
         // The request's socket id has the same layout as the record's.
         let mut request_bytes = Vec::new();
-        request(&mut request_bytes, socket.protocol, 0, Some(socket));
+        request(
+            &mut request_bytes,
+            socket.family,
+            socket.protocol,
+            0,
+            Some(socket),
+        );
         payload.extend_from_slice(&request_bytes[8..]);
         // expires, rqueue, wqueue, uid, inode
         payload.extend_from_slice(&[0; 20]);
@@ -285,7 +366,7 @@ mod tests {
 
     #[test]
     fn a_dump_request_asks_for_every_socket_of_the_states() {
-        let buf = dump_request(PROTO_UDP, client_states(PROTO_UDP), 3);
+        let buf = dump_request(SocketFamily::Inet, PROTO_UDP, client_states(PROTO_UDP), 3);
         assert_eq!(&buf[4..6], &SOCK_DIAG_BY_FAMILY.to_ne_bytes());
         assert_eq!(&buf[6..8], &(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
         assert_eq!(&buf[16..18], &[AF_INET, PROTO_UDP]);
@@ -313,31 +394,72 @@ mod tests {
         header(&mut done, NLMSG_DONE, 2, 1, 4);
         done.extend_from_slice(&[0; 4]);
         buf.extend_from_slice(&done);
-        let part = parse_dump(PROTO_TCP, &buf).expect("a valid dump");
+        let part = parse_dump(SocketFamily::Inet, PROTO_TCP, &buf).expect("a valid dump");
         assert_eq!(part.sockets, vec![socket(), second]);
         assert!(part.done);
-        let first_only = parse_dump(PROTO_TCP, &kernel_record(&socket())).expect("valid");
+        let first_only =
+            parse_dump(SocketFamily::Inet, PROTO_TCP, &kernel_record(&socket())).expect("valid");
         assert!(!first_only.done, "more parts to come");
     }
 
     #[test]
     fn errors_and_truncation_are_reported() {
         assert_eq!(
-            parse_dump(PROTO_TCP, &error_message(1)),
+            parse_dump(SocketFamily::Inet, PROTO_TCP, &error_message(1)),
             Err(SockDiagError::Kernel(1))
         );
         let record = kernel_record(&socket());
         assert!(matches!(
-            parse_dump(PROTO_TCP, &record[..record.len() - 8]),
+            parse_dump(SocketFamily::Inet, PROTO_TCP, &record[..record.len() - 8]),
             Err(SockDiagError::Truncated { .. })
         ));
         let mut short = Vec::new();
         header(&mut short, SOCK_DIAG_BY_FAMILY, 2, 1, 8);
         short.extend_from_slice(&[0; 8]);
         assert_eq!(
-            parse_dump(PROTO_TCP, &short),
+            parse_dump(SocketFamily::Inet, PROTO_TCP, &short),
             Err(SockDiagError::ShortRecord(8))
         );
+    }
+
+    #[test]
+    fn a_dual_stack_socket_is_named_by_its_ipv4_mapped_addresses() {
+        let mapped = DiagSocket {
+            family: SocketFamily::Inet6Mapped,
+            ..socket()
+        };
+        let buf = destroy_request(&mapped, 7);
+        let body = &buf[NLMSG_HEADER_LEN..];
+        assert_eq!(&body[..2], &[AF_INET6, PROTO_TCP]);
+        let v4_mapped = |ipv4: [u8; 4]| [&V4_MAPPED_PREFIX[..], &ipv4[..]].concat();
+        assert_eq!(&body[12..28], &v4_mapped([10, 244, 1, 7])[..]);
+        assert_eq!(&body[28..44], &v4_mapped([10, 244, 2, 9])[..]);
+        assert_eq!(&body[48..52], &0xabcu32.to_ne_bytes());
+        let dump = dump_request(SocketFamily::Inet6Mapped, PROTO_UDP, 2, 1);
+        assert_eq!(&dump[16..18], &[AF_INET6, PROTO_UDP]);
+        // The kernel's record parses back to the same socket.
+        let part = parse_dump(
+            SocketFamily::Inet6Mapped,
+            PROTO_TCP,
+            &kernel_record(&mapped),
+        )
+        .expect("a valid dump");
+        assert_eq!(part.sockets, vec![mapped]);
+    }
+
+    #[test]
+    fn a_dual_stack_socket_talking_real_ipv6_is_left_out() {
+        let mapped = DiagSocket {
+            family: SocketFamily::Inet6Mapped,
+            ..socket()
+        };
+        let mut record = kernel_record(&mapped);
+        // The destination turned 2001:db8::a00:209 (same last 32 bits, not mapped).
+        let destination = NLMSG_HEADER_LEN + 4 + 20;
+        record[destination..destination + 12]
+            .copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let part = parse_dump(SocketFamily::Inet6Mapped, PROTO_TCP, &record).expect("valid");
+        assert_eq!(part.sockets, vec![]);
     }
 
     #[test]

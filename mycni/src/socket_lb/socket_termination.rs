@@ -1,6 +1,7 @@
 //! Thin adapter: ends the sockets [`super::stale_sockets`] picks, in every network
 //! namespace on the node, with `NETLINK_SOCK_DIAG` ([`super::sock_diag`]): a dump of the
-//! namespace's TCP and connected UDP sockets, then `SOCK_DESTROY` for each one to end. The
+//! namespace's TCP and connected UDP sockets (AF_INET ones, and AF_INET6 ones with an
+//! IPv4-mapped peer), then `SOCK_DESTROY` for each one to end. The
 //! application sees `ECONNABORTED` at once (a blocked read or write wakes with it; a
 //! connected UDP socket is disconnected, so its next send fails) and reconnects.
 //!
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use mycni_common::service::{Backend, SockReverseEntry, PROTO_TCP, PROTO_UDP};
 
-use super::sock_diag::{self, DiagSocket, SockDiagError};
+use super::sock_diag::{self, DiagSocket, SockDiagError, SocketFamily};
 use super::stale_sockets::RemovedBackends;
 
 /// Where named network namespaces live (iproute2, containerd, CRI-O).
@@ -185,7 +186,12 @@ fn end_in_namespace(
         if protocol != PROTO_TCP && protocol != PROTO_UDP {
             continue;
         }
-        for socket in diag.dump(protocol)? {
+        // AF_INET sockets, and AF_INET6 ones of dual-stack clients (IPv4-mapped peers).
+        let sockets = SocketFamily::ALL
+            .into_iter()
+            .map(|family| diag.dump(family, protocol))
+            .collect::<Result<Vec<_>, _>>()?;
+        for socket in sockets.into_iter().flatten() {
             let Some(backend) = removed.candidate(&socket) else {
                 continue;
             };
@@ -309,17 +315,22 @@ impl DiagSocketChannel {
         Ok(&self.buffer[..received as usize])
     }
 
-    /// The namespace's IPv4 sockets of `protocol` in a client state.
-    fn dump(&mut self, protocol: u8) -> Result<Vec<DiagSocket>, SocketTerminationError> {
+    /// The namespace's `family` sockets of `protocol` in a client state, talking IPv4.
+    fn dump(
+        &mut self,
+        family: SocketFamily,
+        protocol: u8,
+    ) -> Result<Vec<DiagSocket>, SocketTerminationError> {
         let sequence = self.next_sequence();
         self.send(&sock_diag::dump_request(
+            family,
             protocol,
             sock_diag::client_states(protocol),
             sequence,
         ))?;
         let mut sockets = Vec::new();
         loop {
-            let part = sock_diag::parse_dump(protocol, self.receive()?)?;
+            let part = sock_diag::parse_dump(family, protocol, self.receive()?)?;
             sockets.extend(part.sockets);
             if part.done {
                 return Ok(sockets);

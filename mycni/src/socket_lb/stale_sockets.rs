@@ -100,6 +100,7 @@ pub fn removed_backends(current: &DesiredServices, desired: &DesiredServices) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::socket_lb::sock_diag::SocketFamily;
     use mycni_common::service::{ServiceEntry, ServiceKey, PROTO_TCP, PROTO_UDP};
 
     fn key(port: u16, protocol: u8) -> ServiceKey {
@@ -127,6 +128,7 @@ mod tests {
 
     fn socket(protocol: u8, peer: Backend) -> DiagSocket {
         DiagSocket {
+            family: SocketFamily::Inet,
             protocol,
             state: 1,
             source: Ipv4Addr::new(10, 244, 1, 50),
