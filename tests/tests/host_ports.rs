@@ -5,7 +5,7 @@
 //! node's namespace inside that cgroup, as a node process or a hostNetwork pod is. Needs
 //! root.
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -169,21 +169,25 @@ fn tcp_and_udp_host_ports_reach_the_pod_from_the_node_on_loopback_and_the_node_i
     ensure!(row.contains("host-port") && row.ends_with(&to_pod), "{row}");
 
     let before = lab.translated()?;
-    for address in [Ipv4Addr::LOCALHOST, NODE_IP] {
-        let tcp = SocketAddr::from((address, 30080));
+    // Each address as IPv4, and IPv4-mapped through AF_INET6 sockets (a dual-stack client).
+    let addresses = [Ipv4Addr::LOCALHOST, NODE_IP]
+        .into_iter()
+        .flat_map(|a| [IpAddr::V4(a), IpAddr::V6(a.to_ipv6_mapped())]);
+    for address in addresses {
+        let tcp = SocketAddr::new(address, 30080);
         let seen = servers_behind(tcp, &lab.probe_from_node("tcp", tcp, 2)?)?;
         ensure!(seen == names(&["web"]), "tcp to {tcp}: {seen:?}");
         // Unconnected (recvmsg shows the hostPort) and connected (getpeername does).
-        let udp = SocketAddr::from((address, 30053));
+        let udp = SocketAddr::new(address, 30053);
         for mode in ["udp", "udp-connected"] {
             let seen = servers_behind(udp, &lab.probe_from_node(mode, udp, 2)?)?;
             ensure!(seen == names(&["web"]), "{mode} to {udp}: {seen:?}");
         }
     }
-    // 2 TCP connects, 2 unconnected datagrams and 1 connect per address.
+    // 2 TCP connects, 2 unconnected datagrams and 1 connect per address and family.
     let translated = lab.translated()? - before;
     ensure!(
-        translated == 10,
+        translated == 20,
         "host_port_translated counted {translated}"
     );
     // The port is the pod's for TCP and UDP only as mapped: UDP to the TCP hostPort is not.
