@@ -549,6 +549,74 @@ fn a_removed_backend_s_service_sockets_end_at_once_and_direct_ones_stay() -> Res
     Ok(())
 }
 
+/// The agent's sync loop hands the removed pairs to `SocketTerminator`'s thread instead of
+/// waiting for the namespace walk: that thread ends the socket of a removed backend, and
+/// leaves alone one whose backend is back in the frontend's list by the time it runs.
+#[test]
+fn the_termination_thread_ends_a_removed_backends_socket_but_not_one_whose_backend_came_back(
+) -> Result<()> {
+    mycni_tests::require_root!();
+    let lab = ServiceLab::new("svcthread", "10.244.18.0/24", 2)?;
+    let _held: Vec<Server> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, pod)| Server::start_held(&pod.netns, HELD_PORT, &format!("b{i}")))
+        .collect::<Result<_>>()?;
+    let held = |pod: &Pod| Backend {
+        port: HELD_PORT,
+        ..backend(pod)
+    };
+    let (b0, b1) = (held(&lab.backends[0]), held(&lab.backends[1]));
+    let tcp = SocketAddr::from((CLUSTER_IP, 80));
+    let services = |backends: Vec<Backend>| -> DesiredServices {
+        [(
+            frontend_key(CLUSTER_IP, 80, PROTO_TCP),
+            (entry(21, 0, 0), backends),
+        )]
+        .into()
+    };
+    let reply = |server: &str| Seen::Reply {
+        peer: tcp,
+        server: server.to_string(),
+    };
+    let (reported, reports) = std::sync::mpsc::channel();
+    let reported = std::sync::Mutex::new(reported);
+    let terminator = mycni::socket_lb::socket_terminator::SocketTerminator::start(
+        &lab.node.pin_root(),
+        move |round| {
+            let _ = reported.lock().map(|sender| sender.send(round));
+        },
+    )?;
+    let mut tables = ServiceTables::open(&lab.node.pin_root())?;
+    tables.apply_leaving_sockets(&services(vec![b0]))?;
+    let mut to_b0 = SteppedProbe::start_mode(&lab.cgroup, &lab.client.netns, "tcp-held", tcp, 1)?;
+    ensure!(to_b0.next()? == reply("b0"));
+    // b0 leaves: the maps change at once, the socket ends on the thread.
+    let (_, removed) = tables.apply_leaving_sockets(&services(vec![b1]))?;
+    terminator.end(removed);
+    let ended = to_b0.next()?;
+    ensure!(
+        ended == Seen::Errno(ECONNABORTED),
+        "the connection to the removed backend: {ended:?}"
+    );
+    let round = reports.recv_timeout(Duration::from_secs(10))?;
+    ensure!(round == (1, 0), "the first round ended {round:?}");
+    // b1 leaves and comes back before the round runs: its connection stays.
+    let mut to_b1 = SteppedProbe::start_mode(&lab.cgroup, &lab.client.netns, "tcp-held", tcp, 2)?;
+    ensure!(to_b1.next()? == reply("b1"));
+    let (_, removed) = tables.apply_leaving_sockets(&services(vec![b0]))?;
+    tables.apply_leaving_sockets(&services(vec![b0, b1]))?;
+    terminator.end(removed);
+    let round = reports.recv_timeout(Duration::from_secs(10))?;
+    ensure!(round == (0, 0), "the second round ended {round:?}");
+    ensure!(
+        to_b1.next()? == reply("b1"),
+        "the connection to a backend that came back ended"
+    );
+    Ok(())
+}
+
 /// node-1 in eBPF Services mode serves NodePorts and an externalIP to the external host
 /// (beyond the router) and to a pod on node-2; backends on node-1, node-2 (direct) and
 /// node-3 (VXLAN) answer with the client address they see.
