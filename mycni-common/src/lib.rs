@@ -407,6 +407,20 @@ pub struct FlowKey {
     pub pad: [u8; 3],
 }
 
+impl FlowKey {
+    /// The same flow seen the other way: the reply's key.
+    pub const fn reversed(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
+}
+
 /// `NatEntry::direction`: the entry translates a pod's outgoing packets.
 pub const NAT_EGRESS: u8 = 1;
 /// `NatEntry::direction`: the entry translates replies back to the pod.

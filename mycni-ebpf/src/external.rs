@@ -560,14 +560,7 @@ fn icmp_error_from_client(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32)> 
     let quote = quote_about_receiver(ctx, packet)?;
     let reply = &quote.flow;
     // The client's side of the flow, as its packets arrive: client -> frontend.
-    let client_flow = FlowKey {
-        saddr: reply.daddr,
-        daddr: reply.saddr,
-        sport: reply.dport,
-        dport: reply.sport,
-        proto: reply.proto,
-        pad: [0; 3],
-    };
+    let client_flow = reply.reversed();
     // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
     let entry = unsafe { EXTERNAL_NAT.get(&client_flow) }.copied()?;
     if entry.direction != EXTERNAL_TO_BACKEND {

@@ -367,8 +367,15 @@ impl Datapath {
 
     /// Checks that exactly the verdicts in `expected` were counted, as often as listed.
     fn expect_counts(&self, expected: &[(u32, u64)]) -> Result<()> {
-        let counts = self.counts()?;
-        for (index, count) in counts.iter().enumerate() {
+        self.expect_counts_since(&vec![0; verdict::COUNT as usize], expected)
+    }
+
+    /// Checks that, since `before` was read, exactly the verdicts in `expected` were
+    /// counted, as often as listed.
+    fn expect_counts_since(&self, before: &[u64], expected: &[(u32, u64)]) -> Result<()> {
+        let now = self.counts()?;
+        let delta: Vec<u64> = now.iter().zip(before).map(|(n, b)| n - b).collect();
+        for (index, count) in delta.iter().enumerate() {
             let want = expected
                 .iter()
                 .find(|(v, _)| *v as usize == index)
@@ -377,7 +384,7 @@ impl Datapath {
                 *count == want,
                 "verdict {} counted {count} packets, expected {want} (all: {:?})",
                 verdict::NAMES[index],
-                named(&counts)
+                named(&delta)
             );
         }
         Ok(())
@@ -2678,26 +2685,6 @@ impl Datapath {
             }
         }
         bail!("{limit} live flows did not evict the flows from EXTERNAL_NAT")
-    }
-
-    /// Checks that, since `before` was read, exactly the verdicts in `expected` were
-    /// counted, as often as listed.
-    fn expect_counts_since(&self, before: &[u64], expected: &[(u32, u64)]) -> Result<()> {
-        let now = self.counts()?;
-        let delta: Vec<u64> = now.iter().zip(before).map(|(n, b)| n - b).collect();
-        for (index, count) in delta.iter().enumerate() {
-            let want = expected
-                .iter()
-                .find(|(v, _)| *v as usize == index)
-                .map_or(0, |(_, n)| *n);
-            ensure!(
-                *count == want,
-                "verdict {} counted {count} packets, expected {want} (all: {:?})",
-                verdict::NAMES[index],
-                named(&delta)
-            );
-        }
-        Ok(())
     }
 }
 

@@ -190,6 +190,19 @@ impl ServiceLab {
     }
 }
 
+/// The three-node lab with node-1's agent in eBPF Services mode on a per-test cgroup.
+fn ebpf_cluster(test: &str) -> Result<(TestCgroup, Cluster)> {
+    let prefix = prefix(test);
+    let cgroup = TestCgroup::new(&prefix)?;
+    let mut cluster = Cluster::new(&prefix, &["node-1", "node-2", "node-3"], &[])?;
+    cluster.wait_for_full_mesh()?;
+    let mut args = cluster.agent_args(0);
+    args.extend(["--service-mode", "ebpf", "--cgroup-path", &cgroup.arg()].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    restart_agent(&mut cluster.nodes[0], &args, &[])?;
+    Ok((cgroup, cluster))
+}
+
 /// The kernel's id of the link pinned for `connect4`.
 fn link_id(node: &Node) -> Result<u32> {
     let pin = node.pin_root().join("service_connect4-link");
@@ -418,14 +431,7 @@ fn an_agent_restart_keeps_services_and_kube_proxy_mode_detaches_them() -> Result
 #[test]
 fn backends_on_other_nodes_direct_and_vxlan_are_reached() -> Result<()> {
     mycni_tests::require_root!();
-    let prefix = prefix("svcnodes");
-    let cgroup = TestCgroup::new(&prefix)?;
-    let mut cluster = Cluster::new(&prefix, &["node-1", "node-2", "node-3"], &[])?;
-    cluster.wait_for_full_mesh()?;
-    let mut args = cluster.agent_args(0);
-    args.extend(["--service-mode", "ebpf", "--cgroup-path", &cgroup.arg()].map(String::from));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    restart_agent(&mut cluster.nodes[0], &args, &[])?;
+    let (cgroup, cluster) = ebpf_cluster("svcnodes")?;
     let client = cluster.nodes[0].add_pod("client")?;
     let direct = cluster.nodes[1].add_pod("direct")?;
     let tunneled = cluster.nodes[2].add_pod("tunneled")?;
@@ -624,14 +630,7 @@ fn the_termination_thread_ends_a_removed_backends_socket_but_not_one_whose_backe
 fn node_ports_and_external_ips_from_outside_reach_every_backend_and_local_keeps_the_source(
 ) -> Result<()> {
     mycni_tests::require_root!();
-    let prefix = prefix("svcext");
-    let cgroup = TestCgroup::new(&prefix)?;
-    let mut cluster = Cluster::new(&prefix, &["node-1", "node-2", "node-3"], &[])?;
-    cluster.wait_for_full_mesh()?;
-    let mut args = cluster.agent_args(0);
-    args.extend(["--service-mode", "ebpf", "--cgroup-path", &cgroup.arg()].map(String::from));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    restart_agent(&mut cluster.nodes[0], &args, &[])?;
+    let (_cgroup, cluster) = ebpf_cluster("svcext")?;
     let local = cluster.nodes[0].add_pod("local")?;
     let direct = cluster.nodes[1].add_pod("direct")?;
     let tunneled = cluster.nodes[2].add_pod("tunneled")?;
@@ -793,14 +792,7 @@ fn download(netns: &Netns, frontend: SocketAddr, limit: Duration) -> Result<usiz
 #[test]
 fn a_large_reply_through_a_node_port_follows_a_narrower_path_to_the_client() -> Result<()> {
     mycni_tests::require_root!();
-    let prefix = prefix("svcpmtu");
-    let cgroup = TestCgroup::new(&prefix)?;
-    let mut cluster = Cluster::new(&prefix, &["node-1", "node-2", "node-3"], &[])?;
-    cluster.wait_for_full_mesh()?;
-    let mut args = cluster.agent_args(0);
-    args.extend(["--service-mode", "ebpf", "--cgroup-path", &cgroup.arg()].map(String::from));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    restart_agent(&mut cluster.nodes[0], &args, &[])?;
+    let (_cgroup, cluster) = ebpf_cluster("svcpmtu")?;
     let local = cluster.nodes[0].add_pod("local")?;
     let direct = cluster.nodes[1].add_pod("direct")?;
     let node_ip = cluster.nodes[0].node_ip;

@@ -190,19 +190,11 @@ fn read_quote(ctx: &TcContext, packet: &Ipv4) -> Option<Quoted> {
 #[inline(always)]
 pub(crate) fn quote_about_sender(ctx: &TcContext, packet: &Ipv4) -> Option<Quote> {
     let quoted = read_quote(ctx, packet)?;
-    let flow = quoted.flow;
-    if flow.daddr != packet.src {
+    if quoted.flow.daddr != packet.src {
         return None;
     }
     Some(Quote {
-        sender_flow: FlowKey {
-            saddr: flow.daddr,
-            daddr: flow.saddr,
-            sport: flow.dport,
-            dport: flow.sport,
-            proto: flow.proto,
-            pad: [0; 3],
-        },
+        sender_flow: quoted.flow.reversed(),
         destination_offset: quoted.destination_offset,
         destination_port_offset: quoted.destination_port_offset,
     })
