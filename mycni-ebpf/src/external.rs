@@ -14,7 +14,11 @@
 //!   of the uplink (or to the client pod's node). Neither direction crosses the node
 //!   stack, so its conntrack sees neither.
 //! - Later fragments follow their first (`FRAGMENTS`), and an ICMP error a backend sends
-//!   about a flow (a UDP port unreachable) leaves from the frontend, quoting it.
+//!   about a flow (a UDP port unreachable) leaves from the frontend, quoting it; one the
+//!   client's side sends about a reply (a router's "fragmentation needed") reaches the
+//!   backend quoting the backend's own packet.
+//! - A reply whose flow the full `EXTERNAL_NAT` evicted never leaves with a remote
+//!   backend's address: dropped and counted until the client's next packet records it.
 use crate::forward::{deliver_to_pod, send_to_node};
 use crate::fragments::remember_fragment;
 use crate::headers::{
