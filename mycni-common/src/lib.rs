@@ -417,6 +417,20 @@ pub struct FlowKey {
     pub pad: [u8; 3],
 }
 
+impl FlowKey {
+    /// The same flow seen the other way: the reply's key.
+    pub const fn reversed(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
+}
+
 /// `NatEntry::direction`: the entry translates a pod's outgoing packets.
 pub const NAT_EGRESS: u8 = 1;
 /// `NatEntry::direction`: the entry translates replies back to the pod.
@@ -600,8 +614,13 @@ pub mod verdict {
     /// Dropped: a packet from outside the node to a NodePort or externalIP frontend with no
     /// backend (with `externalTrafficPolicy: Local`, none on this node).
     pub const EXTERNAL_NO_BACKEND: u32 = EXTERNAL_TRANSLATED + 1;
+    /// Dropped: a reply (or an ICMP error about one) of a flow from outside the node to a
+    /// frontend whose `EXTERNAL_NAT` entries are gone (evicted from the full LRU): a remote
+    /// backend's reply after the reverse SNAT, which would leave with the backend's address,
+    /// or a client's ICMP error about a reply whose SNAT entry is gone.
+    pub const DROP_EXTERNAL_UNTRACKED: u32 = EXTERNAL_NO_BACKEND + 1;
     /// Number of verdicts, the length of `STATS`.
-    pub const COUNT: u32 = EXTERNAL_NO_BACKEND + 1;
+    pub const COUNT: u32 = DROP_EXTERNAL_UNTRACKED + 1;
     /// Display names, indexed by verdict.
     pub const NAMES: [&str; COUNT as usize] = [
         "local_redirect",
@@ -630,6 +649,7 @@ pub mod verdict {
         "host_port_translated",
         "external_translated",
         "external_no_backend",
+        "drop_external_untracked",
     ];
 }
 

@@ -14,15 +14,21 @@
 //!   of the uplink (or to the client pod's node). Neither direction crosses the node
 //!   stack, so its conntrack sees neither.
 //! - Later fragments follow their first (`FRAGMENTS`), and an ICMP error a backend sends
-//!   about a flow (a UDP port unreachable) leaves from the frontend, quoting it.
+//!   about a flow (a UDP port unreachable) leaves from the frontend, quoting it; one the
+//!   client's side sends about a reply (a router's "fragmentation needed") reaches the
+//!   backend quoting the backend's own packet.
+//! - A reply whose flow the full `EXTERNAL_NAT` evicted never leaves with a remote
+//!   backend's address: dropped and counted until the client's next packet records it.
 use crate::forward::{deliver_to_pod, send_to_node};
 use crate::fragments::remember_fragment;
 use crate::headers::{
     ICMP_DEST_UNREACH, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_TCP,
     IPPROTO_UDP, IP_DST_OFF, IP_SRC_OFF, TCP_ACK, TCP_FLAGS, TCP_SYN,
 };
-use crate::maps::{route_of, AFFINITY, BACKENDS, EXTERNAL_NAT, FRAGMENTS, SERVICES};
-use crate::nat::icmp_error::{quote_about_sender, rewrite_quote};
+use crate::maps::{
+    route_of, AFFINITY, BACKENDS, ENDPOINTS, EXTERNAL_NAT, FRAGMENTS, NAT, SERVICES,
+};
+use crate::nat::icmp_error::{quote_about_receiver, quote_about_sender, rewrite_quote};
 use crate::nat::ports::{allocate_port, PortError};
 use crate::nat::snat::existing_port;
 use crate::packet::Ipv4;
@@ -163,6 +169,14 @@ fn existing_backend(ctx: &TcContext, packet: &Ipv4, now: u64) -> Option<(Backend
 pub(crate) fn to_backend(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Option<(u32, i32)> {
     if packet.later_fragment {
         return later_fragment_to_backend(ctx, packet, cfg);
+    }
+    if packet.proto == IPPROTO_ICMP
+        && matches!(
+            packet.icmp_type,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+        )
+    {
+        return icmp_error_from_client(ctx, packet);
     }
     if !packet.has_ports || (packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP) {
         return None;
@@ -534,6 +548,107 @@ fn icmp_error_from_backend(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32)>
         return Some((verdict::ICMP_ERROR_TRANSLATED, action));
     }
     Some((verdict, action))
+}
+
+/// `from_netdev`: an ICMP error the client's side sends about a backend's reply, quoting
+/// it as it reached the client (frontend -> client): the client's port unreachable, or a
+/// router's "fragmentation needed" on the way to it, without which PMTU discovery through a
+/// frontend breaks. It goes to the backend quoting the backend's own packet: a local
+/// backend gets it in its pod (backend -> client quoted); a remote one, reached through
+/// SNAT, gets it at its node quoting what that node sent (backend -> this node's address
+/// and SNAT port), as the node's conntrack relates it to that flow. The outer source (the
+/// client or the router) stays: a PMTU error is valid from any hop. `None`: about no flow
+/// from outside.
+#[inline(always)]
+fn icmp_error_from_client(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32)> {
+    let quote = quote_about_receiver(ctx, packet)?;
+    let reply = &quote.flow;
+    // The client's side of the flow, as its packets arrive: client -> frontend.
+    let client_flow = reply.reversed();
+    // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
+    let entry = unsafe { EXTERNAL_NAT.get(&client_flow) }.copied()?;
+    if entry.direction != EXTERNAL_TO_BACKEND {
+        return None;
+    }
+    let (backend, backend_port) = (entry.address, entry.port);
+    if rewrite_quote(
+        ctx,
+        packet,
+        quote.source_offset,
+        reply.saddr,
+        backend,
+        quote.source_port_offset,
+        reply.sport,
+        backend_port,
+    )
+    .is_none()
+    {
+        return Some(malformed(ctx, packet));
+    }
+    if entry.flags & EXTERNAL_SNAT != 0 {
+        // What the backend answered: this node's address and the flow's SNAT port.
+        let translated = FlowKey {
+            daddr: backend,
+            dport: backend_port,
+            ..client_flow
+        };
+        // SAFETY: as above.
+        let Some(snat) = (unsafe { NAT.get(&translated) }).copied() else {
+            // The SNAT entry is gone: the backend's node knows no such flow.
+            return Some(untracked(ctx, packet));
+        };
+        if rewrite_quote(
+            ctx,
+            packet,
+            quote.destination_offset,
+            reply.daddr,
+            snat.addr,
+            quote.destination_port_offset,
+            reply.dport,
+            snat.port,
+        )
+        .is_none()
+        {
+            return Some(malformed(ctx, packet));
+        }
+    }
+    if rewrite_address(ctx, IP_DST_OFF, packet.dst, backend).is_none() {
+        return Some(malformed(ctx, packet));
+    }
+    let mut translated = *packet;
+    translated.dst = backend;
+    let (verdict, action) = send_to_backend(ctx, &translated);
+    if verdict == verdict::EXTERNAL_TRANSLATED {
+        return Some((verdict::ICMP_ERROR_TRANSLATED, action));
+    }
+    Some((verdict, action))
+}
+
+/// `from_netdev`, after the reverse SNAT sent a packet to `translated.dst`: a reply (or an
+/// ICMP error, or a later fragment) of a flow from outside whose `EXTERNAL_NAT` entries are
+/// gone (the LRU evicted them) would leave with the remote backend's address; dropped and
+/// counted instead. The client's next packet picks a backend and records the flow again.
+/// `None`: the packet is for a local pod (a reply of its own masqueraded flow).
+#[inline(always)]
+pub(crate) fn untracked_reply(ctx: &TcContext, translated: &Ipv4) -> Option<(u32, i32)> {
+    // SAFETY: only the entry's presence is read.
+    if unsafe { ENDPOINTS.get(&translated.dst) }.is_some() {
+        return None;
+    }
+    Some(untracked(ctx, translated))
+}
+
+#[inline(always)]
+fn untracked(ctx: &TcContext, packet: &Ipv4) -> (u32, i32) {
+    event!(
+        ctx,
+        Debug,
+        "dropped proto {} from {:i} to {:i}: its flow from outside is no longer tracked",
+        packet.proto,
+        packet.src,
+        packet.dst
+    );
+    (verdict::DROP_EXTERNAL_UNTRACKED, TC_ACT_SHOT)
 }
 
 #[inline(always)]

@@ -1,6 +1,6 @@
 //! The node side (uplink and VXLAN device): what `from_netdev` does with arriving packets
 //! and `to_netdev` with leaving ones.
-use crate::external::{reply_after_reverse_nat, to_backend};
+use crate::external::{reply_after_reverse_nat, to_backend, untracked_reply};
 use crate::forward::deliver_to_pod;
 use crate::headers::{
     ETH_P_IP, ETH_TYPE_OFF, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM,
@@ -44,6 +44,22 @@ pub(crate) fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
     let Some(packet) = parse_ipv4(ctx) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
+    // A local pod's address arrives only through its own veth: from the wire (or a
+    // tunnel) it is forged, e.g. a "reply" of a local backend aimed at its clients, or a
+    // packet for another pod that its policy would take for that pod's.
+    // SAFETY: only the entry's presence is read.
+    if unsafe { ENDPOINTS.get(packet.src) }.is_some() {
+        event!(
+            ctx,
+            Warn,
+            "from_netdev: dropped spoofed IPv4 from {:i} to {:i} (proto {}) on ifindex {}: that source is a pod on this node",
+            packet.src,
+            packet.dst,
+            packet.proto,
+            ifindex(ctx)
+        );
+        return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
+    }
     let to_stack = |verdict: u32| {
         // Decapsulated frames carry the sender's idea of our MAC; make the stack accept them.
         if on_tunnel {
@@ -61,6 +77,10 @@ pub(crate) fn classify_from_netdev(ctx: &TcContext) -> (u32, i32) {
                 if let Some(translated) = parse_ipv4(ctx) {
                     if let Some(result) = reply_after_reverse_nat(ctx, &translated) {
                         return result;
+                    }
+                    // One whose flow is no longer recorded must not leave as the backend.
+                    if let Some(drop) = untracked_reply(ctx, &translated) {
+                        return drop;
                     }
                 }
                 // Marked so to_pod does not take it for a flow the stack delivered: the

@@ -92,6 +92,12 @@ fn datapath_error(e: DatapathError) -> CniError {
 fn host_port_error(e: HostPortTableError) -> CniError {
     match e {
         HostPortTableError::Datapath(e) => datapath_error(e),
+        // Room comes back as pods with hostPorts go: the runtime's retry may succeed.
+        HostPortTableError::Full => CniError::new(
+            ErrorCode::TryAgainLater,
+            "no room for the pod's hostPorts: every hostPort entry of this node is taken",
+        )
+        .with_details(HostPortTableError::Full),
         other => CniError::new(ErrorCode::DatapathFailure, "hostPort map operation failed")
             .with_details(other),
     }

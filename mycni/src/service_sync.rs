@@ -1,8 +1,9 @@
 //! The Services control loop of `mycni-agent run --service-mode ebpf` with the Kubernetes
 //! API: wakes on every Service or Endpoints change, computes the frontends
 //! ([`crate::service_frontends`]) and writes them to the pinned maps
-//! ([`crate::socket_lb::ServiceTables`]), which also ends the sockets connected to a
-//! backend a frontend lost. Wiring only: the decisions are in those modules.
+//! ([`crate::socket_lb::ServiceTables`]); the sockets connected to a backend a frontend
+//! lost are ended by a thread of their own ([`crate::socket_lb::socket_terminator`]).
+//! Wiring only: the decisions are in those modules.
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use crate::kube::client::KubeServiceSource;
 use crate::metrics::AgentCounters;
 use crate::service_frontends::{self, LocalNode, ServiceIds};
+use crate::socket_lb::socket_terminator::SocketTerminator;
 use crate::socket_lb::ServiceTables;
 
 /// How long a change waits for the ones that follow it (a scale change updates the
@@ -32,6 +34,27 @@ pub async fn sync_services(
             Ok(tables) => break tables,
             Err(e) => {
                 log::warn!("services: cannot open the maps: {e}; retrying");
+                counters.service_sync_errors.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    };
+    // Ending a removed backend's sockets walks every network namespace (seconds with a
+    // thousand pods): a thread of its own, so the loop writes the next change meanwhile.
+    let terminator = loop {
+        let tally = counters.clone();
+        let report = move |(destroyed, failures): (usize, usize)| {
+            tally
+                .service_sockets_destroyed
+                .fetch_add(destroyed as u64, Ordering::Relaxed);
+            tally
+                .service_socket_termination_failures
+                .fetch_add(failures as u64, Ordering::Relaxed);
+        };
+        match SocketTerminator::start(&root, report) {
+            Ok(terminator) => break terminator,
+            Err(e) => {
+                log::warn!("services: {e}; retrying");
                 counters.service_sync_errors.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(RETRY).await;
             }
@@ -84,17 +107,11 @@ pub async fn sync_services(
             last_conflicts = frontends.conflicts.clone();
         }
         let desired = ids.assign(&frontends.frontends);
-        match tables.apply(&desired) {
-            Ok(summary) => {
+        match tables.apply_leaving_sockets(&desired) {
+            Ok((summary, removed)) => {
+                terminator.end(removed);
                 let (frontend_count, backend_count) = service_frontends::counts(&desired);
                 counters.publish_services(frontend_count, backend_count);
-                counters
-                    .service_sockets_destroyed
-                    .fetch_add(summary.sockets_destroyed as u64, Ordering::Relaxed);
-                counters.service_socket_termination_failures.fetch_add(
-                    summary.socket_termination_failures as u64,
-                    Ordering::Relaxed,
-                );
                 if summary.writes > 0 {
                     log::info!(
                         "services: {frontend_count} frontends, {backend_count} backends ({} map writes)",

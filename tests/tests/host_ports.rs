@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use mycni::host_ports::{attachment_hash, HostPortEntries, HostPortTable};
-use mycni_common::service::PROTO_TCP;
+use mycni_common::service::{Backend, HostPortEntry, ServiceKey, PROTO_TCP};
 use mycni_common::verdict;
+use mycni_common::MAX_HOST_PORTS;
 use mycni_tests::cgroup::TestCgroup;
 use mycni_tests::sock_probe::{names, probe, servers_behind, Seen, Server};
 use mycni_tests::{agent_bin, pod_ip, prefix, AgentLog, CniCall, Netns, Node, Pod, NODE_IP};
@@ -250,6 +251,71 @@ fn same_host_port_with_another_host_ip_or_protocol_coexists_and_a_held_one_is_re
         lab.node.del_pod(pod)?;
     }
     ensure!(lab.entries()?.is_empty(), "{:?}", lab.entries()?);
+    Ok(())
+}
+
+/// `HOST_PORTS` full: the ADD whose keys do not all fit fails with the spec's "try again
+/// later" (11), having undone everything (its veth, its address, its endpoint and the keys
+/// it did claim); once a key is free again the same ADD succeeds.
+#[test]
+fn a_full_host_ports_map_fails_the_add_with_try_again_later_and_leaves_nothing() -> Result<()> {
+    mycni_tests::require_root!();
+    let lab = HostPortNode::new("hpfull", "10.244.36.0/24")?;
+    let mut table = HostPortTable::open(&lab.node.pin_root())?;
+    let filler = |i: u32| {
+        let [_, _, hi, lo] = i.to_be_bytes();
+        let key = ServiceKey {
+            address: [198, 18, hi, lo],
+            port: 9,
+            protocol: PROTO_TCP,
+            scope: 0,
+        };
+        let entry = HostPortEntry {
+            backend: Backend {
+                address: [10, 244, 36, 250],
+                port: 9,
+                pad: 0,
+            },
+            attachment_hash: 1,
+        };
+        (key, entry)
+    };
+    // One key short of full: the pod's wildcard hostPort needs two (node IP, 127.0.0.1).
+    for i in 0..MAX_HOST_PORTS - 1 {
+        let (key, entry) = filler(i);
+        table.claim(&key, &entry)?;
+    }
+    let entries = lab.entries()?;
+    ensure!(entries.len() == MAX_HOST_PORTS as usize - 1);
+    let leftovers = lab.node.leftovers()?;
+    let mappings = [mapping(30080, "tcp", "")];
+    let (call, pod) = lab.try_add("late", &mappings)?;
+    ensure!(
+        pod.is_none(),
+        "ADD succeeded on a full map: {}",
+        call.stdout
+    );
+    ensure!(call.error_code() == Some(11), "{}", call.stdout);
+    let message = call.json()?;
+    ensure!(
+        message["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("hostPort"))
+            && message["details"]
+                .as_str()
+                .is_some_and(|d| d.contains("full")),
+        "{message}"
+    );
+    ensure!(lab.entries()? == entries, "the failed ADD left keys behind");
+    ensure!(
+        lab.node.leftovers()? == leftovers,
+        "the failed ADD left something"
+    );
+    // A key freed: the runtime's retry gets both.
+    table.remove(&filler(0).0)?;
+    let (pod, _server) = lab.add("late", &mappings)?;
+    ensure!(lab.entries_of(&pod)?.len() == 2);
+    lab.node.del_pod(&pod)?;
     Ok(())
 }
 

@@ -367,8 +367,15 @@ impl Datapath {
 
     /// Checks that exactly the verdicts in `expected` were counted, as often as listed.
     fn expect_counts(&self, expected: &[(u32, u64)]) -> Result<()> {
-        let counts = self.counts()?;
-        for (index, count) in counts.iter().enumerate() {
+        self.expect_counts_since(&vec![0; verdict::COUNT as usize], expected)
+    }
+
+    /// Checks that, since `before` was read, exactly the verdicts in `expected` were
+    /// counted, as often as listed.
+    fn expect_counts_since(&self, before: &[u64], expected: &[(u32, u64)]) -> Result<()> {
+        let now = self.counts()?;
+        let delta: Vec<u64> = now.iter().zip(before).map(|(n, b)| n - b).collect();
+        for (index, count) in delta.iter().enumerate() {
             let want = expected
                 .iter()
                 .find(|(v, _)| *v as usize == index)
@@ -377,7 +384,7 @@ impl Datapath {
                 *count == want,
                 "verdict {} counted {count} packets, expected {want} (all: {:?})",
                 verdict::NAMES[index],
-                named(&counts)
+                named(&delta)
             );
         }
         Ok(())
@@ -2481,6 +2488,448 @@ fn fragments_and_icmp_errors_of_a_node_port_flow_follow_it() -> Result<()> {
             (verdict::EXTERNAL_TRANSLATED, 2),
             (verdict::FRAGMENT_TRANSLATED, 2),
             (verdict::ICMP_ERROR_TRANSLATED, 1),
+        ])
+    })
+}
+
+/// A router on the client's path: it reports "fragmentation needed" about packets it
+/// cannot forward.
+const CLIENT_ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+
+/// An ICMP "fragmentation needed" (next-hop MTU `mtu`) from `from` to `to`, quoting the
+/// first 28 bytes of `packet` (an IPv4 packet as the router got it).
+fn fragmentation_needed(from: Ipv4Addr, to: Ipv4Addr, mtu: u16, packet: &[u8]) -> Vec<u8> {
+    let mut rest = vec![0, 0];
+    rest.extend_from_slice(&mtu.to_be_bytes());
+    rest.extend_from_slice(&packet[..28]);
+    ip(from, to).packet(IPPROTO_ICMP, &raw::icmp4(3, 4, &rest))
+}
+
+/// The quoted packet's (source, source port, destination, destination port) in an ICMP
+/// error frame, after checking the quoted header's checksum.
+fn quoted(frame: &[u8]) -> Result<(Ipv4Addr, u16, Ipv4Addr, u16)> {
+    let inner = &frame[14 + 20 + 8..];
+    ensure!(
+        raw::checksum(0, &inner[..20]) == 0,
+        "quoted IP header checksum: {:02x?}",
+        &inner[..20]
+    );
+    let port = |at: usize| u16::from_be_bytes([inner[at], inner[at + 1]]);
+    Ok((
+        Ipv4Addr::new(inner[12], inner[13], inner[14], inner[15]),
+        port(20),
+        Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]),
+        port(22),
+    ))
+}
+
+#[test]
+fn a_routers_fragmentation_needed_about_a_local_backends_reply_reaches_the_backend_quoting_its_packet(
+) -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        dp.serve(
+            (NODE_IP, NODE_PORT, IPPROTO_TCP),
+            SERVICE_NODE_PORT,
+            &[(POD_A, 8080)],
+        )?;
+        let syn = from_router(&ip(OUTSIDE, NODE_IP).tcp(40000, NODE_PORT, TCP_SYN, 1, 0));
+        expect_action(
+            &dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &syn)?,
+            TC_ACT_REDIRECT,
+        )?;
+        let reply = from_pod_a(&ip(POD_A, OUTSIDE).tcp(8080, 40000, TCP_SYN | TCP_ACK, 9, 2));
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &reply)?;
+        ensure!(addresses(&run.frame)? == (NODE_IP, NODE_PORT, OUTSIDE, 40000));
+        // A router on the way to the client cannot forward the reply as it got it.
+        let error = fragmentation_needed(CLIENT_ROUTER, NODE_IP, 1280, &run.frame[14..]);
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &from_router(&error))?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        let outer = seen(&run.frame)?;
+        ensure!(
+            (outer.src, outer.dst, outer.eth_dst) == (CLIENT_ROUTER, POD_A, POD_A_MAC),
+            "the error does not go into the backend's pod: {outer:?}"
+        );
+        ensure!(
+            quoted(&run.frame)? == (POD_A, 8080, OUTSIDE, 40000),
+            "the quote is not the backend's own packet: {:?}",
+            quoted(&run.frame)?
+        );
+        ensure!(
+            run.frame[14 + 20 + 4..14 + 20 + 8] == [0, 0, 0x05, 0x00],
+            "the next-hop MTU changed"
+        );
+        checksums_verify(&run.frame)?;
+        // The client's own port unreachable, about a reply on ports of no flow: the node's.
+        let stray = ip(NODE_IP, OUTSIDE).tcp(NODE_PORT, 40001, TCP_SYN | TCP_ACK, 9, 2);
+        let mut rest = vec![0; 4];
+        rest.extend_from_slice(&stray[..28]);
+        let error = ip(OUTSIDE, NODE_IP).packet(IPPROTO_ICMP, &raw::icmp4(3, 3, &rest));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &from_router(&error))?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(
+            quoted(&run.frame)? == (NODE_IP, NODE_PORT, OUTSIDE, 40001),
+            "an error about no flow was rewritten"
+        );
+        dp.expect_counts(&[
+            (verdict::EXTERNAL_TRANSLATED, 2),
+            (verdict::ICMP_ERROR_TRANSLATED, 1),
+            (verdict::TO_STACK, 1),
+        ])
+    })
+}
+
+#[test]
+fn a_clients_icmp_error_about_a_remote_backends_reply_reaches_its_node_quoting_what_it_sent(
+) -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        dp.serve(
+            (EXTERNAL_SERVICE_IP, 53, IPPROTO_UDP),
+            SERVICE_EXTERNAL_IP,
+            &[(REMOTE_POD, 5353)],
+        )?;
+        let query = from_router(&ip(OUTSIDE, EXTERNAL_SERVICE_IP).udp(5000, 53, b"q"));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &query)?;
+        ensure!(addresses(&run.frame)? == (NODE_IP, NAT_PORT, REMOTE_POD, 5353));
+        let answer = from_router(&ip(REMOTE_POD, NODE_IP).udp(5353, NAT_PORT, b"a"));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &answer)?;
+        ensure!(addresses(&run.frame)? == (EXTERNAL_SERVICE_IP, 53, OUTSIDE, 5000));
+        // The client's socket is gone: port unreachable, quoting the answer it got.
+        let mut rest = vec![0; 4];
+        rest.extend_from_slice(&run.frame[14..14 + 28]);
+        let error = ip(OUTSIDE, EXTERNAL_SERVICE_IP).packet(IPPROTO_ICMP, &raw::icmp4(3, 3, &rest));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &from_router(&error))?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        let outer = seen(&run.frame)?;
+        ensure!(
+            (outer.src, outer.dst) == (OUTSIDE, REMOTE_POD),
+            "the error does not go to the backend: {outer:?}"
+        );
+        ensure!(
+            quoted(&run.frame)? == (REMOTE_POD, 5353, NODE_IP, NAT_PORT),
+            "the quote is not what the backend's node sent: {:?}",
+            quoted(&run.frame)?
+        );
+        ensure!(
+            run.mark & MARK_FROM_POD == MARK_FROM_POD,
+            "to_netdev would masquerade it"
+        );
+        checksums_verify(&run.frame)?;
+        // Without the flow's SNAT entry the backend's node would not know the quote: the
+        // error is dropped, not sent about the client's address.
+        clear::<FlowKey, NatEntry>(&dp.root, MAP_NAT)?;
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &from_router(&error))?;
+        expect_action(&run, TC_ACT_SHOT)?;
+        dp.expect_counts(&[
+            (verdict::EXTERNAL_TRANSLATED, 2),
+            (verdict::ICMP_ERROR_TRANSLATED, 1),
+            (verdict::DROP_EXTERNAL_UNTRACKED, 1),
+        ])
+    })
+}
+
+impl Datapath {
+    fn external_nat(&self) -> Result<BpfHashMap<MapData, FlowKey, ExternalNatEntry>> {
+        let data = MapData::from_pin(self.root.join(MAP_EXTERNAL_NAT))?;
+        Ok(BpfHashMap::try_from(Map::LruHashMap(data))?)
+    }
+
+    /// Whether `EXTERNAL_NAT` still holds any of `flows`.
+    fn holds_any(&self, flows: &[FlowKey]) -> Result<bool> {
+        let map = self.external_nat()?;
+        Ok(flows.iter().any(|flow| map.get(flow, 0).is_ok()))
+    }
+
+    /// `count` one-packet flows written straight into `EXTERNAL_NAT`, as a SYN flood from
+    /// spoofed sources leaves them: recorded, never seen again.
+    fn flood_with_one_packet_flows(&self, count: u32) -> Result<()> {
+        let mut map = self.external_nat()?;
+        let entry = ExternalNatEntry {
+            address: POD_B.octets(),
+            port: 8080,
+            direction: mycni_common::service::EXTERNAL_TO_BACKEND,
+            flags: 0,
+            last_seen_ns: 0,
+        };
+        for i in 0..count {
+            let [_, b, c, d] = i.to_be_bytes();
+            let key = FlowKey {
+                saddr: [198, 19, b, c],
+                daddr: NODE_IP.octets(),
+                sport: 1024 + d as u16,
+                dport: 9,
+                proto: IPPROTO_TCP,
+                pad: [0; 3],
+            };
+            map.insert(key, entry, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Live flows from new clients through `from_netdev` to `frontend_port` (a SYN, then
+    /// an ACK that finds the flow, as a busy NodePort sees them) until none of `flows` is
+    /// left in `EXTERNAL_NAT`; returns how many it took.
+    fn flood_with_live_flows(&self, frontend_port: u16, flows: &[FlowKey]) -> Result<u32> {
+        let limit = 4 * mycni_common::MAX_EXTERNAL_NAT;
+        for i in 0..limit {
+            let [_, b, c, d] = i.to_be_bytes();
+            let client = Ipv4Addr::new(198, 18, b, c);
+            for flags in [TCP_SYN, TCP_ACK] {
+                let packet = ip(client, NODE_IP).tcp(1024 + d as u16, frontend_port, flags, 1, 0);
+                let run = self.run(PROG_FROM_NETDEV, self.dev.uplink, &from_router(&packet))?;
+                expect_action(&run, TC_ACT_REDIRECT)?;
+            }
+            if i % 1024 == 1023 && !self.holds_any(flows)? {
+                return Ok(i + 1);
+            }
+        }
+        bail!("{limit} live flows did not evict the flows from EXTERNAL_NAT")
+    }
+}
+
+/// The calling thread kept on the CPU it runs on until dropped.
+struct PinnedToOneCpu {
+    before: libc::cpu_set_t,
+}
+
+impl PinnedToOneCpu {
+    fn new() -> Result<PinnedToOneCpu> {
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: the sets are plain bitmaps of the size given; pid 0 is this thread.
+        unsafe {
+            let mut before: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, size, &mut before) != 0 {
+                bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+            }
+            let cpu = libc::sched_getcpu();
+            ensure!(
+                cpu >= 0,
+                "sched_getcpu: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu as usize, &mut one);
+            if libc::sched_setaffinity(0, size, &one) != 0 {
+                bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+            }
+            Ok(PinnedToOneCpu { before })
+        }
+    }
+}
+
+impl Drop for PinnedToOneCpu {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe {
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.before);
+        }
+    }
+}
+
+/// The port of the frontend the live flood goes to (a local backend: no SNAT port).
+const FLOOD_PORT: u16 = 30999;
+
+/// The LRU full. A flood of one-packet flows (spoofed SYNs) evicts only its own kind: the
+/// kernel's LRU keeps entries that were looked up again. A flood of live flows evicts a
+/// live flow's entries. The client's next packet (no SYN) picks a backend again and
+/// records the flow anew; a remote backend's reply that arrives first is dropped and
+/// counted, not sent to the client with the backend's address; a local backend's goes
+/// through masquerading (the node's address, never the pod's).
+#[test]
+fn a_flow_evicted_from_a_full_external_nat_picks_a_backend_again_and_no_reply_leaks_it(
+) -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        // The kernel's LRU keeps new entries on the inserting CPU's pending list, which
+        // only that CPU's next evictions flush: the programs' runs and the floods share one.
+        let _pinned = PinnedToOneCpu::new()?;
+        let frontends = |backend: (Ipv4Addr, u16)| -> Result<()> {
+            let key = |port| ServiceKey {
+                address: NODE_IP.octets(),
+                port,
+                protocol: IPPROTO_TCP,
+                scope: 0,
+            };
+            let entry = |service_id| ServiceEntry {
+                service_id,
+                backend_count: 1,
+                affinity_timeout_s: 0,
+                flags: SERVICE_NODE_PORT,
+            };
+            let to = |(address, port): (Ipv4Addr, u16)| {
+                vec![Backend {
+                    address: address.octets(),
+                    port,
+                    pad: 0,
+                }]
+            };
+            let desired: DesiredServices = [
+                (key(NODE_PORT), (entry(1), to(backend))),
+                (key(FLOOD_PORT), (entry(2), to((POD_B, 8080)))),
+            ]
+            .into();
+            ServiceTables::open(&dp.root)?.apply(&desired)?;
+            Ok(())
+        };
+        frontends((REMOTE_POD, 8080))?;
+        let client =
+            |sport, flags| from_router(&ip(OUTSIDE, NODE_IP).tcp(sport, NODE_PORT, flags, 1, 0));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &client(40000, TCP_SYN))?;
+        ensure!(addresses(&run.frame)? == (NODE_IP, NAT_PORT, REMOTE_POD, 8080));
+        let backend_reply =
+            from_router(&ip(REMOTE_POD, NODE_IP).tcp(8080, NAT_PORT, TCP_SYN | TCP_ACK, 9, 2));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &backend_reply)?;
+        ensure!(addresses(&run.frame)? == (NODE_IP, NODE_PORT, OUTSIDE, 40000));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &client(40000, TCP_ACK))?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        let forward = FlowKey {
+            saddr: OUTSIDE.octets(),
+            daddr: NODE_IP.octets(),
+            sport: 40000,
+            dport: NODE_PORT,
+            proto: IPPROTO_TCP,
+            pad: [0; 3],
+        };
+        let reverse = FlowKey {
+            saddr: REMOTE_POD.octets(),
+            daddr: OUTSIDE.octets(),
+            sport: 8080,
+            dport: 40000,
+            ..forward
+        };
+        let flood = 4 * mycni_common::MAX_EXTERNAL_NAT;
+        dp.flood_with_one_packet_flows(flood)?;
+        ensure!(
+            dp.holds_any(&[forward])? && dp.holds_any(&[reverse])?,
+            "{flood} one-packet flows evicted a live flow"
+        );
+        let flows = dp.flood_with_live_flows(FLOOD_PORT, &[forward, reverse])?;
+        eprintln!("{flood} one-packet flows left the live flow; {flows} live flows evicted it");
+        let before = dp.counts()?;
+        // The backend's retransmission finds no flow: dropped, never leaked.
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &backend_reply)?;
+        expect_action(&run, TC_ACT_SHOT)?;
+        // The client's next segment picks the backend again, on the same SNAT port.
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &client(40000, TCP_ACK))?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(addresses(&run.frame)? == (NODE_IP, NAT_PORT, REMOTE_POD, 8080));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &backend_reply)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(addresses(&run.frame)? == (NODE_IP, NODE_PORT, OUTSIDE, 40000));
+        dp.expect_counts_since(
+            &before,
+            &[
+                (verdict::EXTERNAL_TRANSLATED, 2),
+                (verdict::DROP_EXTERNAL_UNTRACKED, 1),
+            ],
+        )?;
+
+        // A local backend.
+        frontends((POD_A, 8080))?;
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &client(40001, TCP_SYN))?;
+        ensure!(addresses(&run.frame)? == (OUTSIDE, 40001, POD_A, 8080));
+        let pod_reply = from_pod_a(&ip(POD_A, OUTSIDE).tcp(8080, 40001, TCP_SYN | TCP_ACK, 9, 2));
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &pod_reply)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        let forward = FlowKey {
+            sport: 40001,
+            ..forward
+        };
+        let reverse = FlowKey {
+            saddr: POD_A.octets(),
+            dport: 40001,
+            ..reverse
+        };
+        dp.flood_with_live_flows(FLOOD_PORT, &[forward, reverse])?;
+        let before = dp.counts()?;
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &pod_reply)?;
+        expect_action(&run, TC_ACT_OK)?;
+        let out = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &run.frame)?;
+        expect_action(&out, TC_ACT_OK)?;
+        ensure!(
+            addresses(&out.frame)? == (NODE_IP, NAT_PORT, OUTSIDE, 40001),
+            "the untracked reply does not leave masqueraded: {:?}",
+            seen(&out.frame)?
+        );
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &client(40001, TCP_ACK))?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(addresses(&run.frame)? == (OUTSIDE, 40001, POD_A, 8080));
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &pod_reply)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(addresses(&run.frame)? == (NODE_IP, NODE_PORT, OUTSIDE, 40001));
+        dp.expect_counts_since(
+            &before,
+            &[
+                (verdict::EXTERNAL_TRANSLATED, 2),
+                (verdict::TO_STACK, 1),
+                (verdict::SNAT, 1),
+            ],
+        )
+    })
+}
+
+/// Forged replies on the outside path. From a pod: the source check runs before anything
+/// else, so another pod cannot answer as the backend or as the frontend; a pod answering
+/// on a flow's ports with its own address is no backend of it and is not translated. From
+/// the wire: a local pod's address never arrives there, so a "reply" of a local backend
+/// forged outside is dropped as spoofed; a remote backend's reply is taken only on the
+/// exact tuple of a flow (as conntrack takes it), anything else goes to the node's stack.
+#[test]
+fn forged_replies_on_the_outside_path_are_dropped_or_never_leave_as_the_frontend() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        dp.serve(
+            (NODE_IP, NODE_PORT, IPPROTO_TCP),
+            SERVICE_NODE_PORT,
+            &[(POD_A, 8080)],
+        )?;
+        let syn = from_router(&ip(OUTSIDE, NODE_IP).tcp(40000, NODE_PORT, TCP_SYN, 1, 0));
+        expect_action(
+            &dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &syn)?,
+            TC_ACT_REDIRECT,
+        )?;
+        let flows = dp.external_nat()?.iter().collect::<Result<Vec<_>, _>>()?;
+        ensure!(flows.len() == 2, "{flows:?}");
+        // Pod B (raw sockets) answers as the backend, then as the frontend.
+        for forged in [
+            ip(POD_A, OUTSIDE).tcp(8080, 40000, TCP_SYN | TCP_ACK, 9, 2),
+            ip(NODE_IP, OUTSIDE).tcp(NODE_PORT, 40000, TCP_SYN | TCP_ACK, 9, 2),
+        ] {
+            let run = dp.run(PROG_FROM_POD, dp.dev.host_b, &from_pod_b(&forged))?;
+            expect_action(&run, TC_ACT_SHOT)?;
+        }
+        // With its own address on the flow's ports: not the flow's backend.
+        let own = from_pod_b(&ip(POD_B, OUTSIDE).tcp(8080, 40000, TCP_SYN | TCP_ACK, 9, 2));
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_b, &own)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(
+            addresses(&run.frame)? == (POD_B, 8080, OUTSIDE, 40000),
+            "translated as the frontend: {:?}",
+            seen(&run.frame)?
+        );
+        // From the wire, as the local backend: to the client, and into pod B.
+        for forged in [
+            ip(POD_A, OUTSIDE).tcp(8080, 40000, TCP_SYN | TCP_ACK, 9, 2),
+            ip(POD_A, POD_B).tcp(8080, 40000, TCP_SYN | TCP_ACK, 9, 2),
+        ] {
+            let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &from_router(&forged))?;
+            expect_action(&run, TC_ACT_SHOT)?;
+        }
+        // From the wire, as a remote backend on ports of no flow: the node's stack's.
+        let stray = from_router(&ip(REMOTE_POD, NODE_IP).tcp(8080, NAT_PORT, TCP_ACK, 9, 2));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &stray)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(addresses(&run.frame)? == (REMOTE_POD, 8080, NODE_IP, NAT_PORT));
+        let after = dp.external_nat()?.iter().collect::<Result<Vec<_>, _>>()?;
+        ensure!(
+            after.len() == 2 && after.iter().all(|entry| flows.contains(entry)),
+            "the forgeries changed EXTERNAL_NAT: {after:?}"
+        );
+        dp.expect_counts(&[
+            (verdict::EXTERNAL_TRANSLATED, 1),
+            (verdict::DROP_SPOOFED, 4),
+            (verdict::TO_STACK, 2),
         ])
     })
 }

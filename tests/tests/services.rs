@@ -199,6 +199,19 @@ impl ServiceLab {
     }
 }
 
+/// The three-node lab with node-1's agent in eBPF Services mode on a per-test cgroup.
+fn ebpf_cluster(test: &str) -> Result<(TestCgroup, Cluster)> {
+    let prefix = prefix(test);
+    let cgroup = TestCgroup::new(&prefix)?;
+    let mut cluster = Cluster::new(&prefix, &["node-1", "node-2", "node-3"], &[])?;
+    cluster.wait_for_full_mesh()?;
+    let mut args = cluster.agent_args(0);
+    args.extend(["--service-mode", "ebpf", "--cgroup-path", &cgroup.arg()].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    restart_agent(&mut cluster.nodes[0], &args, &[])?;
+    Ok((cgroup, cluster))
+}
+
 /// The kernel's id of the link pinned for `connect4`.
 fn link_id(node: &Node) -> Result<u32> {
     let pin = node.pin_root().join("service_connect4-link");
@@ -548,14 +561,7 @@ fn a_real_ipv6_destination_is_left_alone() -> Result<()> {
 #[test]
 fn backends_on_other_nodes_direct_and_vxlan_are_reached() -> Result<()> {
     mycni_tests::require_root!();
-    let prefix = prefix("svcnodes");
-    let cgroup = TestCgroup::new(&prefix)?;
-    let mut cluster = Cluster::new(&prefix, &["node-1", "node-2", "node-3"], &[])?;
-    cluster.wait_for_full_mesh()?;
-    let mut args = cluster.agent_args(0);
-    args.extend(["--service-mode", "ebpf", "--cgroup-path", &cgroup.arg()].map(String::from));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    restart_agent(&mut cluster.nodes[0], &args, &[])?;
+    let (cgroup, cluster) = ebpf_cluster("svcnodes")?;
     let client = cluster.nodes[0].add_pod("client")?;
     let direct = cluster.nodes[1].add_pod("direct")?;
     let tunneled = cluster.nodes[2].add_pod("tunneled")?;
@@ -741,6 +747,74 @@ fn a_removed_backend_s_dual_stack_sockets_end_at_once() -> Result<()> {
     Ok(())
 }
 
+/// The agent's sync loop hands the removed pairs to `SocketTerminator`'s thread instead of
+/// waiting for the namespace walk: that thread ends the socket of a removed backend, and
+/// leaves alone one whose backend is back in the frontend's list by the time it runs.
+#[test]
+fn the_termination_thread_ends_a_removed_backends_socket_but_not_one_whose_backend_came_back(
+) -> Result<()> {
+    mycni_tests::require_root!();
+    let lab = ServiceLab::new("svcthread", "10.244.18.0/24", 2)?;
+    let _held: Vec<Server> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, pod)| Server::start_held(&pod.netns, HELD_PORT, &format!("b{i}")))
+        .collect::<Result<_>>()?;
+    let held = |pod: &Pod| Backend {
+        port: HELD_PORT,
+        ..backend(pod)
+    };
+    let (b0, b1) = (held(&lab.backends[0]), held(&lab.backends[1]));
+    let tcp = SocketAddr::from((CLUSTER_IP, 80));
+    let services = |backends: Vec<Backend>| -> DesiredServices {
+        [(
+            frontend_key(CLUSTER_IP, 80, PROTO_TCP),
+            (entry(21, 0, 0), backends),
+        )]
+        .into()
+    };
+    let reply = |server: &str| Seen::Reply {
+        peer: tcp,
+        server: server.to_string(),
+    };
+    let (reported, reports) = std::sync::mpsc::channel();
+    let reported = std::sync::Mutex::new(reported);
+    let terminator = mycni::socket_lb::socket_terminator::SocketTerminator::start(
+        &lab.node.pin_root(),
+        move |round| {
+            let _ = reported.lock().map(|sender| sender.send(round));
+        },
+    )?;
+    let mut tables = ServiceTables::open(&lab.node.pin_root())?;
+    tables.apply_leaving_sockets(&services(vec![b0]))?;
+    let mut to_b0 = SteppedProbe::start_mode(&lab.cgroup, &lab.client.netns, "tcp-held", tcp, 1)?;
+    ensure!(to_b0.next()? == reply("b0"));
+    // b0 leaves: the maps change at once, the socket ends on the thread.
+    let (_, removed) = tables.apply_leaving_sockets(&services(vec![b1]))?;
+    terminator.end(removed);
+    let ended = to_b0.next()?;
+    ensure!(
+        ended == Seen::Errno(ECONNABORTED),
+        "the connection to the removed backend: {ended:?}"
+    );
+    let round = reports.recv_timeout(Duration::from_secs(10))?;
+    ensure!(round == (1, 0), "the first round ended {round:?}");
+    // b1 leaves and comes back before the round runs: its connection stays.
+    let mut to_b1 = SteppedProbe::start_mode(&lab.cgroup, &lab.client.netns, "tcp-held", tcp, 2)?;
+    ensure!(to_b1.next()? == reply("b1"));
+    let (_, removed) = tables.apply_leaving_sockets(&services(vec![b0]))?;
+    tables.apply_leaving_sockets(&services(vec![b0, b1]))?;
+    terminator.end(removed);
+    let round = reports.recv_timeout(Duration::from_secs(10))?;
+    ensure!(round == (0, 0), "the second round ended {round:?}");
+    ensure!(
+        to_b1.next()? == reply("b1"),
+        "the connection to a backend that came back ended"
+    );
+    Ok(())
+}
+
 /// node-1 in eBPF Services mode serves NodePorts and an externalIP to the external host
 /// (beyond the router) and to a pod on node-2; backends on node-1, node-2 (direct) and
 /// node-3 (VXLAN) answer with the client address they see.
@@ -748,14 +822,7 @@ fn a_removed_backend_s_dual_stack_sockets_end_at_once() -> Result<()> {
 fn node_ports_and_external_ips_from_outside_reach_every_backend_and_local_keeps_the_source(
 ) -> Result<()> {
     mycni_tests::require_root!();
-    let prefix = prefix("svcext");
-    let cgroup = TestCgroup::new(&prefix)?;
-    let mut cluster = Cluster::new(&prefix, &["node-1", "node-2", "node-3"], &[])?;
-    cluster.wait_for_full_mesh()?;
-    let mut args = cluster.agent_args(0);
-    args.extend(["--service-mode", "ebpf", "--cgroup-path", &cgroup.arg()].map(String::from));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    restart_agent(&mut cluster.nodes[0], &args, &[])?;
+    let (_cgroup, cluster) = ebpf_cluster("svcext")?;
     let local = cluster.nodes[0].add_pod("local")?;
     let direct = cluster.nodes[1].add_pod("direct")?;
     let tunneled = cluster.nodes[2].add_pod("tunneled")?;
@@ -862,5 +929,189 @@ fn node_ports_and_external_ips_from_outside_reach_every_backend_and_local_keeps_
     );
     let dropped = packets(&cluster.nodes[0], verdict::EXTERNAL_NO_BACKEND)? - before;
     ensure!(dropped >= 1, "external_no_backend counted {dropped}");
+    Ok(())
+}
+
+/// A server in `pod` on `BACKEND_PORT` that writes `size` bytes to each of `connections`
+/// clients and closes. Returns the thread, which reports how many it served.
+fn bulk_server(
+    pod: &Pod,
+    size: usize,
+    connections: usize,
+) -> Result<std::thread::JoinHandle<Result<usize>>> {
+    let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT));
+    let listener = pod
+        .netns
+        .run_inside(|| Ok(std::net::TcpListener::bind(listen)?))?;
+    Ok(std::thread::spawn(move || -> Result<usize> {
+        let payload = vec![0x5a; size];
+        for served in 0..connections {
+            let (mut conn, _) = listener.accept()?;
+            conn.set_write_timeout(Some(Duration::from_secs(20)))?;
+            if conn.write_all(&payload).is_err() {
+                return Ok(served);
+            }
+        }
+        Ok(connections)
+    }))
+}
+
+/// Reads everything `frontend` sends to a client in `netns`, within `limit`.
+fn download(netns: &Netns, frontend: SocketAddr, limit: Duration) -> Result<usize> {
+    netns.run_inside(|| {
+        use std::io::Read;
+        let mut stream = std::net::TcpStream::connect_timeout(&frontend, Duration::from_secs(3))
+            .with_context(|| format!("connect to {frontend}"))?;
+        stream.set_read_timeout(Some(limit))?;
+        let mut received = Vec::new();
+        let outcome = stream.read_to_end(&mut received);
+        match outcome {
+            Ok(_) => Ok(received.len()),
+            Err(e) => anyhow::bail!(
+                "{frontend}: {e} after {} bytes (a PMTU black hole stalls here)",
+                received.len()
+            ),
+        }
+    })
+}
+
+/// PMTU discovery through a NodePort: the outside path is narrower (1,280 bytes on the
+/// router's leg to the client) than the backends' (1,450). The router's "fragmentation
+/// needed" about a reply goes to the frontend (node-1); node-1 hands it to the backend
+/// quoting the backend's own packet (its pod, or node-2 quoting what node-2's pod sent to
+/// node-1's SNAT port), the backend lowers its path MTU and the large answer arrives.
+/// Without the translation the backend retransmits full-size segments forever.
+#[test]
+fn a_large_reply_through_a_node_port_follows_a_narrower_path_to_the_client() -> Result<()> {
+    mycni_tests::require_root!();
+    let (_cgroup, cluster) = ebpf_cluster("svcpmtu")?;
+    let local = cluster.nodes[0].add_pod("local")?;
+    let direct = cluster.nodes[1].add_pod("direct")?;
+    let node_ip = cluster.nodes[0].node_ip;
+    let (local_port, remote_port) = (30090, 30091);
+    ServiceTables::open(&cluster.nodes[0].pin_root())?.apply(
+        &[
+            (
+                frontend_key(node_ip, local_port, PROTO_TCP),
+                (
+                    entry(1, SERVICE_NODE_PORT | SERVICE_EXTERNAL_LOCAL, 0),
+                    vec![backend(&local)],
+                ),
+            ),
+            (
+                frontend_key(node_ip, remote_port, PROTO_TCP),
+                (entry(2, SERVICE_NODE_PORT, 0), vec![backend(&direct)]),
+            ),
+        ]
+        .into(),
+    )?;
+    cluster
+        .router
+        .exec(&["ip", "link", "set", "x0", "mtu", "1280"])?;
+    const SIZE: usize = 256 * 1024;
+    for (pod, port) in [(&local, local_port), (&direct, remote_port)] {
+        let server = bulk_server(pod, SIZE, 1)?;
+        let before = packets(&cluster.nodes[0], verdict::ICMP_ERROR_TRANSLATED)?;
+        let started = std::time::Instant::now();
+        let frontend = SocketAddr::from((node_ip, port));
+        let received = download(&cluster.external, frontend, Duration::from_secs(8))?;
+        ensure!(received == SIZE, "{frontend}: {received} bytes of {SIZE}");
+        let translated = packets(&cluster.nodes[0], verdict::ICMP_ERROR_TRANSLATED)? - before;
+        eprintln!(
+            "{frontend} ({}): {SIZE} bytes in {} ms, {translated} ICMP errors translated",
+            pod.netns.name,
+            started.elapsed().as_millis()
+        );
+        ensure!(translated >= 1, "no fragmentation needed was translated");
+        server
+            .join()
+            .map_err(|_| anyhow::anyhow!("the server panicked"))??;
+    }
+    Ok(())
+}
+
+/// Named network namespaces made in one `ip -batch` and deleted (in one too) on drop.
+struct ManyNamespaces {
+    names: Vec<String>,
+}
+
+impl ManyNamespaces {
+    fn new(prefix: &str, from: usize, count: usize) -> Result<ManyNamespaces> {
+        let names: Vec<String> = (from..from + count)
+            .map(|i| format!("{prefix}-{i}"))
+            .collect();
+        let made = ManyNamespaces { names };
+        made.batch("add")?;
+        Ok(made)
+    }
+
+    fn batch(&self, verb: &str) -> Result<()> {
+        let mut child = std::process::Command::new("ip")
+            .args(["-force", "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()?;
+        let mut input = child.stdin.take().context("ip's stdin")?;
+        for name in &self.names {
+            writeln!(input, "netns {verb} {name}")?;
+        }
+        drop(input);
+        ensure!(child.wait()?.success(), "ip -batch netns {verb} failed");
+        Ok(())
+    }
+}
+
+impl Drop for ManyNamespaces {
+    fn drop(&mut self) {
+        let _ = self.batch("del");
+    }
+}
+
+/// A measurement, not a check (run by hand: `--ignored --nocapture`): how long ending a
+/// removed backend's sockets takes, which the Services sync loop waits for, as the node
+/// holds more network namespaces (pods). The walk visits every namespace of the machine
+/// (`/proc` and `/run/netns`), dumping its TCP sockets; nothing is destroyed here (no
+/// socket has a `SOCK_REVERSE` entry).
+#[test]
+#[ignore]
+fn socket_termination_time_grows_with_the_network_namespaces() -> Result<()> {
+    mycni_tests::require_root!();
+    let prefix = prefix("sockterm");
+    let frontend = frontend_key(CLUSTER_IP, 80, PROTO_TCP);
+    let gone = Backend {
+        address: [10, 244, 1, 250],
+        port: BACKEND_PORT,
+        pad: 0,
+    };
+    let before: DesiredServices = [(frontend, (entry(1, 0, 0), vec![gone]))].into();
+    let removed =
+        mycni::socket_lb::stale_sockets::removed_backends(&before, &DesiredServices::new());
+    let measure = || -> (usize, Duration) {
+        let mut times = Vec::new();
+        let mut namespaces = 0;
+        for _ in 0..5 {
+            let started = std::time::Instant::now();
+            let report =
+                mycni::socket_lb::socket_termination::end_stale_sockets(&removed, &|_, _| None);
+            times.push(started.elapsed());
+            namespaces = report.namespaces;
+        }
+        times.sort();
+        (namespaces, times[2])
+    };
+    let mut held = Vec::new();
+    let mut added = 0;
+    for target in [0, 500, 1000, 2000] {
+        if target > added {
+            held.push(ManyNamespaces::new(&prefix, added, target - added)?);
+            added = target;
+        }
+        let (namespaces, median) = measure();
+        eprintln!(
+            "+{added} namespaces: {namespaces} walked, median {} ms ({} us per namespace)",
+            median.as_millis(),
+            median.as_micros() / namespaces.max(1) as u128
+        );
+    }
     Ok(())
 }

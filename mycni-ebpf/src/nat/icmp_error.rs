@@ -141,10 +141,20 @@ pub(crate) struct Quote {
     pub(crate) destination_port_offset: usize,
 }
 
+/// An IPv4 TCP/UDP packet an ICMP error quotes, as quoted, and where its addresses and
+/// ports lie in the error.
+pub(crate) struct Quoted {
+    pub(crate) flow: FlowKey,
+    pub(crate) source_offset: usize,
+    pub(crate) destination_offset: usize,
+    pub(crate) source_port_offset: usize,
+    pub(crate) destination_port_offset: usize,
+}
+
 /// Reads the quote of the ICMP error `packet` (its type already checked). `None`: the quote
-/// is not IPv4 TCP/UDP, or not about a packet to the error's sender.
+/// is not an IPv4 TCP/UDP header with its ports.
 #[inline(always)]
-pub(crate) fn quote_about_sender(ctx: &TcContext, packet: &Ipv4) -> Option<Quote> {
+fn read_quote(ctx: &TcContext, packet: &Ipv4) -> Option<Quoted> {
     let inner = packet.l4 + ICMP_HLEN;
     let version_ihl = ctx.load::<u8>(inner + IPV4_VIHL).ok()?;
     let ihl = ((version_ihl & 0x0f) as usize) * 4;
@@ -155,25 +165,48 @@ pub(crate) fn quote_about_sender(ctx: &TcContext, packet: &Ipv4) -> Option<Quote
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }
-    let peer = ctx.load::<[u8; 4]>(inner + IPV4_SRC).ok()?;
-    let sender = ctx.load::<[u8; 4]>(inner + IPV4_DST).ok()?;
-    if sender != packet.src {
-        return None;
-    }
+    let source = ctx.load::<[u8; 4]>(inner + IPV4_SRC).ok()?;
+    let destination = ctx.load::<[u8; 4]>(inner + IPV4_DST).ok()?;
     let inner_l4 = inner + ihl;
     let ports = ctx.load::<[u16; 2]>(inner_l4 + L4_SPORT).ok()?;
-    Some(Quote {
-        sender_flow: FlowKey {
-            saddr: sender,
-            daddr: peer,
-            sport: u16::from_be(ports[1]),
-            dport: u16::from_be(ports[0]),
+    Some(Quoted {
+        flow: FlowKey {
+            saddr: source,
+            daddr: destination,
+            sport: u16::from_be(ports[0]),
+            dport: u16::from_be(ports[1]),
             proto,
             pad: [0; 3],
         },
+        source_offset: inner + IPV4_SRC,
         destination_offset: inner + IPV4_DST,
+        source_port_offset: inner_l4 + L4_SPORT,
         destination_port_offset: inner_l4 + L4_DPORT,
     })
+}
+
+/// Reads the quote of the ICMP error `packet` (its type already checked). `None`: the quote
+/// is not IPv4 TCP/UDP, or not about a packet to the error's sender.
+#[inline(always)]
+pub(crate) fn quote_about_sender(ctx: &TcContext, packet: &Ipv4) -> Option<Quote> {
+    let quoted = read_quote(ctx, packet)?;
+    if quoted.flow.daddr != packet.src {
+        return None;
+    }
+    Some(Quote {
+        sender_flow: quoted.flow.reversed(),
+        destination_offset: quoted.destination_offset,
+        destination_port_offset: quoted.destination_port_offset,
+    })
+}
+
+/// Reads the quote of the ICMP error `packet` (its type already checked) when it is a
+/// packet the error's receiver sent (quoted: receiver -> peer), whoever reports it: the
+/// peer itself, or a router on the way ("fragmentation needed"). `None` otherwise.
+#[inline(always)]
+pub(crate) fn quote_about_receiver(ctx: &TcContext, packet: &Ipv4) -> Option<Quoted> {
+    let quoted = read_quote(ctx, packet)?;
+    (quoted.flow.saddr == packet.dst).then_some(quoted)
 }
 
 /// An ICMP error a pod sends about a reply of its masqueraded flow (peer -> pod, quoted):

@@ -19,6 +19,13 @@ pub enum HostPortTableError {
     Datapath(#[from] DatapathError),
     #[error("map {MAP_HOST_PORTS}: {0}")]
     Map(#[source] MapError),
+    /// Every entry of the map is taken (`E2BIG` from the kernel): no room for a new key
+    /// until pods with hostPorts go.
+    #[error(
+        "map {MAP_HOST_PORTS} is full ({} entries)",
+        mycni_common::MAX_HOST_PORTS
+    )]
+    Full,
 }
 
 /// What [`HostPortTable::claim`] found.
@@ -59,7 +66,7 @@ impl HostPortTable {
         match self.map.insert(key, entry, BPF_NOEXIST) {
             Ok(()) => return Ok(Claim::New),
             Err(e) if errno(&e) == Some(libc::EEXIST) => {}
-            Err(e) => return Err(HostPortTableError::Map(e)),
+            Err(e) => return Err(insert_error(e)),
         }
         let holder = match self.map.get(key, 0) {
             Ok(holder) => holder,
@@ -67,7 +74,7 @@ impl HostPortTable {
             Err(MapError::KeyNotFound) => {
                 return match self.map.insert(key, entry, BPF_NOEXIST) {
                     Ok(()) => Ok(Claim::New),
-                    Err(e) => Err(HostPortTableError::Map(e)),
+                    Err(e) => Err(insert_error(e)),
                 }
             }
             Err(e) => return Err(HostPortTableError::Map(e)),
@@ -94,6 +101,14 @@ impl HostPortTable {
         }
         Ok(keys.len())
     }
+}
+
+/// A full hash map refuses a new key with `E2BIG`.
+fn insert_error(e: MapError) -> HostPortTableError {
+    if errno(&e) == Some(libc::E2BIG) {
+        return HostPortTableError::Full;
+    }
+    HostPortTableError::Map(e)
 }
 
 fn errno(e: &MapError) -> Option<i32> {

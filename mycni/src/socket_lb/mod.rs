@@ -2,8 +2,9 @@
 //! issue 15). [`plan`] is pure (the ordered writes from one map state to another);
 //! [`tables`] writes them to the pinned maps, [`cgroup`] attaches the programs.
 //! [`stale_sockets`] (pure) picks the sockets a removed backend leaves connected,
-//! [`sock_diag`] (pure) encodes the netlink messages that list and destroy them, and
-//! [`socket_termination`] sends them in every network namespace.
+//! [`sock_diag`] (pure) encodes the netlink messages that list and destroy them,
+//! [`socket_termination`] sends them in every network namespace, and
+//! [`socket_terminator`] does that on a thread of its own for the agent's sync loop.
 //!
 //! The control plane's entry point: build a [`DesiredServices`] and call
 //! [`ServiceTables::apply`].
@@ -11,6 +12,7 @@ pub mod cgroup;
 pub mod plan;
 pub mod sock_diag;
 pub mod socket_termination;
+pub mod socket_terminator;
 pub mod stale_sockets;
 pub mod tables;
 

@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use mycni_common::service::{Backend, SockReverseEntry};
+use mycni_common::service::{Backend, ServiceKey, SockReverseEntry};
 
 use super::plan::DesiredServices;
 use super::sock_diag::DiagSocket;
@@ -61,6 +61,36 @@ impl RemovedBackends {
             .contains(&((frontend.address, frontend.port, socket.protocol), backend))
     }
 
+    /// Adds the pairs `later` removed (changes queued for one termination round).
+    pub fn merge(&mut self, later: RemovedBackends) {
+        self.pairs.extend(later.pairs);
+        self.backends.extend(later.backends);
+    }
+
+    /// The pairs `current` (what the maps hold now) does not have again: a backend back in
+    /// its frontend's list since its removal was queued serves its sockets once more, and
+    /// a socket connected to it since must not end.
+    pub fn still_removed(&self, current: &DesiredServices) -> RemovedBackends {
+        let mut left = RemovedBackends::default();
+        for ((address, port, protocol), backend) in &self.pairs {
+            let key = ServiceKey {
+                address: *address,
+                port: *port,
+                protocol: *protocol,
+                scope: 0,
+            };
+            let back = current.get(&key).is_some_and(|(_, list)| {
+                list.iter()
+                    .any(|listed| Backend { pad: 0, ..*listed } == *backend)
+            });
+            if !back {
+                left.pairs.insert(((*address, *port, *protocol), *backend));
+                left.backends.insert((*protocol, *backend));
+            }
+        }
+        left
+    }
+
     /// The removed pairs, for logs: `frontend -> backend/protocol`.
     pub fn describe(&self) -> Vec<String> {
         self.pairs
@@ -101,7 +131,7 @@ pub fn removed_backends(current: &DesiredServices, desired: &DesiredServices) ->
 mod tests {
     use super::*;
     use crate::socket_lb::sock_diag::SocketFamily;
-    use mycni_common::service::{ServiceEntry, ServiceKey, PROTO_TCP, PROTO_UDP};
+    use mycni_common::service::{ServiceEntry, PROTO_TCP, PROTO_UDP};
 
     fn key(port: u16, protocol: u8) -> ServiceKey {
         ServiceKey {
@@ -172,6 +202,43 @@ mod tests {
         );
         assert!(removed.ends(&socket(PROTO_UDP, backend(1)), &through(53)));
         assert!(removed.ends(&socket(PROTO_UDP, backend(2)), &through(53)));
+    }
+
+    #[test]
+    fn queued_removals_merge_and_a_backend_listed_again_is_no_longer_removed() {
+        let (tcp, dns) = (key(80, PROTO_TCP), key(53, PROTO_UDP));
+        let mut removed = removed_backends(
+            &services(&[(tcp, vec![backend(1), backend(2)])]),
+            &services(&[(tcp, vec![backend(2)])]),
+        );
+        removed.merge(removed_backends(
+            &services(&[(dns, vec![backend(3)])]),
+            &DesiredServices::new(),
+        ));
+        assert_eq!(
+            removed.describe(),
+            [
+                "10.96.0.10:53 -> 10.244.1.3:8080/17",
+                "10.96.0.10:80 -> 10.244.1.1:8080/6"
+            ]
+        );
+        // backend 1 came back to port 80 before the round ran; backend 3 did not.
+        let now = services(&[(tcp, vec![backend(2), backend(1)])]);
+        let left = removed.still_removed(&now);
+        assert_eq!(left.describe(), ["10.96.0.10:53 -> 10.244.1.3:8080/17"]);
+        assert!(!left.ends(&socket(PROTO_TCP, backend(1)), &through(80)));
+        assert_eq!(left.protocols(), BTreeSet::from([PROTO_UDP]));
+        assert!(removed.still_removed(&removed_to_all(&now)).is_empty());
+    }
+
+    /// `current` with backend 3 listed at port 53 too.
+    fn removed_to_all(current: &DesiredServices) -> DesiredServices {
+        let mut all = current.clone();
+        all.insert(
+            key(53, PROTO_UDP),
+            (ServiceEntry::default(), vec![backend(3)]),
+        );
+        all
     }
 
     #[test]

@@ -16,7 +16,7 @@ use mycni_common::{MAP_AFFINITY, MAP_BACKENDS, MAP_SERVICES, MAP_SOCK_REVERSE};
 
 use super::plan::{plan, DesiredServices, PlanError, ServiceOp};
 use super::socket_termination;
-use super::stale_sockets::removed_backends;
+use super::stale_sockets::{removed_backends, RemovedBackends};
 use crate::datapath::{self, DatapathError};
 
 #[derive(Debug, thiserror::Error)]
@@ -111,60 +111,80 @@ impl ServiceTables {
     /// sockets connected through a frontend to a backend it lost are destroyed (after the
     /// writes, so a client reconnecting at once already picks a live backend).
     pub fn apply(&mut self, desired: &DesiredServices) -> Result<ApplySummary, ServiceTablesError> {
+        let (mut summary, removed) = self.apply_leaving_sockets(desired)?;
+        let (destroyed, failures) = self.end_sockets(&removed)?;
+        summary.sockets_destroyed = destroyed;
+        summary.socket_termination_failures = failures;
+        Ok(summary)
+    }
+
+    /// [`Self::apply`]'s map writes only: returns the (frontend, backend) pairs the change
+    /// removed, whose sockets the caller ends ([`Self::end_sockets`], on a thread of its
+    /// own: the walk over every network namespace takes seconds on a busy node).
+    pub fn apply_leaving_sockets(
+        &mut self,
+        desired: &DesiredServices,
+    ) -> Result<(ApplySummary, RemovedBackends), ServiceTablesError> {
         let (services, slots) = (self.services()?, self.backend_slots()?);
         // What the maps held before an apply that failed half-way, else what they hold.
         let before = self
             .unfinished
             .take()
             .unwrap_or_else(|| frontends_of(&services, &slots));
-        let mut summary = match self.write(&services, &slots, desired) {
+        let summary = match self.write(&services, &slots, desired) {
             Ok(summary) => summary,
             Err(e) => {
                 self.unfinished = Some(before);
                 return Err(e);
             }
         };
-        let removed = removed_backends(&before, desired);
-        if !removed.is_empty() {
-            let started = std::time::Instant::now();
-            let reverse = &self.sock_reverse;
-            let report = socket_termination::end_stale_sockets(
-                &removed,
-                &|cookie: u64, backend: Backend| {
-                    reverse
-                        .get(
-                            &SockReverseKey {
-                                socket_cookie: cookie,
-                                backend,
-                            },
-                            0,
-                        )
-                        .ok()
-                },
-            );
-            if !report.destroyed.is_empty() || report.failures > 0 {
-                log::info!(
-                    "services: ended {} sockets ({} failures) in {} network namespaces ({} ms) for {}",
-                    report.destroyed.len(),
-                    report.failures,
-                    report.namespaces,
-                    started.elapsed().as_millis(),
-                    removed.describe().join(", ")
-                );
-            }
-            for (cookie, backend) in &report.destroyed {
-                let key = SockReverseKey {
-                    socket_cookie: *cookie,
-                    backend: *backend,
-                };
-                // The socket is gone; a missing entry was evicted meanwhile.
-                datapath::ignore_missing(self.sock_reverse.remove(&key))
-                    .map_err(map_error(MAP_SOCK_REVERSE))?;
-            }
-            summary.sockets_destroyed = report.destroyed.len();
-            summary.socket_termination_failures = report.failures;
+        Ok((summary, removed_backends(&before, desired)))
+    }
+
+    /// Ends, in every network namespace, the sockets connected through a frontend to a
+    /// backend `removed` took from it, and forgets their `SOCK_REVERSE` entries. Returns
+    /// how many it ended and how many namespaces or sockets failed (logged).
+    pub fn end_sockets(
+        &mut self,
+        removed: &RemovedBackends,
+    ) -> Result<(usize, usize), ServiceTablesError> {
+        if removed.is_empty() {
+            return Ok((0, 0));
         }
-        Ok(summary)
+        let started = std::time::Instant::now();
+        let reverse = &self.sock_reverse;
+        let report =
+            socket_termination::end_stale_sockets(removed, &|cookie: u64, backend: Backend| {
+                reverse
+                    .get(
+                        &SockReverseKey {
+                            socket_cookie: cookie,
+                            backend,
+                        },
+                        0,
+                    )
+                    .ok()
+            });
+        if !report.destroyed.is_empty() || report.failures > 0 {
+            log::info!(
+                "services: ended {} sockets ({} failures) in {} network namespaces ({} ms) for {}",
+                report.destroyed.len(),
+                report.failures,
+                report.namespaces,
+                started.elapsed().as_millis(),
+                removed.describe().join(", ")
+            );
+        }
+        for (cookie, backend) in &report.destroyed {
+            let key = SockReverseKey {
+                socket_cookie: *cookie,
+                backend: *backend,
+            };
+            // The socket is gone; a missing entry was evicted meanwhile.
+            datapath::ignore_missing(self.sock_reverse.remove(&key))
+                .map_err(map_error(MAP_SOCK_REVERSE))?;
+        }
+        Ok((report.destroyed.len(), report.failures))
     }
 
     /// The plan's writes, then the `AFFINITY` entries of services whose backends changed.
