@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map's key or value layout changes; pinned maps of another layout are
 /// refused by the loader instead of being silently reused.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 pub mod policy;
 pub mod service;
@@ -34,6 +34,7 @@ pub const MAP_POLICY: &str = "POLICY";
 pub const MAP_POLICY_CT: &str = "POLICY_CT";
 pub const MAP_POLICY_STATE: &str = "POLICY_STATE";
 pub const MAP_POLICY_DROPS: &str = "POLICY_DROPS";
+pub const MAP_NODE_ADDRESSES: &str = "NODE_ADDRESSES";
 /// Every map the datapath pins, in a stable order (the order of [`PINNED_MAPS`]).
 pub const MAP_NAMES: [&str; PINNED_MAPS.len()] = {
     let mut names = [""; PINNED_MAPS.len()];
@@ -116,6 +117,9 @@ pub const MAX_POLICY_IDENTITIES: u32 = 2_097_152;
 pub const MAX_POLICY: u32 = 262144;
 /// Capacity of `POLICY_CT`: pod flows of this node while any policy is active (LRU).
 pub const MAX_POLICY_CT: u32 = 262144;
+/// Capacity of `NODE_ADDRESSES`: the IPv4 addresses of the node's namespace (every link,
+/// 127.0.0.1 included). Not preallocated: only the agent inserts.
+pub const MAX_NODE_ADDRESSES: u32 = 4096;
 
 /// The kinds of map the datapath pins, numbered as the kernel's `BPF_MAP_TYPE_*`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -317,10 +321,18 @@ pub mod map_spec {
         value_size: size_of::<policy::PolicyDrops>() as u32,
         max_entries: MAX_POLICY_ENDPOINTS,
     };
+    /// Value: `NODE_ADDRESS_PRESENT`.
+    pub const NODE_ADDRESSES: MapSpec = MapSpec {
+        name: MAP_NODE_ADDRESSES,
+        kind: MapKind::Hash,
+        key_size: IPV4,
+        value_size: size_of::<u32>() as u32,
+        max_entries: MAX_NODE_ADDRESSES,
+    };
 }
 
 /// Every map the datapath pins, in a stable order.
-pub const PINNED_MAPS: [MapSpec; 21] = [
+pub const PINNED_MAPS: [MapSpec; 22] = [
     map_spec::ROUTES,
     map_spec::ENDPOINTS,
     map_spec::STATS,
@@ -342,6 +354,7 @@ pub const PINNED_MAPS: [MapSpec; 21] = [
     map_spec::POLICY_CT,
     map_spec::POLICY_STATE,
     map_spec::POLICY_DROPS,
+    map_spec::NODE_ADDRESSES,
 ];
 
 /// The shape of the pinned map called `name`.
@@ -351,6 +364,10 @@ pub fn pinned_map(name: &str) -> Option<&'static MapSpec> {
 
 /// Value of `PEERS` (keyed by a peer node's IP): the node is a known VXLAN peer.
 pub const PEER_KNOWN: u32 = 1;
+
+/// Value of `NODE_ADDRESSES` (keyed by an IPv4 address of the node's namespace): the
+/// address is this node's, so a NodePort or a hostPort without hostIP answers on it.
+pub const NODE_ADDRESS_PRESENT: u32 = 1;
 
 /// `skb->mark` bit set by `from_pod` on packets it sends to another node itself, so
 /// `to_netdev` can tell them from packets the node stack routed.
