@@ -90,7 +90,7 @@ pub const MAX_FRAGMENTS: u32 = 8192;
 /// Capacity of `PEERS`: room for clusters of several thousand nodes.
 pub const MAX_PEERS: u32 = 16384;
 /// Capacity of `SERVICES`: frontends (a Service has one per port and address: ClusterIP,
-/// externalIPs, NodePort on each node address).
+/// externalIPs, and one for a NodePort, served on every node address).
 pub const MAX_SERVICES: u32 = 65536;
 /// Capacity of `BACKENDS`: backend slots of all frontends together.
 pub const MAX_BACKENDS: u32 = 262144;
@@ -99,8 +99,7 @@ pub const MAX_AFFINITY: u32 = 65536;
 /// Capacity of `SOCK_REVERSE`: (UDP socket, backend) pairs in use.
 pub const MAX_SOCK_REVERSE: u32 = 65536;
 /// Capacity of `HOST_PORTS`: (hostIP, hostPort, protocol) of this node's pods, a hostPort
-/// without hostIP counting once per node address. Not preallocated: only the plugin
-/// inserts.
+/// without hostIP counting once (at 0.0.0.0). Not preallocated: only the plugin inserts.
 pub const MAX_HOST_PORTS: u32 = 65536;
 /// Capacity of `EXTERNAL_NAT` (both directions of each flow from outside the node to a
 /// NodePort or externalIP): 131072 entries, 65536 flows, preallocated like `NAT`.
