@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map's key or value layout changes; pinned maps of another layout are
 /// refused by the loader instead of being silently reused.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 pub mod policy;
 pub mod service;
@@ -34,6 +34,7 @@ pub const MAP_POLICY: &str = "POLICY";
 pub const MAP_POLICY_CT: &str = "POLICY_CT";
 pub const MAP_POLICY_STATE: &str = "POLICY_STATE";
 pub const MAP_POLICY_DROPS: &str = "POLICY_DROPS";
+pub const MAP_NODE_ADDRESSES: &str = "NODE_ADDRESSES";
 /// Every map the datapath pins, in a stable order (the order of [`PINNED_MAPS`]).
 pub const MAP_NAMES: [&str; PINNED_MAPS.len()] = {
     let mut names = [""; PINNED_MAPS.len()];
@@ -99,7 +100,7 @@ pub const MAX_FRAGMENTS: u32 = 8192;
 /// Capacity of `PEERS`: room for clusters of several thousand nodes.
 pub const MAX_PEERS: u32 = 16384;
 /// Capacity of `SERVICES`: frontends (a Service has one per port and address: ClusterIP,
-/// externalIPs, NodePort on each node address).
+/// externalIPs, and one for a NodePort, served on every node address).
 pub const MAX_SERVICES: u32 = 65536;
 /// Capacity of `BACKENDS`: backend slots of all frontends together.
 pub const MAX_BACKENDS: u32 = 262144;
@@ -108,8 +109,7 @@ pub const MAX_AFFINITY: u32 = 65536;
 /// Capacity of `SOCK_REVERSE`: (UDP socket, backend) pairs in use.
 pub const MAX_SOCK_REVERSE: u32 = 65536;
 /// Capacity of `HOST_PORTS`: (hostIP, hostPort, protocol) of this node's pods, a hostPort
-/// without hostIP counting once per node address. Not preallocated: only the plugin
-/// inserts.
+/// without hostIP counting once (at 0.0.0.0). Not preallocated: only the plugin inserts.
 pub const MAX_HOST_PORTS: u32 = 65536;
 /// Capacity of `EXTERNAL_NAT` (both directions of each flow from outside the node to a
 /// NodePort or externalIP): 131072 entries, 65536 flows, preallocated like `NAT`.
@@ -126,6 +126,9 @@ pub const MAX_POLICY_IDENTITIES: u32 = 2_097_152;
 pub const MAX_POLICY: u32 = 262144;
 /// Capacity of `POLICY_CT`: pod flows of this node while any policy is active (LRU).
 pub const MAX_POLICY_CT: u32 = 262144;
+/// Capacity of `NODE_ADDRESSES`: the IPv4 addresses of the node's namespace (every link,
+/// 127.0.0.1 included). Not preallocated: only the agent inserts.
+pub const MAX_NODE_ADDRESSES: u32 = 4096;
 
 /// The kinds of map the datapath pins, numbered as the kernel's `BPF_MAP_TYPE_*`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -327,10 +330,18 @@ pub mod map_spec {
         value_size: size_of::<policy::PolicyDrops>() as u32,
         max_entries: MAX_POLICY_ENDPOINTS,
     };
+    /// Value: `NODE_ADDRESS_PRESENT`.
+    pub const NODE_ADDRESSES: MapSpec = MapSpec {
+        name: MAP_NODE_ADDRESSES,
+        kind: MapKind::Hash,
+        key_size: IPV4,
+        value_size: size_of::<u32>() as u32,
+        max_entries: MAX_NODE_ADDRESSES,
+    };
 }
 
 /// Every map the datapath pins, in a stable order.
-pub const PINNED_MAPS: [MapSpec; 21] = [
+pub const PINNED_MAPS: [MapSpec; 22] = [
     map_spec::ROUTES,
     map_spec::ENDPOINTS,
     map_spec::STATS,
@@ -352,6 +363,7 @@ pub const PINNED_MAPS: [MapSpec; 21] = [
     map_spec::POLICY_CT,
     map_spec::POLICY_STATE,
     map_spec::POLICY_DROPS,
+    map_spec::NODE_ADDRESSES,
 ];
 
 /// The shape of the pinned map called `name`.
@@ -361,6 +373,10 @@ pub fn pinned_map(name: &str) -> Option<&'static MapSpec> {
 
 /// Value of `PEERS` (keyed by a peer node's IP): the node is a known VXLAN peer.
 pub const PEER_KNOWN: u32 = 1;
+
+/// Value of `NODE_ADDRESSES` (keyed by an IPv4 address of the node's namespace): the
+/// address is this node's, so a NodePort or a hostPort without hostIP answers on it.
+pub const NODE_ADDRESS_PRESENT: u32 = 1;
 
 /// `skb->mark` bit set by `from_pod` on packets it sends to another node itself, so
 /// `to_netdev` can tell them from packets the node stack routed.

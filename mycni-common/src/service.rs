@@ -12,7 +12,8 @@ pub const PROTO_SCTP: u8 = 132;
 /// `ServiceEntry::flags`: pick the client's previous backend while it is fresh
 /// (`sessionAffinity: ClientIP`, timeout in `affinity_timeout_s`).
 pub const SERVICE_AFFINITY_CLIENT_IP: u32 = 1;
-/// `ServiceEntry::flags`: the frontend is a NodePort on one of this node's addresses.
+/// `ServiceEntry::flags`: the frontend is a NodePort, keyed by [`ANY_NODE_ADDRESS`]: it
+/// answers on every address of `NODE_ADDRESSES`.
 pub const SERVICE_NODE_PORT: u32 = 2;
 /// `ServiceEntry::flags`: `externalTrafficPolicy: Local` (only this node's backends are
 /// listed for traffic from outside).
@@ -23,8 +24,14 @@ pub const SERVICE_HOST_PORT: u32 = 8;
 /// `ServiceEntry::flags`: the frontend is an externalIP.
 pub const SERVICE_EXTERNAL_IP: u32 = 16;
 
-/// Key of `SERVICES`: one frontend (ClusterIP, externalIP, node address for a NodePort,
-/// hostIP for a hostPort) and port.
+/// The address of a wildcard key of `SERVICES` (a NodePort) and `HOST_PORTS` (a hostPort
+/// without hostIP): looked up only when the exact key misses and the destination is one of
+/// the node's addresses (`NODE_ADDRESSES`), as kube-proxy's NodePort rules match
+/// `--dst-type LOCAL` and portmap's `0.0.0.0` rule any local address.
+pub const ANY_NODE_ADDRESS: [u8; 4] = [0; 4];
+
+/// Key of `SERVICES`: one frontend (ClusterIP, externalIP, [`ANY_NODE_ADDRESS`] for a
+/// NodePort, hostIP for a hostPort) and port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
@@ -113,7 +120,7 @@ pub struct SockReverseEntry {
 /// Value of `HOST_PORTS`, keyed by a [`ServiceKey`] (address = the hostIP, port = the
 /// hostPort, protocol, scope 0): one pod's hostPort, written by the CNI plugin at ADD
 /// (the `portMappings` capability) and removed at DEL. A hostIP left unset (0.0.0.0) is
-/// written as one key per IPv4 address the node had at ADD, 127.0.0.1 included.
+/// one key at [`ANY_NODE_ADDRESS`], served on every address of `NODE_ADDRESSES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostPortEntry {

@@ -13,6 +13,11 @@
 //!   (`from_netdev`), gets the frontend as its source and goes to the client straight out
 //!   of the uplink (or to the client pod's node). Neither direction crosses the node
 //!   stack, so its conntrack sees neither.
+//! - A backend that is the node itself (a hostNetwork pod) gets the packet through the
+//!   stack, the client's source kept; its reply, routed out by the stack, leaves `to_netdev`
+//!   as the frontend ([`reply_from_node`]): the stack sees both directions.
+//! - NodePorts and hostPorts without hostIP answer on every address of `NODE_ADDRESSES`
+//!   (loopback excepted: it never arrives from outside).
 //! - Later fragments follow their first (`FRAGMENTS`), and an ICMP error a backend sends
 //!   about a flow (a UDP port unreachable) leaves from the frontend, quoting it; one the
 //!   client's side sends about a reply (a router's "fragmentation needed") reaches the
@@ -26,7 +31,8 @@ use crate::headers::{
     IPPROTO_UDP, IP_DST_OFF, IP_SRC_OFF, TCP_ACK, TCP_FLAGS, TCP_SYN,
 };
 use crate::maps::{
-    route_of, AFFINITY, BACKENDS, ENDPOINTS, EXTERNAL_NAT, FRAGMENTS, NAT, SERVICES,
+    is_node_address, route_of, AFFINITY, BACKENDS, ENDPOINTS, EXTERNAL_NAT, FRAGMENTS, NAT,
+    SERVICES,
 };
 use crate::nat::icmp_error::{quote_about_receiver, quote_about_sender, rewrite_quote};
 use crate::nat::ports::{allocate_port, PortError};
@@ -34,13 +40,14 @@ use crate::nat::snat::existing_port;
 use crate::packet::Ipv4;
 use crate::policy::{enforce, Site};
 use crate::rewrite::{rewrite_address, rewrite_destination, rewrite_source};
+use crate::service::{find_frontend, Frontend};
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh};
 use aya_ebpf::programs::TcContext;
 use mycni_common::service::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, ExternalNatEntry, ServiceKey, EXTERNAL_SNAT,
-    EXTERNAL_TO_BACKEND, EXTERNAL_TO_CLIENT, SERVICE_AFFINITY_CLIENT_IP, SERVICE_EXTERNAL_IP,
-    SERVICE_NODE_PORT,
+    AffinityEntry, AffinityKey, Backend, BackendKey, ExternalNatEntry, ServiceKey,
+    ANY_NODE_ADDRESS, EXTERNAL_SNAT, EXTERNAL_TO_BACKEND, EXTERNAL_TO_CLIENT,
+    SERVICE_AFFINITY_CLIENT_IP, SERVICE_EXTERNAL_IP, SERVICE_NODE_PORT,
 };
 use mycni_common::{
     verdict, FlowKey, NodeConfig, FRAGMENT_EXTERNAL_DNAT, FRAGMENT_EXTERNAL_DNAT_SNAT,
@@ -69,15 +76,14 @@ pub(crate) enum Choice {
 /// `SERVICES` (ClusterIPs are not served from outside), the client's previous backend while
 /// its `sessionAffinity: ClientIP` entry is fresh, else a random slot. A key `SERVICES`
 /// lacks may be a pod's hostPort (`HOST_PORTS`, its one backend a local pod), as kube-proxy's
-/// chains run before portmap's.
+/// chains run before portmap's; NodePorts and hostPorts without hostIP answer on every
+/// node address ([`find_frontend`]).
 #[inline(always)]
 pub(crate) fn choose_backend(key: &ServiceKey, client: [u8; 4], now: u64) -> Choice {
-    // SAFETY: the entry is copied out at once; the agent replaces entries whole.
-    let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
-        return match crate::service::host_port_backend(key) {
-            Some(pod) => Choice::Backend(pod),
-            None => Choice::NotAFrontend,
-        };
+    let service = match find_frontend(key) {
+        Some(Frontend::Service(service)) => service,
+        Some(Frontend::HostPort(pod)) => return Choice::Backend(pod),
+        None => return Choice::NotAFrontend,
     };
     if service.flags & (SERVICE_NODE_PORT | SERVICE_EXTERNAL_IP) == 0 {
         return Choice::NotAFrontend;
@@ -181,10 +187,15 @@ pub(crate) fn to_backend(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Op
     if !packet.has_ports || (packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP) {
         return None;
     }
+    // The wildcard keys are no destination, and loopback never arrives from outside (the
+    // stack drops it as martian; it must not be translated first).
+    if packet.dst == ANY_NODE_ADDRESS || packet.dst[0] == 127 {
+        return None;
+    }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let (backend, local) = match existing_backend(ctx, packet, now) {
-        Some((backend, _)) => (backend, is_local_pod(backend.address)),
+        Some((backend, flags)) => (backend, flags & EXTERNAL_SNAT == 0),
         None => {
             let key = ServiceKey {
                 address: packet.dst,
@@ -209,7 +220,9 @@ pub(crate) fn to_backend(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Op
                 }
                 Choice::Backend(backend) => backend,
             };
-            let local = is_local_pod(backend.address);
+            // A pod of this node, or the node itself (a hostNetwork backend, which the
+            // stack serves).
+            let local = is_local_pod(backend.address) || is_node_address(backend.address);
             // The client's address stays for a backend on this node; any other backend's
             // replies would not come back here without the node's address as the source.
             let flags = if local { 0 } else { EXTERNAL_SNAT };
@@ -410,6 +423,37 @@ pub(crate) fn reply_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32
         return Some((drop, TC_ACT_SHOT));
     }
     Some(reply_as_frontend(ctx, packet, frontend))
+}
+
+/// `to_netdev`, for a packet no pod sent: the reply of a backend that is the node itself
+/// (a hostNetwork pod), which the stack routed out, leaves as the frontend, later
+/// fragments as their first. `None`: not such a reply. The inbound packets of these flows
+/// went to the stack translated, and these replies leave it before translation, so its
+/// conntrack sees both directions of one flow.
+#[inline(always)]
+pub(crate) fn reply_from_node(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32)> {
+    if packet.later_fragment {
+        // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
+        let first = unsafe { FRAGMENTS.get(packet.fragment()) }.copied()?;
+        if first.action != FRAGMENT_EXTERNAL_REPLY {
+            return None;
+        }
+        if rewrite_address(ctx, IP_SRC_OFF, packet.src, first.addr).is_none() {
+            return Some(malformed(ctx, packet));
+        }
+        return Some((verdict::FRAGMENT_TRANSLATED, TC_ACT_OK));
+    }
+    if !packet.has_ports || (packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP) {
+        return None;
+    }
+    let frontend = reply_frontend(packet)?;
+    if rewrite_source(ctx, packet, frontend.0, frontend.1).is_none() {
+        return Some(malformed(ctx, packet));
+    }
+    if packet.fragmented {
+        remember_fragment(packet, FRAGMENT_EXTERNAL_REPLY, frontend.0);
+    }
+    Some((verdict::EXTERNAL_TRANSLATED, TC_ACT_OK))
 }
 
 /// `from_netdev`, after the reverse SNAT wrote the client back into a reply: a remote

@@ -182,6 +182,17 @@ pub(crate) static POLICY_DROPS: PerCpuHashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = PerCpuHashMap::new();
 
+/// The IPv4 addresses of the node's namespace, kept by the agent from rtnetlink: where
+/// NodePorts and hostPorts without hostIP (the wildcard keys) answer. Written by the agent
+/// only, so not preallocated.
+#[btf_map]
+pub(crate) static NODE_ADDRESSES: HashMap<
+    [u8; 4],
+    u32,
+    { map_spec::NODE_ADDRESSES.max_entries as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
 /// A map definition's shape as the kernel will see it.
 trait Shape {
     const KIND: MapKind;
@@ -288,6 +299,7 @@ check_spec!(
     POLICY_CT,
     POLICY_STATE,
     POLICY_DROPS,
+    NODE_ADDRESSES,
 );
 
 /// When the programs last logged at each level (indexed by `Level as u32`). Not pinned:
@@ -298,6 +310,13 @@ pub(crate) static LOG_LAST_NS: Array<u64, 6> = Array::new();
 #[inline(always)]
 pub(crate) fn config() -> Option<&'static NodeConfig> {
     CONFIG.get(0)
+}
+
+/// Whether `address` is one of the node's own (`NODE_ADDRESSES`).
+#[inline(always)]
+pub(crate) fn is_node_address(address: [u8; 4]) -> bool {
+    // SAFETY: only presence is read.
+    unsafe { NODE_ADDRESSES.get(&address) }.is_some()
 }
 
 #[inline(always)]

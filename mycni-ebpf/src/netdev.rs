@@ -1,6 +1,6 @@
 //! The node side (uplink and VXLAN device): what `from_netdev` does with arriving packets
 //! and `to_netdev` with leaving ones.
-use crate::external::{reply_after_reverse_nat, to_backend, untracked_reply};
+use crate::external::{reply_after_reverse_nat, reply_from_node, to_backend, untracked_reply};
 use crate::forward::deliver_to_pod;
 use crate::headers::{
     ETH_P_IP, ETH_TYPE_OFF, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM,
@@ -165,6 +165,10 @@ pub(crate) fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
     if unsafe { ENDPOINTS.get(packet.src) }.is_none() {
+        // The node's own packet: maybe a hostNetwork backend's reply to a client outside.
+        if let Some(result) = reply_from_node(ctx, &packet) {
+            return result;
+        }
         return (verdict::TO_STACK, TC_ACT_OK);
     }
     // A local pod's packet the stack routed (after kube-proxy's DNAT, to its real

@@ -10,6 +10,8 @@
 //!   that pod's address and containerPort, remembered in `SOCK_REVERSE` the same way: how
 //!   node processes, hostNetwork pods and pods reach `127.0.0.1:<hostPort>` and
 //!   `<node IP>:<hostPort>` without portmap.
+//! - NodePorts and hostPorts without hostIP are keyed once, at `ANY_NODE_ADDRESS`, and
+//!   answer on every address in `NODE_ADDRESSES` ([`find_frontend`]).
 //! - `recvmsg4` and `getpeername4`: a backend address the socket was given shows as the
 //!   frontend the application addressed.
 //! - `connect6`, `recvmsg6` and `getpeername6` do the same for an IPv4 address an AF_INET6
@@ -24,12 +26,12 @@ use aya_ebpf::programs::SockAddrContext;
 use aya_ebpf::EbpfContext;
 use mycni_common::service::{
     AffinityEntry, AffinityKey, Backend, BackendKey, ServiceEntry, ServiceKey, SockReverseEntry,
-    SockReverseKey, SERVICE_AFFINITY_CLIENT_IP,
+    SockReverseKey, ANY_NODE_ADDRESS, SERVICE_AFFINITY_CLIENT_IP,
 };
 use mycni_common::verdict;
 
 use crate::counters;
-use crate::maps::{AFFINITY, BACKENDS, HOST_PORTS, SERVICES, SOCK_REVERSE};
+use crate::maps::{is_node_address, AFFINITY, BACKENDS, HOST_PORTS, SERVICES, SOCK_REVERSE};
 
 /// What a `sock_addr` program returns to let the call go on.
 const PROCEED: i32 = 1;
@@ -129,9 +131,8 @@ pub(crate) fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
         protocol: protocol as u8,
         scope: 0,
     };
-    // SAFETY: the entry is copied out at once; the agent replaces entries whole.
-    let (backend, translated) = match unsafe { SERVICES.get(&key) }.copied() {
-        Some(service) => {
+    let (backend, translated) = match find_frontend(&key) {
+        Some(Frontend::Service(service)) => {
             let Some(backend) = pick_backend(ctx, &service) else {
                 counters::count(verdict::SERVICE_NO_BACKEND, 0);
                 // SAFETY: a helper call with no pointer; `connect4`, `sendmsg4` and
@@ -141,10 +142,8 @@ pub(crate) fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
             };
             (backend, verdict::SERVICE_TRANSLATED)
         }
-        None => match host_port_backend(&key) {
-            Some(backend) => (backend, verdict::HOST_PORT_TRANSLATED),
-            None => return PROCEED,
-        },
+        Some(Frontend::HostPort(backend)) => (backend, verdict::HOST_PORT_TRANSLATED),
+        None => return PROCEED,
     };
     let reverse = SockReverseKey {
         // SAFETY: the context pointer is the one the kernel passed.
@@ -163,14 +162,48 @@ pub(crate) fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
     PROCEED
 }
 
-/// The pod behind a hostPort: `key` is (hostIP, hostPort, protocol, scope 0) as the
-/// destination of a socket call or of a packet from outside the node. Looked up only after
-/// `SERVICES` misses, so a Service frontend on the same address and port wins, as
-/// kube-proxy's rules run before portmap's.
+/// What a destination (address, port, protocol) names.
+pub(crate) enum Frontend {
+    Service(ServiceEntry),
+    /// A pod's hostPort: the pod is its one backend.
+    HostPort(Backend),
+}
+
+/// The frontend `key` (a socket call's or an arriving packet's destination, scope 0)
+/// names, in kube-proxy's and portmap's order: a Service frontend on the address itself,
+/// then, when the address is one of the node's (`NODE_ADDRESSES`), a NodePort
+/// ([`ANY_NODE_ADDRESS`]); only then a hostPort, on that address or on any of the node's.
+/// kube-proxy's chains run before portmap's, so a Service wins a key both claim. A call to
+/// no frontend pays three lookups (`SERVICES`, `NODE_ADDRESSES`, `HOST_PORTS`); the
+/// wildcard keys are looked up only for the node's own addresses.
 #[inline(always)]
-pub(crate) fn host_port_backend(key: &ServiceKey) -> Option<Backend> {
-    // SAFETY: the value is copied out at once; the plugin writes entries whole.
-    unsafe { HOST_PORTS.get(key) }.map(|entry| entry.backend)
+pub(crate) fn find_frontend(key: &ServiceKey) -> Option<Frontend> {
+    // SAFETY: entries are copied out at once; the agent and the plugin write them whole.
+    if let Some(service) = unsafe { SERVICES.get(key) }.copied() {
+        return Some(Frontend::Service(service));
+    }
+    let on_node = is_node_address(key.address);
+    let wildcard = ServiceKey {
+        address: ANY_NODE_ADDRESS,
+        ..*key
+    };
+    if on_node {
+        // SAFETY: as above.
+        if let Some(service) = unsafe { SERVICES.get(&wildcard) }.copied() {
+            return Some(Frontend::Service(service));
+        }
+    }
+    // SAFETY: as above.
+    if let Some(entry) = unsafe { HOST_PORTS.get(key) } {
+        return Some(Frontend::HostPort(entry.backend));
+    }
+    if on_node {
+        // SAFETY: as above.
+        if let Some(entry) = unsafe { HOST_PORTS.get(&wildcard) } {
+            return Some(Frontend::HostPort(entry.backend));
+        }
+    }
+    None
 }
 
 /// The client's fresh affinity entry when the frontend asks for one, else a random slot

@@ -139,11 +139,12 @@ async fn serve(
         Some(settings) => Some(Agent::start(root, settings).await?),
     };
     apply_service_mode(root, options)?;
+    // Where NodePorts and hostPorts without hostIP answer: every address of the node.
+    tokio::spawn(crate::node_addresses::keep_in_step(root.to_path_buf()));
     if let Some(source) = service_source {
-        // The Kubernetes node source filled both in (learn_local_node).
+        // The Kubernetes node source filled it in (learn_local_node).
         let node = LocalNode {
             name: options.node_name.clone().unwrap_or_default(),
-            addresses: options.node_ip.into_iter().collect(),
         };
         tokio::spawn(crate::service_sync::sync_services(
             root.to_path_buf(),

@@ -14,6 +14,7 @@
 //! [`socket_lb`] (Services in eBPF mode: the map writes, the cgroup attachment, and the
 //! end of sockets left connected to a removed backend),
 //! [`host_ports`] (hostPorts without portmap: the plugin's `HOST_PORTS` entries),
+//! [`node_addresses`] (the node's addresses, where NodePorts and wildcard hostPorts answer),
 //! [`service_frontends`] (their desired contents, pure) and [`service_sync`] (the loop from
 //! the Services and Endpoints watches to the maps),
 //! [`policy`] (NetworkPolicy: identities and rules, pure), [`policy_maps`] (the policy maps'
@@ -36,6 +37,7 @@ pub mod map_tables;
 pub mod metrics;
 pub mod nat;
 pub mod netlink;
+pub mod node_addresses;
 pub mod nodes;
 pub mod plugin;
 pub mod plugin_install;

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use mycni_common::service::{
-    Backend, ServiceEntry, ServiceKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    Backend, ServiceEntry, ServiceKey, ANY_NODE_ADDRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     SERVICE_AFFINITY_CLIENT_IP, SERVICE_EXTERNAL_IP, SERVICE_EXTERNAL_LOCAL, SERVICE_HOST_PORT,
     SERVICE_NODE_PORT,
 };
@@ -20,6 +20,7 @@ use crate::datapath::{self, DatapathError, Maps, NatTable};
 use crate::host_ports::{HostPortEntries, HostPortTable, HostPortTableError};
 use crate::nat;
 use crate::netlink::format_mac;
+use crate::node_addresses::{NodeAddressError, NodeAddressTable};
 use crate::socket_lb::{ServiceTables, ServiceTablesError};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,8 @@ pub enum MapTablesError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Services(#[from] ServiceTablesError),
+    #[error(transparent)]
+    NodeAddresses(#[from] NodeAddressError),
     #[error(transparent)]
     HostPorts(#[from] HostPortTableError),
     #[error("cannot write stdout: {0}")]
@@ -74,7 +77,11 @@ pub fn print_services(root: &Path, json: bool) -> Result<(), MapTablesError> {
         .map(|(key, (entry, backends))| (key, entry, backends))
         .collect();
     rows.extend(host_port_rows(&HostPortTable::open(root)?.entries()?));
-    print(&render_services(&rows, json))
+    let node_addresses: Vec<Ipv4Addr> = NodeAddressTable::open(root)?
+        .present()?
+        .into_iter()
+        .collect();
+    print(&render_services(&rows, &node_addresses, json))
 }
 
 /// hostPorts as `services` rows: flag `host-port`, service id 0 (they have no slots in
@@ -309,9 +316,21 @@ fn address_port(address: [u8; 4], port: u16) -> String {
     format!("{}:{port}", Ipv4Addr::from(address))
 }
 
+/// A frontend's address as the table shows it: `*` for a wildcard key (a NodePort, a
+/// hostPort without hostIP), which answers on every node address.
+fn frontend_address_port(address: [u8; 4], port: u16) -> String {
+    if address == ANY_NODE_ADDRESS {
+        format!("*:{port}")
+    } else {
+        address_port(address, port)
+    }
+}
+
 /// The frontends sorted by address, port and protocol, each with its backends: a table
-/// (backends space-separated, `refused` when there is none) or JSON.
-pub fn render_services(rows: &[ServiceRow], json: bool) -> String {
+/// (backends space-separated, `refused` when there is none; wildcard frontends as `*:port`,
+/// with the node addresses they answer on below) or JSON (`anyNodeAddress` on wildcard
+/// frontends).
+pub fn render_services(rows: &[ServiceRow], node_addresses: &[Ipv4Addr], json: bool) -> String {
     let mut sorted: Vec<&ServiceRow> = rows.iter().collect();
     sorted.sort_by_key(|(key, _, _)| (key.address, key.port, key.protocol, key.scope));
     if json {
@@ -320,6 +339,7 @@ pub fn render_services(rows: &[ServiceRow], json: bool) -> String {
             .map(|(key, entry, backends)| {
                 json!({
                     "address": Ipv4Addr::from(key.address).to_string(),
+                    "anyNodeAddress": key.address == ANY_NODE_ADDRESS,
                     "port": key.port,
                     "protocol": protocol_name(key.protocol),
                     "serviceId": entry.service_id,
@@ -359,13 +379,20 @@ pub fn render_services(rows: &[ServiceRow], json: bool) -> String {
             "{:<26} {:>6} {:<24} {:>9} {backends}",
             format!(
                 "{}/{}",
-                address_port(key.address, key.port),
+                frontend_address_port(key.address, key.port),
                 protocol_name(key.protocol)
             ),
             entry.service_id,
             if flags.is_empty() { "-" } else { &flags },
             affinity,
         );
+    }
+    if rows
+        .iter()
+        .any(|(key, _, _)| key.address == ANY_NODE_ADDRESS)
+    {
+        let list: Vec<String> = node_addresses.iter().map(Ipv4Addr::to_string).collect();
+        let _ = writeln!(out, "* = every node address: {}", list.join(" "));
     }
     out
 }
@@ -457,6 +484,10 @@ mod tests {
         assert!(render_nat(&[], 0, false).starts_with("flows: tcp 0 udp 0 icmp 0; entries 0 of "));
     }
 
+    fn node_addresses() -> Vec<Ipv4Addr> {
+        vec![Ipv4Addr::LOCALHOST, Ipv4Addr::new(192, 168, 1, 11)]
+    }
+
     fn service_rows() -> Vec<ServiceRow> {
         let key = |address: [u8; 4], port, protocol| ServiceKey {
             address,
@@ -471,7 +502,7 @@ mod tests {
         };
         vec![
             (
-                key([192, 168, 1, 11], 30080, PROTO_TCP),
+                key(ANY_NODE_ADDRESS, 30080, PROTO_TCP),
                 ServiceEntry {
                     service_id: 3,
                     backend_count: 0,
@@ -509,11 +540,12 @@ mod tests {
     #[test]
     fn services_list_each_frontend_with_its_backends() {
         assert_eq!(
-            render_services(&service_rows(), false),
+            render_services(&service_rows(), &node_addresses(), false),
             "FRONTEND                       ID FLAGS                     AFFINITY BACKENDS\n\
+             *:30080/tcp                     3 node-port,local                  - refused\n\
              10.96.0.10:53/udp               2 -                                - 10.224.2.5:5353\n\
              10.96.0.10:80/tcp               1 affinity                    10800s 10.224.1.5:8080 10.224.2.5:8080\n\
-             192.168.1.11:30080/tcp          3 node-port,local                  - refused\n"
+             * = every node address: 127.0.0.1 192.168.1.11\n"
         );
     }
 
@@ -537,7 +569,7 @@ mod tests {
             },
         );
         assert_eq!(
-            render_services(&host_port_rows(&entries), false),
+            render_services(&host_port_rows(&entries), &node_addresses(), false),
             "FRONTEND                       ID FLAGS                     AFFINITY BACKENDS\n\
              127.0.0.1:54321/tcp             0 host-port                        - 10.224.1.7:8080\n"
         );
@@ -545,17 +577,21 @@ mod tests {
 
     #[test]
     fn services_render_as_json() {
-        let json: Value = serde_json::from_str(&render_services(&service_rows(), true)).unwrap();
+        let json: Value =
+            serde_json::from_str(&render_services(&service_rows(), &node_addresses(), true))
+                .unwrap();
         assert_eq!(
             json,
             json!([
-                {"address": "10.96.0.10", "port": 53, "protocol": "udp", "serviceId": 2,
-                 "flags": [], "affinityTimeoutSeconds": null, "backends": ["10.224.2.5:5353"]},
-                {"address": "10.96.0.10", "port": 80, "protocol": "tcp", "serviceId": 1,
-                 "flags": ["affinity"], "affinityTimeoutSeconds": 10800,
+                {"address": "0.0.0.0", "anyNodeAddress": true, "port": 30080, "protocol": "tcp",
+                 "serviceId": 3, "flags": ["node-port", "local"], "affinityTimeoutSeconds": null,
+                 "backends": []},
+                {"address": "10.96.0.10", "anyNodeAddress": false, "port": 53, "protocol": "udp",
+                 "serviceId": 2, "flags": [], "affinityTimeoutSeconds": null,
+                 "backends": ["10.224.2.5:5353"]},
+                {"address": "10.96.0.10", "anyNodeAddress": false, "port": 80, "protocol": "tcp",
+                 "serviceId": 1, "flags": ["affinity"], "affinityTimeoutSeconds": 10800,
                  "backends": ["10.224.1.5:8080", "10.224.2.5:8080"]},
-                {"address": "192.168.1.11", "port": 30080, "protocol": "tcp", "serviceId": 3,
-                 "flags": ["node-port", "local"], "affinityTimeoutSeconds": null, "backends": []},
             ])
         );
     }

@@ -310,7 +310,7 @@ async fn setup_pod_network(
         .map_err(netlink_error)?;
     // Last: a hostPort leads to the pod only once the pod is reachable.
     if !conf.port_mappings.is_empty() {
-        claim_host_ports(env, conf, host, ip, undo).await?;
+        claim_host_ports(env, conf, ip, undo)?;
     }
 
     Ok(CniResult {
@@ -341,30 +341,18 @@ async fn setup_pod_network(
     })
 }
 
-/// The node's addresses a hostPort without hostIP is reachable on (see
-/// [`crate::host_ports::plan::wildcard_addresses`]).
-async fn node_addresses(host: &Netlink) -> Result<Vec<Ipv4Addr>, CniError> {
-    host.ipv4_addresses().await.map_err(netlink_error)
-}
-
 /// Writes the container's hostPorts into `HOST_PORTS`, or fails with code
 /// `HostPortConflict` naming every (hostIP, port, protocol) another pod holds, having
 /// written nothing of its own that stays (`undo` removes what it claimed).
-async fn claim_host_ports(
+fn claim_host_ports(
     env: &CniEnv,
     conf: &NetConf,
-    host: &Netlink,
     ip: Ipv4Addr,
     undo: &mut Undo,
 ) -> Result<(), CniError> {
     let attachment = attachment_hash(&env.container_id, &env.ifname);
-    let planned = plan_host_ports(
-        &conf.port_mappings,
-        ip,
-        &node_addresses(host).await?,
-        attachment,
-    )
-    .map_err(|e| CniError::new(ErrorCode::InvalidConfig, e.to_string()))?;
+    let planned = plan_host_ports(&conf.port_mappings, ip, attachment)
+        .map_err(|e| CniError::new(ErrorCode::InvalidConfig, e.to_string()))?;
     let mut table = HostPortTable::open(&conf.bpffs_root).map_err(host_port_error)?;
     let taken = |found: Vec<(ServiceKey, mycni_common::service::HostPortEntry)>| {
         let held: Vec<String> = found
@@ -390,12 +378,20 @@ async fn claim_host_ports(
         return Err(taken(found));
     }
     for (key, entry) in &planned {
-        // The kernel settles a race with another ADD: one of them gets the key.
+        // The kernel settles a race with another ADD for the same key: one of them gets it.
         match table.claim(key, entry).map_err(host_port_error)? {
             Claim::New => undo.host_ports.push(*key),
             Claim::Renewed => {}
             Claim::Taken(holder) => return Err(taken(vec![(*key, holder)])),
         }
+    }
+    // A wildcard and an address on the same port are two keys, which the kernel does not
+    // settle: each ADD looks again once its keys are written, so of two racing ADDs with
+    // overlapping keys at least the later one sees the other and fails (both may; kubelet
+    // retries). Never both win.
+    let found = conflicts(&planned, &table.entries().map_err(host_port_error)?);
+    if !found.is_empty() {
+        return Err(taken(found));
     }
     Ok(())
 }
@@ -650,7 +646,6 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
                     let planned = plan_host_ports(
                         &conf.port_mappings,
                         ip,
-                        &node_addresses(&host).await?,
                         attachment_hash(&env.container_id, &env.ifname),
                     )
                     .map_err(|e| CniError::new(ErrorCode::InvalidConfig, e.to_string()))?;

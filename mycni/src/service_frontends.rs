@@ -1,26 +1,27 @@
 //! The Services datapath's desired state, computed without I/O: from the cached Services
 //! and Endpoints ([`crate::kube::services`]) and this node, every frontend (ClusterIP,
-//! externalIP, NodePort on this node's addresses) with its flags and its sorted backends
+//! externalIP, NodePort keyed once at `ANY_NODE_ADDRESS`, which the datapath serves on
+//! every address in `NODE_ADDRESSES`) with its flags and its sorted backends
 //! ([`frontends`]); then a stable `service_id` per frontend ([`ServiceIds`]), which gives the
 //! `SERVICES`/`BACKENDS` contents the adapter writes.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use mycni_common::service::{
-    Backend, ServiceEntry, ServiceKey, SERVICE_AFFINITY_CLIENT_IP, SERVICE_EXTERNAL_IP,
-    SERVICE_EXTERNAL_LOCAL, SERVICE_NODE_PORT,
+    Backend, ServiceEntry, ServiceKey, ANY_NODE_ADDRESS, SERVICE_AFFINITY_CLIENT_IP,
+    SERVICE_EXTERNAL_IP, SERVICE_EXTERNAL_LOCAL, SERVICE_NODE_PORT,
 };
 
 use crate::kube::services::{KubeEndpoints, KubeService, KubeServicePort, ObjectName};
 
 pub use crate::socket_lb::DesiredServices;
 
-/// The node the agent runs on.
+/// The node the agent runs on. (Where its NodePorts answer is not its business: the
+/// agent keeps the node's addresses in `NODE_ADDRESSES`, [`crate::node_addresses`].)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalNode {
+    /// Whose backends an `externalTrafficPolicy: Local` NodePort keeps.
     pub name: String,
-    /// Where its NodePorts answer (its InternalIPs).
-    pub addresses: Vec<Ipv4Addr>,
 }
 
 /// One frontend before it has an id.
@@ -71,8 +72,9 @@ fn backends_of(
 }
 
 /// The frontends of every Service on `node`:
-/// - the ClusterIP, each externalIP (`SERVICE_EXTERNAL_IP`), and each of the node's
-///   addresses for a port with a nodePort (`SERVICE_NODE_PORT`), per service port;
+/// - the ClusterIP, each externalIP (`SERVICE_EXTERNAL_IP`), and `ANY_NODE_ADDRESS` for a
+///   port with a nodePort (`SERVICE_NODE_PORT`: every address of the node, kube-proxy's
+///   default `--nodeport-addresses`), per service port;
 /// - backends: the ready endpoints of the port with the same name; a NodePort of a Service
 ///   with `externalTrafficPolicy: Local` keeps only this node's (`SERVICE_EXTERNAL_LOCAL`);
 /// - `sessionAffinity: ClientIP` sets `SERVICE_AFFINITY_CLIENT_IP` and the timeout on
@@ -129,9 +131,11 @@ pub fn frontends(
                 } else {
                     (SERVICE_NODE_PORT, all.clone())
                 };
-                for address in &node.addresses {
-                    add(key(*address, node_port), flags, backends.clone());
-                }
+                add(
+                    key(Ipv4Addr::from(ANY_NODE_ADDRESS), node_port),
+                    flags,
+                    backends,
+                );
             }
         }
     }
@@ -290,7 +294,6 @@ mod tests {
     fn node1() -> LocalNode {
         LocalNode {
             name: "node-1".into(),
-            addresses: vec![ip("192.168.1.11")],
         }
     }
 
@@ -337,9 +340,10 @@ mod tests {
         assert_eq!(
             keys,
             [
+                // The NodePort once, for every node address.
+                key("0.0.0.0", 30080, PROTO_TCP),
                 key("10.96.0.10", 53, PROTO_UDP),
                 key("10.96.0.10", 80, PROTO_TCP),
-                key("192.168.1.11", 30080, PROTO_TCP),
             ]
         );
         let http = &out.frontends[&key("10.96.0.10", 80, PROTO_TCP)];
@@ -351,7 +355,7 @@ mod tests {
         );
         let dns = &out.frontends[&key("10.96.0.10", 53, PROTO_UDP)];
         assert_eq!(dns.backends, backends(&[("10.224.2.5", 5353)]));
-        let node_port = &out.frontends[&key("192.168.1.11", 30080, PROTO_TCP)];
+        let node_port = &out.frontends[&key("0.0.0.0", 30080, PROTO_TCP)];
         assert_eq!(node_port.flags, SERVICE_NODE_PORT);
         assert_eq!(node_port.backends, http.backends);
         assert_eq!(node_port.service, name("web"));
@@ -364,7 +368,7 @@ mod tests {
             web.external_local = true;
         }
         let out = frontends(&services, &endpoints, &node1());
-        let node_port = &out.frontends[&key("192.168.1.11", 30080, PROTO_TCP)];
+        let node_port = &out.frontends[&key("0.0.0.0", 30080, PROTO_TCP)];
         assert_eq!(node_port.flags, SERVICE_NODE_PORT | SERVICE_EXTERNAL_LOCAL);
         assert_eq!(node_port.backends, backends(&[("10.224.1.5", 8080)]));
         // The ClusterIP keeps every backend.
@@ -373,13 +377,10 @@ mod tests {
         // On a node without a local backend the NodePort refuses.
         let node3 = LocalNode {
             name: "node-3".into(),
-            addresses: vec![ip("192.168.1.13"), ip("192.168.2.13")],
         };
         let out = frontends(&services, &endpoints, &node3);
-        for address in ["192.168.1.13", "192.168.2.13"] {
-            let node_port = &out.frontends[&key(address, 30080, PROTO_TCP)];
-            assert!(node_port.backends.is_empty(), "{address}");
-        }
+        let node_port = &out.frontends[&key("0.0.0.0", 30080, PROTO_TCP)];
+        assert!(node_port.backends.is_empty());
     }
 
     #[test]
@@ -488,7 +489,7 @@ mod tests {
             name("other"),
             service("10.96.0.40", vec![port("", PROTO_TCP, 80, None)]),
         );
-        let node_port_id = first[&key("192.168.1.11", 30080, PROTO_TCP)].0.service_id;
+        let node_port_id = first[&key("0.0.0.0", 30080, PROTO_TCP)].0.service_id;
         let other = key("10.96.0.40", 80, PROTO_TCP);
         let second = ids.assign(&frontends(&with_other, &endpoints, &node1()).frontends);
         assert_eq!(second[&http].0.service_id, entry.service_id);

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use mycni::host_ports::{attachment_hash, HostPortEntries, HostPortTable};
+use mycni::node_addresses::NodeAddressTable;
 use mycni_common::service::{Backend, HostPortEntry, ServiceKey, PROTO_TCP};
 use mycni_common::verdict;
 use mycni_common::MAX_HOST_PORTS;
@@ -48,7 +49,18 @@ impl HostPortNode {
         node.start_agent(&["--service-mode", "ebpf", "--cgroup-path", &cgroup.arg()])?;
         let log = AgentLog::follow(&mut node)?;
         log.wait_for(&["Services load-balanced in eBPF"], Duration::from_secs(20))?;
-        Ok(HostPortNode { node, cgroup })
+        let lab = HostPortNode { node, cgroup };
+        lab.wait_for_node_address(NODE_IP, true)?;
+        Ok(lab)
+    }
+
+    /// Waits until the agent has (or no longer has) `address` in `NODE_ADDRESSES`.
+    fn wait_for_node_address(&self, address: Ipv4Addr, present: bool) -> Result<Duration> {
+        let table = NodeAddressTable::open(&self.node.pin_root())?;
+        mycni_tests::cluster::wait_for(Duration::from_secs(5), || {
+            Ok(table.present()?.contains(&address) == present)
+        })
+        .with_context(|| format!("NODE_ADDRESSES never {present} for {address}"))
     }
 
     /// The network config with `mappings` in `runtimeConfig`, as libcni injects them.
@@ -146,15 +158,11 @@ fn tcp_and_udp_host_ports_reach_the_pod_from_the_node_on_loopback_and_the_node_i
         ],
     )?;
     let to_pod = format!("{}:{CONTAINER_PORT}", pod.ip);
-    let want: BTreeMap<String, String> = [
-        ("127.0.0.1:30053/udp", &to_pod),
-        ("127.0.0.1:30080/tcp", &to_pod),
-        ("192.168.50.1:30053/udp", &to_pod),
-        ("192.168.50.1:30080/tcp", &to_pod),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.clone()))
-    .collect();
+    // Unset hostIPs: one key each, for every node address.
+    let want: BTreeMap<String, String> = [("*:30053/udp", &to_pod), ("*:30080/tcp", &to_pod)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
     ensure!(described(&lab.entries()?) == want, "{:?}", lab.entries()?);
     // `mycni-agent services` lists them with the Service frontends.
     let root = lab.node.pin_root().display().to_string();
@@ -165,9 +173,13 @@ fn tcp_and_udp_host_ports_reach_the_pod_from_the_node_on_loopback_and_the_node_i
         .exec(&[&agent, "--bpffs-root", &root, "services"])?;
     let row = table
         .lines()
-        .find(|line| line.starts_with("127.0.0.1:30080/tcp "))
+        .find(|line| line.starts_with("*:30080/tcp "))
         .with_context(|| format!("no hostPort row in:\n{table}"))?;
     ensure!(row.contains("host-port") && row.ends_with(&to_pod), "{row}");
+    ensure!(
+        table.contains(&format!("* = every node address: 127.0.0.1 {NODE_IP}")),
+        "{table}"
+    );
 
     let before = lab.translated()?;
     // Each address as IPv4, and IPv4-mapped through AF_INET6 sockets (a dual-stack client).
@@ -327,7 +339,7 @@ fn del_removes_exactly_the_pods_host_ports_even_after_its_netns_is_gone() -> Res
     let (gone, gone_server) = lab.add("gone", &[mapping(30080, "tcp", "")])?;
     let gone_conf = lab.conf(&[mapping(30080, "tcp", "")]);
     let kept_entries = lab.entries_of(&kept)?;
-    ensure!(kept_entries.len() == 2, "{kept_entries:?}");
+    ensure!(kept_entries.len() == 1, "{kept_entries:?}");
 
     // The runtime removed the sandbox before DEL: the plugin finds the entries by tag.
     drop(gone_server);
@@ -361,7 +373,10 @@ fn del_removes_exactly_the_pods_host_ports_even_after_its_netns_is_gone() -> Res
 fn check_verifies_the_pods_host_ports() -> Result<()> {
     mycni_tests::require_root!();
     let lab = HostPortNode::new("hpcheck", "10.244.34.0/24")?;
-    let mappings = [mapping(30080, "tcp", "")];
+    let mappings = [
+        mapping(30080, "tcp", ""),
+        mapping(30080, "tcp", &NODE_IP.to_string()),
+    ];
     let (pod, _server) = lab.add("p", &mappings)?;
     let mut conf = lab.conf(&mappings);
     conf["prevResult"] = pod.result.clone();
@@ -413,7 +428,7 @@ fn garbage_collection_removes_the_host_ports_of_a_pod_without_endpoint() -> Resu
     let (kept, _kept_server) = lab.add("kept", &[mapping(30081, "tcp", "")])?;
     let (lost, _lost_server) = lab.add("lost", &[mapping(30080, "tcp", "")])?;
     let kept_entries = lab.entries_of(&kept)?;
-    ensure!(lab.entries()?.len() == 4, "{:?}", lab.entries()?);
+    ensure!(lab.entries()?.len() == 2, "{:?}", lab.entries()?);
 
     let store = mycni::ipam::store::IpStore::open(&lab.node.data_dir, "mycni-test")?;
     let owner = mycni::ipam::store::Owner {
@@ -434,5 +449,44 @@ fn garbage_collection_removes_the_host_ports_of_a_pod_without_endpoint() -> Resu
         )
     })?;
     lab.node.del_pod(&kept)?;
+    Ok(())
+}
+
+/// portmap's `0.0.0.0` rule answers on any address the node has, whenever it got it: a
+/// hostPort without hostIP reaches the pod on an address added after the pod's ADD, and
+/// stops when the address goes; a pod asking for that port on the new address later is
+/// refused.
+#[test]
+fn a_wildcard_host_port_answers_on_an_address_added_after_the_add() -> Result<()> {
+    mycni_tests::require_root!();
+    let lab = HostPortNode::new("hpaddr", "10.244.36.0/24")?;
+    let (pod, _server) = lab.add("web", &[mapping(30080, "tcp", "")])?;
+    let added = Ipv4Addr::new(10, 77, 0, 1);
+    let added_cidr = format!("{added}/32");
+    lab.node
+        .netns
+        .exec(&["ip", "addr", "add", &added_cidr, "dev", "lo"])?;
+    lab.wait_for_node_address(added, true)?;
+    let target = SocketAddr::from((added, 30080));
+    let seen = servers_behind(target, &lab.probe_from_node("tcp", target, 2)?)?;
+    ensure!(seen == names(&["web"]), "tcp to {target}: {seen:?}");
+    // The same port on that address is the wildcard's: another pod cannot have it.
+    let (call, other) = lab.try_add("other", &[mapping(30080, "tcp", &added.to_string())])?;
+    ensure!(
+        other.is_none(),
+        "a held hostPort was given: {}",
+        call.stdout
+    );
+    ensure!(call.error_code() == Some(105), "{}", call.stdout);
+    lab.node
+        .netns
+        .exec(&["ip", "addr", "del", &added_cidr, "dev", "lo"])?;
+    lab.wait_for_node_address(added, false)?;
+    let seen = lab.probe_from_node("tcp", target, 1)?;
+    ensure!(
+        matches!(seen[..], [Seen::Errno(_)]),
+        "a removed address still reaches the hostPort: {seen:?}"
+    );
+    lab.node.del_pod(&pod)?;
     Ok(())
 }

@@ -182,8 +182,8 @@ fn agent_frontends(node: &LabNode) -> Result<FrontendTable> {
 }
 
 /// The frontends `node` should have, worked out from the API's Services and Endpoints
-/// independently of the agent: every IPv4 ClusterIP and externalIP per port, and the
-/// node's address per nodePort, with the ready addresses of the Endpoints port of the same
+/// independently of the agent: every IPv4 ClusterIP and externalIP per port, and one
+/// wildcard frontend (0.0.0.0, every node address) per nodePort, with the ready addresses of the Endpoints port of the same
 /// name (of `node`'s pods only for a NodePort with `externalTrafficPolicy: Local`).
 fn api_frontends(lab: &KubeLab, node: &LabNode) -> Result<FrontendTable> {
     let services = lab.get_json(&["get", "services", "--all-namespaces"])?;
@@ -261,10 +261,8 @@ fn api_frontends(lab: &KubeLab, node: &LabNode) -> Result<FrontendTable> {
             }
             if let Some(node_port) = port["nodePort"].as_u64() {
                 let backends = if local { &on_node } else { &all };
-                table.insert(
-                    format!("{}:{node_port}/{protocol}", node.ip),
-                    backends.clone(),
-                );
+                // One frontend for every node address (`*:port` in the table, 0.0.0.0 in JSON).
+                table.insert(format!("0.0.0.0:{node_port}/{protocol}"), backends.clone());
             }
         }
     }

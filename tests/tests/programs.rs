@@ -247,6 +247,7 @@ impl Datapath {
         clear::<FlowKey, PolicyCtEntry>(&self.root, MAP_POLICY_CT)?;
         clear::<FlowKey, ExternalNatEntry>(&self.root, MAP_EXTERNAL_NAT)?;
         clear::<ServiceKey, HostPortEntry>(&self.root, MAP_HOST_PORTS)?;
+        self.set_node_addresses(&[])?;
         ServiceTables::open(&self.root)?.apply(&DesiredServices::new())?;
         let mut stats: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(Map::PerCpuArray(
             MapData::from_pin(self.root.join(MAP_STATS))?,
@@ -2165,6 +2166,23 @@ impl Datapath {
     }
 }
 
+impl Datapath {
+    /// `NODE_ADDRESSES` as the agent writes it (127.0.0.1 comes with any list).
+    fn set_node_addresses(&self, addresses: &[Ipv4Addr]) -> Result<()> {
+        let mut table = mycni::node_addresses::NodeAddressTable::open(&self.root)?;
+        let wanted = if addresses.is_empty() {
+            Default::default()
+        } else {
+            mycni::node_addresses::wanted(addresses)
+        };
+        table.apply(&wanted)?;
+        Ok(())
+    }
+}
+
+/// Another address of the node, beside `NODE_IP` (added after the Service, say).
+const SECOND_NODE_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+
 fn addresses(frame: &[u8]) -> Result<(Ipv4Addr, u16, Ipv4Addr, u16)> {
     let seen = seen(frame)?;
     Ok((seen.src, seen.sport, seen.dst, seen.dport))
@@ -3018,5 +3036,184 @@ fn a_syn_is_never_the_reply_of_a_flow_recorded_the_other_way() -> Result<()> {
         expect_action(&dp.run(PROG_FROM_POD, dp.dev.host_a, &syn)?, TC_ACT_SHOT)?;
         ensure!(dp.policy_drops(POD_B)?.ingress_packets == 1);
         Ok(())
+    })
+}
+fn wildcard(port: u16, protocol: u8) -> (Ipv4Addr, u16, u8) {
+    (Ipv4Addr::UNSPECIFIED, port, protocol)
+}
+
+/// A NodePort is one wildcard frontend: it answers on each address in `NODE_ADDRESSES`
+/// (an address added after it included), the reply leaving from the address the client
+/// used, and not on an address once it is removed, nor on loopback or 0.0.0.0 from outside.
+#[test]
+fn a_node_port_answers_from_outside_on_every_node_address_while_it_is_one() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        dp.serve(
+            wildcard(NODE_PORT, IPPROTO_TCP),
+            SERVICE_NODE_PORT,
+            &[(POD_A, 8080)],
+        )?;
+        dp.set_node_addresses(&[NODE_IP])?;
+        // Not yet an address of the node: the stack gets it untouched.
+        let early =
+            from_router(&ip(OUTSIDE, SECOND_NODE_ADDRESS).tcp(39999, NODE_PORT, TCP_SYN, 1, 0));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &early)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(addresses(&run.frame)? == (OUTSIDE, 39999, SECOND_NODE_ADDRESS, NODE_PORT));
+        dp.set_node_addresses(&[NODE_IP, SECOND_NODE_ADDRESS])?;
+        for (client_port, frontend) in [(40000, NODE_IP), (40001, SECOND_NODE_ADDRESS)] {
+            let syn =
+                from_router(&ip(OUTSIDE, frontend).tcp(client_port, NODE_PORT, TCP_SYN, 1, 0));
+            let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &syn)?;
+            expect_action(&run, TC_ACT_REDIRECT)?;
+            ensure!(
+                addresses(&run.frame)? == (OUTSIDE, client_port, POD_A, 8080),
+                "{frontend}: not sent to the backend with the client's source: {:?}",
+                seen(&run.frame)?
+            );
+            checksums_verify(&run.frame)?;
+            let syn_ack =
+                from_pod_a(&ip(POD_A, OUTSIDE).tcp(8080, client_port, TCP_SYN | TCP_ACK, 9, 2));
+            let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &syn_ack)?;
+            expect_action(&run, TC_ACT_REDIRECT)?;
+            ensure!(
+                addresses(&run.frame)? == (frontend, NODE_PORT, OUTSIDE, client_port),
+                "the reply does not come from {frontend}: {:?}",
+                seen(&run.frame)?
+            );
+            checksums_verify(&run.frame)?;
+        }
+        // Removed: a new connection to it is no NodePort's any more.
+        dp.set_node_addresses(&[NODE_IP])?;
+        let late =
+            from_router(&ip(OUTSIDE, SECOND_NODE_ADDRESS).tcp(40002, NODE_PORT, TCP_SYN, 1, 0));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &late)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(
+            addresses(&run.frame)? == (OUTSIDE, 40002, SECOND_NODE_ADDRESS, NODE_PORT),
+            "a removed address still serves the NodePort: {:?}",
+            seen(&run.frame)?
+        );
+        // Loopback is a node address for the node's own sockets, never from outside; and
+        // the wildcard key is no destination.
+        for destination in [Ipv4Addr::LOCALHOST, Ipv4Addr::UNSPECIFIED] {
+            let odd = from_router(&ip(OUTSIDE, destination).tcp(40003, NODE_PORT, TCP_SYN, 1, 0));
+            let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &odd)?;
+            ensure!(
+                addresses(&run.frame)? == (OUTSIDE, 40003, destination, NODE_PORT),
+                "{destination} translated: {:?}",
+                seen(&run.frame)?
+            );
+        }
+        dp.expect_counts(&[(verdict::EXTERNAL_TRANSLATED, 4), (verdict::TO_STACK, 4)])
+    })
+}
+
+/// A hostPort without hostIP (one wildcard key, as the plugin writes it) reached from
+/// outside on a node address; an exact Service frontend on the same port wins.
+#[test]
+fn a_wildcard_host_port_from_outside_answers_on_a_node_address() -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        let key = ServiceKey {
+            address: [0; 4],
+            port: 8443,
+            protocol: IPPROTO_TCP,
+            scope: 0,
+        };
+        let entry = HostPortEntry {
+            backend: Backend {
+                address: POD_A.octets(),
+                port: 443,
+                pad: 0,
+            },
+            attachment_hash: 7,
+        };
+        let mut table = mycni::host_ports::HostPortTable::open(&dp.root)?;
+        ensure!(matches!(
+            table.claim(&key, &entry)?,
+            mycni::host_ports::Claim::New
+        ));
+        let syn = from_router(&ip(OUTSIDE, SECOND_NODE_ADDRESS).tcp(40001, 8443, TCP_SYN, 1, 0));
+        // Not a node address yet: untouched.
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &syn)?;
+        ensure!(addresses(&run.frame)? == (OUTSIDE, 40001, SECOND_NODE_ADDRESS, 8443));
+        dp.set_node_addresses(&[NODE_IP, SECOND_NODE_ADDRESS])?;
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &syn)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(
+            addresses(&run.frame)? == (OUTSIDE, 40001, POD_A, 443),
+            "not sent to the pod with the client's source: {:?}",
+            seen(&run.frame)?
+        );
+        checksums_verify(&run.frame)?;
+        let syn_ack = from_pod_a(&ip(POD_A, OUTSIDE).tcp(443, 40001, TCP_SYN | TCP_ACK, 9, 2));
+        let run = dp.run(PROG_FROM_POD, dp.dev.host_a, &syn_ack)?;
+        expect_action(&run, TC_ACT_REDIRECT)?;
+        ensure!(
+            addresses(&run.frame)? == (SECOND_NODE_ADDRESS, 8443, OUTSIDE, 40001),
+            "the reply does not come from the hostPort: {:?}",
+            seen(&run.frame)?
+        );
+        dp.expect_counts(&[(verdict::EXTERNAL_TRANSLATED, 2), (verdict::TO_STACK, 1)])
+    })
+}
+
+/// A NodePort whose backend is the node itself (a hostNetwork pod): the packet goes to the
+/// stack with the client's source kept and only its destination translated, and the
+/// stack's reply leaves `to_netdev` as the frontend; the node's other packets pass as they
+/// are.
+#[test]
+fn a_node_port_backend_that_is_the_node_gets_the_client_through_the_stack_and_replies_as_the_frontend(
+) -> Result<()> {
+    require_root!();
+    with_datapath(|dp| {
+        dp.set_node_addresses(&[NODE_IP, SECOND_NODE_ADDRESS])?;
+        dp.serve(
+            wildcard(NODE_PORT, IPPROTO_TCP),
+            SERVICE_NODE_PORT | SERVICE_EXTERNAL_LOCAL,
+            &[(NODE_IP, 10250)],
+        )?;
+        let syn =
+            from_router(&ip(OUTSIDE, SECOND_NODE_ADDRESS).tcp(40000, NODE_PORT, TCP_SYN, 1, 0));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &syn)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(
+            addresses(&run.frame)? == (OUTSIDE, 40000, NODE_IP, 10250),
+            "not handed to the stack for the node's backend with the client's source: {:?}",
+            seen(&run.frame)?
+        );
+        checksums_verify(&run.frame)?;
+        // The stack's answer on its way out of the uplink.
+        let syn_ack = raw::ethernet(
+            ROUTER_MAC,
+            UPLINK_MAC,
+            ETH_P_IP,
+            &ip(NODE_IP, OUTSIDE).tcp(10250, 40000, TCP_SYN | TCP_ACK, 9, 2),
+        );
+        let run = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &syn_ack)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(
+            addresses(&run.frame)? == (SECOND_NODE_ADDRESS, NODE_PORT, OUTSIDE, 40000),
+            "the reply does not leave as the frontend: {:?}",
+            seen(&run.frame)?
+        );
+        checksums_verify(&run.frame)?;
+        // The flow keeps its way in; the node's own connections are not touched.
+        let ack =
+            from_router(&ip(OUTSIDE, SECOND_NODE_ADDRESS).tcp(40000, NODE_PORT, TCP_ACK, 2, 10));
+        let run = dp.run(PROG_FROM_NETDEV, dp.dev.uplink, &ack)?;
+        ensure!(addresses(&run.frame)? == (OUTSIDE, 40000, NODE_IP, 10250));
+        let own = raw::ethernet(
+            ROUTER_MAC,
+            UPLINK_MAC,
+            ETH_P_IP,
+            &ip(NODE_IP, OUTSIDE).tcp(10250, 40001, TCP_SYN | TCP_ACK, 9, 2),
+        );
+        let run = dp.run(PROG_TO_NETDEV, dp.dev.uplink, &own)?;
+        expect_action(&run, TC_ACT_OK)?;
+        ensure!(addresses(&run.frame)? == (NODE_IP, 10250, OUTSIDE, 40001));
+        dp.expect_counts(&[(verdict::EXTERNAL_TRANSLATED, 3)])
     })
 }

@@ -1115,3 +1115,127 @@ fn socket_termination_time_grows_with_the_network_namespaces() -> Result<()> {
     }
     Ok(())
 }
+
+/// Waits until the agent of `node` has (or no longer has) `address` in `NODE_ADDRESSES`.
+fn wait_for_node_address(node: &Node, address: Ipv4Addr, present: bool) -> Result<Duration> {
+    let table = mycni::node_addresses::NodeAddressTable::open(&node.pin_root())?;
+    mycni_tests::cluster::wait_for(Duration::from_secs(5), || {
+        Ok(table.present()?.contains(&address) == present)
+    })
+    .with_context(|| format!("NODE_ADDRESSES never {present} for {address}"))
+}
+
+/// kube-proxy answers a NodePort on every local address of the node: one wildcard frontend
+/// here, served on an address added after it (from outside, from a pod, from the node), on
+/// 127.0.0.1 from the node, and no longer once the address is removed.
+#[test]
+fn a_node_port_answers_on_an_address_added_after_it_and_stops_when_it_is_removed() -> Result<()> {
+    mycni_tests::require_root!();
+    let (cgroup, cluster) = ebpf_cluster("svcaddr")?;
+    let node = &cluster.nodes[0];
+    let backend_pod = node.add_pod("backend")?;
+    let client = node.add_pod("client")?;
+    let _server = Server::start_naming_clients(&backend_pod.netns, BACKEND_PORT, "b")?;
+    let node_port = 30090;
+    ServiceTables::open(&node.pin_root())?.apply(
+        &[(
+            frontend_key(Ipv4Addr::UNSPECIFIED, node_port, PROTO_TCP),
+            (entry(1, SERVICE_NODE_PORT, 0), vec![backend(&backend_pod)]),
+        )]
+        .into(),
+    )?;
+    // A second address, on the uplink, that the router sends to node-1.
+    let second = Ipv4Addr::new(192, 168, 1, 111);
+    let second_cidr = format!("{second}/32");
+    node.netns
+        .exec(&["ip", "addr", "add", &second_cidr, "dev", "eth0"])?;
+    cluster.router.exec(&[
+        "ip",
+        "route",
+        "add",
+        &second.to_string(),
+        "via",
+        &node.node_ip.to_string(),
+    ])?;
+    let took = wait_for_node_address(node, second, true)?;
+    eprintln!("the agent saw the new address after {took:?}");
+    let outside = mycni_tests::cluster::EXTERNAL_IP;
+    let frontend = SocketAddr::from((second, node_port));
+    let seen = probe(None, &cluster.external, "tcp", frontend, 3)?;
+    ensure!(
+        servers_behind(frontend, &seen)? == names(&[&format!("b from {outside}")]),
+        "from outside: {seen:?}"
+    );
+    // A pod and the node, through the socket programs.
+    let seen = probe(Some(&cgroup), &client.netns, "tcp", frontend, 3)?;
+    servers_behind(frontend, &seen).context("from a pod")?;
+    let seen = probe(Some(&cgroup), &node.netns, "tcp", frontend, 3)?;
+    servers_behind(frontend, &seen).context("from the node")?;
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, node_port));
+    let seen = probe(Some(&cgroup), &node.netns, "tcp", loopback, 3)?;
+    servers_behind(loopback, &seen).context("127.0.0.1 from the node")?;
+    // Removed: nothing answers there any more, from anywhere.
+    node.netns
+        .exec(&["ip", "addr", "del", &second_cidr, "dev", "eth0"])?;
+    wait_for_node_address(node, second, false)?;
+    for (who, seen) in [
+        (
+            "outside",
+            probe(None, &cluster.external, "tcp", frontend, 1)?,
+        ),
+        (
+            "a pod",
+            probe(Some(&cgroup), &client.netns, "tcp", frontend, 1)?,
+        ),
+    ] {
+        ensure!(
+            matches!(seen[..], [Seen::Errno(_)]),
+            "{who} still reaches the NodePort on a removed address: {seen:?}"
+        );
+    }
+    // The node's own address keeps it.
+    let frontend = SocketAddr::from((node.node_ip, node_port));
+    let seen = probe(None, &cluster.external, "tcp", frontend, 1)?;
+    servers_behind(frontend, &seen).context("the node IP after the removal")?;
+    Ok(())
+}
+
+/// A NodePort whose backend is a hostNetwork pod of the same node (the node's own address):
+/// reached from outside with the client's source kept (`externalTrafficPolicy: Local`),
+/// and its replies leave as the frontend.
+#[test]
+fn a_node_port_with_a_host_network_backend_on_the_node_is_reached_from_outside() -> Result<()> {
+    mycni_tests::require_root!();
+    let (_cgroup, cluster) = ebpf_cluster("svchostnet")?;
+    let node = &cluster.nodes[0];
+    let host_port = 8089;
+    let _server = Server::start_naming_clients(&node.netns, host_port, "host")?;
+    let node_port = 30091;
+    ServiceTables::open(&node.pin_root())?.apply(
+        &[(
+            frontend_key(Ipv4Addr::UNSPECIFIED, node_port, PROTO_TCP),
+            (
+                entry(1, SERVICE_NODE_PORT | SERVICE_EXTERNAL_LOCAL, 0),
+                vec![Backend {
+                    address: node.node_ip.octets(),
+                    port: host_port,
+                    pad: 0,
+                }],
+            ),
+        )]
+        .into(),
+    )?;
+    wait_for_node_address(node, node.node_ip, true)?;
+    let before = packets(node, verdict::EXTERNAL_TRANSLATED)?;
+    let outside = mycni_tests::cluster::EXTERNAL_IP;
+    let frontend = SocketAddr::from((node.node_ip, node_port));
+    let seen = probe(None, &cluster.external, "tcp", frontend, 5)?;
+    ensure!(
+        servers_behind(frontend, &seen)? == names(&[&format!("host from {outside}")]),
+        "{seen:?}"
+    );
+    let translated = packets(node, verdict::EXTERNAL_TRANSLATED)? - before;
+    // Each connection: at least its SYN in and its SYN-ACK out.
+    ensure!(translated >= 10, "external_translated counted {translated}");
+    Ok(())
+}

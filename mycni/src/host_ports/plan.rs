@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use mycni_common::fnv1a64;
-use mycni_common::service::{Backend, HostPortEntry, ServiceKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use mycni_common::service::{
+    Backend, HostPortEntry, ServiceKey, ANY_NODE_ADDRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+};
 
 use crate::cni::config::PortMapping;
 
@@ -28,7 +30,7 @@ pub fn attachment_hash(container_id: &str, ifname: &str) -> u64 {
     fnv1a64(format!("{container_id}/{ifname}").as_bytes())
 }
 
-/// `127.0.0.1:54321/tcp`, for messages.
+/// `127.0.0.1:54321/tcp` (`*:54321/tcp` for every node address), for messages.
 pub fn describe(key: &ServiceKey) -> String {
     let protocol = match key.protocol {
         PROTO_TCP => "tcp".to_string(),
@@ -36,76 +38,76 @@ pub fn describe(key: &ServiceKey) -> String {
         PROTO_SCTP => "sctp".to_string(),
         other => format!("protocol {other}"),
     };
+    if key.address == ANY_NODE_ADDRESS {
+        return format!("*:{}/{protocol}", key.port);
+    }
     format!("{}:{}/{protocol}", Ipv4Addr::from(key.address), key.port)
 }
 
-/// The addresses a hostPort without hostIP is reachable on: every IPv4 address of the
-/// node's namespace, and 127.0.0.1 whether or not `lo` lists it (portmap answers there too).
-pub fn wildcard_addresses(node_addresses: &[Ipv4Addr]) -> BTreeSet<Ipv4Addr> {
-    node_addresses
-        .iter()
-        .copied()
-        .filter(|ip| !ip.is_unspecified())
-        .chain([Ipv4Addr::LOCALHOST])
-        .collect()
-}
-
-/// The entries `mappings` become for the pod at `pod_ip`, tagged with `attachment`. Two
-/// mappings landing on one key (a hostIP given once explicitly and once as the wildcard,
-/// say) must agree on the containerPort.
+/// The entries `mappings` become for the pod at `pod_ip`, tagged with `attachment`: one
+/// per (hostIP, hostPort, protocol), a hostPort without hostIP (or `0.0.0.0`) keyed once at
+/// `ANY_NODE_ADDRESS`, which the datapath serves on every address of the node, those it
+/// gains after this ADD included. Two mappings landing on one key must agree on the
+/// containerPort.
 pub fn plan(
     mappings: &[PortMapping],
     pod_ip: Ipv4Addr,
-    node_addresses: &[Ipv4Addr],
     attachment: u64,
 ) -> Result<HostPortEntries, HostPortError> {
-    let wildcard = wildcard_addresses(node_addresses);
     let mut entries = HostPortEntries::new();
     for mapping in mappings {
-        let addresses: Vec<Ipv4Addr> = match mapping.host_ip {
-            Some(ip) => vec![ip],
-            None => wildcard.iter().copied().collect(),
+        let address = mapping.host_ip.map_or(ANY_NODE_ADDRESS, |ip| ip.octets());
+        let key = ServiceKey {
+            address,
+            port: mapping.host_port,
+            protocol: mapping.protocol,
+            scope: 0,
         };
-        for address in addresses {
-            let key = ServiceKey {
-                address: address.octets(),
-                port: mapping.host_port,
-                protocol: mapping.protocol,
-                scope: 0,
-            };
-            let entry = HostPortEntry {
-                backend: Backend {
-                    address: pod_ip.octets(),
-                    port: mapping.container_port,
-                    pad: 0,
-                },
-                attachment_hash: attachment,
-            };
-            if let Some(first) = entries.insert(key, entry) {
-                if first != entry {
-                    return Err(HostPortError::Duplicate {
-                        key,
-                        first: first.backend.port,
-                        second: mapping.container_port,
-                    });
-                }
+        let entry = HostPortEntry {
+            backend: Backend {
+                address: pod_ip.octets(),
+                port: mapping.container_port,
+                pad: 0,
+            },
+            attachment_hash: attachment,
+        };
+        if let Some(first) = entries.insert(key, entry) {
+            if first != entry {
+                return Err(HostPortError::Duplicate {
+                    key,
+                    first: first.backend.port,
+                    second: mapping.container_port,
+                });
             }
         }
     }
     Ok(entries)
 }
 
-/// The planned keys another attachment holds in `held`, with its entry.
+/// Whether two keys claim a common (address, port, protocol): the same key, or a wildcard
+/// and any address on the same port and protocol (as the scheduler's hostPort check and
+/// portmap's `0.0.0.0` rule see it).
+pub fn overlap(a: &ServiceKey, b: &ServiceKey) -> bool {
+    a.port == b.port
+        && a.protocol == b.protocol
+        && (a.address == b.address
+            || a.address == ANY_NODE_ADDRESS
+            || b.address == ANY_NODE_ADDRESS)
+}
+
+/// The keys of `held` another attachment holds that overlap a planned key, with their
+/// entries.
 pub fn conflicts(
     planned: &HostPortEntries,
     held: &HostPortEntries,
 ) -> Vec<(ServiceKey, HostPortEntry)> {
-    planned
-        .iter()
-        .filter_map(|(key, entry)| {
-            let holder = held.get(key)?;
-            (holder.attachment_hash != entry.attachment_hash).then_some((*key, *holder))
+    held.iter()
+        .filter(|(key, holder)| {
+            planned.iter().any(|(mine, entry)| {
+                holder.attachment_hash != entry.attachment_hash && overlap(mine, key)
+            })
         })
+        .map(|(key, holder)| (*key, *holder))
         .collect()
 }
 
@@ -179,36 +181,21 @@ mod tests {
     }
 
     #[test]
-    fn a_host_port_without_host_ip_is_planned_on_every_node_address_and_loopback() {
-        let entries = plan(
-            &[mapping(54321, PROTO_TCP, None)],
+    fn a_host_port_without_host_ip_is_planned_once_for_every_node_address() {
+        let entries = plan(&[mapping(54321, PROTO_TCP, None)], POD, 7).unwrap();
+        assert_eq!(keys(&entries), ["*:54321/tcp"]);
+        let entry = &entries[&key(Ipv4Addr::UNSPECIFIED, 54321, PROTO_TCP)];
+        assert_eq!(entry.backend.address, POD.octets());
+        assert_eq!(entry.backend.port, 8080);
+        assert_eq!(entry.attachment_hash, 7);
+        // An explicit 0.0.0.0 is the same wildcard.
+        let explicit = plan(
+            &[mapping(54321, PROTO_TCP, Some(Ipv4Addr::UNSPECIFIED))],
             POD,
-            &[NODE, OTHER_NODE_ADDRESS, Ipv4Addr::UNSPECIFIED],
             7,
         )
         .unwrap();
-        assert_eq!(
-            keys(&entries),
-            [
-                "10.0.2.15:54321/tcp",
-                "127.0.0.1:54321/tcp",
-                "192.168.1.11:54321/tcp"
-            ]
-        );
-        for entry in entries.values() {
-            assert_eq!(entry.backend.address, POD.octets());
-            assert_eq!(entry.backend.port, 8080);
-            assert_eq!(entry.attachment_hash, 7);
-        }
-        // lo's own 127.0.0.1 is not listed twice.
-        let with_lo = plan(
-            &[mapping(80, PROTO_UDP, None)],
-            POD,
-            &[Ipv4Addr::LOCALHOST, NODE],
-            7,
-        )
-        .unwrap();
-        assert_eq!(keys(&with_lo), ["127.0.0.1:80/udp", "192.168.1.11:80/udp"]);
+        assert_eq!(explicit, entries);
     }
 
     #[test]
@@ -220,7 +207,6 @@ mod tests {
                 mapping(54321, PROTO_UDP, Some(NODE)),
             ],
             POD,
-            &[NODE, OTHER_NODE_ADDRESS],
             7,
         )
         .unwrap();
@@ -237,14 +223,14 @@ mod tests {
     #[test]
     fn one_key_asked_for_twice_must_agree_on_the_container_port() {
         let same = [
-            mapping(80, PROTO_TCP, None),
+            mapping(80, PROTO_TCP, Some(NODE)),
             mapping(80, PROTO_TCP, Some(NODE)),
         ];
-        assert_eq!(plan(&same, POD, &[NODE], 7).unwrap().len(), 2);
+        assert_eq!(plan(&same, POD, 7).unwrap().len(), 1);
         let mut other = same;
         other[1].container_port = 9090;
         assert_eq!(
-            plan(&other, POD, &[NODE], 7),
+            plan(&other, POD, 7),
             Err(HostPortError::Duplicate {
                 key: key(NODE, 80, PROTO_TCP),
                 first: 8080,
@@ -254,9 +240,10 @@ mod tests {
     }
 
     /// The upstream conformance spec's three pods: same hostPort, different hostIP or
-    /// protocol, no conflict; a fourth with the first one's triple conflicts.
+    /// protocol, no conflict; a fourth with the first one's triple conflicts, and so does a
+    /// wildcard on the port and protocol of any of them.
     #[test]
-    fn only_the_same_host_ip_port_and_protocol_of_another_pod_conflicts() {
+    fn the_same_triple_or_a_wildcard_over_it_of_another_pod_conflicts() {
         let mut held = HostPortEntries::new();
         let pods = [
             (1, mapping(54321, PROTO_TCP, Some(Ipv4Addr::LOCALHOST))),
@@ -264,14 +251,13 @@ mod tests {
             (3, mapping(54321, PROTO_UDP, Some(NODE))),
         ];
         for (attachment, mapping) in pods {
-            let planned = plan(&[mapping], POD, &[NODE], attachment).unwrap();
+            let planned = plan(&[mapping], POD, attachment).unwrap();
             assert!(conflicts(&planned, &held).is_empty(), "pod {attachment}");
             held.extend(planned);
         }
         let fourth = plan(
             &[mapping(54321, PROTO_TCP, Some(Ipv4Addr::LOCALHOST))],
             POD,
-            &[NODE],
             4,
         )
         .unwrap();
@@ -279,18 +265,49 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].0, key(Ipv4Addr::LOCALHOST, 54321, PROTO_TCP));
         assert_eq!(found[0].1.attachment_hash, 1);
-        // A wildcard overlaps every specific address of the node.
-        let wildcard = plan(&[mapping(54321, PROTO_UDP, None)], POD, &[NODE], 5).unwrap();
-        assert_eq!(conflicts(&wildcard, &held).len(), 1);
+        // A wildcard overlaps every specific address on its port and protocol.
+        let wildcard = plan(&[mapping(54321, PROTO_TCP, None)], POD, 5).unwrap();
+        let found: Vec<u64> = conflicts(&wildcard, &held)
+            .iter()
+            .map(|(_, holder)| holder.attachment_hash)
+            .collect();
+        assert_eq!(found, [1, 2]);
+        let wildcard_udp = plan(&[mapping(54321, PROTO_UDP, None)], POD, 5).unwrap();
+        assert_eq!(conflicts(&wildcard_udp, &held).len(), 1);
+        // ... and a held wildcard overlaps any address asked for later.
+        held.extend(plan(&[mapping(8080, PROTO_TCP, None)], POD, 6).unwrap());
+        let specific = plan(
+            &[mapping(8080, PROTO_TCP, Some(OTHER_NODE_ADDRESS))],
+            POD,
+            7,
+        )
+        .unwrap();
+        assert_eq!(conflicts(&specific, &held).len(), 1);
+        let other_port = plan(
+            &[mapping(8081, PROTO_TCP, Some(OTHER_NODE_ADDRESS))],
+            POD,
+            7,
+        )
+        .unwrap();
+        assert!(conflicts(&other_port, &held).is_empty());
         // The same attachment again (a retried ADD) is no conflict with itself.
-        let again = plan(&[pods[0].1], POD, &[NODE], 1).unwrap();
+        let again = plan(&[pods[0].1], POD, 1).unwrap();
         assert!(conflicts(&again, &held).is_empty());
     }
 
     #[test]
     fn del_finds_exactly_its_attachments_keys_and_check_names_what_differs() {
-        let mine = plan(&[mapping(80, PROTO_TCP, None)], POD, &[NODE], 1).unwrap();
-        let theirs = plan(&[mapping(81, PROTO_TCP, None)], POD, &[NODE], 2).unwrap();
+        let mine = plan(
+            &[
+                mapping(80, PROTO_TCP, None),
+                mapping(80, PROTO_TCP, Some(Ipv4Addr::LOCALHOST)),
+                mapping(80, PROTO_TCP, Some(NODE)),
+            ],
+            POD,
+            1,
+        )
+        .unwrap();
+        let theirs = plan(&[mapping(81, PROTO_TCP, None)], POD, 2).unwrap();
         let mut held = mine.clone();
         held.extend(theirs);
         assert_eq!(owned_by(&held, 1), mine.keys().copied().collect::<Vec<_>>());
@@ -308,15 +325,15 @@ mod tests {
     #[test]
     fn entries_of_pods_without_an_endpoint_are_orphaned() {
         let other_pod = Ipv4Addr::new(10, 244, 1, 6);
-        let mut held = plan(&[mapping(80, PROTO_TCP, None)], POD, &[NODE], 1).unwrap();
-        held.extend(plan(&[mapping(81, PROTO_TCP, None)], other_pod, &[NODE], 2).unwrap());
+        let mut held = plan(&[mapping(80, PROTO_TCP, None)], POD, 1).unwrap();
+        held.extend(plan(&[mapping(81, PROTO_TCP, Some(NODE))], other_pod, 2).unwrap());
         let endpoints: BTreeSet<Ipv4Addr> = [POD].into();
         assert_eq!(
             orphaned(&held, &endpoints)
                 .iter()
                 .map(describe)
                 .collect::<Vec<_>>(),
-            ["127.0.0.1:81/tcp", "192.168.1.11:81/tcp"]
+            ["192.168.1.11:81/tcp"]
         );
         assert!(orphaned(&held, &[POD, other_pod].into()).is_empty());
     }
