@@ -292,7 +292,8 @@ fn a_full_host_ports_map_fails_the_add_with_try_again_later_and_leaves_nothing()
         };
         (key, entry)
     };
-    // One key short of full: the pod's wildcard hostPort needs two (node IP, 127.0.0.1).
+    // One key short of full: the pod's two wildcard hostPorts need two keys (one each), so
+    // the ADD claims one before it finds no room and must give it back.
     for i in 0..MAX_HOST_PORTS - 1 {
         let (key, entry) = filler(i);
         table.claim(&key, &entry)?;
@@ -300,7 +301,7 @@ fn a_full_host_ports_map_fails_the_add_with_try_again_later_and_leaves_nothing()
     let entries = lab.entries()?;
     ensure!(entries.len() == MAX_HOST_PORTS as usize - 1);
     let leftovers = lab.node.leftovers()?;
-    let mappings = [mapping(30080, "tcp", "")];
+    let mappings = [mapping(30080, "tcp", ""), mapping(30081, "tcp", "")];
     let (call, pod) = lab.try_add("late", &mappings)?;
     ensure!(
         pod.is_none(),
