@@ -131,9 +131,9 @@ pub const NOT_RUN: &[NotRun] = &[
     NotRun {
         name_contains: "DNS should provide /etc/hosts entries for the cluster",
         why: Why::CannotRunHere,
-        reason: "probes from the jessie-dnsutils image (not built here) and reads the results \
-                 through the API server's proxy to the pod, which the lab's control plane \
-                 (no pod network in its namespace) cannot reach",
+        reason: "probes from the jessie-dnsutils image, which is not built here (the results \
+                 it reads through the API server's proxy to the pod would arrive: the control \
+                 plane routes the pod CIDRs)",
     },
     NotRun {
         name_contains: "[sig-network] DNS ",
@@ -400,8 +400,9 @@ pub const EBPF_NOT_RUN: &[NotRun] = &[
     NotRun {
         name_contains: "should create endpoints for unready pods",
         why: Why::CannotRunHere,
-        reason: "dials each pod through the API server's proxy, which the lab's control plane \
-                 (no pod network in its namespace) cannot reach",
+        reason: "curls the Service by its DNS name (`curl http://tolerate-unready.<ns>.svc.cluster.local:80/` \
+                 from an exec pod): needs cluster DNS; its first step, each pod reached through \
+                 the API server's proxy, passes since the control plane routes the pod CIDRs",
     },
 ];
 

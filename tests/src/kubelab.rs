@@ -1175,6 +1175,22 @@ i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; 
                 nodes.join("\n")
             );
         }
+        self.route_control_plane_to_pods()
+    }
+
+    /// Routes in the control-plane namespace to each node's pod CIDR via that node's IP,
+    /// as a real control plane has them (it runs on a node, or the network routes pod
+    /// CIDRs): the API server's proxy to pods and Services (`.../pods/P/proxy/...`) dials
+    /// pod IPs. The nodes have their CIDRs once they are Ready.
+    fn route_control_plane_to_pods(&self) -> Result<()> {
+        for node in &self.nodes {
+            let object = self.get_json(&["get", "node", &node.name])?;
+            let cidr = object["spec"]["podCIDR"]
+                .as_str()
+                .with_context(|| format!("{} has no pod CIDR", node.name))?;
+            self.control
+                .exec(&["ip", "route", "replace", cidr, "via", &node.ip.to_string()])?;
+        }
         Ok(())
     }
 
