@@ -282,6 +282,18 @@ pub const EBPF_LISTED: &[ListedSpec] = &[
         name: "[sig-network] Networking Granular Checks: Services should function for service endpoints using hostNetwork",
         checks: "hostNetwork backends on both nodes (each answers with its node's name) through a ClusterIP and a NodePort, from a hostNetwork pod, over HTTP and UDP, large requests too",
     },
+    ListedSpec {
+        name: "[sig-network] Services should be able to up and down services",
+        checks: "three Services of 3 serve-hostname pods: every backend answers through its ClusterIP from a pod and a hostNetwork pod; a deleted Service stops answering, the others keep going",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should implement service.kubernetes.io/service-proxy-name",
+        checks: "a Service labelled for another proxy is not balanced; adding the label stops a working one, removing it brings it back",
+    },
+    ListedSpec {
+        name: "[sig-network] Services should implement service.kubernetes.io/headless",
+        checks: "the same with the `service.kubernetes.io/headless` label",
+    },
 ];
 
 pub const EBPF_AREAS: &[&str] = &[
@@ -347,21 +359,6 @@ pub const EBPF_NOT_RUN: &[NotRun] = &[
                  is covered by tests/tests/kubernetes_services.rs",
     },
     NotRun {
-        name_contains: "should be able to up and down services",
-        why: Why::NotListedYet,
-        reason: NO_SEQ_IN_IMAGE,
-    },
-    NotRun {
-        name_contains: "should implement service.kubernetes.io/service-proxy-name",
-        why: Why::NotListedYet,
-        reason: NO_SEQ_IN_IMAGE,
-    },
-    NotRun {
-        name_contains: "should implement service.kubernetes.io/headless",
-        why: Why::NotListedYet,
-        reason: NO_SEQ_IN_IMAGE,
-    },
-    NotRun {
         name_contains: "should allow pods to hairpin back to themselves through services",
         why: Why::CannotRunHere,
         reason: "the pod reaches itself through its Service by the Service's name (`nc -zv -t -w 2 \
@@ -405,12 +402,6 @@ pub const EBPF_NOT_RUN: &[NotRun] = &[
                  the API server's proxy, passes since the control plane routes the pod CIDRs",
     },
 ];
-
-/// The serve-hostname specs count backends with a shell loop run in an exec pod.
-const NO_SEQ_IN_IMAGE: &str =
-    "counts the backends with `for i in $(seq 1 150); do wget ...` in an exec pod, and the \
-     lab's agnhost image (Debian's dash, curl, netcat-openbsd, grep, busybox's `seq`) has no \
-     `wget` (before `seq` joined it: '/bin/sh: 1: seq: not found'): the image needs it first";
 
 /// The run with kube-proxy absent: [`EBPF_LISTED`], [`EBPF_AREAS`], [`EBPF_NOT_RUN`].
 pub const EBPF_SERVICES: Suite = Suite {

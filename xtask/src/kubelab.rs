@@ -294,6 +294,8 @@ fn agnhost_spec(bin: &Path) -> Result<ImageSpec> {
             "cat", "ls", "sleep", "hostname", "ps", "env", "mkdir", "rm", "timeout",
             // The NetworkPolicy specs' clients retry with `for i in $(seq 1 5)`.
             "seq",
+            // The serve-hostname Services specs count backends with `wget -q -T 1 -O -`.
+            "wget",
         ]),
         entrypoint: vec!["/agnhost".to_string()],
         cmd: vec!["pause".to_string()],
