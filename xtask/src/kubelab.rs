@@ -297,6 +297,9 @@ fn agnhost_spec(bin: &Path) -> Result<ImageSpec> {
             "cat", "ls", "sleep", "hostname", "ps", "env", "mkdir", "rm", "timeout",
             // The NetworkPolicy specs' clients retry with `for i in $(seq 1 5)`.
             "seq",
+            // "create endpoints for unready pods" keeps its pod unready with an exec probe
+            // of `/bin/false` (which, missing, errs: unready too, but for the wrong reason).
+            "false",
         ]),
         entrypoint: vec!["/agnhost".to_string()],
         cmd: vec!["pause".to_string()],
