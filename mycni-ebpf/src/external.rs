@@ -182,7 +182,7 @@ pub(crate) fn to_backend(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Op
             ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
         )
     {
-        return icmp_error_from_client(ctx, packet);
+        return icmp_error_from_client(ctx, packet, cfg);
     }
     if !packet.has_ports || (packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP) {
         return None;
@@ -220,9 +220,7 @@ pub(crate) fn to_backend(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Op
                 }
                 Choice::Backend(backend) => backend,
             };
-            // A pod of this node, or the node itself (a hostNetwork backend, which the
-            // stack serves).
-            let local = is_local_pod(backend.address) || is_node_address(backend.address);
+            let local = served_here(backend.address);
             // The client's address stays for a backend on this node; any other backend's
             // replies would not come back here without the node's address as the source.
             let flags = if local { 0 } else { EXTERNAL_SNAT };
@@ -276,7 +274,7 @@ pub(crate) fn to_backend(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Op
     if packet.fragmented {
         remember_fragment(packet, fragment_action, backend.address);
     }
-    Some(send_to_backend(ctx, &translated))
+    Some(send_to_backend(ctx, &translated, cfg))
 }
 
 /// The forward entry of a new flow: the client's packets go to `backend`.
@@ -326,18 +324,21 @@ fn record_reverse(packet: &Ipv4, backend: Backend, flags: u8, now: u64) {
     let _ = EXTERNAL_NAT.insert(&reply, &reverse, 0);
 }
 
+/// Whether a backend answers on this node, so the client's address can stay: a local pod,
+/// or the node itself (a hostNetwork pod's address is its node's).
 #[inline(always)]
-fn is_local_pod(address: [u8; 4]) -> bool {
+fn served_here(address: [u8; 4]) -> bool {
     route_of(address).is_some_and(|route| route.kind == ROUTE_LOCAL_ENDPOINT)
+        || is_node_address(address)
 }
 
 /// Delivers a translated packet: into a local pod (its ingress policy checked here, as
-/// `from_netdev` does for other nodes' pods), to a pod's node, or through the node stack
-/// to a backend that is no pod.
+/// `from_netdev` does for other nodes' pods), to a pod's node, or to a backend that is no
+/// pod ([`send_to_host`]).
 #[inline(always)]
-fn send_to_backend(ctx: &TcContext, translated: &Ipv4) -> (u32, i32) {
+fn send_to_backend(ctx: &TcContext, translated: &Ipv4, cfg: &NodeConfig) -> (u32, i32) {
     let Some(route) = route_of(translated.dst) else {
-        return (verdict::EXTERNAL_TRANSLATED, TC_ACT_OK);
+        return send_to_host(ctx, translated, cfg);
     };
     match route.kind {
         ROUTE_LOCAL_ENDPOINT => {
@@ -358,6 +359,24 @@ fn send_to_backend(ctx: &TcContext, translated: &Ipv4) -> (u32, i32) {
         }
         _ => (verdict::EXTERNAL_TRANSLATED, TC_ACT_OK),
     }
+}
+
+/// A backend that is no pod (a hostNetwork pod, at its node's address). This node: the
+/// node stack delivers it, the client's source kept ([`reply_from_node`] turns the reply
+/// back). Another host: straight out of the uplink, SNATed to this node's address by
+/// [`to_backend`]; this node's stack would drop a packet from its own address arriving on
+/// the uplink as a martian.
+#[inline(always)]
+fn send_to_host(ctx: &TcContext, translated: &Ipv4, cfg: &NodeConfig) -> (u32, i32) {
+    if is_node_address(translated.dst) {
+        return (verdict::EXTERNAL_TRANSLATED, TC_ACT_OK);
+    }
+    // Passed by to_netdev untouched, like from_pod's packets to other nodes.
+    ctx.set_mark(MARK_FROM_POD);
+    // SAFETY: a helper call with no pointer but a null parameters block, as it allows; the
+    // kernel looks the backend up in the node's routes.
+    let action = unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
+    (verdict::EXTERNAL_TRANSLATED, action as i32)
 }
 
 /// A later fragment of a datagram whose first fragment went to a backend: the same
@@ -384,7 +403,7 @@ fn later_fragment_to_backend(
         }
         translated.src = cfg.node_ip;
     }
-    let (verdict, action) = send_to_backend(ctx, &translated);
+    let (verdict, action) = send_to_backend(ctx, &translated, cfg);
     if verdict == verdict::EXTERNAL_TRANSLATED {
         return Some((verdict::FRAGMENT_TRANSLATED, action));
     }
@@ -604,7 +623,7 @@ fn icmp_error_from_backend(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32)>
 /// client or the router) stays: a PMTU error is valid from any hop. `None`: about no flow
 /// from outside.
 #[inline(always)]
-fn icmp_error_from_client(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32)> {
+fn icmp_error_from_client(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Option<(u32, i32)> {
     let quote = quote_about_receiver(ctx, packet)?;
     let reply = &quote.flow;
     // The client's side of the flow, as its packets arrive: client -> frontend.
@@ -661,7 +680,7 @@ fn icmp_error_from_client(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32)> 
     }
     let mut translated = *packet;
     translated.dst = backend;
-    let (verdict, action) = send_to_backend(ctx, &translated);
+    let (verdict, action) = send_to_backend(ctx, &translated, cfg);
     if verdict == verdict::EXTERNAL_TRANSLATED {
         return Some((verdict::ICMP_ERROR_TRANSLATED, action));
     }

@@ -269,8 +269,8 @@ fn busybox_links(applets: &[&str]) -> Vec<(PathBuf, String)> {
 
 /// Upstream's agnhost image (entrypoint `/agnhost`, default argument `pause`) with what the
 /// specs exec in it from Debian's packages instead of Alpine's: dash as `/bin/sh` (busybox's
-/// shell would run its own `nc` applet, which has no `-u`), curl, netcat-openbsd's `nc` and
-/// grep; busybox for the small tools a shell session expects.
+/// shell would run its own `nc` applet, which has no `-u`), curl, netcat-openbsd's `nc`,
+/// grep and wget; busybox for the small tools a shell session expects.
 fn agnhost_spec(bin: &Path) -> Result<ImageSpec> {
     let files = [
         (bin.join("agnhost"), "/agnhost", "cargo xtask k8s"),
@@ -282,6 +282,9 @@ fn agnhost_spec(bin: &Path) -> Result<ImageSpec> {
             "netcat-openbsd",
         ),
         (PathBuf::from("/bin/grep"), "/bin/grep", "grep"),
+        // The serve-hostname Services specs count backends with `wget -q -T 1 -O -`; GNU
+        // wget, as busybox-static 1.35's wget applet dies of a segmentation fault at start.
+        (PathBuf::from("/usr/bin/wget"), "/usr/bin/wget", "wget"),
         (
             PathBuf::from("/bin/busybox"),
             "/bin/busybox",
@@ -294,6 +297,9 @@ fn agnhost_spec(bin: &Path) -> Result<ImageSpec> {
             "cat", "ls", "sleep", "hostname", "ps", "env", "mkdir", "rm", "timeout",
             // The NetworkPolicy specs' clients retry with `for i in $(seq 1 5)`.
             "seq",
+            // "create endpoints for unready pods" keeps its pod unready with an exec probe
+            // of `/bin/false` (which, missing, errs: unready too, but for the wrong reason).
+            "false",
         ]),
         entrypoint: vec!["/agnhost".to_string()],
         cmd: vec!["pause".to_string()],
