@@ -34,6 +34,7 @@ pub const MAP_POLICY: &str = "POLICY";
 pub const MAP_POLICY_CT: &str = "POLICY_CT";
 pub const MAP_POLICY_STATE: &str = "POLICY_STATE";
 pub const MAP_POLICY_DROPS: &str = "POLICY_DROPS";
+pub const MAP_EXTERNAL_STATE: &str = "EXTERNAL_STATE";
 /// Every map the datapath pins, in a stable order (the order of [`PINNED_MAPS`]).
 pub const MAP_NAMES: [&str; PINNED_MAPS.len()] = {
     let mut names = [""; PINNED_MAPS.len()];
@@ -317,10 +318,17 @@ pub mod map_spec {
         value_size: size_of::<policy::PolicyDrops>() as u32,
         max_entries: MAX_POLICY_ENDPOINTS,
     };
+    pub const EXTERNAL_STATE: MapSpec = MapSpec {
+        name: MAP_EXTERNAL_STATE,
+        kind: MapKind::Array,
+        key_size: ARRAY_INDEX,
+        value_size: size_of::<service::ExternalState>() as u32,
+        max_entries: 1,
+    };
 }
 
 /// Every map the datapath pins, in a stable order.
-pub const PINNED_MAPS: [MapSpec; 21] = [
+pub const PINNED_MAPS: [MapSpec; 22] = [
     map_spec::ROUTES,
     map_spec::ENDPOINTS,
     map_spec::STATS,
@@ -342,6 +350,7 @@ pub const PINNED_MAPS: [MapSpec; 21] = [
     map_spec::POLICY_CT,
     map_spec::POLICY_STATE,
     map_spec::POLICY_DROPS,
+    map_spec::EXTERNAL_STATE,
 ];
 
 /// The shape of the pinned map called `name`.
@@ -656,6 +665,7 @@ mod pod {
     unsafe impl aya::Pod for super::service::SockReverseEntry {}
     unsafe impl aya::Pod for super::service::HostPortEntry {}
     unsafe impl aya::Pod for super::service::ExternalNatEntry {}
+    unsafe impl aya::Pod for super::service::ExternalState {}
     unsafe impl aya::Pod for super::policy::PolicyKey {}
     unsafe impl aya::Pod for super::policy::PolicyEntry {}
     unsafe impl aya::Pod for super::policy::PolicyEndpoint {}

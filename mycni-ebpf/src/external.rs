@@ -21,7 +21,9 @@ use crate::headers::{
     ICMP_DEST_UNREACH, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_TCP,
     IPPROTO_UDP, IP_DST_OFF, IP_SRC_OFF, TCP_ACK, TCP_FLAGS, TCP_SYN,
 };
-use crate::maps::{route_of, AFFINITY, BACKENDS, EXTERNAL_NAT, FRAGMENTS, SERVICES};
+use crate::maps::{
+    route_of, AFFINITY, BACKENDS, EXTERNAL_NAT, EXTERNAL_STATE, FRAGMENTS, SERVICES,
+};
 use crate::nat::icmp_error::{quote_about_sender, rewrite_quote};
 use crate::nat::ports::{allocate_port, PortError};
 use crate::nat::snat::existing_port;
@@ -196,6 +198,9 @@ pub(crate) fn to_backend(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Op
                 Choice::Backend(backend) => backend,
             };
             let local = is_local_pod(backend.address);
+            if local && is_local_pod(packet.src) {
+                note_local_client();
+            }
             // The client's address stays for a backend on this node; any other backend's
             // replies would not come back here without the node's address as the source.
             let flags = if local { 0 } else { EXTERNAL_SNAT };
@@ -297,6 +302,33 @@ fn record_reverse(packet: &Ipv4, backend: Backend, flags: u8, now: u64) {
         return;
     }
     let _ = EXTERNAL_NAT.insert(&reply, &reverse, 0);
+}
+
+/// Whether `from_netdev` ever gave a backend on this node to one of this node's own pods
+/// (`EXTERNAL_STATE`): then a local backend's replies to a local pod may need to leave as
+/// the frontend, and `from_pod` looks them up in `EXTERNAL_NAT` too. An array lookup, which
+/// the verifier inlines: what every packet between local pods pays instead of the LRU one.
+#[inline(always)]
+pub(crate) fn local_pods_reached_frontends_from_outside() -> bool {
+    EXTERNAL_STATE
+        .get(0)
+        .is_some_and(|state| state.local_clients != 0)
+}
+
+/// A pod of this node reached a frontend of this node through the uplink (its flow left
+/// unmasqueraded and came back, e.g. to an externalIP in a `--non-masquerade-cidr`): set
+/// once for good, as such a flow's replies would otherwise reach the pod with the
+/// backend's address as their source.
+#[inline(always)]
+fn note_local_client() {
+    if let Some(state) = EXTERNAL_STATE.get_ptr_mut(0) {
+        // SAFETY: a pointer into the array's one value, valid for this program run.
+        unsafe {
+            if (*state).local_clients == 0 {
+                (*state).local_clients = 1;
+            }
+        }
+    }
 }
 
 #[inline(always)]
