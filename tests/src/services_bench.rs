@@ -28,6 +28,8 @@ pub const SERVICE_COUNTS: [usize; 3] = [10, 1000, 5000];
 /// The ClusterIP under test: port `RATE_PORT` for connection rates, `RR_PORT` for round trips.
 pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const RATE_PORT: u16 = 80;
+/// Each connection-rate measurement, in this many turns per client (see [`run`]).
+const RATE_SLICES: usize = 5;
 const RR_PORT: u16 = 81;
 /// The backends' ports behind `RATE_PORT` and `RR_PORT`.
 const BACKEND_RATE_PORT: u16 = 8080;
@@ -378,26 +380,40 @@ pub fn run(prefix: &str, settings: &Settings) -> Result<(String, Value)> {
                 .or_default()
                 .push((maps.as_secs_f64() * 1e3, rules.as_secs_f64() * 1e3));
             // Every client's connection rate, then every client's round trip: the two
-            // round trips compared (socket LB and pod IP) run back to back. The rates in an
-            // order rotated each round, so no client always runs first after a rewrite.
-            for offset in 0..CLIENTS.len() {
-                let client = &CLIENTS[(offset + round) % CLIENTS.len()];
-                let before = lab.translated()?;
-                let rate = lab
-                    .connection_rate(client, settings.rate_time)
-                    .with_context(|| format!("{} at {count} Services", client.name))?;
-                let translated = lab.translated()? - before;
-                // Only the cgroup client to the ClusterIP is the socket LB's: one
-                // translation per connection.
-                if client.in_cgroup && client.via_cluster_ip {
-                    ensure!(
-                        translated as f64 >= rate * settings.rate_time.as_secs_f64() * 0.9,
-                        "{}: {translated} translations for {rate:.0} connections/s",
-                        client.name
-                    );
-                } else if translated != 0 {
-                    bail!("{}: mycni translated {translated} connections", client.name);
+            // round trips compared (socket LB and pod IP) run back to back. The rates in
+            // `RATE_SLICES` slices, the clients taking turns (in an order rotated each
+            // round, so no client always runs first after a rewrite), and each client's
+            // sample the median of its slices: a burst of the shared machine's other work
+            // then costs every client a slice, where it took one client's whole window
+            // (measured: single windows 2-4 times slower than the rest, which decided the
+            // flatness target by which count they fell on).
+            let slice = settings.rate_time / RATE_SLICES as u32;
+            let mut slices: Vec<Vec<f64>> = vec![Vec::new(); CLIENTS.len()];
+            for _ in 0..RATE_SLICES {
+                for offset in 0..CLIENTS.len() {
+                    let index = (offset + round) % CLIENTS.len();
+                    let client = &CLIENTS[index];
+                    let before = lab.translated()?;
+                    let rate = lab
+                        .connection_rate(client, slice)
+                        .with_context(|| format!("{} at {count} Services", client.name))?;
+                    let translated = lab.translated()? - before;
+                    // Only the cgroup client to the ClusterIP is the socket LB's: one
+                    // translation per connection.
+                    if client.in_cgroup && client.via_cluster_ip {
+                        ensure!(
+                            translated as f64 >= rate * slice.as_secs_f64() * 0.9,
+                            "{}: {translated} translations for {rate:.0} connections/s",
+                            client.name
+                        );
+                    } else if translated != 0 {
+                        bail!("{}: mycni translated {translated} connections", client.name);
+                    }
+                    slices[index].push(rate);
                 }
+            }
+            for (client, rates) in CLIENTS.iter().zip(&slices) {
+                let rate = summarize(rates).median;
                 push(&mut samples, client.name, count, "tcp_conn_per_s", rate);
             }
             for client in &CLIENTS {
