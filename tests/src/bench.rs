@@ -23,7 +23,12 @@ pub fn bench_cpu() -> Option<usize> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     match std::env::var("MYCNI_BENCH_CPU") {
         Ok(any) if any == "any" => None,
-        Ok(cpu) => Some(cpu.parse().ok().filter(|cpu| *cpu < cpus).unwrap_or(cpus - 1)),
+        Ok(cpu) => Some(
+            cpu.parse()
+                .ok()
+                .filter(|cpu| *cpu < cpus)
+                .unwrap_or(cpus - 1),
+        ),
         Err(_) => Some(cpus - 1),
     }
 }
