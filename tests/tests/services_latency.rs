@@ -108,10 +108,13 @@ fn ready_addresses(endpoints: &Value) -> BTreeSet<Ipv4Addr> {
         .collect()
 }
 
+/// Each Endpoints object the watch delivered, with when it arrived, and its ready addresses.
+type Arrivals = Arc<Mutex<Vec<(Instant, BTreeSet<Ipv4Addr>)>>>;
+
 /// `kubectl get endpoints web --watch`, each object time-stamped as it arrives.
 struct EndpointsWatch {
     child: Child,
-    seen: Arc<Mutex<Vec<(Instant, BTreeSet<Ipv4Addr>)>>>,
+    seen: Arrivals,
 }
 
 impl EndpointsWatch {
@@ -124,7 +127,7 @@ impl EndpointsWatch {
             .spawn()
             .context("kubectl get --watch")?;
         let stdout = child.stdout.take().context("watch stdout")?;
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen: Arrivals = Arc::new(Mutex::new(Vec::new()));
         let record = seen.clone();
         std::thread::spawn(move || {
             let objects = serde_json::Deserializer::from_reader(BufReader::new(stdout));
@@ -224,14 +227,15 @@ fn time_until_every_node(
 
 /// The names `client` reaches through `cluster_ip` in `tries` fetches (one `kubectl exec`).
 fn reached(lab: &KubeLab, cluster_ip: Ipv4Addr, tries: u32) -> Result<BTreeSet<String>> {
+    // busybox's nc (its wget crashes in this image): each answer's body is the pod's name.
     let script = format!(
-        "for i in $(/bin/busybox seq {tries}); do /bin/busybox wget -q -T 2 -O- http://{cluster_ip}/ ; done"
+        "for i in $(/bin/busybox seq {tries}); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox timeout 5 /bin/busybox nc -w 3 {cluster_ip} 80; done"
     );
     let out = lab.kubectl(&["exec", "client", "--", "/bin/busybox", "sh", "-c", &script])?;
     Ok(out
         .lines()
         .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
+        .filter(|l| l.starts_with("web-"))
         .collect())
 }
 
