@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map's key or value layout changes; pinned maps of another layout are
 /// refused by the loader instead of being silently reused.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 pub mod policy;
 pub mod service;
@@ -35,6 +35,7 @@ pub const MAP_POLICY_CT: &str = "POLICY_CT";
 pub const MAP_POLICY_STATE: &str = "POLICY_STATE";
 pub const MAP_POLICY_DROPS: &str = "POLICY_DROPS";
 pub const MAP_NODE_ADDRESSES: &str = "NODE_ADDRESSES";
+pub const MAP_EXTERNAL_STATE: &str = "EXTERNAL_STATE";
 /// Every map the datapath pins, in a stable order (the order of [`PINNED_MAPS`]).
 pub const MAP_NAMES: [&str; PINNED_MAPS.len()] = {
     let mut names = [""; PINNED_MAPS.len()];
@@ -338,10 +339,17 @@ pub mod map_spec {
         value_size: size_of::<u32>() as u32,
         max_entries: MAX_NODE_ADDRESSES,
     };
+    pub const EXTERNAL_STATE: MapSpec = MapSpec {
+        name: MAP_EXTERNAL_STATE,
+        kind: MapKind::Array,
+        key_size: ARRAY_INDEX,
+        value_size: size_of::<service::ExternalState>() as u32,
+        max_entries: 1,
+    };
 }
 
 /// Every map the datapath pins, in a stable order.
-pub const PINNED_MAPS: [MapSpec; 22] = [
+pub const PINNED_MAPS: [MapSpec; 23] = [
     map_spec::ROUTES,
     map_spec::ENDPOINTS,
     map_spec::STATS,
@@ -364,6 +372,7 @@ pub const PINNED_MAPS: [MapSpec; 22] = [
     map_spec::POLICY_STATE,
     map_spec::POLICY_DROPS,
     map_spec::NODE_ADDRESSES,
+    map_spec::EXTERNAL_STATE,
 ];
 
 /// The shape of the pinned map called `name`.
@@ -702,6 +711,7 @@ mod pod {
     unsafe impl aya::Pod for super::service::SockReverseEntry {}
     unsafe impl aya::Pod for super::service::HostPortEntry {}
     unsafe impl aya::Pod for super::service::ExternalNatEntry {}
+    unsafe impl aya::Pod for super::service::ExternalState {}
     unsafe impl aya::Pod for super::policy::PolicyKey {}
     unsafe impl aya::Pod for super::policy::PolicyEntry {}
     unsafe impl aya::Pod for super::policy::PolicyEndpoint {}

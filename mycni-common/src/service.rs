@@ -161,3 +161,15 @@ pub struct ExternalNatEntry {
     /// `bpf_ktime_get_ns()` of the last packet in this direction.
     pub last_seen_ns: u64,
 }
+
+/// Value of `EXTERNAL_STATE` (an array of one): what the TC path for clients outside the
+/// node has seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExternalState {
+    /// Non-zero once `from_netdev` sent a flow of one of this node's own pods to a backend on
+    /// this node (the pod's packets left unmasqueraded and came back in through the uplink):
+    /// from then on `from_pod` looks packets to local pods up in `EXTERNAL_NAT` too, for the
+    /// backend's replies that must leave as the frontend. Never cleared.
+    pub local_clients: u32,
+}

@@ -31,8 +31,8 @@ use crate::headers::{
     IPPROTO_UDP, IP_DST_OFF, IP_SRC_OFF, TCP_ACK, TCP_FLAGS, TCP_SYN,
 };
 use crate::maps::{
-    is_node_address, route_of, AFFINITY, BACKENDS, ENDPOINTS, EXTERNAL_NAT, FRAGMENTS, NAT,
-    SERVICES,
+    is_node_address, route_of, AFFINITY, BACKENDS, ENDPOINTS, EXTERNAL_NAT, EXTERNAL_STATE,
+    FRAGMENTS, NAT, SERVICES,
 };
 use crate::nat::icmp_error::{quote_about_receiver, quote_about_sender, rewrite_quote};
 use crate::nat::ports::{allocate_port, PortError};
@@ -221,6 +221,9 @@ pub(crate) fn to_backend(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Op
                 Choice::Backend(backend) => backend,
             };
             let local = served_here(backend.address);
+            if local && is_local_pod(packet.src) {
+                note_local_client();
+            }
             // The client's address stays for a backend on this node; any other backend's
             // replies would not come back here without the node's address as the source.
             let flags = if local { 0 } else { EXTERNAL_SNAT };
@@ -324,12 +327,43 @@ fn record_reverse(packet: &Ipv4, backend: Backend, flags: u8, now: u64) {
     let _ = EXTERNAL_NAT.insert(&reply, &reverse, 0);
 }
 
+/// Whether `from_netdev` ever gave a backend on this node to one of this node's own pods
+/// (`EXTERNAL_STATE`): then a local backend's replies to a local pod may need to leave as
+/// the frontend, and `from_pod` looks them up in `EXTERNAL_NAT` too. An array lookup, which
+/// the verifier inlines: what every packet between local pods pays instead of the LRU one.
+#[inline(always)]
+pub(crate) fn local_pods_reached_frontends_from_outside() -> bool {
+    EXTERNAL_STATE
+        .get(0)
+        .is_some_and(|state| state.local_clients != 0)
+}
+
+/// A pod of this node reached a frontend of this node through the uplink (its flow left
+/// unmasqueraded and came back, e.g. to an externalIP in a `--non-masquerade-cidr`): set
+/// once for good, as such a flow's replies would otherwise reach the pod with the
+/// backend's address as their source.
+#[inline(always)]
+fn note_local_client() {
+    if let Some(state) = EXTERNAL_STATE.get_ptr_mut(0) {
+        // SAFETY: a pointer into the array's one value, valid for this program run.
+        unsafe {
+            if (*state).local_clients == 0 {
+                (*state).local_clients = 1;
+            }
+        }
+    }
+}
+
 /// Whether a backend answers on this node, so the client's address can stay: a local pod,
 /// or the node itself (a hostNetwork pod's address is its node's).
 #[inline(always)]
 fn served_here(address: [u8; 4]) -> bool {
+    is_local_pod(address) || is_node_address(address)
+}
+
+#[inline(always)]
+fn is_local_pod(address: [u8; 4]) -> bool {
     route_of(address).is_some_and(|route| route.kind == ROUTE_LOCAL_ENDPOINT)
-        || is_node_address(address)
 }
 
 /// Delivers a translated packet: into a local pod (its ingress policy checked here, as

@@ -14,8 +14,8 @@ use mycni_common::policy::{
     PolicyCtEntry, PolicyDrops, PolicyEndpoint, PolicyEntry, PolicyKey, PolicyState,
 };
 use mycni_common::service::{
-    AffinityEntry, AffinityKey, Backend, BackendKey, ExternalNatEntry, HostPortEntry, ServiceEntry,
-    ServiceKey, SockReverseEntry, SockReverseKey,
+    AffinityEntry, AffinityKey, Backend, BackendKey, ExternalNatEntry, ExternalState,
+    HostPortEntry, ServiceEntry, ServiceKey, SockReverseEntry, SockReverseKey,
 };
 use mycni_common::{
     map_spec, Counter, Endpoint, FlowKey, FragmentEntry, FragmentKey, MapKind, MapSpec, NatEntry,
@@ -300,7 +300,16 @@ check_spec!(
     POLICY_STATE,
     POLICY_DROPS,
     NODE_ADDRESSES,
+    EXTERNAL_STATE,
 );
+
+/// `{local_clients}`: whether this node's own pods ever reached its frontends through the
+/// uplink, which makes `from_pod` look local pods' packets up in `EXTERNAL_NAT`.
+#[btf_map]
+pub(crate) static EXTERNAL_STATE: Array<
+    ExternalState,
+    { map_spec::EXTERNAL_STATE.max_entries as usize },
+> = Array::new();
 
 /// When the programs last logged at each level (indexed by `Level as u32`). Not pinned:
 /// each load starts afresh, like its log buffer (aya-log's `AYA_LOGS`).

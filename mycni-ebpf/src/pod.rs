@@ -1,7 +1,7 @@
 //! The pod side (host veth): what `from_pod` does with a pod's packets, and what `to_pod`
 //! remembers of the packets the node stack delivers to a pod.
 use crate::arp::arp_from_pod;
-use crate::external::reply_from_pod;
+use crate::external::{local_pods_reached_frontends_from_outside, reply_from_pod};
 use crate::forward::{decrement_ttl, deliver_to_pod, send_to_node};
 use crate::headers::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF};
 use crate::maps::{ENDPOINTS, ROUTES};
@@ -89,11 +89,17 @@ pub(crate) fn ipv4_from_pod(ctx: &TcContext) -> (u32, i32) {
             return (verdict::DROP_SPOOFED, TC_ACT_SHOT);
         }
     }
-    // A backend's reply to a client that reached a NodePort or externalIP from outside.
-    if let Some(result) = reply_from_pod(ctx, &packet) {
-        return result;
-    }
     let route = ROUTES.get(&Key::new(32, packet.dst));
+    // A backend's reply to a client that reached a NodePort or externalIP from outside. A
+    // client outside is never a pod of this node, so a packet to a local pod skips the
+    // `EXTERNAL_NAT` lookup, unless this node has ever served one of its own pods that way
+    // (an unmasqueraded flow that left and came back in through the uplink).
+    let to_local_pod = route.is_some_and(|route| route.kind == ROUTE_LOCAL_ENDPOINT);
+    if !to_local_pod || local_pods_reached_frontends_from_outside() {
+        if let Some(result) = reply_from_pod(ctx, &packet) {
+            return result;
+        }
+    }
     // Policy before any forwarding decision: on a redirect the packet reaches its
     // destination pod without passing any other hook (`bpf_redirect_peer` skips the
     // destination veth's), so both ends' policies are checked here; what goes to the

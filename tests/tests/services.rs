@@ -1316,3 +1316,99 @@ fn node_ports_from_outside_reach_host_network_backends_here_and_on_another_node(
     );
     Ok(())
 }
+
+/// A pod of node-1 outside the Services cgroup (its sockets are not translated) reaching
+/// an externalIP that node-1 serves, through the network outside: its packets leave
+/// unmasqueraded (the externalIP's range is a `--non-masquerade-cidr`), the router sends
+/// them back to node-1, and `from_netdev` takes them for an outside client's, keeping the
+/// pod's address as the source for the local backend. The backend's replies are then
+/// addressed to a pod of this very node, and still have to leave as the frontend: the one
+/// case where a packet from a pod to a local pod needs the `EXTERNAL_NAT` lookup that
+/// `from_pod` otherwise skips for local destinations.
+#[test]
+fn a_local_pods_unmasqueraded_flow_to_its_own_nodes_external_ip_is_answered_by_the_frontend(
+) -> Result<()> {
+    mycni_tests::require_root!();
+    let prefix = prefix("svchairpin");
+    let cgroup = TestCgroup::new(&prefix)?;
+    let mut cluster = Cluster::new(&prefix, &["node-1", "node-2", "node-3"], &[])?;
+    cluster.wait_for_full_mesh()?;
+    let external_ip = Ipv4Addr::new(198, 51, 100, 50);
+    let mut args = cluster.agent_args(0);
+    args.extend(
+        [
+            "--service-mode",
+            "ebpf",
+            "--cgroup-path",
+            &cgroup.arg(),
+            "--non-masquerade-cidr",
+            "198.51.100.0/24",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    restart_agent(&mut cluster.nodes[0], &args, &[])?;
+    let local = cluster.nodes[0].add_pod("local")?;
+    let client = cluster.nodes[0].add_pod("client")?;
+    let _server = Server::start_naming_clients(&local.netns, BACKEND_PORT, "local")?;
+    let node_ip = cluster.nodes[0].node_ip;
+    cluster.router.exec(&[
+        "ip",
+        "route",
+        "add",
+        &external_ip.to_string(),
+        "via",
+        &node_ip.to_string(),
+    ])?;
+    let node_port = 30080;
+    ServiceTables::open(&cluster.nodes[0].pin_root())?.apply(
+        &[
+            (
+                frontend_key(external_ip, 80, PROTO_TCP),
+                (entry(1, SERVICE_EXTERNAL_IP, 0), vec![backend(&local)]),
+            ),
+            (
+                frontend_key(node_ip, node_port, PROTO_TCP),
+                (entry(2, SERVICE_NODE_PORT, 0), vec![backend(&local)]),
+            ),
+        ]
+        .into(),
+    )?;
+    let frontend = SocketAddr::from((external_ip, 80));
+    let before = packets(&cluster.nodes[0], verdict::EXTERNAL_TRANSLATED)?;
+    // Outside the cgroup: the socket LB leaves the connection alone.
+    let seen = probe(None, &client.netns, "tcp", frontend, 5)?;
+    let servers = servers_behind(frontend, &seen)?;
+    ensure!(
+        servers == names(&[&format!("local from {}", client.ip)]),
+        "{servers:?}"
+    );
+    // Both directions were translated at TC: the client's packets on their way back in,
+    // the backend's replies in `from_pod`.
+    let translated = packets(&cluster.nodes[0], verdict::EXTERNAL_TRANSLATED)? - before;
+    ensure!(
+        translated >= 5 * 3,
+        "external_translated counted {translated}"
+    );
+    // A pod of the cgroup reaches the same frontend through its socket instead.
+    let seen = probe(Some(&cgroup), &client.netns, "tcp", frontend, 3)?;
+    ensure!(
+        servers_behind(frontend, &seen)? == names(&[&format!("local from {}", client.ip)]),
+        "{seen:?}"
+    );
+    // Its own node's NodePort never passes the uplink: outside the cgroup the stack
+    // delivers it to the node, which refuses it (as it leaves a ClusterIP alone); inside,
+    // the socket LB serves it.
+    let own_node_port = SocketAddr::from((node_ip, node_port));
+    let seen = probe(None, &client.netns, "tcp", own_node_port, 1)?;
+    ensure!(
+        matches!(seen[..], [Seen::Errno(ECONNREFUSED)]),
+        "the node's NodePort outside the cgroup: {seen:?}"
+    );
+    let seen = probe(Some(&cgroup), &client.netns, "tcp", own_node_port, 3)?;
+    ensure!(
+        servers_behind(own_node_port, &seen)? == names(&[&format!("local from {}", client.ip)]),
+        "{seen:?}"
+    );
+    Ok(())
+}

@@ -51,6 +51,10 @@ enum Task {
     /// time from `kubectl apply` and `kubectl label` until every node enforces the change;
     /// p50/p99 in target/bench/policy-latency.json.
     PolicyLatency(test::TestArguments),
+    /// Build what the Services latency lab test needs (not setup) and run it alone: time from
+    /// `kubectl scale` and a pod turning unready (or ready) until every node's `SERVICES` and
+    /// `BACKENDS` hold the change; p50/p99 in target/bench/services-latency.json.
+    ServicesLatency(test::TestArguments),
     /// Upstream's e2e.test specs against mycni in the lab, three runs: the network specs with
     /// kube-proxy (report in target/conformance/), the Services specs without it
     /// (target/conformance-ebpf/), the NetworkPolicy specs (target/conformance-policy/); a
@@ -104,6 +108,7 @@ fn dispatch(task: Task) -> anyhow::Result<()> {
         Task::Conformance(arguments) => test::conformance(&arguments.args),
         Task::ServicesE2e(arguments) => test::services_e2e(&arguments.args),
         Task::PolicyLatency(arguments) => test::policy_latency(&arguments.args),
+        Task::ServicesLatency(arguments) => test::services_latency(&arguments.args),
         Task::Test(arguments) => test::run(&arguments.args),
         Task::Bench(options) => bench::run(&options),
     }

@@ -99,6 +99,17 @@ pub fn policy_latency(args: &[String]) -> Result<()> {
     cmd::run(&mut lab_test("network_policy_latency", args, &test_image))
 }
 
+/// `cargo xtask services-latency`: builds what the Services latency lab test needs (not the
+/// machine setup) and runs `tests/tests/services_latency.rs` alone.
+pub fn services_latency(args: &[String]) -> Result<()> {
+    if !cmd::is_root() {
+        bail!("the Services latency test needs root (it brings up the Kubernetes lab)");
+    }
+    build()?;
+    let test_image = lab_images()?;
+    cmd::run(&mut lab_test("services_latency", args, &test_image))
+}
+
 /// `cargo xtask e2e`: builds what the Kubernetes end-to-end test needs (not the machine
 /// setup) and runs that test alone, its progress on the terminal.
 pub fn e2e(args: &[String]) -> Result<()> {

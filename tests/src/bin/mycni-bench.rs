@@ -517,7 +517,8 @@ impl Drop for RemoveFile {
     }
 }
 
-const METRICS: [(&str, &str, bool); 7] = [
+const METRICS: [(&str, &str, bool); 8] = [
+    ("tcp_rr_p50_us", "TCP round trip, median (µs)", false),
     ("tcp_rr_avg_us", "TCP round trip, avg (µs)", false),
     ("tcp_rr_p99_us", "TCP round trip, p99 (µs)", false),
     ("udp_rr_avg_us", "UDP round trip, avg (µs)", false),
@@ -532,6 +533,7 @@ fn measure(path: &Path2, settings: &Settings, port: u16) -> Result<BTreeMap<&'st
     let addr = |offset: u16| SocketAddr::from((path.server_ip, port + offset));
     let mut values = BTreeMap::new();
     let tcp = bench::tcp_rr(&path.server, &path.client, addr(0), settings.rr_count)?;
+    values.insert("tcp_rr_p50_us", tcp.p50_us);
     values.insert("tcp_rr_avg_us", tcp.avg_us);
     values.insert("tcp_rr_p99_us", tcp.p99_us);
     let udp = bench::udp_rr(&path.server, &path.client, addr(1), settings.rr_count)?;
@@ -573,9 +575,17 @@ struct Target {
     at_least: bool,
 }
 
-const TARGETS: [Target; 7] = [
+const TARGETS: [Target; 8] = [
     Target {
         metric: "tcp_rr_avg_us",
+        ours: "mycni",
+        baseline: "bare veth",
+        bound: 1.10,
+        at_least: false,
+    },
+    // The median as well: an average carries every stall the shared machine causes.
+    Target {
+        metric: "tcp_rr_p50_us",
         ours: "mycni",
         baseline: "bare veth",
         bound: 1.10,
@@ -767,7 +777,7 @@ fn map_memory(root: &Path) -> Result<BTreeMap<String, u64>> {
 
 /// A grouped bar chart per metric, medians, one bar per path.
 fn svg(samples: &Samples, groups: &[(&str, Vec<&'static str>)]) -> String {
-    let metrics = ["tcp_rr_avg_us", "tcp_conn_per_s", "tcp_1_stream_gbit"];
+    let metrics = ["tcp_rr_p50_us", "tcp_conn_per_s", "tcp_1_stream_gbit"];
     let (panel_w, panel_h, bar_w) = (300.0, 220.0, 26.0);
     let colors = ["#8c8c8c", "#d9822b", "#2b7bd9"];
     let mut out = format!(
