@@ -360,7 +360,9 @@ impl Catalog<'_> {
     fn lookup(&self, name: &Name, qtype: RecordType, depth: usize) -> Found {
         let labels: Vec<String> = name
             .iter()
-            .take(usize::from(name.num_labels().saturating_sub(self.domain.num_labels())))
+            .take(usize::from(
+                name.num_labels().saturating_sub(self.domain.num_labels()),
+            ))
             .map(|l| String::from_utf8_lossy(l).into_owned())
             .collect();
         let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
@@ -412,7 +414,10 @@ impl Catalog<'_> {
                     return Found::missing();
                 }
                 let answers = if wants(RecordType::A) {
-                    dedup(ips).into_iter().map(|ip| a_record(name, ip)).collect()
+                    dedup(ips)
+                        .into_iter()
+                        .map(|ip| a_record(name, ip))
+                        .collect()
                 } else {
                     Vec::new()
                 };
@@ -420,8 +425,7 @@ impl Catalog<'_> {
             }
             // `pods insecure`: any well-formed address in any namespace, as kubeadm's
             // CoreDNS answers it.
-            [address, _namespace, "pod"] => match address.replace('-', ".").parse::<Ipv4Addr>()
-            {
+            [address, _namespace, "pod"] => match address.replace('-', ".").parse::<Ipv4Addr>() {
                 Ok(ip) if address.matches('-').count() == 3 => {
                     let answers = if wants(RecordType::A) {
                         vec![a_record(name, ip)]
@@ -634,6 +638,17 @@ fn dedup(mut ips: Vec<Ipv4Addr>) -> Vec<Ipv4Addr> {
     ips.sort();
     ips.dedup();
     ips
+}
+
+/// SERVFAIL for `request` (the server cannot answer yet: its first lists are not in), or
+/// `None` when the request carries no ID.
+pub fn server_failure(request: &[u8]) -> Option<Vec<u8>> {
+    let id = u16::from_be_bytes([*request.first()?, *request.get(1)?]);
+    let mut message = Message::error_msg(id, OpCode::Query, ResponseCode::ServFail);
+    if let Ok(parsed) = Message::from_vec(request) {
+        message.add_queries(parsed.queries);
+    }
+    message.to_vec().ok()
 }
 
 /// A query message for `name` and `qtype` (recursion desired, as a stub resolver sends

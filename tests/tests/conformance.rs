@@ -32,7 +32,7 @@ use mycni_tests::prefix;
 /// The suite's version: what the lab builds from Debian's `kubernetes` source.
 const SUITE_VERSION: &str = "v1.20.2";
 /// e2e.test processes sharing the Services specs with kube-proxy absent.
-const SERVICES_SHARDS: usize = 4;
+const SERVICES_SHARDS: usize = 6;
 /// e2e.test processes sharing the NetworkPolicy specs (they wait on client pods that try
 /// for up to 45 s, so they overlap well); `POLICY_LISTED`'s order balances this many.
 const POLICY_SHARDS: usize = 8;
