@@ -60,6 +60,41 @@ pub const LISTED: &[ListedSpec] = &[
     ListedSpec {
         name: "[sig-scheduling] SchedulerPredicates [Serial] validates that there is no conflict between pods with same hostPort but different hostIP and protocol [Conformance]",
         checks: "three pods on one node share hostPort 54321 (127.0.0.1/TCP, node IP/TCP, node IP/UDP), each reachable (portmap)",
+    },    ListedSpec {
+        name: "[sig-network] DNS should provide DNS for the cluster  [Conformance]",
+        checks: "a pod resolves `kubernetes.default.svc.cluster.local` (dig over UDP and TCP, from agnhost and jessie-dnsutils) and its own `a-b-c-d.<ns>.pod` name",
+    },
+    ListedSpec {
+        name: "[sig-network] DNS should resolve DNS of partial qualified names for the cluster [LinuxOnly]",
+        checks: "`kubernetes.default` and `kubernetes.default.svc` through the pod's search list; its hostname entries in /etc/hosts",
+    },
+    ListedSpec {
+        name: "[sig-network] DNS should provide /etc/hosts entries for the cluster [LinuxOnly] [Conformance]",
+        checks: "kubelet's /etc/hosts names the pod by hostname and FQDN (getent); its pod A record",
+    },
+    ListedSpec {
+        name: "[sig-network] DNS should provide DNS for services  [Conformance]",
+        checks: "a headless Service's A records (its ready pod), SRV for named ports of a headless and a ClusterIP Service, PTR for the ClusterIP",
+    },
+    ListedSpec {
+        name: "[sig-network] DNS should resolve DNS of partial qualified names for services [LinuxOnly] [Conformance]",
+        checks: "the same names, partially qualified, through the search list",
+    },
+    ListedSpec {
+        name: "[sig-network] DNS should provide DNS for pods for Hostname [LinuxOnly] [Conformance]",
+        checks: "a pod with `hostname` and `subdomain` finds its names in /etc/hosts; its pod A record",
+    },
+    ListedSpec {
+        name: "[sig-network] DNS should provide DNS for pods for Subdomain [Conformance]",
+        checks: "`<hostname>.<subdomain>.<ns>.svc` and the headless Service's name resolve to the pod",
+    },
+    ListedSpec {
+        name: "[sig-network] DNS should provide DNS for ExternalName services [Conformance]",
+        checks: "an ExternalName Service is a CNAME, follows a changed externalName, and turned ClusterIP resolves to its ClusterIP",
+    },
+    ListedSpec {
+        name: "[sig-network] DNS should support configurable pod DNS nameservers [Conformance]",
+        checks: "`dnsPolicy: None` with a `dnsConfig`: the pod's resolv.conf has its nameserver and search path (kubelet)",
     },
 ];
 
@@ -124,33 +159,30 @@ pub const NOT_RUN: &[NotRun] = &[
         reason: "needs the GCE cloud provider",
     },
     NotRun {
-        name_contains: "DNS should support configurable pod DNS nameservers",
-        why: Why::NotListedYet,
-        reason: "checks the resolv.conf kubelet writes for dnsPolicy None, not the network plugin",
+        name_contains: "DNS should support configurable pod resolv.conf",
+        why: Why::CannotRunHere,
+        reason: "its test DNS server is CoreDNS run from upstream's agnhost image (`/coredns \
+                 -conf ...`); CoreDNS is not packaged for Debian, so the lab's agnhost has none",
     },
     NotRun {
-        name_contains: "DNS should provide /etc/hosts entries for the cluster",
+        name_contains: "[sig-network] DNS configMap nameserver ",
         why: Why::CannotRunHere,
-        reason: "probes from the jessie-dnsutils image (not built here) and reads the results \
-                 through the API server's proxy to the pod, which the lab's control plane \
-                 (no pod network in its namespace) cannot reach",
-    },
-    NotRun {
-        name_contains: "[sig-network] DNS ",
-        why: Why::CannotRunHere,
-        reason: "needs cluster DNS (a kube-dns Service backed by CoreDNS, which Debian does not \
-                 package; the lab runs none) or CoreDNS in the test image, and dig from the \
-                 jessie-dnsutils image",
+        reason: "[Serial]: rewrites the cluster's CoreDNS ConfigMap (stub domains, upstream \
+                 servers) and restarts its pods to forward to a CoreDNS pod of the test; the \
+                 lab's DNS is no CoreDNS, forwards nothing, and the PTR spec asks for 8.8.8.8 \
+                 (the internet)",
     },
     NotRun {
         name_contains: "[sig-network] ClusterDns ",
         why: Why::CannotRunHere,
-        reason: "needs a cluster DNS server; the lab runs none",
+        reason: "deploys the k8s.io/examples repository's cluster-dns manifests (read from \
+                 $GOPATH, not part of the Kubernetes source) and their Python images",
     },
     NotRun {
         name_contains: "[Feature:PerformanceDNS]",
-        why: Why::CannotRunHere,
-        reason: "needs a cluster DNS server; the lab runs none",
+        why: Why::NotListedYet,
+        reason: "[Serial]: creates 10,000 Services (maxServicesPerCluster) and resolves 1% of \
+                 them; minutes alone in the lab, and no other spec may run beside it",
     },
     NotRun {
         name_contains: "[sig-network] Networking Granular Checks: Services ",
@@ -1028,7 +1060,7 @@ failed dialing endpoint
     #[test]
     fn every_spec_of_the_areas_is_run_or_has_a_reason() -> Result<(), ConformanceError> {
         let internet = "[sig-network] Networking should provide Internet connection for containers [Feature:Networking-IPv4]";
-        let dns = "[sig-network] DNS should provide DNS for the cluster  [Conformance]";
+        let dns = "[sig-network] DNS configMap nameserver Forward PTR lookup should forward PTR records lookup to upstream nameserver [Slow][Serial]";
         let plan = plan(&KUBE_PROXY, &dry_run(&[internet, dns]))?;
         let reasons: Vec<(&str, Why)> = plan
             .not_run
