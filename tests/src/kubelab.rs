@@ -28,8 +28,9 @@
 //! nodes and their pods.
 //!
 //! Each node's containerd, kubelet and kube-proxy share a private mount namespace (`unshare
-//! --mount --propagation slave` inside the node's network namespace) in which the paths a
-//! real node would use are the node's own: tmpfs on /var/lib, /var/log, /run/netns and
+//! --mount --uts --propagation slave` inside the node's network namespace; the node's name is
+//! the hostname of that UTS namespace, never the machine's) in which the paths a real node
+//! would use are the node's own: tmpfs on /var/lib, /var/log, /run/netns and
 //! /run/containerd, a bpffs on /sys/fs/bpf, per-node directories bound on /opt/cni/bin and
 //! /etc/cni/net.d, and files bound over the three sysctls kubelet insists on writing
 //! (vm.overcommit_memory, kernel.panic, kernel.panic_on_oops), already holding the values it
@@ -256,8 +257,8 @@ pub struct LabNode {
 }
 
 impl LabNode {
-    /// A command run in this node's network and mount namespaces (what its containerd,
-    /// kubelet and pods see).
+    /// A command run in this node's network, mount and UTS namespaces (what its containerd,
+    /// kubelet and hostNetwork pods see).
     pub fn command(&self, program: &str) -> Result<Command> {
         let pid = self
             .supervisor
@@ -266,7 +267,7 @@ impl LabNode {
             .context("node supervisor not running")?;
         let mut cmd = Command::new("/usr/bin/nsenter");
         cmd.arg(format!("--target={pid}"))
-            .args(["--mount", "--net", "--"])
+            .args(["--mount", "--uts", "--net", "--"])
             .arg(program);
         Ok(cmd)
     }
@@ -965,6 +966,8 @@ state = "{state}"
                 .join(" ")
         };
         let sys = dir.join("sys");
+        // The test's own UTS namespace, where the script must never set a hostname.
+        let own_uts = std::fs::read_link("/proc/self/ns/uts").context("read /proc/self/ns/uts")?;
         let kube_proxy_line = if options.kube_proxy {
             format!(
                 "{} {} > {}/kube-proxy.log 2>&1 &\n",
@@ -977,6 +980,8 @@ state = "{state}"
         };
         let script = format!(
             r#"set -e
+[ "$(readlink /proc/self/ns/uts)" != '{own_uts}' ] || exit 4
+hostname {name}
 mount -t tmpfs tmpfs /var/lib
 mount -t tmpfs tmpfs /var/log
 mount -t tmpfs tmpfs /run/netns
@@ -993,6 +998,8 @@ containerd --config {dir}/containerd.toml > {dir}/containerd.log 2>&1 &
 i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; done
 {import_lines}{kube_proxy_line}exec {kubelet} {kubelet_args} > {dir}/kubelet.log 2>&1
 "#,
+            name = node.name,
+            own_uts = own_uts.display(),
             dir = dir.display(),
             sys = sys.display(),
             sock = node.containerd_socket().display(),
@@ -1000,8 +1007,11 @@ i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; 
             kubelet_args = quoted(&kubelet_args),
         );
         std::fs::write(dir.join("node.sh"), &script)?;
+        // Its own UTS namespace too, named as the node: hostNetwork pods share the runtime's,
+        // and answer with their node's name as on a real node. The script refuses to set a
+        // hostname in the test's own UTS namespace.
         let mut cmd = node.netns.command("unshare");
-        cmd.args(["--mount", "--propagation", "slave", "--", "sh"])
+        cmd.args(["--mount", "--uts", "--propagation", "slave", "--", "sh"])
             .arg(dir.join("node.sh"));
         node.supervisor = Some(Daemon::spawn(
             &format!("{} supervisor", node.name),
@@ -1254,6 +1264,22 @@ i=0; while [ ! -S {sock} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 3; sleep 0.1; 
                 "{e:#}\npods:\n{pods}\nagent logs:\n{logs}\n{}",
                 nodes.join("\n")
             );
+        }
+        self.route_control_plane_to_pods()
+    }
+
+    /// Routes in the control-plane namespace to each node's pod CIDR via that node's IP,
+    /// as a real control plane has them (it runs on a node, or the network routes pod
+    /// CIDRs): the API server's proxy to pods and Services (`.../pods/P/proxy/...`) dials
+    /// pod IPs. The nodes have their CIDRs once they are Ready.
+    fn route_control_plane_to_pods(&self) -> Result<()> {
+        for node in &self.nodes {
+            let object = self.get_json(&["get", "node", &node.name])?;
+            let cidr = object["spec"]["podCIDR"]
+                .as_str()
+                .with_context(|| format!("{} has no pod CIDR", node.name))?;
+            self.control
+                .exec(&["ip", "route", "replace", cidr, "via", &node.ip.to_string()])?;
         }
         Ok(())
     }

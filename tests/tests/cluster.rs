@@ -145,6 +145,107 @@ fn pods_reach_each_other_across_nodes_and_the_outside_through_snat() -> Result<(
     Ok(())
 }
 
+/// One UDP round trip from `client` to `target` on a connected socket, which takes a
+/// datagram only from `target` itself: a reply rewritten to another source never arrives.
+/// Returns the client address the server in `server` saw.
+fn connected_udp_echo(server: &Netns, client: &Netns, target: SocketAddr) -> Result<SocketAddr> {
+    let socket = server.run_inside(|| Ok(std::net::UdpSocket::bind(target)?))?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let serve = std::thread::spawn(move || -> Result<SocketAddr> {
+        let mut buf = [0u8; 64];
+        let (n, peer) = socket.recv_from(&mut buf)?;
+        socket.send_to(&buf[..n], peer)?;
+        Ok(peer)
+    });
+    let reply = client.run_inside(|| {
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        socket.connect(target)?;
+        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+        socket.send(b"from the subnet")?;
+        let mut buf = [0u8; 64];
+        let n = socket
+            .recv(&mut buf)
+            .with_context(|| format!("no UDP reply from {target} itself"))?;
+        Ok(buf[..n].to_vec())
+    })?;
+    let seen = serve
+        .join()
+        .map_err(|_| anyhow::anyhow!("udp echo server panicked"))??;
+    ensure!(
+        reply == b"from the subnet",
+        "udp echo came back as {reply:?}"
+    );
+    Ok(seen)
+}
+
+/// A host on the nodes' subnet that is not a node (a control plane whose API server proxies
+/// to pods, a router with routes to the pod CIDRs) reaches pods through each node, and the
+/// pods' replies leave with their own addresses: they answer a flow the stack delivered, so
+/// `to_netdev` must not masquerade them (the client would reset a reply from the node IP).
+#[test]
+fn a_host_on_the_node_subnet_reaches_pods_and_hears_their_own_addresses() -> Result<()> {
+    mycni_tests::require_root!();
+    let cluster = Cluster::new(&prefix("subnet"), &ALL, &[])?;
+    cluster.wait_for_full_mesh()?;
+    for spec in &mycni_tests::cluster::NODES {
+        cluster.router.exec(&[
+            "ip",
+            "route",
+            "add",
+            spec.pod_cidr,
+            "via",
+            &spec.ip.to_string(),
+        ])?;
+    }
+    let pods = [
+        cluster.node("node-1").add_pod("p1")?,
+        cluster.node("node-2").add_pod("p2")?,
+        cluster.node("node-3").add_pod("p3")?,
+    ];
+    let snat_before: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .map(|node| packets(node, verdict::SNAT))
+        .collect::<Result<_>>()?;
+    // The router speaks to each node's subnet from its own address there (the gateway).
+    for (index, (pod, spec)) in pods.iter().zip(&mycni_tests::cluster::NODES).enumerate() {
+        let router_ip = spec.gateway;
+        let target = SocketAddr::from((pod.ip, 7500 + index as u16));
+        let peers = mycni_tests::tcp_conversation(&pod.netns, target, &cluster.router, target, 3)
+            .with_context(|| format!("router -> {target}: tcp"))?;
+        ensure!(
+            peers.server_saw.ip() == router_ip,
+            "{target}: the pod saw {}, not the router",
+            peers.server_saw
+        );
+        ensure!(
+            peers.client_saw == target,
+            "{target}: the router's socket is connected to {}",
+            peers.client_saw
+        );
+        let seen = connected_udp_echo(&pod.netns, &cluster.router, target)
+            .with_context(|| format!("router -> {target}: udp"))?;
+        ensure!(
+            seen.ip() == router_ip,
+            "{target}: the pod saw udp from {seen}"
+        );
+        cluster
+            .router
+            .ping(pod.ip)
+            .with_context(|| format!("router -> {}: icmp", pod.ip))?;
+    }
+    let snat_after: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .map(|node| packets(node, verdict::SNAT))
+        .collect::<Result<_>>()?;
+    ensure!(
+        snat_after == snat_before,
+        "a reply to the subnet host was masqueraded: SNAT counters {snat_before:?} -> {snat_after:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn stack_translated_flows_keep_working_cluster_ip_and_host_port() -> Result<()> {
     mycni_tests::require_root!();

@@ -365,6 +365,8 @@ fn agnhost_spec(bin: &Path) -> Result<ImageSpec> {
         "ps", "env", "mkdir", "rm", "timeout",
         // The NetworkPolicy specs' clients retry with `for i in $(seq 1 5)`.
         "seq",
+        // The serve-hostname Services specs count backends with `wget -q -T 1 -O -`.
+        "wget",
     ]);
     links.extend(busybox_links(
         &DNS_PROBE_APPLETS

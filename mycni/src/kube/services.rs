@@ -13,6 +13,15 @@ use mycni_common::service::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 pub use super::projection::{ObjectName, Projection, ProjectionCache};
 
+/// Labels whose presence (any value) hands a Service to another proxy: kube-proxy watches
+/// only Services with neither (`service.kubernetes.io/service-proxy-name` names the proxy
+/// that serves it; `service.kubernetes.io/headless` marks one that must not be balanced), and
+/// mycni in its place does the same.
+pub const NOT_OURS_LABELS: [&str; 2] = [
+    "service.kubernetes.io/service-proxy-name",
+    "service.kubernetes.io/headless",
+];
+
 /// The API's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
@@ -44,8 +53,8 @@ pub struct KubeServicePort {
 }
 
 /// What the datapath needs of a Service that has frontends. Headless Services
-/// (`clusterIP: None`), ExternalName Services and Services without an IPv4 ClusterIP have
-/// none, and are not kept.
+/// (`clusterIP: None`), ExternalName Services, Services without an IPv4 ClusterIP and
+/// Services labelled for another proxy ([`NOT_OURS_LABELS`]) have none, and are not kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubeService {
     pub cluster_ip: Ipv4Addr,
@@ -60,6 +69,13 @@ pub struct KubeService {
 impl KubeService {
     /// The projection of `service`, or `None` when it has no frontend to balance.
     pub fn from_service(service: &Service) -> Option<KubeService> {
+        let labels = service.metadata.labels.as_ref();
+        if NOT_OURS_LABELS
+            .iter()
+            .any(|label| labels.is_some_and(|labels| labels.contains_key(*label)))
+        {
+            return None;
+        }
         let spec = service.spec.as_ref()?;
         if spec.type_.as_deref() == Some("ExternalName") {
             return None;
@@ -246,6 +262,40 @@ mod tests {
             let json = format!(r#"{{"metadata":{{"namespace":"a","name":"s"}},"spec":{spec}}}"#);
             assert_eq!(KubeService::from_service(&service(&json)), None, "{spec}");
         }
+    }
+
+    #[test]
+    fn services_labelled_for_another_proxy_have_no_frontend() {
+        for label in NOT_OURS_LABELS {
+            for value in ["", "foo-bar"] {
+                let labelled = WEB.replace(
+                    r#""name":"web","#,
+                    &format!(r#""name":"web","labels":{{"{label}":"{value}","app":"web"}},"#),
+                );
+                assert_ne!(labelled, WEB);
+                assert_eq!(
+                    KubeService::from_service(&service(&labelled)),
+                    None,
+                    "{label}={value}"
+                );
+            }
+        }
+        let other = WEB.replace(
+            r#""name":"web","#,
+            r#""name":"web","labels":{"service.kubernetes.io/topology":"x"},"#,
+        );
+        assert!(KubeService::from_service(&service(&other)).is_some());
+        // Labelled later: the Service leaves the cache, and comes back when unlabelled.
+        let mut cache = ServiceCache::default();
+        assert!(cache.apply(Event::Apply(service(WEB))));
+        let labelled = WEB.replace(
+            r#""name":"web","#,
+            r#""name":"web","labels":{"service.kubernetes.io/headless":""},"#,
+        );
+        assert!(cache.apply(Event::Apply(service(&labelled))));
+        assert!(cache.is_empty());
+        assert!(cache.apply(Event::Apply(service(WEB))));
+        assert_eq!(cache.len(), 1);
     }
 
     const WEB_ENDPOINTS: &str = r#"{"metadata":{"namespace":"default","name":"web"},
