@@ -306,6 +306,18 @@ fn dns_tool_files() -> Vec<(PathBuf, &'static str, &'static str)> {
     ]
 }
 
+/// Adds (file on this machine, path in the image, the package that has it) to `spec`; a
+/// missing file is an error naming its package.
+fn add_files(spec: &mut ImageSpec, files: Vec<(PathBuf, &str, &str)>) -> Result<()> {
+    for (source, target, from) in files {
+        if !source.is_file() {
+            bail!("{} is missing (from {from})", source.display());
+        }
+        spec.files.push((source, PathBuf::from(target)));
+    }
+    Ok(())
+}
+
 /// Busybox applets both images link for the DNS probes and a shell session.
 const DNS_PROBE_APPLETS: &[&str] = &["awk", "tr", "seq", "sleep", "cat", "ls", "echo"];
 
@@ -329,12 +341,7 @@ fn jessie_dnsutils_spec() -> Result<ImageSpec> {
         ),
     ];
     files.extend(dns_tool_files());
-    for (source, target, from) in files {
-        if !source.is_file() {
-            bail!("{} is missing (from {from})", source.display());
-        }
-        spec.files.push((source, PathBuf::from(target)));
-    }
+    add_files(&mut spec, files)?;
     Ok(spec)
 }
 
@@ -382,12 +389,7 @@ fn agnhost_spec(bin: &Path) -> Result<ImageSpec> {
         cmd: vec!["pause".to_string()],
         reference: AGNHOST_IMAGE.to_string(),
     };
-    for (source, target, from) in files {
-        if !source.is_file() {
-            bail!("{} is missing (from {from})", source.display());
-        }
-        spec.files.push((source, PathBuf::from(target)));
-    }
+    add_files(&mut spec, files)?;
     // As upstream's image has it: some specs run the same binary under another name.
     spec.links
         .push((PathBuf::from("/agnhost-2"), "agnhost".to_string()));
