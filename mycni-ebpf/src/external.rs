@@ -170,7 +170,7 @@ pub(crate) fn to_backend(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Op
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let (backend, local) = match existing_backend(ctx, packet, now) {
-        Some((backend, _)) => (backend, is_local_pod(backend.address)),
+        Some((backend, _)) => (backend, served_here(backend.address, cfg)),
         None => {
             let key = ServiceKey {
                 address: packet.dst,
@@ -195,7 +195,7 @@ pub(crate) fn to_backend(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Op
                 }
                 Choice::Backend(backend) => backend,
             };
-            let local = is_local_pod(backend.address);
+            let local = served_here(backend.address, cfg);
             // The client's address stays for a backend on this node; any other backend's
             // replies would not come back here without the node's address as the source.
             let flags = if local { 0 } else { EXTERNAL_SNAT };
@@ -249,7 +249,7 @@ pub(crate) fn to_backend(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> Op
     if packet.fragmented {
         remember_fragment(packet, fragment_action, backend.address);
     }
-    Some(send_to_backend(ctx, &translated))
+    Some(send_to_backend(ctx, &translated, cfg))
 }
 
 /// The forward entry of a new flow: the client's packets go to `backend`.
@@ -299,18 +299,21 @@ fn record_reverse(packet: &Ipv4, backend: Backend, flags: u8, now: u64) {
     let _ = EXTERNAL_NAT.insert(&reply, &reverse, 0);
 }
 
+/// Whether a backend answers on this node, so the client's address can stay: a local pod,
+/// or the node itself (a hostNetwork pod's address is its node's).
 #[inline(always)]
-fn is_local_pod(address: [u8; 4]) -> bool {
-    route_of(address).is_some_and(|route| route.kind == ROUTE_LOCAL_ENDPOINT)
+fn served_here(address: [u8; 4], cfg: &NodeConfig) -> bool {
+    address == cfg.node_ip
+        || route_of(address).is_some_and(|route| route.kind == ROUTE_LOCAL_ENDPOINT)
 }
 
 /// Delivers a translated packet: into a local pod (its ingress policy checked here, as
-/// `from_netdev` does for other nodes' pods), to a pod's node, or through the node stack
-/// to a backend that is no pod.
+/// `from_netdev` does for other nodes' pods), to a pod's node, or to a backend that is no
+/// pod ([`send_to_host`]).
 #[inline(always)]
-fn send_to_backend(ctx: &TcContext, translated: &Ipv4) -> (u32, i32) {
+fn send_to_backend(ctx: &TcContext, translated: &Ipv4, cfg: &NodeConfig) -> (u32, i32) {
     let Some(route) = route_of(translated.dst) else {
-        return (verdict::EXTERNAL_TRANSLATED, TC_ACT_OK);
+        return send_to_host(ctx, translated, cfg);
     };
     match route.kind {
         ROUTE_LOCAL_ENDPOINT => {
@@ -331,6 +334,53 @@ fn send_to_backend(ctx: &TcContext, translated: &Ipv4) -> (u32, i32) {
         }
         _ => (verdict::EXTERNAL_TRANSLATED, TC_ACT_OK),
     }
+}
+
+/// A backend that is no pod (a hostNetwork pod, at its node's address). This node: the
+/// node stack delivers it, the client's source kept ([`reply_from_node`] turns the reply
+/// back). Another host: straight out of the uplink, SNATed to this node's address by
+/// [`to_backend`]; this node's stack would drop a packet from its own address arriving on
+/// the uplink as a martian.
+#[inline(always)]
+fn send_to_host(ctx: &TcContext, translated: &Ipv4, cfg: &NodeConfig) -> (u32, i32) {
+    if translated.dst == cfg.node_ip {
+        return (verdict::EXTERNAL_TRANSLATED, TC_ACT_OK);
+    }
+    // Passed by to_netdev untouched, like from_pod's packets to other nodes.
+    ctx.set_mark(MARK_FROM_POD);
+    // SAFETY: a helper call with no pointer but a null parameters block, as it allows; the
+    // kernel looks the backend up in the node's routes.
+    let action = unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
+    (verdict::EXTERNAL_TRANSLATED, action as i32)
+}
+
+/// `to_netdev`: this node's own reply (a hostNetwork backend's) to a client that reached a
+/// NodePort or externalIP from outside leaves as the frontend; the node stack already
+/// routed it to the client. Later fragments follow their first. `None`: no such flow.
+#[inline(always)]
+pub(crate) fn reply_from_node(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32)> {
+    if packet.later_fragment {
+        // SAFETY: map values are plain data; a concurrent update can at worst tear a read.
+        let first = unsafe { FRAGMENTS.get(packet.fragment()) }.copied()?;
+        if first.action != FRAGMENT_EXTERNAL_REPLY {
+            return None;
+        }
+        if rewrite_address(ctx, IP_SRC_OFF, packet.src, first.addr).is_none() {
+            return Some(malformed(ctx, packet));
+        }
+        return Some((verdict::FRAGMENT_TRANSLATED, TC_ACT_OK));
+    }
+    if !packet.has_ports || (packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP) {
+        return None;
+    }
+    let frontend = reply_frontend(packet)?;
+    if rewrite_source(ctx, packet, frontend.0, frontend.1).is_none() {
+        return Some(malformed(ctx, packet));
+    }
+    if packet.fragmented {
+        remember_fragment(packet, FRAGMENT_EXTERNAL_REPLY, frontend.0);
+    }
+    Some((verdict::EXTERNAL_TRANSLATED, TC_ACT_OK))
 }
 
 /// A later fragment of a datagram whose first fragment went to a backend: the same
@@ -357,7 +407,7 @@ fn later_fragment_to_backend(
         }
         translated.src = cfg.node_ip;
     }
-    let (verdict, action) = send_to_backend(ctx, &translated);
+    let (verdict, action) = send_to_backend(ctx, &translated, cfg);
     if verdict == verdict::EXTERNAL_TRANSLATED {
         return Some((verdict::FRAGMENT_TRANSLATED, action));
     }

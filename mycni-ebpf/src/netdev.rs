@@ -1,6 +1,6 @@
 //! The node side (uplink and VXLAN device): what `from_netdev` does with arriving packets
 //! and `to_netdev` with leaving ones.
-use crate::external::{reply_after_reverse_nat, to_backend};
+use crate::external::{reply_after_reverse_nat, reply_from_node, to_backend};
 use crate::forward::deliver_to_pod;
 use crate::headers::{
     ETH_P_IP, ETH_TYPE_OFF, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM,
@@ -144,6 +144,15 @@ pub(crate) fn classify_to_netdev(ctx: &TcContext) -> (u32, i32) {
     let Some(packet) = parse_ipv4(ctx) else {
         return (verdict::TO_STACK, TC_ACT_OK);
     };
+    // The node's own reply as a hostNetwork backend of a NodePort or externalIP that a
+    // client outside reached (from_netdev sent the client here with its address kept).
+    if let Some(cfg) = config() {
+        if packet.src == cfg.node_ip && ifindex(ctx) == cfg.uplink_ifindex {
+            if let Some(result) = reply_from_node(ctx, &packet) {
+                return result;
+            }
+        }
+    }
     if unsafe { ENDPOINTS.get(packet.src) }.is_none() {
         return (verdict::TO_STACK, TC_ACT_OK);
     }

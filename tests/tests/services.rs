@@ -672,3 +672,87 @@ fn node_ports_and_external_ips_from_outside_reach_every_backend_and_local_keeps_
     ensure!(dropped >= 1, "external_no_backend counted {dropped}");
     Ok(())
 }
+
+/// hostNetwork backends (a Service whose endpoints are nodes' addresses) behind a NodePort
+/// of node-1 reached from outside it: node-1 itself answers with the client's address kept
+/// and its reply leaves as the frontend; node-2 answers through node-1's SNAT (the
+/// translated packet leaves node-1's uplink at once: its stack would drop it as a martian,
+/// coming from node-1's own address).
+#[test]
+fn node_ports_from_outside_reach_host_network_backends_here_and_on_another_node() -> Result<()> {
+    mycni_tests::require_root!();
+    let prefix = prefix("svchost");
+    let cgroup = TestCgroup::new(&prefix)?;
+    let mut cluster = Cluster::new(&prefix, &["node-1", "node-2", "node-3"], &[])?;
+    cluster.wait_for_full_mesh()?;
+    let mut args = cluster.agent_args(0);
+    args.extend(["--service-mode", "ebpf", "--cgroup-path", &cgroup.arg()].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    restart_agent(&mut cluster.nodes[0], &args, &[])?;
+    let (node_1, node_2) = (cluster.nodes[0].node_ip, cluster.nodes[1].node_ip);
+    let host_port = 8090;
+    let _servers = [
+        Server::start_naming_clients(&cluster.nodes[0].netns, host_port, "node-1")?,
+        Server::start_naming_clients(&cluster.nodes[1].netns, host_port, "node-2")?,
+    ];
+    let client_pod = cluster.nodes[1].add_pod("client")?;
+    let hosts = vec![
+        Backend {
+            address: node_1.octets(),
+            port: host_port,
+            pad: 0,
+        },
+        Backend {
+            address: node_2.octets(),
+            port: host_port,
+            pad: 0,
+        },
+    ];
+    let (tcp_port, udp_port) = (30090, 30091);
+    ServiceTables::open(&cluster.nodes[0].pin_root())?.apply(
+        &[
+            (
+                frontend_key(node_1, tcp_port, PROTO_TCP),
+                (entry(1, SERVICE_NODE_PORT, 0), hosts.clone()),
+            ),
+            (
+                frontend_key(node_1, udp_port, PROTO_UDP),
+                (entry(2, SERVICE_NODE_PORT, 0), hosts.clone()),
+            ),
+        ]
+        .into(),
+    )?;
+    let outside = mycni_tests::cluster::EXTERNAL_IP;
+    let spread = names(&[
+        &format!("node-1 from {outside}"),
+        &format!("node-2 from {node_1}"),
+    ]);
+    let tcp = SocketAddr::from((node_1, tcp_port));
+    let seen = probe(None, &cluster.external, "tcp", tcp, 30)?;
+    ensure!(
+        servers_behind(tcp, &seen)? == spread,
+        "tcp to {tcp}: {seen:?}"
+    );
+    // One socket (one flow) per datagram, so each may pick either backend.
+    let udp = SocketAddr::from((node_1, udp_port));
+    let seen = (0..30)
+        .map(|_| probe(None, &cluster.external, "udp", udp, 1))
+        .collect::<Result<Vec<_>>>()?
+        .concat();
+    ensure!(
+        servers_behind(udp, &seen)? == spread,
+        "udp to {udp}: {seen:?}"
+    );
+    // A pod of node-2 (masqueraded by node-2 on its way to node-1's NodePort), as the
+    // upstream spec "service endpoints using hostNetwork" dials it.
+    let seen = probe(None, &client_pod.netns, "tcp", tcp, 30)?;
+    let from_pod = names(&[
+        &format!("node-1 from {node_2}"),
+        &format!("node-2 from {node_1}"),
+    ]);
+    ensure!(
+        servers_behind(tcp, &seen)? == from_pod,
+        "tcp from a pod of node-2 to {tcp}: {seen:?}"
+    );
+    Ok(())
+}

@@ -348,8 +348,8 @@ fn jessie_dnsutils_spec() -> Result<ImageSpec> {
 /// Upstream's agnhost image (entrypoint `/agnhost`, default argument `pause`) with what the
 /// specs exec in it from Debian's packages instead of Alpine's: dash as `/bin/sh` (busybox's
 /// shell would run its own `nc` applet, which has no `-u`), curl, netcat-openbsd's `nc`,
-/// grep and the DNS probes' tools ([`dns_tool_files`]); busybox for the small tools a shell
-/// session expects.
+/// grep, wget and the DNS probes' tools ([`dns_tool_files`]); busybox for the small tools a
+/// shell session expects.
 fn agnhost_spec(bin: &Path) -> Result<ImageSpec> {
     let mut files = vec![
         (bin.join("agnhost"), "/agnhost", "cargo xtask k8s"),
@@ -361,6 +361,9 @@ fn agnhost_spec(bin: &Path) -> Result<ImageSpec> {
             "netcat-openbsd",
         ),
         (PathBuf::from("/bin/grep"), "/bin/grep", "grep"),
+        // The serve-hostname Services specs count backends with `wget -q -T 1 -O -`; GNU
+        // wget, as busybox-static 1.35's wget applet dies of a segmentation fault at start.
+        (PathBuf::from("/usr/bin/wget"), "/usr/bin/wget", "wget"),
         (
             PathBuf::from("/bin/busybox"),
             "/bin/busybox",
@@ -372,8 +375,9 @@ fn agnhost_spec(bin: &Path) -> Result<ImageSpec> {
         "ps", "env", "mkdir", "rm", "timeout",
         // The NetworkPolicy specs' clients retry with `for i in $(seq 1 5)`.
         "seq",
-        // The serve-hostname Services specs count backends with `wget -q -T 1 -O -`.
-        "wget",
+        // "create endpoints for unready pods" keeps its pod unready with an exec probe
+        // of `/bin/false` (which, missing, errs: unready too, but for the wrong reason).
+        "false",
     ]);
     links.extend(busybox_links(
         &DNS_PROBE_APPLETS

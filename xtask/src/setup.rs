@@ -42,6 +42,7 @@ const PACKAGES: &[&str] = &[
     // What the conformance specs exec in the agnhost image (cargo xtask k8s copies them in).
     "curl",
     "netcat-openbsd",
+    "wget",
     // dig, nslookup and host for the DNS specs' probes (agnhost and jessie-dnsutils images).
     "bind9-dnsutils",
     // reflect2 1.0.2, patched into the Kubernetes source (see kubelab.rs).
