@@ -312,7 +312,7 @@ pub const EBPF_LISTED: &[ListedSpec] = &[
     },
     ListedSpec {
         name: "[sig-network] Services should be rejected when no endpoints exist",
-        checks: "`agnhost connect` to a Service without endpoints, by its name, is refused at once (REFUSED, not a timeout) (the lab's cluster DNS)",
+        checks: "`agnhost connect` to a Service without endpoints, by its name, is refused at once, not left to time out (the lab's cluster DNS)",
     },
     ListedSpec {
         name: "[sig-network] Services should allow pods to hairpin back to themselves through services",
