@@ -5,6 +5,11 @@
 //! bridge, as kubeadm builds a node: `net.ipv4.ip_forward=1`, a default route (to an outside
 //! host with an HTTP server on an address beyond the lab's subnet and no route to pods).
 //!
+//! The control-plane namespace also runs the lab's cluster DNS (src/bin/lab-dns.rs) on port
+//! 53 of its address, behind the `kube-system/kube-dns` Service at [`CLUSTER_DNS_IP`] (no
+//! selector, an Endpoints object naming it), and kubelets point pods at that Service, as a
+//! kubeadm cluster's CoreDNS is reached.
+//!
 //! ```text
 //!  control 192.168.1.2 ─┐
 //!  node-1 192.168.1.11 ─┼─ fabric (br0) ─ outside 192.168.1.1 (the nodes' default route),
@@ -34,7 +39,7 @@
 //!
 //! Binaries come from `cargo xtask k8s` (cached under /var/cache/mycni/k8s), as do the
 //! pause and busybox images; the mycni image is built from the binaries under test.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -53,6 +58,12 @@ pub const FABRIC_PREFIX_LEN: u8 = 16;
 pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 2);
 /// The `kubernetes` Service: the first address of the service CIDR.
 pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+/// The cluster DNS: the `kube-system/kube-dns` Service (kubeadm's address for it), whose
+/// one endpoint is the lab's own DNS server (src/bin/lab-dns.rs) in the control-plane
+/// namespace, on port 53 of [`CONTROL_IP`]; kubelet's `--cluster-dns`.
+pub const CLUSTER_DNS_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// kubelet's `--cluster-domain`, and e2e.test's default.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// The outside host's address on the bridge: the nodes' default gateway.
 pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
 /// Where the outside host serves HTTP (`outside` as the body): beyond the lab's subnet.
@@ -119,7 +130,8 @@ pub fn image_archive(variable: &str, default_name: &str) -> Result<PathBuf> {
     Ok(image)
 }
 
-/// Upstream's conformance suite and the images its specs run (agnhost, pause 3.2), from the
+/// Upstream's conformance suite and the images its specs run (agnhost, pause 3.2,
+/// jessie-dnsutils), from the
 /// cache `cargo xtask k8s` fills.
 pub fn conformance_inputs() -> Result<(PathBuf, Vec<PathBuf>)> {
     let e2e = k8s_bin_dir()?.join("e2e.test");
@@ -127,6 +139,7 @@ pub fn conformance_inputs() -> Result<(PathBuf, Vec<PathBuf>)> {
     let archives = vec![
         images.join("agnhost.oci.tar"),
         images.join("e2e-pause.oci.tar"),
+        images.join("jessie-dnsutils.oci.tar"),
     ];
     for file in std::iter::once(&e2e).chain(&archives) {
         if !file.is_file() {
@@ -494,6 +507,7 @@ impl KubeLab {
         lab.start_outside()?;
         lab.make_pki()?;
         lab.start_control_plane()?;
+        lab.start_cluster_dns()?;
         for (name, ip) in NODES {
             let netns = Netns::new(&format!("{prefix}-{name}"))?;
             attach(&lab.fabric, &netns, name, ip)?;
@@ -715,6 +729,70 @@ impl KubeLab {
         Ok(())
     }
 
+    /// The cluster DNS as kubeadm's CoreDNS is reached: the `kube-system/kube-dns`
+    /// Service at [`CLUSTER_DNS_IP`], 53 over UDP and TCP. Its server is the lab's own
+    /// (src/bin/lab-dns.rs, the admin kubeconfig) in the control-plane namespace, so the
+    /// Service has no selector and an Endpoints object naming that address, as the
+    /// `kubernetes` Service's does: kube-proxy or mycni's socket balancing takes pods to it,
+    /// and the node's SNAT brings their packets back. Waits until it answers.
+    fn start_cluster_dns(&mut self) -> Result<()> {
+        let server = crate::bin_dir().join("lab-dns");
+        if !server.is_file() {
+            bail!(
+                "{} is missing: build the tests crate's binaries (cargo build -p mycni-tests --bins)",
+                server.display()
+            );
+        }
+        let mut dns = self.control.command(&server);
+        dns.arg(format!(
+            "--kubeconfig={}",
+            self.admin_kubeconfig().display()
+        ))
+        .arg(format!("--listen={CONTROL_IP}:53"))
+        .arg(format!("--domain={CLUSTER_DOMAIN}"));
+        let log = self.dir.join("control").join("lab-dns.log");
+        self.control_daemons
+            .push(Daemon::spawn("lab-dns", dns, log)?);
+        self.apply(&format!(
+            r#"apiVersion: v1
+kind: Service
+metadata:
+  name: kube-dns
+  namespace: kube-system
+  labels: {{k8s-app: kube-dns, kubernetes.io/name: CoreDNS}}
+spec:
+  clusterIP: {CLUSTER_DNS_IP}
+  ports:
+  - {{name: dns, port: 53, protocol: UDP, targetPort: 53}}
+  - {{name: dns-tcp, port: 53, protocol: TCP, targetPort: 53}}
+---
+apiVersion: v1
+kind: Endpoints
+metadata:
+  name: kube-dns
+  namespace: kube-system
+  labels: {{k8s-app: kube-dns}}
+subsets:
+- addresses: [{{ip: "{CONTROL_IP}"}}]
+  ports:
+  - {{name: dns, port: 53, protocol: UDP}}
+  - {{name: dns-tcp, port: 53, protocol: TCP}}
+"#
+        ))?;
+        let name = format!("kubernetes.default.svc.{CLUSTER_DOMAIN}.");
+        self.wait(
+            "the cluster DNS to answer",
+            Duration::from_secs(60),
+            |lab| {
+                let answer = lab
+                    .control
+                    .run_inside(|| dns_query_udp(SocketAddr::from((CONTROL_IP, 53)), &name))?;
+                Ok(answer == [KUBERNETES_SERVICE_IP])
+            },
+        )?;
+        Ok(())
+    }
+
     fn start_node(
         &mut self,
         index: usize,
@@ -844,6 +922,8 @@ state = "{state}"
             "--authorization-mode=AlwaysAllow".into(),
             "--read-only-port=0".into(),
             "--pod-infra-container-image=mycni.test/pause:1".into(),
+            format!("--cluster-dns={CLUSTER_DNS_IP}"),
+            format!("--cluster-domain={CLUSTER_DOMAIN}"),
             format!(
                 "--volume-plugin-dir={}",
                 dir.join("volume-plugins").display()
@@ -1449,6 +1529,31 @@ impl ApiRequest {
         };
         Ok(Some((answer, true)))
     }
+}
+
+/// The A records `server` answers for `name` over UDP, in the caller's namespace (an
+/// empty list for an answer without any; an error for none within a second).
+pub fn dns_query_udp(server: SocketAddr, name: &str) -> Result<Vec<Ipv4Addr>> {
+    use hickory_proto::op::Message;
+    use hickory_proto::rr::{RData, RecordType};
+    let query = crate::cluster_dns::query_message(0x4d59, name, RecordType::A)
+        .with_context(|| format!("a query for {name}"))?;
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    socket.send_to(&query, server)?;
+    let mut buffer = [0u8; 1500];
+    let length = socket
+        .recv(&mut buffer)
+        .with_context(|| format!("no answer from {server}"))?;
+    let answer = Message::from_vec(&buffer[..length])?;
+    Ok(answer
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect())
 }
 
 fn tail(text: &str, lines: usize) -> String {

@@ -19,6 +19,7 @@ use serde_json::Value;
 pub mod bench;
 pub mod cgroup;
 pub mod cluster;
+pub mod cluster_dns;
 pub mod conformance;
 pub mod http;
 pub mod kubelab;

@@ -2,7 +2,8 @@
 //! (1.20.2, built from the same Debian source as the lab) runs the specs of a
 //! `mycni_tests::conformance::Suite` against the lab of tests/src/kubelab.rs with mycni
 //! installed from deploy/mycni.yaml, in three runs:
-//! - `KUBE_PROXY`: kube-proxy (iptables) on every node, the network plugin's specs;
+//! - `KUBE_PROXY`: kube-proxy (iptables) on every node, the network plugin's specs and the
+//!   DNS specs (the lab's cluster DNS), shared by [`KUBE_PROXY_SHARDS`] e2e.test processes;
 //! - `EBPF_SERVICES`: no kube-proxy, `service-mode: "ebpf"`, the Services specs, shared by
 //!   [`SERVICES_SHARDS`] e2e.test processes at once;
 //! - `NETWORK_POLICY`: kube-proxy on every node, the NetworkPolicy specs, shared by
@@ -31,8 +32,11 @@ use mycni_tests::prefix;
 
 /// The suite's version: what the lab builds from Debian's `kubernetes` source.
 const SUITE_VERSION: &str = "v1.20.2";
+/// e2e.test processes sharing the network specs with kube-proxy (the DNS specs wait on
+/// probe pods, so they overlap well).
+const KUBE_PROXY_SHARDS: usize = 4;
 /// e2e.test processes sharing the Services specs with kube-proxy absent.
-const SERVICES_SHARDS: usize = 4;
+const SERVICES_SHARDS: usize = 6;
 /// e2e.test processes sharing the NetworkPolicy specs (they wait on client pods that try
 /// for up to 45 s, so they overlap well); `POLICY_LISTED`'s order balances this many.
 const POLICY_SHARDS: usize = 8;
@@ -335,7 +339,7 @@ fn upstream_network_conformance_specs_pass_against_mycni() -> Result<()> {
         lab: LabOptions::default(),
         ebpf_services: false,
         out: out_dir(),
-        shards: 1,
+        shards: KUBE_PROXY_SHARDS,
     })
 }
 

@@ -2,7 +2,9 @@
 //! mycni, installed from deploy/mycni.yaml with `service-mode: "ebpf"`, balances every
 //! Service itself at the pods' sockets. agnhost's netexec serves HTTP and UDP (its pod name
 //! as the answer) and, on the client pods, dials a Service many times (`/dial`), so each
-//! check is a connection from a pod's socket, as an application makes it.
+//! check is a connection from a pod's socket, as an application makes it. Pods also
+//! resolve Services by name through the cluster DNS's ClusterIP (the lab's DNS server, only
+//! reachable through mycni's balancing here), over UDP and TCP.
 //!
 //! Holds the lab lock: `flock /tmp/mycni-lab.lock cargo test ... --test kubernetes_services`.
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use mycni_tests::kubelab::{
     cache_dir, image_archive, lab_manifest_ebpf_services, KubeLab, LabNode, LabOptions,
+    CLUSTER_DNS_IP, CLUSTER_DOMAIN, CONTROL_IP,
 };
 use mycni_tests::{agent_bin, http_get, metric, prefix};
 use serde_json::Value;
@@ -378,6 +381,85 @@ fn check_reaches_all(
     Ok(())
 }
 
+/// The A records in `dig +noall +answer +stats` output, and its `;; SERVER:` line.
+fn dig_answers(output: &str) -> (Vec<String>, String) {
+    let answers = output
+        .lines()
+        .filter(|line| !line.starts_with(';') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(3) == Some(&"A")).then(|| fields[4].to_string())
+        })
+        .collect();
+    let server = output
+        .lines()
+        .find_map(|line| line.strip_prefix(";; SERVER: "))
+        .unwrap_or("")
+        .to_string();
+    (answers, server)
+}
+
+/// A pod on each node resolves the echo Service by name through the cluster DNS's
+/// ClusterIP (kubelet's --cluster-dns, which mycni's socket balancing alone takes to the
+/// lab's DNS server): `dig` over UDP and over TCP, the search list of the pod's
+/// resolv.conf, and agnhost's own resolver (Go's, UDP) dialing `echo` by name. Every node's
+/// agent balances the DNS Service's two frontends to the server.
+fn check_pods_resolve_services_by_name(
+    lab: &KubeLab,
+    clients: &[(String, String)],
+    cluster_ip: &str,
+    servers: &BTreeSet<String>,
+) -> Result<()> {
+    let dns = format!("{CLUSTER_DNS_IP}:53/");
+    for node in &lab.nodes {
+        let table = agent_frontends(node)?;
+        let frontends: Vec<(&String, &Vec<String>)> =
+            table.iter().filter(|(f, _)| f.starts_with(&dns)).collect();
+        let backend = format!("{CONTROL_IP}:53");
+        if frontends.len() != 2 || frontends.iter().any(|(_, b)| **b != [backend.clone()]) {
+            bail!(
+                "{}: the cluster DNS's frontends: {frontends:?}, expected UDP and TCP to {backend}",
+                node.name
+            );
+        }
+    }
+    let fqdn = format!("echo.default.svc.{CLUSTER_DOMAIN}");
+    for (node_name, _) in clients {
+        let pod = format!("client-{node_name}");
+        for transport in ["+notcp", "+tcp"] {
+            let output = lab.kubectl(&[
+                "exec", &pod, "--", "dig", transport, "+noall", "+answer", "+stats", &fqdn,
+            ])?;
+            let (answers, server) = dig_answers(&output);
+            if answers != [cluster_ip] || !server.starts_with(&format!("{CLUSTER_DNS_IP}#53")) {
+                bail!("{pod}: dig {transport} {fqdn}: {output}");
+            }
+            println!("{pod}: dig {transport} {fqdn} -> {answers:?} from {server}");
+        }
+        let short = lab.kubectl(&["exec", &pod, "--", "dig", "+short", "+search", "echo"])?;
+        if short.trim() != cluster_ip {
+            bail!("{pod}: dig +search echo answered {short:?}, expected {cluster_ip}");
+        }
+        // A name outside the cluster: the lab forwards nothing.
+        let outside = lab.kubectl(&[
+            "exec",
+            &pod,
+            "--",
+            "dig",
+            "+noall",
+            "+comments",
+            "example.com",
+        ])?;
+        if !outside.contains("status: REFUSED") {
+            bail!("{pod}: dig example.com: {outside}");
+        }
+    }
+    let by_name = |_: &LabNode| "echo".to_string();
+    check_reaches_all(lab, clients, "http", by_name, 80, servers)?;
+    check_reaches_all(lab, clients, "udp", by_name, 90, servers)?;
+    Ok(())
+}
+
 #[test]
 fn services_are_balanced_by_mycni_without_kube_proxy() -> Result<()> {
     mycni_tests::require_root!();
@@ -485,6 +567,9 @@ fn services_are_balanced_by_mycni_without_kube_proxy() -> Result<()> {
         80,
         &servers,
     )?;
+    // The cluster DNS through its ClusterIP, which only mycni balances here.
+    check_pods_resolve_services_by_name(&lab, &clients, &cluster_ip, &servers)?;
+
     // ClientIP affinity: every try of one client lands on one backend.
     let sticky = lab.get_json(&["get", "service", "echo-sticky"])?;
     let sticky_ip = sticky["spec"]["clusterIP"]

@@ -31,6 +31,8 @@ const GIT_VERSION: &str = "v1.20.2";
 /// pods asking for these find them imported and pull nothing.
 pub const AGNHOST_IMAGE: &str = "k8s.gcr.io/e2e-test-images/agnhost:2.21";
 pub const E2E_PAUSE_IMAGE: &str = "k8s.gcr.io/pause:3.2";
+/// The DNS specs' second prober (`imageutils.JessieDnsutils`: e2eRegistry, 1.0).
+pub const JESSIE_DNSUTILS_IMAGE: &str = "gcr.io/kubernetes-e2e-test-images/jessie-dnsutils:1.0";
 
 /// How a binary is built from the tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +253,7 @@ pub fn images(bin: &Path) -> Result<()> {
         ),
         ("e2e-pause", busybox_image(pause, E2E_PAUSE_IMAGE)),
         ("agnhost", agnhost_spec(bin)?),
+        ("jessie-dnsutils", jessie_dnsutils_spec()?),
     ] {
         let out = dir.join(format!("{file}.oci.tar"));
         build_image(&spec, &out)?;
@@ -267,12 +270,88 @@ fn busybox_links(applets: &[&str]) -> Vec<(PathBuf, String)> {
         .collect()
 }
 
+/// What the DNS specs' probe loops run (test/e2e/network/dns_common.go): `dig` over UDP
+/// and TCP, `getent hosts`, `hostname -i` (Debian's: it resolves the pod's name through
+/// /etc/hosts), and busybox's `awk`, `tr` and `seq` (linked by the callers); nslookup and
+/// host as upstream's images carry them. (file on this machine, path in the image, package).
+fn dns_tool_files() -> Vec<(PathBuf, &'static str, &'static str)> {
+    vec![
+        (
+            PathBuf::from("/usr/bin/dig"),
+            "/usr/bin/dig",
+            "bind9-dnsutils",
+        ),
+        (
+            PathBuf::from("/usr/bin/nslookup"),
+            "/usr/bin/nslookup",
+            "bind9-dnsutils",
+        ),
+        (
+            PathBuf::from("/usr/bin/host"),
+            "/usr/bin/host",
+            "bind9-dnsutils",
+        ),
+        (
+            PathBuf::from("/usr/bin/getent"),
+            "/usr/bin/getent",
+            "libc-bin",
+        ),
+        (PathBuf::from("/bin/hostname"), "/bin/hostname", "hostname"),
+        // glibc's lookup order for getent and every dynamic tool: /etc/hosts, then DNS.
+        (
+            PathBuf::from("/etc/nsswitch.conf"),
+            "/etc/nsswitch.conf",
+            "base-files",
+        ),
+    ]
+}
+
+/// Adds (file on this machine, path in the image, the package that has it) to `spec`; a
+/// missing file is an error naming its package.
+fn add_files(spec: &mut ImageSpec, files: Vec<(PathBuf, &str, &str)>) -> Result<()> {
+    for (source, target, from) in files {
+        if !source.is_file() {
+            bail!("{} is missing (from {from})", source.display());
+        }
+        spec.files.push((source, PathBuf::from(target)));
+    }
+    Ok(())
+}
+
+/// Busybox applets both images link for the DNS probes and a shell session.
+const DNS_PROBE_APPLETS: &[&str] = &["awk", "tr", "seq", "sleep", "cat", "ls", "echo"];
+
+/// Upstream's jessie-dnsutils (Debian's dnsutils for the DNS specs' second prober): dash as
+/// `/bin/sh`, [`dns_tool_files`], busybox for the rest. No entrypoint: the specs give the
+/// command.
+fn jessie_dnsutils_spec() -> Result<ImageSpec> {
+    let mut spec = ImageSpec {
+        files: Vec::new(),
+        links: busybox_links(DNS_PROBE_APPLETS),
+        entrypoint: vec!["/bin/sh".to_string()],
+        cmd: Vec::new(),
+        reference: JESSIE_DNSUTILS_IMAGE.to_string(),
+    };
+    let mut files = vec![
+        (PathBuf::from("/bin/dash"), "/bin/sh", "dash"),
+        (
+            PathBuf::from("/bin/busybox"),
+            "/bin/busybox",
+            "busybox-static",
+        ),
+    ];
+    files.extend(dns_tool_files());
+    add_files(&mut spec, files)?;
+    Ok(spec)
+}
+
 /// Upstream's agnhost image (entrypoint `/agnhost`, default argument `pause`) with what the
 /// specs exec in it from Debian's packages instead of Alpine's: dash as `/bin/sh` (busybox's
 /// shell would run its own `nc` applet, which has no `-u`), curl, netcat-openbsd's `nc`,
-/// grep and wget; busybox for the small tools a shell session expects.
+/// grep, wget and the DNS probes' tools ([`dns_tool_files`]); busybox for the small tools a
+/// shell session expects.
 fn agnhost_spec(bin: &Path) -> Result<ImageSpec> {
-    let files = [
+    let mut files = vec![
         (bin.join("agnhost"), "/agnhost", "cargo xtask k8s"),
         (PathBuf::from("/bin/dash"), "/bin/sh", "dash"),
         (PathBuf::from("/usr/bin/curl"), "/usr/bin/curl", "curl"),
@@ -291,26 +370,30 @@ fn agnhost_spec(bin: &Path) -> Result<ImageSpec> {
             "busybox-static",
         ),
     ];
+    files.extend(dns_tool_files());
+    let mut links = busybox_links(&[
+        "ps", "env", "mkdir", "rm", "timeout",
+        // The NetworkPolicy specs' clients retry with `for i in $(seq 1 5)`.
+        "seq",
+        // "create endpoints for unready pods" keeps its pod unready with an exec probe
+        // of `/bin/false` (which, missing, errs: unready too, but for the wrong reason).
+        "false",
+    ]);
+    links.extend(busybox_links(
+        &DNS_PROBE_APPLETS
+            .iter()
+            .copied()
+            .filter(|applet| *applet != "seq")
+            .collect::<Vec<_>>(),
+    ));
     let mut spec = ImageSpec {
         files: Vec::new(),
-        links: busybox_links(&[
-            "cat", "ls", "sleep", "hostname", "ps", "env", "mkdir", "rm", "timeout",
-            // The NetworkPolicy specs' clients retry with `for i in $(seq 1 5)`.
-            "seq",
-            // "create endpoints for unready pods" keeps its pod unready with an exec probe
-            // of `/bin/false` (which, missing, errs: unready too, but for the wrong reason).
-            "false",
-        ]),
+        links,
         entrypoint: vec!["/agnhost".to_string()],
         cmd: vec!["pause".to_string()],
         reference: AGNHOST_IMAGE.to_string(),
     };
-    for (source, target, from) in files {
-        if !source.is_file() {
-            bail!("{} is missing (from {from})", source.display());
-        }
-        spec.files.push((source, PathBuf::from(target)));
-    }
+    add_files(&mut spec, files)?;
     // As upstream's image has it: some specs run the same binary under another name.
     spec.links
         .push((PathBuf::from("/agnhost-2"), "agnhost".to_string()));

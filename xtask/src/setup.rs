@@ -43,6 +43,8 @@ const PACKAGES: &[&str] = &[
     "curl",
     "netcat-openbsd",
     "wget",
+    // dig, nslookup and host for the DNS specs' probes (agnhost and jessie-dnsutils images).
+    "bind9-dnsutils",
     // reflect2 1.0.2, patched into the Kubernetes source (see kubelab.rs).
     "golang-github-modern-go-reflect2-dev",
 ];
