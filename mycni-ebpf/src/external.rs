@@ -395,6 +395,16 @@ fn send_to_backend(ctx: &TcContext, translated: &Ipv4, cfg: &NodeConfig) -> (u32
     }
 }
 
+/// A delivery's result with `external_translated` counted as `as_verdict` instead (a later
+/// fragment or an ICMP error of a translated flow); a drop keeps its own verdict.
+#[inline(always)]
+fn counted_as(result: (u32, i32), as_verdict: u32) -> (u32, i32) {
+    match result {
+        (verdict::EXTERNAL_TRANSLATED, action) => (as_verdict, action),
+        other => other,
+    }
+}
+
 /// A backend that is no pod (a hostNetwork pod, at its node's address). This node: the
 /// node stack delivers it, the client's source kept ([`reply_from_node`] turns the reply
 /// back). Another host: straight out of the uplink, SNATed to this node's address by
@@ -437,11 +447,10 @@ fn later_fragment_to_backend(
         }
         translated.src = cfg.node_ip;
     }
-    let (verdict, action) = send_to_backend(ctx, &translated, cfg);
-    if verdict == verdict::EXTERNAL_TRANSLATED {
-        return Some((verdict::FRAGMENT_TRANSLATED, action));
-    }
-    Some((verdict, action))
+    Some(counted_as(
+        send_to_backend(ctx, &translated, cfg),
+        verdict::FRAGMENT_TRANSLATED,
+    ))
 }
 
 /// `from_pod`: a local backend's reply to a client outside (or an ICMP error about the
@@ -457,13 +466,10 @@ pub(crate) fn reply_from_pod(ctx: &TcContext, packet: &Ipv4) -> Option<(u32, i32
         if rewrite_address(ctx, IP_SRC_OFF, packet.src, first.addr).is_none() {
             return Some(malformed(ctx, packet));
         }
-        let (verdict, action) = send_to_client(ctx, packet.dst);
-        let verdict = if verdict == verdict::EXTERNAL_TRANSLATED {
-            verdict::FRAGMENT_TRANSLATED
-        } else {
-            verdict
-        };
-        return Some((verdict, action));
+        return Some(counted_as(
+            send_to_client(ctx, packet.dst),
+            verdict::FRAGMENT_TRANSLATED,
+        ));
     }
     if packet.proto == IPPROTO_ICMP {
         return icmp_error_from_backend(ctx, packet);
@@ -714,11 +720,10 @@ fn icmp_error_from_client(ctx: &TcContext, packet: &Ipv4, cfg: &NodeConfig) -> O
     }
     let mut translated = *packet;
     translated.dst = backend;
-    let (verdict, action) = send_to_backend(ctx, &translated, cfg);
-    if verdict == verdict::EXTERNAL_TRANSLATED {
-        return Some((verdict::ICMP_ERROR_TRANSLATED, action));
-    }
-    Some((verdict, action))
+    Some(counted_as(
+        send_to_backend(ctx, &translated, cfg),
+        verdict::ICMP_ERROR_TRANSLATED,
+    ))
 }
 
 /// `from_netdev`, after the reverse SNAT sent a packet to `translated.dst`: a reply (or an

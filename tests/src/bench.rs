@@ -92,6 +92,19 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[low] + (sorted[high] - sorted[low]) * (rank - low as f64)
 }
 
+/// Latency samples as JSON, in milliseconds: p50, p99, max and every sample (sorted), as
+/// the lab latency tests write them to target/bench/.
+pub fn latency_summary(samples: &[Duration]) -> serde_json::Value {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    serde_json::json!({
+        "p50_ms": percentile(&ms, 50.0),
+        "p99_ms": percentile(&ms, 99.0),
+        "max_ms": ms.last().copied().unwrap_or(f64::NAN),
+        "samples_ms": ms,
+    })
+}
+
 pub fn summarize(values: &[f64]) -> Summary {
     let mut sorted = values.to_vec();
     sorted.sort_by(|a, b| a.total_cmp(b));

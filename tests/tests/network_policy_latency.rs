@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use mycni::policy_maps::{PolicyDesired, PolicyTables};
 use mycni_common::policy::POLICY_INGRESS;
-use mycni_tests::bench::percentile;
+use mycni_tests::bench::latency_summary;
 use mycni_tests::kubelab::{image_archive, KubeLab};
 use mycni_tests::policy_decision::allows;
 use mycni_tests::prefix;
@@ -168,18 +168,6 @@ fn confirm_by_packets(lab: &KubeLab, ips: &Ips, admitted: &[&str], refused: &[&s
     Ok(())
 }
 
-/// Milliseconds: p50, p99, max.
-fn summary(samples: &[Duration]) -> Value {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    ms.sort_by(|a, b| a.total_cmp(b));
-    json!({
-        "p50_ms": percentile(&ms, 50.0),
-        "p99_ms": percentile(&ms, 99.0),
-        "max_ms": ms.last().copied().unwrap_or(f64::NAN),
-        "samples_ms": ms,
-    })
-}
-
 #[test]
 fn policy_and_label_changes_reach_every_node_and_the_latency_is_reported() -> Result<()> {
     mycni_tests::require_root!();
@@ -309,7 +297,7 @@ fn policy_and_label_changes_reach_every_node_and_the_latency_is_reported() -> Re
     );
     println!("|---|---|---|");
     for (what, every, after_return) in &results {
-        let (a, b) = (summary(every), summary(after_return));
+        let (a, b) = (latency_summary(every), latency_summary(after_return));
         println!(
             "| {what} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} |",
             a["p50_ms"].as_f64().unwrap_or(f64::NAN),

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use mycni::socket_lb::ServiceTables;
 use mycni_common::service::{ServiceKey, PROTO_TCP};
-use mycni_tests::bench::percentile;
+use mycni_tests::bench::latency_summary;
 use mycni_tests::kubelab::{image_archive, lab_manifest_ebpf_services, KubeLab, LabOptions};
 use mycni_tests::prefix;
 use serde_json::{json, Value};
@@ -254,18 +254,6 @@ fn confirm_by_connections(lab: &KubeLab, cluster_ip: Ipv4Addr) -> Result<()> {
     Ok(())
 }
 
-/// Milliseconds: p50, p99, max.
-fn summary(samples: &[Duration]) -> Value {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    ms.sort_by(|a, b| a.total_cmp(b));
-    json!({
-        "p50_ms": percentile(&ms, 50.0),
-        "p99_ms": percentile(&ms, 99.0),
-        "max_ms": ms.last().copied().unwrap_or(f64::NAN),
-        "samples_ms": ms,
-    })
-}
-
 #[test]
 fn backend_changes_reach_every_node_and_the_latency_is_reported() -> Result<()> {
     mycni_tests::require_root!();
@@ -417,7 +405,10 @@ fn backend_changes_reach_every_node_and_the_latency_is_reported() -> Result<()> 
         let from_command: Vec<Duration> = timings.iter().map(|t| t.from_command).collect();
         let from_endpoints: Vec<Duration> =
             timings.iter().filter_map(|t| t.from_endpoints).collect();
-        let (a, b) = (summary(&from_command), summary(&from_endpoints));
+        let (a, b) = (
+            latency_summary(&from_command),
+            latency_summary(&from_endpoints),
+        );
         let cell = |v: &Value| {
             format!(
                 "{:.0} / {:.0} / {:.0}",
